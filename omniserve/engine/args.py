@@ -1,0 +1,39 @@
+"""Everything a user can set on an engine, flat (CLI flags and LLM(...) keywords), with vLLM's names."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field, fields
+
+
+def _arg(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    model: str | None = _arg(
+        None, "Hugging Face folder, GGUF file, or (with --load-format dummy) a known model name such as llama-3-8b; "
+        "default: the built-in SmolLM2-135M-Instruct")
+    load_format: str = _arg("auto", "`auto` loads the weights; `dummy` makes random weights of the model's shapes")
+    device: str | None = _arg(None, "cuda or cpu; default: CUDA when present")
+    dtype: str | None = _arg(None, "float32, bfloat16, float16 or float64; default: bf16 on CUDA, fp32 on the CPU")
+    max_model_len: int | None = _arg(None, "longest prompt + output in tokens; default: the model's own limit")
+    max_num_seqs: int = _arg(256, "most requests running at once")
+    max_num_batched_tokens: int = _arg(2048, "token budget of one iteration; longer prefills are chunked")
+    block_size: int = _arg(16, "tokens per KV page")
+    num_gpu_blocks_override: int | None = _arg(None, "exact number of KV pages, instead of sizing by memory")
+    kv_cache_memory_bytes: int | None = _arg(
+        None, "KV cache size in bytes; default: 90%% of free GPU memory, or 2 GiB on the CPU")
+    seed: int = _arg(0, "seed for random weights and for requests without a seed of their own")
+    threads: int | None = _arg(None, "CPU threads for the model when the device is the CPU; default: torch's choice")
+
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
+        for f in fields(cls):
+            kind = int if f.type in ("int", "int | None") else str
+            parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default, help=f.metadata["help"])
+
+    @classmethod
+    def from_cli_args(cls, namespace: argparse.Namespace) -> "EngineArgs":
+        return cls(**{f.name: getattr(namespace, f.name) for f in fields(cls)})

@@ -1,0 +1,236 @@
+"""The engine: requests in, RequestOutputs out, one iteration per `step()`.
+
+    plan = scheduler.schedule(); output = runner.execute(plan); scheduler.update(plan, output)
+
+plus what sits around that loop: input validation, n-way fan-out, detokenisation and stop strings.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+
+import torch
+
+from omniserve.config import CacheConfig, ConfigError, SchedulerConfig, resolve_device, resolve_dtype
+from omniserve.engine.args import EngineArgs
+from omniserve.engine.outputs import CompletionOutput, RequestOutput
+from omniserve.engine.plan import RunnerOutput
+from omniserve.engine.request import Request, RequestStatus
+from omniserve.engine.runner import ModelRunner
+from omniserve.engine.scheduler import Scheduler
+from omniserve.kv_cache import PageAllocator, PagePool, PageTable, pages_for_memory
+from omniserve.models.loader import load_model
+from omniserve.sampling.params import InvalidRequestError, SamplingParams
+from omniserve.tokenizer import IncrementalDetokenizer, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Completion:
+    """One of a request's n completions: the scheduler's request plus its text state."""
+
+    request: Request
+    detokenizer: IncrementalDetokenizer | None
+    output: CompletionOutput
+
+
+@dataclass
+class _RequestGroup:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    completions: list[_Completion]
+
+    @property
+    def finished(self) -> bool:
+        return all(c.request.status.finished for c in self.completions)
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs | None = None, **overrides) -> None:
+        args = EngineArgs(**overrides) if args is None else args
+        self.args = args
+        self.device = resolve_device(args.device)
+        self.dtype = resolve_dtype(args.dtype, self.device)
+        if args.threads and self.device.type == "cpu":
+            torch.set_num_threads(args.threads)
+        torch.manual_seed(args.seed)
+
+        loaded = load_model(args.model, self.device, self.dtype, args.max_model_len, args.load_format, args.seed)
+        self.model_config = loaded.config
+        limit = loaded.config.max_context
+        if args.max_model_len is not None and args.max_model_len > limit:
+            raise ConfigError(f"max_model_len {args.max_model_len} exceeds the model's limit of {limit} tokens")
+        self.scheduler_config = SchedulerConfig(
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_num_seqs=args.max_num_seqs,
+            max_model_len=args.max_model_len or limit,
+        )
+        self.tokenizer = load_tokenizer(loaded.kind, loaded.path)
+
+        cache = CacheConfig(args.block_size, args.num_gpu_blocks_override, args.kv_cache_memory_bytes)
+        num_pages = pages_for_memory(loaded.config, cache, self.device, self.dtype)
+        self.pool = PagePool(loaded.config, num_pages, cache.page_size, self.device, self.dtype)
+        self.allocator = PageAllocator(num_pages)
+        self.page_table = PageTable(self.allocator, cache.page_size)
+        self.scheduler = Scheduler(self.scheduler_config, self.page_table, loaded.config.eos_token_ids)
+        self.runner = ModelRunner(loaded.model, self.pool, self.device)
+        self._groups: dict[str, _RequestGroup] = {}
+        self._group_of: dict[str, _RequestGroup] = {}  # scheduler request id -> its group
+        logger.info(
+            "engine ready: %s on %s (%s), %d KV pages of %d tokens, max_model_len %d",
+            loaded.path or args.model, self.device, self.dtype, num_pages, cache.page_size,
+            self.scheduler_config.max_model_len,
+        )
+
+    # ------------------------------------------------------------------------------------------------ intake
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidRequestError("this model has no tokenizer (random weights): pass token ids", "prompt")
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        return list(prompt)
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
+        """Queues a request. Raises InvalidRequestError (nothing queued) if it can never be served."""
+        params = params or SamplingParams()
+        if request_id in self._groups:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
+        token_ids = self.tokenize(prompt)
+        max_tokens = self._validate(token_ids, params)
+        completions = []
+        for index in range(params.n):
+            child_params = params
+            if params.n > 1:  # each completion samples on its own; a seed still reproduces all of them
+                seed = None if params.seed is None else params.seed + index
+                child_params = replace(params, n=1, seed=seed)
+            child_id = request_id if params.n == 1 else f"{index}_{request_id}"
+            request = Request(child_id, token_ids, child_params, max_tokens)
+            detokenizer = None
+            if self.tokenizer is not None:
+                detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.stop, params.skip_special_tokens)
+            completions.append(_Completion(request, detokenizer, CompletionOutput(index)))
+        group = _RequestGroup(request_id, prompt if isinstance(prompt, str) else None, token_ids, completions)
+        self._groups[request_id] = group
+        for completion in completions:
+            self._group_of[completion.request.request_id] = group
+            self.scheduler.add_request(completion.request)
+
+    def _validate(self, token_ids: list[int], params: SamplingParams) -> int:
+        """Returns max_tokens resolved against the context limit."""
+        if not token_ids:
+            raise InvalidRequestError("the prompt is empty", "prompt")
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in token_ids):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
+        if params.stop and self.tokenizer is None:
+            raise InvalidRequestError("stop strings need a tokenizer; this model has none", "stop")
+        limit = self.scheduler_config.max_model_len
+        room = limit - len(token_ids)
+        if room < 1 or (params.max_tokens is not None and params.max_tokens > room):
+            raise InvalidRequestError(
+                f"this model's maximum context length is {limit} tokens, but the request has {len(token_ids)} prompt "
+                f"tokens and asks for {params.max_tokens or 'at least 1'} more",
+                "max_tokens" if room >= 1 else "prompt",
+            )
+        max_tokens = params.max_tokens or room
+        if self.page_table.pages_needed("", len(token_ids) + max_tokens) > self.allocator.num_pages:
+            raise InvalidRequestError(
+                f"{len(token_ids) + max_tokens} tokens do not fit the KV cache ({self.allocator.num_pages} pages of "
+                f"{self.page_table.page_size} tokens)", "max_tokens"
+            )
+        return max_tokens
+
+    def abort_request(self, request_id: str) -> None:
+        """Ends a request and frees everything it holds; unknown or finished ids are ignored."""
+        group = self._groups.pop(request_id, None)
+        if group is None:
+            return
+        for completion in group.completions:
+            self.scheduler.finish_request(completion.request.request_id, RequestStatus.FINISHED_ABORTED)
+            self._group_of.pop(completion.request.request_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._groups)
+
+    # -------------------------------------------------------------------------------------------------- step
+    def step(self) -> list[RequestOutput]:
+        """Runs one iteration; returns an output for every request that made progress or ended."""
+        plan = self.scheduler.schedule()
+        try:
+            output = self.runner.execute(plan)
+        except Exception:  # a failed iteration fails its requests, never the engine
+            logger.exception("iteration failed; failing its %d requests", len(plan.chunks))
+            for chunk in plan.chunks:
+                self.scheduler.finish_request(chunk.request_id, RequestStatus.FINISHED_ERROR)
+            output = RunnerOutput()
+        updated = self.scheduler.update(plan, output)
+
+        touched: dict[str, _RequestGroup] = {}
+        for request in updated:
+            group = self._group_of[request.request_id]
+            self._emit_tokens(group.completions[self._index_in(group, request)])
+            touched[group.request_id] = group
+        for chunk in plan.chunks:  # requests that ended without a token (errors)
+            group = self._group_of.get(chunk.request_id)
+            if group is not None and group.finished:
+                touched[group.request_id] = group
+        return [self._output(group) for group in touched.values()]
+
+    @staticmethod
+    def _index_in(group: _RequestGroup, request: Request) -> int:
+        return next(i for i, c in enumerate(group.completions) if c.request is request)
+
+    def _emit_tokens(self, completion: _Completion) -> None:
+        request, out = completion.request, completion.output
+        new_token = request.token_ids[-1]
+        out.token_ids.append(new_token)
+        out.delta_token_ids.append(new_token)
+        if completion.detokenizer is not None:
+            completion.detokenizer.add_tokens([new_token])
+            stop = completion.detokenizer.stopped_by
+            if stop is not None and not request.status.finished:
+                self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED, stop_reason=stop)
+
+    def _output(self, group: _RequestGroup) -> RequestOutput:
+        for completion in group.completions:
+            request, out = completion.request, completion.output
+            if completion.detokenizer is not None:
+                out.delta_text = completion.detokenizer.take_delta(request.status.finished)
+                out.text += out.delta_text
+            out.finish_reason = request.finish_reason
+            out.stop_reason = request.stop_reason
+            if request.params.logprobs is not None:
+                out.logprobs = list(request.logprobs)
+        result = RequestOutput(
+            request_id=group.request_id,
+            prompt=group.prompt,
+            prompt_token_ids=group.prompt_token_ids,
+            outputs=[_snapshot(c.output) for c in group.completions],
+            finished=group.finished,
+        )
+        for completion in group.completions:
+            completion.output.delta_text = ""
+            completion.output.delta_token_ids = []
+        if group.finished:
+            self._groups.pop(group.request_id, None)
+            for completion in group.completions:
+                self._group_of.pop(completion.request.request_id, None)
+        return result
+
+    # ----------------------------------------------------------------------------------------------- health
+    def check_integrity(self) -> None:
+        """Page accounting holds; with no requests left, every page is free."""
+        self.allocator.check_integrity()
+        if not self.scheduler.has_unfinished() and (self.allocator.num_used or self.page_table.num_requests):
+            raise AssertionError(f"idle engine holds {self.allocator.num_used} KV pages")
+
+
+def _snapshot(out: CompletionOutput) -> CompletionOutput:
+    return CompletionOutput(
+        index=out.index, text=out.text, token_ids=list(out.token_ids), finish_reason=out.finish_reason,
+        stop_reason=out.stop_reason, logprobs=None if out.logprobs is None else list(out.logprobs),
+        delta_text=out.delta_text, delta_token_ids=list(out.delta_token_ids),
+    )

@@ -1,0 +1,37 @@
+"""What the engine hands back to callers, with vLLM's names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omniserve.sampling.sampler import SampledToken
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    """Which of the request's n completions this is."""
+    text: str = ""
+    """All text generated so far, stop strings cut off."""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    """`stop`, `length`, `abort` or `error` once finished."""
+    stop_reason: int | str | None = None
+    """The stop string or stop token id that ended it."""
+    logprobs: list[SampledToken] | None = None
+    delta_text: str = ""
+    """Text that is new since the previous output for this request (for streaming)."""
+    delta_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool = False

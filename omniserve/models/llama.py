@@ -1,0 +1,150 @@
+"""Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2), split into dense parts and attention.
+
+A decoder layer never calls attention itself. It offers the two dense halves around it:
+
+    hidden --pre_attention--> (q, k, v)          [norm, fused QKV GEMM (+bias), RoPE]
+    (attn_out, hidden) --post_attention--> hidden [o_proj, residual, norm, SwiGLU MLP, residual]
+
+so a runner can run each half on a different set of rows at each layer (layer-wise batching), and route the
+attention in between to the device's paged KV cache or elsewhere. All tensors are flat token rows:
+hidden [num_tokens, hidden_size], q [num_tokens, num_heads, head_dim], k/v [num_tokens, num_kv_heads, head_dim].
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from omniserve.config import ModelConfig, RopeScaling
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 whatever the model dtype, as the reference implementations do.
+        dtype = x.dtype
+        x32 = x.float() if dtype != torch.float64 else x
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
+    """fp32 inverse frequencies [head_dim // 2], with Llama-3 or linear scaling applied."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
+    if scaling.rope_type == "llama3":
+        old_len = scaling.original_max_position_embeddings
+        low_freq_wavelen = old_len / scaling.low_freq_factor
+        high_freq_wavelen = old_len / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+        smooth = (old_len / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+        is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+        return torch.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotate-half RoPE with a cos/sin table for every position up to max_positions."""
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: RopeScaling) -> None:
+        super().__init__()
+        inv_freq = rope_inverse_frequencies(head_dim, theta, scaling)
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+        angles = torch.cat([freqs, freqs], dim=-1)
+        # Kept in fp32 and cast per call: the reference computes the angles in fp32, then casts cos/sin.
+        self.register_buffer("cos", angles.cos(), persistent=False)  # [max_positions, head_dim]
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos = self.cos[positions].to(q.dtype).unsqueeze(1)  # [num_tokens, 1, head_dim]
+        sin = self.sin[positions].to(q.dtype).unsqueeze(1)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # Q, K and V in one GEMM; gate and up in one GEMM (the loader concatenates the checkpoint's matrices).
+        self.qkv_proj = nn.Linear(config.hidden_size, config.q_size + 2 * config.kv_size, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=False)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def pre_attention(
+        self, hidden: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Norm + QKV projection + RoPE. `hidden` itself is the residual that post_attention needs."""
+        c = self.config
+        qkv = self.qkv_proj(self.input_layernorm(hidden))
+        q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
+        q = q.view(-1, c.num_heads, c.head_dim)
+        k = k.view(-1, c.num_kv_heads, c.head_dim)
+        v = v.view(-1, c.num_kv_heads, c.head_dim)
+        q, k = rope(positions, q, k)
+        return q, k, v
+
+    def post_attention(self, attn_out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """Output projection + residual, then norm + SwiGLU MLP + residual. attn_out: [num_tokens, num_heads, head_dim]."""
+        hidden = residual + self.o_proj(attn_out.reshape(attn_out.shape[0], -1))
+        gate, up = self.gate_up_proj(self.post_attention_layernorm(hidden)).chunk(2, dim=-1)
+        return hidden + self.down_proj(F.silu(gate) * up)
+
+
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""attend(layer_index, q, k, v) -> attention output [num_tokens, num_heads, head_dim]."""
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig, max_positions: int) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rope = RotaryEmbedding(config.head_dim, max_positions, config.rope_theta, config.rope_scaling)
+        if config.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(token_ids)
+
+    def pre_attention(self, layer: int, hidden: torch.Tensor, positions: torch.Tensor):
+        return self.layers[layer].pre_attention(hidden, positions, self.rope)
+
+    def post_attention(self, layer: int, attn_out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.layers[layer].post_attention(attn_out, residual)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head on the rows that sample; logits in fp32."""
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(self.norm(hidden), weight)
+        return logits if logits.dtype == torch.float64 else logits.float()
+
+    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
+        """Every row through every layer (the all-device path). Returns the last hidden states."""
+        hidden = self.embed(token_ids)
+        for index in range(self.config.num_layers):
+            q, k, v = self.pre_attention(index, hidden, positions)
+            hidden = self.post_attention(index, attend(index, q, k, v), hidden)
+        return hidden
