@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from tokenizers.decoders import DecodeStream
@@ -9,16 +10,22 @@ from tokenizers.decoders import DecodeStream
 # How many prompt tokens prime a request's decode stream, so that the first generated token is decoded in context
 # (a leading space, a character whose bytes began in the prompt).
 _DECODE_CONTEXT_TOKENS = 6
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+logger = logging.getLogger(__name__)
 
 
 def load_tokenizer(kind: str, path: Path | None):
-    """A transformers tokenizer for a HF folder or a GGUF file; None for random-weight presets."""
+    """A transformers tokenizer for a HF folder or a GGUF file; None for presets and folders without one."""
     if kind == "preset":
         return None
     from transformers import AutoTokenizer
 
     if kind == "gguf":
         return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        logger.warning("%s has no tokenizer files: prompts must be token ids and outputs carry no text", path)
+        return None
     return AutoTokenizer.from_pretrained(str(path))
 
 

@@ -25,6 +25,8 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         """Every unfinished request, by id."""
+        self.num_preemptions = 0
+        """Preemptions so far (a request recomputed twice counts twice)."""
 
     # ------------------------------------------------------------------------------------------------ intake
     def add_request(self, request: Request) -> None:
@@ -102,6 +104,7 @@ class Scheduler:
         self.page_table.release(request.request_id)
         request.num_computed_tokens = 0
         request.num_preemptions += 1
+        self.num_preemptions += 1
         request.status = RequestStatus.WAITING
         self.waiting.appendleft(request)
 
