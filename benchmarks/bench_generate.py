@@ -1,0 +1,215 @@
+"""Offline generation benchmark of omniserve on the built-in SmolLM2-135M-Instruct (fp32), against limits measured
+in the same run.
+
+1. Throughput: output tokens/s of `LLM.generate` at each concurrency (all requests submitted at once, prompts of
+   exactly --prompt-len token ids cut from ShareGPT, exactly --output-len greedy tokens each, EOS ignored), against
+   transformers' batched `model.generate` on the same prompts and weights (same GGUF file, fp32, same threads).
+2. Decode step time: wall time of the engine iterations (`engine.step()`: schedule + forward + sample + detokenise)
+   in which every request decodes one token, taken from the same runs, against the floor of reading every weight
+   once per step: weight bytes (tied embedding counted once) / read bandwidth, measured here by summing a large
+   fp32 tensor with torch at the engine's thread count. KV-cache reads (which grow with batch and context) are
+   not part of the floor, so it is tightest at batch 1.
+
+Fixed seeds, a warm-up run per configuration, then --repeats runs with omniserve and transformers interleaved;
+figures are medians with the min-max spread in brackets.
+
+    python benchmarks/bench_generate.py --concurrency 1 8 32 --repeats 3 --markdown bench.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from omniserve import LLM, SamplingParams
+from omniserve.models.loader import default_model_path
+
+SHAREGPT = Path("/work/shared/data/sharegpt/prompts_500.json")
+
+
+def spread(values: list[float], fmt: str = "{:.1f}") -> str:
+    """Median with the min-max range: `12.3 [11.9-12.8]`."""
+    median = fmt.format(statistics.median(values))
+    return median if len(values) == 1 else f"{median} [{fmt.format(min(values))}-{fmt.format(max(values))}]"
+
+
+def load_prompts(tokenizer, count: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    """`count` prompts of exactly `length` ids: ShareGPT first human turns, truncated (or repeated to length when
+    short); random ids if the data set or the tokenizer is missing."""
+    rng = random.Random(seed)
+    if tokenizer is None or not SHAREGPT.is_file():
+        print(f"note: {SHAREGPT} or tokenizer missing, using random token ids", file=sys.stderr)
+        return [[rng.randrange(1000, vocab) for _ in range(length)] for _ in range(count)]
+    texts = [c["conversations"][0]["value"] for c in json.loads(SHAREGPT.read_text()) if c["conversations"]]
+    rng.shuffle(texts)
+    prompts = []
+    for text in texts:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        if ids:
+            prompts.append((ids * (length // len(ids) + 1))[:length])
+        if len(prompts) == count:
+            return prompts
+    raise SystemExit(f"{SHAREGPT} has fewer than {count} usable prompts")
+
+
+def read_bandwidth(gib: float, repeats: int) -> list[float]:
+    """Read GB/s of `x.sum()` over a `gib` GiB fp32 tensor (one warm-up, then `repeats` timed sums)."""
+    x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
+    rates = []
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        x.sum().item()
+        if i:
+            rates.append(x.numel() * 4 / (time.perf_counter() - start) / 1e9)
+    return rates
+
+
+class StepRecorder:
+    """Wraps one engine's `step` and `runner.execute` to time every iteration and note what it ran."""
+
+    def __init__(self, engine) -> None:
+        self.steps: list[tuple[float, int, bool]] = []  # (seconds, requests in the batch, every request decoding)
+        self._plan = None
+        step, execute = engine.step, engine.runner.execute
+
+        def timed_execute(plan):
+            self._plan = plan
+            return execute(plan)
+
+        def timed_step():
+            self._plan = None
+            start = time.perf_counter()
+            outputs = step()
+            elapsed = time.perf_counter() - start
+            if self._plan is not None and self._plan.chunks:
+                chunks = self._plan.chunks
+                self.steps.append((elapsed, len(chunks), self._plan.num_tokens == len(chunks)))
+            return outputs
+
+        engine.runner.execute, engine.step = timed_execute, timed_step
+
+    def decode_times(self, batch: int) -> list[float]:
+        return [t for t, size, decode in self.steps if decode and size == batch]
+
+
+def timed(fn: Callable[[], list[list[int]]]) -> tuple[float, list[list[int]]]:
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--warmup-len", type=int, default=16, help="output tokens of the warm-up runs")
+    parser.add_argument("--threads", type=int, default=None, help="engine CPU threads (default: torch's choice)")
+    parser.add_argument("--bandwidth-gib", type=float, default=1.0, help="size of the bandwidth test tensor")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-hf", action="store_true", help="no transformers baseline")
+    parser.add_argument("--markdown", type=Path, help="also write the results as a markdown section here")
+    args = parser.parse_args()
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+
+    llm = LLM(seed=args.seed, dtype="float32", device="cpu", threads=args.threads)
+    threads = torch.get_num_threads()  # what the engine runs with; transformers and the bandwidth test share it
+    model = llm.engine.runner.model
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # shared tensors counted once
+    bandwidth = read_bandwidth(args.bandwidth_gib, repeats=max(5, args.repeats))
+    floor_ms = weight_bytes / (statistics.median(bandwidth) * 1e9) * 1e3
+    prompts = load_prompts(llm.tokenizer, max(args.concurrency), args.prompt_len, model.config.vocab_size, args.seed)
+    recorder = StepRecorder(llm.engine)
+
+    def run_omni(batch: list[list[int]], new_tokens: int) -> list[list[int]]:
+        params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+        return [list(o.outputs[0].token_ids) for o in llm.generate(batch, params, use_tqdm=False)]
+
+    hf = None
+    if not args.skip_hf:
+        import transformers
+        from transformers import AutoModelForCausalLM
+
+        transformers.logging.set_verbosity_error()
+        path = default_model_path()
+        hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+
+    @torch.inference_mode()
+    def run_hf(batch: list[list[int]], new_tokens: int) -> list[list[int]]:
+        ids = torch.tensor(batch)  # every prompt has the same length: left padding is a no-op, the mask all ones
+        out = hf.generate(
+            ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens, pad_token_id=model.config.eos_token_ids[0],
+        )
+        return out[:, ids.shape[1]:].tolist()
+
+    rows = []
+    for conc in args.concurrency:
+        batch = prompts[:conc]
+        run_omni(batch, args.warmup_len)
+        if hf is not None:
+            run_hf(batch, args.warmup_len)
+        omni_tps, hf_tps, steps_ms, same = [], [], [], 0.0
+        for _ in range(args.repeats):
+            recorder.steps.clear()
+            seconds, omni_out = timed(lambda: run_omni(batch, args.output_len))
+            assert all(len(o) == args.output_len for o in omni_out), "omniserve returned a wrong number of tokens"
+            omni_tps.append(conc * args.output_len / seconds)
+            steps_ms.append(statistics.median(recorder.decode_times(conc) or [float("nan")]) * 1e3)
+            if hf is not None:
+                seconds, hf_out = timed(lambda: run_hf(batch, args.output_len))
+                assert all(len(o) == args.output_len for o in hf_out), "transformers returned a wrong number of tokens"
+                hf_tps.append(conc * args.output_len / seconds)
+                same = sum(a == b for a, b in zip(omni_out, hf_out)) / conc
+        row = {"conc": conc, "omni": spread(omni_tps), "step": spread(steps_ms),
+               "floor": f"{floor_ms:.1f}", "step/floor": f"{statistics.median(steps_ms) / floor_ms:.2f}x"}
+        if hf is not None:
+            row |= {"hf": spread(hf_tps), "omni/hf": spread([o / h for o, h in zip(omni_tps, hf_tps)], "{:.2f}") + "x",
+                    "same": f"{same:.0%}"}
+        rows.append(row)
+        print(" | ".join(f"{k} {v}" for k, v in row.items()), file=sys.stderr, flush=True)
+
+    columns = {"conc": "concurrency", "omni": "omniserve tok/s", "hf": "HF tok/s", "omni/hf": "omniserve/HF",
+               "step": "decode step ms", "floor": "floor ms", "step/floor": "step/floor",
+               "same": "same output as HF"}
+    columns = {k: v for k, v in columns.items() if k in rows[0]}
+    widths = {k: max(len(v), *(len(str(r[k])) for r in rows)) for k, v in columns.items()}
+    command = shlex.join(["python", *sys.argv])
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    info = [
+        f"command: `{command}`",
+        f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__} with {threads} threads, "
+        f"python {platform.python_version()}" + ("" if hf is None else f", transformers {transformers.__version__}"),
+        f"workload: {args.prompt_len}-token prompts, {args.output_len} greedy output tokens (EOS ignored), fp32, "
+        f"{args.repeats} repeats after a {args.warmup_len}-token warm-up; median [min-max]",
+        f"read bandwidth: {spread(bandwidth)} GB/s (sum of a {args.bandwidth_gib:g} GiB fp32 tensor); "
+        f"weights {weight_bytes / 1e6:.1f} MB -> floor {floor_ms:.1f} ms per decode step",
+    ]
+
+    def table(sep: str, edge: str) -> list[str]:
+        cells = [list(columns.values()), ["-" * widths[k] for k in columns], *([str(r[k]) for k in columns] for r in rows)]
+        return [(edge + sep.join(c.ljust(widths[k]) for k, c in zip(columns, line)) + edge[::-1]).rstrip() for line in cells]
+
+    print("\n" + "\n".join(info) + "\n\n" + "\n".join(table("  ", "")))
+    if args.markdown:
+        section = ["## omniserve generation benchmark", ""] + [f"- {line}" for line in info] + [""]
+        args.markdown.write_text("\n".join(section + table(" | ", "| ")) + "\n")
+        print(f"\nwrote {args.markdown}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+from omniserve.entrypoints.cli import main
+
+main()
