@@ -122,6 +122,9 @@ def main() -> None:
     parser.add_argument("--skip-hf", action="store_true", help="no transformers baseline")
     parser.add_argument("--markdown", type=Path, help="also write the results as a markdown section here")
     args = parser.parse_args()
+    load = os.getloadavg()[0]  # other work on the cores skews every figure (torch threads oversubscribe badly)
+    if load > 0.5:
+        print(f"warning: 1-minute load average is {load:.2f} before the benchmark starts", file=sys.stderr)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
 
@@ -193,7 +196,8 @@ def main() -> None:
     info = [
         f"command: `{command}`",
         f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__} with {threads} threads, "
-        f"python {platform.python_version()}" + ("" if hf is None else f", transformers {transformers.__version__}"),
+        f"python {platform.python_version()}" + ("" if hf is None else f", transformers {transformers.__version__}")
+        + f"; load average {load:.2f} at start",
         f"workload: {args.prompt_len}-token prompts, {args.output_len} greedy output tokens (EOS ignored), fp32, "
         f"{args.repeats} repeats after a {args.warmup_len}-token warm-up; median [min-max]",
         f"read bandwidth: {spread(bandwidth)} GB/s (sum of a {args.bandwidth_gib:g} GiB fp32 tensor); "
