@@ -8,7 +8,6 @@ import json
 import pytest
 import torch
 
-from omniserve.attention import build_metadata, paged_attention
 from omniserve.models.loader import ModelLoadError
 from omniserve.sampling.params import SamplingParams
 from conftest import ARCHITECTURES
@@ -17,18 +16,18 @@ from conftest import ARCHITECTURES
 def paged_logits(llm, token_ids: list[int], chunk_sizes: list[int]) -> torch.Tensor:
     """Logits of every position, computed chunk by chunk through the paged KV cache."""
     engine = llm.engine
-    model, pool = engine.runner.model, engine.pool
+    model, attention = engine.runner.model, engine.runner.attention
     engine.page_table.grow("probe", len(token_ids))
     pages = engine.page_table.pages("probe")
     logits, start = [], 0
     try:
         with torch.inference_mode():
             for size in chunk_sizes:
-                meta = build_metadata([(start, size, pages)], pool.page_size, engine.device)
+                meta = attention.build_metadata([(start, size, pages)])
                 hidden = model(
                     torch.tensor(token_ids[start : start + size]),
                     torch.arange(start, start + size),
-                    attend=lambda layer, q, k, v: paged_attention(pool, layer, q, k, v, meta),
+                    attend=lambda layer, q, k, v: attention(layer, q, k, v, meta),
                 )
                 logits.append(model.compute_logits(hidden))
                 start += size

@@ -1,10 +1,10 @@
-"""Paged attention over the device KV pool, in torch ops (any device).
+"""Paged attention over the device KV pool.
 
 Per iteration the runner builds one `AttentionMetadata` from the plan; every layer reuses it. Rows of a batch are
 grouped in two kinds:
 
-- decode rows (one new token of a request): batched into one call, keys gathered to [rows, longest context] and
-  padded positions masked out;
+- decode rows (one new token of a request): batched into one call, a paged Triton kernel on CUDA; elsewhere keys are
+  gathered to [rows, longest context] and padded positions masked out;
 - prefill spans (several new tokens of one request, maybe after earlier chunks): one call each, causal with an offset.
 """
 
@@ -29,15 +29,27 @@ class PrefillSpan:
 
 
 @dataclass(frozen=True)
+class DecodeBatch:
+    """The rows that decode one token, in two equivalent forms: page tables for a paged kernel, and gathered slots
+    for the torch fallback (built only when that fallback runs)."""
+
+    rows: torch.Tensor
+    """[num_decode] batch rows that decode one token."""
+    page_table: torch.Tensor
+    """[num_decode, most_pages] int32 page ids, padded with 0."""
+    context_lens: torch.Tensor
+    """[num_decode] int32 tokens to attend to (the new one included)."""
+    context_slots: torch.Tensor | None
+    """[num_decode, longest_context] KV slots to attend to, padded with slot 0."""
+    mask: torch.Tensor | None
+    """[num_decode, 1, 1, longest_context] bool: True for real positions."""
+
+
+@dataclass(frozen=True)
 class AttentionMetadata:
     write_slots: torch.Tensor
     """[num_tokens] where each new token's k and v are stored."""
-    decode_rows: torch.Tensor | None
-    """[num_decode] batch rows that decode one token."""
-    decode_context_slots: torch.Tensor | None
-    """[num_decode, longest_context] KV slots to attend to, padded with slot 0."""
-    decode_mask: torch.Tensor | None
-    """[num_decode, 1, 1, longest_context] bool: True for real positions."""
+    decode: DecodeBatch | None
     prefills: list[PrefillSpan]
 
 
@@ -48,65 +60,84 @@ def token_slots(page_ids: list[int], start: int, count: int, page_size: int, dev
     return pages[positions // page_size] * page_size + positions % page_size
 
 
-def build_metadata(
-    spans: list[tuple[int, int, list[int]]], page_size: int, device: torch.device
-) -> AttentionMetadata:
-    """spans: per request in batch order, (start_position, num_new_tokens, page_ids)."""
-    write_slots, decode_rows, decode_slots, prefills = [], [], [], []
-    row = 0
-    for start, count, page_ids in spans:
-        context = token_slots(page_ids, 0, start + count, page_size, device)
-        write_slots.append(context[start:])
-        if count == 1:
-            decode_rows.append(row)
-            decode_slots.append(context)
-        else:
-            mask = None
-            if start:
-                key_positions = torch.arange(start + count, device=device)
-                query_positions = torch.arange(start, start + count, device=device)
-                mask = key_positions.unsqueeze(0) <= query_positions.unsqueeze(1)
-            prefills.append(PrefillSpan(slice(row, row + count), context, mask))
-        row += count
-    decode_context = decode_mask = decode_index = None
-    if decode_rows:
-        longest = max(len(s) for s in decode_slots)
-        decode_context = torch.zeros(len(decode_slots), longest, dtype=torch.long, device=device)
-        decode_mask = torch.zeros(len(decode_slots), 1, 1, longest, dtype=torch.bool, device=device)
-        for i, slots in enumerate(decode_slots):
-            decode_context[i, : len(slots)] = slots
-            decode_mask[i, ..., : len(slots)] = True
-        decode_index = torch.tensor(decode_rows, device=device)
-    return AttentionMetadata(torch.cat(write_slots), decode_index, decode_context, decode_mask, prefills)
+class PagedAttention:
+    """Attention for every layer of one model over its page pool. The decode kernel is chosen once, by device:
+    a Triton kernel on CUDA (imported only there), torch ops elsewhere."""
 
+    def __init__(self, pool: PagePool, device: torch.device) -> None:
+        self.pool = pool
+        self.device = device
+        self._paged_decode = None
+        if device.type == "cuda":
+            from omniserve.attention.triton_decode import paged_decode_attention
 
-def paged_attention(
-    pool: PagePool, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
-) -> torch.Tensor:
-    """Stores this iteration's k, v in the pool, then attends. q: [num_tokens, num_heads, head_dim]."""
-    pool.write(layer, meta.write_slots, k, v)
-    k_cache, v_cache = pool.k[layer], pool.v[layer]
-    num_kv_heads = k_cache.shape[1]
-    out = torch.empty_like(q)
-    if meta.decode_rows is not None:
-        rows = meta.decode_rows
-        batch, heads, head_dim = len(rows), q.shape[1], q.shape[2]
+            self._paged_decode = paged_decode_attention
+
+    def build_metadata(self, spans: list[tuple[int, int, list[int]]]) -> AttentionMetadata:
+        """spans: per request in batch order, (start_position, num_new_tokens, page_ids)."""
+        page_size, device = self.pool.page_size, self.device
+        write_slots, prefills = [], []
+        decode_rows, decode_pages, decode_lens = [], [], []
+        row = 0
+        for start, count, page_ids in spans:
+            write_slots.append(token_slots(page_ids, start, count, page_size, device))
+            if count == 1:
+                decode_rows.append(row)
+                decode_pages.append(page_ids)
+                decode_lens.append(start + 1)
+            else:
+                mask = None
+                if start:
+                    key_positions = torch.arange(start + count, device=device)
+                    query_positions = torch.arange(start, start + count, device=device)
+                    mask = key_positions.unsqueeze(0) <= query_positions.unsqueeze(1)
+                context = token_slots(page_ids, 0, start + count, page_size, device)
+                prefills.append(PrefillSpan(slice(row, row + count), context, mask))
+            row += count
+        decode = self._decode_batch(decode_rows, decode_pages, decode_lens) if decode_rows else None
+        return AttentionMetadata(torch.cat(write_slots), decode, prefills)
+
+    def _decode_batch(self, rows: list[int], pages: list[list[int]], lens: list[int]) -> DecodeBatch:
+        device, page_size = self.device, self.pool.page_size
+        most_pages = max(len(p) for p in pages)
+        table = torch.tensor([p + [0] * (most_pages - len(p)) for p in pages], dtype=torch.int32, device=device)
+        context_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+        slots = mask = None
+        if self._paged_decode is None:
+            positions = torch.arange(max(lens), device=device)
+            slots = table.long()[:, positions // page_size] * page_size + positions % page_size
+            mask = (positions.unsqueeze(0) < context_lens.unsqueeze(1)).view(len(rows), 1, 1, -1)
+        return DecodeBatch(torch.tensor(rows, device=device), table, context_lens, slots, mask)
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata):
+        """Stores this iteration's k, v in the pool, then attends. q: [num_tokens, num_heads, head_dim]."""
+        self.pool.write(layer, meta.write_slots, k, v)
+        k_cache, v_cache = self.pool.k[layer], self.pool.v[layer]
+        out = torch.empty_like(q)
+        if meta.decode is not None:
+            out[meta.decode.rows] = self._decode(q[meta.decode.rows], k_cache, v_cache, meta.decode)
+        for span in meta.prefills:
+            span_q = q[span.rows].transpose(0, 1).unsqueeze(0)  # [1, heads, span_len, head_dim]
+            if span.mask is None:  # the whole context is this span: its keys are at hand, no gather needed
+                keys, values = k[span.rows], v[span.rows]
+            else:
+                keys, values = k_cache[span.context_slots], v_cache[span.context_slots]
+            keys = keys.transpose(0, 1).unsqueeze(0)  # [1, kv_heads, context, head_dim]
+            values = values.transpose(0, 1).unsqueeze(0)
+            attended = F.scaled_dot_product_attention(
+                span_q, keys, values, attn_mask=span.mask, is_causal=span.mask is None, enable_gqa=True
+            )
+            out[span.rows] = attended.squeeze(0).transpose(0, 1)
+        return out
+
+    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: DecodeBatch):
+        if self._paged_decode is not None:
+            return self._paged_decode(q, k_cache, v_cache, batch.page_table, batch.context_lens, self.pool.page_size)
+        rows, heads, head_dim = q.shape
+        kv_heads = k_cache.shape[1]
         # GQA without copies: the query heads sharing a KV head take the place of SDPA's query-length axis.
-        grouped_q = q[rows].view(batch, num_kv_heads, heads // num_kv_heads, head_dim)
-        keys = k_cache[meta.decode_context_slots].transpose(1, 2)  # [batch, kv_heads, context, head_dim]
-        values = v_cache[meta.decode_context_slots].transpose(1, 2)
-        attended = F.scaled_dot_product_attention(grouped_q, keys, values, attn_mask=meta.decode_mask)
-        out[rows] = attended.reshape(batch, heads, head_dim)
-    for span in meta.prefills:
-        span_q = q[span.rows].transpose(0, 1).unsqueeze(0)  # [1, heads, span_len, head_dim]
-        if span.mask is None:  # the whole context is this span: its keys are at hand, no gather needed
-            keys, values = k[span.rows], v[span.rows]
-        else:
-            keys, values = k_cache[span.context_slots], v_cache[span.context_slots]
-        keys = keys.transpose(0, 1).unsqueeze(0)  # [1, kv_heads, context, head_dim]
-        values = values.transpose(0, 1).unsqueeze(0)
-        attended = F.scaled_dot_product_attention(
-            span_q, keys, values, attn_mask=span.mask, is_causal=span.mask is None, enable_gqa=True
-        )
-        out[span.rows] = attended.squeeze(0).transpose(0, 1)
-    return out
+        grouped_q = q.view(rows, kv_heads, heads // kv_heads, head_dim)
+        keys = k_cache[batch.context_slots].transpose(1, 2)  # [rows, kv_heads, context, head_dim]
+        values = v_cache[batch.context_slots].transpose(1, 2)
+        attended = F.scaled_dot_product_attention(grouped_q, keys, values, attn_mask=batch.mask)
+        return attended.reshape(rows, heads, head_dim)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from omniserve.attention import build_metadata, paged_attention
+from omniserve.attention import PagedAttention
 from omniserve.engine.plan import IterationPlan, RunnerOutput
 from omniserve.kv_cache import PagePool
 from omniserve.models.llama import LlamaForCausalLM
@@ -14,8 +14,8 @@ from omniserve.sampling.sampler import SamplingRow, sample
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, pool: PagePool, device: torch.device) -> None:
         self.model = model
-        self.pool = pool
         self.device = device
+        self.attention = PagedAttention(pool, device)
         self.eos_token_ids = model.config.eos_token_ids
 
     @torch.inference_mode()
@@ -30,13 +30,11 @@ class ModelRunner:
             positions.extend(range(chunk.start_position, chunk.start_position + len(chunk.token_ids)))
             if chunk.sample:
                 sample_rows.append(len(token_ids) - 1)
-        meta = build_metadata(
-            [(c.start_position, len(c.token_ids), c.page_ids) for c in plan.chunks], self.pool.page_size, self.device
-        )
+        meta = self.attention.build_metadata([(c.start_position, len(c.token_ids), c.page_ids) for c in plan.chunks])
         hidden = self.model(
             torch.tensor(token_ids, device=self.device),
             torch.tensor(positions, device=self.device),
-            attend=lambda layer, q, k, v: paged_attention(self.pool, layer, q, k, v, meta),
+            attend=lambda layer, q, k, v: self.attention(layer, q, k, v, meta),
         )
         sampling = [c for c in plan.chunks if c.sample]
         if not sampling:

@@ -8,6 +8,7 @@ the front of the queue, to be recomputed from its tokens (prompt and output so f
 
 from __future__ import annotations
 
+import time
 from collections import deque
 
 from omniserve.config import SchedulerConfig
@@ -121,6 +122,8 @@ class Scheduler:
             if not chunk.sample or sampled is None:
                 continue
             request.token_ids.append(sampled.token_id)
+            if request.first_token_time is None:
+                request.first_token_time = time.monotonic()
             if request.params.logprobs is not None:
                 request.logprobs.append(sampled)
             updated.append(request)
