@@ -27,7 +27,6 @@ import shlex
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -75,6 +74,20 @@ def read_bandwidth(gib: float, repeats: int) -> list[float]:
     return rates
 
 
+@torch.inference_mode()
+def gemv_ms(model: torch.nn.Module, repeats: int) -> list[float]:
+    """ms to multiply one row by every weight matrix (the embedding as the LM head): a batch-1 step's GEMVs alone."""
+    weights = [p for p in model.parameters() if p.dim() == 2]
+    times = []
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        for w in weights:
+            torch.nn.functional.linear(torch.ones(1, w.shape[1]), w)
+        if i:
+            times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
 class StepRecorder:
     """Wraps one engine's `step` and `runner.execute` to time every iteration and note what it ran."""
 
@@ -103,14 +116,16 @@ class StepRecorder:
         return [t for t, size, decode in self.steps if decode and size == batch]
 
 
-def timed(fn: Callable[[], list[list[int]]]) -> tuple[float, list[list[int]]]:
-    start = time.perf_counter()
-    result = fn()
-    return time.perf_counter() - start, result
+def other_cpu_seconds() -> float:
+    """CPU seconds used on this machine so far by everything but this process (steal time included); Linux only."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+    own = os.times()
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK") - own.user - own.system
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--prompt-len", type=int, default=128)
@@ -122,9 +137,6 @@ def main() -> None:
     parser.add_argument("--skip-hf", action="store_true", help="no transformers baseline")
     parser.add_argument("--markdown", type=Path, help="also write the results as a markdown section here")
     args = parser.parse_args()
-    load = os.getloadavg()[0]  # other work on the cores skews every figure (torch threads oversubscribe badly)
-    if load > 0.5:
-        print(f"warning: 1-minute load average is {load:.2f} before the benchmark starts", file=sys.stderr)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
 
@@ -132,8 +144,8 @@ def main() -> None:
     threads = torch.get_num_threads()  # what the engine runs with; transformers and the bandwidth test share it
     model = llm.engine.runner.model
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # shared tensors counted once
-    bandwidth = read_bandwidth(args.bandwidth_gib, repeats=max(5, args.repeats))
-    floor_ms = weight_bytes / (statistics.median(bandwidth) * 1e9) * 1e3
+    bandwidth = read_bandwidth(args.bandwidth_gib, repeats=max(5, args.repeats))  # again after the runs, for drift
+    gemv = gemv_ms(model, repeats=max(5, args.repeats))
     prompts = load_prompts(llm.tokenizer, max(args.concurrency), args.prompt_len, model.config.vocab_size, args.seed)
     recorder = StepRecorder(llm.engine)
 
@@ -155,11 +167,12 @@ def main() -> None:
         ids = torch.tensor(batch)  # every prompt has the same length: left padding is a no-op, the mask all ones
         out = hf.generate(
             ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens, pad_token_id=model.config.eos_token_ids[0],
+            min_new_tokens=new_tokens, pad_token_id=(model.config.eos_token_ids or (0,))[0],
         )
         return out[:, ids.shape[1]:].tolist()
 
-    rows = []
+    results = []  # per concurrency: (omniserve tok/s, HF tok/s, decode step ms) per repeat, share of equal outputs
+    start_wall, start_other = time.perf_counter(), other_cpu_seconds()
     for conc in args.concurrency:
         batch = prompts[:conc]
         run_omni(batch, args.warmup_len)
@@ -168,23 +181,36 @@ def main() -> None:
         omni_tps, hf_tps, steps_ms, same = [], [], [], 0.0
         for _ in range(args.repeats):
             recorder.steps.clear()
-            seconds, omni_out = timed(lambda: run_omni(batch, args.output_len))
+            start = time.perf_counter()
+            omni_out = run_omni(batch, args.output_len)
             assert all(len(o) == args.output_len for o in omni_out), "omniserve returned a wrong number of tokens"
-            omni_tps.append(conc * args.output_len / seconds)
+            omni_tps.append(conc * args.output_len / (time.perf_counter() - start))
             steps_ms.append(statistics.median(recorder.decode_times(conc) or [float("nan")]) * 1e3)
             if hf is not None:
-                seconds, hf_out = timed(lambda: run_hf(batch, args.output_len))
+                start = time.perf_counter()
+                hf_out = run_hf(batch, args.output_len)
                 assert all(len(o) == args.output_len for o in hf_out), "transformers returned a wrong number of tokens"
-                hf_tps.append(conc * args.output_len / seconds)
+                hf_tps.append(conc * args.output_len / (time.perf_counter() - start))
                 same = sum(a == b for a, b in zip(omni_out, hf_out)) / conc
+        results.append((conc, omni_tps, hf_tps, steps_ms, same))
+        baseline = f", HF {spread(hf_tps)} tok/s" if hf_tps else ""
+        print(f"concurrency {conc}: omniserve {spread(omni_tps)} tok/s{baseline}, decode step {spread(steps_ms)} ms",
+              file=sys.stderr, flush=True)
+    # Other work on these cores skews every figure (oversubscribed torch threads slow down many times over).
+    interference = (other_cpu_seconds() - start_other) / ((time.perf_counter() - start_wall) * os.cpu_count())
+    if interference > 0.05:
+        print(f"warning: other processes used {interference:.0%} of the CPU during the runs", file=sys.stderr)
+    bandwidth += read_bandwidth(args.bandwidth_gib, repeats=max(5, args.repeats))
+    floor_ms = weight_bytes / (statistics.median(bandwidth) * 1e9) * 1e3
+
+    rows = []
+    for conc, omni_tps, hf_tps, steps_ms, same in results:
         row = {"conc": conc, "omni": spread(omni_tps), "step": spread(steps_ms),
                "floor": f"{floor_ms:.1f}", "step/floor": f"{statistics.median(steps_ms) / floor_ms:.2f}x"}
         if hf is not None:
             row |= {"hf": spread(hf_tps), "omni/hf": spread([o / h for o, h in zip(omni_tps, hf_tps)], "{:.2f}") + "x",
                     "same": f"{same:.0%}"}
         rows.append(row)
-        print(" | ".join(f"{k} {v}" for k, v in row.items()), file=sys.stderr, flush=True)
-
     columns = {"conc": "concurrency", "omni": "omniserve tok/s", "hf": "HF tok/s", "omni/hf": "omniserve/HF",
                "step": "decode step ms", "floor": "floor ms", "step/floor": "step/floor",
                "same": "same output as HF"}
@@ -197,16 +223,20 @@ def main() -> None:
         f"command: `{command}`",
         f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__} with {threads} threads, "
         f"python {platform.python_version()}" + ("" if hf is None else f", transformers {transformers.__version__}")
-        + f"; load average {load:.2f} at start",
+        + f"; other processes used {interference:.0%} of the CPU during the runs",
         f"workload: {args.prompt_len}-token prompts, {args.output_len} greedy output tokens (EOS ignored), fp32, "
         f"{args.repeats} repeats after a {args.warmup_len}-token warm-up; median [min-max]",
-        f"read bandwidth: {spread(bandwidth)} GB/s (sum of a {args.bandwidth_gib:g} GiB fp32 tensor); "
-        f"weights {weight_bytes / 1e6:.1f} MB -> floor {floor_ms:.1f} ms per decode step",
+        f"read bandwidth: {spread(bandwidth)} GB/s (sums of a {args.bandwidth_gib:g} GiB fp32 tensor before and after "
+        f"the runs); weights {weight_bytes / 1e6:.1f} MB -> floor {floor_ms:.1f} ms per decode step",
+        f"for reference, torch's fp32 GEMVs over all weights (batch 1, nothing else): {spread(gemv)} ms "
+        f"= {weight_bytes / statistics.median(gemv) / 1e6:.1f} GB/s",
     ]
 
     def table(sep: str, edge: str) -> list[str]:
-        cells = [list(columns.values()), ["-" * widths[k] for k in columns], *([str(r[k]) for k in columns] for r in rows)]
-        return [(edge + sep.join(c.ljust(widths[k]) for k, c in zip(columns, line)) + edge[::-1]).rstrip() for line in cells]
+        cells = [list(columns.values()), ["-" * widths[k] for k in columns]]
+        cells += [[str(r[k]) for k in columns] for r in rows]
+        return [(edge + sep.join(c.ljust(widths[k]) for k, c in zip(columns, line)) + edge[::-1]).rstrip()
+                for line in cells]
 
     print("\n" + "\n".join(info) + "\n\n" + "\n".join(table("  ", "")))
     if args.markdown:

@@ -2,7 +2,7 @@
 
 A decoder layer never calls attention itself. It offers the two dense halves around it:
 
-    hidden --pre_attention--> (q, k, v)          [norm, fused QKV GEMM (+bias), RoPE]
+    hidden --pre_attention--> (q, k, v)          [norm, fused QKV GEMM (+bias), RoPE with per-batch angles]
     (attn_out, hidden) --post_attention--> hidden [o_proj, residual, norm, SwiGLU MLP, residual]
 
 so a runner can run each half on a different set of rows at each layer (layer-wise batching), and route the
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from omniserve.config import ModelConfig, RopeScaling
+from omniserve.models.linear import Linear, linear
 
 
 class RMSNorm(nn.Module):
@@ -66,9 +67,13 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)  # [max_positions, head_dim]
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = self.cos[positions].to(q.dtype).unsqueeze(1)  # [num_tokens, 1, head_dim]
-        sin = self.sin[positions].to(q.dtype).unsqueeze(1)
+    def angles(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) [num_tokens, 1, head_dim] for these positions: computed once per batch, used by every layer."""
+        return self.cos[positions].to(dtype).unsqueeze(1), self.sin[positions].to(dtype).unsqueeze(1)
+
+    @staticmethod
+    def apply(angles: tuple[torch.Tensor, torch.Tensor], q: torch.Tensor, k: torch.Tensor):
+        cos, sin = angles
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
@@ -83,14 +88,14 @@ class DecoderLayer(nn.Module):
         self.config = config
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         # Q, K and V in one GEMM; gate and up in one GEMM (the loader concatenates the checkpoint's matrices).
-        self.qkv_proj = nn.Linear(config.hidden_size, config.q_size + 2 * config.kv_size, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=False)
+        self.qkv_proj = Linear(config.hidden_size, config.q_size + 2 * config.kv_size, bias=config.qkv_bias)
+        self.o_proj = Linear(config.q_size, config.hidden_size, bias=False)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def pre_attention(
-        self, hidden: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding
+        self, hidden: torch.Tensor, rope_angles: tuple[torch.Tensor, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Norm + QKV projection + RoPE. `hidden` itself is the residual that post_attention needs."""
         c = self.config
@@ -99,7 +104,7 @@ class DecoderLayer(nn.Module):
         q = q.view(-1, c.num_heads, c.head_dim)
         k = k.view(-1, c.num_kv_heads, c.head_dim)
         v = v.view(-1, c.num_kv_heads, c.head_dim)
-        q, k = rope(positions, q, k)
+        q, k = RotaryEmbedding.apply(rope_angles, q, k)
         return q, k, v
 
     def post_attention(self, attn_out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -124,13 +129,17 @@ class LlamaForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head = None
         else:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(token_ids)
 
-    def pre_attention(self, layer: int, hidden: torch.Tensor, positions: torch.Tensor):
-        return self.layers[layer].pre_attention(hidden, positions, self.rope)
+    def rope_angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE (cos, sin) for a batch's positions; pass the rows of it that each layer's batch holds."""
+        return self.rope.angles(positions, self.embed_tokens.weight.dtype)
+
+    def pre_attention(self, layer: int, hidden: torch.Tensor, rope_angles: tuple[torch.Tensor, torch.Tensor]):
+        return self.layers[layer].pre_attention(hidden, rope_angles)
 
     def post_attention(self, layer: int, attn_out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         return self.layers[layer].post_attention(attn_out, residual)
@@ -138,13 +147,14 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head on the rows that sample; logits in fp32."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(self.norm(hidden), weight)
+        logits = linear(self.norm(hidden), weight)
         return logits if logits.dtype == torch.float64 else logits.float()
 
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
         """Every row through every layer (the all-device path). Returns the last hidden states."""
         hidden = self.embed(token_ids)
+        rope_angles = self.rope_angles(positions)
         for index in range(self.config.num_layers):
-            q, k, v = self.pre_attention(index, hidden, positions)
+            q, k, v = self.pre_attention(index, hidden, rope_angles)
             hidden = self.post_attention(index, attend(index, q, k, v), hidden)
         return hidden
