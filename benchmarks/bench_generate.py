@@ -32,9 +32,10 @@ from pathlib import Path
 import torch
 
 from omniserve import LLM, SamplingParams
+from omniserve.models.linear import linear
 from omniserve.models.loader import default_model_path
 
-SHAREGPT = Path("/work/shared/data/sharegpt/prompts_500.json")
+SHAREGPT = Path(__file__).resolve().parents[2] / "shared" / "data" / "sharegpt" / "prompts_500.json"
 
 
 def spread(values: list[float], fmt: str = "{:.1f}") -> str:
@@ -76,13 +77,14 @@ def read_bandwidth(gib: float, repeats: int) -> list[float]:
 
 @torch.inference_mode()
 def gemv_ms(model: torch.nn.Module, repeats: int) -> list[float]:
-    """ms to multiply one row by every weight matrix (the embedding as the LM head): a batch-1 step's GEMVs alone."""
+    """ms to multiply one row by every weight matrix (the embedding as the LM head) with the engine's GEMM: a batch-1
+    step's GEMVs alone."""
     weights = [p for p in model.parameters() if p.dim() == 2]
     times = []
     for i in range(repeats + 1):
         start = time.perf_counter()
         for w in weights:
-            torch.nn.functional.linear(torch.ones(1, w.shape[1]), w)
+            linear(torch.ones(1, w.shape[1]), w)
         if i:
             times.append((time.perf_counter() - start) * 1e3)
     return times
@@ -228,7 +230,7 @@ def main() -> None:
         f"{args.repeats} repeats after a {args.warmup_len}-token warm-up; median [min-max]",
         f"read bandwidth: {spread(bandwidth)} GB/s (sums of a {args.bandwidth_gib:g} GiB fp32 tensor before and after "
         f"the runs); weights {weight_bytes / 1e6:.1f} MB -> floor {floor_ms:.1f} ms per decode step",
-        f"for reference, torch's fp32 GEMVs over all weights (batch 1, nothing else): {spread(gemv)} ms "
+        f"for reference, the engine's fp32 GEMVs over all weights (batch 1, nothing else): {spread(gemv)} ms "
         f"= {weight_bytes / statistics.median(gemv) / 1e6:.1f} GB/s",
     ]
 

@@ -121,7 +121,7 @@ class PagedAttention:
             if span.mask is None:  # the whole context is this span: its keys are at hand, no gather needed
                 keys, values = k[span.rows], v[span.rows]
             else:
-                keys, values = k_cache[span.context_slots], v_cache[span.context_slots]
+                keys, values = k_cache.index_select(0, span.context_slots), v_cache.index_select(0, span.context_slots)
             keys = keys.transpose(0, 1).unsqueeze(0)  # [1, kv_heads, context, head_dim]
             values = values.transpose(0, 1).unsqueeze(0)
             attended = F.scaled_dot_product_attention(
@@ -137,7 +137,8 @@ class PagedAttention:
         kv_heads = k_cache.shape[1]
         # GQA without copies: the query heads sharing a KV head take the place of SDPA's query-length axis.
         grouped_q = q.view(rows, kv_heads, heads // kv_heads, head_dim)
-        keys = k_cache[batch.context_slots].transpose(1, 2)  # [rows, kv_heads, context, head_dim]
-        values = v_cache[batch.context_slots].transpose(1, 2)
+        slots = batch.context_slots.view(-1)  # index_select: several times faster than advanced indexing on the CPU
+        keys = k_cache.index_select(0, slots).view(rows, -1, kv_heads, head_dim).transpose(1, 2)
+        values = v_cache.index_select(0, slots).view(rows, -1, kv_heads, head_dim).transpose(1, 2)
         attended = F.scaled_dot_product_attention(grouped_q, keys, values, attn_mask=batch.mask)
         return attended.reshape(rows, heads, head_dim)
