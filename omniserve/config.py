@@ -162,8 +162,18 @@ class SchedulerConfig:
     """Most requests running at once."""
     max_model_len: int = 8192
     """Longest prompt + output a request may reach."""
+    be_decode_placement: str = "auto"
+    """Where BE requests decode: `cpu` offloads each to the CPU pool once its prefill is done, `device` never
+    offloads, `auto` offloads when device pages run short and brings them back when pages are plentiful."""
 
     def __post_init__(self) -> None:
         for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.be_decode_placement not in BE_DECODE_PLACEMENTS:
+            raise ConfigError(
+                f"be_decode_placement must be one of {', '.join(BE_DECODE_PLACEMENTS)}, got {self.be_decode_placement!r}"
+            )
+
+
+BE_DECODE_PLACEMENTS = ("auto", "cpu", "device")

@@ -53,3 +53,12 @@ def test_requests_arriving_mid_flight(reference, tiny_model_dirs, make_llm):
             if out.finished:
                 results[out.request_id] = out.outputs[0].token_ids
     assert [results[str(i)] for i in range(len(PROMPTS))] == reference
+
+
+def test_never_written_kv_cannot_leak_into_attention(reference, tiny_model_dirs, make_llm):
+    """Pages come from uninitialised memory: poison them with NaN and the results must not change."""
+    llm = make_llm(tiny_model_dirs["llama"][0], dtype="float64", block_size=4)
+    for k, v in zip(llm.engine.pool.k, llm.engine.pool.v):
+        k.fill_(float("nan"))
+        v.fill_(float("nan"))
+    assert tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == reference

@@ -105,8 +105,12 @@ class PagedAttention:
         slots = mask = None
         if self._paged_decode is None:
             positions = torch.arange(max(lens), device=device)
+            valid = positions.unsqueeze(0) < context_lens.unsqueeze(1)
             slots = table.long()[:, positions // page_size] * page_size + positions % page_size
-            mask = (positions.unsqueeze(0) < context_lens.unsqueeze(1)).view(len(rows), 1, 1, -1)
+            # Padding must point at written KV: masked scores still see the keys, and a never-written slot may hold
+            # NaN bit patterns that survive the mask (NaN + -inf is NaN). Each row's position 0 is always written.
+            slots = torch.where(valid, slots, slots[:, :1])
+            mask = valid.view(len(rows), 1, 1, -1)
         return DecodeBatch(torch.tensor(rows, device=device), table, context_lens, slots, mask)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata):

@@ -25,6 +25,11 @@ class EngineArgs:
     num_gpu_blocks_override: int | None = _arg(None, "exact number of KV pages, instead of sizing by memory")
     kv_cache_memory_bytes: int | None = _arg(
         None, "KV cache size in bytes; default: 90%% of free GPU memory, or 2 GiB on the CPU")
+    be_decode_placement: str = _arg(
+        "auto", "where best-effort requests decode: cpu (offload to the CPU attention pool after prefill), device "
+        "(never offload), auto (offload when device KV pages run short)")
+    cpu_attention_workers: int = _arg(1, "CPU attention worker processes (started on first offload)")
+    cpu_attention_threads: int = _arg(1, "torch threads in each CPU attention worker")
     seed: int = _arg(0, "seed for random weights and for requests without a seed of their own")
     threads: int | None = _arg(None, "CPU threads for the model when the device is the CPU; default: torch's choice")
 

@@ -8,11 +8,13 @@ plus what sits around that loop: input validation, n-way fan-out, detokenisation
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, replace
 
 import torch
 
 from omniserve.config import CacheConfig, ConfigError, SchedulerConfig, resolve_device, resolve_dtype
+from omniserve.cpu_attention import CPUAttentionPool, PoolConfig
 from omniserve.engine.args import EngineArgs
 from omniserve.engine.outputs import CompletionOutput, RequestOutput
 from omniserve.engine.plan import RunnerOutput
@@ -25,6 +27,8 @@ from omniserve.sampling.params import InvalidRequestError, SamplingParams
 from omniserve.tokenizer import IncrementalDetokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
+
+_IDLE_POLL_S = 0.0005
 
 
 @dataclass
@@ -49,7 +53,8 @@ class _RequestGroup:
 
 
 class LLMEngine:
-    def __init__(self, args: EngineArgs | None = None, **overrides) -> None:
+    def __init__(self, args: EngineArgs | None = None, pool_config: PoolConfig | None = None, **overrides) -> None:
+        """pool_config overrides the CPU attention pool settings derived from args (tests inject faults this way)."""
         args = EngineArgs(**overrides) if args is None else args
         self.args = args
         self.device = resolve_device(args.device)
@@ -67,6 +72,7 @@ class LLMEngine:
             max_num_batched_tokens=args.max_num_batched_tokens,
             max_num_seqs=args.max_num_seqs,
             max_model_len=args.max_model_len or limit,
+            be_decode_placement=args.be_decode_placement,
         )
         self.tokenizer = load_tokenizer(loaded.kind, loaded.path)
 
@@ -76,7 +82,12 @@ class LLMEngine:
         self.allocator = PageAllocator(num_pages)
         self.page_table = PageTable(self.allocator, cache.page_size)
         self.scheduler = Scheduler(self.scheduler_config, self.page_table, loaded.config.eos_token_ids)
-        self.runner = ModelRunner(loaded.model, self.pool, self.device)
+        self.cpu_pool = None
+        if args.be_decode_placement != "device":  # workers start on the first offload
+            self.cpu_pool = CPUAttentionPool(
+                pool_config or PoolConfig(args.cpu_attention_workers, args.cpu_attention_threads)
+            )
+        self.runner = ModelRunner(loaded.model, self.pool, self.device, self.cpu_pool)
         self._groups: dict[str, _RequestGroup] = {}
         self._group_of: dict[str, _RequestGroup] = {}  # scheduler request id -> its group
         logger.info(
@@ -151,6 +162,7 @@ class LLMEngine:
         for completion in group.completions:
             self.scheduler.finish_request(completion.request.request_id, RequestStatus.FINISHED_ABORTED)
             self._group_of.pop(completion.request.request_id, None)
+        self.runner.release(self.scheduler.take_released())
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._groups)
@@ -162,22 +174,26 @@ class LLMEngine:
         try:
             output = self.runner.execute(plan)
         except Exception:  # a failed iteration fails its requests, never the engine
-            logger.exception("iteration failed; failing its %d requests", len(plan.chunks))
-            for chunk in plan.chunks:
-                self.scheduler.finish_request(chunk.request_id, RequestStatus.FINISHED_ERROR)
+            logger.exception("iteration failed; failing its %d requests", len(plan.chunks) + len(plan.offloaded_starts))
+            for request_id in [c.request_id for c in plan.chunks] + [t.request_id for t in plan.offloaded_starts]:
+                self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ERROR)
             output = RunnerOutput()
         updated = self.scheduler.update(plan, output)
+        if not plan.chunks and not output.sampled:
+            time.sleep(_IDLE_POLL_S)  # only offloaded work is in flight: let the CPU pool have the cores
 
         touched: dict[str, _RequestGroup] = {}
         for request in updated:
             group = self._group_of[request.request_id]
             self._emit_tokens(group.completions[self._index_in(group, request)])
             touched[group.request_id] = group
-        for chunk in plan.chunks:  # requests that ended without a token (errors)
-            group = self._group_of.get(chunk.request_id)
+        for request_id in [c.request_id for c in plan.chunks] + [t.request_id for t in plan.offloaded_starts]:
+            group = self._group_of.get(request_id)  # requests that ended without a token (errors)
             if group is not None and group.finished:
                 touched[group.request_id] = group
-        return [self._output(group) for group in touched.values()]
+        outputs = [self._output(group) for group in touched.values()]
+        self.runner.release(self.scheduler.take_released())
+        return outputs
 
     @staticmethod
     def _index_in(group: _RequestGroup, request: Request) -> int:
@@ -222,10 +238,26 @@ class LLMEngine:
 
     # ----------------------------------------------------------------------------------------------- health
     def check_integrity(self) -> None:
-        """Page accounting holds; with no requests left, every page is free."""
+        """Page accounting holds; with no requests left, no device page, host KV byte, residual or queued row
+        remains."""
         self.allocator.check_integrity()
-        if not self.scheduler.has_unfinished() and (self.allocator.num_used or self.page_table.num_requests):
+        if self.scheduler.has_unfinished():
+            return
+        if self.allocator.num_used or self.page_table.num_requests:
             raise AssertionError(f"idle engine holds {self.allocator.num_used} KV pages")
+        if self.runner.num_offloaded_in_flight:
+            raise AssertionError(f"idle engine holds {self.runner.num_offloaded_in_flight} offloaded residuals")
+        if self.cpu_pool is not None:
+            if self.cpu_pool.num_requests or self.cpu_pool.num_in_flight:
+                raise AssertionError(f"idle CPU pool holds {self.cpu_pool.num_requests} requests")
+            host_bytes = self.cpu_pool.host_kv_bytes()
+            if host_bytes:
+                raise AssertionError(f"idle CPU pool holds {host_bytes} bytes of host KV")
+
+    def shutdown(self) -> None:
+        """Stops the CPU attention workers (they are daemons, so they also end with this process)."""
+        if self.cpu_pool is not None:
+            self.cpu_pool.shutdown()
 
 
 def _snapshot(out: CompletionOutput) -> CompletionOutput:

@@ -6,7 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from omniserve.sampling.params import SamplingParams
+from omniserve.sampling.params import SamplingParams, ServiceClass
 from omniserve.sampling.sampler import SampledToken
 
 
@@ -21,6 +21,18 @@ class RequestStatus(enum.Enum):
     @property
     def finished(self) -> bool:
         return self not in (RequestStatus.WAITING, RequestStatus.RUNNING)
+
+
+class Placement(enum.Enum):
+    """Where a running request's KV lives."""
+
+    DEVICE = "device"
+    SWAPPING_OUT = "swapping_out"
+    """Its KV is being copied to the host; its device pages are still held."""
+    HOST = "host"
+    """Offloaded: KV in the CPU pool, decode attention on CPU cores, dense work piggybacked on the device batch."""
+    SWAPPING_IN = "swapping_in"
+    """Its KV is being copied back into freshly allocated device pages."""
 
 
 @dataclass(eq=False)
@@ -41,6 +53,11 @@ class Request:
     logprobs: list[SampledToken] = field(default_factory=list)
     num_preemptions: int = 0
     first_token_time: float | None = None
+    placement: Placement = Placement.DEVICE
+    token_in_flight: bool = False
+    """Offloaded only: its newest token is on its way through the layers."""
+    num_swap_outs: int = 0
+    num_swap_ins: int = 0
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
@@ -60,6 +77,15 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_best_effort(self) -> bool:
+        return self.params.service_class is ServiceClass.BE
+
+    @property
+    def at_token_boundary(self) -> bool:
+        """Decoding, with every token but the newest (sampled, not yet fed back) in the KV cache."""
+        return self.num_output_tokens >= 1 and self.num_computed_tokens == self.num_tokens - 1
 
     @property
     def finish_reason(self) -> str | None:

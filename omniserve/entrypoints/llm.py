@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 
+from omniserve.cpu_attention import PoolConfig
 from omniserve.engine.args import EngineArgs
 from omniserve.engine.llm_engine import LLMEngine
 from omniserve.engine.outputs import RequestOutput
@@ -19,8 +20,8 @@ Conversation = list[dict[str, str]]
 class LLM:
     """Runs a batch of prompts to completion with continuous batching. Keywords are EngineArgs fields."""
 
-    def __init__(self, model: str | None = None, **kwargs) -> None:
-        self.engine = LLMEngine(EngineArgs(model=model, **kwargs))
+    def __init__(self, model: str | None = None, pool_config: PoolConfig | None = None, **kwargs) -> None:
+        self.engine = LLMEngine(EngineArgs(model=model, **kwargs), pool_config=pool_config)
         self._ids = itertools.count()
 
     @property

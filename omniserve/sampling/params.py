@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 
@@ -11,6 +12,13 @@ class InvalidRequestError(ValueError):
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.param = param
+
+
+class ServiceClass(str, enum.Enum):
+    LS = "ls"
+    """Latency-sensitive: held to TTFT/TPOT SLOs; its attention always runs on the device."""
+    BE = "be"
+    """Best-effort: throughput; its decode attention may be offloaded to the CPU pool."""
 
 
 @dataclass(frozen=True)
@@ -41,12 +49,20 @@ class SamplingParams:
     """Return the log-probability of each sampled token and of this many most likely alternatives."""
     skip_special_tokens: bool = True
     """Leave special tokens out of the text."""
+    service_class: ServiceClass = ServiceClass.LS
+    """`ls` or `be` (the request's service class, carried here so the offline API and the server can set it)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", [self.stop])
         object.__setattr__(self, "stop", list(self.stop))
         object.__setattr__(self, "stop_token_ids", list(self.stop_token_ids))
+        try:
+            object.__setattr__(self, "service_class", ServiceClass(self.service_class))
+        except ValueError:
+            raise InvalidRequestError(
+                f"service_class must be 'ls' or 'be', got {self.service_class!r}", param="service_class"
+            ) from None
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
         checks = [

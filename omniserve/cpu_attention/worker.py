@@ -1,0 +1,67 @@
+"""A CPU attention worker process: owns the host KV of the requests routed to it and computes their decode
+attention, one message at a time."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from omniserve.cpu_attention.host_kv import HostKV
+from omniserve.cpu_attention.kernel import decode_attention
+from omniserve.cpu_attention.messages import (
+    AttendBatch, AttendResult, Export, Exported, Free, LoadKV, Ping, Status,
+)
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    threads: int
+    """torch threads inside the worker."""
+    cores: tuple[int, ...] | None
+    """CPU cores the worker is pinned to, or None for any."""
+    simulated_delay_s: float = 0.0
+    """Extra seconds per attention batch: fault injection for tests of a slow pool; 0 in production."""
+
+
+def worker_main(settings: WorkerSettings, inbox, outbox) -> None:
+    torch.set_num_threads(settings.threads)
+    if settings.cores:
+        os.sched_setaffinity(0, settings.cores)
+    store: dict[str, HostKV] = {}
+
+    def footprint() -> int:
+        return sum(kv.nbytes for kv in store.values())
+
+    with torch.inference_mode():
+        while True:
+            message = inbox.get()
+            if message is None:
+                return
+            if isinstance(message, LoadKV):
+                store[message.request_id] = HostKV(message.k, message.v)
+            elif isinstance(message, AttendBatch):
+                done, outs = [], []
+                for row, (request_id, layer) in enumerate(message.keys):
+                    kv = store.get(request_id)
+                    if kv is None:  # freed while this row was queued
+                        continue
+                    k, v = kv.append(layer, message.k[row], message.v[row])
+                    outs.append(decode_attention(message.q[row], k, v))
+                    done.append((request_id, layer))
+                if settings.simulated_delay_s:
+                    time.sleep(settings.simulated_delay_s)
+                out = torch.stack(outs) if outs else message.q[:0]
+                outbox.put(AttendResult(done, out, footprint()))
+            elif isinstance(message, Free):
+                for request_id in message.request_ids:
+                    store.pop(request_id, None)
+            elif isinstance(message, Export):
+                kv = store.pop(message.request_id, None)
+                if kv is not None:
+                    k, v = kv.export()
+                    outbox.put(Exported(message.request_id, k, v, footprint()))
+            elif isinstance(message, Ping):
+                outbox.put(Status(footprint(), len(store)))

@@ -1,0 +1,148 @@
+"""Attention piggybacking: BE requests whose decode attention runs in the CPU pool produce exactly the tokens they
+would on the device, next to LS requests that are not disturbed; the device never waits for the pool; a dead worker
+loses no request; and nothing is left behind however a request ends."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from omniserve.cpu_attention import PoolConfig
+from omniserve.sampling.params import SamplingParams
+
+PROMPTS = [[7, 8, 9], list(range(100, 141)), [500 + i for i in range(17)], [3] * 29, [42, 43]]
+
+
+def greedy(service_class: str = "ls", max_tokens: int = 16) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, service_class=service_class)
+
+
+def tokens(outputs):
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+@pytest.fixture
+def tiny(tiny_model_dirs):
+    return tiny_model_dirs["llama"][0]
+
+
+@pytest.fixture
+def reference(tiny, make_llm):
+    llm = make_llm(tiny, dtype="float64", block_size=4, be_decode_placement="device")
+    return tokens(llm.generate(PROMPTS, greedy(), use_tqdm=False))
+
+
+def mixed_params():
+    """Odd prompts are LS, even ones BE."""
+    return [greedy("be" if i % 2 == 0 else "ls") for i in range(len(PROMPTS))]
+
+
+def test_offloaded_right_after_prefill_gives_device_tokens(tiny, reference, make_llm):
+    llm = make_llm(tiny, dtype="float64", block_size=4, be_decode_placement="cpu")
+    assert tokens(llm.generate(PROMPTS, mixed_params(), use_tqdm=False)) == reference
+    scheduler = llm.engine.scheduler
+    assert scheduler.num_swap_outs == 3 and scheduler.num_swap_ins == 0
+
+
+def test_swapped_out_mid_decode_and_back_in_gives_device_tokens(tiny, reference, make_llm):
+    # Few pages: BE requests are offloaded when LS requests need pages, and come back once those finish.
+    llm = make_llm(tiny, dtype="float64", block_size=4, be_decode_placement="auto", num_gpu_blocks_override=40)
+    params = [greedy("be", 40) if i % 2 == 0 else greedy("ls") for i in range(len(PROMPTS))]
+    engine = llm.engine
+    engine.add_request("be-early", PROMPTS[0], greedy("be", 40))
+    for _ in range(4):
+        engine.step()
+    outputs = llm.generate(PROMPTS, params, use_tqdm=False)
+    while engine.has_unfinished_requests():
+        engine.step()
+    device = make_llm(tiny, dtype="float64", block_size=4, be_decode_placement="device")
+    expected = tokens(device.generate(PROMPTS, [greedy(max_tokens=p.max_tokens) for p in params], use_tqdm=False))
+    assert tokens(outputs) == expected
+    assert engine.scheduler.num_swap_outs >= 1 and engine.scheduler.num_swap_ins >= 1
+
+
+def test_piggyback_admission_caps_still_give_device_tokens(tiny, reference, make_llm, monkeypatch):
+    llm = make_llm(tiny, dtype="float64", block_size=4, be_decode_placement="cpu")
+    schedule = llm.engine.scheduler.schedule
+
+    def capped():
+        plan = schedule()
+        return type(plan)(plan.chunks, plan.offloaded_starts, plan.swap_outs, plan.swap_ins,
+                          max_returning_per_layer=1, max_returning=2)
+
+    monkeypatch.setattr(llm.engine.scheduler, "schedule", capped)
+    assert tokens(llm.generate(PROMPTS, [greedy("be")] * len(PROMPTS), use_tqdm=False)) == reference
+
+
+def test_default_model_offloaded_in_float32(default_gguf, default_llm, make_llm):
+    chats = [[{"role": "user", "content": "What is the capital of France?"}],
+             [{"role": "user", "content": "Name three colours."}]]
+    prompts = [default_llm.apply_chat_template(c) for c in chats]
+    expected = tokens(default_llm.generate(prompts, greedy(max_tokens=24), use_tqdm=False))
+    offloading = make_llm(default_gguf, max_model_len=2048, be_decode_placement="cpu")
+    got = tokens(offloading.generate(prompts, [greedy("be", 24), greedy("ls", 24)], use_tqdm=False))
+    assert got == expected and offloading.engine.scheduler.num_swap_outs == 1
+
+
+def test_device_does_not_wait_for_a_slow_pool(tiny, make_llm):
+    llm = make_llm(tiny, dtype="float32", be_decode_placement="cpu", pool_config=PoolConfig(simulated_delay_s=0.5))
+    engine = llm.engine
+    engine.add_request("be", PROMPTS[1], greedy("be", 50))
+    engine.add_request("ls", PROMPTS[0], greedy("ls", 40))
+    ls_done = None
+    start = time.monotonic()
+    while ls_done is None and time.monotonic() - start < 60:
+        for out in engine.step():
+            if out.request_id == "ls" and out.finished:
+                ls_done = out
+    ls_seconds = time.monotonic() - start
+    be_tokens = engine.scheduler.requests["be"].num_output_tokens
+    assert ls_done is not None and len(ls_done.outputs[0].token_ids) == 40
+    # The BE request gets at most a token per 2 layers x 0.5 s while the LS request runs at device speed.
+    assert be_tokens <= 2 and ls_seconds < 10
+    engine.abort_request("be")
+
+
+def test_killed_worker_loses_no_request(tiny, reference, make_llm):
+    llm = make_llm(tiny, dtype="float64", block_size=4, be_decode_placement="cpu")
+    engine = llm.engine
+    for index, (prompt, params) in enumerate(zip(PROMPTS, mixed_params())):
+        engine.add_request(str(index), prompt, params)
+    results = {}
+    killed = False
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                results[out.request_id] = out.outputs[0].token_ids
+        if not killed and engine.scheduler.offloaded and engine.runner.num_offloaded_in_flight:
+            os.kill(engine.cpu_pool.worker_pids()[0], signal.SIGKILL)
+            killed = True
+    assert killed and engine.scheduler.num_rebuilt >= 1
+    assert [results[str(i)] for i in range(len(PROMPTS))] == reference
+
+
+def test_abort_and_stop_of_offloaded_requests_free_everything(tiny, make_llm):
+    llm = make_llm(tiny, dtype="float32", block_size=4, be_decode_placement="cpu")
+    engine = llm.engine
+    engine.add_request("a", PROMPTS[1], greedy("be", 30))
+    engine.add_request("b", PROMPTS[2], SamplingParams(temperature=0, max_tokens=30, service_class="be",
+                                                       ignore_eos=True, stop_token_ids=list(range(1000))))
+    engine.add_request("c", PROMPTS[3], SamplingParams(temperature=0.8, seed=3, max_tokens=30, service_class="be"))
+    while not engine.runner.num_offloaded_in_flight:
+        engine.step()
+    engine.abort_request("a")
+    engine.abort_request("c")
+    while engine.has_unfinished_requests():
+        engine.step()
+    engine.check_integrity()  # host KV, residuals, rows in flight and pages all back to zero
+    assert engine.cpu_pool.host_kv_bytes() == 0
+
+
+def test_service_class_is_validated():
+    from omniserve.sampling.params import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError, match="service_class"):
+        SamplingParams(service_class="gold")
