@@ -4,53 +4,54 @@ from __future__ import annotations
 
 import torch
 
+from omniserve.cpu_attention.kernel import TILE, tile_keys, untile_keys
+
 
 class HostKV:
     """One request's keys and values for every layer.
 
-    Per layer, k[layer] is [num_kv_heads, capacity, head_dim] (v alike), with the first lengths[layer] positions
-    valid: each KV head's context is contiguous, which is what the decode kernel streams through. Capacity doubles
-    when full, so appending a token is amortised O(1).
+    Per layer, keys are [num_kv_heads, tiles, head_dim, 16] (tiles of 16 positions, transposed inside a tile) and
+    values [num_kv_heads, capacity, head_dim], with the first lengths[layer] positions valid: the layouts the decode
+    kernel streams through (kernel.py). Capacity doubles when full, so appending a token is amortised O(1).
     """
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v: [num_layers, num_tokens, num_kv_heads, head_dim], the request's KV so far."""
         num_layers, num_tokens, kv_heads, head_dim = k.shape
-        capacity = max(16, 2 * num_tokens)
-        self.k = [torch.empty(kv_heads, capacity, head_dim, dtype=k.dtype) for _ in range(num_layers)]
-        self.v = [torch.empty(kv_heads, capacity, head_dim, dtype=v.dtype) for _ in range(num_layers)]
+        capacity = max(TILE, -(-2 * num_tokens // TILE) * TILE)
+        self.k = [tile_keys(k[layer].transpose(0, 1), capacity // TILE) for layer in range(num_layers)]
+        self.v = [v.new_zeros(kv_heads, capacity, head_dim) for _ in range(num_layers)]
         for layer in range(num_layers):
-            self.k[layer][:, :num_tokens] = k[layer].transpose(0, 1)
             self.v[layer][:, :num_tokens] = v[layer].transpose(0, 1)
         self.lengths = [num_tokens] * num_layers
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Adds one token's k, v [num_kv_heads, head_dim] to `layer`; returns that layer's whole context as views
-        [num_kv_heads, length, head_dim]."""
+        """Adds one token's k, v [num_kv_heads, head_dim] to `layer`; returns that layer's key tiles and values
+        [num_kv_heads, length, head_dim] (views)."""
         length = self.lengths[layer]
-        if length == self.k[layer].shape[1]:
-            self.k[layer] = _grow(self.k[layer], length)
-            self.v[layer] = _grow(self.v[layer], length)
-        self.k[layer][:, length] = k
+        if length == self.v[layer].shape[1]:
+            self._grow(layer, length)
+        self.k[layer][:, length // TILE, :, length % TILE] = k
         self.v[layer][:, length] = v
         self.lengths[layer] = length + 1
-        return self.k[layer][:, : length + 1], self.v[layer][:, : length + 1]
+        return self.k[layer], self.v[layer][:, : length + 1]
+
+    def _grow(self, layer: int, length: int) -> None:
+        values = self.v[layer]
+        grown = values.new_zeros(values.shape[0], 2 * values.shape[1], values.shape[2])
+        grown[:, :length] = values[:, :length]
+        self.v[layer] = grown
+        self.k[layer] = tile_keys(untile_keys(self.k[layer], length), grown.shape[1] // TILE)
 
     def export(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole KV as [num_layers, num_tokens, num_kv_heads, head_dim] (at a token boundary: all layers equal)."""
         length = self.lengths[0]
         if any(n != length for n in self.lengths):
             raise RuntimeError("host KV exported in the middle of a token")
-        k = torch.stack([layer[:, :length].transpose(0, 1) for layer in self.k])
+        k = torch.stack([untile_keys(layer, length).transpose(0, 1) for layer in self.k])
         v = torch.stack([layer[:, :length].transpose(0, 1) for layer in self.v])
         return k, v
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
-
-
-def _grow(buffer: torch.Tensor, length: int) -> torch.Tensor:
-    grown = torch.empty(buffer.shape[0], 2 * buffer.shape[1], buffer.shape[2], dtype=buffer.dtype)
-    grown[:, :length] = buffer[:, :length]
-    return grown

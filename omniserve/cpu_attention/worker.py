@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from omniserve.cpu_attention.host_kv import HostKV
-from omniserve.cpu_attention.kernel import decode_attention
+from omniserve.cpu_attention.kernel import compiled_kernel, decode_attention
 from omniserve.cpu_attention.messages import (
     AttendBatch, AttendResult, Export, Exported, Free, LoadKV, Ping, Status,
 )
@@ -31,6 +31,7 @@ def worker_main(settings: WorkerSettings, inbox, outbox) -> None:
     if settings.cores:
         os.sched_setaffinity(0, settings.cores)
     store: dict[str, HostKV] = {}
+    compiled_kernel()  # build (or load the cached build) before the first request needs it
 
     def footprint() -> int:
         return sum(kv.nbytes for kv in store.values())
