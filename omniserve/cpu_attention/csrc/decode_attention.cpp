@@ -15,99 +15,99 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 namespace {
 
-constexpr int64_t kLanes = 16;  // positions per key tile: one 512-bit register of fp32 per query head
+constexpr int64_t kLanes = 16;     // positions per key tile: one 512-bit register of fp32 per query head
+constexpr int64_t kMaxDim = 256;    // largest head_dim the fused kernel takes
 
-// Scores of `G` query heads against positions [0, length): per tile the G accumulators stay in registers while the
-// tile (head_dim x 16, contiguous) streams past once. Lanes past `length` in the last tile are computed and dropped.
-template <typename scalar_t, int G>
-void score_tiles(const scalar_t* q, const scalar_t* k, scalar_t* scores, int64_t length, int64_t head_dim,
-                 int64_t tile_stride, scalar_t scale) {
+// One pass over the context with an online softmax: per tile of 16 positions, the group's scores are computed with
+// the accumulators in registers (the key tile, head_dim x 16, is contiguous), exponentiated, and the tile's value
+// rows are accumulated right away, so K and V are each read exactly once and no score array is kept.
+// DIM > 0 fixes head_dim at compile time (the common 64 and 128), so the accumulators can live in registers.
+template <typename scalar_t, int G, int DIM>
+void attend_tiles(const scalar_t* q, const scalar_t* k, const scalar_t* v, scalar_t* out, int64_t length,
+                  int64_t dynamic_dim, int64_t tile_stride, int64_t v_row_stride, scalar_t scale) {
+  const int64_t head_dim = DIM > 0 ? DIM : dynamic_dim;
+  scalar_t acc[G][kMaxDim] = {};
+  scalar_t running_max[G], running_sum[G];
+  for (int g = 0; g < G; ++g) {
+    running_max[g] = -std::numeric_limits<scalar_t>::infinity();
+    running_sum[g] = 0;
+  }
   for (int64_t start = 0; start < length; start += kLanes) {
     const scalar_t* tile = k + (start / kLanes) * tile_stride;
-    scalar_t acc[G][kLanes] = {};
+    const int64_t valid = std::min(kLanes, length - start);
+    scalar_t score[G][kLanes] = {};
     for (int64_t d = 0; d < head_dim; ++d) {
       const scalar_t* key = tile + d * kLanes;
       for (int g = 0; g < G; ++g) {
         const scalar_t qd = q[g * head_dim + d];
 #pragma omp simd
-        for (int64_t w = 0; w < kLanes; ++w) acc[g][w] += qd * key[w];
+        for (int64_t w = 0; w < kLanes; ++w) score[g][w] += qd * key[w];
       }
     }
-    const int64_t valid = std::min(kLanes, length - start);
-    for (int g = 0; g < G; ++g)
-      for (int64_t w = 0; w < valid; ++w) scores[g * length + start + w] = acc[g][w] * scale;
+    for (int g = 0; g < G; ++g) {
+      scalar_t tile_max = -std::numeric_limits<scalar_t>::infinity();
+      for (int64_t w = 0; w < valid; ++w) tile_max = std::max(tile_max, score[g][w] * scale);
+      const scalar_t new_max = std::max(running_max[g], tile_max);
+      const scalar_t correction = std::exp(running_max[g] - new_max);
+      scalar_t tile_sum = 0;
+#pragma omp simd reduction(+ : tile_sum)
+      for (int64_t w = 0; w < kLanes; ++w) {
+        score[g][w] = w < valid ? std::exp(score[g][w] * scale - new_max) : static_cast<scalar_t>(0);
+        tile_sum += score[g][w];
+      }
+      running_sum[g] = running_sum[g] * correction + tile_sum;
+      running_max[g] = new_max;
+      if (correction != static_cast<scalar_t>(1)) {
+#pragma omp simd
+        for (int64_t d = 0; d < head_dim; ++d) acc[g][d] *= correction;
+      }
+    }
+    for (int64_t w = 0; w < valid; ++w) {
+      const scalar_t* value = v + (start + w) * v_row_stride;
+      for (int g = 0; g < G; ++g) {
+        const scalar_t weight = score[g][w];
+#pragma omp simd
+        for (int64_t d = 0; d < head_dim; ++d) acc[g][d] += weight * value[d];
+      }
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    const scalar_t inverse = static_cast<scalar_t>(1) / running_sum[g];
+    for (int64_t d = 0; d < head_dim; ++d) out[g * head_dim + d] = acc[g][d] * inverse;
   }
 }
 
-constexpr int64_t kDimChunk = 32;  // head dims accumulated at once in the value pass (G x 32 values in registers)
-
-// out[g][:] = sum_t p[g][t] * v[t][:], with the accumulators of a chunk of head dims held in registers.
-template <typename scalar_t, int G>
-void weigh_values(const scalar_t* p, const scalar_t* v, scalar_t* out, int64_t length, int64_t head_dim,
-                  int64_t v_row_stride) {
-  for (int64_t d0 = 0; d0 < head_dim; d0 += kDimChunk) {
-    const int64_t width = std::min(kDimChunk, head_dim - d0);
-    scalar_t acc[G][kDimChunk] = {};
-    if (width == kDimChunk) {
-      for (int64_t t = 0; t < length; ++t) {
-        const scalar_t* value = v + t * v_row_stride + d0;
-        for (int g = 0; g < G; ++g) {
-          const scalar_t weight = p[g * length + t];
-#pragma omp simd
-          for (int64_t d = 0; d < kDimChunk; ++d) acc[g][d] += weight * value[d];
-        }
-      }
-    } else {
-      for (int64_t t = 0; t < length; ++t)
-        for (int g = 0; g < G; ++g)
-          for (int64_t d = 0; d < width; ++d) acc[g][d] += p[g * length + t] * v[t * v_row_stride + d0 + d];
-    }
-    for (int g = 0; g < G; ++g)
-      for (int64_t d = 0; d < width; ++d) out[g * head_dim + d0 + d] = acc[g][d];
+template <typename scalar_t, int DIM>
+void dispatch_group(int64_t heads, const scalar_t* q, const scalar_t* k, const scalar_t* v, scalar_t* out,
+                    int64_t length, int64_t head_dim, int64_t tile_stride, int64_t v_row_stride, scalar_t scale) {
+  switch (heads) {
+    case 1: return attend_tiles<scalar_t, 1, DIM>(q, k, v, out, length, head_dim, tile_stride, v_row_stride, scale);
+    case 2: return attend_tiles<scalar_t, 2, DIM>(q, k, v, out, length, head_dim, tile_stride, v_row_stride, scale);
+    case 3: return attend_tiles<scalar_t, 3, DIM>(q, k, v, out, length, head_dim, tile_stride, v_row_stride, scale);
+    default: return attend_tiles<scalar_t, 4, DIM>(q, k, v, out, length, head_dim, tile_stride, v_row_stride, scale);
   }
 }
 
 template <typename scalar_t>
 void attend_group(const scalar_t* q, const scalar_t* k, const scalar_t* v, scalar_t* out, int64_t group,
                   int64_t length, int64_t head_dim, int64_t tile_stride, int64_t v_row_stride, double scale) {
-  std::vector<scalar_t> scores(group * length);
   const scalar_t s = static_cast<scalar_t>(scale);
-  // Groups of up to 4 heads share one pass over the keys (4 accumulators x 16 lanes fit the register file).
+  // Up to 4 query heads share one pass over the KV (their score accumulators fit the register file).
   for (int64_t g0 = 0; g0 < group; g0 += 4) {
     const scalar_t* qg = q + g0 * head_dim;
-    scalar_t* sg = scores.data() + g0 * length;
-    switch (std::min<int64_t>(4, group - g0)) {
-      case 1: score_tiles<scalar_t, 1>(qg, k, sg, length, head_dim, tile_stride, s); break;
-      case 2: score_tiles<scalar_t, 2>(qg, k, sg, length, head_dim, tile_stride, s); break;
-      case 3: score_tiles<scalar_t, 3>(qg, k, sg, length, head_dim, tile_stride, s); break;
-      default: score_tiles<scalar_t, 4>(qg, k, sg, length, head_dim, tile_stride, s); break;
-    }
-  }
-  for (int64_t g = 0; g < group; ++g) {
-    scalar_t* row = scores.data() + g * length;
-    const scalar_t peak = *std::max_element(row, row + length);
-    scalar_t total = 0;
-#pragma omp simd reduction(+ : total)
-    for (int64_t t = 0; t < length; ++t) {
-      row[t] = std::exp(row[t] - peak);
-      total += row[t];
-    }
-    const scalar_t inverse = static_cast<scalar_t>(1) / total;
-#pragma omp simd
-    for (int64_t t = 0; t < length; ++t) row[t] *= inverse;
-  }
-  for (int64_t g0 = 0; g0 < group; g0 += 4) {
-    const scalar_t* pg = scores.data() + g0 * length;
     scalar_t* og = out + g0 * head_dim;
-    switch (std::min<int64_t>(4, group - g0)) {
-      case 1: weigh_values<scalar_t, 1>(pg, v, og, length, head_dim, v_row_stride); break;
-      case 2: weigh_values<scalar_t, 2>(pg, v, og, length, head_dim, v_row_stride); break;
-      case 3: weigh_values<scalar_t, 3>(pg, v, og, length, head_dim, v_row_stride); break;
-      default: weigh_values<scalar_t, 4>(pg, v, og, length, head_dim, v_row_stride); break;
+    const int64_t heads_here = std::min<int64_t>(4, group - g0);
+    if (head_dim == 64) {
+      dispatch_group<scalar_t, 64>(heads_here, qg, k, v, og, length, head_dim, tile_stride, v_row_stride, s);
+    } else if (head_dim == 128) {
+      dispatch_group<scalar_t, 128>(heads_here, qg, k, v, og, length, head_dim, tile_stride, v_row_stride, s);
+    } else {
+      dispatch_group<scalar_t, 0>(heads_here, qg, k, v, og, length, head_dim, tile_stride, v_row_stride, s);
     }
   }
 }
@@ -125,6 +125,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   TORCH_CHECK(heads % kv_heads == 0 && k.size(2) == head_dim, "q and k shapes do not match");
   TORCH_CHECK(v.size(0) == kv_heads && v.size(2) == head_dim, "v shape does not match k");
   TORCH_CHECK(length > 0 && k.size(1) * kLanes >= length, "k has fewer tiles than v has positions");
+  TORCH_CHECK(head_dim <= kMaxDim, "head_dim above ", kMaxDim, " is not supported by the CPU kernel");
   const int64_t group = heads / kv_heads;
   auto out = torch::empty_like(q);
   const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
