@@ -16,14 +16,19 @@ to length), greedy outputs of exactly the given length (EOS ignored). The script
 and timestamps every token when its step returns.
 
 Per placement: LS TTFT (median over LS requests), LS TPOT p50/p99 (gaps between consecutive LS tokens after the first,
-pooled over LS requests; also the p50 split into gaps that ended while some BE request was still prefilling and gaps
-after), BE output tokens/s (all BE output tokens / time until the last BE request ends, and BE tokens produced inside
-the LS window / its length), wall time, and the cpu/device ratio of each (per repeat, then median). Greedy LS tokens
-must be the same under both placements ("LS tokens identical"). Details per placement: iterations, iterations that
-only slept (the engine sleeps 0.5 ms when nothing but offloaded work is in flight), swap-outs, preemptions, time in
-the CPU pool's methods per iteration with offloaded work (submit, poll, load, free, ...: the engine side of the
-piggyback bookkeeping; the pickling of tensors into shared memory runs on the queues' feeder threads and is counted
-separately as the CPU time of the engine's non-main threads), and how busy the pool's core was.
+pooled over LS requests; also split into gaps that ended while some BE request was still prefilling and gaps after
+every BE request had its first token, the phase in which the two placements differ), BE output tokens/s (all BE
+output tokens / time until the last BE request ends; BE tokens produced inside the LS window / its length; BE tokens
+after the BE prefill phase / its remaining time), wall time, and the cpu/device ratio of each (per repeat, then
+median). Greedy LS tokens must be the same under both placements ("LS tokens identical"). Details per placement:
+length of the BE prefill phase, iterations, iterations that ended in the engine's 0.5 ms idle sleep (it sleeps
+whenever an iteration ran no device chunk and sampled no token, even if returning offloaded rows ran a layer),
+swap-outs, preemptions, and the engine side of the piggyback bookkeeping: time spent in the CPU pool's methods
+(submit, poll, load, free, ...; wrapped on the instance) per iteration, as the median over iterations that sent
+offloaded rows and the mean over all iterations with offloaded requests; the gathering of swapped-out KV
+(`runner._swap_out`) in total; the CPU time of the engine's non-main threads per iteration (the queues' feeder
+threads, which pickle tensors into shared memory); and how busy the pool's core was. Not counted: the runner's own
+extra tensor work for offloaded rows (concatenations, residual copies) inside the forward pass.
 
 Fixed seeds, a short warm-up run per placement (it also starts the pool's worker), then --repeats runs per placement,
 interleaved (order alternating per repeat); figures are medians with the min-max spread in brackets.
@@ -41,6 +46,7 @@ import platform
 import random
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -125,6 +131,19 @@ def side_thread_cpu_seconds() -> float:
     return sum(proc_cpu_seconds(pid, tid) for tid in tids)
 
 
+def git_revision() -> str:
+    """The checkout's commit, with `+dirty` when omniserve/ has uncommitted changes (the engine is being edited)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "omniserve"], cwd=root, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
 def machine_busy_seconds() -> float:
     """CPU seconds used on this machine so far by everything (steal time included); Linux only."""
     with open("/proc/stat") as f:
@@ -140,6 +159,7 @@ class Probe:
     def __init__(self, engine) -> None:
         self.engine = engine
         self.pool_s = 0.0  # pool time in the current step
+        self.submitted = False  # the current step sent offloaded rows to the pool
         self.per_method: dict[str, float] = {}
         self.swap_out_s = 0.0
         runner = engine.runner
@@ -179,6 +199,7 @@ class Probe:
                 elapsed = time.perf_counter() - start
                 self.pool_s += elapsed
                 self.per_method[name] = self.per_method.get(name, 0.0) + elapsed
+                self.submitted |= name == "submit"
         return wrapper
 
     def worker_cpu_seconds(self) -> float:
@@ -198,6 +219,8 @@ class RunResult:
     ls_tpot_after_p99_ms: float
     be_tps: float
     be_tps_ls_window: float
+    be_tps_after_prefill: float  # BE tokens after every BE request had its first token / time from then to the end
+    be_prefill_s: float  # from the start until every BE request had its first token
     wall_s: float
     ls_tokens: list[list[int]]
     be_tokens: list[list[int]]
@@ -205,8 +228,8 @@ class RunResult:
     idle_iterations: int
     swap_outs: int
     preemptions: int
-    pool_ms_per_iter: float  # median over iterations with offloaded requests
-    pool_ms_per_iter_mean: float
+    pool_ms_per_iter: float  # median over iterations that sent offloaded rows to the pool
+    pool_ms_per_iter_mean: float  # mean over iterations with offloaded requests
     offloaded_iterations: int
     per_method_ms: dict[str, float] = field(default_factory=dict)
     swap_out_s: float = 0.0
@@ -240,7 +263,8 @@ def run_once(llm, probe: Probe, ls_prompts, be_prompts, ls_out: int, be_out: int
     probe.per_method.clear()
     probe.swap_out_s = 0.0
     iterations = idle_iterations = 0
-    pool_per_iter: list[float] = []
+    pool_per_iter: list[float] = []  # iterations with offloaded requests
+    pool_per_submit_iter: list[float] = []  # ... of which those that sent rows
 
     start = time.perf_counter()
     if ls_arrival == "start":
@@ -251,13 +275,15 @@ def run_once(llm, probe: Probe, ls_prompts, be_prompts, ls_out: int, be_out: int
         if len(submitted) < len(stamps) and all(stamps[rid] for rid in be_ids):
             submit(ls_ids, ls_prompts, ls_params)  # --ls-arrival after-be-prefill
         offloaded = bool(scheduler.offloaded)
-        probe.pool_s = 0.0
+        probe.pool_s, probe.submitted = 0.0, False
         outputs = engine.step()
         now = time.perf_counter()
         iterations += 1
         idle_iterations += probe.idle
         if offloaded or scheduler.offloaded:
             pool_per_iter.append(probe.pool_s)
+            if probe.submitted:
+                pool_per_submit_iter.append(probe.pool_s)
         for out in outputs:
             if out.request_id not in stamps:
                 continue
@@ -311,6 +337,9 @@ def run_once(llm, probe: Probe, ls_prompts, be_prompts, ls_out: int, be_out: int
         ls_tpot_after_p99_ms=percentile(gaps_after, 99) * 1e3,
         be_tps=len(be_ids) * be_out / (be_end - start),
         be_tps_ls_window=be_in_window / (ls_end - ls_start),
+        be_tps_after_prefill=(sum(t > be_prefilled for rid in be_ids for t in stamps[rid]) / (be_end - be_prefilled)
+                              if be_end > be_prefilled else float("nan")),
+        be_prefill_s=be_prefilled - start,
         wall_s=wall,
         ls_tokens=[tokens[rid][:] for rid in ls_ids],
         be_tokens=[tokens[rid][:] for rid in be_ids],
@@ -318,7 +347,7 @@ def run_once(llm, probe: Probe, ls_prompts, be_prompts, ls_out: int, be_out: int
         idle_iterations=idle_iterations,
         swap_outs=scheduler.num_swap_outs - swap_outs0,
         preemptions=scheduler.num_preemptions - preemptions0,
-        pool_ms_per_iter=median_or_nan(pool_per_iter) * 1e3,
+        pool_ms_per_iter=median_or_nan(pool_per_submit_iter) * 1e3,
         pool_ms_per_iter_mean=(statistics.fmean(pool_per_iter) * 1e3) if pool_per_iter else float("nan"),
         offloaded_iterations=len(pool_per_iter),
         per_method_ms={k: v * 1e3 for k, v in probe.per_method.items()},
@@ -411,7 +440,8 @@ def main() -> None:
     total_wall = time.perf_counter() - start_wall
     own = os.times()
     workers = sum(p.worker_cpu_seconds() for p in probes.values()) - start_workers
-    other = (machine_busy_seconds() - start_busy) - (own.user + own.system - start_own.user - start_own.system) - workers
+    own_cpu = own.user + own.system - start_own.user - start_own.system
+    other = (machine_busy_seconds() - start_busy) - own_cpu - workers
     interference = max(0.0, other) / (total_wall * os.cpu_count())
     if interference > 0.05:
         print(f"warning: other processes used {interference:.0%} of the CPU during the runs", file=sys.stderr)
@@ -434,6 +464,7 @@ def main() -> None:
         ("post99", "LS TPOT p99 after BE prefill ms", "{:.1f}", "ls_tpot_after_p99_ms"),
         ("be", "BE tok/s", "{:.1f}", "be_tps"),
         ("bewin", "BE tok/s in LS window", "{:.1f}", "be_tps_ls_window"),
+        ("bedec", "BE tok/s after BE prefill", "{:.1f}", "be_tps_after_prefill"),
         ("wall", "wall s", "{:.1f}", "wall_s"),
     ]
     rows = []
@@ -458,6 +489,7 @@ def main() -> None:
         methods = sorted({m for r in rs for m in r.per_method_ms})
         detail_rows.append({
             "placement": placement,
+            "prefill": spread([r.be_prefill_s for r in rs]),
             "iters": spread([r.iterations for r in rs], "{:.0f}"),
             "idle": spread([r.idle_iterations for r in rs], "{:.0f}"),
             "swaps": spread([r.swap_outs for r in rs], "{:.0f}"),
@@ -472,10 +504,11 @@ def main() -> None:
             "integrity": "; ".join(sorted({r.integrity for r in rs})),
         })
     detail_columns = {
-        "placement": "BE decode placement", "iters": "iterations", "idle": "idle-sleep iterations",
-        "swaps": "swap-outs", "preempt": "preemptions", "pool": "pool calls ms/iter (median)",
-        "poolmean": "pool calls ms/iter (mean)", "swapout": "swap-out ms total", "side": "feeder threads CPU ms/iter",
-        "busy": "pool core busy", "methods": "pool method totals ms", "integrity": "engine integrity after run",
+        "placement": "BE decode placement", "prefill": "BE prefill phase s", "iters": "iterations",
+        "idle": "idle-sleep iterations", "swaps": "swap-outs", "preempt": "preemptions",
+        "pool": "pool calls ms/iter sending rows (median)", "poolmean": "pool calls ms/iter offloaded (mean)",
+        "swapout": "swap-out ms total", "side": "feeder threads CPU ms/iter", "busy": "pool core busy",
+        "methods": "pool method totals ms", "integrity": "engine integrity after run",
     }
 
     command = shlex.join(["python", *sys.argv])
@@ -483,7 +516,7 @@ def main() -> None:
                platform.processor())
     source = "ShareGPT first turns" if texts is not None and llm0.tokenizer is not None else "random token ids"
     info = [
-        f"command: `{command}`",
+        f"command: `{command}` (omniserve at commit {git_revision()})",
         f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, python {platform.python_version()}; "
         f"engine pinned to core {args.engine_core} with 1 torch thread, CPU attention pool: 1 worker with 1 thread "
         f"pinned to core {args.pool_core}; other processes used {interference:.0%} of the CPU during the timed runs",

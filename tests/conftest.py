@@ -73,6 +73,7 @@ def make_llm():
     for llm in built:
         llm.engine.check_integrity()
         assert llm.engine.allocator.num_used == 0
+        llm.engine.shutdown()
 
 
 @pytest.fixture(scope="session")

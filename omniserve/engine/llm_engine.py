@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from dataclasses import dataclass, replace
 
 import torch
@@ -87,6 +88,7 @@ class LLMEngine:
             self.cpu_pool = CPUAttentionPool(
                 pool_config or PoolConfig(args.cpu_attention_workers, args.cpu_attention_threads)
             )
+            weakref.finalize(self, self.cpu_pool.shutdown)  # workers end with the engine, not only with the process
         self.runner = ModelRunner(loaded.model, self.pool, self.device, self.cpu_pool)
         self._groups: dict[str, _RequestGroup] = {}
         self._group_of: dict[str, _RequestGroup] = {}  # scheduler request id -> its group
