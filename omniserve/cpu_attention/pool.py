@@ -8,6 +8,7 @@ advances one layer at a time, so in-flight rows never exceed the number of offlo
 from __future__ import annotations
 
 import logging
+import os
 import queue
 from collections import Counter
 from dataclasses import dataclass, field
@@ -76,6 +77,8 @@ class CPUAttentionPool:
                 target=worker_main, args=(settings, inbox, outbox), daemon=True, name=f"omniserve-cpu-attn-{index}"
             )
             process.start()
+            if cores:  # pin at once, so that even the worker's start-up (importing torch) stays off the engine's cores
+                os.sched_setaffinity(process.pid, cores)
             worker = self._workers[index] = _Worker(process, inbox, outbox)
         return worker
 

@@ -181,8 +181,8 @@ class LLMEngine:
                 self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ERROR)
             output = RunnerOutput()
         updated = self.scheduler.update(plan, output)
-        if not plan.chunks and not output.sampled:
-            time.sleep(_IDLE_POLL_S)  # only offloaded work is in flight: let the CPU pool have the cores
+        if plan.empty and not output.num_returned:
+            time.sleep(_IDLE_POLL_S)  # nothing ran: only CPU attention is in flight, so leave the cores to the pool
 
         touched: dict[str, _RequestGroup] = {}
         for request in updated:

@@ -79,3 +79,5 @@ class RunnerOutput:
     """Swap-ins whose KV is now in their device pages."""
     lost: list[str] = field(default_factory=list)
     """Offloaded requests whose host KV was lost with a dead worker: rebuild them from their tokens."""
+    num_returned: int = 0
+    """Offloaded rows whose CPU result re-entered the batch (they advanced a layer)."""

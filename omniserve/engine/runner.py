@@ -101,7 +101,8 @@ class ModelRunner:
                     token.result = result.out
         returning = self._admit_returning(plan)
         sampled = self._forward(plan, returning) if plan.chunks or plan.offloaded_starts or returning else {}
-        return RunnerOutput(sampled, swapped_out, self._finish_swap_ins(), lost)
+        num_returned = sum(len(rows) for rows in returning.values())
+        return RunnerOutput(sampled, swapped_out, self._finish_swap_ins(), lost, num_returned)
 
     def _check_pool(self) -> list[str]:
         if self.cpu_pool is None:
