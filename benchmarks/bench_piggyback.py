@@ -22,7 +22,7 @@ output tokens / time until the last BE request ends; BE tokens produced inside t
 after the BE prefill phase / its remaining time), wall time, and the cpu/device ratio of each (per repeat, then
 median). Greedy LS tokens must be the same under both placements ("LS tokens identical"). Details per placement:
 length of the BE prefill phase, iterations, iterations that ended in the engine's 0.5 ms idle sleep (it sleeps
-whenever an iteration ran no device chunk and sampled no token, even if returning offloaded rows ran a layer),
+when an iteration ran nothing at all, i.e. only CPU attention was in flight),
 swap-outs, preemptions, and the engine side of the piggyback bookkeeping: time spent in the CPU pool's methods
 (submit, poll, load, free, ...; wrapped on the instance) per iteration, as the median over iterations that sent
 offloaded rows and the mean over all iterations with offloaded requests; the gathering of swapped-out KV
@@ -168,7 +168,7 @@ class Probe:
 
         def timed_execute(plan):
             output = execute(plan)
-            self.idle = not plan.chunks and not output.sampled
+            self.idle = plan.empty and not output.num_returned  # the engine's own test for its idle sleep
             return output
 
         runner.execute = timed_execute
