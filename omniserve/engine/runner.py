@@ -127,8 +127,8 @@ class ModelRunner:
                 admitted += 1
         return by_layer
 
-    def _forward(self, plan: IterationPlan, returning: dict[int, list[str]]) -> dict[str, SampledToken]:
-        model, device = self.model, self.device
+    def _device_inputs(self, plan: IterationPlan):
+        """Token ids, positions, rows to sample and attention metadata of the device chunks."""
         token_ids: list[int] = []
         positions: list[int] = []
         sample_rows: list[int] = []
@@ -137,10 +137,15 @@ class ModelRunner:
             positions.extend(range(chunk.start_position, chunk.start_position + len(chunk.token_ids)))
             if chunk.sample:
                 sample_rows.append(len(token_ids) - 1)
-        num_device = len(token_ids)
         meta = None
         if plan.chunks:
             meta = self.attention.build_metadata([(c.start_position, len(c.token_ids), c.page_ids) for c in plan.chunks])
+        return token_ids, positions, sample_rows, meta
+
+    def _forward(self, plan: IterationPlan, returning: dict[int, list[str]]) -> dict[str, SampledToken]:
+        model, device = self.model, self.device
+        token_ids, positions, sample_rows, meta = self._device_inputs(plan)
+        num_device = len(token_ids)
 
         # Offloaded tokens starting at layer 0 join the device tokens' embedding.
         for start in plan.offloaded_starts:
