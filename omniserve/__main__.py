@@ -1,3 +1,4 @@
 from omniserve.entrypoints.cli import main
 
-main()
+if __name__ == "__main__":  # spawned CPU attention workers import this module too
+    main()

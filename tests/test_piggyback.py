@@ -146,3 +146,11 @@ def test_service_class_is_validated():
 
     with pytest.raises(InvalidRequestError, match="service_class"):
         SamplingParams(service_class="gold")
+
+
+def test_half_precision_engine_offloads(tiny, make_llm):
+    """bf16 rows travel to the pool as fp32 (the host KV's dtype) and come back as bf16."""
+    llm = make_llm(tiny, dtype="bfloat16", be_decode_placement="cpu")
+    outputs = llm.generate(PROMPTS[:2], [greedy("be", 8), greedy("ls", 8)], use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outputs] == [8, 8]
+    assert llm.engine.scheduler.num_swap_outs == 1

@@ -16,7 +16,10 @@ class HostKV:
     """
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v: [num_layers, num_tokens, num_kv_heads, head_dim], the request's KV so far."""
+        """k, v: [num_layers, num_tokens, num_kv_heads, head_dim], the request's KV so far. Half-precision KV is kept
+        in fp32: the kernel computes in fp32 or fp64 only."""
+        self.dtype = torch.float32 if k.dtype in (torch.bfloat16, torch.float16) else k.dtype
+        k, v = k.to(self.dtype), v.to(self.dtype)
         num_layers, num_tokens, kv_heads, head_dim = k.shape
         capacity = max(TILE, -(-2 * num_tokens // TILE) * TILE)
         self.k = [tile_keys(k[layer].transpose(0, 1), capacity // TILE) for layer in range(num_layers)]
@@ -31,8 +34,8 @@ class HostKV:
         length = self.lengths[layer]
         if length == self.v[layer].shape[1]:
             self._grow(layer, length)
-        self.k[layer][:, length // TILE, :, length % TILE] = k
-        self.v[layer][:, length] = v
+        self.k[layer][:, length // TILE, :, length % TILE] = k.to(self.dtype)
+        self.v[layer][:, length] = v.to(self.dtype)
         self.lengths[layer] = length + 1
         return self.k[layer], self.v[layer][:, : length + 1]
 

@@ -1,10 +1,14 @@
-"""What travels between the engine and the CPU attention workers. Tensors go through shared memory
-(torch.multiprocessing), everything else is plain data."""
+"""What travels between the engine and the CPU attention workers.
+
+Per-iteration rows (AttendBatch, AttendResult) are small: they travel as numpy arrays, pickled by value through the
+queue's pipe, which costs far less than handing over a shared-memory segment per tensor (file-descriptor passing).
+Swap traffic (LoadKV, Exported) is large and rare: it goes as torch tensors through shared memory."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -23,9 +27,9 @@ class AttendBatch:
 
     keys: list[tuple[str, int]]
     """(request id, layer) per row."""
-    q: torch.Tensor  # [rows, num_heads, head_dim]
-    k: torch.Tensor  # [rows, num_kv_heads, head_dim]
-    v: torch.Tensor  # [rows, num_kv_heads, head_dim]
+    q: np.ndarray  # [rows, num_heads, head_dim]
+    k: np.ndarray  # [rows, num_kv_heads, head_dim]
+    v: np.ndarray  # [rows, num_kv_heads, head_dim]
 
 
 @dataclass
@@ -43,7 +47,7 @@ class Export:
 @dataclass
 class AttendResult:
     keys: list[tuple[str, int]]
-    out: torch.Tensor  # [rows, num_heads, head_dim]
+    out: np.ndarray  # [rows, num_heads, head_dim]
     host_kv_bytes: int
     """The worker's host KV footprint after this batch."""
 

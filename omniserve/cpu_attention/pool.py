@@ -124,16 +124,17 @@ class CPUAttentionPool:
         self._owner[request_id] = index
 
     def submit(self, keys: list[tuple[str, int]], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Queues one iteration's offloaded rows: one message per worker."""
+        """Queues one iteration's offloaded rows (q [rows, heads, dim], k and v [rows, kv_heads, dim], on any device):
+        one message per worker."""
         rows_of: dict[int, list[int]] = {}
         for row, (request_id, layer) in enumerate(keys):
             rows_of.setdefault(self._owner[request_id], []).append(row)
             self._in_flight[request_id] = layer
+        q, k, v = (_wire_format(t) for t in (q, k, v))
         for index, rows in rows_of.items():
-            index_tensor = torch.tensor(rows)
+            picked = torch.tensor(rows)
             self._worker(index).inbox.put(AttendBatch(
-                [keys[r] for r in rows], q.index_select(0, index_tensor), k.index_select(0, index_tensor),
-                v.index_select(0, index_tensor),
+                [keys[r] for r in rows], *(t.index_select(0, picked).numpy() for t in (q, k, v))
             ))
 
     def poll(self) -> list[AttentionResult]:
@@ -155,7 +156,7 @@ class CPUAttentionPool:
             for row, (request_id, layer) in enumerate(message.keys):
                 if self._in_flight.get(request_id) == layer:
                     del self._in_flight[request_id]
-                    results.append(AttentionResult(request_id, layer, message.out[row]))
+                    results.append(AttentionResult(request_id, layer, torch.from_numpy(message.out[row])))
         elif isinstance(message, Exported):
             self._exported.append(message)
         worker.host_kv_bytes = message.host_kv_bytes
@@ -209,3 +210,9 @@ class CPUAttentionPool:
                     total += message.host_kv_bytes
                     break
         return total
+
+
+def _wire_format(t: torch.Tensor) -> torch.Tensor:
+    """On the host, in a dtype numpy has (half precision goes as fp32, which the host KV uses anyway)."""
+    t = t.cpu()
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t

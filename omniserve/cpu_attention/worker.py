@@ -44,18 +44,19 @@ def worker_main(settings: WorkerSettings, inbox, outbox) -> None:
             if isinstance(message, LoadKV):
                 store[message.request_id] = HostKV(message.k, message.v)
             elif isinstance(message, AttendBatch):
+                q, k_new, v_new = (torch.from_numpy(a) for a in (message.q, message.k, message.v))
                 done, outs = [], []
                 for row, (request_id, layer) in enumerate(message.keys):
                     kv = store.get(request_id)
                     if kv is None:  # freed while this row was queued
                         continue
-                    k, v = kv.append(layer, message.k[row], message.v[row])
-                    outs.append(decode_attention(message.q[row], k, v))
+                    k, v = kv.append(layer, k_new[row], v_new[row])
+                    outs.append(decode_attention(q[row].to(kv.dtype), k, v).to(q.dtype))
                     done.append((request_id, layer))
                 if settings.simulated_delay_s:
                     time.sleep(settings.simulated_delay_s)
-                out = torch.stack(outs) if outs else message.q[:0]
-                outbox.put(AttendResult(done, out, footprint()))
+                out = torch.stack(outs) if outs else q[:0]
+                outbox.put(AttendResult(done, out.numpy(), footprint()))
             elif isinstance(message, Free):
                 for request_id in message.request_ids:
                     store.pop(request_id, None)

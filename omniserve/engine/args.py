@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field, fields
 
+from omniserve.config import BE_DECODE_PLACEMENTS
 
-def _arg(default, help: str):
-    return field(default=default, metadata={"help": help})
+
+def _arg(default, help: str, choices: tuple[str, ...] | None = None):
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,7 @@ class EngineArgs:
         None, "KV cache size in bytes; default: 90%% of free GPU memory, or 2 GiB on the CPU")
     be_decode_placement: str = _arg(
         "auto", "where best-effort requests decode: cpu (offload to the CPU attention pool after prefill), device "
-        "(never offload), auto (offload when device KV pages run short)")
+        "(never offload), auto (offload when device KV pages run short)", choices=BE_DECODE_PLACEMENTS)
     cpu_attention_workers: int = _arg(1, "CPU attention worker processes (started on first offload)")
     cpu_attention_threads: int = _arg(1, "torch threads in each CPU attention worker")
     seed: int = _arg(0, "seed for random weights and for requests without a seed of their own")
@@ -37,7 +39,10 @@ class EngineArgs:
     def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
         for f in fields(cls):
             kind = int if f.type in ("int", "int | None") else str
-            parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default, help=f.metadata["help"])
+            parser.add_argument(
+                "--" + f.name.replace("_", "-"), type=kind, default=f.default, help=f.metadata["help"],
+                choices=f.metadata["choices"],
+            )
 
     @classmethod
     def from_cli_args(cls, namespace: argparse.Namespace) -> "EngineArgs":

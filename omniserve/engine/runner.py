@@ -98,7 +98,7 @@ class ModelRunner:
             for result in self.cpu_pool.poll():
                 token = self._offloaded.get(result.request_id)
                 if token is not None and token.layer == result.layer:
-                    token.result = result.out
+                    token.result = result.out.to(self.device, self.pool.k[0].dtype)
         returning = self._admit_returning(plan)
         sampled = self._forward(plan, returning) if plan.chunks or plan.offloaded_starts or returning else {}
         num_returned = sum(len(rows) for rows in returning.values())
