@@ -1,4 +1,5 @@
-"""The CPU attention pool: worker processes on their own cores, each with a bounded inbox and an outbox.
+"""The CPU attention pool: worker processes on their own cores, each with an inbox (a queue: putting never blocks the
+engine) and an outbox (a pipe the engine polls, or waits on when it has nothing else to do).
 
 The engine never blocks on it: `submit` and `load` only enqueue, `poll` takes whatever results are ready. Each
 offloaded request lives on one worker (its host KV is there) and has at most one row in flight, since its token
@@ -9,9 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
+import time
 from collections import Counter
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.connection import wait as wait_for_ready
 
 import torch
 import torch.multiprocessing as mp
@@ -44,7 +47,7 @@ class PoolConfig:
 class _Worker:
     process: mp.Process
     inbox: mp.Queue
-    outbox: mp.Queue
+    outbox: Connection
     host_kv_bytes: int = 0
     requests: set[str] = field(default_factory=set)
 
@@ -72,11 +75,13 @@ class CPUAttentionPool:
         if worker is None:
             cores = self.config.worker_cores[index] if self.config.worker_cores else None
             settings = WorkerSettings(self.config.threads_per_worker, cores, self.config.simulated_delay_s)
-            inbox, outbox = self._context.Queue(), self._context.Queue()
+            inbox = self._context.Queue()
+            outbox, worker_end = self._context.Pipe(duplex=False)
             process = self._context.Process(
-                target=worker_main, args=(settings, inbox, outbox), daemon=True, name=f"omniserve-cpu-attn-{index}"
+                target=worker_main, args=(settings, inbox, worker_end), daemon=True, name=f"omniserve-cpu-attn-{index}"
             )
             process.start()
+            worker_end.close()  # the worker holds the writing end; a dead worker then reads as EOF here
             if cores:  # pin at once, so that even the worker's start-up (importing torch) stays off the engine's cores
                 os.sched_setaffinity(process.pid, cores)
             worker = self._workers[index] = _Worker(process, inbox, outbox)
@@ -143,13 +148,20 @@ class CPUAttentionPool:
         for worker in self._workers:
             if worker is None:
                 continue
-            while True:
-                try:
-                    message = worker.outbox.get_nowait()
-                except (queue.Empty, OSError, EOFError):
-                    break
-                self._handle(worker, message, results)
+            try:
+                while worker.outbox.poll():
+                    self._handle(worker, worker.outbox.recv(), results)
+            except (OSError, EOFError):  # the worker died; check_workers will rebuild its requests
+                continue
         return results
+
+    def wait(self, timeout_s: float) -> None:
+        """Blocks until some worker has something to say, or timeout_s passes: for an engine with nothing else to do."""
+        outboxes = [w.outbox for w in self._workers if w is not None]
+        if outboxes:
+            wait_for_ready(outboxes, timeout_s)
+        else:
+            time.sleep(timeout_s)
 
     def _handle(self, worker: _Worker, message, results: list[AttentionResult]) -> None:
         if isinstance(message, AttendResult):
@@ -204,7 +216,9 @@ class CPUAttentionPool:
                 continue
             worker.inbox.put(Ping())
             while True:
-                message = worker.outbox.get(timeout=wait_s)
+                if not worker.outbox.poll(wait_s):
+                    raise TimeoutError(f"CPU attention worker did not answer within {wait_s} s")
+                message = worker.outbox.recv()
                 self._handle(worker, message, self._stashed)
                 if isinstance(message, Status):
                     total += message.host_kv_bytes

@@ -56,7 +56,7 @@ def worker_main(settings: WorkerSettings, inbox, outbox) -> None:
                 if settings.simulated_delay_s:
                     time.sleep(settings.simulated_delay_s)
                 out = torch.stack(outs) if outs else q[:0]
-                outbox.put(AttendResult(done, out.numpy(), footprint()))
+                outbox.send(AttendResult(done, out.numpy(), footprint()))
             elif isinstance(message, Free):
                 for request_id in message.request_ids:
                     store.pop(request_id, None)
@@ -64,6 +64,6 @@ def worker_main(settings: WorkerSettings, inbox, outbox) -> None:
                 kv = store.pop(message.request_id, None)
                 if kv is not None:
                     k, v = kv.export()
-                    outbox.put(Exported(message.request_id, k, v, footprint()))
+                    outbox.send(Exported(message.request_id, k, v, footprint()))
             elif isinstance(message, Ping):
-                outbox.put(Status(footprint(), len(store)))
+                outbox.send(Status(footprint(), len(store)))

@@ -8,7 +8,6 @@ plus what sits around that loop: input validation, n-way fan-out, detokenisation
 from __future__ import annotations
 
 import logging
-import time
 import weakref
 from dataclasses import dataclass, replace
 
@@ -29,7 +28,7 @@ from omniserve.tokenizer import IncrementalDetokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
-_IDLE_POLL_S = 0.0005
+_IDLE_WAIT_S = 0.01
 
 
 @dataclass
@@ -181,8 +180,8 @@ class LLMEngine:
                 self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ERROR)
             output = RunnerOutput()
         updated = self.scheduler.update(plan, output)
-        if plan.empty and not output.num_returned:
-            time.sleep(_IDLE_POLL_S)  # nothing ran: only CPU attention is in flight, so leave the cores to the pool
+        if plan.empty and not output.num_returned and self.cpu_pool is not None:
+            self.cpu_pool.wait(_IDLE_WAIT_S)  # nothing ran: only CPU attention is in flight, so wait for its results
 
         touched: dict[str, _RequestGroup] = {}
         for request in updated:
