@@ -21,7 +21,7 @@ every BE request had its first token, the phase in which the two placements diff
 output tokens / time until the last BE request ends; BE tokens produced inside the LS window / its length; BE tokens
 after the BE prefill phase / its remaining time), wall time, and the cpu/device ratio of each (per repeat, then
 median). Greedy LS tokens must be the same under both placements ("LS tokens identical"). Details per placement:
-length of the BE prefill phase, iterations, iterations that ended in the engine's 0.5 ms idle sleep (it sleeps
+length of the BE prefill phase, iterations, iterations that ended in the engine's idle wait on the pool (it waits
 when an iteration ran nothing at all, i.e. only CPU attention was in flight),
 swap-outs, preemptions, and the engine side of the piggyback bookkeeping: time spent in the CPU pool's methods
 (submit, poll, load, free, ...; wrapped on the instance) per iteration, as the median over iterations that sent
@@ -154,7 +154,7 @@ def machine_busy_seconds() -> float:
 # ------------------------------------------------------------------------------------------------ instrumentation
 class Probe:
     """Wraps one engine's `runner.execute` and the CPU pool's methods (on the instances) to time, per iteration,
-    what the engine spends in the pool's methods, and to note iterations that ran nothing but an idle sleep."""
+    what the engine spends in the pool's methods, and to note iterations that ran nothing but an idle wait."""
 
     def __init__(self, engine) -> None:
         self.engine = engine
@@ -168,7 +168,7 @@ class Probe:
 
         def timed_execute(plan):
             output = execute(plan)
-            self.idle = plan.empty and not output.num_returned  # the engine's own test for its idle sleep
+            self.idle = plan.empty and not output.num_returned  # the engine's own test for its idle wait
             return output
 
         runner.execute = timed_execute
@@ -505,7 +505,7 @@ def main() -> None:
         })
     detail_columns = {
         "placement": "BE decode placement", "prefill": "BE prefill phase s", "iters": "iterations",
-        "idle": "idle-sleep iterations", "swaps": "swap-outs", "preempt": "preemptions",
+        "idle": "idle-wait iterations", "swaps": "swap-outs", "preempt": "preemptions",
         "pool": "pool calls ms/iter sending rows (median)", "poolmean": "pool calls ms/iter offloaded (mean)",
         "swapout": "swap-out ms total", "side": "feeder threads CPU ms/iter", "busy": "pool core busy",
         "methods": "pool method totals ms", "integrity": "engine integrity after run",
