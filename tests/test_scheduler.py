@@ -1,4 +1,4 @@
-"""The FCFS scheduler and the page bookkeeping, on the CPU with made-up runner outputs (no model)."""
+"""The FCFS scheduler, BE placement and the page bookkeeping, on the CPU with made-up runner outputs (no model)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 
 from omniserve.config import SchedulerConfig
 from omniserve.engine.plan import RunnerOutput
-from omniserve.engine.request import Request, RequestStatus
+from omniserve.engine.request import Placement, Request, RequestStatus
 from omniserve.engine.scheduler import Scheduler
 from omniserve.kv_cache import OutOfPagesError, PageAllocator, PageTable
 from omniserve.sampling.params import SamplingParams
@@ -118,3 +118,70 @@ def test_finishing_a_waiting_or_running_request_frees_pages():
     scheduler.finish_request("unknown", RequestStatus.FINISHED_ABORTED)
     assert not scheduler.has_unfinished() and scheduler.page_table.allocator.num_used == 0
     assert scheduler.schedule().chunks == []
+
+
+# ------------------------------------------------------------------------------------------- BE placement (piggyback)
+
+
+def run_step_with_swaps(scheduler, token=7):
+    """Like run_step, with a runner that completes swaps at once and finishes every offloaded token started."""
+    plan = scheduler.schedule()
+    sampled = {c.request_id: SampledToken(token) for c in plan.chunks if c.sample}
+    sampled.update({t.request_id: SampledToken(token) for t in plan.offloaded_starts})
+    output = RunnerOutput(sampled, [t.request_id for t in plan.swap_outs], [t.request_id for t in plan.swap_ins])
+    scheduler.update(plan, output)
+    return plan
+
+
+def test_cpu_placement_offloads_be_after_prefill_only():
+    scheduler = make_scheduler(be_decode_placement="cpu")
+    be = add(scheduler, "be", 5, service_class="be")
+    ls = add(scheduler, "ls", 5)
+    run_step_with_swaps(scheduler)  # prefill samples the first token
+    plan = run_step_with_swaps(scheduler)  # BE at a token boundary: swapped out, its pages freed
+    assert [t.request_id for t in plan.swap_outs] == ["be"] and plan.swap_outs[0].num_tokens == 5
+    assert be.placement is Placement.HOST and scheduler.page_table.pages("be") == []
+    assert ls.placement is Placement.DEVICE
+    plan = run_step_with_swaps(scheduler)  # the offloaded token starts at layer 0 with the newest token
+    assert [(t.request_id, t.position) for t in plan.offloaded_starts] == [("be", 5)]
+    assert be.num_output_tokens == 2 and be.num_computed_tokens == 6
+    while scheduler.has_unfinished():
+        run_step_with_swaps(scheduler)
+    assert scheduler.take_released() == ["be"] and scheduler.page_table.allocator.num_used == 0
+
+
+def test_device_placement_never_offloads():
+    scheduler = make_scheduler(be_decode_placement="device")
+    add(scheduler, "be", 5, service_class="be")
+    while scheduler.has_unfinished():
+        assert not run_step_with_swaps(scheduler).swap_outs
+
+
+def test_auto_offloads_newest_be_when_pages_run_short_and_brings_it_back():
+    scheduler = make_scheduler(num_pages=16, be_decode_placement="auto")
+    old = add(scheduler, "old", 7, max_tokens=30, service_class="be")
+    new = add(scheduler, "new", 7, max_tokens=30, service_class="be")
+    for _ in range(3):
+        run_step_with_swaps(scheduler)
+    add(scheduler, "ls", 41, max_tokens=2)  # needs 11 pages: more than the 10 free
+    run_step_with_swaps(scheduler)
+    assert new.placement is Placement.HOST and old.placement is Placement.DEVICE
+    assert new.num_swap_outs == 1
+    while "ls" in scheduler.requests:
+        run_step_with_swaps(scheduler)
+    for _ in range(3):  # nothing waits and pages are plentiful again: the offloaded request comes back
+        run_step_with_swaps(scheduler)
+    assert new.placement is Placement.DEVICE and new.num_swap_ins == 1
+
+
+def test_lost_offloaded_request_is_recomputed_on_the_device():
+    scheduler = make_scheduler(be_decode_placement="cpu")
+    be = add(scheduler, "be", 5, service_class="be")
+    run_step_with_swaps(scheduler)
+    run_step_with_swaps(scheduler)
+    assert be.placement is Placement.HOST
+    plan = scheduler.schedule()
+    scheduler.update(plan, RunnerOutput(lost=["be"]))
+    assert be.placement is Placement.DEVICE and be.num_computed_tokens == 0 and scheduler.waiting[0] is be
+    plan = run_step_with_swaps(scheduler)
+    assert plan.chunks[0].request_id == "be" and len(plan.chunks[0].token_ids) == be.num_tokens - 1

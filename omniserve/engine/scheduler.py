@@ -196,6 +196,7 @@ class Scheduler:
         if self.config.be_decode_placement != "auto" or self.waiting:
             return []
         allocator = self.page_table.allocator
+        keep_free = self._pages_wanted() + int(_SWAP_IN_HEADROOM * allocator.num_pages)
         transfers = []
         for request in list(self.offloaded):  # oldest first
             if request.token_in_flight:
@@ -203,8 +204,9 @@ class Scheduler:
             if len(self.running) >= self.config.max_num_seqs:
                 break
             needed = self.page_table.pages_needed(request.request_id, request.num_computed_tokens + 1)
-            if allocator.num_free - needed < self._pages_wanted() + int(_SWAP_IN_HEADROOM * allocator.num_pages):
+            if allocator.num_free - needed < keep_free:
                 break
+            keep_free += needed - self.page_table.pages_needed(request.request_id, request.num_computed_tokens)
             self.page_table.grow(request.request_id, request.num_computed_tokens)
             request.placement = Placement.SWAPPING_IN
             self.offloaded.remove(request)
