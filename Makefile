@@ -23,3 +23,5 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/bench_generate.py
+	$(PY) benchmarks/bench_cpu_attention.py
+	$(PY) benchmarks/bench_piggyback.py
