@@ -83,3 +83,10 @@ def test_failed_iteration_fails_its_requests_not_the_engine(llm, monkeypatch):
     assert outputs[-1].finished and outputs[-1].outputs[0].finish_reason == "error"
     assert engine.allocator.num_used == 0
     assert len(llm.generate([[3, 4, 5]], GREEDY, use_tqdm=False)[0].outputs[0].token_ids) == 6
+
+
+def test_cpu_attention_pool_settings_are_validated(tiny_model_dirs, make_llm):
+    with pytest.raises(ConfigError, match="at least one worker"):
+        make_llm(tiny_model_dirs["llama"][0], cpu_attention_workers=0)
+    with pytest.raises(ConfigError, match="be_decode_placement"):
+        make_llm(tiny_model_dirs["llama"][0], be_decode_placement="gpu")

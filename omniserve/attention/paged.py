@@ -22,10 +22,11 @@ from omniserve.kv_cache import PagePool
 class PrefillSpan:
     rows: slice
     """The span's rows in the batch."""
-    context_slots: torch.Tensor
-    """[context_len] KV slots of every position up to the span's last token (earlier chunks included)."""
+    context_slots: torch.Tensor | None
+    """[context_len] KV slots of every position up to the span's last token (earlier chunks included), or None when
+    the span starts at position 0: then its keys are this iteration's own and attention is plain causal."""
     mask: torch.Tensor | None
-    """[span_len, context_len] bool, or None when the span starts at position 0 (plain causal)."""
+    """[span_len, context_len] bool, or None when the span starts at position 0."""
 
 
 @dataclass(frozen=True)
@@ -80,18 +81,20 @@ class PagedAttention:
         decode_rows, decode_pages, decode_lens = [], [], []
         row = 0
         for start, count, page_ids in spans:
-            write_slots.append(token_slots(page_ids, start, count, page_size, device))
             if count == 1:
+                write_slots.append(token_slots(page_ids, start, 1, page_size, device))
                 decode_rows.append(row)
                 decode_pages.append(page_ids)
                 decode_lens.append(start + 1)
-            else:
-                mask = None
-                if start:
-                    key_positions = torch.arange(start + count, device=device)
-                    query_positions = torch.arange(start, start + count, device=device)
-                    mask = key_positions.unsqueeze(0) <= query_positions.unsqueeze(1)
+            elif start == 0:  # a whole prompt, or its first chunk
+                write_slots.append(token_slots(page_ids, 0, count, page_size, device))
+                prefills.append(PrefillSpan(slice(row, row + count), None, None))
+            else:  # a later chunk also attends to the earlier chunks' KV in the pool
                 context = token_slots(page_ids, 0, start + count, page_size, device)
+                write_slots.append(context[start:])
+                key_positions = torch.arange(start + count, device=device)
+                query_positions = torch.arange(start, start + count, device=device)
+                mask = key_positions.unsqueeze(0) <= query_positions.unsqueeze(1)
                 prefills.append(PrefillSpan(slice(row, row + count), context, mask))
             row += count
         decode = self._decode_batch(decode_rows, decode_pages, decode_lens) if decode_rows else None

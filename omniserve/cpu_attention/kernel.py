@@ -8,6 +8,7 @@ the torch fallback computes the same thing, more slowly.
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -18,22 +19,18 @@ logger = logging.getLogger(__name__)
 TILE = 16
 _SOURCE = Path(__file__).parent / "csrc" / "decode_attention.cpp"
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]
-_compiled = None
-_tried = False
 
 
+@functools.cache
 def compiled_kernel():
     """The compiled extension, built on first use; None if it cannot be built here."""
-    global _compiled, _tried
-    if not _tried:
-        _tried = True
-        try:
-            from torch.utils.cpp_extension import load
+    try:
+        from torch.utils.cpp_extension import load
 
-            _compiled = load("omniserve_cpu_decode_attention", [str(_SOURCE)], extra_cflags=_FLAGS, verbose=False)
-        except Exception as exc:  # no compiler or ninja: fall back, loudly
-            logger.warning("CPU decode-attention kernel could not be built (%s); using the slower torch path", exc)
-    return _compiled
+        return load("omniserve_cpu_decode_attention", [str(_SOURCE)], extra_cflags=_FLAGS, verbose=False)
+    except Exception as exc:  # no compiler or ninja: fall back, loudly
+        logger.warning("CPU decode-attention kernel could not be built (%s); using the slower torch path", exc)
+        return None
 
 
 def decode_attention(q: torch.Tensor, k_tiles: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from multiprocessing.connection import wait as wait_for_ready
 import torch
 import torch.multiprocessing as mp
 
+from omniserve.config import ConfigError
 from omniserve.cpu_attention.messages import (
     AttendBatch, AttendResult, Export, Exported, Free, LoadKV, Ping, Status,
 )
@@ -40,7 +41,7 @@ class PoolConfig:
 
     def __post_init__(self) -> None:
         if self.num_workers < 1 or self.threads_per_worker < 1:
-            raise ValueError("the CPU attention pool needs at least one worker with at least one thread")
+            raise ConfigError("the CPU attention pool needs at least one worker with at least one thread")
 
 
 @dataclass

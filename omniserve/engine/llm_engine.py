@@ -148,7 +148,7 @@ class LLMEngine:
                 "max_tokens" if room >= 1 else "prompt",
             )
         max_tokens = params.max_tokens or room
-        if self.page_table.pages_needed("", len(token_ids) + max_tokens) > self.allocator.num_pages:
+        if self.page_table.pages_for(len(token_ids) + max_tokens) > self.allocator.num_pages:
             raise InvalidRequestError(
                 f"{len(token_ids) + max_tokens} tokens do not fit the KV cache ({self.allocator.num_pages} pages of "
                 f"{self.page_table.page_size} tokens)", "max_tokens"
@@ -175,8 +175,8 @@ class LLMEngine:
         try:
             output = self.runner.execute(plan)
         except Exception:  # a failed iteration fails its requests, never the engine
-            logger.exception("iteration failed; failing its %d requests", len(plan.chunks) + len(plan.offloaded_starts))
-            for request_id in [c.request_id for c in plan.chunks] + [t.request_id for t in plan.offloaded_starts]:
+            logger.exception("iteration failed; failing its %d requests", len(plan.request_ids))
+            for request_id in plan.request_ids:
                 self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ERROR)
             output = RunnerOutput()
         updated = self.scheduler.update(plan, output)
@@ -188,7 +188,7 @@ class LLMEngine:
             group = self._group_of[request.request_id]
             self._emit_tokens(group.completions[self._index_in(group, request)])
             touched[group.request_id] = group
-        for request_id in [c.request_id for c in plan.chunks] + [t.request_id for t in plan.offloaded_starts]:
+        for request_id in plan.request_ids:
             group = self._group_of.get(request_id)  # requests that ended without a token (errors)
             if group is not None and group.finished:
                 touched[group.request_id] = group

@@ -65,6 +65,11 @@ class IterationPlan:
         return sum(len(c.token_ids) for c in self.chunks)
 
     @property
+    def request_ids(self) -> list[str]:
+        """Every request this iteration runs rows of (device chunks, then offloaded tokens starting)."""
+        return [c.request_id for c in self.chunks] + [t.request_id for t in self.offloaded_starts]
+
+    @property
     def empty(self) -> bool:
         return not (self.chunks or self.offloaded_starts or self.swap_outs or self.swap_ins)
 

@@ -16,10 +16,13 @@ class PageTable:
     def pages(self, request_id: str) -> list[int]:
         return self._pages.get(request_id, [])
 
+    def pages_for(self, num_tokens: int) -> int:
+        """Pages that hold num_tokens tokens."""
+        return -(-num_tokens // self.page_size)
+
     def pages_needed(self, request_id: str, num_tokens: int) -> int:
         """Extra pages the request needs to hold num_tokens tokens."""
-        have = len(self._pages.get(request_id, ()))
-        return max(0, -(-num_tokens // self.page_size) - have)
+        return max(0, self.pages_for(num_tokens) - len(self._pages.get(request_id, ())))
 
     def can_grow(self, request_id: str, num_tokens: int) -> bool:
         return self.pages_needed(request_id, num_tokens) <= self.allocator.num_free
