@@ -164,12 +164,21 @@ class SchedulerConfig:
     """Longest prompt + output a request may reach."""
     be_decode_placement: str = "auto"
     """Where BE requests decode: `cpu` offloads each to the CPU pool once its prefill is done, `device` never
-    offloads, `auto` offloads when device pages run short and brings them back when pages are plentiful."""
+    offloads, `auto` offloads when device pages or iteration time run short and brings them back when both are
+    plentiful. Only the `omniserve` policy offloads BE requests."""
+    policy: str = "omniserve"
+    """The scheduling policy (see omniserve.engine.policy): omniserve, or a competitor's for comparison."""
+    ls_headroom: float = 0.2
+    """`llumnix` policy: the share of device KV pages that BE requests may never hold."""
 
     def __post_init__(self) -> None:
         for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.policy not in POLICIES:
+            raise ConfigError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if not 0.0 <= self.ls_headroom < 1.0:
+            raise ConfigError(f"ls_headroom must be in [0, 1), got {self.ls_headroom}")
         if self.be_decode_placement not in BE_DECODE_PLACEMENTS:
             raise ConfigError(
                 f"be_decode_placement must be one of {', '.join(BE_DECODE_PLACEMENTS)}, got {self.be_decode_placement!r}"
@@ -177,3 +186,4 @@ class SchedulerConfig:
 
 
 BE_DECODE_PLACEMENTS = ("auto", "cpu", "device")
+POLICIES = ("omniserve", "sarathi", "llumnix", "neo", "fcfs")

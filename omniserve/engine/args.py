@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field, fields
 
-from omniserve.config import BE_DECODE_PLACEMENTS
+from omniserve.config import BE_DECODE_PLACEMENTS, POLICIES
 
 
 def _arg(default, help: str, choices: tuple[str, ...] | None = None):
@@ -30,6 +30,19 @@ class EngineArgs:
     be_decode_placement: str = _arg(
         "auto", "where best-effort requests decode: cpu (offload to the CPU attention pool after prefill), device "
         "(never offload), auto (offload when device KV pages run short)", choices=BE_DECODE_PLACEMENTS)
+    policy: str = _arg(
+        "omniserve", "scheduling policy: omniserve, or a competitor's on the same engine for comparison (sarathi, "
+        "llumnix, neo, fcfs)", choices=POLICIES)
+    ls_ttft_slo: float | None = _arg(
+        None, "seconds to first token promised to latency-sensitive requests; those that cannot make it are rejected")
+    ls_tpot_slo: float | None = _arg(
+        None, "seconds per output token promised to latency-sensitive requests; bounds every iteration")
+    services: str | None = _arg(
+        None, "TOML or YAML file of named services, each with its class (ls/be) and SLOs (instead of the two flags)")
+    profile_path: str | None = _arg(
+        None, "latency profile (JSON) for the SLO scheduler; default: cached per model, device and dtype, and "
+        "profiled at start-up when missing")
+    ls_headroom: float = _arg(0.2, "llumnix policy: share of device KV pages reserved for latency-sensitive requests")
     cpu_attention_workers: int = _arg(1, "CPU attention worker processes (started on first offload)")
     cpu_attention_threads: int = _arg(1, "torch threads in each CPU attention worker")
     seed: int = _arg(0, "seed for random weights and for requests without a seed of their own")
@@ -38,7 +51,7 @@ class EngineArgs:
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
         for f in fields(cls):
-            kind = int if f.type in ("int", "int | None") else str
+            kind = {"int": int, "int | None": int, "float": float, "float | None": float}.get(f.type, str)
             parser.add_argument(
                 "--" + f.name.replace("_", "-"), type=kind, default=f.default, help=f.metadata["help"],
                 choices=f.metadata["choices"],

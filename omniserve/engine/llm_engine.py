@@ -8,6 +8,7 @@ plus what sits around that loop: input validation, n-way fan-out, detokenisation
 from __future__ import annotations
 
 import logging
+import time
 import weakref
 from dataclasses import dataclass, replace
 
@@ -18,11 +19,14 @@ from omniserve.cpu_attention import CPUAttentionPool, PoolConfig
 from omniserve.engine.args import EngineArgs
 from omniserve.engine.outputs import CompletionOutput, RequestOutput
 from omniserve.engine.plan import RunnerOutput
+from omniserve.engine.policy import POLICY_TABLE
 from omniserve.engine.request import Request, RequestStatus
 from omniserve.engine.runner import ModelRunner
 from omniserve.engine.scheduler import Scheduler
+from omniserve.engine.services import ServiceRegistry
 from omniserve.kv_cache import PageAllocator, PagePool, PageTable, pages_for_memory
 from omniserve.models.loader import load_model
+from omniserve.profiler.latency_model import LatencyModel
 from omniserve.sampling.params import InvalidRequestError, SamplingParams
 from omniserve.tokenizer import IncrementalDetokenizer, load_tokenizer
 
@@ -73,7 +77,10 @@ class LLMEngine:
             max_num_seqs=args.max_num_seqs,
             max_model_len=args.max_model_len or limit,
             be_decode_placement=args.be_decode_placement,
+            policy=args.policy,
+            ls_headroom=args.ls_headroom,
         )
+        self.services = ServiceRegistry.build(args.ls_ttft_slo, args.ls_tpot_slo, args.services)
         self.tokenizer = load_tokenizer(loaded.kind, loaded.path)
 
         cache = CacheConfig(args.block_size, args.num_gpu_blocks_override, args.kv_cache_memory_bytes)
@@ -81,12 +88,16 @@ class LLMEngine:
         self.pool = PagePool(loaded.config, num_pages, cache.page_size, self.device, self.dtype)
         self.allocator = PageAllocator(num_pages)
         self.page_table = PageTable(self.allocator, cache.page_size)
-        self.scheduler = Scheduler(self.scheduler_config, self.page_table, loaded.config.eos_token_ids)
+        pool_config = pool_config or PoolConfig(args.cpu_attention_workers, args.cpu_attention_threads)
+        self.latency_model = self._latency_model(loaded, cache.page_size, pool_config)
+        self.scheduler = Scheduler(
+            self.scheduler_config, self.page_table, loaded.config.eos_token_ids, loaded.config.num_layers,
+            self.latency_model, default_tpot_slo=self.services.tightest_tpot_slo,
+        )
         self.cpu_pool = None
-        if args.be_decode_placement != "device":  # workers start on the first offload
-            self.cpu_pool = CPUAttentionPool(
-                pool_config or PoolConfig(args.cpu_attention_workers, args.cpu_attention_threads)
-            )
+        offloads = POLICY_TABLE[args.policy].offload
+        if offloads == "all" or (offloads == "be" and args.be_decode_placement != "device"):
+            self.cpu_pool = CPUAttentionPool(pool_config)  # workers start on the first offload
             weakref.finalize(self, self.cpu_pool.shutdown)  # workers end with the engine, not only with the process
         self.runner = ModelRunner(loaded.model, self.pool, self.device, self.cpu_pool)
         self._groups: dict[str, _RequestGroup] = {}
@@ -95,6 +106,20 @@ class LLMEngine:
             "engine ready: %s on %s (%s), %d KV pages of %d tokens, max_model_len %d",
             loaded.path or args.model, self.device, self.dtype, num_pages, cache.page_size,
             self.scheduler_config.max_model_len,
+        )
+
+    def _latency_model(self, loaded, page_size: int, pool_config: PoolConfig) -> LatencyModel | None:
+        """The profiled latency model, when the policy and the SLOs need one (profiled now if not cached)."""
+        policy = POLICY_TABLE[self.args.policy]
+        has_slo = any(s.ttft_slo or s.tpot_slo for s in self.services.services.values())
+        if not (has_slo and (policy.time_budget or policy.reject_late)):
+            return None
+        from omniserve.profiler.profiler import load_or_profile
+
+        return load_or_profile(
+            loaded.model, self.device, self.dtype, model_name=str(loaded.path or self.args.model),
+            path=self.args.profile_path, max_num_tokens=self.scheduler_config.max_num_batched_tokens,
+            max_context=self.scheduler_config.max_model_len, page_size=page_size, pool_config=pool_config,
         )
 
     # ------------------------------------------------------------------------------------------------ intake
@@ -110,16 +135,22 @@ class LLMEngine:
         params = params or SamplingParams()
         if request_id in self._groups:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
+        service = self.services.resolve(params.service, params.service_class)
+        params = replace(params, service=service.name, service_class=service.service_class)
         token_ids = self.tokenize(prompt)
         max_tokens = self._validate(token_ids, params)
         completions = []
+        arrival = time.monotonic()
         for index in range(params.n):
             child_params = params
             if params.n > 1:  # each completion samples on its own; a seed still reproduces all of them
                 seed = None if params.seed is None else params.seed + index
                 child_params = replace(params, n=1, seed=seed)
             child_id = request_id if params.n == 1 else f"{index}_{request_id}"
-            request = Request(child_id, token_ids, child_params, max_tokens)
+            request = Request(
+                child_id, token_ids, child_params, max_tokens, arrival_time=arrival,
+                ttft_slo=service.ttft_slo, tpot_slo=service.tpot_slo, service=service.name,
+            )
             detokenizer = None
             if self.tokenizer is not None:
                 detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.stop, params.skip_special_tokens)
@@ -171,6 +202,7 @@ class LLMEngine:
     # -------------------------------------------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
         """Runs one iteration; returns an output for every request that made progress or ended."""
+        self.scheduler.results_ready(self.runner.poll_cpu_results())
         plan = self.scheduler.schedule()
         try:
             output = self.runner.execute(plan)
@@ -180,7 +212,7 @@ class LLMEngine:
                 self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ERROR)
             output = RunnerOutput()
         updated = self.scheduler.update(plan, output)
-        if plan.empty and not output.num_returned and self.cpu_pool is not None:
+        if plan.empty and self.cpu_pool is not None:
             self.cpu_pool.wait(_IDLE_WAIT_S)  # nothing ran: only CPU attention is in flight, so wait for its results
 
         touched: dict[str, _RequestGroup] = {}
@@ -188,8 +220,8 @@ class LLMEngine:
             group = self._group_of[request.request_id]
             self._emit_tokens(group.completions[self._index_in(group, request)])
             touched[group.request_id] = group
-        for request_id in plan.request_ids:
-            group = self._group_of.get(request_id)  # requests that ended without a token (errors)
+        for request_id in plan.request_ids + plan.rejected:
+            group = self._group_of.get(request_id)  # requests that ended without a token (errors, rejections)
             if group is not None and group.finished:
                 touched[group.request_id] = group
         outputs = [self._output(group) for group in touched.values()]

@@ -51,14 +51,19 @@ class IterationPlan:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     """Device rows: prefill chunks and decode tokens whose attention runs on the device."""
     offloaded_starts: list[OffloadedToken] = field(default_factory=list)
+    returning: list[tuple[str, int]] = field(default_factory=list)
+    """Piggyback admission: (request id, layer) of the CPU attention results that re-enter the batch at that layer
+    this iteration (each was reported ready before the plan was made)."""
     swap_outs: list[KVTransfer] = field(default_factory=list)
     """Copy these requests' KV to the host pool; their pages are freed once the runner reports the copy done."""
     swap_ins: list[KVTransfer] = field(default_factory=list)
     """Bring these requests' KV back from the host into the given (freshly allocated) pages."""
-    max_returning_per_layer: int | None = None
-    """Piggyback admission: at most this many CPU results re-enter the batch per layer (None: all that are ready)."""
-    max_returning: int | None = None
-    """... and at most this many in all, lowest layers first (None: no limit)."""
+    rejected: list[str] = field(default_factory=list)
+    """LS requests rejected at admission this iteration (their predicted TTFT missed the SLO)."""
+    predicted_time: float | None = None
+    """Seconds the latency model predicts for the iteration (None: no latency model)."""
+    time_budget: float | None = None
+    """Seconds the iteration was planned to fit in (None: no time budget)."""
 
     @property
     def num_tokens(self) -> int:
@@ -66,12 +71,27 @@ class IterationPlan:
 
     @property
     def request_ids(self) -> list[str]:
-        """Every request this iteration runs rows of (device chunks, then offloaded tokens starting)."""
-        return [c.request_id for c in self.chunks] + [t.request_id for t in self.offloaded_starts]
+        """Every request this iteration runs rows of (device chunks, offloaded tokens starting, returning rows)."""
+        return (
+            [c.request_id for c in self.chunks] + [t.request_id for t in self.offloaded_starts]
+            + [request_id for request_id, _ in self.returning]
+        )
 
     @property
     def empty(self) -> bool:
-        return not (self.chunks or self.offloaded_starts or self.swap_outs or self.swap_ins)
+        return not (self.chunks or self.offloaded_starts or self.returning or self.swap_outs or self.swap_ins)
+
+    def summary(self) -> str:
+        """The scheduler's decisions in one line (logged at debug level every iteration)."""
+        decodes = sum(len(c.token_ids) == 1 for c in self.chunks)
+        predicted = "-" if self.predicted_time is None else f"{self.predicted_time * 1e3:.1f} ms"
+        budget = "-" if self.time_budget is None else f"{self.time_budget * 1e3:.1f} ms"
+        return (
+            f"{self.num_tokens} tokens ({decodes} decode, {len(self.chunks) - decodes} prefill chunks), "
+            f"offloaded {len(self.offloaded_starts)} start + {len(self.returning)} return, "
+            f"swap out {len(self.swap_outs)} in {len(self.swap_ins)}, rejected {len(self.rejected)}, "
+            f"predicted {predicted} of {budget}"
+        )
 
 
 @dataclass(frozen=True)
@@ -84,5 +104,3 @@ class RunnerOutput:
     """Swap-ins whose KV is now in their device pages."""
     lost: list[str] = field(default_factory=list)
     """Offloaded requests whose host KV was lost with a dead worker: rebuild them from their tokens."""
-    num_returned: int = 0
-    """Offloaded rows whose CPU result re-entered the batch (they advanced a layer)."""

@@ -17,6 +17,8 @@ class RequestStatus(enum.Enum):
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
     FINISHED_ERROR = "error"
+    REJECTED = "rejected"
+    """An LS request whose TTFT SLO could not be met, turned away before it ran (HTTP 429)."""
 
     @property
     def finished(self) -> bool:
@@ -43,6 +45,11 @@ class Request:
     max_tokens: int
     """params.max_tokens, resolved against the model length."""
     arrival_time: float = field(default_factory=time.monotonic)
+    ttft_slo: float | None = None
+    """Seconds; from the request's service (LS only)."""
+    tpot_slo: float | None = None
+    service: str | None = None
+    """The name of the service it belongs to."""
     token_ids: list[int] = field(init=False)
     """Prompt followed by every generated token."""
     num_computed_tokens: int = 0
@@ -56,6 +63,10 @@ class Request:
     placement: Placement = Placement.DEVICE
     token_in_flight: bool = False
     """Offloaded only: its newest token is on its way through the layers."""
+    offload_layer: int = 0
+    """Offloaded, token in flight: the layer whose attention is out on the CPU (or has come back)."""
+    result_ready_since: int | None = None
+    """Offloaded, token in flight: the iteration in which that layer's CPU result came back (None: not back yet)."""
     num_swap_outs: int = 0
     num_swap_ins: int = 0
 

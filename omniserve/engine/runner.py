@@ -14,7 +14,7 @@ finish the last layer go through the LM head and the sampler like any device row
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -87,6 +87,19 @@ class ModelRunner:
         return len(self._offloaded)
 
     # ---------------------------------------------------------------------------------------------------- step
+    def poll_cpu_results(self) -> list[tuple[str, int]]:
+        """CPU attention results that came back since the last poll, kept until the plan admits them; returns their
+        (request id, layer) for the scheduler."""
+        if self.cpu_pool is None:
+            return []
+        ready = []
+        for result in self.cpu_pool.poll():
+            token = self._offloaded.get(result.request_id)
+            if token is not None and token.layer == result.layer:
+                token.result = result.out.to(self.device, self.pool.k[0].dtype)
+                ready.append((result.request_id, result.layer))
+        return ready
+
     @torch.inference_mode()
     def execute(self, plan: IterationPlan) -> RunnerOutput:
         lost = self._check_pool()
@@ -94,15 +107,14 @@ class ModelRunner:
         for transfer in plan.swap_ins:
             self._swapping_in[transfer.request_id] = transfer
             self.cpu_pool.request_export(transfer.request_id)
-        if self.cpu_pool is not None:
-            for result in self.cpu_pool.poll():
-                token = self._offloaded.get(result.request_id)
-                if token is not None and token.layer == result.layer:
-                    token.result = result.out.to(self.device, self.pool.k[0].dtype)
-        returning = self._admit_returning(plan)
+        if lost:  # rows of requests whose worker died cannot run: the scheduler rebuilds them
+            plan = replace(plan, offloaded_starts=[t for t in plan.offloaded_starts if t.request_id not in lost],
+                           returning=[(r, layer) for r, layer in plan.returning if r not in lost])
+        returning: dict[int, list[str]] = {}
+        for request_id, layer in plan.returning:
+            returning.setdefault(layer, []).append(request_id)
         sampled = self._forward(plan, returning) if plan.chunks or plan.offloaded_starts or returning else {}
-        num_returned = sum(len(rows) for rows in returning.values())
-        return RunnerOutput(sampled, swapped_out, self._finish_swap_ins(), lost, num_returned)
+        return RunnerOutput(sampled, swapped_out, self._finish_swap_ins(), lost)
 
     def _check_pool(self) -> list[str]:
         if self.cpu_pool is None:
@@ -112,20 +124,6 @@ class ModelRunner:
             self._offloaded.pop(request_id, None)
             self._swapping_in.pop(request_id, None)
         return lost
-
-    def _admit_returning(self, plan: IterationPlan) -> dict[int, list[str]]:
-        """Ready CPU results that re-enter the batch this iteration, by layer, lowest layers first."""
-        ready = sorted((t.layer, rid) for rid, t in self._offloaded.items() if t.result is not None)
-        by_layer: dict[int, list[str]] = {}
-        admitted = 0
-        for layer, request_id in ready:
-            if plan.max_returning is not None and admitted >= plan.max_returning:
-                break
-            rows = by_layer.setdefault(layer, [])
-            if plan.max_returning_per_layer is None or len(rows) < plan.max_returning_per_layer:
-                rows.append(request_id)
-                admitted += 1
-        return by_layer
 
     def _device_inputs(self, plan: IterationPlan):
         """Token ids, positions, rows to sample and attention metadata of the device chunks."""

@@ -1,36 +1,115 @@
-"""First-come-first-served continuous batching with chunked prefill, preemption by recomputation, and placement of
-best-effort (BE) decode on the device or in the CPU attention pool.
+"""The SLO-aware scheduler: every iteration, what runs on the device, what decodes in the CPU pool, and what waits.
 
-Each iteration, running device requests come first (a decode token each, or their next prefill chunk), then waiting
-requests in arrival order, while the token budget, the sequence limit and the KV pages last. When a running request
-needs a page and none is free, the most recently admitted device request is preempted: its pages are freed and it
-waits at the front of the queue, to be recomputed from its tokens (prompt and output so far) when pages free up.
+Stages, in priority order (the `omniserve` policy; the others are settings of the same stages, see policy.py):
 
-Offloaded requests hold no device pages. Each one whose previous token is done starts its next token at layer 0;
-the runner carries it through the layers as CPU attention results come back. Placement (`be_decode_placement`):
-`cpu` swaps every BE request out once it decodes, `device` never does, `auto` swaps BE requests out (newest first)
-when free pages fall short of what the device requests need next, and back in when pages are plentiful and nothing
-waits.
+1. LS decode: every running LS request decodes on the device.
+2. LS prefill: running LS prefills continue, then waiting LS requests are admitted, each with the largest chunk that
+   keeps the iteration's predicted time within the time budget (the tightest LS TPOT SLO). A waiting LS request
+   whose predicted TTFT no longer fits its SLO is rejected at once: never a silently late answer.
+3. BE prefill within what is left, minus a reserve for the rows piggybacking this iteration.
+4. BE decode on the device while it fits (time and pages); the rest are swapped out to the CPU pool.
+5. Swap-in of an offloaded request when there is slack (pages and time, nothing waiting).
+6. Piggyback admission: offloaded rows whose CPU result is back (and offloaded requests starting a new token) join
+   the device batch at their layer while each layer stays within its share of the budget (budget / layers); the
+   longest-waiting rows first, then the lowest layers, so no row starves.
+
+BE requests are never rejected: they wait. When a request needs a page and none is free, the newest device request
+that has not been scheduled this iteration is preempted (BE before LS): its pages are freed and it waits at the
+front of the queue, to be recomputed from its tokens. Without a latency model (no SLO set) there is no time budget:
+only the token budget (`max_num_batched_tokens`), the sequence limit and the pages bound an iteration.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from collections import deque
+from dataclasses import replace
+from typing import Callable
 
 from omniserve.config import SchedulerConfig
 from omniserve.engine.plan import IterationPlan, KVTransfer, OffloadedToken, RunnerOutput, ScheduledChunk
+from omniserve.engine.policy import POLICY_TABLE
 from omniserve.engine.request import Placement, Request, RequestStatus
 from omniserve.kv_cache import PageTable
+from omniserve.profiler.latency_model import BatchShape, LatencyModel, prefill_interactions
 
-_SWAP_IN_HEADROOM = 0.25  # auto: swap in only if this share of all pages stays free beyond what is needed
+logger = logging.getLogger(__name__)
+
+_SWAP_IN_HEADROOM = 0.25  # swap in only if this share of all pages stays free beyond what is needed
+
+
+class _Batch:
+    """The iteration being planned: its token count and, with a latency model, its shape and predicted time."""
+
+    def __init__(self, model: LatencyModel | None, num_layers: int, time_budget: float | None, token_budget: int):
+        self.model = model
+        self.num_layers = num_layers
+        self.time_budget = time_budget if model is not None else None
+        self.tokens_left = token_budget
+        self.shape = BatchShape()
+
+    def with_chunk(self, shape: BatchShape, start: int, count: int, sample: bool) -> BatchShape:
+        if count == 1:
+            shape = replace(shape, decode_context=shape.decode_context + start + 1, num_decodes=shape.num_decodes + 1)
+        else:
+            shape = replace(shape, prefill_interactions=shape.prefill_interactions + prefill_interactions(start, count))
+        return replace(shape, num_rows=shape.num_rows + count, num_sampled=shape.num_sampled + sample)
+
+    def time(self, shape: BatchShape | None = None) -> float | None:
+        return None if self.model is None else self.model.iteration_time(shape or self.shape)
+
+    def fits(self, shape: BatchShape, reserve_rows: int = 0) -> bool:
+        if self.time_budget is None:
+            return True
+        if reserve_rows:
+            shape = replace(shape, extra_rows=(reserve_rows,) * self.num_layers)
+        return self.model.iteration_time(shape) <= self.time_budget
+
+    def largest_chunk(self, request: Request, reserve_rows: int = 0) -> int:
+        """The most of the request's uncomputed tokens that fit the token and time budgets (0: none)."""
+        start, remaining = request.num_computed_tokens, request.num_tokens - request.num_computed_tokens
+        high = min(remaining, self.tokens_left)
+
+        def fits(count: int) -> bool:
+            return self.fits(self.with_chunk(self.shape, start, count, count == remaining), reserve_rows)
+
+        if high <= 0 or fits(high):
+            return max(high, 0)
+        low = 0  # fits(low) holds (taking nothing), fits(high) does not: time grows with the chunk
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if fits(middle) else (low, middle)
+        return low
+
+    def add(self, request: Request, count: int) -> None:
+        start = request.num_computed_tokens
+        self.shape = self.with_chunk(self.shape, start, count, start + count == request.num_tokens)
+        self.tokens_left -= count
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, page_table: PageTable, eos_token_ids: tuple[int, ...]) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        page_table: PageTable,
+        eos_token_ids: tuple[int, ...],
+        num_layers: int = 1,
+        latency_model: LatencyModel | None = None,
+        default_tpot_slo: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """default_tpot_slo bounds iterations even while no LS request runs, so that a new LS request never waits
+        behind a long BE iteration. clock is injectable for the simulator."""
         self.config = config
+        self.policy = POLICY_TABLE[config.policy]
         self.page_table = page_table
         self.eos_token_ids = frozenset(eos_token_ids)
+        self.num_layers = num_layers
+        self.latency_model = latency_model
+        self.default_tpot_slo = default_tpot_slo
+        self.clock = clock
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         """Requests that hold device pages (decoding, prefilling, or swapping)."""
@@ -38,12 +117,15 @@ class Scheduler:
         """Requests whose KV is in the CPU pool."""
         self.requests: dict[str, Request] = {}
         """Every unfinished request, by id."""
+        self.iteration = 0
         self.num_preemptions = 0
         """Preemptions so far (a request recomputed twice counts twice)."""
         self.num_swap_outs = 0
         self.num_swap_ins = 0
         self.num_rebuilt = 0
         """Offloaded requests recomputed on the device after their worker died."""
+        self.num_rejected = 0
+        self._preempted = False  # in the iteration being planned
         self._released: list[str] = []  # ended requests the runner and the CPU pool still hold state for
 
     # ------------------------------------------------------------------------------------------------ intake
@@ -55,7 +137,8 @@ class Scheduler:
         return bool(self.requests)
 
     def finish_request(self, request_id: str, status: RequestStatus, stop_reason: int | str | None = None) -> None:
-        """Ends a request however it ends (stop, length, abort, error) and frees its pages. Unknown ids are ignored."""
+        """Ends a request however it ends (stop, length, abort, error, rejection) and frees its pages. Unknown ids
+        are ignored."""
         request = self.requests.pop(request_id, None)
         if request is None:
             return
@@ -76,57 +159,181 @@ class Scheduler:
         released, self._released = self._released, []
         return released
 
+    def results_ready(self, keys: list[tuple[str, int]]) -> None:
+        """CPU attention results that came back: (request id, layer)."""
+        for request_id, layer in keys:
+            request = self.requests.get(request_id)
+            if request is not None and request.placement is Placement.HOST and request.offload_layer == layer:
+                request.result_ready_since = self.iteration
+
     # ---------------------------------------------------------------------------------------------- schedule
+    def _is_ls(self, request: Request) -> bool:
+        return not self.policy.classes or not request.is_best_effort
+
+    def _time_budget(self) -> float | None:
+        """The tightest TPOT SLO among running LS requests, else the default one."""
+        if not self.policy.time_budget or self.latency_model is None:
+            return None
+        slos = [r.tpot_slo for r in self.running if r.tpot_slo is not None and self._is_ls(r)]
+        return min(slos) if slos else self.default_tpot_slo
+
     def schedule(self) -> IterationPlan:
-        swap_outs = self._plan_swap_outs()
-        swap_ins = self._plan_swap_ins()
-        budget = self.config.max_num_batched_tokens
-        scheduled: list[tuple[Request, int]] = []
-        preempted = False
+        self.iteration += 1
+        self._preempted = False
+        batch = _Batch(self.latency_model, self.num_layers, self._time_budget(), self.config.max_num_batched_tokens)
+        swap_outs = self._plan_page_swap_outs()
+        scheduled: dict[str, int] = {}  # request id -> tokens this iteration (dicts keep insertion order)
+        rejected: list[str] = []
+        device = [r for r in self.running if r.placement is Placement.DEVICE]
+        decoding = [r for r in device if r.num_tokens - r.num_computed_tokens == 1 and r.num_output_tokens]
+        prefilling = [r for r in device if r not in decoding]
 
-        index = 0
-        while index < len(self.running) and budget > 0:
-            request = self.running[index]
-            if request.placement is not Placement.DEVICE:
-                index += 1
+        # 1-2. LS decode, LS prefill (running, then waiting).
+        for request in decoding:
+            if self._is_ls(request) and batch.tokens_left > 0:
+                self._try_schedule(request, 1, batch, scheduled)
+        for request in prefilling:
+            if self._is_ls(request):
+                self._try_schedule(request, batch.largest_chunk(request), batch, scheduled)
+        self._admit_waiting(batch, scheduled, rejected, ls=True)
+
+        # 3. BE prefill within what is left, keeping room for the rows that piggyback.
+        reserve = math.ceil(len(self.offloaded) / self.num_layers)
+        for request in prefilling:
+            if not self._is_ls(request) and request.status is RequestStatus.RUNNING:
+                self._try_schedule(request, batch.largest_chunk(request, reserve), batch, scheduled)
+        self._admit_waiting(batch, scheduled, rejected, ls=False, reserve_rows=reserve)
+
+        # 4. BE decode on the device while it fits; the rest go to the CPU pool (or wait, if they may not).
+        for request in decoding:
+            if self._is_ls(request) or request.status is not RequestStatus.RUNNING:
                 continue
-            count = min(request.num_tokens - request.num_computed_tokens, budget)
-            while not self.page_table.can_grow(request.request_id, request.num_computed_tokens + count):
-                victim = self._preemption_victim()
-                self._preempt(victim)
-                preempted = True
-                if victim is request:
-                    break
-            if request.status is not RequestStatus.RUNNING:
-                break  # the request itself was the last one left to preempt
-            self.page_table.grow(request.request_id, request.num_computed_tokens + count)
-            scheduled.append((request, count))
-            budget -= count
-            index += 1
+            fits_time = batch.tokens_left > 0 and batch.fits(
+                batch.with_chunk(batch.shape, request.num_computed_tokens, 1, True), reserve)
+            if fits_time and self._page_room(request, request.num_tokens):
+                self._try_schedule(request, 1, batch, scheduled)
+            elif self._may_offload(request):
+                swap_outs.append(self._swap_out(request))
+            elif fits_time:  # may not leave the device: make room among the BE requests, as FCFS would
+                self._try_schedule(request, 1, batch, scheduled, evict_ls=False)
 
-        # New requests wait while anything is being preempted: admitting them would only preempt again.
-        while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            request = self.waiting[0]
-            count = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self.page_table.can_grow(request.request_id, request.num_computed_tokens + count):
-                break
-            self.waiting.popleft()
+        swap_ins = self._plan_swap_ins(batch, reserve)
+        starts, returning = self._admit_piggyback(batch)
+        plan = IterationPlan(
+            chunks=[self._chunk(self.requests[rid], count) for rid, count in scheduled.items()],
+            offloaded_starts=starts, returning=returning, swap_outs=swap_outs, swap_ins=swap_ins, rejected=rejected,
+            predicted_time=batch.time(), time_budget=batch.time_budget,
+        )
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("iteration %d: %s", self.iteration, plan.summary())
+        return plan
+
+    def _try_schedule(
+        self, request: Request, count: int, batch: _Batch, scheduled: dict[str, int], evict_ls: bool = True
+    ) -> bool:
+        """Grows the request's pages for `count` more tokens, preempting others if needed, and books the chunk."""
+        if count <= 0 or request.status is not RequestStatus.RUNNING:
+            return False
+        if not self._make_room(request, request.num_computed_tokens + count, scheduled, evict_ls):
+            return False
+        self.page_table.grow(request.request_id, request.num_computed_tokens + count)
+        batch.add(request, count)
+        scheduled[request.request_id] = count
+        return True
+
+    def _admit_waiting(
+        self, batch: _Batch, scheduled: dict[str, int], rejected: list[str], ls: bool, reserve_rows: int = 0
+    ) -> None:
+        """Admits waiting requests of one class in arrival order; for LS, rejects those that would be late."""
+        ahead = sum(  # LS prefill tokens that will run before a waiting LS request's
+            r.num_tokens - r.num_computed_tokens - scheduled.get(r.request_id, 0)
+            for r in self.running if r.placement is Placement.DEVICE and self._is_ls(r) and not r.num_output_tokens
+        ) if ls else 0
+        blocked = False  # once one request cannot start, later ones of its class wait too (arrival order)
+        for request in [r for r in self.waiting if self._is_ls(r) == ls]:
+            remaining = request.num_tokens - request.num_computed_tokens
+            if ls and self.policy.reject_late and self._predicted_ttft(request, ahead, batch) > (
+                request.ttft_slo or math.inf
+            ):
+                self.finish_request(request.request_id, RequestStatus.REJECTED)
+                self.num_rejected += 1
+                rejected.append(request.request_id)
+                continue
+            ahead += remaining
+            # New requests wait while anything is being preempted: admitting them would only preempt again.
+            if blocked or self._preempted or len(self.running) >= self.config.max_num_seqs:
+                blocked = True
+                continue
+            count = batch.largest_chunk(request, reserve_rows)
+            needed = request.num_computed_tokens + count
+            if count <= 0 or not self._page_room(request, needed):
+                blocked = True
+                continue
+            self.waiting.remove(request)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            self.page_table.grow(request.request_id, request.num_computed_tokens + count)
-            scheduled.append((request, count))
-            budget -= count
+            self.page_table.grow(request.request_id, needed)
+            batch.add(request, count)
+            scheduled[request.request_id] = count
 
-        starts = []
-        for request in self.offloaded:
-            if not request.token_in_flight:
-                request.token_in_flight = True
-                starts.append(OffloadedToken(
-                    request.request_id, request.token_ids[-1], request.num_tokens - 1, request.params,
-                    request.num_output_tokens,
-                ))
-        chunks = [self._chunk(request, count) for request, count in scheduled]
-        return IterationPlan(chunks, starts, swap_outs, swap_ins)
+    def _predicted_ttft(self, request: Request, tokens_ahead: int, batch: _Batch) -> float:
+        """Seconds from arrival to the request's first token if it were admitted now behind `tokens_ahead` LS
+        prefill tokens, with each iteration taking the largest chunk the time budget allows."""
+        if request.num_output_tokens or self.latency_model is None or request.ttft_slo is None:
+            return 0.0  # preempted requests already have their first token; without a model there is no estimate
+        base = batch.shape
+        remaining = tokens_ahead + request.num_tokens - request.num_computed_tokens
+        per_iteration = min(remaining, self.config.max_num_batched_tokens)
+        while per_iteration > 0 and not batch.fits(replace(
+            base, num_rows=base.num_rows + per_iteration,
+            prefill_interactions=base.prefill_interactions + prefill_interactions(0, per_iteration),
+        )):
+            per_iteration //= 2  # a coarse search is enough for an admission estimate
+        if per_iteration == 0:
+            return math.inf
+        iterations = math.ceil(remaining / per_iteration)
+        full = replace(base, num_rows=base.num_rows + per_iteration, num_sampled=base.num_sampled + 1,
+                       prefill_interactions=base.prefill_interactions + prefill_interactions(0, per_iteration))
+        return self.clock() - request.arrival_time + iterations * self.latency_model.iteration_time(full)
+
+    # ------------------------------------------------------------------------------------------------ pages
+    def _page_room(self, request: Request, num_tokens: int) -> bool:
+        if not self.page_table.can_grow(request.request_id, num_tokens):
+            return False
+        if self.policy.be_page_cap and not self._is_ls(request):
+            allocator = self.page_table.allocator
+            be_pages = sum(len(self.page_table.pages(r.request_id)) for r in self.running if not self._is_ls(r))
+            needed = self.page_table.pages_needed(request.request_id, num_tokens)
+            return be_pages + needed <= (1.0 - self.config.ls_headroom) * allocator.num_pages
+        return True
+
+    def _make_room(self, request: Request, num_tokens: int, scheduled: dict[str, int], evict_ls: bool) -> bool:
+        """Preempts device requests not scheduled this iteration (the newest BE first, then the newest LS if
+        allowed) until the request can grow; preempts the request itself if nothing else is left."""
+        while not self._page_room(request, num_tokens):
+            candidates = [
+                r for r in self.running
+                if r.placement is Placement.DEVICE and r is not request and r.request_id not in scheduled
+                and (evict_ls or not self._is_ls(r))
+            ]
+            victims = [r for r in candidates if not self._is_ls(r)] or candidates
+            if not self._is_ls(request):  # a BE request only ever displaces BE requests
+                victims = [r for r in victims if not self._is_ls(r)]
+            if not victims:
+                self._preempt(request)
+                return False
+            self._preempt(victims[-1])
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.page_table.release(request.request_id)
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self._preempted = True
+        request.status = RequestStatus.WAITING
+        self.waiting.appendleft(request)
 
     def _chunk(self, request: Request, count: int) -> ScheduledChunk:
         start = request.num_computed_tokens
@@ -140,20 +347,20 @@ class Scheduler:
             num_generated=request.num_output_tokens,
         )
 
-    def _preemption_victim(self) -> Request:
-        """The most recently admitted request that is on the device (not mid-swap)."""
-        return next(r for r in reversed(self.running) if r.placement is Placement.DEVICE)
-
-    def _preempt(self, request: Request) -> None:
-        self.running.remove(request)
-        self.page_table.release(request.request_id)
-        request.num_computed_tokens = 0
-        request.num_preemptions += 1
-        self.num_preemptions += 1
-        request.status = RequestStatus.WAITING
-        self.waiting.appendleft(request)
-
     # ------------------------------------------------------------------------------------------------ placement
+    def _may_offload(self, request: Request) -> bool:
+        offload = self.policy.offload
+        if offload == "none" or not request.at_token_boundary:
+            return False
+        if offload == "all":
+            return True
+        return request.is_best_effort and self.config.be_decode_placement != "device"
+
+    def _swap_out(self, request: Request) -> KVTransfer:
+        request.placement = Placement.SWAPPING_OUT
+        return KVTransfer(request.request_id, list(self.page_table.pages(request.request_id)),
+                          request.num_computed_tokens)
+
     def _pages_wanted(self) -> int:
         """Pages the device requests need for their next tokens, plus the next waiting request's first chunk."""
         wanted = sum(
@@ -166,14 +373,13 @@ class Scheduler:
             wanted += self.page_table.pages_needed(head.request_id, head.num_computed_tokens + chunk)
         return wanted
 
-    def _plan_swap_outs(self) -> list[KVTransfer]:
-        mode = self.config.be_decode_placement
-        if mode == "device":
+    def _plan_page_swap_outs(self) -> list[KVTransfer]:
+        """Swap-outs decided by pages: under `cpu` placement every BE request once it decodes; otherwise the newest
+        offloadable requests while free pages (counting those being swapped out) fall short of what is wanted."""
+        candidates = [r for r in self.running if r.placement is Placement.DEVICE and self._may_offload(r)]
+        if not candidates:
             return []
-        candidates = [
-            r for r in self.running if r.placement is Placement.DEVICE and r.is_best_effort and r.at_token_boundary
-        ]
-        if mode == "auto":
+        if not (self.policy.offload == "be" and self.config.be_decode_placement == "cpu"):
             free = self.page_table.allocator.num_free + sum(
                 len(self.page_table.pages(r.request_id)) for r in self.running if r.placement is Placement.SWAPPING_OUT
             )
@@ -184,19 +390,16 @@ class Scheduler:
                 chosen.append(request)
                 free += len(self.page_table.pages(request.request_id))
             candidates = chosen
-        transfers = []
-        for request in candidates:
-            request.placement = Placement.SWAPPING_OUT
-            transfers.append(KVTransfer(
-                request.request_id, list(self.page_table.pages(request.request_id)), request.num_computed_tokens
-            ))
-        return transfers
+        return [self._swap_out(request) for request in candidates]
 
-    def _plan_swap_ins(self) -> list[KVTransfer]:
-        if self.config.be_decode_placement != "auto" or self.waiting:
+    def _plan_swap_ins(self, batch: _Batch, reserve_rows: int) -> list[KVTransfer]:
+        """Offloaded requests come back to the device when nothing waits, pages are plentiful and their decode would
+        fit this iteration's time budget."""
+        if self.policy.offload == "none" or self.config.be_decode_placement != "auto" or self.waiting:
             return []
         allocator = self.page_table.allocator
         keep_free = self._pages_wanted() + int(_SWAP_IN_HEADROOM * allocator.num_pages)
+        shape = batch.shape
         transfers = []
         for request in list(self.offloaded):  # oldest first
             if request.token_in_flight:
@@ -204,7 +407,8 @@ class Scheduler:
             if len(self.running) >= self.config.max_num_seqs:
                 break
             needed = self.page_table.pages_needed(request.request_id, request.num_computed_tokens + 1)
-            if allocator.num_free - needed < keep_free:
+            shape = batch.with_chunk(shape, request.num_computed_tokens, 1, True)
+            if allocator.num_free - needed < keep_free or not batch.fits(shape, reserve_rows):
                 break
             keep_free += needed - self.page_table.pages_needed(request.request_id, request.num_computed_tokens)
             self.page_table.grow(request.request_id, request.num_computed_tokens)
@@ -215,6 +419,43 @@ class Scheduler:
                 request.request_id, list(self.page_table.pages(request.request_id)), request.num_computed_tokens
             ))
         return transfers
+
+    def _admit_piggyback(self, batch: _Batch) -> tuple[list[OffloadedToken], list[tuple[str, int]]]:
+        """Offloaded rows that join the device batch: tokens starting at layer 0 and CPU results re-entering at their
+        layer. Each layer stays within budget / layers; longest-waiting rows first, then the lowest layers."""
+        candidates = []  # (waiting since, layer, request); a new token enters "before" layer 0
+        for request in self.offloaded:
+            if not request.token_in_flight:
+                candidates.append((request.result_ready_since or 0, -1, request))
+            elif request.result_ready_since is not None:
+                candidates.append((request.result_ready_since, request.offload_layer, request))
+        candidates.sort(key=lambda c: (c[0], c[1]))
+        shape = batch.shape
+        layer_budget = None
+        if batch.time_budget is not None:
+            layer_budget = (batch.time_budget - batch.model.head_time(shape.num_sampled)) / self.num_layers
+        extra = [0] * self.num_layers
+        starts, returning = [], []
+        for _, layer, request in candidates:
+            row_layer = max(layer, 0)
+            if layer_budget is not None:
+                extra[row_layer] += 1
+                if batch.model.layer_time(replace(shape, extra_rows=tuple(extra)), row_layer) > layer_budget:
+                    extra[row_layer] -= 1
+                    continue
+            if layer < 0:
+                request.token_in_flight = True
+                request.offload_layer, request.result_ready_since = 0, None
+                starts.append(OffloadedToken(
+                    request.request_id, request.token_ids[-1], request.num_tokens - 1, request.params,
+                    request.num_output_tokens,
+                ))
+            else:
+                returning.append((request.request_id, layer))
+                request.offload_layer, request.result_ready_since = layer + 1, None
+        if layer_budget is not None:
+            batch.shape = replace(shape, extra_rows=tuple(extra))
+        return starts, returning
 
     # ------------------------------------------------------------------------------------------------ update
     def update(self, plan: IterationPlan, output: RunnerOutput) -> list[Request]:
@@ -233,6 +474,7 @@ class Scheduler:
             request = self.requests.get(request_id)
             if request is not None and request.placement is Placement.HOST and request.token_in_flight:
                 request.token_in_flight = False
+                request.result_ready_since = self.iteration
                 request.num_computed_tokens += 1
                 self._append_token(request, sampled)
                 updated.append(request)
@@ -248,6 +490,7 @@ class Scheduler:
             self.running.remove(request)
             self.offloaded.append(request)
             request.placement = Placement.HOST
+            request.result_ready_since = self.iteration
             request.num_swap_outs += 1
             self.num_swap_outs += 1
         for request_id in output.swapped_in:
@@ -272,7 +515,7 @@ class Scheduler:
     def _append_token(self, request: Request, sampled) -> None:
         request.token_ids.append(sampled.token_id)
         if request.first_token_time is None:
-            request.first_token_time = time.monotonic()
+            request.first_token_time = self.clock()
         if request.params.logprobs is not None:
             request.logprobs.append(sampled)
         self._check_stop(request, sampled.token_id)

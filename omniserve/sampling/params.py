@@ -51,6 +51,9 @@ class SamplingParams:
     """Leave special tokens out of the text."""
     service_class: ServiceClass = ServiceClass.LS
     """`ls` or `be` (the request's service class, carried here so the offline API and the server can set it)."""
+    service: str | None = None
+    """A named service (see omniserve.engine.services); it decides the class and the SLOs. None: the first
+    service of `service_class`."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -1,0 +1,45 @@
+"""Scheduling policies: omniserve's, and those of the systems it is compared with, as settings of one scheduler.
+
+Each competitor is reduced to what distinguishes it on a single engine instance, so that a comparison runs the same
+model code, KV cache and sampler, and differs only in what the scheduler decides:
+
+| policy    | classes   | iteration time budget + TTFT admission | where decode attention may run        |
+|-----------|-----------|----------------------------------------|---------------------------------------|
+| omniserve | LS, BE    | yes (LS rejected early if late)        | device; BE offloaded to the CPU pool  |
+| sarathi   | LS, BE    | budget only (Sarathi-Serve's chunking) | device only                           |
+| llumnix   | LS, BE    | no; BE capped to (1 - headroom) pages  | device only                           |
+| neo       | LS, BE    | yes                                    | any request offloaded when pages run short |
+| fcfs      | none      | no (plain vLLM)                        | device only                           |
+
+`neo` runs offloaded attention through the same layer-wise piggybacking as omniserve (one layer per iteration), not
+NEO's own synchronous CPU-GPU pipeline, so an offloaded LS request there is slower than under NEO itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    classes: bool
+    """LS requests come before BE requests at every stage (False: one arrival-ordered queue)."""
+    time_budget: bool
+    """Iterations are sized to the tightest LS TPOT SLO with the latency model."""
+    reject_late: bool
+    """LS requests whose predicted TTFT misses their SLO are rejected at admission."""
+    offload: str
+    """Which requests may decode in the CPU pool: `none`, `be` (as `be_decode_placement` says) or `all` (when
+    device pages run short)."""
+    be_page_cap: bool = False
+    """BE requests may hold at most (1 - ls_headroom) of the device pages."""
+
+
+POLICY_TABLE = {
+    "omniserve": Policy("omniserve", classes=True, time_budget=True, reject_late=True, offload="be"),
+    "sarathi": Policy("sarathi", classes=True, time_budget=True, reject_late=False, offload="none"),
+    "llumnix": Policy("llumnix", classes=True, time_budget=False, reject_late=False, offload="none", be_page_cap=True),
+    "neo": Policy("neo", classes=True, time_budget=True, reject_late=True, offload="all"),
+    "fcfs": Policy("fcfs", classes=False, time_budget=False, reject_late=False, offload="none"),
+}
