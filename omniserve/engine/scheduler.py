@@ -38,6 +38,8 @@ from omniserve.profiler.latency_model import BatchShape, LatencyModel, prefill_i
 logger = logging.getLogger(__name__)
 
 _SWAP_IN_HEADROOM = 0.25  # swap in only if this share of all pages stays free beyond what is needed
+_SWAP_IN_TIME_SHARE = 0.5  # ... and the iteration would still take at most this share of its time budget, so that
+# a request brought back is not offloaded again by the next prefill chunk
 
 
 class _Batch:
@@ -408,7 +410,9 @@ class Scheduler:
                 break
             needed = self.page_table.pages_needed(request.request_id, request.num_computed_tokens + 1)
             shape = batch.with_chunk(shape, request.num_computed_tokens, 1, True)
-            if allocator.num_free - needed < keep_free or not batch.fits(shape, reserve_rows):
+            slack = batch.time_budget is None or batch.model.iteration_time(
+                replace(shape, extra_rows=(reserve_rows,) * self.num_layers)) <= _SWAP_IN_TIME_SHARE * batch.time_budget
+            if allocator.num_free - needed < keep_free or not slack:
                 break
             keep_free += needed - self.page_table.pages_needed(request.request_id, request.num_computed_tokens)
             self.page_table.grow(request.request_id, request.num_computed_tokens)

@@ -1,0 +1,270 @@
+"""The SLO-aware policies, without a model or device memory: a latency model of chosen numbers, a clock the test
+moves, and a runner that is plain data (CPU results come back by the next iteration)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from omniserve.config import SchedulerConfig
+from omniserve.engine.plan import RunnerOutput
+from omniserve.engine.request import Placement, Request, RequestStatus
+from omniserve.engine.scheduler import Scheduler
+from omniserve.kv_cache import PageAllocator, PageTable
+from omniserve.profiler.latency_model import BatchShape, LatencyModel, LinearModel, PiecewiseLinear, prefill_interactions
+from omniserve.sampling.params import SamplingParams
+from omniserve.sampling.sampler import SampledToken
+
+LAYERS = 4
+MS = 1e-3
+# One layer's dense work: 1 ms + 0.1 ms per row; the head: 1 ms + 0.1 ms per sampled row; attention is cheap.
+MODEL = LatencyModel(
+    num_layers=LAYERS,
+    dense=PiecewiseLinear((0.0, 1000.0), (1 * MS, 101 * MS)),
+    prefill_attention=LinearModel(0.0, (1e-7,)),
+    decode_attention=LinearModel(0.0, (1e-6, 0.0)),
+    head=LinearModel(1 * MS, (0.1 * MS,)),
+    cpu_attention=LinearModel(0.0, (1e-6, 0.0)),
+)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(policy="omniserve", num_pages=256, page_size=4, tpot=0.05, clock=None, **config) -> Scheduler:
+    return Scheduler(
+        SchedulerConfig(policy=policy, **config), PageTable(PageAllocator(num_pages), page_size), eos_token_ids=(2,),
+        num_layers=LAYERS, latency_model=MODEL, default_tpot_slo=tpot, clock=clock or Clock(),
+    )
+
+
+def add(scheduler, request_id, prompt_len, max_tokens=8, service_class="ls", ttft=None, tpot=0.05) -> Request:
+    ls = service_class == "ls"
+    request = Request(
+        request_id, list(range(10, 10 + prompt_len)), SamplingParams(service_class=service_class), max_tokens,
+        arrival_time=scheduler.clock(), ttft_slo=ttft if ls else None, tpot_slo=tpot if ls else None,
+    )
+    scheduler.add_request(request)
+    return request
+
+
+def step(scheduler, token=7):
+    """One iteration with a runner that finishes swaps at once and whose CPU results are back by the next one."""
+    plan = scheduler.schedule()
+    sampled = {c.request_id: SampledToken(token) for c in plan.chunks if c.sample}
+    ready = [(t.request_id, 0) for t in plan.offloaded_starts]
+    for request_id, layer in plan.returning:
+        if layer + 1 < LAYERS:
+            ready.append((request_id, layer + 1))
+        else:
+            sampled[request_id] = SampledToken(token)
+    scheduler.update(plan, RunnerOutput(sampled, [t.request_id for t in plan.swap_outs],
+                                        [t.request_id for t in plan.swap_ins]))
+    scheduler.results_ready(ready)
+    return plan
+
+
+def chunk_sizes(plan) -> dict[str, int]:
+    return {c.request_id: len(c.token_ids) for c in plan.chunks}
+
+
+def test_prefill_chunk_is_the_largest_that_fits_the_tpot_budget():
+    scheduler = make()
+    add(scheduler, "decoding", 8, max_tokens=50)
+    step(scheduler)
+    add(scheduler, "long", 900)
+    plan = step(scheduler)
+    chunk = chunk_sizes(plan)["long"]
+    assert 0 < chunk < 900 and plan.predicted_time <= plan.time_budget == 0.05
+    one_more = BatchShape(1 + chunk + 1, prefill_interactions(0, chunk + 1), 9, 1, 1)
+    assert MODEL.iteration_time(one_more) > 0.05  # the next token would not have fitted
+    assert plan.predicted_time == pytest.approx(MODEL.iteration_time(
+        BatchShape(1 + chunk, prefill_interactions(0, chunk), 9, 1, 1)))
+
+
+@pytest.mark.parametrize("margin, admitted", [(1.01, True), (0.99, False)])
+def test_ls_admission_at_the_ttft_boundary(margin, admitted):
+    scheduler = make()
+    predicted = MODEL.iteration_time(BatchShape(10, prefill_interactions(0, 10), 0, 0, 1))
+    request = add(scheduler, "ls", 10, ttft=predicted * margin)
+    plan = step(scheduler)
+    assert (request.status is RequestStatus.RUNNING) is admitted
+    assert plan.rejected == ([] if admitted else ["ls"])
+    if not admitted:
+        assert request.status is RequestStatus.REJECTED and scheduler.num_rejected == 1
+        assert "ls" not in scheduler.requests and scheduler.page_table.allocator.num_used == 0
+
+
+def test_waiting_ls_is_rejected_as_soon_as_it_would_be_late_and_be_is_never_rejected():
+    clock = Clock()
+    scheduler = make(clock=clock, max_num_seqs=1)
+    add(scheduler, "first", 10, max_tokens=100)
+    step(scheduler)
+    waiting = add(scheduler, "second", 10, ttft=0.5)  # no sequence slot until "first" ends
+    be = add(scheduler, "be", 10, service_class="be")
+    step(scheduler)
+    assert waiting.status is RequestStatus.WAITING
+    clock.now += 0.495  # still waiting, and its prefill (about 10 ms) would now end past the SLO
+    plan = step(scheduler)
+    assert plan.rejected == ["second"] and waiting.status is RequestStatus.REJECTED
+    clock.now += 100
+    step(scheduler)
+    assert be.status is RequestStatus.WAITING  # BE waits, however long
+
+
+def test_priority_order_ls_decode_ls_prefill_be_prefill_be_decode():
+    scheduler = make(max_num_batched_tokens=40, tpot=None, be_decode_placement="device")
+    add(scheduler, "be-old", 6, service_class="be", max_tokens=20)
+    add(scheduler, "ls-old", 6, max_tokens=20)
+    step(scheduler)  # both prefill
+    add(scheduler, "be-new", 8, service_class="be")
+    add(scheduler, "ls-new", 30)
+    plan = step(scheduler)
+    assert [c.request_id for c in plan.chunks] == ["ls-old", "ls-new", "be-new", "be-old"]
+    assert chunk_sizes(plan) == {"ls-old": 1, "ls-new": 30, "be-new": 8, "be-old": 1}
+    add(scheduler, "be-newer", 50, service_class="be")
+    plan = step(scheduler)  # the BE prefill takes what the LS rows leave; BE decodes would get the rest
+    assert chunk_sizes(plan) == {"ls-old": 1, "ls-new": 1, "be-newer": 38}
+
+
+def test_be_decode_is_offloaded_when_it_does_not_fit_the_time_budget():
+    scheduler = make(num_pages=1024)
+    be = add(scheduler, "be", 8, service_class="be", max_tokens=30)
+    step(scheduler)
+    plan = step(scheduler)  # alone, the BE decode fits: it stays on the device
+    assert chunk_sizes(plan) == {"be": 1} and be.placement is Placement.DEVICE
+    add(scheduler, "ls", 2000, max_tokens=2)  # a long LS prefill takes the whole budget
+    plan = step(scheduler)
+    assert [t.request_id for t in plan.swap_outs] == ["be"] and be.placement is Placement.HOST
+    assert plan.predicted_time <= 0.05
+    while "ls" in scheduler.requests:
+        step(scheduler)
+    for _ in range(3 * LAYERS):  # slack again: it comes back, and it was never rejected or preempted
+        step(scheduler)
+    assert be.placement is Placement.DEVICE and be.num_swap_ins == 1 and be.num_preemptions == 0
+
+
+def test_be_decode_is_offloaded_when_device_pages_run_short():
+    scheduler = make(num_pages=16)
+    old = add(scheduler, "old", 7, max_tokens=30, service_class="be")
+    new = add(scheduler, "new", 7, max_tokens=30, service_class="be")
+    for _ in range(3):
+        step(scheduler)
+    add(scheduler, "ls", 41, max_tokens=2)  # needs 11 pages: more than the 10 free
+    step(scheduler)
+    assert new.placement is Placement.HOST and old.placement is Placement.DEVICE
+
+
+def test_piggyback_rows_per_layer_stay_within_the_layer_budget():
+    scheduler = make(be_decode_placement="cpu", tpot=None)
+    requests = [add(scheduler, f"be{i}", 4, service_class="be", max_tokens=40) for i in range(12)]
+    step(scheduler)  # prefill, with no time budget yet
+    step(scheduler)  # swapped out
+    assert all(r.placement is Placement.HOST for r in requests)
+    scheduler.default_tpot_slo = 0.00625
+    # Per layer: (6.25 ms - 1 ms head) / 4 layers = 1.3125 ms; each layer's dense work is 1 + 0.1 ms * rows: 3 rows.
+    layer_budget = (0.00625 - MODEL.head_time(0)) / LAYERS
+    cap = math.floor((layer_budget - 1 * MS) / (0.1 * MS) + 1e-9)
+    most = 0
+    for _ in range(30):
+        plan = step(scheduler)
+        per_layer = [0] * LAYERS
+        for _, layer in plan.returning:
+            per_layer[layer] += 1
+        per_layer[0] += len(plan.offloaded_starts)
+        assert max(per_layer) <= cap
+        most = max(most, *per_layer)
+    assert cap == 3 and most == cap and all(r.num_output_tokens > 1 for r in requests)
+
+
+def test_offloaded_rows_at_high_layers_do_not_starve():
+    scheduler = make(be_decode_placement="cpu", tpot=None)
+    requests = [add(scheduler, f"be{i}", 4, service_class="be", max_tokens=200) for i in range(8)]
+    step(scheduler)
+    step(scheduler)
+    scheduler.default_tpot_slo = 0.0054  # room for one offloaded row per layer
+    progress = {r.request_id: [] for r in requests}
+    for _ in range(60):
+        step(scheduler)
+        for r in requests:
+            progress[r.request_id].append((r.num_output_tokens, r.offload_layer))
+    for request in requests:  # everyone keeps moving: no request stands still for long
+        history = progress[request.request_id]
+        stalls = max(sum(1 for _ in run) for run in _runs(history))
+        assert stalls <= 2 * len(requests) and request.num_output_tokens >= 3  # layer 0 takes starts and returns
+
+
+def _runs(history):
+    run = [history[0]]
+    for item in history[1:]:
+        if item == run[-1]:
+            run.append(item)
+        else:
+            yield run
+            run = [item]
+    yield run
+
+
+def test_sarathi_keeps_be_on_the_device_and_only_in_leftover_budget():
+    scheduler = make(policy="sarathi", num_pages=1024)
+    be = add(scheduler, "be", 8, service_class="be", max_tokens=30)
+    step(scheduler)
+    add(scheduler, "ls", 2000, max_tokens=2)
+    plan = step(scheduler)
+    assert "be" not in chunk_sizes(plan) and not plan.swap_outs and be.placement is Placement.DEVICE
+    assert plan.predicted_time <= 0.05
+
+
+def test_llumnix_caps_be_pages_and_keeps_headroom_for_ls():
+    scheduler = make(policy="llumnix", num_pages=20, ls_headroom=0.5, tpot=None)
+    for i in range(4):
+        add(scheduler, f"be{i}", 12, service_class="be", max_tokens=30)  # 3-4 pages each
+    for _ in range(3):
+        step(scheduler)
+    be_pages = sum(len(scheduler.page_table.pages(f"be{i}")) for i in range(4))
+    assert be_pages <= 10 and any(r.status is RequestStatus.WAITING for r in scheduler.requests.values())
+    ls = add(scheduler, "ls", 30, max_tokens=2)  # 8 pages: fits in the headroom at once
+    step(scheduler)
+    assert ls.status is RequestStatus.RUNNING and ls.num_preemptions == 0
+
+
+def test_neo_offloads_ls_too_when_pages_run_short():
+    scheduler = make(policy="neo", num_pages=16)
+    a = add(scheduler, "a", 7, max_tokens=30)
+    b = add(scheduler, "b", 7, max_tokens=30)
+    for _ in range(3):
+        step(scheduler)
+    add(scheduler, "c", 41, max_tokens=2)
+    step(scheduler)
+    assert b.placement is Placement.HOST and a.placement is Placement.DEVICE
+
+
+def test_fcfs_ignores_classes():
+    scheduler = make(policy="fcfs", max_num_batched_tokens=10, tpot=None)
+    add(scheduler, "be", 10, service_class="be")
+    add(scheduler, "ls", 10)
+    plan = step(scheduler)
+    assert [c.request_id for c in plan.chunks] == ["be"] and plan.time_budget is None
+
+
+@pytest.mark.parametrize("policy", ["omniserve", "sarathi", "llumnix", "neo", "fcfs"])
+def test_every_policy_finishes_a_mixed_load_and_frees_every_page(policy):
+    scheduler = make(policy=policy, num_pages=40)
+    for i in range(6):
+        add(scheduler, f"ls{i}", 5 + 7 * i, max_tokens=12)
+        add(scheduler, f"be{i}", 9 + 5 * i, service_class="be", max_tokens=20)
+    for _ in range(2000):
+        if not scheduler.has_unfinished():
+            break
+        plan = step(scheduler)
+        scheduler.page_table.allocator.check_integrity()
+        if plan.time_budget is not None and plan.chunks:
+            assert plan.predicted_time <= plan.time_budget or len(plan.chunks) == sum(
+                len(c.token_ids) == 1 for c in plan.chunks)  # over budget only with LS decodes alone
+    assert not scheduler.has_unfinished() and scheduler.page_table.allocator.num_used == 0
