@@ -11,6 +11,7 @@ import time
 import pytest
 
 from omniserve.cpu_attention import PoolConfig
+from omniserve.profiler.latency_model import LatencyModel, LinearModel, PiecewiseLinear
 from omniserve.sampling.params import SamplingParams
 
 PROMPTS = [[7, 8, 9], list(range(100, 141)), [500 + i for i in range(17)], [3] * 29, [42, 43]]
@@ -64,17 +65,29 @@ def test_swapped_out_mid_decode_and_back_in_gives_device_tokens(tiny, reference,
     assert engine.scheduler.num_swap_outs >= 1 and engine.scheduler.num_swap_ins >= 1
 
 
-def test_piggyback_admission_caps_still_give_device_tokens(tiny, reference, make_llm, monkeypatch):
+def test_piggyback_admission_caps_still_give_device_tokens(tiny, reference, make_llm):
+    """A time budget that lets one offloaded row per layer join each iteration (dense work of a layer: 1 ms +
+    0.1 ms per row, head 1 ms, budget 3.3 ms): rows wait their turn, and the tokens do not change."""
     llm = make_llm(tiny, dtype="float64", block_size=4, be_decode_placement="cpu")
-    schedule = llm.engine.scheduler.schedule
+    scheduler = llm.engine.scheduler
+    scheduler.latency_model = LatencyModel(
+        num_layers=2, dense=PiecewiseLinear((0.0, 1000.0), (1e-3, 101e-3)), prefill_attention=LinearModel(0.0, (0.0,)),
+        decode_attention=LinearModel(0.0, (0.0, 0.0)), head=LinearModel(1e-3, (0.0,)),
+        cpu_attention=LinearModel(0.0, (0.0, 0.0)),
+    )
+    scheduler.default_tpot_slo = 3.3e-3
+    returning_per_layer = []
+    schedule = scheduler.schedule
 
-    def capped():
+    def recording_schedule():
         plan = schedule()
-        return type(plan)(plan.chunks, plan.offloaded_starts, plan.swap_outs, plan.swap_ins,
-                          max_returning_per_layer=1, max_returning=2)
+        layers = [layer for _, layer in plan.returning] + [0] * len(plan.offloaded_starts)
+        returning_per_layer.append(max((layers.count(layer) for layer in set(layers)), default=0))
+        return plan
 
-    monkeypatch.setattr(llm.engine.scheduler, "schedule", capped)
+    scheduler.schedule = recording_schedule
     assert tokens(llm.generate(PROMPTS, [greedy("be")] * len(PROMPTS), use_tqdm=False)) == reference
+    assert max(returning_per_layer) == 1
 
 
 def test_default_model_offloaded_in_float32(default_gguf, default_llm, make_llm):
