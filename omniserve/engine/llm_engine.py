@@ -18,7 +18,7 @@ from omniserve.config import CacheConfig, ConfigError, SchedulerConfig, resolve_
 from omniserve.cpu_attention import CPUAttentionPool, PoolConfig
 from omniserve.engine.args import EngineArgs
 from omniserve.engine.outputs import CompletionOutput, RequestOutput
-from omniserve.engine.plan import RunnerOutput
+from omniserve.engine.plan import IterationPlan, RunnerOutput
 from omniserve.engine.policy import POLICY_TABLE
 from omniserve.engine.request import Request, RequestStatus
 from omniserve.engine.runner import ModelRunner
@@ -54,6 +54,14 @@ class _RequestGroup:
     @property
     def finished(self) -> bool:
         return all(c.request.status.finished for c in self.completions)
+
+
+@dataclass(frozen=True)
+class IterationStats:
+    """The latest iteration: what was planned (with its predicted time) and how long the runner took."""
+
+    plan: IterationPlan
+    seconds: float
 
 
 class LLMEngine:
@@ -100,6 +108,7 @@ class LLMEngine:
             self.cpu_pool = CPUAttentionPool(pool_config)  # workers start on the first offload
             weakref.finalize(self, self.cpu_pool.shutdown)  # workers end with the engine, not only with the process
         self.runner = ModelRunner(loaded.model, self.pool, self.device, self.cpu_pool)
+        self.last_iteration: IterationStats | None = None
         self._groups: dict[str, _RequestGroup] = {}
         self._group_of: dict[str, _RequestGroup] = {}  # scheduler request id -> its group
         logger.info(
@@ -204,6 +213,7 @@ class LLMEngine:
         """Runs one iteration; returns an output for every request that made progress or ended."""
         self.scheduler.results_ready(self.runner.poll_cpu_results())
         plan = self.scheduler.schedule()
+        started = time.perf_counter()
         try:
             output = self.runner.execute(plan)
         except Exception:  # a failed iteration fails its requests, never the engine
@@ -211,6 +221,10 @@ class LLMEngine:
             for request_id in plan.request_ids:
                 self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ERROR)
             output = RunnerOutput()
+        self.last_iteration = IterationStats(plan, time.perf_counter() - started)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("iteration %d: %s; took %.1f ms", self.scheduler.iteration, plan.summary(),
+                         self.last_iteration.seconds * 1e3)
         updated = self.scheduler.update(plan, output)
         if plan.empty and self.cpu_pool is not None:
             self.cpu_pool.wait(_IDLE_WAIT_S)  # nothing ran: only CPU attention is in flight, so wait for its results

@@ -15,7 +15,8 @@ class CompletionOutput:
     """All text generated so far, stop strings cut off."""
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
-    """`stop`, `length`, `abort` or `error` once finished."""
+    """`stop`, `length`, `abort`, `error` or `rejected` (an LS request whose TTFT SLO could not be met, turned away
+    before it ran) once finished."""
     stop_reason: int | str | None = None
     """The stop string or stop token id that ended it."""
     logprobs: list[SampledToken] | None = None

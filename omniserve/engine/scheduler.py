@@ -21,7 +21,6 @@ only the token budget (`max_num_batched_tokens`), the sequence limit and the pag
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from collections import deque
@@ -34,8 +33,6 @@ from omniserve.engine.policy import POLICY_TABLE
 from omniserve.engine.request import Placement, Request, RequestStatus
 from omniserve.kv_cache import PageTable
 from omniserve.profiler.latency_model import BatchShape, LatencyModel, prefill_interactions
-
-logger = logging.getLogger(__name__)
 
 _SWAP_IN_HEADROOM = 0.25  # swap in only if this share of all pages stays free beyond what is needed
 _SWAP_IN_TIME_SHARE = 0.5  # ... and the iteration would still take at most this share of its time budget, so that
@@ -226,8 +223,6 @@ class Scheduler:
             offloaded_starts=starts, returning=returning, swap_outs=swap_outs, swap_ins=swap_ins, rejected=rejected,
             predicted_time=batch.time(), time_budget=batch.time_budget,
         )
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("iteration %d: %s", self.iteration, plan.summary())
         return plan
 
     def _try_schedule(

@@ -26,12 +26,14 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     group.add_argument("--service-class", choices=["ls", "be"], default="ls",
                        help="ls (latency-sensitive) or be (best-effort: may decode in the CPU attention pool)")
+    group.add_argument("--service", default=None, help="a named service from --services (sets class and SLOs)")
 
 
 def _sampling_params(args: argparse.Namespace, n: int = 1) -> SamplingParams:
     return SamplingParams(
         n=n, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         min_p=args.min_p, seed=args.sampling_seed, stop=args.stop, service_class=args.service_class,
+        service=args.service,
     )
 
 
@@ -88,6 +90,47 @@ def _chat(args: argparse.Namespace) -> None:
         conversation.append({"role": "assistant", "content": reply})
 
 
+def _profile(args: argparse.Namespace) -> None:
+    """Profiles the model's latency models (what the SLO-aware scheduler predicts with) and prints their accuracy."""
+    import os
+
+    import torch
+
+    from omniserve.config import resolve_device, resolve_dtype
+    from omniserve.cpu_attention import PoolConfig
+    from omniserve.models.loader import load_model
+    from omniserve.profiler.profiler import load_or_profile, profile_cache_path
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    if args.threads and device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    loaded = load_model(args.model, device, dtype, args.max_model_len, args.load_format, args.seed)
+    model_name = str(loaded.path or args.model)
+    pool_config = None
+    if args.be_decode_placement != "device":  # an engine that never offloads has no pool to profile
+        pool_config = PoolConfig(args.cpu_attention_workers, args.cpu_attention_threads)
+    settings = dict(
+        max_num_tokens=args.max_num_batched_tokens,
+        max_context=min(args.max_model_len or loaded.config.max_context, loaded.config.max_context),
+        page_size=args.block_size,
+        pool_config=pool_config,
+    )
+    output = args.output or getattr(args, "profile_path", None)
+    target = output or profile_cache_path(model_name, loaded.model, device, dtype, **settings)
+    cached = os.path.isfile(target) and not args.force
+    latency = load_or_profile(loaded.model, device, dtype, model_name=model_name, path=target, force=args.force,
+                              **settings)
+    print(f"{'model':<20}{'median rel. error':>20}{'p90 rel. error':>18}{'points':>8}")
+    for name, accuracy in latency.accuracy.items():
+        print(f"{name:<20}{accuracy['median_rel_error']:>20.3f}{accuracy['p90_rel_error']:>18.3f}"
+              f"{accuracy['points']:>8}")
+    print(f"(relative errors as ratios, on measurements left out of each fit; {latency.metadata.get('measurements')} "
+          f"measurements in {latency.metadata.get('profiling_seconds')} s on {latency.metadata.get('device_name')})")
+    print(f"{'loaded from' if cached else 'written to'} {target}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="omniserve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -105,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(chat)
     EngineArgs.add_cli_args(chat)
     chat.set_defaults(handler=_chat)
+
+    profile = commands.add_parser("profile", help="measure the latency models the scheduler predicts with")
+    profile.add_argument("--output", default=None, help="where to write the profile; default: the profile cache "
+                         "($OMNISERVE_CACHE_DIR or ~/.cache/omniserve, under profiles/)")
+    profile.add_argument("--force", action="store_true", help="profile again even if the profile exists")
+    EngineArgs.add_cli_args(profile)
+    profile.set_defaults(handler=_profile)
     return parser
 
 
