@@ -96,15 +96,18 @@ class LLMEngine:
         self.pool = PagePool(loaded.config, num_pages, cache.page_size, self.device, self.dtype)
         self.allocator = PageAllocator(num_pages)
         self.page_table = PageTable(self.allocator, cache.page_size)
-        pool_config = pool_config or PoolConfig(args.cpu_attention_workers, args.cpu_attention_threads)
+        offloads = POLICY_TABLE[args.policy].offload
+        if offloads == "all" or (offloads == "be" and args.be_decode_placement != "device"):
+            pool_config = pool_config or PoolConfig(args.cpu_attention_workers, args.cpu_attention_threads)
+        else:
+            pool_config = None  # this engine never offloads
         self.latency_model = self._latency_model(loaded, cache.page_size, pool_config)
         self.scheduler = Scheduler(
             self.scheduler_config, self.page_table, loaded.config.eos_token_ids, loaded.config.num_layers,
             self.latency_model, default_tpot_slo=self.services.tightest_tpot_slo,
         )
         self.cpu_pool = None
-        offloads = POLICY_TABLE[args.policy].offload
-        if offloads == "all" or (offloads == "be" and args.be_decode_placement != "device"):
+        if pool_config is not None:
             self.cpu_pool = CPUAttentionPool(pool_config)  # workers start on the first offload
             weakref.finalize(self, self.cpu_pool.shutdown)  # workers end with the engine, not only with the process
         self.runner = ModelRunner(loaded.model, self.pool, self.device, self.cpu_pool)
@@ -117,7 +120,7 @@ class LLMEngine:
             self.scheduler_config.max_model_len,
         )
 
-    def _latency_model(self, loaded, page_size: int, pool_config: PoolConfig) -> LatencyModel | None:
+    def _latency_model(self, loaded, page_size: int, pool_config: PoolConfig | None) -> LatencyModel | None:
         """The profiled latency model, when the policy and the SLOs need one (profiled now if not cached)."""
         policy = POLICY_TABLE[self.args.policy]
         has_slo = any(s.ttft_slo or s.tpot_slo for s in self.services.services.values())

@@ -1,0 +1,54 @@
+"""The SLO-aware scheduler end to end on a tiny model: a profile measured on this machine, a tight TPOT SLO, heavy
+BE load. Iterations that run LS rows are planned within the budget and take about what the profile predicts; every
+request completes."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+
+from omniserve.profiler.latency_model import BatchShape
+from omniserve.sampling.params import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def tiny_profile(tiny_model_dirs, tmp_path_factory):
+    from omniserve import LLM
+
+    path = tmp_path_factory.mktemp("profile") / "tiny.json"
+    llm = LLM(tiny_model_dirs["llama"][0], ls_tpot_slo=1.0, profile_path=str(path), block_size=4)
+    llm.engine.shutdown()
+    return path, llm.engine.latency_model
+
+
+def test_tight_tpot_slo_under_heavy_be_load(tiny_model_dirs, tiny_profile, make_llm):
+    path, model = tiny_profile
+    lone_decode = model.iteration_time(BatchShape(1, 0, 64, 1, 1))
+    budget = 3 * lone_decode  # tight: a few rows of prefill per iteration on top of the LS decodes
+    llm = make_llm(tiny_model_dirs["llama"][0], ls_tpot_slo=budget, profile_path=str(path), block_size=4,
+                   num_gpu_blocks_override=96)
+    engine = llm.engine
+    be = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, service_class="be")
+    ls = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    for i in range(8):
+        engine.add_request(f"be{i}", [(7 * i + j) % 900 + 3 for j in range(60 + 5 * i)], be)
+    finished, ls_iterations = {}, []
+    for step in range(5000):
+        if step in (5, 25, 60):
+            engine.add_request(f"ls{step}", [(11 * step + j) % 900 + 3 for j in range(20)], ls)
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out.outputs[0].finish_reason
+        plan = engine.last_iteration.plan
+        if any(c.request_id.startswith("ls") for c in plan.chunks):
+            ls_iterations.append((plan.predicted_time, plan.time_budget, engine.last_iteration.seconds))
+        if not engine.has_unfinished_requests() and step > 60:
+            break
+    assert sorted(finished) == sorted([f"be{i}" for i in range(8)] + ["ls5", "ls25", "ls60"])
+    assert set(finished.values()) == {"length"}
+    assert ls_iterations and all(predicted <= limit for predicted, limit, _ in ls_iterations)
+    measured = statistics.median(seconds for _, _, seconds in ls_iterations)
+    assert measured <= 1.5 * budget, f"LS iterations took {measured / budget:.2f}x the budget (median)"
+    assert engine.scheduler.num_swap_outs >= 1  # the BE load did not fit: some of it decoded in the CPU pool
+
