@@ -63,16 +63,28 @@ class LinearModel:
 
     @classmethod
     def fit(
-        cls, features: Sequence[tuple[float, ...]], seconds: Sequence[float], nonnegative: bool = False
+        cls,
+        features: Sequence[tuple[float, ...]],
+        seconds: Sequence[float],
+        nonnegative: bool = False,
+        relative: bool = False,
     ) -> "LinearModel":
-        """Least squares with an intercept. nonnegative=True keeps every coefficient (the intercept too) >= 0: a
-        time never falls with more work, so a negative slope is noise, and a negative intercept would predict 0 for
-        small batches."""
+        """Least squares with an intercept.
+
+        nonnegative: keep every coefficient (the intercept too) >= 0. A time never falls with more work, so a
+        negative slope is noise, and a negative intercept would predict 0 for small batches.
+        relative: minimise squared relative errors (each point weighted by 1 / its time) rather than absolute ones,
+        so that a few long measurements do not decide the fit at the small batches that decode runs.
+        """
         if not features or len(features) != len(seconds):
             raise ValueError("fit needs one time per feature tuple, and at least one")
         x = np.asarray(features, dtype=np.float64).reshape(len(features), -1)
         y = np.asarray(seconds, dtype=np.float64)
         design = np.hstack([np.ones((len(x), 1)), x])
+        if relative:
+            if (y <= 0).any():
+                raise ValueError("a relative fit needs positive times")
+            design, y = design / y[:, None], np.ones_like(y)
         coef = _least_squares(design, y, range(design.shape[1]))
         if nonnegative and (coef < 0).any():
             # Exact non-negative least squares for a handful of columns: the best fit over every subset of columns
