@@ -268,3 +268,14 @@ def test_every_policy_finishes_a_mixed_load_and_frees_every_page(policy):
             assert plan.predicted_time <= plan.time_budget or len(plan.chunks) == sum(
                 len(c.token_ids) == 1 for c in plan.chunks)  # over budget only with LS decodes alone
     assert not scheduler.has_unfinished() and scheduler.page_table.allocator.num_used == 0
+
+
+def test_an_slo_tighter_than_one_row_still_lets_be_work_progress():
+    scheduler = make(tpot=1e-6, be_decode_placement="cpu")
+    for i in range(3):
+        add(scheduler, f"be{i}", 9, service_class="be", max_tokens=5)
+    for _ in range(500):
+        if not scheduler.has_unfinished():
+            break
+        step(scheduler)
+    assert not scheduler.has_unfinished()

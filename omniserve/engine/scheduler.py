@@ -80,7 +80,9 @@ class _Batch:
         while high - low > 1:
             middle = (low + high) // 2
             low, high = (middle, high) if fits(middle) else (low, middle)
-        return low
+        # An iteration with nothing else to run takes at least one token, even under an SLO tighter than that takes:
+        # running nothing would not help any LS request, and the request would never progress.
+        return 1 if low == 0 and self.shape.num_rows == 0 else low
 
     def add(self, request: Request, count: int) -> None:
         start = request.num_computed_tokens
@@ -437,11 +439,13 @@ class Scheduler:
         starts, returning = [], []
         for _, layer, request in candidates:
             row_layer = max(layer, 0)
-            if layer_budget is not None:
-                extra[row_layer] += 1
-                if batch.model.layer_time(replace(shape, extra_rows=tuple(extra)), row_layer) > layer_budget:
-                    extra[row_layer] -= 1
-                    continue
+            extra[row_layer] += 1
+            # As in largest_chunk, an iteration never runs nothing: the first row goes in whatever the budget says.
+            over = layer_budget is not None and (shape.num_rows or starts or returning) and batch.model.layer_time(
+                replace(shape, extra_rows=tuple(extra)), row_layer) > layer_budget
+            if over:
+                extra[row_layer] -= 1
+                continue
             if layer < 0:
                 request.token_in_flight = True
                 request.offload_layer, request.result_ready_since = 0, None
@@ -452,8 +456,7 @@ class Scheduler:
             else:
                 returning.append((request.request_id, layer))
                 request.offload_layer, request.result_ready_since = layer + 1, None
-        if layer_budget is not None:
-            batch.shape = replace(shape, extra_rows=tuple(extra))
+        batch.shape = replace(shape, extra_rows=tuple(extra))
         return starts, returning
 
     # ------------------------------------------------------------------------------------------------ update
