@@ -17,7 +17,7 @@ import torch
 from omniserve.config import CacheConfig, ConfigError, SchedulerConfig, resolve_device, resolve_dtype
 from omniserve.cpu_attention import CPUAttentionPool, PoolConfig
 from omniserve.engine.args import EngineArgs
-from omniserve.engine.outputs import CompletionOutput, RequestOutput
+from omniserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from omniserve.engine.plan import IterationPlan, RunnerOutput
 from omniserve.engine.policy import POLICY_TABLE
 from omniserve.engine.request import Request, RequestStatus
@@ -211,6 +211,11 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self._groups)
 
+    @property
+    def unfinished_request_ids(self):
+        """The ids callers gave the requests that have not finished (a live view)."""
+        return self._groups.keys()
+
     # -------------------------------------------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
         """Runs one iteration; returns an output for every request that made progress or ended."""
@@ -276,6 +281,7 @@ class LLMEngine:
             prompt_token_ids=group.prompt_token_ids,
             outputs=[_snapshot(c.output) for c in group.completions],
             finished=group.finished,
+            metrics=_metrics(group),
         )
         for completion in group.completions:
             completion.output.delta_text = ""
@@ -308,6 +314,30 @@ class LLMEngine:
         """Stops the CPU attention workers (they are daemons, so they also end with this process)."""
         if self.cpu_pool is not None:
             self.cpu_pool.shutdown()
+
+
+def _metrics(group: _RequestGroup) -> RequestMetrics:
+    """One request's times; for n > 1 completions, the first of each event and the last token of all."""
+    requests = [c.request for c in group.completions]
+
+    def first(times):
+        known = [t for t in times if t is not None]
+        return min(known) if known else None
+
+    head = requests[0]
+    last_tokens = [r.last_token_time for r in requests if r.last_token_time is not None]
+    return RequestMetrics(
+        arrival_time=head.arrival_time,
+        first_scheduled_time=first(r.first_scheduled_time for r in requests),
+        first_token_time=first(r.first_token_time for r in requests),
+        last_token_time=max(last_tokens) if last_tokens else None,
+        service=head.service,
+        service_class=head.params.service_class.value,
+        ttft_slo=head.ttft_slo,
+        tpot_slo=head.tpot_slo,
+        num_preemptions=sum(r.num_preemptions for r in requests),
+        num_swap_outs=sum(r.num_swap_outs for r in requests),
+    )
 
 
 def _snapshot(out: CompletionOutput) -> CompletionOutput:

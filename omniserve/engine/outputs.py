@@ -29,6 +29,23 @@ class CompletionOutput:
         return self.finish_reason is not None
 
 
+@dataclass(frozen=True)
+class RequestMetrics:
+    """When things happened to a request (time.monotonic seconds), as vLLM's RequestOutput.metrics."""
+
+    arrival_time: float
+    first_scheduled_time: float | None
+    """When it was first given device time (None: still queued)."""
+    first_token_time: float | None
+    last_token_time: float | None
+    service: str | None
+    service_class: str
+    ttft_slo: float | None = None
+    tpot_slo: float | None = None
+    num_preemptions: int = 0
+    num_swap_outs: int = 0
+
+
 @dataclass
 class RequestOutput:
     request_id: str
@@ -36,3 +53,4 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool = False
+    metrics: RequestMetrics | None = None

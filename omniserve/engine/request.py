@@ -59,7 +59,9 @@ class Request:
     """The stop token id or stop string that ended the request."""
     logprobs: list[SampledToken] = field(default_factory=list)
     num_preemptions: int = 0
+    first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    last_token_time: float | None = None
     placement: Placement = Placement.DEVICE
     token_in_flight: bool = False
     """Offloaded only: its newest token is on its way through the layers."""

@@ -270,6 +270,8 @@ class Scheduler:
                 continue
             self.waiting.remove(request)
             request.status = RequestStatus.RUNNING
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = self.clock()
             self.running.append(request)
             self.page_table.grow(request.request_id, needed)
             batch.add(request, count)
@@ -516,8 +518,9 @@ class Scheduler:
 
     def _append_token(self, request: Request, sampled) -> None:
         request.token_ids.append(sampled.token_id)
+        request.last_token_time = self.clock()
         if request.first_token_time is None:
-            request.first_token_time = self.clock()
+            request.first_token_time = request.last_token_time
         if request.params.logprobs is not None:
             request.logprobs.append(sampled)
         self._check_stop(request, sampled.token_id)

@@ -1,0 +1,92 @@
+"""The engine behind the server: concurrent streams, bad input, abandoned streams, and the metrics it records."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from omniserve.engine.async_engine import AsyncEngine, EngineDeadError
+from omniserve.engine.llm_engine import LLMEngine
+from omniserve.entrypoints.openai.metrics import ServerMetrics
+from omniserve.sampling.params import InvalidRequestError, SamplingParams
+
+
+@pytest.fixture
+def served(tiny_model_dirs):
+    engine = LLMEngine(model=tiny_model_dirs["llama"][0], be_decode_placement="device", block_size=4)
+    metrics = ServerMetrics("tiny")
+    async_engine = AsyncEngine(engine, on_iteration=metrics.on_iteration)
+    yield engine, async_engine, metrics
+    async_engine.shutdown()
+
+
+def samples(metrics: ServerMetrics) -> dict[tuple[str, tuple], float]:
+    body, _ = metrics.render()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(body.decode()) for s in family.samples
+    }
+
+
+def test_concurrent_streams_match_the_offline_engine(served, tiny_model_dirs):
+    engine, async_engine, metrics = served
+    params = [SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, service_class=c) for c in ("ls", "be")] * 2
+
+    async def collect(index):
+        tokens = []
+        async for out in async_engine.generate(f"r{index}", [5, 6, 7 + index], params[index]):
+            tokens += out.outputs[0].delta_token_ids
+        return tokens
+
+    async def main():
+        return await asyncio.gather(*[collect(i) for i in range(4)])
+
+    got = asyncio.run(main())
+    offline = LLMEngine(model=tiny_model_dirs["llama"][0], be_decode_placement="device")
+    for index in range(4):
+        offline.add_request(str(index), [5, 6, 7 + index], params[index])
+    expected = {}
+    while offline.has_unfinished_requests():
+        for out in offline.step():
+            expected[out.request_id] = out.outputs[0].token_ids
+    assert got == [expected[str(i)] for i in range(4)]
+    values = samples(metrics)
+    ls = (("model_name", "tiny"), ("service_class", "ls"))
+    assert values[("vllm:generation_tokens_total", ls)] == 12
+    assert values[("vllm:time_to_first_token_seconds_count", ls)] == 2
+    assert values[("vllm:request_success_total", (("finished_reason", "length"),) + ls)] == 2
+
+
+def test_bad_input_raises_and_an_abandoned_stream_frees_its_memory(served):
+    engine, async_engine, _ = served
+
+    async def main():
+        with pytest.raises(InvalidRequestError, match="empty"):
+            async for _ in async_engine.generate("bad", [], SamplingParams()):
+                pass
+        stream = async_engine.generate("left", [5, 6], SamplingParams(max_tokens=400, ignore_eos=True))
+        async for _ in stream:
+            break
+        await stream.aclose()  # what a disconnecting client's handler does
+        for _ in range(100):
+            if not engine.has_unfinished_requests():
+                break
+            await asyncio.sleep(0.01)
+
+    asyncio.run(main())
+    assert not engine.has_unfinished_requests() and engine.allocator.num_used == 0
+    engine.check_integrity()
+
+
+def test_a_shut_down_engine_refuses_requests(served):
+    _, async_engine, _ = served
+    async_engine.shutdown()
+
+    async def main():
+        async for _ in async_engine.generate("late", [5], SamplingParams()):
+            pass
+
+    with pytest.raises(EngineDeadError):
+        asyncio.run(main())
