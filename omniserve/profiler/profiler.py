@@ -3,17 +3,19 @@
 Each model is timed the way the runner runs it, piece by piece:
 
 - dense: layer pre_attention + post_attention on n random rows, n in [1, max_num_tokens], by recursive bisection
-  (`bisect_piecewise`), which finds where a GPU's GEMM time steps up with O(log n) measurements per step. Successive
-  timings rotate over the layers, so that weights come from memory as they do when the runner goes through the
-  layers, not from a cache that one layer timed over and over would stay in.
-- prefill / decode attention: PagedAttention on a scratch PagePool of two layers (alternated for the same reason) over
-  random KV. The iteration builds its attention metadata once for all layers; 1/num_layers of that time is added to
-  each per-layer measurement, since it grows with the same features (a later chunk's mask, the decode slot table).
+  (`bisect_piecewise`, one octave at a time), which finds where a GPU's GEMM time steps up with O(log n)
+  measurements per step.
+- prefill / decode attention: PagedAttention on a scratch PagePool over random KV, each request with pages of its
+  own. The iteration builds its attention metadata once for all layers; 1/num_layers of that time is added to each
+  per-layer measurement, since it grows with the same features (a later chunk's mask, the decode slot table).
 - head: what runs once per iteration whatever the layers do: embedding and RoPE angles, final norm + LM head, the
   sampler, and the runner's Python around them (timed as the sum of those calls on n sampled rows).
 - cpu_attention: one layer's rows sent to a real CPU attention pool worker and back (submit -> poll), over host KV of
   random requests. Without a pool (pool_config None) it is fitted from the same decode kernel called in this process:
   a lower bound (no transport, no queueing) that lets a simulator or a later pool start from a sensible number.
+
+Every timed call starts with caches cleared of its data (see _Timer): in the runner a layer's weights and KV come
+from memory, not from a cache that one layer timed over and over would stay in.
 
 Every model is checked on measurements left out of its fit (dense: extra points between the knots); the median and
 90th-percentile relative errors are stored in LatencyModel.accuracy.
@@ -51,11 +53,12 @@ from omniserve.sampling.sampler import SamplingRow, sample
 logger = logging.getLogger(__name__)
 
 _SEED = 0
-_SCRATCH_LAYERS = 2
-"""Layers of the scratch KV pool: timings alternate between them so that one layer's KV is not always in cache."""
-_MIN_TIMED_S = 0.03
+_HOST_KV_LAYERS = 2
+"""Layers of a profiled offloaded request's host KV: round trips alternate between them, so that the pool worker
+(whose cache the profiler does not clear) does not find the same layer's KV in its cache every time."""
+_MIN_TIMED_S = 0.02
 """Repeat a cheap measurement until this much time is timed (the median of many short runs is steadier)."""
-_MIN_REPEATS, _MAX_REPEATS = 3, 50
+_MIN_REPEATS, _MAX_REPEATS = 3, 20
 _HELD_OUT_FRACTION = 0.25
 _MAX_PREFILL_WORK = 2048 * 4096
 """Largest count * (start + count) a prefill timing may take: beyond it the linear model extrapolates."""
@@ -159,34 +162,58 @@ def _fit_with_held_out(
 
 # ------------------------------------------------------------------------------------------------------ profiler
 class _Timer:
-    """Median wall time of a call, warm-up first; synchronises CUDA around every timing."""
+    """Median wall time of a call after a warm-up, each call starting from caches that hold none of its data.
 
-    def __init__(self, device: torch.device, bar: tqdm) -> None:
+    In the runner, a layer's weights and KV were last touched a whole iteration ago, with every other layer's in
+    between; so before each timed call the timer writes over a buffer as large as what the model's other layers
+    would bring through the cache (its weights), up to twice the last-level cache (as triton's do_bench clears the
+    L2). A model small enough to stay in cache is timed hot, as it runs. CUDA is synchronised around every timing.
+    """
+
+    def __init__(self, device: torch.device, bar: tqdm, evict_bytes: int) -> None:
         self.device = device
         self.bar = bar
         self.count = 0
-        """Calls so far (warm-ups and repeats): the rotation index."""
+        """Calls so far (warm-ups and repeats): callers rotate over scratch layers with it."""
         self.measurements = 0
+        self._evict = torch.empty(max(1, evict_bytes // 4), dtype=torch.float32, device=device)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def __call__(self, fn: Callable[[int], object], min_seconds: float = _MIN_TIMED_S) -> float:
-        """fn(i) is called with a running index, which callers use to rotate over layers."""
+    def _cold_call(self, fn: Callable[[int], object]) -> float:
+        self._evict.zero_()
+        self._sync()
+        start = time.perf_counter()
         fn(self.count)
+        self._sync()
         self.count += 1
+        return time.perf_counter() - start
+
+    def __call__(self, fn: Callable[[int], object], min_seconds: float = _MIN_TIMED_S) -> float:
+        """fn(i) is called with a running index."""
+        self._cold_call(fn)
         times: list[float] = []
         while len(times) < _MAX_REPEATS and (len(times) < _MIN_REPEATS or sum(times) < min_seconds):
-            self._sync()
-            start = time.perf_counter()
-            fn(self.count)
-            self._sync()
-            times.append(time.perf_counter() - start)
-            self.count += 1
+            times.append(self._cold_call(fn))
         self.measurements += 1
         self.bar.update(1)
         return statistics.median(times)
+
+
+def last_level_cache_bytes(device: torch.device) -> int:
+    """The GPU's L2, or the CPU's largest cache (from sysfs); 32 MiB when unknown."""
+    if device.type == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)) or 32 << 20
+    sizes = []
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            text = entry.read_text().strip().upper()
+            sizes.append(int(text.rstrip("KMG")) << {"K": 10, "M": 20, "G": 30}.get(text[-1:], 0))
+        except (OSError, ValueError):
+            continue
+    return max(sizes, default=0) or 32 << 20
 
 
 class _ModelProfiler:
@@ -200,7 +227,8 @@ class _ModelProfiler:
         self.max_context = max_context
         self.page_size = page_size
         self.bar = bar
-        self.time = _Timer(device, bar)
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        self.time = _Timer(device, bar, min(weight_bytes, 2 * last_level_cache_bytes(device)))
         self.rng = random.Random(_SEED)
         self.accuracy: dict[str, dict[str, float]] = {}
         self.generator = torch.Generator(device=device).manual_seed(_SEED)
@@ -214,16 +242,15 @@ class _ModelProfiler:
     # ------------------------------------------------------------------------------------------------ dense
     def dense(self) -> PiecewiseLinear:
         self.bar.set_postfix_str("dense")
-        model, layers = self.model, self.config.num_layers
+        model = self.model
 
         def measure(n: int) -> float:
             hidden = self._randn(n, self.config.hidden_size)
             angles = model.rope_angles(self._positions(n))
 
             def run(i: int) -> None:
-                layer = i % layers
-                q, _, _ = model.pre_attention(layer, hidden, angles)
-                model.post_attention(layer, q, hidden)  # q has attention's output shape
+                q, _, _ = model.pre_attention(0, hidden, angles)  # every layer has layer 0's shapes
+                model.post_attention(0, q, hidden)  # q has attention's output shape
 
             return self.time(run)
 
@@ -251,9 +278,10 @@ class _ModelProfiler:
 
     # --------------------------------------------------------------------------------------------- attention
     def _scratch_attention(self, num_tokens: int) -> PagedAttention:
-        """PagedAttention over a scratch pool of _SCRATCH_LAYERS layers holding num_tokens tokens of random KV."""
+        """PagedAttention over a scratch pool of one layer holding num_tokens tokens of random KV (pages never
+        written would read as the kernel's shared zero page, faster than real KV)."""
         num_pages = -(-num_tokens // self.page_size) + 2
-        config = replace(self.config, num_layers=_SCRATCH_LAYERS)
+        config = replace(self.config, num_layers=1)
         pool = PagePool(config, num_pages, self.page_size, self.device, self.dtype)
         for tensor in pool.k + pool.v:
             tensor.normal_(generator=self.generator)
@@ -266,7 +294,7 @@ class _ModelProfiler:
         q = self._randn(rows, c.num_heads, c.head_dim)
         k, v = self._randn(rows, c.num_kv_heads, c.head_dim), self._randn(rows, c.num_kv_heads, c.head_dim)
         meta = attention.build_metadata(spans)
-        per_layer = self.time(lambda i: attention(i % _SCRATCH_LAYERS, q, k, v, meta))
+        per_layer = self.time(lambda i: attention(0, q, k, v, meta))
         build = self.time(lambda i: attention.build_metadata(spans), min_seconds=0.0)
         return per_layer + build / c.num_layers
 
@@ -344,7 +372,7 @@ class _ModelProfiler:
         try:
             for contexts in self._decode_batches(num_points):
                 batch = target.prepare(contexts)
-                seconds = self.time(lambda i: target.run(batch, i % _SCRATCH_LAYERS))
+                seconds = self.time(lambda i: target.run(batch, i % _HOST_KV_LAYERS))
                 target.release(batch)
                 points.append(((float(sum(contexts)), float(len(contexts))), seconds))
         finally:
@@ -372,12 +400,12 @@ class _CPUAttentionTarget:
         return torch.randn(shape, generator=self.generator)
 
     def _new_batch(self, contexts: list[int]) -> tuple[_CPUBatch, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """The batch and each request's KV [_SCRATCH_LAYERS, context, num_kv_heads, head_dim]."""
+        """The batch and each request's KV [_HOST_KV_LAYERS, context, num_kv_heads, head_dim]."""
         c, n = self.config, len(contexts)
         self._batches += 1
         ids = [f"profile-{self._batches}-{row}" for row in range(n)]
-        kv = [(self._randn(_SCRATCH_LAYERS, ctx, c.num_kv_heads, c.head_dim),
-               self._randn(_SCRATCH_LAYERS, ctx, c.num_kv_heads, c.head_dim)) for ctx in contexts]
+        kv = [(self._randn(_HOST_KV_LAYERS, ctx, c.num_kv_heads, c.head_dim),
+               self._randn(_HOST_KV_LAYERS, ctx, c.num_kv_heads, c.head_dim)) for ctx in contexts]
         rows = _CPUBatch(ids, self._randn(n, c.num_heads, c.head_dim), self._randn(n, c.num_kv_heads, c.head_dim),
                          self._randn(n, c.num_kv_heads, c.head_dim))
         return rows, kv
