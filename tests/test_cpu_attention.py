@@ -62,3 +62,33 @@ def test_host_kv_appends_grow_and_export_round_trips():
     kv.append(0, extra_k[0, 0], extra_v[0, 0])
     with pytest.raises(RuntimeError, match="middle of a token"):
         kv.export()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_paged_decode_matches_the_torch_path(dtype):
+    """The device's own decode attention when the device is the CPU: the compiled kernel reads each row's slots in
+    place; the torch path gathers and pads. Same result, rows of very different lengths, GQA groups of 3."""
+    from omniserve.attention import PagedAttention
+    from omniserve.config import ModelConfig
+    from omniserve.kv_cache import PagePool
+
+    config = ModelConfig(architecture="LlamaForCausalLM", hidden_size=9 * 64, intermediate_size=64, num_layers=1,
+                         num_heads=9, num_kv_heads=3, head_dim=64, vocab_size=10)
+    pool = PagePool(config, num_pages=64, page_size=4, device=torch.device("cpu"), dtype=dtype)
+    torch.manual_seed(0)
+    pool.k[0].normal_()
+    pool.v[0].normal_()
+    compiled = PagedAttention(pool, torch.device("cpu"))
+    fallback = PagedAttention(pool, torch.device("cpu"))
+    fallback._cpu_kernel = None
+    lens = [1, 5, 37, 120]
+    spans, first_page = [], 0
+    for length in lens:
+        pages = list(range(first_page, first_page + -(-length // 4)))[::-1]  # scattered, in reverse order
+        spans.append((length - 1, 1, pages))
+        first_page += len(pages)
+    q, k, v = (torch.randn(len(lens), heads, 64, dtype=dtype) for heads in (9, 3, 3))
+    assert compiled._cpu_kernel is not None
+    got = compiled(0, q, k, v, compiled.build_metadata(spans))
+    expected = fallback(0, q, k, v, fallback.build_metadata(spans))
+    torch.testing.assert_close(got, expected)

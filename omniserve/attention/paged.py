@@ -3,8 +3,9 @@
 Per iteration the runner builds one `AttentionMetadata` from the plan; every layer reuses it. Rows of a batch are
 grouped in two kinds:
 
-- decode rows (one new token of a request): batched into one call, a paged Triton kernel on CUDA; elsewhere keys are
-  gathered to [rows, longest context] and padded positions masked out;
+- decode rows (one new token of a request): batched into one call, a paged Triton kernel on CUDA, the compiled CPU
+  kernel (cpu_attention/csrc) on the CPU, which reads each row's slots in place; only where neither runs (bf16 on the
+  CPU, no compiler) are keys gathered to [rows, longest context] with padded positions masked out;
 - prefill spans (several new tokens of one request, maybe after earlier chunks): one call each, causal with an offset.
 """
 
@@ -41,9 +42,13 @@ class DecodeBatch:
     context_lens: torch.Tensor
     """[num_decode] int32 tokens to attend to (the new one included)."""
     context_slots: torch.Tensor | None
-    """[num_decode, longest_context] KV slots to attend to, padded with slot 0."""
+    """[num_decode, longest_context] KV slots to attend to, padded with slot 0 (torch fallback only)."""
     mask: torch.Tensor | None
-    """[num_decode, 1, 1, longest_context] bool: True for real positions."""
+    """[num_decode, 1, 1, longest_context] bool: True for real positions (torch fallback only)."""
+    flat_slots: torch.Tensor | None = None
+    """[total context] int64: each row's slots back to back (compiled CPU kernel only)."""
+    offsets: torch.Tensor | None = None
+    """[num_decode + 1] int64: row r's slots are flat_slots[offsets[r]:offsets[r + 1]] (compiled CPU kernel only)."""
 
 
 @dataclass(frozen=True)
@@ -63,16 +68,21 @@ def token_slots(page_ids: list[int], start: int, count: int, page_size: int, dev
 
 class PagedAttention:
     """Attention for every layer of one model over its page pool. The decode kernel is chosen once, by device:
-    a Triton kernel on CUDA (imported only there), torch ops elsewhere."""
+    a Triton kernel on CUDA (imported only there), the compiled kernel on the CPU (fp32/fp64), torch ops otherwise."""
 
     def __init__(self, pool: PagePool, device: torch.device) -> None:
         self.pool = pool
         self.device = device
         self._paged_decode = None
+        self._cpu_kernel = None
         if device.type == "cuda":
             from omniserve.attention.triton_decode import paged_decode_attention
 
             self._paged_decode = paged_decode_attention
+        elif pool.k[0].dtype in (torch.float32, torch.float64):
+            from omniserve.cpu_attention.kernel import compiled_kernel
+
+            self._cpu_kernel = compiled_kernel()
 
     def build_metadata(self, spans: list[tuple[int, int, list[int]]]) -> AttentionMetadata:
         """spans: per request in batch order, (start_position, num_new_tokens, page_ids)."""
@@ -105,16 +115,20 @@ class PagedAttention:
         most_pages = max(len(p) for p in pages)
         table = torch.tensor([p + [0] * (most_pages - len(p)) for p in pages], dtype=torch.int32, device=device)
         context_lens = torch.tensor(lens, dtype=torch.int32, device=device)
-        slots = mask = None
-        if self._paged_decode is None:
-            positions = torch.arange(max(lens), device=device)
-            valid = positions.unsqueeze(0) < context_lens.unsqueeze(1)
-            slots = table.long()[:, positions // page_size] * page_size + positions % page_size
-            # Padding must point at written KV: masked scores still see the keys, and a never-written slot may hold
-            # NaN bit patterns that survive the mask (NaN + -inf is NaN). Each row's position 0 is always written.
-            slots = torch.where(valid, slots, slots[:, :1])
-            mask = valid.view(len(rows), 1, 1, -1)
-        return DecodeBatch(torch.tensor(rows, device=device), table, context_lens, slots, mask)
+        row_ids = torch.tensor(rows, device=device)
+        if self._paged_decode is not None:
+            return DecodeBatch(row_ids, table, context_lens, None, None)
+        positions = torch.arange(max(lens), device=device)
+        valid = positions.unsqueeze(0) < context_lens.unsqueeze(1)
+        slots = table.long()[:, positions // page_size] * page_size + positions % page_size
+        if self._cpu_kernel is not None:
+            offsets = torch.zeros(len(lens) + 1, dtype=torch.long)
+            offsets[1:] = torch.cumsum(context_lens.long(), 0)
+            return DecodeBatch(row_ids, table, context_lens, None, None, slots[valid], offsets)
+        # Padding must point at written KV: masked scores still see the keys, and a never-written slot may hold
+        # NaN bit patterns that survive the mask (NaN + -inf is NaN). Each row's position 0 is always written.
+        slots = torch.where(valid, slots, slots[:, :1])
+        return DecodeBatch(row_ids, table, context_lens, slots, valid.view(len(rows), 1, 1, -1))
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata):
         """Stores this iteration's k, v in the pool, then attends. q: [num_tokens, num_heads, head_dim]."""
@@ -140,6 +154,8 @@ class PagedAttention:
     def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: DecodeBatch):
         if self._paged_decode is not None:
             return self._paged_decode(q, k_cache, v_cache, batch.page_table, batch.context_lens, self.pool.page_size)
+        if batch.flat_slots is not None:
+            return self._cpu_kernel.paged_decode_attention(q, k_cache, v_cache, batch.flat_slots, batch.offsets)
         rows, heads, head_dim = q.shape
         kv_heads = k_cache.shape[1]
         # GQA without copies: the query heads sharing a KV head take the place of SDPA's query-length axis.
