@@ -1,0 +1,264 @@
+"""The OpenAI-compatible HTTP server: FastAPI routes in front of an AsyncEngine, run by uvicorn.
+
+    app = build_app(engine, served_model_names, api_keys)   # tests run this in-process
+    run_server(app, host, port)                              # `omniserve serve`: until SIGTERM, then drain, exit 0
+
+The engine steps on its own thread (AsyncEngine); the event loop only parses requests, renders chat templates and
+writes chunks, and every request reads its own output queue, so one slow client never stalls the others.
+
+SIGTERM (or Ctrl-C) drains: the listening socket closes, new requests on open connections get 503 with Retry-After,
+requests in flight run to their end, and those still running after the grace period are cancelled, which aborts them
+in the engine and frees their memory. Then the engine stops and the process exits with status 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import sys
+import time
+import uuid
+from contextlib import asynccontextmanager
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from omniserve.engine.async_engine import AsyncEngine, EngineDeadError
+from omniserve.engine.llm_engine import LLMEngine
+from omniserve.entrypoints.openai.auth import APIKeys
+from omniserve.entrypoints.openai.errors import APIError, error_response
+from omniserve.entrypoints.openai.metrics import ServerMetrics
+from omniserve.entrypoints.openai.protocol import (
+    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse, TokenizeRequest,
+    TokenizeResponse,
+)
+from omniserve.entrypoints.openai.served_models import ServedModels
+from omniserve.entrypoints.openai.serving import ClientDisconnected, ServerState
+from omniserve.entrypoints.openai.serving_chat import ChatServing
+from omniserve.entrypoints.openai.serving_completions import CompletionServing
+
+logger = logging.getLogger(__name__)
+
+_GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+_KEYED_PATHS = ("/v1/", "/tokenize", "/detokenize")  # /health and /metrics stay open, for probes and scrapers
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+_STATUS_CLIENT_GONE = 499  # nginx's code for "the client closed the connection": logged, never received
+
+
+def build_app(engine: LLMEngine, served_model_names: list[str], api_keys: APIKeys | None = None,
+              drain_grace_s: float = 30.0) -> FastAPI:
+    """The app for one engine; the engine thread starts and stops with the app (its lifespan)."""
+    models = ServedModels(served_model_names, engine.services, str(engine.args.model or served_model_names[0]),
+                          engine.scheduler_config.max_model_len)
+    state = ServerState(engine, models, drain_grace_s)
+    metrics = ServerMetrics(served_model_names[0])
+    completions = CompletionServing(state)
+    chat = ChatServing(state)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state.async_engine = AsyncEngine(engine, on_iteration=metrics.on_iteration)
+        try:
+            yield
+        finally:
+            state.async_engine.shutdown()
+
+    app = FastAPI(title="omniserve", summary="OpenAI-compatible LLM server with LS/BE service classes",
+                  lifespan=lifespan)
+    app.state.server = state
+    app.add_middleware(RequestContextMiddleware, state=state, api_keys=api_keys)
+    _add_error_handlers(app)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if state.draining:
+            return error_response(503, "the server is shutting down", code="draining")
+        if state.async_engine is None or not state.async_engine.alive:
+            return error_response(503, "the engine is not running", code="engine_dead")
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    @app.get("/v1/models")
+    async def list_models() -> Response:
+        return _json(models.cards())
+
+    @app.post("/v1/completions")
+    async def create_completion(request: CompletionRequest, raw_request: Request) -> Response:
+        return await completions.create(request, raw_request)
+
+    @app.post("/v1/chat/completions")
+    async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request) -> Response:
+        return await chat.create(request, raw_request)
+
+    @app.post("/tokenize")
+    async def tokenize(request: TokenizeRequest) -> Response:
+        models.resolve(request.model, wants_best_effort=False)
+        tokenizer = _tokenizer(engine)
+        if request.messages is not None:
+            tokens = chat.render(request.messages, request.add_generation_prompt)
+        elif request.prompt is not None:
+            tokens = list(tokenizer.encode(request.prompt, add_special_tokens=request.add_special_tokens))
+        else:
+            raise APIError(400, "give a prompt or messages", param="prompt")
+        return _json(TokenizeResponse(count=len(tokens), max_model_len=models.max_model_len, tokens=tokens))
+
+    @app.post("/detokenize")
+    async def detokenize(request: DetokenizeRequest) -> Response:
+        models.resolve(request.model, wants_best_effort=False)
+        tokenizer = _tokenizer(engine)
+        vocab = engine.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in request.tokens):
+            raise APIError(400, f"token ids must be in [0, {vocab})", param="tokens")
+        return _json(DetokenizeResponse(prompt=tokenizer.decode(request.tokens)))
+
+    return app
+
+
+def _json(body) -> Response:
+    return Response(body.model_dump_json(), media_type="application/json")
+
+
+def _tokenizer(engine: LLMEngine):
+    if engine.tokenizer is None:
+        raise APIError(400, "this model has no tokenizer (random weights or no tokenizer files)")
+    return engine.tokenizer
+
+
+# ------------------------------------------------------------------------------------------------------- errors
+def _add_error_handlers(app: FastAPI) -> None:
+    async def api_error(_: Request, exc: APIError) -> Response:
+        return exc.response()
+
+    async def validation_error(_: Request, exc: RequestValidationError) -> Response:
+        """Malformed JSON or fields of the wrong type: 400 (FastAPI's default is 422), naming the field."""
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        if first.get("type") == "json_invalid":
+            detail = first.get("ctx", {}).get("error", "")
+            return error_response(400, f"the body is not valid JSON: {detail}".rstrip(": "), code="invalid_json")
+        parts, param = [], None
+        for error in errors:
+            field = ".".join(str(p) for p in error.get("loc", ())[1:])
+            param = param or field or None
+            parts.append(f"{field}: {error.get('msg')}" if field else str(error.get("msg")))
+        return error_response(400, "; ".join(parts) or "invalid request", param=param)
+
+    async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
+        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    async def engine_dead(_: Request, exc: EngineDeadError) -> Response:
+        return error_response(503, str(exc), code="engine_dead")
+
+    async def client_gone(_: Request, exc: ClientDisconnected) -> Response:
+        return Response(status_code=_STATUS_CLIENT_GONE)
+
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        logger.exception("%s: internal error", getattr(request.state, "request_id", "?"), exc_info=exc)
+        return error_response(500, "internal server error")
+
+    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(EngineDeadError, engine_dead)
+    app.add_exception_handler(ClientDisconnected, client_gone)
+    app.add_exception_handler(Exception, internal_error)
+
+
+# --------------------------------------------------------------------------------------------------- middleware
+class RequestContextMiddleware:
+    """Per HTTP request: its id (the client's x-request-id when it is sane, else a new one) on the response and in
+    the log line; the API key and the classes it may use; 503 for new generation requests while draining."""
+
+    def __init__(self, app: ASGIApp, state: ServerState, api_keys: APIKeys | None) -> None:
+        self.app = app
+        self.state = state
+        self.api_keys = api_keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = authorization = None
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                request_id = value.decode("latin-1")
+            elif name == b"authorization":
+                authorization = value.decode("latin-1")
+        if request_id is None or not _REQUEST_ID.fullmatch(request_id):
+            request_id = uuid.uuid4().hex
+        context = scope.setdefault("state", {})
+        context["request_id"] = request_id
+        context["service_classes"] = None  # no keys: every class
+        started = time.perf_counter()
+        status = _STATUS_CLIENT_GONE
+        raw_id = request_id.encode()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = {**message, "headers": [*message.get("headers", ()), (b"x-request-id", raw_id)]}
+            await send(message)
+
+        path = scope["path"]
+        try:
+            if self.api_keys is not None and path.startswith(_KEYED_PATHS):
+                classes = self.api_keys.classes_for(authorization)
+                if classes is None:
+                    response = error_response(401, "a valid API key is needed (Authorization: Bearer KEY)",
+                                              code="invalid_api_key")
+                    await response(scope, receive, send_with_id)
+                    return
+                context["service_classes"] = classes
+            if self.state.draining and path in _GENERATION_PATHS:
+                retry = str(max(1, math.ceil(self.state.drain_grace_s)))
+                response = error_response(503, "the server is shutting down", code="draining",
+                                          headers={"Retry-After": retry})
+                await response(scope, receive, send_with_id)
+                return
+            await self.app(scope, receive, send_with_id)
+        finally:
+            logger.info('%s "%s %s" %d %.1f ms', request_id, scope["method"], path, status,
+                        (time.perf_counter() - started) * 1e3)
+
+
+# ------------------------------------------------------------------------------------------------------ running
+class _DrainingServer(uvicorn.Server):
+    """uvicorn's server, except that SIGTERM/SIGINT first puts the app in draining mode, and that after the drain the
+    process exits normally (status 0) instead of re-raising the signal."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self._state = state
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if not self._state.draining:
+            self._state.draining = True
+            logger.warning("draining: %d requests in flight, grace period %.0f s", len(self._state.in_flight),
+                           self._state.drain_grace_s)
+        super().handle_exit(sig, frame)
+        self._captured_signals.clear()  # a drained server has shut down cleanly: exit 0, not by the signal
+
+
+def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Serves until SIGTERM or SIGINT, then drains (see the module docstring). Prints one line once it listens:
+    `omniserve: serving MODEL NAMES on http://HOST:PORT` (port 0 picks a free one)."""
+    state: ServerState = app.state.server
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=max(1, math.ceil(state.drain_grace_s)))
+    server = _DrainingServer(config, state)
+    sock = config.bind_socket()
+    sock.listen(config.backlog)  # connections wait in the backlog while the app starts, instead of being refused
+    bound_host, bound_port = sock.getsockname()[:2]
+    print(f"omniserve: serving {', '.join(state.models.by_name)} on http://{bound_host}:{bound_port}",
+          file=sys.stderr, flush=True)
+    server.run(sockets=[sock])
