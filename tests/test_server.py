@@ -1,0 +1,530 @@
+"""The OpenAI-compatible server, through the official `openai` client and raw HTTP, on a free port chosen by the OS.
+
+The tiny random model gets a tiny word-level tokenizer with a chat template, so that text prompts and chat work;
+its words are meaningless, but the text goes through the same detokenizer, stop strings and templates as a real
+model's. A test that needs a request to last makes the engine slower (`slow_engine`), never the client wait longer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
+
+from omniserve.engine.llm_engine import LLMEngine
+from omniserve.entrypoints.openai.api_server import build_app
+from omniserve.entrypoints.openai.auth import APIKeys
+
+PROMPT = "the capital of france is"
+MESSAGES = [{"role": "system", "content": "you are terse"}, {"role": "user", "content": "hello world"}]
+
+
+# ---------------------------------------------------------------------------------------------------- fixtures
+def save_tiny_tokenizer(folder, vocab_size: int = 1000) -> None:
+    """A word-level tokenizer covering every id of the tiny model (BOS 1, EOS 2), with a ChatML-like template."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    words = ("the capital of france is paris hello world a an and to in on user assistant system you are terse "
+             "what write haiku about sea . , ! ?").split()
+    vocab = specials + words + [f"w{i}" for i in range(vocab_size - len(specials) - len(words))]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    tokenizer.add_special_tokens([AddedToken(s, special=True) for s in specials])
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|> "
+                          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant {% endif %}")
+    fast.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_model(tiny_model_dirs, tmp_path_factory) -> str:
+    """The tiny llama, in a folder of its own, with the tokenizer above."""
+    folder = tmp_path_factory.mktemp("tiny-chat")
+    source = tiny_model_dirs["llama"][0]
+    for name in os.listdir(source):
+        shutil.copy(os.path.join(source, name), folder)
+    save_tiny_tokenizer(folder)
+    return str(folder)
+
+
+class RunningServer:
+    """uvicorn serving an app on a thread of its own, on a port the OS chose."""
+
+    def __init__(self, app, grace_s: int = 5) -> None:
+        self.app = app
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False,
+                                lifespan="on", timeout_graceful_shutdown=grace_s)
+        self.server = uvicorn.Server(config)
+        sock = config.bind_socket()
+        sock.listen()
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.01)
+
+    @property
+    def state(self):
+        return self.app.state.server
+
+    @property
+    def engine(self) -> LLMEngine:
+        return self.state.engine
+
+    def client(self, api_key: str = "none") -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=60)
+
+    def post(self, path: str, body, **kwargs) -> httpx.Response:
+        content = body if isinstance(body, str) else json.dumps(body)
+        headers = {"content-type": "application/json", **kwargs.pop("headers", {})}
+        kwargs.setdefault("timeout", 60)
+        return httpx.post(self.url + path, content=content, headers=headers, **kwargs)
+
+    def wait_idle(self, timeout_s: float = 10.0) -> None:
+        """Until the engine holds no request and no page (aborts land at the engine thread's next turn)."""
+        deadline = time.monotonic() + timeout_s
+        while self.engine.has_unfinished_requests() or self.engine.allocator.num_used:
+            assert time.monotonic() < deadline, "the engine still holds requests"
+            time.sleep(0.01)
+        self.engine.check_integrity()
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        assert not self.thread.is_alive()
+
+
+@contextmanager
+def serving(model: str, names=("tiny",), api_keys=None, grace_s: int = 5, **engine_args):
+    engine = LLMEngine(model=model, block_size=4, **engine_args)
+    server = RunningServer(build_app(engine, list(names), api_keys, drain_grace_s=grace_s), grace_s)
+    try:
+        yield server
+    finally:
+        server.stop()
+    engine.check_integrity()
+    assert engine.allocator.num_used == 0
+
+
+@pytest.fixture(scope="module")
+def server(tiny_chat_model):
+    with serving(tiny_chat_model) as running:
+        yield running
+
+
+@pytest.fixture
+def client(server) -> openai.OpenAI:
+    yield server.client()
+    server.wait_idle()  # every test leaves the engine empty
+
+
+@contextmanager
+def slow_engine(server: RunningServer, seconds_per_step: float = 0.01):
+    """Makes every engine iteration last at least this long, so that a request is still running when the test acts."""
+    engine = server.engine
+    step = engine.step
+
+    def slow_step():
+        time.sleep(seconds_per_step)
+        return step()
+
+    engine.step = slow_step
+    try:
+        yield
+    finally:
+        del engine.step
+
+
+def metric_samples(server: RunningServer) -> dict[tuple[str, tuple], float]:
+    response = httpx.get(server.url + "/metrics")
+    assert response.status_code == 200
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(response.text) for s in family.samples
+    }
+
+
+def assert_serves(server: RunningServer) -> None:
+    """The server still answers a normal request."""
+    done = server.client().completions.create(model="tiny", prompt=PROMPT, max_tokens=3,
+                                              extra_body={"ignore_eos": True})
+    assert done.usage.completion_tokens == 3 and done.choices[0].finish_reason == "length"
+
+
+# ------------------------------------------------------------------------------------------- completions, chat
+def test_models_list_the_model_and_its_best_effort_service(client):
+    models = {m.id: m for m in client.models.list().data}
+    assert set(models) == {"tiny", "tiny-batch"}
+    assert models["tiny-batch"].model_extra["service_class"] == "be"
+    assert models["tiny"].model_extra["max_model_len"] == 512
+
+
+def test_completion_with_usage_and_stop(client, server):
+    done = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=0,
+                                     extra_body={"ignore_eos": True})
+    text = done.choices[0].text
+    prompt_tokens = server.post("/tokenize", {"prompt": PROMPT}).json()["count"]
+    assert done.choices[0].finish_reason == "length"
+    assert (done.usage.prompt_tokens, done.usage.completion_tokens, done.usage.total_tokens) == (
+        prompt_tokens, 6, prompt_tokens + 6)
+    stop = " " + text.split()[3]
+    stopped = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=0, stop=[stop],
+                                        extra_body={"ignore_eos": True})
+    assert stopped.choices[0].text == text[:text.index(stop)]
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].model_extra["stop_reason"] == stop
+
+
+def test_chat_uses_the_model_chat_template(client, server):
+    done = client.chat.completions.create(model="tiny", messages=MESSAGES, max_completion_tokens=4,
+                                          extra_body={"ignore_eos": True})
+    templated = server.post("/tokenize", {"messages": MESSAGES}).json()
+    expected = server.engine.tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True,
+                                                           return_dict=True)["input_ids"]
+    assert templated["tokens"] == list(expected)
+    assert done.usage.prompt_tokens == templated["count"] and done.usage.completion_tokens == 4
+    assert done.choices[0].message.role == "assistant" and done.choices[0].message.content
+    text = server.post("/detokenize", {"tokens": templated["tokens"][1:3]}).json()["prompt"]
+    assert text == "system you"
+
+
+@pytest.mark.parametrize("kind", ["completions", "chat"])
+def test_streamed_text_and_usage_equal_the_non_streamed_answer(client, kind):
+    common = dict(model="tiny", n=2, seed=7, temperature=1.0, extra_body={"ignore_eos": True, "top_k": 50})
+    if kind == "completions":
+        create, args, text_of = client.completions.create, dict(prompt=PROMPT, max_tokens=8), lambda c: c.text
+    else:
+        create, args = client.chat.completions.create, dict(messages=MESSAGES, max_completion_tokens=8)
+        text_of = lambda c: c.message.content  # noqa: E731
+    whole = create(**common, **args)
+    chunks = list(create(**common, **args, stream=True, stream_options={"include_usage": True}))
+    streamed, first_seen = {0: "", 1: ""}, set()
+    for chunk in chunks[:-1]:
+        assert chunk.usage is None and len(chunk.choices) >= 1
+        for choice in chunk.choices:
+            delta = choice.text if kind == "completions" else choice.delta.content
+            if choice.index not in first_seen:  # no empty chunk before a choice's first token
+                first_seen.add(choice.index)
+                assert delta
+                assert kind == "completions" or choice.delta.role == "assistant"
+            streamed[choice.index] += delta or ""
+    assert streamed == {c.index: text_of(c) for c in whole.choices}
+    assert streamed[0] != streamed[1]  # the n completions sample on their own
+    last = chunks[-1]
+    assert last.choices == [] and last.usage == whole.usage
+    assert whole.usage.completion_tokens == 16
+    assert {chunk.service_tier for chunk in chunks} == {"default"}
+
+
+def test_seed_reproduces_and_n_gives_n_choices(client):
+    def sample(seed):
+        done = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, n=3, seed=seed,
+                                         extra_body={"ignore_eos": True})
+        assert [c.index for c in done.choices] == [0, 1, 2] and done.usage.completion_tokens == 18
+        return [c.text for c in done.choices]
+
+    first = sample(11)
+    assert sample(11) == first
+    assert sample(12) != first
+
+
+def test_several_prompts_in_one_request(client):
+    done = client.completions.create(model="tiny", prompt=[PROMPT, "hello world"], max_tokens=3, n=2, temperature=0,
+                                     extra_body={"ignore_eos": True})
+    assert [c.index for c in done.choices] == [0, 1, 2, 3]
+    alone = client.completions.create(model="tiny", prompt="hello world", max_tokens=3, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    assert done.choices[2].text == alone.choices[0].text
+    streamed = list(client.completions.create(model="tiny", prompt=[PROMPT, "hello world"], max_tokens=3,
+                                              temperature=0, stream=True, extra_body={"ignore_eos": True}))
+    assert "".join(c.choices[0].text for c in streamed if c.choices[0].index == 1) == alone.choices[0].text
+
+
+def test_logprobs(client):
+    done = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4, logprobs=2, temperature=0,
+                                     extra_body={"ignore_eos": True})
+    logprobs = done.choices[0].logprobs
+    assert logprobs.tokens == done.choices[0].text.split()  # word-level tokens decode without their space
+    assert len(logprobs.token_logprobs) == 4 and all(lp <= 0 for lp in logprobs.token_logprobs)
+    for token, lp, top in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs):
+        assert token in top and top[token] == lp and 2 <= len(top) <= 3
+        assert max(top.values()) == lp  # greedy: the sampled token is the most likely
+    chat = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=3, logprobs=True,
+                                          top_logprobs=2, extra_body={"ignore_eos": True})
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 3 and all(len(t.top_logprobs) == 2 for t in content)
+    assert [t.token for t in content] == chat.choices[0].message.content.split()
+    streamed = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=3, logprobs=True,
+                                              stream=True, extra_body={"ignore_eos": True})
+    assert sum(len(c.choices[0].logprobs.content) for c in streamed if c.choices[0].logprobs) == 3
+
+
+@pytest.mark.parametrize("how, tier", [
+    (dict(model="tiny"), "default"),
+    (dict(model="tiny", extra_body={"service_tier": "flex", "ignore_eos": True}), "flex"),
+    (dict(model="tiny", extra_body={"priority": 1, "ignore_eos": True}), "flex"),
+    (dict(model="tiny-batch"), "flex"),
+], ids=["default", "service-tier-flex", "priority", "batch-model"])
+def test_service_classes(client, server, how, tier):
+    before = metric_samples(server)
+    how = {"extra_body": {"ignore_eos": True}, **how}
+    done = client.completions.create(prompt=PROMPT, max_tokens=2, **how)
+    assert done.service_tier == tier and done.model == how["model"]
+    service_class = "be" if tier == "flex" else "ls"
+    key = ("vllm:request_success_total", (("finished_reason", "length"), ("model_name", "tiny"),
+                                          ("service_class", service_class)))
+    deadline = time.monotonic() + 5  # recorded on the engine thread just after the answer went out
+    while metric_samples(server).get(key, 0) != before.get(key, 0) + 1:
+        assert time.monotonic() < deadline, "the request was not counted in its class"
+        time.sleep(0.01)
+
+
+def test_metrics_parse_and_count(client, server):
+    client.completions.create(model="tiny", prompt=PROMPT, max_tokens=5, extra_body={"ignore_eos": True})
+    key = ("vllm:generation_tokens_total", (("model_name", "tiny"), ("service_class", "ls")))
+    before = metric_samples(server)[key]
+    client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=5, extra_body={"ignore_eos": True})
+    deadline = time.monotonic() + 5
+    while metric_samples(server)[key] != before + 5:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    samples = metric_samples(server)
+    assert samples[("vllm:time_to_first_token_seconds_count", key[1])] >= 2
+    assert ("vllm:kv_cache_usage_perc", (("model_name", "tiny"),)) in samples
+
+
+def test_request_id_is_honoured_and_logged(server, caplog):
+    caplog.set_level("INFO", logger="omniserve.entrypoints.openai.api_server")
+    response = server.post("/v1/completions", {"model": "tiny", "prompt": PROMPT, "max_tokens": 2},
+                           headers={"x-request-id": "trace-42"})
+    assert response.status_code == 200 and response.headers["x-request-id"] == "trace-42"
+    assert response.json()["id"] == "cmpl-trace-42"
+    assert any("trace-42" in r.getMessage() and "/v1/completions" in r.getMessage() for r in caplog.records)
+    generated = server.post("/v1/completions", {"model": "tiny", "prompt": PROMPT, "max_tokens": 2})
+    assert generated.headers["x-request-id"] and generated.json()["id"] == "cmpl-" + generated.headers["x-request-id"]
+
+
+# ------------------------------------------------------------------------------------------------- failures
+@pytest.mark.parametrize("path, body, status, param, message", [
+    ("/v1/completions", '{"model": "tiny", "prompt": ', 400, None, "not valid JSON"),
+    ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "max_tokens": "many"}, 400, "max_tokens", "integer"),
+    ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "temperature": -1}, 400, "temperature", "non-negative"),
+    ("/v1/completions", {"model": "tiny"}, 400, "prompt", "Field required"),
+    ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "logit_bias": {"5": 1}}, 400, "logit_bias", "not supp"),
+    ("/v1/completions", {"model": "nope", "prompt": PROMPT}, 404, "model", "does not exist"),
+    ("/v1/completions", {"model": "tiny", "prompt": "the " * 600}, 400, "prompt", "maximum context length is 512"),
+    ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "max_tokens": 600}, 400, "max_tokens", "is 512 tokens"),
+    ("/v1/completions", {"model": "tiny", "prompt": [], "stream": True}, 400, "prompt", "empty"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": []}, 400, "messages", "at least 1"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"content": "hi"}]}, 400, "messages.0.role", "required"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": MESSAGES, "top_logprobs": 2}, 400, "top_logprobs",
+     "logprobs: true"),
+    ("/v1/nothing", {}, 404, None, "Not Found"),
+], ids=["malformed-json", "wrong-type", "bad-value", "missing-field", "unsupported", "unknown-model", "prompt-too-long",
+        "output-too-long", "empty-prompt-streamed", "no-messages", "message-without-role", "top-logprobs-alone",
+        "unknown-path"])
+def test_bad_requests_get_an_openai_error_and_the_server_keeps_serving(server, path, body, status, param, message):
+    response = server.post(path, body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert message in error["message"] and error["param"] == param and error["type"]
+    assert_serves(server)
+
+
+def test_openai_client_raises_its_own_errors(client):
+    with pytest.raises(openai.BadRequestError, match="maximum context length is 512"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "the " * 600}])
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4", prompt=PROMPT)
+
+
+def test_disconnect_mid_stream_aborts_and_frees_memory(server):
+    with slow_engine(server):
+        with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
+                          json={"model": "tiny", "prompt": PROMPT, "max_tokens": 400, "ignore_eos": True,
+                                "stream": True}) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")
+            assert server.engine.has_unfinished_requests()
+        server.wait_idle(timeout_s=2)  # long before its 400 tokens (4 s) would have been done
+    assert server.engine.allocator.num_used == 0
+    assert_serves(server)
+
+
+def test_disconnect_while_waiting_for_a_whole_answer_aborts(server):
+    with slow_engine(server):
+        with pytest.raises(httpx.ReadTimeout):
+            server.post("/v1/completions", {"model": "tiny", "prompt": PROMPT, "max_tokens": 400,
+                                            "ignore_eos": True}, timeout=0.5)
+        server.wait_idle(timeout_s=2)
+    assert_serves(server)
+
+
+def test_a_client_that_does_not_read_stalls_nobody(server, client):
+    with slow_engine(server, 0.002):
+        with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
+                          json={"model": "tiny", "prompt": PROMPT, "max_tokens": 500, "ignore_eos": True,
+                                "stream": True}):
+            started = time.monotonic()
+            for _ in range(3):  # while the stream above is neither read nor closed
+                done = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4,
+                                                 extra_body={"ignore_eos": True})
+                assert done.usage.completion_tokens == 4
+            assert time.monotonic() - started < 5
+    server.wait_idle()
+
+
+def test_draining_server_answers_503_with_retry_after(server):
+    server.state.draining = True
+    try:
+        response = server.post("/v1/completions", {"model": "tiny", "prompt": PROMPT, "max_tokens": 2})
+        assert response.status_code == 503 and int(response.headers["retry-after"]) >= 1
+        assert response.json()["error"]["code"] == "draining"
+        assert httpx.get(server.url + "/health").status_code == 503
+        assert httpx.get(server.url + "/v1/models").status_code == 200
+    finally:
+        server.state.draining = False
+    assert httpx.get(server.url + "/health").status_code == 200
+    assert_serves(server)
+
+
+def test_grace_period_over_aborts_what_is_left(tiny_chat_model):
+    with serving(tiny_chat_model, grace_s=1) as running:
+        engine = running.engine
+        results = queue.Queue()
+
+        def stream():
+            try:
+                with httpx.stream("POST", running.url + "/v1/completions", timeout=60, json={
+                        "model": "tiny", "prompt": PROMPT, "max_tokens": 500, "ignore_eos": True, "stream": True,
+                }) as response:
+                    for line in response.iter_lines():
+                        results.put(line)
+            except httpx.HTTPError as exc:
+                results.put(exc)
+            results.put(None)
+
+        with slow_engine(running, 0.02):  # 500 tokens would take 10 s
+            threading.Thread(target=stream, daemon=True).start()
+            assert results.get(timeout=10).startswith("data: ")
+            started = time.monotonic()
+            running.stop()
+            assert time.monotonic() - started < 5
+        assert not engine.has_unfinished_requests() and engine.allocator.num_used == 0
+
+
+# ------------------------------------------------------------------------------------- service classes, keys
+@pytest.fixture(scope="module")
+def slo_server(tiny_chat_model, tmp_path_factory):
+    """A chat service whose TTFT SLO the (made-up, very slow) latency profile says can never be met, and a batch
+    service: every chat request is rejected at admission, batch requests run."""
+    from dataclasses import replace
+
+    from test_slo_scheduler import MODEL  # the scheduler tests' latency model of chosen numbers, in its current form
+
+    from omniserve.profiler.latency_model import PiecewiseLinear
+
+    folder = tmp_path_factory.mktemp("slo")
+    profile = replace(MODEL, dense=PiecewiseLinear((0.0, 1000.0), (10.0, 20.0)))  # 10 s per layer: hopeless
+    (folder / "profile.json").write_text(profile.to_json())
+    (folder / "services.toml").write_text('[services.chat]\nclass = "ls"\nttft_slo = 0.5\n\n'
+                                          '[services.batch]\nclass = "be"\n')
+    with serving(tiny_chat_model, services=str(folder / "services.toml"), profile_path=str(folder / "profile.json"),
+                 be_decode_placement="device") as running:
+        yield running
+
+
+def test_named_services_are_model_names(slo_server):
+    cards = {m.id: m.model_extra for m in slo_server.client().models.list().data}
+    assert set(cards) == {"tiny", "tiny-chat", "tiny-batch"}
+    assert (cards["tiny-chat"]["service_class"], cards["tiny-chat"]["ttft_slo"]) == ("ls", 0.5)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_rejected_ls_request_gets_429_with_retry_after(slo_server, stream):
+    client = slo_server.client()
+    with pytest.raises(openai.RateLimitError) as info:
+        result = client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=3, stream=stream)
+        list(result) if stream else None
+    assert info.value.response.headers["retry-after"] == "1"
+    assert info.value.body["code"] == "slo_rejected"
+    done = client.chat.completions.create(model="tiny-batch", messages=MESSAGES, max_tokens=3,
+                                          extra_body={"ignore_eos": True})
+    assert done.service_tier == "flex" and done.usage.completion_tokens == 3
+    with pytest.raises(openai.BadRequestError, match="latency-sensitive"):
+        client.completions.create(model="tiny-chat", prompt=PROMPT, extra_body={"service_tier": "flex"})
+    slo_server.wait_idle()
+
+
+def test_api_keys(tiny_chat_model, tmp_path):
+    keys_file = tmp_path / "keys.toml"
+    keys_file.write_text('[keys]\n"sk-batch-only" = ["be"]\n')
+    with serving(tiny_chat_model, api_keys=APIKeys.build(["sk-all"], str(keys_file))) as running:
+        for key in ("none", "sk-wrong"):
+            with pytest.raises(openai.AuthenticationError):
+                running.client(key).completions.create(model="tiny", prompt=PROMPT, max_tokens=2)
+        assert httpx.get(running.url + "/v1/models").status_code == 401
+        assert running.client("sk-all").completions.create(model="tiny", prompt=PROMPT, max_tokens=2).choices
+        batch = running.client("sk-batch-only")
+        with pytest.raises(openai.PermissionDeniedError, match="may not use LS"):
+            batch.completions.create(model="tiny", prompt=PROMPT, max_tokens=2)
+        assert batch.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2,
+                                             service_tier="flex").service_tier == "flex"
+        assert batch.completions.create(model="tiny-batch", prompt=PROMPT, max_tokens=2).service_tier == "flex"
+        assert httpx.get(running.url + "/health").status_code == 200  # probes and scrapers need no key
+        assert httpx.get(running.url + "/metrics").status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------------- SIGTERM
+def test_sigterm_drains_in_flight_requests_and_exits_cleanly(tiny_chat_model):
+    grace_s = 20
+    process = subprocess.Popen(
+        [sys.executable, "-m", "omniserve", "serve", "--model", tiny_chat_model, "--port", "0", "--block-size", "4",
+         "--served-model-name", "tiny", "--shutdown-timeout", str(grace_s), "--be-decode-placement", "device"],
+        stderr=subprocess.PIPE, text=True,
+    )
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stderr], daemon=True).start()
+    try:
+        url = None
+        deadline = time.monotonic() + 60
+        while url is None:
+            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            if line.startswith("omniserve: serving"):
+                url = line.split(" on ")[-1].strip()
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        stream = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=400, stream=True,
+                                           stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        chunks = [next(stream)]
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        chunks += list(stream)  # the request in flight runs to its end
+        assert chunks[-2].choices[0].finish_reason == "length"
+        assert chunks[-1].usage.completion_tokens == 400
+        assert process.wait(timeout=grace_s) == 0
+        assert time.monotonic() - started < grace_s
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(url + "/health")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
