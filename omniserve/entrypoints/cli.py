@@ -131,6 +131,24 @@ def _profile(args: argparse.Namespace) -> None:
     print(f"{'loaded from' if cached else 'written to'} {target}")
 
 
+def _serve(args: argparse.Namespace) -> None:
+    """The OpenAI-compatible server (see omniserve.entrypoints.openai.api_server)."""
+    from omniserve.entrypoints.openai.api_server import build_app, run_server
+    from omniserve.entrypoints.openai.auth import APIKeys
+    from omniserve.entrypoints.openai.served_models import default_served_name
+
+    logging.getLogger("omniserve").setLevel(args.log_level.upper())
+    api_keys = APIKeys.build(args.api_key, args.api_keys_file)  # a bad keys file fails before the model loads
+    if args.gpu_memory_utilization is not None:
+        logging.getLogger(__name__).warning(
+            "--gpu-memory-utilization is not applied yet: size the KV cache with --kv-cache-memory-bytes or "
+            "--num-gpu-blocks-override")
+    engine = LLMEngine(EngineArgs.from_cli_args(args))
+    names = args.served_model_name or [default_served_name(args.model)]
+    app = build_app(engine, names, api_keys, drain_grace_s=args.shutdown_timeout)
+    run_server(app, args.host, args.port, log_level=args.log_level)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="omniserve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -155,6 +173,24 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--force", action="store_true", help="profile again even if the profile exists")
     EngineArgs.add_cli_args(profile)
     profile.set_defaults(handler=_profile)
+
+    serve = commands.add_parser("serve", help="serve the OpenAI API (completions, chat, models, metrics)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (0: a free one)")
+    serve.add_argument("--served-model-name", nargs="+", default=None,
+                       help="model name(s) in the API; services appear as NAME-SERVICE, best effort as NAME-batch "
+                       "(default: --model as given, or smollm2 for the built-in model)")
+    serve.add_argument("--api-key", action="append", default=None,
+                       help="API key clients must send (Authorization: Bearer KEY); repeatable")
+    serve.add_argument("--api-keys-file", default=None,
+                       help="TOML or YAML file mapping API keys to the classes (ls, be) each may use")
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0,
+                       help="seconds that requests in flight get to finish after SIGTERM before they are aborted")
+    serve.add_argument("--gpu-memory-utilization", type=float, default=None,
+                       help="accepted for vLLM compatibility; not applied yet (use --kv-cache-memory-bytes)")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    EngineArgs.add_cli_args(serve)
+    serve.set_defaults(handler=_serve)
     return parser
 
 
