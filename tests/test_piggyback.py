@@ -71,7 +71,7 @@ def test_piggyback_admission_caps_still_give_device_tokens(tiny, reference, make
     llm = make_llm(tiny, dtype="float64", block_size=4, be_decode_placement="cpu")
     scheduler = llm.engine.scheduler
     scheduler.latency_model = LatencyModel(
-        num_layers=2, dense=PiecewiseLinear((0.0, 1000.0), (1e-3, 101e-3)), prefill_attention=LinearModel(0.0, (0.0,)),
+        num_layers=2, dense=PiecewiseLinear((0.0, 1000.0), (1e-3, 101e-3)), prefill_attention=LinearModel(0.0, (0.0, 0.0)),
         decode_attention=LinearModel(0.0, (0.0, 0.0)), head=LinearModel(1e-3, (0.0,)),
         cpu_attention=LinearModel(0.0, (0.0, 0.0)),
     )

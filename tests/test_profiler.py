@@ -24,7 +24,7 @@ def _latency_model(**overrides) -> LatencyModel:
     fields = dict(
         num_layers=4,
         dense=PiecewiseLinear((1.0, 100.0), (1.0, 100.0)),  # 1 s per row, per layer
-        prefill_attention=LinearModel(0.0, (0.001,)),
+        prefill_attention=LinearModel(0.0, (0.001, 0.0)),
         decode_attention=LinearModel(0.5, (0.01, 0.1)),
         head=LinearModel(2.0, (0.25,)),
         cpu_attention=LinearModel(0.001, (1e-6, 1e-4)),
@@ -111,7 +111,7 @@ def test_prefill_interactions_and_batch_shape_of_chunks():
     ]
     assert batch_shape_of_chunks(chunks) == BatchShape(
         num_rows=9, prefill_interactions=6 + prefill_interactions(8, 4), decode_context=110, num_decodes=2,
-        num_sampled=3,
+        num_sampled=3, prefill_tokens=7,
     )
 
 
@@ -170,7 +170,7 @@ def test_profiling_a_tiny_model_gives_positive_monotone_predictions(tiny_llama, 
     assert all(t > 0 for t in decode) and decode == sorted(decode) and decode[-1] > decode[0]
     longer = [latency.decode_attention_time(c, 4) for c in (4, 64, 256, 1024)]
     assert longer == sorted(longer)
-    prefill = [latency.prefill_attention_time(prefill_interactions(0, n)) for n in (2, 16, 128)]
+    prefill = [latency.prefill_attention_time(prefill_interactions(0, n), n) for n in (2, 16, 128)]
     assert all(t > 0 for t in prefill) and prefill == sorted(prefill)
     cpu = [latency.cpu_attention_time(64 * k, k) for k in (1, 8, 32)]
     assert all(t > 0 for t in cpu) and cpu == sorted(cpu)

@@ -1,10 +1,8 @@
 """The SLO-aware scheduler end to end on a tiny model: a profile measured on this machine, a tight TPOT SLO, heavy
-BE load. Iterations that run LS rows are planned within the budget and take about what the profile predicts; every
-request completes."""
+BE load. Every iteration that runs LS rows is planned within the budget, and every request completes. (How closely
+the measured times follow the predictions is a benchmark's question: benchmarks/bench_profile.py.)"""
 
 from __future__ import annotations
-
-import statistics
 
 import pytest
 
@@ -42,13 +40,11 @@ def test_tight_tpot_slo_under_heavy_be_load(tiny_model_dirs, tiny_profile, make_
                 finished[out.request_id] = out.outputs[0].finish_reason
         plan = engine.last_iteration.plan
         if any(c.request_id.startswith("ls") for c in plan.chunks):
-            ls_iterations.append((plan.predicted_time, plan.time_budget, engine.last_iteration.seconds))
+            ls_iterations.append((plan.predicted_time, plan.time_budget))
         if not engine.has_unfinished_requests() and step > 60:
             break
     assert sorted(finished) == sorted([f"be{i}" for i in range(8)] + ["ls5", "ls25", "ls60"])
     assert set(finished.values()) == {"length"}
-    assert ls_iterations and all(predicted <= limit for predicted, limit, _ in ls_iterations)
-    measured = statistics.median(seconds for _, _, seconds in ls_iterations)
-    assert measured <= 1.5 * budget, f"LS iterations took {measured / budget:.2f}x the budget (median)"
+    assert ls_iterations and all(predicted <= limit for predicted, limit in ls_iterations)
     assert engine.scheduler.num_swap_outs >= 1  # the BE load did not fit: some of it decoded in the CPU pool
 

@@ -53,7 +53,8 @@ class _Batch:
         if count == 1:
             shape = replace(shape, decode_context=shape.decode_context + start + 1, num_decodes=shape.num_decodes + 1)
         else:
-            shape = replace(shape, prefill_interactions=shape.prefill_interactions + prefill_interactions(start, count))
+            shape = replace(shape, prefill_interactions=shape.prefill_interactions + prefill_interactions(start, count),
+                            prefill_tokens=shape.prefill_tokens + count)
         return replace(shape, num_rows=shape.num_rows + count, num_sampled=shape.num_sampled + sample)
 
     def time(self, shape: BatchShape | None = None) -> float | None:
@@ -285,16 +286,12 @@ class Scheduler:
         base = batch.shape
         remaining = tokens_ahead + request.num_tokens - request.num_computed_tokens
         per_iteration = min(remaining, self.config.max_num_batched_tokens)
-        while per_iteration > 0 and not batch.fits(replace(
-            base, num_rows=base.num_rows + per_iteration,
-            prefill_interactions=base.prefill_interactions + prefill_interactions(0, per_iteration),
-        )):
+        while per_iteration > 1 and not batch.fits(batch.with_chunk(base, 0, per_iteration, False)):
             per_iteration //= 2  # a coarse search is enough for an admission estimate
-        if per_iteration == 0:
+        if not batch.fits(batch.with_chunk(base, 0, per_iteration, False)):
             return math.inf
         iterations = math.ceil(remaining / per_iteration)
-        full = replace(base, num_rows=base.num_rows + per_iteration, num_sampled=base.num_sampled + 1,
-                       prefill_interactions=base.prefill_interactions + prefill_interactions(0, per_iteration))
+        full = batch.with_chunk(base, 0, per_iteration, True)
         return self.clock() - request.arrival_time + iterations * self.latency_model.iteration_time(full)
 
     # ------------------------------------------------------------------------------------------------ pages

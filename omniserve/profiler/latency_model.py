@@ -127,6 +127,8 @@ class BatchShape:
     """Rows through the LM head and sampler."""
     extra_rows: tuple[int, ...] = ()
     """Per layer l (missing entries = 0): offloaded (CPU-attention) rows that join layer l's dense work."""
+    prefill_tokens: int = 0
+    """Tokens of the prefill chunks (a chunk's attention also has a cost per query token, beyond its interactions)."""
 
 
 def prefill_interactions(start: int, count: int) -> int:
@@ -142,7 +144,7 @@ def _extra(shape: BatchShape, layer: int) -> int:
 def batch_shape_of_chunks(chunks, extra_rows: tuple[int, ...] = ()) -> BatchShape:
     """The shape of a plan's device chunks (anything with token_ids, start_position and sample, e.g. ScheduledChunk):
     a chunk of one token is a decode row with context start_position + 1; a longer one is a prefill chunk."""
-    num_rows = interactions = context = decodes = sampled = 0
+    num_rows = interactions = context = decodes = sampled = prefill_tokens = 0
     for chunk in chunks:
         count = len(chunk.token_ids)
         num_rows += count
@@ -152,7 +154,8 @@ def batch_shape_of_chunks(chunks, extra_rows: tuple[int, ...] = ()) -> BatchShap
             context += chunk.start_position + 1
         else:
             interactions += prefill_interactions(chunk.start_position, count)
-    return BatchShape(num_rows, interactions, context, decodes, sampled, tuple(extra_rows))
+            prefill_tokens += count
+    return BatchShape(num_rows, interactions, context, decodes, sampled, tuple(extra_rows), prefill_tokens)
 
 
 @dataclass(frozen=True)
@@ -161,7 +164,7 @@ class LatencyModel:
     dense: PiecewiseLinear
     """Seconds: ONE layer's pre_attention + post_attention on n rows."""
     prefill_attention: LinearModel
-    """Seconds, one layer: f(interactions)."""
+    """Seconds, one layer: f(interactions, prefill tokens)."""
     decode_attention: LinearModel
     """Seconds, one layer: f(total_context, num_requests)."""
     head: LinearModel
@@ -177,8 +180,8 @@ class LatencyModel:
     def dense_time(self, num_rows: int) -> float:
         return self.dense(num_rows) if num_rows > 0 else 0.0
 
-    def prefill_attention_time(self, interactions: int) -> float:
-        return self.prefill_attention(interactions) if interactions > 0 else 0.0
+    def prefill_attention_time(self, interactions: int, tokens: int = 0) -> float:
+        return self.prefill_attention(interactions, tokens) if interactions > 0 else 0.0
 
     def decode_attention_time(self, total_context: int, num_requests: int) -> float:
         return self.decode_attention(total_context, num_requests) if num_requests > 0 else 0.0
@@ -201,7 +204,7 @@ class LatencyModel:
 
     def _attention_time(self, shape: BatchShape) -> float:
         """One layer's device attention; the same at every layer (offloaded rows attend on the CPU)."""
-        return self.prefill_attention_time(shape.prefill_interactions) + self.decode_attention_time(
+        return self.prefill_attention_time(shape.prefill_interactions, shape.prefill_tokens) + self.decode_attention_time(
             shape.decode_context, shape.num_decodes
         )
 

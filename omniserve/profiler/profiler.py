@@ -312,7 +312,7 @@ class _ModelProfiler:
                 room = min(self.max_context - count, _MAX_PREFILL_WORK // count - count)
                 start = self.rng.randint(1, room) if room >= 1 else 0
             seconds = self._time_attention(attention, [(start, count, page_ids)])
-            points.append(((float(prefill_interactions(start, count)),), seconds))
+            points.append(((float(prefill_interactions(start, count)), float(count)), seconds))
         return _fit_with_held_out("prefill_attention", points, self.rng, self.accuracy)
 
     def _decode_batches(self, num_points: int) -> list[list[int]]:
@@ -531,12 +531,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("OMNISERVE_CACHE_DIR") or Path.home() / ".cache" / "omniserve")
 
 
+_PROFILE_FORMAT = 2  # bumped when the models' features change, so that older cached profiles are not reused
+
+
 def profile_cache_path(model_name: str, model: LlamaForCausalLM, device: torch.device, dtype: torch.dtype, *,
                        max_num_tokens: int, max_context: int, page_size: int,
                        pool_config: PoolConfig | None) -> Path:
     """Where load_or_profile keeps this setup's profile: a readable prefix and a hash of everything that changes it."""
     pool = None if pool_config is None else (pool_config.threads_per_worker, pool_config.simulated_delay_s)
-    key = repr((model_name, model.config, device_name(device), device.type, str(dtype), torch.get_num_threads(),
+    key = repr((_PROFILE_FORMAT, model_name, model.config, device_name(device), device.type, str(dtype), torch.get_num_threads(),
                 max_num_tokens, max_context, page_size, pool))
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     readable = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in Path(model_name).name)[:40] or "model"
