@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 run: setup
-	$(VENV)/bin/omniserve chat
+	$(VENV)/bin/omniserve serve
 
 test: setup
 	$(PY) -m pytest -q
