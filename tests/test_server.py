@@ -176,6 +176,9 @@ def test_models_list_the_model_and_its_best_effort_service(client):
     assert set(models) == {"tiny", "tiny-batch"}
     assert models["tiny-batch"].model_extra["service_class"] == "be"
     assert models["tiny"].model_extra["max_model_len"] == 512
+    assert client.models.retrieve("tiny-batch").id == "tiny-batch"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("tiny-nope")
 
 
 def test_completion_with_usage_and_stop(client, server):

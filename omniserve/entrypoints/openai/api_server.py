@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+import omniserve
 from omniserve.engine.async_engine import AsyncEngine, EngineDeadError
 from omniserve.engine.llm_engine import LLMEngine
 from omniserve.entrypoints.openai.auth import APIKeys
@@ -90,6 +91,17 @@ def build_app(engine: LLMEngine, served_model_names: list[str], api_keys: APIKey
     @app.get("/v1/models")
     async def list_models() -> Response:
         return _json(models.cards())
+
+    @app.get("/v1/models/{name:path}")
+    async def retrieve_model(name: str) -> Response:
+        card = next((c for c in models.cards().data if c.id == name), None)
+        if card is None:
+            raise APIError(404, f"The model `{name}` does not exist", param="model", code="model_not_found")
+        return _json(card)
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": omniserve.__version__}
 
     @app.post("/v1/completions")
     async def create_completion(request: CompletionRequest, raw_request: Request) -> Response:
@@ -246,7 +258,7 @@ class _DrainingServer(uvicorn.Server):
             logger.warning("draining: %d requests in flight, grace period %.0f s", len(self._state.in_flight),
                            self._state.drain_grace_s)
         super().handle_exit(sig, frame)
-        self._captured_signals.clear()  # a drained server has shut down cleanly: exit 0, not by the signal
+        getattr(self, "_captured_signals", []).clear()  # drained and shut down cleanly: exit 0, not by the signal
 
 
 def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
