@@ -531,3 +531,24 @@ def test_sigterm_drains_in_flight_requests_and_exits_cleanly(tiny_chat_model):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+# ------------------------------------------------------------------------------------------- the default model
+def test_default_model_chat_through_the_server(default_llm):
+    """The real model, chat template and byte-level tokenizer: the answer is right, and a sampled stream's deltas add
+    up to the same text as the whole answer."""
+    app = build_app(default_llm.engine, ["smollm2"])
+    running = RunningServer(app)
+    try:
+        client = running.client()
+        messages = [{"role": "user", "content": "What is the capital of France?"}]
+        done = client.chat.completions.create(model="smollm2", messages=messages, temperature=0, max_tokens=16)
+        assert "Paris" in done.choices[0].message.content
+        sampled = dict(model="smollm2", messages=[{"role": "user", "content": "Say hello in French and Japanese."}],
+                       temperature=0.8, seed=3, max_tokens=24)
+        whole = client.chat.completions.create(**sampled).choices[0].message.content
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**sampled,
+                                                                                                   stream=True))
+        assert streamed == whole
+    finally:
+        running.stop()
