@@ -501,7 +501,7 @@ def test_api_keys(tiny_chat_model, tmp_path):
 def test_sigterm_drains_in_flight_requests_and_exits_cleanly(tiny_chat_model):
     grace_s = 20
     process = subprocess.Popen(
-        [sys.executable, "-m", "omniserve", "serve", "--model", tiny_chat_model, "--port", "0", "--block-size", "4",
+        [sys.executable, "-m", "omniserve", "serve", tiny_chat_model, "--port", "0", "--block-size", "4",
          "--served-model-name", "tiny", "--shutdown-timeout", str(grace_s), "--be-decode-placement", "device"],
         stderr=subprocess.PIPE, text=True,
     )

@@ -138,6 +138,8 @@ def _serve(args: argparse.Namespace) -> None:
     from omniserve.entrypoints.openai.served_models import default_served_name
 
     logging.getLogger("omniserve").setLevel(args.log_level.upper())
+    if args.model_tag is not None:
+        args.model = args.model_tag
     api_keys = APIKeys.build(args.api_key, args.api_keys_file)  # a bad keys file fails before the model loads
     if args.gpu_memory_utilization is not None:
         logging.getLogger(__name__).warning(
@@ -175,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     profile.set_defaults(handler=_profile)
 
     serve = commands.add_parser("serve", help="serve the OpenAI API (completions, chat, models, metrics)")
+    serve.add_argument("model_tag", nargs="?", default=None, help="the model, as --model (`vllm serve MODEL`)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (0: a free one)")
     serve.add_argument("--served-model-name", nargs="+", default=None,

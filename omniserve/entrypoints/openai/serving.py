@@ -117,11 +117,13 @@ class OpenAIServing:
         await until_disconnected(raw_request, generation.start(), generation)
         if generation.rejected:
             await generation.aclose()
-            status = 503 if self.state.draining else 429
-            raise APIError(status, "the server cannot meet this latency-sensitive request's time-to-first-token SLO "
-                           "now" + (" (it is shutting down)" if status == 503 else "; retry later, or ask for "
-                                    "best-effort service (service_tier 'flex')"),
-                           code="slo_rejected", headers={"Retry-After": self.retry_after(resolved)})
+            headers = {"Retry-After": self.retry_after(resolved)}
+            if self.state.draining:
+                raise APIError(503, "the server is shutting down and cannot take this latency-sensitive request",
+                               code="draining", headers=headers)
+            raise APIError(429, "the server cannot meet this latency-sensitive request's time-to-first-token SLO now; "
+                           "retry later, or ask for best effort (service_tier 'flex')", code="slo_rejected",
+                           headers=headers)
         return generation
 
     # ----------------------------------------------------------------------------------------- logprobs and usage
