@@ -170,6 +170,8 @@ class SchedulerConfig:
     """The scheduling policy (see omniserve.engine.policy): omniserve, or a competitor's for comparison."""
     ls_headroom: float = 0.2
     """`llumnix` policy: the share of device KV pages that BE requests may never hold."""
+    iteration_budget_share: float = 0.85
+    """The share of the TPOT SLO an iteration is planned to fill; the rest absorbs the latency model's error."""
 
     def __post_init__(self) -> None:
         for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len"):
@@ -177,6 +179,8 @@ class SchedulerConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.policy not in POLICIES:
             raise ConfigError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if not 0.0 < self.iteration_budget_share <= 1.0:
+            raise ConfigError(f"iteration_budget_share must be in (0, 1], got {self.iteration_budget_share}")
         if not 0.0 <= self.ls_headroom < 1.0:
             raise ConfigError(f"ls_headroom must be in [0, 1), got {self.ls_headroom}")
         if self.be_decode_placement not in BE_DECODE_PLACEMENTS:

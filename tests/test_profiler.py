@@ -161,7 +161,8 @@ PROFILE_SETTINGS = dict(max_num_tokens=128, max_context=256, page_size=16, pool_
 def test_profiling_a_tiny_model_gives_positive_monotone_predictions(tiny_llama, one_thread):
     latency = profile_model(tiny_llama, CPU, torch.float32, **PROFILE_SETTINGS)
     assert latency.num_layers == tiny_llama.config.num_layers
-    assert set(latency.accuracy) == {"dense", "prefill_attention", "decode_attention", "head", "cpu_attention"}
+    assert set(latency.accuracy) == {"dense", "prefill_attention", "decode_attention", "head", "cpu_attention",
+                                    "swap_out"}
     assert all(a["points"] > 0 and math.isfinite(a["median_rel_error"]) for a in latency.accuracy.values())
     rows = [1, 2, 8, 32, 64, 128, 512]
     dense = [latency.dense_time(n) for n in rows]

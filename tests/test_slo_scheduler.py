@@ -38,6 +38,7 @@ class Clock:
 
 
 def make(policy="omniserve", num_pages=256, page_size=4, tpot=0.05, clock=None, **config) -> Scheduler:
+    config.setdefault("iteration_budget_share", 1.0)  # the rules below are stated against the whole SLO
     return Scheduler(
         SchedulerConfig(policy=policy, **config), PageTable(PageAllocator(num_pages), page_size), eos_token_ids=(2,),
         num_layers=LAYERS, latency_model=MODEL, default_tpot_slo=tpot, clock=clock or Clock(),
@@ -279,3 +280,33 @@ def test_an_slo_tighter_than_one_row_still_lets_be_work_progress():
             break
         step(scheduler)
     assert not scheduler.has_unfinished()
+
+
+def test_iterations_are_planned_within_a_share_of_the_slo():
+    scheduler = make(iteration_budget_share=0.8)
+    add(scheduler, "long", 900)
+    plan = step(scheduler)
+    assert plan.time_budget == pytest.approx(0.04) and plan.predicted_time <= 0.04
+
+
+def test_a_swap_out_that_does_not_fit_the_budget_waits_while_ls_runs():
+    slow_swaps = LatencyModel(**(vars(MODEL) | {"swap_out": LinearModel(0.0, (1e-3,))}))  # 1 ms per token
+    scheduler = make(num_pages=1024)
+    scheduler.latency_model = slow_swaps
+    be = add(scheduler, "be", 60, service_class="be", max_tokens=30)
+    step(scheduler)
+    add(scheduler, "ls", 2000, max_tokens=2)  # the budget goes to the LS prefill: no room for a 60 ms swap-out
+    plan = step(scheduler)
+    assert not plan.swap_outs and be.placement is Placement.DEVICE and plan.predicted_time <= 0.05
+    # With no LS request to protect, BE work progresses: one swap-out per iteration, whatever it costs.
+    alone = make(num_pages=1024, be_decode_placement="cpu")
+    alone.latency_model = slow_swaps
+    first, second = (add(alone, name, 60, service_class="be", max_tokens=30) for name in ("first", "second"))
+    swapped = []
+    for _ in range(200):
+        plan = step(alone)
+        assert len(plan.swap_outs) <= 1
+        swapped += [t.request_id for t in plan.swap_outs]
+        if second.placement is Placement.HOST:
+            break
+    assert swapped == ["first", "second"]

@@ -42,6 +42,8 @@ class EngineArgs:
     profile_path: str | None = _arg(
         None, "latency profile (JSON) for the SLO scheduler; default: cached per model, device and dtype, and "
         "profiled at start-up when missing")
+    iteration_budget_share: float = _arg(
+        0.85, "share of the TPOT SLO an iteration is planned to fill (the rest absorbs prediction error)")
     ls_headroom: float = _arg(0.2, "llumnix policy: share of device KV pages reserved for latency-sensitive requests")
     cpu_attention_workers: int = _arg(1, "CPU attention worker processes (started on first offload)")
     cpu_attention_threads: int = _arg(1, "torch threads in each CPU attention worker")

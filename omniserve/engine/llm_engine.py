@@ -87,6 +87,7 @@ class LLMEngine:
             be_decode_placement=args.be_decode_placement,
             policy=args.policy,
             ls_headroom=args.ls_headroom,
+            iteration_budget_share=args.iteration_budget_share,
         )
         self.services = ServiceRegistry.build(args.ls_ttft_slo, args.ls_tpot_slo, args.services)
         self.tokenizer = load_tokenizer(loaded.kind, loaded.path)

@@ -48,6 +48,8 @@ class _Batch:
         self.time_budget = time_budget if model is not None else None
         self.tokens_left = token_budget
         self.shape = BatchShape()
+        self.swap_seconds = 0.0
+        """What this iteration's swap-outs cost the engine (gathering and handing over KV)."""
 
     def with_chunk(self, shape: BatchShape, start: int, count: int, sample: bool) -> BatchShape:
         if count == 1:
@@ -57,15 +59,15 @@ class _Batch:
                             prefill_tokens=shape.prefill_tokens + count)
         return replace(shape, num_rows=shape.num_rows + count, num_sampled=shape.num_sampled + sample)
 
-    def time(self, shape: BatchShape | None = None) -> float | None:
-        return None if self.model is None else self.model.iteration_time(shape or self.shape)
+    def time(self) -> float | None:
+        return None if self.model is None else self.model.iteration_time(self.shape) + self.swap_seconds
 
-    def fits(self, shape: BatchShape, reserve_rows: int = 0) -> bool:
+    def fits(self, shape: BatchShape, reserve_rows: int = 0, extra_seconds: float = 0.0) -> bool:
         if self.time_budget is None:
             return True
         if reserve_rows:
             shape = replace(shape, extra_rows=(reserve_rows,) * self.num_layers)
-        return self.model.iteration_time(shape) <= self.time_budget
+        return self.model.iteration_time(shape) + self.swap_seconds + extra_seconds <= self.time_budget
 
     def largest_chunk(self, request: Request, reserve_rows: int = 0) -> int:
         """The most of the request's uncomputed tokens that fit the token and time budgets (0: none)."""
@@ -173,17 +175,19 @@ class Scheduler:
         return not self.policy.classes or not request.is_best_effort
 
     def _time_budget(self) -> float | None:
-        """The tightest TPOT SLO among running LS requests, else the default one."""
+        """The share of the tightest TPOT SLO among running LS requests (else of the default one) that an iteration
+        is planned to fill; the rest absorbs the latency model's error."""
         if not self.policy.time_budget or self.latency_model is None:
             return None
         slos = [r.tpot_slo for r in self.running if r.tpot_slo is not None and self._is_ls(r)]
-        return min(slos) if slos else self.default_tpot_slo
+        slo = min(slos) if slos else self.default_tpot_slo
+        return None if slo is None else slo * self.config.iteration_budget_share
 
     def schedule(self) -> IterationPlan:
         self.iteration += 1
         self._preempted = False
         batch = _Batch(self.latency_model, self.num_layers, self._time_budget(), self.config.max_num_batched_tokens)
-        swap_outs = self._plan_page_swap_outs()
+        swap_outs = self._plan_page_swap_outs(batch)
         scheduled: dict[str, int] = {}  # request id -> tokens this iteration (dicts keep insertion order)
         rejected: list[str] = []
         device = [r for r in self.running if r.placement is Placement.DEVICE]
@@ -214,8 +218,8 @@ class Scheduler:
                 batch.with_chunk(batch.shape, request.num_computed_tokens, 1, True), reserve)
             if fits_time and self._page_room(request, request.num_tokens):
                 self._try_schedule(request, 1, batch, scheduled)
-            elif self._may_offload(request):
-                swap_outs.append(self._swap_out(request))
+            elif self._may_offload(request) and self._swap_fits(request, batch):
+                swap_outs.append(self._swap_out(request, batch))
             elif fits_time:  # may not leave the device: make room among the BE requests, as FCFS would
                 self._try_schedule(request, 1, batch, scheduled, evict_ls=False)
 
@@ -354,7 +358,19 @@ class Scheduler:
             return True
         return request.is_best_effort and self.config.be_decode_placement != "device"
 
-    def _swap_out(self, request: Request) -> KVTransfer:
+    def _swap_fits(self, request: Request, batch: _Batch) -> bool:
+        """A swap-out's cost to the engine fits this iteration's time budget. While no LS request runs, one swap-out
+        per iteration is allowed whatever it costs, so that BE work always makes progress."""
+        if batch.time_budget is None:
+            return True
+        cost = self.latency_model.swap_out_time(request.num_computed_tokens)
+        if batch.fits(batch.shape, extra_seconds=cost):
+            return True
+        return not batch.swap_seconds and not any(self._is_ls(r) for r in self.running)
+
+    def _swap_out(self, request: Request, batch: _Batch) -> KVTransfer:
+        if batch.model is not None:
+            batch.swap_seconds += batch.model.swap_out_time(request.num_computed_tokens)
         request.placement = Placement.SWAPPING_OUT
         return KVTransfer(request.request_id, list(self.page_table.pages(request.request_id)),
                           request.num_computed_tokens)
@@ -371,9 +387,10 @@ class Scheduler:
             wanted += self.page_table.pages_needed(head.request_id, head.num_computed_tokens + chunk)
         return wanted
 
-    def _plan_page_swap_outs(self) -> list[KVTransfer]:
+    def _plan_page_swap_outs(self, batch: _Batch) -> list[KVTransfer]:
         """Swap-outs decided by pages: under `cpu` placement every BE request once it decodes; otherwise the newest
-        offloadable requests while free pages (counting those being swapped out) fall short of what is wanted."""
+        offloadable requests while free pages (counting those being swapped out) fall short of what is wanted.
+        Swap-outs whose cost does not fit the time budget wait for a later iteration."""
         candidates = [r for r in self.running if r.placement is Placement.DEVICE and self._may_offload(r)]
         if not candidates:
             return []
@@ -388,7 +405,7 @@ class Scheduler:
                 chosen.append(request)
                 free += len(self.page_table.pages(request.request_id))
             candidates = chosen
-        return [self._swap_out(request) for request in candidates]
+        return [self._swap_out(request, batch) for request in candidates if self._swap_fits(request, batch)]
 
     def _plan_swap_ins(self, batch: _Batch, reserve_rows: int) -> list[KVTransfer]:
         """Offloaded requests come back to the device when nothing waits, pages are plentiful and their decode would

@@ -172,6 +172,8 @@ class LatencyModel:
     f(num_sampled)."""
     cpu_attention: LinearModel
     """Seconds: one layer's batch in ONE CPU-pool worker, round trip included: f(total_context, num_rows)."""
+    swap_out: LinearModel = LinearModel(0.0, (0.0,))
+    """Seconds of the engine's own time one swap-out costs: f(tokens). Zero where the copy is asynchronous (CUDA)."""
     accuracy: dict[str, dict[str, float]] = field(default_factory=dict)
     """Per model name: {"median_rel_error", "p90_rel_error", "points"} on held-out measurements."""
     metadata: dict[str, str] = field(default_factory=dict)
@@ -188,6 +190,9 @@ class LatencyModel:
 
     def head_time(self, num_sampled: int) -> float:
         return self.head(num_sampled)
+
+    def swap_out_time(self, num_tokens: int) -> float:
+        return self.swap_out(num_tokens) if num_tokens > 0 else 0.0
 
     def cpu_attention_time(self, total_context: int, num_rows: int) -> float:
         return self.cpu_attention(total_context, num_rows) if num_rows > 0 else 0.0
@@ -228,6 +233,7 @@ class LatencyModel:
             decode_attention=linear(data["decode_attention"]),
             head=linear(data["head"]),
             cpu_attention=linear(data["cpu_attention"]),
+            swap_out=linear(data["swap_out"]) if "swap_out" in data else LinearModel(0.0, (0.0,)),
             accuracy={name: dict(summary) for name, summary in data.get("accuracy", {}).items()},
             metadata={str(k): str(v) for k, v in data.get("metadata", {}).items()},
         )

@@ -364,6 +364,31 @@ class _ModelProfiler:
             points.append(((float(n),), self.time(run)))
         return _fit_with_held_out("head", points, self.rng, self.accuracy)
 
+    def swap_out(self, num_points: int = 8) -> LinearModel:
+        """What a swap-out costs the engine, by tokens. On the CPU the runner gathers the request's KV from every
+        layer and hands it to the pool, whose queue copies it into shared memory on the engine's own core: both are
+        timed. On CUDA the copy runs on a side stream and costs the device's iteration nothing measurable."""
+        if self.device.type != "cpu":
+            return LinearModel(0.0, (0.0,))
+        self.bar.set_postfix_str("swap-out")
+        longest = max(2, min(self.max_context, 2048))
+        pool = PagePool(self.config, -(-longest // self.page_size) + 1, self.page_size, self.device, self.dtype)
+        for tensor in pool.k + pool.v:
+            tensor.normal_(generator=self.generator)
+        sizes = sorted({round(math.exp(self.rng.uniform(math.log(16), math.log(longest)))) for _ in range(num_points)}
+                       | {16, longest})
+        points = []
+        for tokens in sizes:
+            slots = torch.arange(tokens, device=self.device)
+
+            def copy(i: int) -> None:
+                k = torch.stack([layer.index_select(0, slots) for layer in pool.k]).share_memory_()
+                v = torch.stack([layer.index_select(0, slots) for layer in pool.v]).share_memory_()
+                del k, v
+
+            points.append(((float(tokens),), self.time(copy)))
+        return _fit_with_held_out("swap_out", points, self.rng, self.accuracy)
+
     # ------------------------------------------------------------------------------------------ CPU attention
     def cpu_attention(self, pool_config: PoolConfig | None, num_points: int = 24) -> LinearModel:
         self.bar.set_postfix_str("CPU attention")
@@ -496,6 +521,7 @@ def profile_model(
         decode = profiler.decode_attention()
         head = profiler.head()
         cpu = profiler.cpu_attention(pool_config)
+        swap = profiler.swap_out()
     seconds = time.perf_counter() - started
     metadata = {
         "model": model.config.architecture,
@@ -512,7 +538,7 @@ def profile_model(
         "measurements": str(profiler.time.measurements),
         "profiling_seconds": f"{seconds:.1f}",
     }
-    return LatencyModel(model.config.num_layers, dense, prefill, decode, head, cpu, profiler.accuracy, metadata)
+    return LatencyModel(model.config.num_layers, dense, prefill, decode, head, cpu, swap, profiler.accuracy, metadata)
 
 
 def device_name(device: torch.device) -> str:
@@ -531,7 +557,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("OMNISERVE_CACHE_DIR") or Path.home() / ".cache" / "omniserve")
 
 
-_PROFILE_FORMAT = 2  # bumped when the models' features change, so that older cached profiles are not reused
+_PROFILE_FORMAT = 3  # bumped when the models' features change, so that older cached profiles are not reused
 
 
 def profile_cache_path(model_name: str, model: LlamaForCausalLM, device: torch.device, dtype: torch.dtype, *,
