@@ -119,7 +119,7 @@ def test_waiting_ls_is_rejected_as_soon_as_it_would_be_late_and_be_is_never_reje
     assert be.status is RequestStatus.WAITING  # BE waits, however long
 
 
-def test_priority_order_ls_decode_ls_prefill_be_prefill_be_decode():
+def test_priority_order_ls_decode_ls_prefill_be_decode_be_prefill():
     scheduler = make(max_num_batched_tokens=40, tpot=None, be_decode_placement="device")
     add(scheduler, "be-old", 6, service_class="be", max_tokens=20)
     add(scheduler, "ls-old", 6, max_tokens=20)
@@ -127,11 +127,11 @@ def test_priority_order_ls_decode_ls_prefill_be_prefill_be_decode():
     add(scheduler, "be-new", 8, service_class="be")
     add(scheduler, "ls-new", 30)
     plan = step(scheduler)
-    assert [c.request_id for c in plan.chunks] == ["ls-old", "ls-new", "be-new", "be-old"]
-    assert chunk_sizes(plan) == {"ls-old": 1, "ls-new": 30, "be-new": 8, "be-old": 1}
+    assert [c.request_id for c in plan.chunks] == ["ls-old", "ls-new", "be-old", "be-new"]
+    assert chunk_sizes(plan) == {"ls-old": 1, "ls-new": 30, "be-old": 1, "be-new": 8}
     add(scheduler, "be-newer", 50, service_class="be")
-    plan = step(scheduler)  # the BE prefill takes what the LS rows leave; BE decodes would get the rest
-    assert chunk_sizes(plan) == {"ls-old": 1, "ls-new": 1, "be-newer": 38}
+    plan = step(scheduler)  # the BE prefill takes what the decodes leave
+    assert chunk_sizes(plan) == {"ls-old": 1, "ls-new": 1, "be-old": 1, "be-new": 1, "be-newer": 36}
 
 
 def test_be_decode_is_offloaded_when_it_does_not_fit_the_time_budget():
@@ -310,3 +310,16 @@ def test_a_swap_out_that_does_not_fit_the_budget_waits_while_ls_runs():
         if second.placement is Placement.HOST:
             break
     assert swapped == ["first", "second"]
+
+
+def test_measured_iteration_times_correct_later_plans():
+    scheduler = make()
+    add(scheduler, "long", 900)
+    plan = step(scheduler)
+    for _ in range(100):  # the machine turns out 1.5x slower than profiled
+        scheduler.observe(plan, 1.5 * plan.predicted_time / scheduler.time_correction)
+    assert scheduler.time_correction == pytest.approx(1.5, rel=0.01)
+    plan = step(scheduler)
+    assert plan.predicted_time <= plan.time_budget  # the corrected prediction is what must fit
+    uncorrected = plan.predicted_time / scheduler.time_correction
+    assert uncorrected <= plan.time_budget / 1.5 * 1.01

@@ -231,6 +231,7 @@ class LLMEngine:
                 self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ERROR)
             output = RunnerOutput()
         self.last_iteration = IterationStats(plan, time.perf_counter() - started)
+        self.scheduler.observe(plan, self.last_iteration.seconds)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("iteration %d: %s; took %.1f ms", self.scheduler.iteration, plan.summary(),
                          self.last_iteration.seconds * 1e3)

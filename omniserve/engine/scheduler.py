@@ -6,9 +6,11 @@ Stages, in priority order (the `omniserve` policy; the others are settings of th
 2. LS prefill: running LS prefills continue, then waiting LS requests are admitted, each with the largest chunk that
    keeps the iteration's predicted time within the time budget (the tightest LS TPOT SLO). A waiting LS request
    whose predicted TTFT no longer fits its SLO is rejected at once: never a silently late answer.
-3. BE prefill within what is left, minus a reserve for the rows piggybacking this iteration.
-4. BE decode on the device while it fits (time and pages); the rest are swapped out to the CPU pool.
-5. Swap-in of an offloaded request when there is slack (pages and time, nothing waiting).
+3. BE decode on the device while it fits (time and pages); the rest are swapped out to the CPU pool, as far as
+   the swap-outs' own cost fits. (Decode before BE prefill: else every BE request would be swapped out at its first
+   token whenever another BE prompt waits, pages to spare or not.)
+4. BE prefill within what is left. Both BE stages keep a reserve for the rows piggybacking this iteration.
+5. Swap-in of an offloaded request when there is slack (pages and time, nothing waiting, no LS prefill running).
 6. Piggyback admission: offloaded rows whose CPU result is back (and offloaded requests starting a new token) join
    the device batch at their layer while each layer stays within its share of the budget (budget / layers); the
    longest-waiting rows first, then the lowest layers, so no row starves.
@@ -35,15 +37,17 @@ from omniserve.kv_cache import PageTable
 from omniserve.profiler.latency_model import BatchShape, LatencyModel, prefill_interactions
 
 _SWAP_IN_HEADROOM = 0.25  # swap in only if this share of all pages stays free beyond what is needed
-_SWAP_IN_TIME_SHARE = 0.5  # ... and the iteration would still take at most this share of its time budget, so that
-# a request brought back is not offloaded again by the next prefill chunk
+_CORRECTION_WEIGHT = 0.05  # how fast the measured/predicted time ratio follows new iterations
 
 
 class _Batch:
     """The iteration being planned: its token count and, with a latency model, its shape and predicted time."""
 
-    def __init__(self, model: LatencyModel | None, num_layers: int, time_budget: float | None, token_budget: int):
+    def __init__(self, model: LatencyModel | None, num_layers: int, time_budget: float | None, token_budget: int,
+                 correction: float = 1.0):
         self.model = model
+        self.correction = correction
+        """Measured / predicted iteration time lately: scales the model's predictions (and so the budget's use)."""
         self.num_layers = num_layers
         self.time_budget = time_budget if model is not None else None
         self.tokens_left = token_budget
@@ -60,14 +64,17 @@ class _Batch:
         return replace(shape, num_rows=shape.num_rows + count, num_sampled=shape.num_sampled + sample)
 
     def time(self) -> float | None:
-        return None if self.model is None else self.model.iteration_time(self.shape) + self.swap_seconds
+        if self.model is None:
+            return None
+        return self.correction * (self.model.iteration_time(self.shape) + self.swap_seconds)
 
     def fits(self, shape: BatchShape, reserve_rows: int = 0, extra_seconds: float = 0.0) -> bool:
         if self.time_budget is None:
             return True
         if reserve_rows:
             shape = replace(shape, extra_rows=(reserve_rows,) * self.num_layers)
-        return self.model.iteration_time(shape) + self.swap_seconds + extra_seconds <= self.time_budget
+        predicted = self.model.iteration_time(shape) + self.swap_seconds + extra_seconds
+        return self.correction * predicted <= self.time_budget
 
     def largest_chunk(self, request: Request, reserve_rows: int = 0) -> int:
         """The most of the request's uncomputed tokens that fit the token and time budgets (0: none)."""
@@ -129,6 +136,8 @@ class Scheduler:
         self.num_rebuilt = 0
         """Offloaded requests recomputed on the device after their worker died."""
         self.num_rejected = 0
+        self.time_correction = 1.0
+        """Running ratio of measured to predicted iteration times (see observe)."""
         self._preempted = False  # in the iteration being planned
         self._released: list[str] = []  # ended requests the runner and the CPU pool still hold state for
 
@@ -163,6 +172,15 @@ class Scheduler:
         released, self._released = self._released, []
         return released
 
+    def observe(self, plan: IterationPlan, seconds: float) -> None:
+        """How long a planned iteration really took. The latency model was profiled once; the machine drifts (other
+        tenants, clocks, caches), so later plans follow the recent ratio of measured to predicted time."""
+        if not plan.predicted_time or not (plan.chunks or plan.returning):
+            return
+        ratio = seconds * self.time_correction / plan.predicted_time  # against the uncorrected prediction
+        ratio = min(max(ratio, 0.25), 4.0)  # one odd iteration (a page fault storm, a GC pause) moves it little
+        self.time_correction += _CORRECTION_WEIGHT * (ratio - self.time_correction)
+
     def results_ready(self, keys: list[tuple[str, int]]) -> None:
         """CPU attention results that came back: (request id, layer)."""
         for request_id, layer in keys:
@@ -186,7 +204,8 @@ class Scheduler:
     def schedule(self) -> IterationPlan:
         self.iteration += 1
         self._preempted = False
-        batch = _Batch(self.latency_model, self.num_layers, self._time_budget(), self.config.max_num_batched_tokens)
+        batch = _Batch(self.latency_model, self.num_layers, self._time_budget(), self.config.max_num_batched_tokens,
+                       self.time_correction)
         swap_outs = self._plan_page_swap_outs(batch)
         scheduled: dict[str, int] = {}  # request id -> tokens this iteration (dicts keep insertion order)
         rejected: list[str] = []
@@ -203,14 +222,10 @@ class Scheduler:
                 self._try_schedule(request, batch.largest_chunk(request), batch, scheduled)
         self._admit_waiting(batch, scheduled, rejected, ls=True)
 
-        # 3. BE prefill within what is left, keeping room for the rows that piggyback.
-        reserve = math.ceil(len(self.offloaded) / self.num_layers)
-        for request in prefilling:
-            if not self._is_ls(request) and request.status is RequestStatus.RUNNING:
-                self._try_schedule(request, batch.largest_chunk(request, reserve), batch, scheduled)
-        self._admit_waiting(batch, scheduled, rejected, ls=False, reserve_rows=reserve)
-
-        # 4. BE decode on the device while it fits; the rest go to the CPU pool (or wait, if they may not).
+        # 3. BE decode on the device while it fits; the rest go to the CPU pool (or wait, if they may not). Decodes
+        # come before BE prefill: a request that has its first token should not be swapped out (or, without the pool,
+        # stall holding its pages) because the next BE prompt took the budget.
+        reserve = math.ceil(len(self.offloaded) / self.num_layers)  # room kept for the rows that piggyback
         for request in decoding:
             if self._is_ls(request) or request.status is not RequestStatus.RUNNING:
                 continue
@@ -222,6 +237,12 @@ class Scheduler:
                 swap_outs.append(self._swap_out(request, batch))
             elif fits_time:  # may not leave the device: make room among the BE requests, as FCFS would
                 self._try_schedule(request, 1, batch, scheduled, evict_ls=False)
+
+        # 4. BE prefill within what is left.
+        for request in prefilling:
+            if not self._is_ls(request) and request.status is RequestStatus.RUNNING:
+                self._try_schedule(request, batch.largest_chunk(request, reserve), batch, scheduled)
+        self._admit_waiting(batch, scheduled, rejected, ls=False, reserve_rows=reserve)
 
         swap_ins = self._plan_swap_ins(batch, reserve)
         starts, returning = self._admit_piggyback(batch)
@@ -399,6 +420,7 @@ class Scheduler:
                 len(self.page_table.pages(r.request_id)) for r in self.running if r.placement is Placement.SWAPPING_OUT
             )
             wanted, chosen = self._pages_wanted(), []
+            candidates.sort(key=lambda r: r.is_best_effort)  # stable: taken from the end, BE go before LS (neo)
             for request in reversed(candidates):  # newest first
                 if free >= wanted:
                     break
@@ -408,9 +430,11 @@ class Scheduler:
         return [self._swap_out(request, batch) for request in candidates if self._swap_fits(request, batch)]
 
     def _plan_swap_ins(self, batch: _Batch, reserve_rows: int) -> list[KVTransfer]:
-        """Offloaded requests come back to the device when nothing waits, pages are plentiful and their decode would
-        fit this iteration's time budget."""
+        """Offloaded requests come back to the device when nothing waits, no LS prefill runs (the next chunk would
+        send them out again), pages are plentiful and their decode would fit this iteration's time budget."""
         if self.policy.offload == "none" or self.config.be_decode_placement != "auto" or self.waiting:
+            return []
+        if any(self._is_ls(r) and not r.num_output_tokens for r in self.running):
             return []
         allocator = self.page_table.allocator
         keep_free = self._pages_wanted() + int(_SWAP_IN_HEADROOM * allocator.num_pages)
@@ -423,9 +447,7 @@ class Scheduler:
                 break
             needed = self.page_table.pages_needed(request.request_id, request.num_computed_tokens + 1)
             shape = batch.with_chunk(shape, request.num_computed_tokens, 1, True)
-            slack = batch.time_budget is None or batch.model.iteration_time(
-                replace(shape, extra_rows=(reserve_rows,) * self.num_layers)) <= _SWAP_IN_TIME_SHARE * batch.time_budget
-            if allocator.num_free - needed < keep_free or not slack:
+            if allocator.num_free - needed < keep_free or not batch.fits(shape, reserve_rows):
                 break
             keep_free += needed - self.page_table.pages_needed(request.request_id, request.num_computed_tokens)
             self.page_table.grow(request.request_id, request.num_computed_tokens)
