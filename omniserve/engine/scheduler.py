@@ -18,7 +18,9 @@ Stages, in priority order (the `omniserve` policy; the others are settings of th
 BE requests are never rejected: they wait. When a request needs a page and none is free, the newest device request
 that has not been scheduled this iteration is preempted (BE before LS): its pages are freed and it waits at the
 front of the queue, to be recomputed from its tokens. Without a latency model (no SLO set) there is no time budget:
-only the token budget (`max_num_batched_tokens`), the sequence limit and the pages bound an iteration.
+only the token budget (`max_num_batched_tokens`), the sequence limit and the pages bound an iteration. Predictions
+are scaled by the recent ratio of measured to predicted iteration times (`observe`), so that a machine that drifted
+from its profile still gets iterations that fit.
 """
 
 from __future__ import annotations
@@ -472,7 +474,8 @@ class Scheduler:
         shape = batch.shape
         layer_budget = None
         if batch.time_budget is not None:
-            layer_budget = (batch.time_budget - batch.model.head_time(shape.num_sampled)) / self.num_layers
+            budget = batch.time_budget / batch.correction - batch.swap_seconds  # in the model's own units
+            layer_budget = (budget - batch.model.head_time(shape.num_sampled)) / self.num_layers
         extra = [0] * self.num_layers
         starts, returning = [], []
         for _, layer, request in candidates:
