@@ -25,3 +25,5 @@ bench: setup
 	$(PY) benchmarks/bench_generate.py
 	$(PY) benchmarks/bench_cpu_attention.py
 	$(PY) benchmarks/bench_piggyback.py
+	$(PY) benchmarks/bench_profile.py
+	$(PY) benchmarks/bench_policies.py
