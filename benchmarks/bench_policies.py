@@ -359,10 +359,14 @@ def calibrate(args: argparse.Namespace, texts: list[str]):
     predicted_decode = latency.iteration_time(batch_shape_of_chunks([decode_row]))
     tpot = args.tpot_factor * decode_step
 
-    # Prefill of the longest LS prompt next to one LS decode, each chunk the largest that fits the TPOT SLO.
+    # Prefill of the longest LS prompt next to one LS decode, each chunk the largest that fits the TPOT SLO, with the
+    # latency model scaled to this machine's present speed (measured / predicted lone decode), as the scheduler's
+    # own running correction scales it.
+    scale = decode_step / predicted_decode
+
     def chunk_time(start: int, count: int) -> float:
         chunk = Chunk([0] * count, start, start + count == len(prompt))
-        return latency.iteration_time(batch_shape_of_chunks([decode_row, chunk]))
+        return scale * latency.iteration_time(batch_shape_of_chunks([decode_row, chunk]))
 
     start, chunks, budgeted = 0, [], 0.0
     while start < len(prompt):
@@ -387,7 +391,8 @@ def calibrate(args: argparse.Namespace, texts: list[str]):
         f"TPOT SLO = {args.tpot_factor:g} x the measured lone decode step = {tpot * 1e3:.1f} ms (the iteration budget "
         f"of the time-budgeted policies)",
         f"TTFT SLO = {args.ttft_factor:g} x {budgeted * 1e3:.0f} ms = {ttft * 1e3:.0f} ms, where {budgeted * 1e3:.0f} "
-        f"ms is the latency model's time to prefill the longest LS prompt ({len(prompt)} tokens) next to one LS "
+        f"ms is the latency model's time (scaled by {scale:.2f}, measured/predicted lone decode) to prefill the "
+        f"longest LS prompt ({len(prompt)} tokens) next to one LS "
         f"decode in {len(chunks)} chunks that each fit the TPOT SLO ({chunks[0]} tokens first); that is "
         f"{ttft / lone_prefill:.1f}x the measured lone one-chunk prefill",
     ]
