@@ -319,7 +319,8 @@ class Scheduler:
             return math.inf
         iterations = math.ceil(remaining / per_iteration)
         full = batch.with_chunk(base, 0, per_iteration, True)
-        return self.clock() - request.arrival_time + iterations * self.latency_model.iteration_time(full)
+        per_iteration_s = self.time_correction * self.latency_model.iteration_time(full)
+        return self.clock() - request.arrival_time + iterations * per_iteration_s
 
     # ------------------------------------------------------------------------------------------------ pages
     def _page_room(self, request: Request, num_tokens: int) -> bool:
