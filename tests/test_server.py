@@ -25,7 +25,7 @@ import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from omniserve.engine.llm_engine import LLMEngine
-from omniserve.entrypoints.openai.api_server import build_app
+from omniserve.entrypoints.openai.api_server import build_app, listen_socket
 from omniserve.entrypoints.openai.auth import APIKeys
 
 PROMPT = "the capital of france is"
@@ -72,8 +72,7 @@ class RunningServer:
         config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False,
                                 lifespan="on", timeout_graceful_shutdown=grace_s)
         self.server = uvicorn.Server(config)
-        sock = config.bind_socket()
-        sock.listen()
+        sock = listen_socket("127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()

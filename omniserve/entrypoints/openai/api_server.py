@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import socket
 import sys
 import time
 import uuid
@@ -261,6 +262,23 @@ class _DrainingServer(uvicorn.Server):
         getattr(self, "_captured_signals", []).clear()  # drained and shut down cleanly: exit 0, not by the signal
 
 
+def listen_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
+    """A listening TCP socket (port 0: a free one), listening at once, so that connections wait in the backlog while
+    the app starts instead of being refused.
+
+    It is made with proto IPPROTO_TCP on purpose: asyncio turns Nagle's algorithm off (TCP_NODELAY) only on
+    connections whose socket says so, and a socket made with proto 0 (as uvicorn's `bind_socket` makes them) leaves
+    it on, which holds every small write after the first (a response body after its headers, an SSE chunk) until
+    the client's delayed ACK: 40 ms a response on Linux."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # inherited by accepted connections on Linux too
+    sock.bind((host, port))
+    sock.listen(backlog)
+    return sock
+
+
 def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
     """Serves until SIGTERM or SIGINT, then drains (see the module docstring). Prints one line once it listens:
     `omniserve: serving MODEL NAMES on http://HOST:PORT` (port 0 picks a free one)."""
@@ -268,8 +286,7 @@ def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_leve
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, lifespan="on",
                             timeout_graceful_shutdown=max(1, math.ceil(state.drain_grace_s)))
     server = _DrainingServer(config, state)
-    sock = config.bind_socket()
-    sock.listen(config.backlog)  # connections wait in the backlog while the app starts, instead of being refused
+    sock = listen_socket(host, port, config.backlog)
     bound_host, bound_port = sock.getsockname()[:2]
     print(f"omniserve: serving {', '.join(state.models.by_name)} on http://{bound_host}:{bound_port}",
           file=sys.stderr, flush=True)
