@@ -1,0 +1,311 @@
+"""What the HTTP layer costs: the OpenAI-compatible server (`omniserve serve`, its own process) against the same
+engine called in-process through AsyncEngine, with the built-in SmolLM2-135M-Instruct (fp32, CPU).
+
+Both serve the same closed loop: --clients concurrent clients, each sending its next streaming request as soon as
+the previous one ends, until --requests have completed; prompts of exactly --prompt-len token ids cut from ShareGPT
+(sent as token ids, so both sides see the same tokens), greedy outputs of a length drawn once per request, uniformly
+from [--output-len / 2, 3 * --output-len / 2] (EOS ignored): requests end at different times, as they do in service,
+so arrivals are staggered on both sides alike.
+
+- requests/s: completed requests / wall time of the run;
+- TTFT: from sending a request to receiving its first token (first SSE chunk, or first engine output), per request;
+- event loop CPU ms/request: CPU time of the serving process's main thread (where the event loop runs: HTTP parsing,
+  validation, SSE writing in the server; just the consumers in process) / requests: the HTTP layer's own cost, which
+  shows even where the cores are not saturated;
+- CPU s/request: CPU time of the whole serving process (engine included) / requests;
+- lone TTFT: one client sending --lone-requests requests one after the other (1 output token each): the latency the
+  HTTP path adds to a request, without the batching effects of the loaded runs.
+
+The HTTP clients (httpx, minimal SSE parsing) run in this process. Fixed seed, a warm-up run of each, then --repeats
+pairs of runs (in process, then server), each pair started once other processes leave the cores alone (up to
+--quiet-wait seconds); figures are medians with the min-max spread in brackets, and the ratios are medians of the
+per-pair ratios (a pair shares the machine's conditions).
+
+    python benchmarks/bench_server.py --clients 16 --requests 64 --repeats 3 --markdown bench.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import queue
+import random
+import shlex
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from omniserve.engine.async_engine import AsyncEngine
+from omniserve.engine.llm_engine import LLMEngine
+from omniserve.sampling.params import SamplingParams
+
+SHAREGPT = Path(__file__).resolve().parents[2] / "shared" / "data" / "sharegpt" / "prompts_500.json"
+
+
+def spread(values: list[float], fmt: str = "{:.2f}") -> str:
+    """Median with the min-max range: `12.3 [11.9-12.8]`."""
+    median = fmt.format(statistics.median(values))
+    return median if len(values) == 1 else f"{median} [{fmt.format(min(values))}-{fmt.format(max(values))}]"
+
+
+def load_prompts(tokenizer, count: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    """`count` prompts of exactly `length` ids: ShareGPT first human turns, truncated or repeated to length (random
+    ids if the data set is missing)."""
+    rng = random.Random(seed)
+    if tokenizer is None or not SHAREGPT.is_file():
+        print(f"note: {SHAREGPT} or tokenizer missing, using random token ids", file=sys.stderr)
+        return [[rng.randrange(1000, vocab) for _ in range(length)] for _ in range(count)]
+    texts = [c["conversations"][0]["value"] for c in json.loads(SHAREGPT.read_text()) if c["conversations"]]
+    rng.shuffle(texts)
+    prompts = []
+    for text in texts:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        if ids:
+            prompts.append((ids * (length // len(ids) + 1))[:length])
+        if len(prompts) == count:
+            return prompts
+    raise SystemExit(f"{SHAREGPT} has fewer than {count} usable prompts")
+
+
+def busy_cpu_seconds() -> float:
+    """CPU seconds every process on the machine has used (from /proc/stat)."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def own_cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+def wait_for_quiet(server_pid: int, limit_s: float, threshold: float = 0.1) -> float:
+    """Waits (up to limit_s) until other processes use less than `threshold` of a core over 2 s; returns their load."""
+    start = time.perf_counter()
+    while True:
+        busy, ours = busy_cpu_seconds(), own_cpu_seconds() + process_cpu_seconds(server_pid)
+        time.sleep(2.0)
+        load = max(0.0, busy_cpu_seconds() - busy - (own_cpu_seconds() + process_cpu_seconds(server_pid) - ours)) / 2
+        if load < threshold or time.perf_counter() - start >= limit_s:
+            return load
+
+
+def thread_cpu_seconds(pid: int, tid: int) -> float:
+    with open(f"/proc/{pid}/task/{tid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Run:
+    """One closed-loop run's measurements."""
+
+    def __init__(self) -> None:
+        self.ttft: list[float] = []
+        self.tokens = 0
+        self.seconds = 0.0
+        self.cpu = 0.0
+        """CPU seconds of the serving process."""
+        self.loop_cpu = 0.0
+        """CPU seconds of its main thread (the event loop)."""
+
+    def requests_per_s(self) -> float:
+        return len(self.ttft) / self.seconds
+
+
+async def closed_loop(clients: int, prompts: list[list[int]], one_request) -> Run:
+    """`clients` workers share the list of prompts; each sends its next request when the previous one ends."""
+    run = Run()
+    pending = list(enumerate(prompts))
+
+    async def worker() -> None:
+        while pending:
+            index, prompt = pending.pop(0)
+            ttft, tokens = await one_request(index, prompt)
+            run.ttft.append(ttft)
+            run.tokens += tokens
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    run.seconds = time.perf_counter() - start
+    return run
+
+
+def run_in_process(async_engine: AsyncEngine, clients: int, prompts: list[list[int]], output_lens: list[int],
+                   tag: str) -> Run:
+    async def one_request(index: int, prompt: list[int]) -> tuple[float, int]:
+        params = SamplingParams(temperature=0.0, max_tokens=output_lens[index], ignore_eos=True)
+        sent = time.perf_counter()
+        ttft, tokens = None, 0
+        async for out in async_engine.generate(f"{tag}-{index}", prompt, params):
+            new = len(out.outputs[0].delta_token_ids)
+            if new and ttft is None:
+                ttft = time.perf_counter() - sent
+            tokens += new
+        return ttft, tokens
+
+    pid = os.getpid()
+    cpu, loop_cpu = own_cpu_seconds(), thread_cpu_seconds(pid, pid)
+    run = asyncio.run(closed_loop(clients, prompts, one_request))
+    run.cpu, run.loop_cpu = own_cpu_seconds() - cpu, thread_cpu_seconds(pid, pid) - loop_cpu
+    return run
+
+
+def run_server(url: str, server_pid: int, clients: int, prompts: list[list[int]], output_lens: list[int]) -> Run:
+    async def main() -> Run:
+        limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=600) as http:
+            async def one_request(index: int, prompt: list[int]) -> tuple[float, int]:
+                body = {"model": "smollm2", "prompt": prompt, "max_tokens": output_lens[index], "temperature": 0,
+                        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+                sent = time.perf_counter()
+                ttft, tokens = None, 0
+                async with http.stream("POST", "/v1/completions", json=body) as response:
+                    response.raise_for_status()
+                    async for line in response.aiter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        if ttft is None:  # the server sends no chunk before the first token
+                            ttft = time.perf_counter() - sent
+                        if '"usage":{' in line:
+                            tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+                return ttft, tokens
+
+            return await closed_loop(clients, prompts, one_request)
+
+    cpu, loop_cpu = process_cpu_seconds(server_pid), thread_cpu_seconds(server_pid, server_pid)
+    run = asyncio.run(main())
+    run.cpu = process_cpu_seconds(server_pid) - cpu
+    run.loop_cpu = thread_cpu_seconds(server_pid, server_pid) - loop_cpu
+    return run
+
+
+def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+    command = [sys.executable, "-m", "omniserve", "serve", "--port", "0", "--served-model-name", "smollm2",
+               "--max-model-len", str(args.max_model_len), "--seed", str(args.seed), "--log-level", "warning"]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stderr], daemon=True).start()
+    deadline = time.monotonic() + 300
+    while True:
+        line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+        if line.startswith("omniserve: serving"):
+            return process, line.split(" on ")[-1].strip()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=16, help="concurrent streaming clients")
+    parser.add_argument("--requests", type=int, default=64, help="requests per run")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--lone-requests", type=int, default=8, help="requests of the one-client TTFT runs")
+    parser.add_argument("--quiet-wait", type=float, default=300, help="most seconds to wait for a quiet machine")
+    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--threads", type=int, default=None, help="engine CPU threads (default: torch's choice)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--markdown", type=Path, help="also write the results as a markdown section here")
+    args = parser.parse_args()
+    torch.manual_seed(args.seed)
+
+    engine = LLMEngine(max_model_len=args.max_model_len, seed=args.seed, threads=args.threads)
+    threads = torch.get_num_threads()
+    prompts = load_prompts(engine.tokenizer, args.requests, args.prompt_len, engine.model_config.vocab_size, args.seed)
+    rng = random.Random(args.seed)
+    output_lens = [rng.randint(args.output_len // 2, 3 * args.output_len // 2) for _ in prompts]
+    async_engine = AsyncEngine(engine)
+    server, url = start_server(args)
+    try:
+        warm = prompts[:args.clients]
+        run_in_process(async_engine, args.clients, warm, [8] * len(warm), "warmup")
+        run_server(url, server.pid, args.clients, warm, [8] * len(warm))
+        local, remote, lone_local, lone_remote, interference = [], [], [], [], []
+        lone = prompts[:args.lone_requests]
+        for repeat in range(args.repeats):
+            wait_for_quiet(server.pid, args.quiet_wait)
+            start_wall, start_busy = time.perf_counter(), busy_cpu_seconds()
+            start_ours = own_cpu_seconds() + process_cpu_seconds(server.pid)
+            local.append(run_in_process(async_engine, args.clients, prompts, output_lens, f"r{repeat}"))
+            remote.append(run_server(url, server.pid, args.clients, prompts, output_lens))
+            lone_local.append(run_in_process(async_engine, 1, lone, [1] * len(lone), f"lone{repeat}"))
+            lone_remote.append(run_server(url, server.pid, 1, lone, [1] * len(lone)))
+            ours = own_cpu_seconds() + process_cpu_seconds(server.pid) - start_ours
+            interference.append((busy_cpu_seconds() - start_busy - ours)
+                                / ((time.perf_counter() - start_wall) * os.cpu_count()))
+            for name, run in (("in-process", local[-1]), ("server", remote[-1])):
+                assert run.tokens == sum(output_lens), f"{name}: wrong number of tokens"
+            print(f"repeat {repeat}: in-process {local[-1].requests_per_s():.2f} req/s, server "
+                  f"{remote[-1].requests_per_s():.2f} req/s; other processes {max(0.0, interference[-1]):.0%} of the "
+                  "CPU",
+                  file=sys.stderr, flush=True)
+        interference = max(0.0, statistics.mean(interference))  # the counters' granularity can make it dip below 0
+    finally:
+        server.terminate()
+        server.wait(60)
+        async_engine.shutdown()
+    if interference > 0.05:
+        print(f"warning: other processes used {interference:.0%} of the CPU during the runs", file=sys.stderr)
+
+    def figures(runs: list[Run]) -> dict[str, list[float]]:
+        return {
+            "rps": [r.requests_per_s() for r in runs],
+            "tps": [r.tokens / r.seconds for r in runs],
+            "ttft50": [statistics.median(r.ttft) * 1e3 for r in runs],
+            "ttft90": [statistics.quantiles(r.ttft, n=10)[-1] * 1e3 for r in runs],
+            "loop": [r.loop_cpu / len(r.ttft) * 1e3 for r in runs],
+            "cpu": [r.cpu / len(r.ttft) for r in runs],
+        }
+
+    a, b = figures(local), figures(remote)
+    a["lone"] = [statistics.median(r.ttft) * 1e3 for r in lone_local]
+    b["lone"] = [statistics.median(r.ttft) * 1e3 for r in lone_remote]
+    names = {"rps": "requests/s", "tps": "output tok/s", "ttft50": "TTFT p50 ms", "ttft90": "TTFT p90 ms",
+             "loop": "event loop CPU ms/request", "cpu": "CPU s/request", "lone": "lone TTFT p50 ms"}
+    rows = [[names[k], spread(a[k]), spread(b[k]), spread([y / x for x, y in zip(a[k], b[k])]) + "x"] for k in names]
+    header = ["metric", "in-process (AsyncEngine)", "server (HTTP, SSE)", "server/in-process"]
+    widths = [max(len(header[i]), *(len(r[i]) for r in rows)) for i in range(4)]
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    info = [
+        f"command: `{shlex.join(['python', *sys.argv])}`",
+        f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__} with {threads} threads, python "
+        f"{platform.python_version()}; other processes used {interference:.0%} of the CPU during the runs",
+        f"workload: {args.clients} concurrent streaming clients in a closed loop, {args.requests} requests per run, "
+        f"{args.prompt_len}-token prompts, {args.output_len // 2}-{3 * args.output_len // 2} greedy output tokens "
+        f"(mean {statistics.mean(output_lens):.1f}, EOS ignored), fp32; {args.repeats} pairs of runs after a warm-up; "
+        "median [min-max]",
+        f"HTTP layer's cost in throughput: {1 - statistics.median(y / x for x, y in zip(a['rps'], b['rps'])):.1%} "
+        "(1 - median of the pairs' server/in-process requests/s; goal: under 10%); the event loop's CPU is "
+        f"{statistics.median(b['loop']) / 1e3 / statistics.median(b['cpu']):.1%} of the server's",
+    ]
+
+    def table(sep: str, edge: str) -> list[str]:
+        lines = [header, ["-" * w for w in widths], *rows]
+        return [(edge + sep.join(c.ljust(w) for c, w in zip(line, widths)) + edge[::-1]).rstrip() for line in lines]
+
+    print("\n" + "\n".join(info) + "\n\n" + "\n".join(table("  ", "")))
+    if args.markdown:
+        section = ["## OpenAI-compatible server vs the engine in-process", ""] + [f"- {line}" for line in info] + [""]
+        args.markdown.write_text("\n".join(section + table(" | ", "| ")) + "\n")
+        print(f"\nwrote {args.markdown}")
+
+
+if __name__ == "__main__":
+    main()
