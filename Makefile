@@ -27,3 +27,4 @@ bench: setup
 	$(PY) benchmarks/bench_piggyback.py
 	$(PY) benchmarks/bench_profile.py
 	$(PY) benchmarks/bench_policies.py
+	$(PY) benchmarks/bench_server.py
