@@ -40,11 +40,16 @@ def test_tight_tpot_slo_under_heavy_be_load(tiny_model_dirs, tiny_profile, make_
                 finished[out.request_id] = out.outputs[0].finish_reason
         plan = engine.last_iteration.plan
         if any(c.request_id.startswith("ls") for c in plan.chunks):
-            ls_iterations.append((plan.predicted_time, plan.time_budget))
+            # LS decodes run whatever they cost; anything beyond them must fit the budget.
+            optional = any(len(c.token_ids) > 1 or not c.request_id.startswith("ls") for c in plan.chunks)
+            optional = optional or plan.offloaded_starts or plan.returning or plan.swap_outs
+            if optional:
+                ls_iterations.append((plan.predicted_time, plan.time_budget, plan.summary()))
         if not engine.has_unfinished_requests() and step > 60:
             break
     assert sorted(finished) == sorted([f"be{i}" for i in range(8)] + ["ls5", "ls25", "ls60"])
     assert set(finished.values()) == {"length"}
-    assert ls_iterations and all(predicted <= limit for predicted, limit in ls_iterations)
+    over = [(p, l, s) for p, l, s in ls_iterations if p > l]
+    assert ls_iterations and not over, over[:3]
     assert engine.scheduler.num_swap_outs >= 1  # the BE load did not fit: some of it decoded in the CPU pool
 

@@ -208,17 +208,23 @@ class Scheduler:
         self._preempted = False
         batch = _Batch(self.latency_model, self.num_layers, self._time_budget(), self.config.max_num_batched_tokens,
                        self.time_correction)
-        swap_outs = self._plan_page_swap_outs(batch)
         scheduled: dict[str, int] = {}  # request id -> tokens this iteration (dicts keep insertion order)
         rejected: list[str] = []
         device = [r for r in self.running if r.placement is Placement.DEVICE]
         decoding = [r for r in device if r.num_tokens - r.num_computed_tokens == 1 and r.num_output_tokens]
         prefilling = [r for r in device if r not in decoding]
 
-        # 1-2. LS decode, LS prefill (running, then waiting).
+        # 1-2. LS decode, LS prefill (running, then waiting). Swap-outs for pages are planned once the LS decodes,
+        # which run whatever they cost, are in the batch, so that their cost is judged against what is left; except
+        # under `neo`, which may offload the LS decodes themselves.
+        swap_outs = self._plan_page_swap_outs(batch, scheduled) if self.policy.offload == "all" else []
+        decoding = [r for r in decoding if r.placement is Placement.DEVICE]
         for request in decoding:
             if self._is_ls(request) and batch.tokens_left > 0:
                 self._try_schedule(request, 1, batch, scheduled)
+        if self.policy.offload != "all":
+            swap_outs = self._plan_page_swap_outs(batch, scheduled)
+            decoding = [r for r in decoding if r.placement is Placement.DEVICE]
         for request in prefilling:
             if self._is_ls(request):
                 self._try_schedule(request, batch.largest_chunk(request), batch, scheduled)
@@ -411,11 +417,14 @@ class Scheduler:
             wanted += self.page_table.pages_needed(head.request_id, head.num_computed_tokens + chunk)
         return wanted
 
-    def _plan_page_swap_outs(self, batch: _Batch) -> list[KVTransfer]:
+    def _plan_page_swap_outs(self, batch: _Batch, scheduled: dict[str, int]) -> list[KVTransfer]:
         """Swap-outs decided by pages: under `cpu` placement every BE request once it decodes; otherwise the newest
         offloadable requests while free pages (counting those being swapped out) fall short of what is wanted.
         Swap-outs whose cost does not fit the time budget wait for a later iteration."""
-        candidates = [r for r in self.running if r.placement is Placement.DEVICE and self._may_offload(r)]
+        candidates = [
+            r for r in self.running
+            if r.placement is Placement.DEVICE and self._may_offload(r) and r.request_id not in scheduled
+        ]
         if not candidates:
             return []
         if not (self.policy.offload == "be" and self.config.be_decode_placement == "cpu"):
