@@ -9,6 +9,8 @@ so arrivals are staggered on both sides alike.
 
 - requests/s: completed requests / wall time of the run;
 - TTFT: from sending a request to receiving its first token (first SSE chunk, or first engine output), per request;
+  engine-side TTFT: from the request's arrival in the engine to its first token, as the engine records it (the
+  server's from its /metrics), so that the difference is the time spent outside the engine;
 - event loop CPU ms/request: CPU time of the serving process's main thread (where the event loop runs: HTTP parsing,
   validation, SSE writing in the server; just the consumers in process) / requests: the HTTP layer's own cost, which
   shows even where the cores are not saturated;
@@ -123,6 +125,8 @@ class Run:
         """CPU seconds of the serving process."""
         self.loop_cpu = 0.0
         """CPU seconds of its main thread (the event loop)."""
+        self.engine_ttft_s = 0.0
+        """Sum over requests of arrival at the engine to first token, as the engine records it."""
 
     def requests_per_s(self) -> float:
         return len(self.ttft) / self.seconds
@@ -148,6 +152,8 @@ async def closed_loop(clients: int, prompts: list[list[int]], one_request) -> Ru
 
 def run_in_process(async_engine: AsyncEngine, clients: int, prompts: list[list[int]], output_lens: list[int],
                    tag: str) -> Run:
+    engine_ttft: list[float] = []
+
     async def one_request(index: int, prompt: list[int]) -> tuple[float, int]:
         params = SamplingParams(temperature=0.0, max_tokens=output_lens[index], ignore_eos=True)
         sent = time.perf_counter()
@@ -156,6 +162,7 @@ def run_in_process(async_engine: AsyncEngine, clients: int, prompts: list[list[i
             new = len(out.outputs[0].delta_token_ids)
             if new and ttft is None:
                 ttft = time.perf_counter() - sent
+                engine_ttft.append(out.metrics.first_token_time - out.metrics.arrival_time)
             tokens += new
         return ttft, tokens
 
@@ -163,7 +170,17 @@ def run_in_process(async_engine: AsyncEngine, clients: int, prompts: list[list[i
     cpu, loop_cpu = own_cpu_seconds(), thread_cpu_seconds(pid, pid)
     run = asyncio.run(closed_loop(clients, prompts, one_request))
     run.cpu, run.loop_cpu = own_cpu_seconds() - cpu, thread_cpu_seconds(pid, pid) - loop_cpu
+    run.engine_ttft_s = sum(engine_ttft)
     return run
+
+
+def engine_ttft_sum(url: str) -> float:
+    """The server's vllm:time_to_first_token_seconds_sum over every label set."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url + "/metrics").text
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+               if s.name == "vllm:time_to_first_token_seconds_sum")
 
 
 def run_server(url: str, server_pid: int, clients: int, prompts: list[list[int]], output_lens: list[int]) -> Run:
@@ -189,9 +206,12 @@ def run_server(url: str, server_pid: int, clients: int, prompts: list[list[int]]
             return await closed_loop(clients, prompts, one_request)
 
     cpu, loop_cpu = process_cpu_seconds(server_pid), thread_cpu_seconds(server_pid, server_pid)
+    engine_ttft = engine_ttft_sum(url)
     run = asyncio.run(main())
     run.cpu = process_cpu_seconds(server_pid) - cpu
     run.loop_cpu = thread_cpu_seconds(server_pid, server_pid) - loop_cpu
+    time.sleep(0.2)  # the metrics are recorded on the engine thread just after the last answer went out
+    run.engine_ttft_s = engine_ttft_sum(url) - engine_ttft
     return run
 
 
@@ -280,6 +300,8 @@ def main() -> None:
             "tps": [r.tokens / r.seconds for r in runs],
             "ttft50": [statistics.median(r.ttft) * 1e3 for r in runs],
             "ttft90": [statistics.quantiles(r.ttft, n=10)[-1] * 1e3 for r in runs],
+            "ttft_mean": [statistics.mean(r.ttft) * 1e3 for r in runs],
+            "engine_ttft": [r.engine_ttft_s / len(r.ttft) * 1e3 for r in runs],
             "loop": [r.loop_cpu / len(r.ttft) * 1e3 for r in runs],
             "cpu": [r.cpu / len(r.ttft) for r in runs],
         }
@@ -288,6 +310,7 @@ def main() -> None:
     a["lone"] = [statistics.median(r.ttft) * 1e3 for r in lone_local]
     b["lone"] = [statistics.median(r.ttft) * 1e3 for r in lone_remote]
     names = {"rps": "requests/s", "tps": "output tok/s", "ttft50": "TTFT p50 ms", "ttft90": "TTFT p90 ms",
+             "ttft_mean": "TTFT mean ms", "engine_ttft": "engine-side TTFT mean ms",
              "loop": "event loop CPU ms/request", "cpu": "CPU s/request", "lone": "lone TTFT p50 ms"}
     rows = [[names[k], spread(a[k]), spread(b[k]), spread([y / x for x, y in zip(a[k], b[k])]) + "x"] for k in names]
     header = ["metric", "in-process (AsyncEngine)", "server (HTTP, SSE)", "server/in-process"]
