@@ -9,8 +9,9 @@ so arrivals are staggered on both sides alike.
 
 - requests/s: completed requests / wall time of the run;
 - TTFT: from sending a request to receiving its first token (first SSE chunk, or first engine output), per request;
-  engine-side TTFT: from the request's arrival in the engine to its first token, as the engine records it (the
-  server's from its /metrics), so that the difference is the time spent outside the engine;
+  engine-side TTFT: from the request's arrival_time (when the engine thread takes it in, at the end of the iteration
+  running when it was posted) to its first token, as the engine records it (the server's from its /metrics): the
+  difference is the time spent outside the engine, that wait included;
 - event loop CPU ms/request: CPU time of the serving process's main thread (where the event loop runs: HTTP parsing,
   validation, SSE writing in the server; just the consumers in process) / requests: the HTTP layer's own cost, which
   shows even where the cores are not saturated;
