@@ -1,4 +1,5 @@
-"""The `omniserve` command: `omniserve generate "prompt"` and `omniserve chat`."""
+"""The `omniserve` command: `omniserve serve` (the OpenAI-compatible server), `omniserve generate "prompt"`,
+`omniserve chat` and `omniserve profile`."""
 
 from __future__ import annotations
 
