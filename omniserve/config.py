@@ -2,13 +2,37 @@
 
 from __future__ import annotations
 
+import tomllib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message says which and why."""
+
+
+def load_config_table(path: str | Path, table: str, what: str) -> dict:
+    """The non-empty table `table` of a TOML file (or YAML, by suffix); `what` names the file in errors."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the {what} {path}: {exc}") from exc
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            document = yaml.safe_load(text) or {}
+        else:
+            document = tomllib.loads(text)
+    except Exception as exc:  # both parsers' errors say where the file is wrong
+        raise ConfigError(f"the {what} {path} does not parse: {exc}") from exc
+    entries = document.get(table) if isinstance(document, dict) else None
+    if not isinstance(entries, dict) or not entries:
+        raise ConfigError(f"the {what} {path} has no `{table}` table")
+    return entries
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,10 @@ names its service, or gets the first service of its class.
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from omniserve.config import ConfigError
+from omniserve.config import ConfigError, load_config_table
 from omniserve.sampling.params import InvalidRequestError, ServiceClass
 
 
@@ -79,23 +78,7 @@ class ServiceRegistry:
 
 
 def load_services(path: str | Path) -> list[Service]:
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read the services file {path}: {exc}") from exc
-    try:
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            document = yaml.safe_load(text) or {}
-        else:
-            document = tomllib.loads(text)
-    except Exception as exc:  # both parsers' errors say where the file is wrong
-        raise ConfigError(f"the services file {path} does not parse: {exc}") from exc
-    entries = document.get("services") if isinstance(document, dict) else None
-    if not isinstance(entries, dict) or not entries:
-        raise ConfigError(f"the services file {path} has no `services` table")
+    entries = load_config_table(path, "services", "services file")
     services = []
     for name, entry in entries.items():
         entry = dict(entry or {})

@@ -13,10 +13,9 @@ Clients send the key as `Authorization: Bearer KEY` (what the OpenAI client does
 from __future__ import annotations
 
 import hmac
-import tomllib
 from pathlib import Path
 
-from omniserve.config import ConfigError
+from omniserve.config import ConfigError, load_config_table
 from omniserve.sampling.params import ServiceClass
 
 ALL_CLASSES = frozenset(ServiceClass)
@@ -56,23 +55,7 @@ class APIKeys:
 
 
 def load_keys_file(path: str | Path) -> dict[str, frozenset[ServiceClass]]:
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read the API keys file {path}: {exc}") from exc
-    try:
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            document = yaml.safe_load(text) or {}
-        else:
-            document = tomllib.loads(text)
-    except Exception as exc:  # both parsers' errors say where the file is wrong
-        raise ConfigError(f"the API keys file {path} does not parse: {exc}") from exc
-    entries = document.get("keys") if isinstance(document, dict) else None
-    if not isinstance(entries, dict) or not entries:
-        raise ConfigError(f"the API keys file {path} has no `keys` table")
+    entries = load_config_table(path, "keys", "API keys file")
     keys = {}
     for key, classes in entries.items():
         classes = [classes] if isinstance(classes, str) else classes
