@@ -1,5 +1,5 @@
 """The `omniserve` command: `omniserve serve` (the OpenAI-compatible server), `omniserve generate "prompt"`,
-`omniserve chat` and `omniserve profile`."""
+`omniserve chat`, `omniserve profile` and `omniserve bench` (the serving benchmark)."""
 
 from __future__ import annotations
 
@@ -195,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     EngineArgs.add_cli_args(serve)
     serve.set_defaults(handler=_serve)
+
+    from omniserve.bench.cli import add_bench_command  # here: `omniserve serve` need not import the benchmark
+
+    add_bench_command(commands)
     return parser
 
 

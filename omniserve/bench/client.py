@@ -1,0 +1,218 @@
+"""The load generator: sends each stream's requests to an OpenAI-compatible server at their arrival times (or keeps a
+fixed number in flight), streams the answers and stamps every chunk.
+
+Nothing the server does may hang or crash a run: an HTTP error status, a stream that ends before `[DONE]`, a chunk
+that is not JSON or an error chunk makes the request `failed` (with the reason); a 429 makes it `rejected` (the SLO
+admission of an LS request); a read that waits longer than the request timeout fails it; and whatever is still open
+when the run ends is cancelled and counted as `cancelled`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import httpx
+
+from omniserve.bench.workload import Request
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where and how one stream's requests go."""
+
+    base_url: str
+    model: str
+    endpoint: str = "completions"  # completions | chat
+    service_tier: str | None = None  # "flex" asks for best effort
+    api_key: str | None = None
+    extra_body: dict = field(default_factory=dict)
+
+
+@dataclass
+class Record:
+    """What happened to one request; times are seconds from the start of the run. `arrival` is when it was due
+    (the open-loop schedule; latencies count from there, so a client that falls behind cannot hide the wait)."""
+
+    service_class: str
+    arrival: float
+    input_len: int
+    output_len: int
+    status: str = "pending"  # ok | rejected | failed | cancelled
+    error: str = ""
+    sent: float | None = None
+    token_times: list[float] = field(default_factory=list)  # each chunk that carried text
+    output_tokens: int = 0  # usage.completion_tokens when the server reports it, else the chunks with text
+    end: float | None = None
+
+    @property
+    def ttft(self) -> float | None:
+        if self.status != "ok":
+            return None
+        return (self.token_times[0] if self.token_times else self.end) - self.arrival
+
+    @property
+    def e2e(self) -> float | None:
+        return self.end - self.arrival if self.status == "ok" else None
+
+    @property
+    def tpot(self) -> float | None:
+        """(e2e - ttft) / (output tokens - 1), vLLM's definition; None below two tokens."""
+        if self.status != "ok" or self.output_tokens < 2:
+            return None
+        return (self.e2e - self.ttft) / (self.output_tokens - 1)
+
+    @property
+    def itls(self) -> list[float]:
+        return [b - a for a, b in zip(self.token_times, self.token_times[1:])]
+
+
+def request_body(target: Target, request: Request, tokenizer=None) -> dict:
+    """The JSON body: greedy, exactly `output_len` tokens (ignore_eos), streamed with a final usage chunk."""
+    body = {"model": target.model, "max_tokens": request.output_len, "temperature": 0.0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    if target.endpoint == "chat":
+        prompt = request.prompt
+        if not isinstance(prompt, str):  # random token ids: chat needs text
+            prompt = tokenizer.decode(prompt) if tokenizer is not None else " ".join(map(str, prompt))
+        body["messages"] = [{"role": "user", "content": prompt}]
+    else:
+        body["prompt"] = request.prompt
+    if target.service_tier:
+        body["service_tier"] = target.service_tier
+    return {**body, **target.extra_body}
+
+
+def _error_message(response_text: str) -> str:
+    try:
+        return str(json.loads(response_text)["error"]["message"])[:200]
+    except (ValueError, KeyError, TypeError):
+        return response_text[:200]
+
+
+async def send(client: httpx.AsyncClient, target: Target, body: dict, record: Record, clock: Callable[[], float]
+               ) -> None:
+    """Sends one request and fills its record; never raises except to be cancelled (then it says `cancelled`)."""
+    url = f"{target.base_url.rstrip('/')}/v1/{'chat/completions' if target.endpoint == 'chat' else 'completions'}"
+    headers = {"Authorization": f"Bearer {target.api_key}"} if target.api_key else {}
+    record.sent = clock()
+    chunks_with_text, usage_tokens, done = 0, None, False
+    try:
+        async with client.stream("POST", url, json=body, headers=headers) as response:
+            if response.status_code != 200:
+                text = (await response.aread()).decode(errors="replace")
+                record.status = "rejected" if response.status_code == 429 else "failed"
+                record.error = f"HTTP {response.status_code}: {_error_message(text)}"
+                return
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    done = True
+                    break
+                chunk = json.loads(data)
+                if not isinstance(chunk, dict):
+                    raise ValueError(f"a chunk is {type(chunk).__name__}, not an object")
+                if "error" in chunk:
+                    record.status, record.error = "failed", f"error chunk: {_error_message(data)}"
+                    return
+                now = clock()
+                for choice in chunk.get("choices") or ():
+                    text = choice.get("text") if "text" in choice else (choice.get("delta") or {}).get("content")
+                    if text:
+                        record.token_times.append(now)
+                        chunks_with_text += 1
+                        break
+                if chunk.get("usage"):
+                    usage_tokens = int(chunk["usage"].get("completion_tokens") or 0)
+        record.end = clock()
+        if not done:
+            record.status, record.error = "failed", "the stream ended before [DONE]"
+            return
+        record.status = "ok"
+        record.output_tokens = usage_tokens if usage_tokens is not None else chunks_with_text
+    except asyncio.CancelledError:
+        record.status, record.error, record.end = "cancelled", "still open when the run ended", clock()
+        raise
+    except (ValueError, TypeError, AttributeError) as exc:  # not JSON, or JSON of the wrong shape
+        record.status, record.error, record.end = "failed", f"malformed chunk: {exc}"[:200], clock()
+    except httpx.HTTPError as exc:
+        record.status, record.error = "failed", f"{type(exc).__name__}: {exc}"[:200]
+        record.end = clock()
+
+
+def http_client(request_timeout: float) -> httpx.AsyncClient:
+    """No limit on connections (an open-loop load must not queue in the client); `request_timeout` bounds each
+    wait for the server (connecting, or the next chunk)."""
+    return httpx.AsyncClient(timeout=httpx.Timeout(request_timeout, connect=min(10.0, request_timeout)),
+                             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
+
+
+@dataclass
+class Stream:
+    """One class's requests, its target and (closed loop) how many to keep in flight."""
+
+    service_class: str
+    target: Target
+    requests: list[Request]
+    concurrency: int = 0
+
+
+async def run_streams(streams: list[Stream], duration: float, drain_timeout: float, request_timeout: float,
+                      tokenizer=None, on_done: Callable[[Record], None] | None = None) -> tuple[list[Record], float]:
+    """Runs the streams together; returns every request's record and the run's length in seconds.
+
+    Requests arrive during [0, duration). After that the run waits for the LS requests still open (or for all, when
+    there is no LS stream), at most `drain_timeout` seconds; anything still open then is cancelled."""
+    start = time.perf_counter()
+
+    def clock() -> float:
+        return time.perf_counter() - start
+
+    records: list[Record] = []
+    tasks: dict[str, list[asyncio.Task]] = {}
+
+    async def timed(client: httpx.AsyncClient, stream: Stream, request: Request, record: Record) -> None:
+        await asyncio.sleep(max(0.0, request.arrival - clock()))
+        try:
+            await send(client, stream.target, request_body(stream.target, request, tokenizer), record, clock)
+        finally:
+            if on_done is not None and record.status != "cancelled":
+                on_done(record)
+
+    async def closed_loop(client: httpx.AsyncClient, stream: Stream, queue: list[Request]) -> None:
+        while queue and clock() < duration:
+            request = queue.pop(0)
+            record = Record(stream.service_class, clock(), request.input_len, request.output_len)
+            records.append(record)
+            await send(client, stream.target, request_body(stream.target, request, tokenizer), record, clock)
+            if on_done is not None and record.status != "cancelled":
+                on_done(record)
+
+    async with http_client(request_timeout) as client:
+        for stream in streams:
+            own = tasks.setdefault(stream.service_class, [])
+            if stream.concurrency > 0:
+                queue = list(stream.requests)
+                own += [asyncio.create_task(closed_loop(client, stream, queue)) for _ in range(stream.concurrency)]
+                continue
+            for request in stream.requests:
+                record = Record(stream.service_class, request.arrival, request.input_len, request.output_len)
+                records.append(record)
+                own.append(asyncio.create_task(timed(client, stream, request, record)))
+        await asyncio.sleep(max(0.0, duration - clock()))
+        awaited = tasks.get("ls") or [t for own in tasks.values() for t in own]
+        if awaited:
+            await asyncio.wait(awaited, timeout=max(0.0, duration + drain_timeout - clock()))
+        leftover = [t for own in tasks.values() for t in own if not t.done()]
+        for task in leftover:
+            task.cancel()
+        await asyncio.gather(*leftover, return_exceptions=True)
+    for record in records:
+        if record.status == "pending":  # a closed-loop slot cancelled before it sent, or an arrival never reached
+            record.status, record.error = "cancelled", "never sent"
+    return records, clock()

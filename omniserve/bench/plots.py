@@ -1,0 +1,67 @@
+"""PNG plots of a run: latency CDFs per class, and a timeline of LS TPOT and output throughput."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display, no GUI toolkit
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from omniserve.bench.client import Record  # noqa: E402
+from omniserve.bench.metrics import Slo  # noqa: E402
+
+CLASS_NAMES = {"ls": "latency-sensitive", "be": "best-effort"}
+COLORS = {"ls": "tab:blue", "be": "tab:orange"}
+
+
+def latency_cdfs(records: list[Record], slos: dict[str, Slo], path: str | Path, title: str = "") -> None:
+    """TTFT, TPOT and E2E CDFs, one line per class, the LS SLOs as dashed lines."""
+    figure, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for axis, metric in zip(axes, ("ttft", "tpot", "e2e")):
+        for c in sorted({r.service_class for r in records}):
+            values = np.sort([v for r in records if r.service_class == c and (v := getattr(r, metric)) is not None])
+            if len(values):
+                axis.step(values, np.arange(1, len(values) + 1) / len(values), where="post", color=COLORS.get(c),
+                          label=CLASS_NAMES.get(c, c))
+        for c, slo in slos.items():
+            limit = getattr(slo, metric, None)
+            if limit is not None:
+                axis.axvline(limit, color=COLORS.get(c), linestyle="--", linewidth=1, label=f"{c.upper()} SLO")
+        axis.set_xlabel(f"{metric.upper()} (s)")
+        axis.set_ylim(0, 1.02)
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("share of completed requests")
+    axes[0].legend(loc="lower right", fontsize=8)
+    figure.suptitle(title or "latency CDFs")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def timeline_plot(timeline: dict[str, list], slos: dict[str, Slo], path: str | Path, title: str = "") -> None:
+    """Top: mean LS TPOT of the requests finishing in each bin, with the SLO. Bottom: output tokens/s per class."""
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
+    starts = timeline["start"]
+    tpot = [np.nan if v is None else v for v in timeline.get("ls_tpot", [])]
+    if tpot:
+        top.plot(starts, tpot, marker=".", color=COLORS["ls"], label="LS TPOT (mean of requests ending)")
+    if slos.get("ls") and slos["ls"].tpot is not None:
+        top.axhline(slos["ls"].tpot, color="tab:red", linestyle="--", linewidth=1, label="TPOT SLO")
+    top.set_ylabel("TPOT (s)")
+    top.legend(loc="upper right", fontsize=8)
+    top.grid(alpha=0.3)
+    for c in ("ls", "be"):
+        if f"{c}_tokens_per_s" in timeline:
+            bottom.step(starts, timeline[f"{c}_tokens_per_s"], where="post", color=COLORS[c],
+                        label=f"{CLASS_NAMES[c]} tokens/s")
+    bottom.set_ylabel("output tokens/s")
+    bottom.set_xlabel("time (s)")
+    bottom.legend(loc="upper right", fontsize=8)
+    bottom.grid(alpha=0.3)
+    figure.suptitle(title or "timeline")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

@@ -1,0 +1,138 @@
+"""One benchmark run against a server: build the workload, send it, summarise it, write JSON and plots."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import sys
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import httpx
+from tqdm import tqdm
+
+from omniserve.bench import metrics, plots
+from omniserve.bench.client import Record, Stream, Target, run_streams
+from omniserve.bench.metrics import Slo
+from omniserve.bench.workload import PromptMaker, Request, StreamSpec, build_stream
+
+CLASSES = ("ls", "be")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    base_url: str = "http://127.0.0.1:8000"
+    model: str | None = None  # default: the first model the server lists
+    endpoint: str = "completions"
+    api_key: str | None = None
+    streams: dict[str, StreamSpec] = field(default_factory=dict)  # "ls" / "be"
+    models: dict[str, str | None] = field(default_factory=dict)  # a class's own model name, if any
+    service_tiers: dict[str, str | None] = field(default_factory=lambda: {"ls": None, "be": "flex"})
+    slo: Slo = Slo()  # the LS SLOs
+    duration: float = 60.0
+    drain_timeout: float = 120.0
+    request_timeout: float = 300.0
+    seed: int = 0
+    bin_s: float | None = None  # timeline bins; default: duration / 60, at least one second
+    label: str = ""
+
+
+def build_workload(config: BenchConfig, tokenizer) -> dict[str, list[Request]]:
+    """Every stream's requests, from the seed alone: the same for every server and policy of a comparison."""
+    workload = {}
+    for service_class in CLASSES:
+        spec = config.streams.get(service_class)
+        if spec is not None and spec.enabled:
+            rng = random.Random(f"{config.seed}-{service_class}")  # streams independent of each other's draws
+            closed = max(64, int(config.duration * 20)) if spec.concurrency else None
+            workload[service_class] = build_stream(spec, config.duration, PromptMaker(tokenizer, rng), rng, closed)
+    return workload
+
+
+def served_model(base_url: str, api_key: str | None) -> str:
+    """The first model id of GET /v1/models."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    response = httpx.get(f"{base_url.rstrip('/')}/v1/models", headers=headers, timeout=30)
+    response.raise_for_status()
+    return response.json()["data"][0]["id"]
+
+
+def run(config: BenchConfig, workload: dict[str, list[Request]], tokenizer=None, progress: bool = True,
+        position: int = 0) -> tuple[dict, list[Record]]:
+    """Runs the workload against config.base_url; returns the result (JSON-ready) and the records."""
+    model = config.model or served_model(config.base_url, config.api_key)
+    streams = []
+    for service_class, requests in workload.items():
+        target = Target(config.base_url, config.models.get(service_class) or model, config.endpoint,
+                        config.service_tiers.get(service_class), config.api_key)
+        streams.append(Stream(service_class, target, requests, config.streams[service_class].concurrency))
+    total = sum(len(s.requests) for s in streams if not s.concurrency) or None
+    bar = tqdm(total=total, desc=config.label or "bench", unit="req", position=position, leave=True,
+               disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    try:
+        records, run_seconds = asyncio.run(run_streams(
+            streams, config.duration, config.drain_timeout, config.request_timeout, tokenizer,
+            on_done=lambda record: bar.update(1)))
+    finally:
+        bar.close()
+    slos = {"ls": config.slo}
+    summary = metrics.summarize(records, config.duration, run_seconds, slos)
+    bin_s = config.bin_s or max(1.0, config.duration / 60)
+    result = {
+        "label": config.label, "base_url": config.base_url, "model": model, "endpoint": config.endpoint,
+        "seed": config.seed, "duration": config.duration, "run_seconds": run_seconds,
+        "slo": {"ls": asdict(config.slo)},
+        "streams": {c: asdict(config.streams[c]) for c in workload},
+        "summary": summary,
+        "timeline": metrics.timeline(records, run_seconds, bin_s),
+    }
+    return result, records
+
+
+def write_outputs(result: dict, records: list[Record], output_dir: str | Path, slo: Slo) -> list[Path]:
+    """result.json (with every request's record), latency_cdf.png and timeline.png in output_dir."""
+    folder = Path(output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / "result.json", folder / "latency_cdf.png", folder / "timeline.png"]
+    paths[0].write_text(json.dumps({**result, "records": [asdict(r) for r in records]}, indent=1))
+    title = f"{result['label'] or result['model']} at {result['base_url']}"
+    plots.latency_cdfs(records, {"ls": slo}, paths[1], title)
+    plots.timeline_plot(result["timeline"], {"ls": slo}, paths[2], title)
+    return paths
+
+
+def one_line(result: dict) -> str:
+    """The run as one JSON line: everything but the timeline."""
+    return json.dumps({k: v for k, v in result.items() if k != "timeline"}, separators=(",", ":"))
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1e3:.0f}"
+
+
+def report(result: dict) -> str:
+    """A short human summary of a run, per class."""
+    lines = [f"{result['label'] or 'run'}: {result['model']} at {result['base_url']}, {result['duration']:g} s "
+             f"arrival window, run {result['run_seconds']:.1f} s"]
+    slo = result["slo"]["ls"]
+    for c, s in result["summary"].items():
+        lines.append(
+            f"  {c.upper()}: {s['requests']} requests: {s['ok']} ok, {s['rejected']} rejected, {s['failed']} failed, "
+            f"{s['cancelled']} cancelled; output {s['output_throughput']:.1f} tok/s in the window")
+        lines.append(
+            f"      TTFT ms mean/p50/p90/p99 {'/'.join(_ms(s['ttft'][k]) for k in ('mean', 'median', 'p90', 'p99'))}"
+            f"   TPOT ms {'/'.join(_ms(s['tpot'][k]) for k in ('mean', 'median', 'p90', 'p99'))}"
+            f"   ITL ms p50/p99 {_ms(s['itl']['median'])}/{_ms(s['itl']['p99'])}"
+            f"   E2E s p50/p99 {s['e2e']['median'] or 0:.2f}/{s['e2e']['p99'] or 0:.2f}")
+        if "slo_attainment" in s and s["slo_attainment"] is not None:
+            lines.append(f"      SLO (TTFT {_ms(slo['ttft'])} ms, TPOT {_ms(slo['tpot'])} ms) attainment "
+                         f"{s['slo_attainment']:.1%} (TTFT alone {s['ttft_attainment']:.1%}), goodput "
+                         f"{s['goodput']:.2f} req/s")
+        for error, count in s["errors"].items():
+            lines.append(f"      {count} x {error}")
+    return "\n".join(lines)
+
+
+def with_label(config: BenchConfig, label: str, base_url: str) -> BenchConfig:
+    return replace(config, label=label, base_url=base_url)
