@@ -63,7 +63,7 @@ def _stream_spec(args: argparse.Namespace, service_class: str) -> StreamSpec:
     return StreamSpec(
         rate=get("rate"), burstiness=get("burstiness"), rate_steps=steps, concurrency=get("concurrency"),
         trace=get("trace"), time_scale=get("time_scale"), trace_offset=get("trace_offset"),
-        dataset=get("dataset") or ("trace" if get("trace") else "sharegpt"), input_len=get("input_len"),
+        dataset=get("dataset"), input_len=get("input_len"),
         output_len=get("output_len"), max_input_len=get("max_input_len"), max_output_len=get("max_output_len"))
 
 

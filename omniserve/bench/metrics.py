@@ -96,7 +96,7 @@ def summarize(records: list[Record], duration: float, run_seconds: float, slos: 
 def timeline(records: list[Record], run_seconds: float, bin_s: float) -> dict[str, list]:
     """Per bin of `bin_s` seconds: the mean TPOT of LS requests that finished in it, the LS requests that arrived in
     it, and each class's output tokens/s."""
-    edges = np.arange(0.0, run_seconds + bin_s, bin_s).tolist()
+    edges = [i * bin_s for i in range(int(run_seconds // bin_s) + 2)]  # the last bin holds the run's end
     out: dict[str, list] = {"start": edges[:-1]}
     ls_done = [(r.end, r.tpot) for r in records if r.service_class == "ls" and r.tpot is not None]
     out["ls_tpot"] = [float(np.mean(v)) if (v := [tpot for end, tpot in ls_done if a <= end < b]) else None

@@ -163,7 +163,7 @@ class StreamSpec:
     trace: str | None = None
     time_scale: float = 1.0
     trace_offset: float = 0.0
-    dataset: str = "sharegpt"  # sharegpt | random | trace
+    dataset: str | None = None  # sharegpt | random | trace; default: trace with a trace, else sharegpt
     input_len: str = "512"
     output_len: str = "128"
     max_input_len: int | None = None
@@ -190,23 +190,24 @@ def build_stream(spec: StreamSpec, duration: float, maker: PromptMaker, rng: ran
         times = gamma_arrivals(rng, spec.rate, duration, spec.burstiness)
     else:
         times = [None] * (max_requests or 10_000)
-    if spec.dataset == "trace" and trace is None:
+    dataset = spec.dataset or ("trace" if trace is not None else "sharegpt")
+    if dataset == "trace" and trace is None:
         raise WorkloadError("lengths from a trace need a trace (--*-trace)")
     input_range, output_range = parse_range(spec.input_len), parse_range(spec.output_len)
     max_input = spec.max_input_len or 1 << 30
     max_output = spec.max_output_len or 1 << 30
     requests = []
     for n, arrival in enumerate(times):
-        if spec.dataset == "trace":
+        if dataset == "trace":
             input_len, output_len = trace.input_lens[indices[n]], trace.output_lens[indices[n]]
         else:
             input_len, output_len = rng.randint(*input_range), rng.randint(*output_range)
         input_len, output_len = min(max(input_len, 1), max_input), min(max(output_len, 1), max_output)
-        if spec.dataset == "sharegpt":
+        if dataset == "sharegpt":
             prompt, input_len = maker.sharegpt(max_input)  # the real prompt's own length
-        elif spec.dataset in ("random", "trace"):
+        elif dataset in ("random", "trace"):
             prompt = maker.random(input_len)
         else:
-            raise WorkloadError(f"unknown dataset {spec.dataset!r}: sharegpt, random or trace")
+            raise WorkloadError(f"unknown dataset {dataset!r}: sharegpt, random or trace")
         requests.append(Request(arrival, prompt, input_len, output_len))
     return requests

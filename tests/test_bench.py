@@ -1,0 +1,283 @@
+"""The serving benchmark (`omniserve bench`): arrival statistics, metrics on hand-made records, runs against the
+in-process server with the tiny model (both classes, SLO rejections, JSON and plots, the policy comparison), and
+runs against a deliberately broken server that must end in counted failures, not in a hang or a crash."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import statistics
+import time
+
+import pytest
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, StreamingResponse
+from test_server import RunningServer, serving, slo_server, tiny_chat_model  # noqa: F401 (fixtures)
+from test_slo_scheduler import MODEL
+
+from omniserve.bench import compare, metrics, runner, workload
+from omniserve.bench.client import Record, Stream, Target, run_streams
+from omniserve.bench.metrics import Slo
+from omniserve.bench.workload import Request, StreamSpec, WorkloadError
+from omniserve.entrypoints.cli import main
+
+
+def gaps(times: list[float]) -> list[float]:
+    return [b - a for a, b in zip(times, times[1:])]
+
+
+def cv(values: list[float]) -> float:
+    return statistics.pstdev(values) / statistics.fmean(values)
+
+
+# ------------------------------------------------------------------------------------------------------- arrivals
+@pytest.mark.parametrize("burstiness, expected_cv", [(1.0, 1.0), (0.25, 2.0), (4.0, 0.5)])
+def test_gamma_arrivals_have_the_rate_and_burstiness_asked(burstiness, expected_cv):
+    times = workload.gamma_arrivals(random.Random(1), rate=5.0, duration=4000.0, burstiness=burstiness)
+    assert len(times) / 4000.0 == pytest.approx(5.0, rel=0.05)
+    assert cv(gaps(times)) == pytest.approx(expected_cv, rel=0.08)
+    assert all(0 <= t < 4000.0 for t in times) and times == sorted(times)
+    assert times == workload.gamma_arrivals(random.Random(1), 5.0, 4000.0, burstiness)  # seeded
+
+
+def test_rate_steps_redraw_the_rate_every_period():
+    times = workload.rate_step_arrivals(random.Random(2), low=1.0, high=8.0, period=5.0, duration=2000.0)
+    per_period = [sum(p * 5.0 <= t < (p + 1) * 5.0 for t in times) / 5.0 for p in range(400)]
+    assert statistics.fmean(per_period) == pytest.approx(4.5, rel=0.08)  # the mean of U(1, 8)
+    assert statistics.pstdev(per_period) > 1.5  # rates really change (a fixed rate of 4.5 gives about 0.95)
+    with pytest.raises(WorkloadError):
+        workload.rate_step_arrivals(random.Random(0), 8.0, 1.0, 5.0, 10.0)
+
+
+def test_trace_replay_keeps_the_trace_gaps_scaled(tmp_path):
+    csv_path = tmp_path / "t.csv"
+    csv_path.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:03.5000000,100,10\n"
+                        "2023-11-16 18:17:04.0000000,200,20\n2023-11-16 18:17:06.0000000,300,30\n")
+    trace = workload.load_trace(csv_path)
+    assert trace.times == pytest.approx([0.0, 0.5, 2.5]) and trace.input_lens == [100, 200, 300]
+    assert workload.trace_arrivals(trace, duration=5.1, time_scale=2.0) == [0, 1, 2]
+    assert workload.trace_arrivals(trace, duration=4.9, time_scale=2.0) == [0, 1]  # 2.5 s x 2 = 5 s
+    jsonl = tmp_path / "t.jsonl"
+    jsonl.write_text('{"timestamp": 1000, "input_length": 5, "output_length": 6}\n'
+                     '{"timestamp": 3500, "input_length": 7, "output_length": 8}\n')
+    assert workload.load_trace(jsonl).times == [0.0, 2.5]  # milliseconds
+    with pytest.raises(WorkloadError, match="cannot read"):
+        workload.load_trace(tmp_path / "missing.csv")
+
+
+def test_real_traces_replay_at_their_own_rate():
+    """The Azure code trace: 8,819 requests over 57 minutes (2.6/s) and very bursty."""
+    trace = workload.load_trace("azure-code")
+    assert len(trace.times) == 8819
+    first_10_min = workload.trace_arrivals(trace, duration=600.0)
+    scaled = workload.trace_arrivals(trace, duration=600.0, time_scale=10.0)
+    assert 1.5 < len(first_10_min) / 600.0 < 4.0 and len(scaled) < len(first_10_min) / 5
+    assert cv(gaps([trace.times[i] for i in first_10_min])) > 1.5  # burstier than Poisson
+    assert len(workload.load_trace("mooncake").times) == 12031
+
+
+class FakeTokenizer:
+    all_special_ids = [0, 1, 2]
+
+    def __len__(self) -> int:
+        return 50
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [3 + len(word) for word in text.split()]
+
+    def decode(self, ids) -> str:
+        return " ".join("x" * (i - 3) for i in ids)
+
+
+def test_streams_take_lengths_from_the_dataset_or_the_trace():
+    maker = workload.PromptMaker(FakeTokenizer(), random.Random(0))
+    spec = StreamSpec(rate=2.0, dataset="random", input_len="10:20", output_len="5")
+    requests = workload.build_stream(spec, 50.0, maker, random.Random(0))
+    assert requests and all(10 <= r.input_len <= 20 for r in requests)
+    assert all(len(r.prompt) == r.input_len and r.output_len == 5 and min(r.prompt) > 2 for r in requests)
+    traced = workload.build_stream(StreamSpec(trace="azure-code", max_input_len=64, max_output_len=8), 60.0, maker,
+                                   random.Random(0))
+    trace = workload.load_trace("azure-code")
+    assert [r.input_len for r in traced[:5]] == [min(n, 64) for n in trace.input_lens[:5]]
+    assert all(r.output_len <= 8 for r in traced)
+    shared = workload.build_stream(StreamSpec(rate=1.0, max_input_len=30), 20.0, maker, random.Random(0))
+    assert all(isinstance(r.prompt, str) and r.input_len <= 30 for r in shared)
+    assert workload.build_stream(StreamSpec(), 10.0, maker, random.Random(0)) == []
+
+
+# -------------------------------------------------------------------------------------------------------- metrics
+def record(service_class, arrival, first=None, end=None, tokens=0, status="ok", chunks=None) -> Record:
+    times = chunks if chunks is not None else ([] if first is None else
+                                               [first + (end - first) * i / max(1, tokens - 1) for i in range(tokens)])
+    return Record(service_class, arrival, 10, tokens, status=status, token_times=times, output_tokens=tokens,
+                  end=end, sent=arrival)
+
+
+def test_metrics_of_hand_made_records():
+    slo = Slo(ttft=1.0, tpot=0.1)
+    records = [
+        record("ls", 0.0, first=0.5, end=1.4, tokens=10),  # ttft 0.5, tpot 0.1: meets both
+        record("ls", 1.0, first=2.5, end=3.4, tokens=10),  # ttft 1.5: misses
+        record("ls", 2.0, first=2.2, end=4.2, tokens=11),  # tpot 0.2: misses
+        record("ls", 3.0, first=3.1, end=3.1, tokens=1),  # one token: no TPOT, meets
+        record("ls", 4.0, status="rejected"),
+        record("be", 0.0, first=1.0, end=9.0, tokens=5),
+        record("be", 5.0, first=9.5, end=12.0, tokens=4, status="cancelled"),
+        record("be", 6.0, status="failed"),
+    ]
+    summary = metrics.summarize(records, duration=10.0, run_seconds=12.0, slos={"ls": slo})
+    ls, be = summary["ls"], summary["be"]
+    assert list(summary) == ["ls", "be"]
+    assert (ls["requests"], ls["ok"], ls["rejected"], ls["failed"]) == (5, 4, 1, 0)
+    assert ls["ttft"]["count"] == 4 and ls["ttft"]["median"] == pytest.approx(0.35)
+    assert ls["tpot"]["count"] == 3 and ls["tpot"]["mean"] == pytest.approx((0.1 + 0.1 + 0.2) / 3)
+    assert ls["slo_attainment"] == pytest.approx(2 / 5) and ls["goodput"] == pytest.approx(0.2)
+    assert ls["ttft_attainment"] == pytest.approx(3 / 5)
+    assert ls["itl"]["count"] == 9 + 9 + 10
+    assert (be["ok"], be["cancelled"], be["failed"]) == (1, 1, 1) and "slo_attainment" not in be
+    # BE tokens in [0, 10): the five of the finished request, one of the cancelled one (9.5 s) as one token each.
+    assert be["output_throughput"] == pytest.approx(6 / 10.0)
+    line = metrics.timeline(records, 12.0, bin_s=2.0)
+    assert line["ls_arrivals"][:3] == [2, 2, 1] and line["ls_tpot"][0] == pytest.approx(0.1)
+    assert sum(line["be_tokens_per_s"]) * 2.0 == pytest.approx(5 + 4)
+
+
+def test_usage_spreads_tokens_over_chunks_that_carry_several():
+    many = record("be", 0.0, end=2.0, tokens=6, chunks=[0.5, 1.0, 1.5])  # three chunks of two tokens
+    assert metrics.summarize([many], 1.2, 2.0, {})["be"]["output_throughput"] == pytest.approx(4 / 1.2)
+
+
+# ------------------------------------------------------------------------------------------- against the server
+def bench_args(url: str, tokenizer: str, out, *extra: str) -> list[str]:
+    return ["bench", "--base-url", url, "--tokenizer", tokenizer, "--duration", "2", "--seed", "3",
+            "--ls-rate", "4", "--ls-dataset", "random", "--ls-input-len", "8:24", "--ls-output-len", "6",
+            "--be-rate", "3", "--be-dataset", "random", "--be-input-len", "40", "--be-output-len", "12",
+            "--no-progress", "--output-dir", str(out), *extra]
+
+
+def run_cli(argv: list[str], capsys) -> dict:
+    main(argv)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert len(lines) == 1
+    return json.loads(lines[0])
+
+
+def test_end_to_end_both_classes_complete_and_outputs_are_written(tiny_chat_model, tmp_path, capsys):  # noqa: F811
+    with serving(tiny_chat_model) as server:
+        result = run_cli(bench_args(server.url, tiny_chat_model, tmp_path, "--ttft-slo", "30", "--tpot-slo", "5"),
+                         capsys)
+        server.wait_idle()
+    ls, be = result["summary"]["ls"], result["summary"]["be"]
+    assert ls["requests"] > 0 and be["requests"] > 0
+    assert ls["ok"] == ls["requests"] and be["ok"] == be["requests"], (ls["errors"], be["errors"])
+    assert ls["output_tokens"] == 6 * ls["ok"] and be["output_tokens"] == 12 * be["ok"]
+    assert ls["slo_attainment"] == 1.0 and ls["ttft"]["p99"] < 30
+    saved = json.loads((tmp_path / "result.json").read_text())
+    assert len(saved["records"]) == ls["requests"] + be["requests"]
+    for name in ("latency_cdf.png", "timeline.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rejected_ls_requests_are_counted_apart_from_failures(slo_server, tiny_chat_model, tmp_path,  # noqa: F811
+                                                             capsys):
+    """slo_server rejects every LS request at admission (429); BE requests run."""
+    result = run_cli(bench_args(slo_server.url, tiny_chat_model, tmp_path, "--ttft-slo", "0.5"), capsys)
+    ls, be = result["summary"]["ls"], result["summary"]["be"]
+    assert ls["rejected"] == ls["requests"] > 0 and ls["failed"] == 0 and ls["slo_attainment"] == 0.0
+    assert be["ok"] == be["requests"] > 0
+    slo_server.wait_idle()
+
+
+def test_compare_starts_a_server_per_policy_and_tabulates(tiny_chat_model, tmp_path, capsys):  # noqa: F811
+    profile = tmp_path / "profile.json"
+    profile.write_text(MODEL.to_json())
+    server_args = f"--model {tiny_chat_model} --block-size 4 --profile-path {profile} --max-num-seqs 8"
+    argv = bench_args("unused", tiny_chat_model, tmp_path / "cmp", "--ttft-slo", "30", "--tpot-slo", "5",
+                      "--compare", "--policies", "omniserve,fcfs", "--server-args", server_args)
+    argv[argv.index("--duration") + 1] = "1.5"
+    main(argv)
+    out = capsys.readouterr()
+    results = [json.loads(line) for line in out.out.splitlines() if line.startswith("{")]
+    assert [r["policy"] for r in results] == ["omniserve", "fcfs"]
+    for r in results:
+        assert r["summary"]["ls"]["ok"] == r["summary"]["ls"]["requests"] > 0
+        assert r["summary"]["be"]["ok"] == r["summary"]["be"]["requests"] > 0
+    table = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "| omniserve |" in table and "| fcfs |" in table and "omniserve vs" in table
+    assert (tmp_path / "cmp" / "fcfs" / "timeline.png").exists()
+    assert (tmp_path / "cmp" / "omniserve" / "server.log").exists()
+
+
+def test_a_server_that_does_not_start_is_reported(tmp_path):
+    with pytest.raises(compare.ServerError, match="exited"):
+        compare.Server("omniserve", Slo(), ["--model", str(tmp_path / "nothing-here")], tmp_path / "log", 60)
+
+
+# ------------------------------------------------------------------------------------------- a broken server
+def broken_app() -> FastAPI:
+    """Answers in turn: a 500, a stream cut before [DONE], a chunk that is not JSON, an error chunk, a stream
+    that goes silent, a 503 before streaming, and a good stream (so a run mixes them)."""
+    app = FastAPI()
+    count = {"n": 0}
+    good = 'data: {"choices": [{"index": 0, "text": "hi"}]}\n\n'
+
+    async def cut():
+        yield good
+        raise RuntimeError("the server dies mid-stream")
+
+    async def silent():
+        yield good
+        await asyncio.sleep(60)
+
+    async def stream(*chunks):
+        for chunk in chunks:
+            yield chunk
+
+    @app.post("/v1/completions")
+    async def completions():
+        count["n"] += 1
+        kind = count["n"] % 7
+        if kind == 1:
+            return JSONResponse({"error": {"message": "boom", "type": "server_error"}}, status_code=500)
+        if kind == 6:
+            return JSONResponse({"error": {"message": "overloaded"}}, status_code=503)
+        body = {2: cut(), 3: stream(good, "data: {not json\n\n"),
+                4: stream(good, 'data: {"error": {"message": "engine died"}}\n\n'),
+                5: silent(), 0: stream(good, good, 'data: {"choices": [], "usage": {"completion_tokens": 2}}\n\n',
+                                       "data: [DONE]\n\n")}[kind]
+        return StreamingResponse(body, media_type="text/event-stream")
+
+    return app
+
+
+def test_a_broken_server_gives_counted_failures_not_a_hang():
+    server = RunningServer(broken_app())
+    try:
+        requests = [Request(0.05 * i, [5, 6, 7], 3, 2) for i in range(14)]
+        started = time.monotonic()
+        records, _ = asyncio.run(run_streams([Stream("ls", Target(server.url, "m"), requests)], duration=1.0,
+                                             drain_timeout=10.0, request_timeout=1.0))
+        assert time.monotonic() - started < 8  # the silent streams fail at the request timeout
+    finally:
+        server.stop()
+    by_status = {s: [r for r in records if r.status == s] for s in metrics.STATUSES}
+    assert len(by_status["ok"]) == 2 and all(r.output_tokens == 2 for r in by_status["ok"])
+    assert len(by_status["failed"]) == 12
+    errors = " | ".join(r.error for r in by_status["failed"])
+    for expected in ("HTTP 500: boom", "HTTP 503: overloaded", "malformed chunk", "error chunk", "ReadTimeout"):
+        assert expected in errors
+    assert "before [DONE]" in errors or "RemoteProtocolError" in errors
+    summary = metrics.summarize(records, 1.0, 2.0, {"ls": Slo(ttft=1.0)})["ls"]
+    assert summary["failed"] == 12 and summary["slo_attainment"] == pytest.approx(2 / 14)
+
+
+def test_requests_still_open_at_the_end_are_cancelled_and_counted():
+    server = RunningServer(broken_app())
+    try:
+        requests = [Request(0.0, [1], 1, 2) for _ in range(5)]  # the fifth is the silent one
+        records, seconds = asyncio.run(run_streams([Stream("be", Target(server.url, "m"), requests)], duration=0.2,
+                                                   drain_timeout=0.5, request_timeout=30.0))
+    finally:
+        server.stop()
+    assert seconds < 5 and [r.status for r in records].count("cancelled") == 1
