@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from test_server import RunningServer, serving, slo_server, tiny_chat_model  # noqa: F401 (fixtures)
 from test_slo_scheduler import MODEL
 
-from omniserve.bench import compare, metrics, runner, workload
+from omniserve.bench import compare, metrics, workload
 from omniserve.bench.client import Record, Stream, Target, run_streams
 from omniserve.bench.metrics import Slo
 from omniserve.bench.workload import Request, StreamSpec, WorkloadError
