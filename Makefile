@@ -28,3 +28,4 @@ bench: setup
 	$(PY) benchmarks/bench_profile.py
 	$(PY) benchmarks/bench_policies.py
 	$(PY) benchmarks/bench_server.py
+	$(PY) benchmarks/bench_serving.py

@@ -48,6 +48,8 @@ def _add_stream_args(parser: argparse.ArgumentParser, service_class: str, name: 
     group.add_argument(flag + "service-tier", default="flex" if service_class == "be" else None,
                        help="service_tier to send ('' for none)" + (" (default: flex, best effort)"
                                                                      if service_class == "be" else ""))
+    group.add_argument(flag + "extra-body", default=None, metavar="JSON",
+                       help="more request fields, e.g. '{\"priority\": 1}' for vLLM's priority scheduling")
 
 
 def _stream_spec(args: argparse.Namespace, service_class: str) -> StreamSpec:
@@ -117,11 +119,21 @@ def bench_main(args: argparse.Namespace) -> None:
     if not any(s.enabled for s in streams.values()):
         sys.exit("omniserve bench: error: no stream: give --ls-rate, --be-rate, a --*-trace, --*-rate-steps or "
                  "--*-concurrency")
+    extra_bodies = {}
+    for c in runner.CLASSES:
+        text = getattr(args, f"{c}_extra_body")
+        try:
+            extra_bodies[c] = json.loads(text) if text else {}
+        except ValueError as exc:
+            sys.exit(f"omniserve bench: error: --{c}-extra-body is not JSON: {exc}")
+        if not isinstance(extra_bodies[c], dict):
+            sys.exit(f"omniserve bench: error: --{c}-extra-body must be a JSON object")
     tokenizer = load_tokenizer(*resolve_model(args.tokenizer, "auto"))
     config = runner.BenchConfig(
         base_url=args.base_url, model=args.model, endpoint=args.endpoint, api_key=args.api_key, streams=streams,
         models={"ls": args.ls_model, "be": args.be_model},
         service_tiers={"ls": args.ls_service_tier or None, "be": args.be_service_tier or None},
+        extra_bodies=extra_bodies,
         slo=Slo(args.ttft_slo, args.tpot_slo), duration=args.duration, drain_timeout=args.drain_timeout,
         request_timeout=args.request_timeout, seed=args.seed)
     try:

@@ -29,6 +29,7 @@ class BenchConfig:
     streams: dict[str, StreamSpec] = field(default_factory=dict)  # "ls" / "be"
     models: dict[str, str | None] = field(default_factory=dict)  # a class's own model name, if any
     service_tiers: dict[str, str | None] = field(default_factory=lambda: {"ls": None, "be": "flex"})
+    extra_bodies: dict[str, dict] = field(default_factory=dict)  # more request fields per class
     slo: Slo = Slo()  # the LS SLOs
     duration: float = 60.0
     drain_timeout: float = 120.0
@@ -65,7 +66,8 @@ def run(config: BenchConfig, workload: dict[str, list[Request]], tokenizer=None,
     streams = []
     for service_class, requests in workload.items():
         target = Target(config.base_url, config.models.get(service_class) or model, config.endpoint,
-                        config.service_tiers.get(service_class), config.api_key)
+                        config.service_tiers.get(service_class), config.api_key,
+                        config.extra_bodies.get(service_class, {}))
         streams.append(Stream(service_class, target, requests, config.streams[service_class].concurrency))
     total = sum(len(s.requests) for s in streams if not s.concurrency) or None
     bar = tqdm(total=total, desc=config.label or "bench", unit="req", position=position, leave=True,
