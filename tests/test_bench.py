@@ -179,6 +179,21 @@ def test_end_to_end_both_classes_complete_and_outputs_are_written(tiny_chat_mode
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_chat_endpoint_streams_text_prompts_and_token_prompts(tiny_chat_model):  # noqa: F811
+    from omniserve.models.loader import resolve_model
+    from omniserve.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(*resolve_model(tiny_chat_model, "auto"))
+    requests = [Request(0.0, "the capital of france is", 6, 5), Request(0.1, [30, 31, 32], 3, 4)]
+    with serving(tiny_chat_model) as server:
+        records, _ = asyncio.run(run_streams([Stream("ls", Target(server.url, "tiny", "chat"), requests)],
+                                             duration=0.2, drain_timeout=30.0, request_timeout=30.0,
+                                             tokenizer=tokenizer))
+        server.wait_idle()
+    assert [(r.status, r.output_tokens) for r in records] == [("ok", 5), ("ok", 4)], [r.error for r in records]
+    assert all(r.token_times and r.ttft > 0 for r in records)
+
+
 def test_rejected_ls_requests_are_counted_apart_from_failures(slo_server, tiny_chat_model, tmp_path,  # noqa: F811
                                                              capsys):
     """slo_server rejects every LS request at admission (429); BE requests run."""
