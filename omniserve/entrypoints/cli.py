@@ -1,5 +1,6 @@
 """The `omniserve` command: `omniserve serve` (the OpenAI-compatible server), `omniserve generate "prompt"`,
-`omniserve chat`, `omniserve profile` and `omniserve bench` (the serving benchmark)."""
+`omniserve chat`, `omniserve profile`, `omniserve bench` (the serving benchmark) and `omniserve eval gsm8k` (the
+accuracy of a running OpenAI-compatible server)."""
 
 from __future__ import annotations
 
@@ -199,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     from omniserve.bench.cli import add_bench_command  # here: `omniserve serve` need not import the benchmark
 
     add_bench_command(commands)
+
+    from omniserve.evaluation.cli import add_eval_command
+
+    add_eval_command(commands)
     return parser
 
 
