@@ -102,6 +102,24 @@ def test_ls_admission_at_the_ttft_boundary(margin, admitted):
         assert "ls" not in scheduler.requests and scheduler.page_table.allocator.num_used == 0
 
 
+@pytest.mark.parametrize("slack, admitted", [(1.3, True), (0.7, False)])
+def test_predicted_ttft_counts_the_prefill_ahead_not_this_iterations_chunks(slack, admitted):
+    """A short LS prompt behind a long one that fills this iteration: its TTFT is the tokens ahead plus its own, in
+    the largest chunks an iteration holds, not in whatever room the long one's chunk leaves in this iteration."""
+    scheduler = make()
+
+    def shape(count: int) -> BatchShape:
+        return BatchShape(count, prefill_interactions(0, count), 0, 0, 1)
+
+    chunk = max(c for c in range(1, 400) if MODEL.iteration_time(shape(c)) <= 0.05)
+    expected = math.ceil((300 + 10) / chunk) * MODEL.iteration_time(shape(chunk))
+    add(scheduler, "long", 300)
+    short = add(scheduler, "short", 10, ttft=slack * expected)
+    plan = step(scheduler)
+    assert chunk_sizes(plan)["long"] == chunk and plan.rejected == ([] if admitted else ["short"])
+    assert (short.status is RequestStatus.REJECTED) is not admitted
+
+
 def test_waiting_ls_is_rejected_as_soon_as_it_would_be_late_and_be_is_never_rejected():
     clock = Clock()
     scheduler = make(clock=clock, max_num_seqs=1)

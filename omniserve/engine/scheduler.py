@@ -316,15 +316,24 @@ class Scheduler:
         prefill tokens, with each iteration taking the largest chunk the time budget allows."""
         if request.num_output_tokens or self.latency_model is None or request.ttft_slo is None:
             return 0.0  # preempted requests already have their first token; without a model there is no estimate
-        base = batch.shape
+        # The iterations ahead keep this one's decode rows, not its prefill chunks (their tokens are `tokens_ahead`).
+        shape = batch.shape
+        base = replace(shape, num_rows=shape.num_rows - shape.prefill_tokens, prefill_interactions=0, prefill_tokens=0)
         remaining = tokens_ahead + request.num_tokens - request.num_computed_tokens
-        per_iteration = min(remaining, self.config.max_num_batched_tokens)
-        while per_iteration > 1 and not batch.fits(batch.with_chunk(base, 0, per_iteration, False)):
-            per_iteration //= 2  # a coarse search is enough for an admission estimate
-        if not batch.fits(batch.with_chunk(base, 0, per_iteration, False)):
+
+        def fits(count: int) -> bool:
+            return batch.fits(batch.with_chunk(base, 0, count, False))
+
+        low, high = 0, min(remaining, self.config.max_num_batched_tokens)
+        if fits(high):
+            low = high
+        while high - low > 1:  # the largest chunk that fits: time grows with the chunk
+            middle = (low + high) // 2
+            low, high = (middle, high) if fits(middle) else (low, middle)
+        if low == 0:
             return math.inf
-        iterations = math.ceil(remaining / per_iteration)
-        full = batch.with_chunk(base, 0, per_iteration, True)
+        iterations = math.ceil(remaining / low)
+        full = batch.with_chunk(base, 0, low, True)
         per_iteration_s = self.time_correction * self.latency_model.iteration_time(full)
         return self.clock() - request.arrival_time + iterations * per_iteration_s
 
