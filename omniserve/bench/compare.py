@@ -164,6 +164,9 @@ def comparison_table(results: list[dict]) -> str:
             cells = []
             for c, key in (("ls", "slo_attainment"), ("be", "output_throughput")):
                 mine, theirs = _figure(ours, c, key), _figure(r, c, key)
-                cells.append("-" if mine is None or not theirs else f"{mine / theirs:.2f}x")
+                if mine is None or theirs is None:
+                    cells.append("-")
+                else:
+                    cells.append(f"{mine / theirs:.2f}x" if theirs else "- (theirs 0)")
             lines.append(f"| {r['policy']} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
