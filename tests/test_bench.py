@@ -66,6 +66,11 @@ def test_trace_replay_keeps_the_trace_gaps_scaled(tmp_path):
         workload.load_trace(tmp_path / "missing.csv")
 
 
+needs_shared_data = pytest.mark.skipif(not workload.DATA_DIR.is_dir(),
+                                       reason=f"no shared workload data at {workload.DATA_DIR} (OMNISERVE_DATA_DIR)")
+
+
+@needs_shared_data
 def test_real_traces_replay_at_their_own_rate():
     """The Azure code trace: 8,819 requests over 57 minutes (2.6/s) and very bursty."""
     trace = workload.load_trace("azure-code")
@@ -90,6 +95,7 @@ class FakeTokenizer:
         return " ".join("x" * (i - 3) for i in ids)
 
 
+@needs_shared_data
 def test_streams_take_lengths_from_the_dataset_or_the_trace():
     maker = workload.PromptMaker(FakeTokenizer(), random.Random(0))
     spec = StreamSpec(rate=2.0, dataset="random", input_len="10:20", output_len="5")

@@ -76,6 +76,7 @@ def test_prompt_shows_exemplars_in_the_classic_format_and_they_are_not_scored(tm
         split_problems(problems, num_shots=10)
 
 
+@pytest.mark.skipif(not DEFAULT_DATA.is_file(), reason=f"no shared GSM8K data at {DEFAULT_DATA} (OMNISERVE_DATA_DIR)")
 def test_the_shared_data_loads_and_bad_data_is_an_error(tmp_path):
     problems = load_problems()  # the default path: ../shared/data/gsm8k/test.jsonl beside the repository
     assert DEFAULT_DATA.resolve().is_file() and len(problems) == 1319
@@ -187,7 +188,8 @@ def test_cli_run_against_a_real_server_matches_transformers(tiny_server, tmp_pat
     parser = argparse.ArgumentParser()
     add_eval_command(parser.add_subparsers(dest="command", required=True))
     output = tmp_path / "run.json"
-    args = parser.parse_args(["eval", "gsm8k", "--base-url", url, "--limit", "4", "--num-shots", "1", "--max-tokens",
+    data = _write_problems(tmp_path / "problems.jsonl", 10)
+    args = parser.parse_args(["eval", "gsm8k", "--base-url", url, "--data", str(data), "--limit", "4", "--num-shots", "1", "--max-tokens",
                               "8", "--concurrency", "2", "--transformers-model", folder, "--transformers-limit", "3",
                               "--output", str(output), "--no-progress"])
     args.handler(args)

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import random
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-DATA_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+# The project's shared workload data: `shared/data` beside the checkout, unless $OMNISERVE_DATA_DIR says elsewhere.
+DATA_DIR = Path(os.environ.get("OMNISERVE_DATA_DIR") or Path(__file__).resolve().parents[2].parent / "shared" / "data")
 SHAREGPT = DATA_DIR / "sharegpt" / "prompts_2978.json"
 TRACES = {
     "azure-code": DATA_DIR / "azure-llm-2023" / "code.csv",

@@ -25,7 +25,9 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "gsm8k" / "test.jsonl"
+from omniserve.bench.workload import DATA_DIR
+
+DEFAULT_DATA = DATA_DIR / "gsm8k" / "test.jsonl"
 STOP = ("Question:", "\n\n\n")  # the model starts the next exemplar, or has nothing left to say
 
 _NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?"  # 18, -3, $1,234.50 (a sentence's full stop is not part of it)
