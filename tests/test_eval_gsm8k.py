@@ -26,6 +26,10 @@ from omniserve.evaluation.gsm8k import (
 SOLUTION = "She sells 16 - 3 - 4 = <<16-3-4=9>>9 eggs.\nShe makes 9 * 2 = $<<9*2=18>>18.\n#### 18"
 
 
+needs_gsm8k = pytest.mark.skipif(not DEFAULT_DATA.is_file(),
+                                 reason=f"no shared GSM8K data at {DEFAULT_DATA} (OMNISERVE_DATA_DIR)")
+
+
 def _write_problems(path, count: int) -> str:
     rows = [{"question": f"Question number {i}?", "answer": f"Reasoning {i}.\n#### {i * 10}"} for i in range(count)]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -76,7 +80,7 @@ def test_prompt_shows_exemplars_in_the_classic_format_and_they_are_not_scored(tm
         split_problems(problems, num_shots=10)
 
 
-@pytest.mark.skipif(not DEFAULT_DATA.is_file(), reason=f"no shared GSM8K data at {DEFAULT_DATA} (OMNISERVE_DATA_DIR)")
+@needs_gsm8k
 def test_the_shared_data_loads_and_bad_data_is_an_error(tmp_path):
     problems = load_problems()  # the default path: ../shared/data/gsm8k/test.jsonl beside the repository
     assert DEFAULT_DATA.resolve().is_file() and len(problems) == 1319
@@ -103,15 +107,17 @@ def _mock_server(handle_completion) -> httpx.MockTransport:
     return httpx.MockTransport(handler)
 
 
-def test_a_server_that_answers_500_gives_failures_not_a_crash():
+def test_a_server_that_answers_500_gives_failures_not_a_crash(tmp_path):
     transport = _mock_server(lambda body: httpx.Response(500, json={"error": {"message": "boom"}}))
-    config = GSM8KConfig(base_url="http://mock", limit=6, num_shots=2, concurrency=3, progress=False)
+    config = GSM8KConfig(base_url="http://mock", data=_write_problems(tmp_path / "p.jsonl", 10), limit=6, num_shots=2,
+                         concurrency=3, progress=False)
     summary, records = run_gsm8k(config, transport=transport)
     assert summary["failed"] == 6 and summary["correct"] == 0 and summary["num_problems"] == 6
     assert summary["model"] == "mock" and summary["accuracy"] == 0.0
     assert all(r["error"].startswith("HTTP 500") and r["completion"] is None for r in records["records"])
 
 
+@needs_gsm8k
 def test_each_failure_kind_is_counted_and_good_answers_still_score():
     def answer(body):
         question = body["prompt"].rsplit("Question: ", 1)[1]
@@ -131,10 +137,11 @@ def test_each_failure_kind_is_counted_and_good_answers_still_score():
     assert "ReadTimeout" in records["records"][1]["error"] and records["records"][3]["extracted"] == "5"
 
 
-def test_a_server_without_models_is_a_clear_error():
+def test_a_server_without_models_is_a_clear_error(tmp_path):
     transport = httpx.MockTransport(lambda request: httpx.Response(404))
+    data = _write_problems(tmp_path / "p.jsonl", 10)
     with pytest.raises(EvalError, match="cannot list the models"):
-        run_gsm8k(GSM8KConfig(base_url="http://mock", limit=1, progress=False), transport=transport)
+        run_gsm8k(GSM8KConfig(base_url="http://mock", data=data, limit=1, progress=False), transport=transport)
 
 
 # ---------------------------------------------------------------------------------------------------- a real server
