@@ -1,6 +1,6 @@
 """The `omniserve` command: `omniserve serve` (the OpenAI-compatible server), `omniserve generate "prompt"`,
-`omniserve chat`, `omniserve profile`, `omniserve bench` (the serving benchmark) and `omniserve eval gsm8k` (the
-accuracy of a running OpenAI-compatible server)."""
+`omniserve chat`, `omniserve profile`, `omniserve bench` (the serving benchmark), `omniserve eval gsm8k` (the
+accuracy of a running OpenAI-compatible server) and `omniserve simulate` (the cluster-scale simulator)."""
 
 from __future__ import annotations
 
@@ -204,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     from omniserve.evaluation.cli import add_eval_command
 
     add_eval_command(commands)
+
+    from omniserve.simulator.cli import add_simulate_command
+
+    add_simulate_command(commands)
     return parser
 
 

@@ -20,6 +20,7 @@ All times are in seconds.
 from __future__ import annotations
 
 import bisect
+import collections
 import itertools
 import json
 from collections.abc import Sequence
@@ -201,8 +202,10 @@ class LatencyModel:
         return self.dense_time(shape.num_rows + _extra(shape, layer)) + self._attention_time(shape)
 
     def iteration_time(self, shape: BatchShape) -> float:
-        if any(shape.extra_rows):
-            dense = sum(self.dense_time(shape.num_rows + _extra(shape, layer)) for layer in range(self.num_layers))
+        if any(shape.extra_rows):  # layers with the same extra rows cost the same: one evaluation per distinct count
+            extras = collections.Counter(shape.extra_rows[: self.num_layers])
+            extras[0] += self.num_layers - min(len(shape.extra_rows), self.num_layers)
+            dense = sum(count * self.dense_time(shape.num_rows + extra) for extra, count in extras.items())
         else:  # every layer runs the same rows: one layer's dense time, num_layers times
             dense = self.num_layers * self.dense_time(shape.num_rows)
         return self.head_time(shape.num_sampled) + dense + self.num_layers * self._attention_time(shape)

@@ -1,0 +1,108 @@
+"""`omniserve simulate`: the command line of the simulator."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+EXAMPLES = """examples:
+  # Llama-2-70B on 4 x A100 with 4 CPU-only hosts: each policy on the paper's kind of load, 30 simulated minutes
+  omniserve simulate --profile llama-2-70b@a100x4 --cpu-hosts 4 --duration 1800 --ttft-slo 3 --tpot-slo 0.25 \\
+      --ls-rate 2 --be-trace azure-code --be-rate 3.04 --be-lengths longbench --output-dir sim/llama70b
+  # this machine's measured profile (run `omniserve profile` first)
+  omniserve simulate --profile smollm2-135m@this-machine --ls-rate 1 --ttft-slo 2 --tpot-slo 0.1 --duration 120
+  # the OmniServe paper's main comparisons, one table
+  omniserve simulate --experiment paper
+"""
+
+
+def add_simulate_command(commands) -> None:
+    from omniserve.simulator.profiles import list_profiles
+
+    sim = commands.add_parser(
+        "simulate", help="simulate LS + BE serving at cluster scale with the real scheduler",
+        description="Runs the engine's scheduler, under each policy, on a simulated clock against a simulated "
+        "device, CPU attention pool and network, with a measured or analytic profile; prints one line per policy "
+        "(and a JSON line each on stdout).", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sim.add_argument("--profile", default="llama-2-70b@a100x4",
+                     help=f"{', '.join(list_profiles())}, or MODEL@HARDWARE-FILE")
+    sim.add_argument("--profile-path", default=None, help="a latency profile JSON for smollm2-135m@this-machine")
+    sim.add_argument("--cpu-hosts", type=int, default=0, help="CPU-only hosts besides the GPU server's own CPU")
+    sim.add_argument("--policies", default="omniserve,sarathi,llumnix,neo,fcfs")
+    sim.add_argument("--duration", type=float, default=600.0, help="simulated seconds of arrivals")
+    sim.add_argument("--drain", type=float, default=600.0, help="simulated seconds to finish after the arrivals")
+    sim.add_argument("--ttft-slo", type=float, default=None)
+    sim.add_argument("--tpot-slo", type=float, default=None)
+    sim.add_argument("--ls-rate", type=float, default=1.0)
+    sim.add_argument("--ls-burstiness", type=float, default=1.0, help="gamma shape; 1 is Poisson, < 1 burstier")
+    sim.add_argument("--ls-rate-steps", default=None, metavar="LOW:HIGH:PERIOD")
+    sim.add_argument("--ls-lengths", default="sharegpt",
+                     help="sharegpt, azure-code, azure-conv, mooncake, longbench, cnn or fixed:IN:OUT")
+    sim.add_argument("--be-trace", default="azure-code", help="BE arrivals: a trace (azure-code, azure-conv, "
+                     "mooncake or a file); '' for Poisson at --be-rate")
+    sim.add_argument("--be-rate", type=float, default=182.6 / 60,
+                     help="BE mean rate (req/s); with a trace, the trace is rescaled to it (0: the trace's own)")
+    sim.add_argument("--be-lengths", default="longbench")
+    sim.add_argument("--max-input-len", type=int, default=16384)
+    sim.add_argument("--max-output-len", type=int, default=2048)
+    sim.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    sim.add_argument("--max-num-seqs", type=int, default=256)
+    sim.add_argument("--latency-noise", type=float, default=0.0,
+                     help="relative spread of iteration times around the prediction (0.05: 5%%)")
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--output-dir", default=None, help="result.json and plots per policy")
+    sim.add_argument("--experiment", choices=("paper",), default=None,
+                     help="paper: the OmniServe paper's comparisons (other workload flags are ignored)")
+    sim.add_argument("--no-progress", action="store_true")
+    sim.set_defaults(handler=simulate_main)
+
+
+def simulate_main(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from omniserve.bench.workload import WorkloadError
+    from omniserve.simulator import experiment
+    from omniserve.simulator.profiles import get_profile
+    from omniserve.simulator.sim import SimConfig
+    from omniserve.simulator.workload import ClassLoad
+
+    bar = tqdm(desc="simulated requests", unit="req", file=sys.stderr, disable=args.no_progress, dynamic_ncols=True)
+    try:
+        if args.experiment == "paper":
+            rows = experiment.run_paper(args.duration, args.seed, progress=bar.update)
+            bar.close()
+            table = experiment.paper_table(rows)
+            print(table, file=sys.stderr)
+            for row in rows:
+                print(json.dumps({"case": row["case"], "policies": row["policies"]}, separators=(",", ":")))
+            if args.output_dir:
+                Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+                (Path(args.output_dir) / "paper.md").write_text(table + "\n")
+                (Path(args.output_dir) / "paper.json").write_text(json.dumps(rows, indent=1))
+            return
+        kw = {"path": args.profile_path} if args.profile_path else {"num_cpu_hosts": 1 + args.cpu_hosts}
+        profile = get_profile(args.profile, **kw)
+        steps = tuple(float(x) for x in args.ls_rate_steps.split(":")) if args.ls_rate_steps else None
+        loads = {"ls": ClassLoad(rate=args.ls_rate, burstiness=args.ls_burstiness, rate_steps=steps,
+                                 lengths=args.ls_lengths, max_input=args.max_input_len,
+                                 max_output=args.max_output_len),
+                 "be": ClassLoad(rate=args.be_rate, trace=args.be_trace or None, lengths=args.be_lengths,
+                                 max_input=args.max_input_len, max_output=args.max_output_len)}
+        base = SimConfig(ls_ttft_slo=args.ttft_slo, ls_tpot_slo=args.tpot_slo, seed=args.seed,
+                         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+                         max_model_len=args.max_input_len + args.max_output_len, latency_noise=args.latency_noise)
+        print(f"profile: {profile.name}", file=sys.stderr)
+        for policy in args.policies.split(","):
+            summary, result = experiment.simulate(profile, replace(base, policy=policy.strip()), loads,
+                                                  args.duration, args.drain, progress=bar.update)
+            bar.write(experiment.one_line(summary), file=sys.stderr)
+            print(json.dumps(summary, separators=(",", ":")), flush=True)
+            if args.output_dir:
+                experiment.write_outputs(summary, result, Path(args.output_dir) / policy.strip())
+    except (ValueError, WorkloadError) as exc:
+        sys.exit(f"omniserve simulate: error: {exc}")
+    finally:
+        bar.close()

@@ -1,0 +1,279 @@
+"""A discrete-event simulation of one engine: the real Scheduler (any policy) plans every iteration on a simulated
+clock, and a simulated executor stands in for the device, the CPU attention pool and the copies between them.
+
+- Device: an iteration takes the time the latency model predicts for the plan (optionally with noise); the scheduler
+  is told the "measured" time, as the engine tells it (Scheduler.observe).
+- CPU attention pool: `num_cpu_hosts` hosts (the first is the GPU server's own), each with `cpu_workers_per_host`
+  workers. An offloaded request lives on one host (placed at swap-out: the local host first while its memory lasts,
+  then the remote host with the most free KV memory) and one worker of it. An offloaded row's attention for a layer
+  is dispatched when the device reaches that layer in the iteration; a worker runs the rows dispatched to it at once
+  as one batch, in turn with its earlier batches, in the time the profile's `cpu_attention` gives; a remote host adds
+  the network's latency and the rows' bytes each way. The result is reported to the scheduler once it is back.
+- Swaps: KV crosses PCIe at `pcie_bytes_per_s` (and the network once, to a remote host); the copy runs beside the
+  device (async), and the scheduler learns it is done at the first iteration that ends after it.
+
+Only the executor is simulated: admission, placement decisions, chunking, piggyback admission and preemption are the
+scheduler's own code, driven through its public seams (schedule, update, results_ready, observe, an injected clock).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+from dataclasses import dataclass, field
+
+from omniserve.bench.client import Record
+from omniserve.config import SchedulerConfig
+from omniserve.engine.plan import IterationPlan, RunnerOutput
+from omniserve.engine.request import Request
+from omniserve.engine.scheduler import Scheduler
+from omniserve.kv_cache import PageAllocator, PageTable
+from omniserve.profiler.latency_model import batch_shape_of_chunks
+from omniserve.sampling.params import SamplingParams
+from omniserve.sampling.sampler import SampledToken
+from omniserve.simulator.profiles import SystemProfile
+
+_TOKEN = 7  # every simulated token; EOS is ignored, so outputs are exactly max_tokens long
+_EOS = 2
+
+
+@dataclass(frozen=True)
+class SimRequest:
+    """One request of a simulated workload."""
+
+    arrival: float
+    service_class: str  # "ls" | "be"
+    input_len: int
+    output_len: int
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    policy: str = "omniserve"
+    ls_ttft_slo: float | None = None
+    ls_tpot_slo: float | None = None
+    page_size: int = 16
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 256
+    max_model_len: int = 32768
+    iteration_budget_share: float = 0.85
+    ls_headroom: float = 0.2
+    be_decode_placement: str = "auto"
+    latency_noise: float = 0.0  # relative standard deviation of iteration times around the prediction
+    seed: int = 0
+
+
+@dataclass
+class _Host:
+    free_tokens: int
+    remote: bool
+    worker_free_at: list[float]
+    peak_tokens: int = 0
+
+
+@dataclass
+class SimResult:
+    records: list[Record]
+    seconds: float  # simulated
+    iterations: int
+    device_busy: float  # simulated seconds the device ran iterations
+    cpu_busy: list[float]  # per host: worker-seconds of CPU attention
+    counters: dict[str, int] = field(default_factory=dict)
+
+
+class Simulation:
+    def __init__(self, profile: SystemProfile, config: SimConfig) -> None:
+        self.profile, self.config = profile, config
+        self.now = 0.0
+        self.rng = random.Random(config.seed)
+        scheduler_config = SchedulerConfig(
+            max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
+            max_model_len=config.max_model_len, be_decode_placement=config.be_decode_placement, policy=config.policy,
+            ls_headroom=config.ls_headroom, iteration_budget_share=config.iteration_budget_share)
+        pages = PageTable(PageAllocator(max(1, profile.device_kv_tokens // config.page_size)), config.page_size)
+        self.scheduler = Scheduler(scheduler_config, pages, eos_token_ids=(_EOS,), num_layers=profile.num_layers,
+                                   latency_model=profile.latency, default_tpot_slo=config.ls_tpot_slo,
+                                   clock=lambda: self.now)
+        workers = profile.cpu_workers_per_host
+        self.hosts = [_Host(profile.host_kv_tokens, n > 0, [0.0] * workers) for n in range(profile.num_cpu_hosts)]
+        self.placement: dict[str, tuple[int, int, int]] = {}  # offloaded request -> (host, worker, KV tokens held)
+        self.cpu_results: list[tuple[float, int, str, int]] = []  # heap of (ready time, seq, request id, layer)
+        self.swaps: list[tuple[float, str, str]] = []  # (done time, "out" | "in", request id)
+        self.records: dict[str, Record] = {}
+        self.device_busy = 0.0
+        self.cpu_busy = [0.0] * profile.num_cpu_hosts
+        self._seq = itertools.count()
+
+    # ------------------------------------------------------------------------------------------------ requests
+    def _add(self, request_id: str, request: SimRequest) -> None:
+        ls = request.service_class == "ls"
+        params = SamplingParams(max_tokens=request.output_len, ignore_eos=True, temperature=0.0,
+                                service_class=request.service_class)
+        self.scheduler.add_request(Request(
+            request_id, [_TOKEN] * request.input_len, params, request.output_len, arrival_time=request.arrival,
+            ttft_slo=self.config.ls_ttft_slo if ls else None, tpot_slo=self.config.ls_tpot_slo if ls else None))
+        self.records[request_id] = Record(request.service_class, request.arrival, request.input_len,
+                                          request.output_len, sent=request.arrival)
+
+    # ------------------------------------------------------------------------------------------------ the pool
+    def _place(self, request_id: str, tokens: int) -> tuple[int, int]:
+        """Local host first while it has room, then the remote host with the most free KV memory."""
+        local = self.hosts[0]
+        if local.free_tokens >= tokens or len(self.hosts) == 1:
+            host = 0
+        else:
+            host = max(range(1, len(self.hosts)), key=lambda h: self.hosts[h].free_tokens)
+        workers = self.hosts[host].worker_free_at
+        worker = min(range(len(workers)), key=lambda w: sum(p[:2] == (host, w) for p in self.placement.values()))
+        self.placement[request_id] = (host, worker, tokens)
+        self.hosts[host].free_tokens -= tokens
+        used = self.profile.host_kv_tokens - self.hosts[host].free_tokens
+        self.hosts[host].peak_tokens = max(self.hosts[host].peak_tokens, used)
+        return host, worker
+
+    def _release(self, request_id: str) -> None:
+        """Frees a request's host memory (its KV at swap-out; what it adds while decoding there is not counted)."""
+        placed = self.placement.pop(request_id, None)
+        if placed is not None:
+            self.hosts[placed[0]].free_tokens += placed[2]
+
+    def _dispatch_cpu(self, rows: list[tuple[str, int, int]], at: dict[int, float]) -> None:
+        """Rows (request id, layer, context) whose attention leaves for the pool at `at[layer]`: each worker runs
+        the rows it gets at one dispatch time as one batch."""
+        batches: dict[tuple[int, int, float], list[tuple[str, int, int]]] = {}
+        for request_id, layer, context in rows:
+            host, worker, _ = self.placement[request_id]
+            batches.setdefault((host, worker, at[layer]), []).append((request_id, layer, context))
+        profile = self.profile
+        for (host, worker, sent), batch in sorted(batches.items(), key=lambda item: item[0][2]):
+            transfer = 0.0
+            if self.hosts[host].remote:
+                transfer = profile.network_latency_s + len(batch) * profile.row_bytes_per_layer / (
+                    profile.network_bytes_per_s)
+            start = max(self.hosts[host].worker_free_at[worker], sent + transfer)
+            busy = profile.latency.cpu_attention_time(sum(c for _, _, c in batch), len(batch))
+            self.hosts[host].worker_free_at[worker] = start + busy
+            self.cpu_busy[host] += busy
+            for request_id, layer, _ in batch:
+                heapq.heappush(self.cpu_results, (start + busy + transfer, next(self._seq), request_id, layer))
+
+    # ------------------------------------------------------------------------------------------------ iterations
+    def _duration(self, plan: IterationPlan) -> float:
+        predicted = plan.predicted_time
+        if predicted is None:  # policies plan without a prediction only without a model; keep the model's view
+            predicted = self.profile.latency.iteration_time(batch_shape_of_chunks(plan.chunks))
+        if self.config.latency_noise:
+            predicted *= max(0.2, self.rng.gauss(1.0, self.config.latency_noise))
+        return predicted
+
+    def _run_iteration(self, plan: IterationPlan) -> None:
+        start, seconds = self.now, self._duration(plan)
+        layers = self.profile.num_layers
+        # An offloaded row's attention for layer L leaves once the device has run layer L's first half.
+        at = {layer: start + seconds * (layer + 1) / layers for layer in range(layers)}
+        rows = [(t.request_id, 0, t.position + 1) for t in plan.offloaded_starts]
+        sampled: dict[str, SampledToken] = {}
+        for request_id, layer in plan.returning:
+            request = self.scheduler.requests.get(request_id)
+            if layer + 1 < layers and request is not None:
+                rows.append((request_id, layer + 1, request.num_tokens))
+            else:
+                sampled[request_id] = SampledToken(_TOKEN)
+        for transfer in plan.swap_outs:
+            host, _ = self._place(transfer.request_id, transfer.num_tokens)
+            seconds_copy = transfer.num_tokens * self.profile.kv_bytes_per_token / self.profile.pcie_bytes_per_s
+            if self.hosts[host].remote:
+                seconds_copy += self.profile.network_latency_s + (
+                    transfer.num_tokens * self.profile.kv_bytes_per_token / self.profile.network_bytes_per_s)
+            self.swaps.append((start + seconds_copy, "out", transfer.request_id))
+        for transfer in plan.swap_ins:
+            placed = self.placement.get(transfer.request_id)
+            seconds_copy = transfer.num_tokens * self.profile.kv_bytes_per_token / self.profile.pcie_bytes_per_s
+            if placed is not None and self.hosts[placed[0]].remote:
+                seconds_copy += self.profile.network_latency_s + (
+                    transfer.num_tokens * self.profile.kv_bytes_per_token / self.profile.network_bytes_per_s)
+            self.swaps.append((start + seconds_copy, "in", transfer.request_id))
+        self._dispatch_cpu(rows, at)
+        for chunk in plan.chunks:
+            if chunk.sample:
+                sampled[chunk.request_id] = SampledToken(_TOKEN)
+
+        self.now = start + seconds
+        self.device_busy += seconds
+        self.scheduler.observe(plan, seconds)
+        self._book(plan, sampled)
+
+    def _book(self, plan: IterationPlan, sampled: dict[str, SampledToken]) -> None:
+        """Tells the scheduler what the iteration produced and which copies have ended by now."""
+        done_out = [rid for t, kind, rid in self.swaps if kind == "out" and t <= self.now]
+        done_in = [rid for t, kind, rid in self.swaps if kind == "in" and t <= self.now]
+        self.swaps = [s for s in self.swaps if s[0] > self.now]
+        for request_id in done_in:
+            self._release(request_id)
+        for request in self.scheduler.update(plan, RunnerOutput(sampled, done_out, done_in)):
+            self.records[request.request_id].token_times.append(self.now)
+
+    def _end_requests(self, pending: set[str]) -> set[str]:
+        """Records the requests the scheduler let go (finished or rejected), frees their host memory, and returns
+        the ids still pending."""
+        for request_id in self.scheduler.take_released():
+            self._release(request_id)
+        still = set()
+        for request_id in pending:
+            record = self.records[request_id]
+            if request_id in self.scheduler.requests:
+                still.add(request_id)
+            elif record.token_times:
+                record.status, record.end, record.output_tokens = "ok", record.token_times[-1], len(record.token_times)
+            else:
+                record.status, record.error, record.end = "rejected", "SLO admission", self.now
+            if request_id not in still:
+                self._release(request_id)
+        return still
+
+    # ------------------------------------------------------------------------------------------------ the loop
+    def run(self, workload: list[SimRequest], until: float | None = None, progress=None) -> SimResult:
+        """Simulates the workload (sorted by arrival) until every request ends, or until `until` seconds (then the
+        rest count as cancelled)."""
+        arrivals = sorted(enumerate(workload), key=lambda item: item[1].arrival)
+        next_arrival, iterations, pending = 0, 0, set()
+        while True:
+            while next_arrival < len(arrivals) and arrivals[next_arrival][1].arrival <= self.now:
+                index, request = arrivals[next_arrival]
+                self._add(f"r{index}", request)
+                pending.add(f"r{index}")
+                next_arrival += 1
+            ready = []
+            while self.cpu_results and self.cpu_results[0][0] <= self.now:
+                _, _, request_id, layer = heapq.heappop(self.cpu_results)
+                ready.append((request_id, layer))
+            self.scheduler.results_ready(ready)
+            if until is not None and self.now >= until:
+                break
+            plan = self.scheduler.schedule() if self.scheduler.has_unfinished() else IterationPlan()
+            if plan.chunks or plan.returning or plan.offloaded_starts or plan.swap_outs or plan.swap_ins:
+                self._run_iteration(plan)
+                iterations += 1
+            else:  # the device idles until something happens: an arrival, a CPU result, the end of a copy
+                self._book(plan, {})
+                wake = [t for t in (self.cpu_results[0][0] if self.cpu_results else None,
+                                    min((s[0] for s in self.swaps), default=None),
+                                    arrivals[next_arrival][1].arrival if next_arrival < len(arrivals) else None)
+                        if t is not None]
+                if wake:
+                    self.now = max(self.now, min(wake))
+                elif self.scheduler.has_unfinished() and not plan.rejected:
+                    raise RuntimeError("the simulation is stuck: requests wait but nothing can run")
+            count = len(pending)
+            pending = self._end_requests(pending)
+            if progress is not None and count != len(pending):
+                progress(count - len(pending))
+            if not pending and next_arrival >= len(arrivals):
+                break
+        for record in self.records.values():
+            if record.status == "pending":
+                record.status, record.error, record.end = "cancelled", "still open at the end", self.now
+        counters = {"preemptions": self.scheduler.num_preemptions, "swap_outs": self.scheduler.num_swap_outs,
+                    "swap_ins": self.scheduler.num_swap_ins, "rejected": self.scheduler.num_rejected}
+        return SimResult(list(self.records.values()), self.now, iterations, self.device_busy, self.cpu_busy, counters)
