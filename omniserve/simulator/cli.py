@@ -72,7 +72,7 @@ def simulate_main(args: argparse.Namespace) -> None:
     bar = tqdm(desc="simulated requests", unit="req", file=sys.stderr, disable=args.no_progress, dynamic_ncols=True)
     try:
         if args.experiment == "paper":
-            rows = experiment.run_paper(args.duration, args.seed, progress=bar.update)
+            rows = experiment.run_paper(args.duration, args.seed, progress=bar.update, drain=args.drain)
             bar.close()
             table = experiment.paper_table(rows)
             print(table, file=sys.stderr)

@@ -96,7 +96,7 @@ def paper_cases() -> list[PaperCase]:
 
 
 def run_paper(duration: float, seed: int = 0, cases: list[PaperCase] | None = None, progress=None,
-              policies: tuple[str, ...] = PAPER_POLICIES) -> list[dict]:
+              policies: tuple[str, ...] = PAPER_POLICIES, drain: float = 600.0) -> list[dict]:
     """Every case under every policy; returns one row per case with each policy's figures."""
     rows = []
     for case in cases or paper_cases():
@@ -107,7 +107,7 @@ def run_paper(duration: float, seed: int = 0, cases: list[PaperCase] | None = No
         base = SimConfig(ls_ttft_slo=case.ttft_slo, ls_tpot_slo=case.tpot_slo, seed=seed, max_model_len=20000)
         row = {"case": case.name, "policies": {}}
         for policy in policies:
-            summary, _ = simulate(profile, replace(base, policy=policy), loads, duration, progress=progress)
+            summary, _ = simulate(profile, replace(base, policy=policy), loads, duration, drain, progress)
             row["policies"][policy] = summary
         rows.append(row)
     return rows

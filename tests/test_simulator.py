@@ -1,0 +1,122 @@
+"""The simulator: determinism, conservation, hand-checkable timings, the CPU pool and remote hosts, the paper preset
+on a reduced duration, and the command line."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from omniserve.bench.workload import DATA_DIR
+from omniserve.entrypoints.cli import main
+from omniserve.profiler.latency_model import BatchShape, prefill_interactions
+from omniserve.simulator import experiment
+from omniserve.simulator.profiles import analytic_profile
+from omniserve.simulator.sim import SimConfig, SimRequest, Simulation
+from omniserve.simulator.workload import ClassLoad, build_workload, draw_lengths
+
+
+@pytest.fixture(scope="module")
+def profile():
+    return analytic_profile("llama-3-8b", "h100-80gb")
+
+
+def mixed_workload(seed: int = 0, duration: float = 20.0):
+    loads = {"ls": ClassLoad(rate=4.0, lengths="fixed:300:40"),
+             "be": ClassLoad(rate=2.0, lengths="cnn", max_input=4000, max_output=400)}
+    return build_workload(loads, duration, seed)
+
+
+def statuses(records) -> dict[tuple[str, str], int]:
+    out: dict[tuple[str, str], int] = {}
+    for r in records:
+        out[(r.service_class, r.status)] = out.get((r.service_class, r.status), 0) + 1
+    return out
+
+
+def test_same_seed_same_results(profile):
+    config = SimConfig(policy="omniserve", ls_ttft_slo=1.0, ls_tpot_slo=0.03)
+    runs = [Simulation(profile, config).run(mixed_workload()) for _ in range(2)]
+    assert [(r.status, r.token_times) for r in runs[0].records] == [(r.status, r.token_times) for r in runs[1].records]
+    assert runs[0].seconds == runs[1].seconds and runs[0].counters == runs[1].counters
+    other = Simulation(profile, config).run(mixed_workload(seed=1))
+    assert [r.token_times for r in other.records] != [r.token_times for r in runs[0].records]
+
+
+@pytest.mark.parametrize("policy", ["omniserve", "sarathi", "llumnix", "neo", "fcfs"])
+def test_every_request_completes_or_is_rejected_and_counts_add_up(profile, policy):
+    workload = mixed_workload()
+    config = SimConfig(policy=policy, ls_ttft_slo=1.0, ls_tpot_slo=0.03)
+    result = Simulation(replace(profile, device_kv_tokens=20_000), config).run(workload)  # tight device KV
+    assert len(result.records) == len(workload)
+    counts = statuses(result.records)
+    assert set(counts) <= {("ls", "ok"), ("ls", "rejected"), ("be", "ok")}, counts
+    for record, request in zip(sorted(result.records, key=lambda r: r.arrival), workload):
+        if record.status == "ok":
+            assert record.output_tokens == request.output_len and record.end >= record.arrival
+    summary = experiment.summarize(result, profile, config, 20.0)["summary"]
+    assert summary["ls"]["ok"] + summary["ls"]["rejected"] == summary["ls"]["requests"]
+    assert result.device_busy <= result.seconds + 1e-9
+
+
+def test_one_request_alone_takes_exactly_the_predicted_prefill_and_decodes(profile):
+    latency = profile.latency
+    result = Simulation(profile, SimConfig(policy="omniserve")).run([SimRequest(5.0, "ls", 100, 4)])
+    record = result.records[0]
+    prefill = latency.iteration_time(BatchShape(100, prefill_interactions(0, 100), 0, 0, 1, (), 100))
+    decodes = [latency.iteration_time(BatchShape(1, 0, 100 + i + 1, 1, 1)) for i in range(3)]
+    assert record.ttft == pytest.approx(prefill, rel=1e-9)
+    assert record.e2e == pytest.approx(prefill + sum(decodes), rel=1e-9)
+    assert record.tpot == pytest.approx(sum(decodes) / 3, rel=1e-9)
+
+
+def test_a_saturated_device_queues_requests_one_after_another(profile):
+    """fcfs with one sequence at a time: the k-th of requests arriving together ends after k lone runs."""
+    lone = Simulation(profile, SimConfig(policy="fcfs")).run([SimRequest(0.0, "ls", 200, 10)]).records[0].e2e
+    burst = [SimRequest(0.0, "ls", 200, 10) for _ in range(5)]
+    result = Simulation(profile, SimConfig(policy="fcfs", max_num_seqs=1)).run(burst)
+    ends = sorted(r.end for r in result.records)
+    assert ends == pytest.approx([lone * k for k in range(1, 6)], rel=1e-9)
+
+
+def test_offloaded_requests_use_the_pool_and_spill_to_remote_hosts(profile):
+    small = replace(profile, device_kv_tokens=12_000, host_kv_tokens=6_000, num_cpu_hosts=3)
+    burst = [SimRequest(0.1 * i, "be", 2000, 50) for i in range(12)]
+    result = Simulation(small, SimConfig(policy="omniserve", be_decode_placement="cpu")).run(burst)
+    assert all(r.status == "ok" and r.output_tokens == 50 for r in result.records)
+    assert result.counters["swap_outs"] >= 6
+    assert result.cpu_busy[0] > 0 and result.cpu_busy[1] + result.cpu_busy[2] > 0  # the local host filled up
+
+
+def test_lengths_come_from_the_shared_data_or_the_published_means():
+    import random
+
+    rng = random.Random(0)
+    cnn = [draw_lengths("cnn", rng, 1 << 30, 1 << 30) for _ in range(4000)]
+    assert sum(i for i, _ in cnn) / len(cnn) == pytest.approx(1964, rel=0.05)
+    assert sum(o for _, o in cnn) / len(cnn) == pytest.approx(397, rel=0.05)
+    assert draw_lengths("fixed:10:20", rng, 5, 100) == (5, 20)
+
+
+@pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"no shared workload data at {DATA_DIR} (OMNISERVE_DATA_DIR)")
+def test_paper_preset_runs_on_a_reduced_duration():
+    cases = [c for c in experiment.paper_cases() if "TPOT 0.15" in c.name or c.name.startswith("yi-34b cnn 4")]
+    rows = experiment.run_paper(duration=5.0, cases=cases, drain=20.0)
+    assert [row["case"] for row in rows] == [c.name for c in cases]
+    for row in rows:
+        assert set(row["policies"]) == set(experiment.PAPER_POLICIES)
+        assert row["policies"]["omniserve"]["summary"]["ls"]["requests"] > 0
+    table = experiment.paper_table(rows)
+    assert table.count("\n") == 1 + len(rows) and "vs llumnix" in table
+
+
+def test_simulate_command(tmp_path, capsys):
+    main(["simulate", "--profile", "llama-3-8b@h100", "--policies", "omniserve,sarathi", "--duration", "5",
+          "--drain", "30", "--ls-rate", "2", "--ls-lengths", "fixed:200:20", "--be-trace", "", "--be-rate", "1",
+          "--be-lengths", "fixed:1000:50", "--ttft-slo", "1", "--tpot-slo", "0.05", "--no-progress",
+          "--output-dir", str(tmp_path)])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [line["policy"] for line in lines] == ["omniserve", "sarathi"]
+    assert all(line["summary"]["ls"]["requests"] > 0 for line in lines)
+    assert (tmp_path / "omniserve" / "timeline.png").exists() and (tmp_path / "sarathi" / "result.json").exists()
