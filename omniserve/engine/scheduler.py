@@ -501,12 +501,14 @@ class Scheduler:
             layer_budget = (budget - batch.model.head_time(shape.num_sampled)) / self.num_layers
         extra = [0] * self.num_layers
         starts, returning = [], []
+        # A layer's time is its dense work on its rows plus the device attention, which is the same at every layer.
+        attention = batch.model.attention_time(shape) if layer_budget is not None else 0.0
         for _, layer, request in candidates:
             row_layer = max(layer, 0)
             extra[row_layer] += 1
             # As in largest_chunk, an iteration never runs nothing: the first row goes in whatever the budget says.
-            over = layer_budget is not None and (shape.num_rows or starts or returning) and batch.model.layer_time(
-                replace(shape, extra_rows=tuple(extra)), row_layer) > layer_budget
+            over = layer_budget is not None and (shape.num_rows or starts or returning) and (
+                batch.model.dense_time(shape.num_rows + extra[row_layer]) + attention > layer_budget)
             if over:
                 extra[row_layer] -= 1
                 continue

@@ -199,7 +199,7 @@ class LatencyModel:
         return self.cpu_attention(total_context, num_rows) if num_rows > 0 else 0.0
 
     def layer_time(self, shape: BatchShape, layer: int) -> float:
-        return self.dense_time(shape.num_rows + _extra(shape, layer)) + self._attention_time(shape)
+        return self.dense_time(shape.num_rows + _extra(shape, layer)) + self.attention_time(shape)
 
     def iteration_time(self, shape: BatchShape) -> float:
         if any(shape.extra_rows):  # layers with the same extra rows cost the same: one evaluation per distinct count
@@ -208,9 +208,9 @@ class LatencyModel:
             dense = sum(count * self.dense_time(shape.num_rows + extra) for extra, count in extras.items())
         else:  # every layer runs the same rows: one layer's dense time, num_layers times
             dense = self.num_layers * self.dense_time(shape.num_rows)
-        return self.head_time(shape.num_sampled) + dense + self.num_layers * self._attention_time(shape)
+        return self.head_time(shape.num_sampled) + dense + self.num_layers * self.attention_time(shape)
 
-    def _attention_time(self, shape: BatchShape) -> float:
+    def attention_time(self, shape: BatchShape) -> float:
         """One layer's device attention; the same at every layer (offloaded rows attend on the CPU)."""
         return self.prefill_attention_time(shape.prefill_interactions, shape.prefill_tokens) + self.decode_attention_time(
             shape.decode_context, shape.num_decodes
