@@ -170,7 +170,7 @@ class Simulation:
     def _run_iteration(self, plan: IterationPlan) -> None:
         start, seconds = self.now, self._duration(plan)
         layers = self.profile.num_layers
-        # An offloaded row's attention for layer L leaves once the device has run layer L's first half.
+        # An offloaded row's attention for layer L leaves by the end of layer L (the iteration spread evenly on layers).
         at = {layer: start + seconds * (layer + 1) / layers for layer in range(layers)}
         rows = [(t.request_id, 0, t.position + 1) for t in plan.offloaded_starts]
         sampled: dict[str, SampledToken] = {}
