@@ -287,7 +287,9 @@ class Scheduler:
             for r in self.running if r.placement is Placement.DEVICE and self._is_ls(r) and not r.num_output_tokens
         ) if ls else 0
         blocked = False  # once one request cannot start, later ones of its class wait too (arrival order)
-        for request in [r for r in self.waiting if self._is_ls(r) == ls]:
+        for request in (r for r in tuple(self.waiting) if self._is_ls(r) == ls):  # a snapshot: admission removes
+            if blocked and not ls:
+                break  # nothing more can happen to waiting BE requests (LS ones may still be rejected)
             remaining = request.num_tokens - request.num_computed_tokens
             if ls and self.policy.reject_late and self._predicted_ttft(request, ahead, batch) > (
                 request.ttft_slo or math.inf
