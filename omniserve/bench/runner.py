@@ -6,7 +6,7 @@ import asyncio
 import json
 import random
 import sys
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
@@ -135,6 +135,3 @@ def report(result: dict) -> str:
             lines.append(f"      {count} x {error}")
     return "\n".join(lines)
 
-
-def with_label(config: BenchConfig, label: str, base_url: str) -> BenchConfig:
-    return replace(config, label=label, base_url=base_url)
