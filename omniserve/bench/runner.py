@@ -134,4 +134,3 @@ def report(result: dict) -> str:
         for error, count in s["errors"].items():
             lines.append(f"      {count} x {error}")
     return "\n".join(lines)
-
