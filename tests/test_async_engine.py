@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -90,3 +91,30 @@ def test_a_shut_down_engine_refuses_requests(served):
 
     with pytest.raises(EngineDeadError):
         asyncio.run(main())
+
+
+def test_arrival_is_stamped_when_a_request_comes_in_not_after_the_running_iteration(served):
+    """TTFT (and TTFT admission) count from the request's arrival, even while the engine thread is mid-iteration."""
+    engine, async_engine, _ = served
+    step = engine.step
+
+    def slow_step():
+        time.sleep(0.3)
+        return step()
+
+    engine.step = slow_step
+
+    async def main():
+        busy = async_engine.generate("busy", [5, 6, 7], SamplingParams(max_tokens=4, ignore_eos=True))
+        await busy.__anext__()  # the engine thread is now in 0.3 s iterations
+        posted = time.monotonic()
+        async for out in async_engine.generate("late", [5], SamplingParams(max_tokens=1)):
+            last = out
+        async for _ in busy:
+            pass
+        return posted, last
+
+    posted, last = asyncio.run(main())
+    del engine.step
+    assert posted <= last.metrics.arrival_time <= posted + 0.05  # not when the engine thread got round to it
+    assert last.metrics.first_token_time - last.metrics.arrival_time > 0.3

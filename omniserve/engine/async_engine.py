@@ -11,6 +11,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -61,7 +62,8 @@ class AsyncEngine:
         if not self.alive:
             raise EngineDeadError("the engine is not running")
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        self._post(("add", request_id, prompt, params, stream))
+        # Stamped here: the engine thread takes the request only after the iteration it is running.
+        self._post(("add", request_id, prompt, params, stream, time.monotonic()))
         finished = False
         try:
             while not finished:
@@ -126,9 +128,9 @@ class AsyncEngine:
                 return taken
             taken += 1
             if command[0] == "add":
-                _, request_id, prompt, params, stream = command
+                _, request_id, prompt, params, stream, arrival_time = command
                 try:
-                    self.engine.add_request(request_id, prompt, params)
+                    self.engine.add_request(request_id, prompt, params, arrival_time)
                 except Exception as exc:  # bad input: the caller gets the error, nothing is queued
                     stream.put(exc)
                     continue

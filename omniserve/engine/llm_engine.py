@@ -143,8 +143,10 @@ class LLMEngine:
             return self.tokenizer.encode(prompt, add_special_tokens=True)
         return list(prompt)
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
-        """Queues a request. Raises InvalidRequestError (nothing queued) if it can never be served."""
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> None:
+        """Queues a request. Raises InvalidRequestError (nothing queued) if it can never be served. `arrival_time`
+        (time.monotonic) is when the request reached the server, if earlier than now: TTFT counts from then."""
         params = params or SamplingParams()
         if request_id in self._groups:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
@@ -153,7 +155,7 @@ class LLMEngine:
         token_ids = self.tokenize(prompt)
         max_tokens = self._validate(token_ids, params)
         completions = []
-        arrival = time.monotonic()
+        arrival = time.monotonic() if arrival_time is None else arrival_time
         for index in range(params.n):
             child_params = params
             if params.n > 1:  # each completion samples on its own; a seed still reproduces all of them
