@@ -159,6 +159,9 @@ def test_be_decode_is_offloaded_when_it_does_not_fit_the_time_budget():
     plan = step(scheduler)  # alone, the BE decode fits: it stays on the device
     assert chunk_sizes(plan) == {"be": 1} and be.placement is Placement.DEVICE
     add(scheduler, "ls", 2000, max_tokens=2)  # a long LS prefill takes the whole budget
+    for _ in range(LAYERS - 1):  # offloaded, a token would take about LAYERS iterations: it waits that long first
+        plan = step(scheduler)
+        assert "be" not in chunk_sizes(plan) and not plan.swap_outs and be.placement is Placement.DEVICE
     plan = step(scheduler)
     assert [t.request_id for t in plan.swap_outs] == ["be"] and be.placement is Placement.HOST
     assert plan.predicted_time <= 0.05

@@ -62,6 +62,8 @@ class Request:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None
+    last_token_iteration: int | None = None
+    """The scheduler iteration that gave it its latest token."""
     placement: Placement = Placement.DEVICE
     token_in_flight: bool = False
     """Offloaded only: its newest token is on its way through the layers."""

@@ -243,9 +243,11 @@ class Scheduler:
                 continue
             fits_time = batch.tokens_left > 0 and batch.fits(
                 batch.with_chunk(batch.shape, request.num_computed_tokens, 1, True), reserve)
-            if fits_time and self._page_room(request, request.num_tokens):
+            pages = self._page_room(request, request.num_tokens)
+            if fits_time and pages:
                 self._try_schedule(request, 1, batch, scheduled)
-            elif self._may_offload(request) and self._swap_fits(request, batch):
+            elif self._may_offload(request) and (not pages or self._waited_a_pass(request)) and self._swap_fits(
+                    request, batch):
                 swap_outs.append(self._swap_out(request, batch))
             elif fits_time:  # may not leave the device: make room among the BE requests, as FCFS would
                 self._try_schedule(request, 1, batch, scheduled, evict_ls=False)
@@ -486,6 +488,13 @@ class Scheduler:
             ))
         return transfers
 
+    def _waited_a_pass(self, request: Request) -> bool:
+        """Whether a BE request the time budget leaves out has waited on the device as long as an offloaded token
+        takes (about one iteration per layer). Offloading it sooner would make it slower, not faster, whenever the
+        device frees a slot within that time; on deep models it also swapped requests out and in again in turn."""
+        last = request.last_token_iteration
+        return last is None or self.iteration - last >= self.num_layers
+
     def _admit_piggyback(self, batch: _Batch) -> tuple[list[OffloadedToken], list[tuple[str, int]]]:
         """Offloaded rows that join the device batch: tokens starting at layer 0 and CPU results re-entering at their
         layer. Each layer stays within budget / layers; longest-waiting rows first, then the lowest layers."""
@@ -585,6 +594,7 @@ class Scheduler:
     def _append_token(self, request: Request, sampled) -> None:
         request.token_ids.append(sampled.token_id)
         request.last_token_time = self.clock()
+        request.last_token_iteration = self.iteration
         if request.first_token_time is None:
             request.first_token_time = request.last_token_time
         if request.params.logprobs is not None:
