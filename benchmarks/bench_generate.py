@@ -19,7 +19,6 @@ figures are medians with the min-max spread in brackets.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
@@ -31,36 +30,12 @@ from pathlib import Path
 
 import torch
 
+from bench_common import load_prompts, spread
 from omniserve import LLM, SamplingParams
 from omniserve.models.linear import linear
 from omniserve.models.loader import default_model_path
 
-SHAREGPT = Path(__file__).resolve().parents[2] / "shared" / "data" / "sharegpt" / "prompts_500.json"
-
-
-def spread(values: list[float], fmt: str = "{:.1f}") -> str:
-    """Median with the min-max range: `12.3 [11.9-12.8]`."""
-    median = fmt.format(statistics.median(values))
-    return median if len(values) == 1 else f"{median} [{fmt.format(min(values))}-{fmt.format(max(values))}]"
-
-
-def load_prompts(tokenizer, count: int, length: int, vocab: int, seed: int) -> list[list[int]]:
-    """`count` prompts of exactly `length` ids: ShareGPT first human turns, truncated (or repeated to length when
-    short); random ids if the data set or the tokenizer is missing."""
-    rng = random.Random(seed)
-    if tokenizer is None or not SHAREGPT.is_file():
-        print(f"note: {SHAREGPT} or tokenizer missing, using random token ids", file=sys.stderr)
-        return [[rng.randrange(1000, vocab) for _ in range(length)] for _ in range(count)]
-    texts = [c["conversations"][0]["value"] for c in json.loads(SHAREGPT.read_text()) if c["conversations"]]
-    rng.shuffle(texts)
-    prompts = []
-    for text in texts:
-        ids = tokenizer.encode(text, add_special_tokens=False)
-        if ids:
-            prompts.append((ids * (length // len(ids) + 1))[:length])
-        if len(prompts) == count:
-            return prompts
-    raise SystemExit(f"{SHAREGPT} has fewer than {count} usable prompts")
+TENTHS = "{:.1f}"  # throughput and milliseconds are shown to a tenth
 
 
 def read_bandwidth(gib: float, repeats: int) -> list[float]:
@@ -195,9 +170,9 @@ def main() -> None:
                 hf_tps.append(conc * args.output_len / (time.perf_counter() - start))
                 same = sum(a == b for a, b in zip(omni_out, hf_out)) / conc
         results.append((conc, omni_tps, hf_tps, steps_ms, same))
-        baseline = f", HF {spread(hf_tps)} tok/s" if hf_tps else ""
-        print(f"concurrency {conc}: omniserve {spread(omni_tps)} tok/s{baseline}, decode step {spread(steps_ms)} ms",
-              file=sys.stderr, flush=True)
+        baseline = f", HF {spread(hf_tps, TENTHS)} tok/s" if hf_tps else ""
+        print(f"concurrency {conc}: omniserve {spread(omni_tps, TENTHS)} tok/s{baseline}, "
+              f"decode step {spread(steps_ms, TENTHS)} ms", file=sys.stderr, flush=True)
     # Other work on these cores skews every figure (oversubscribed torch threads slow down many times over).
     interference = (other_cpu_seconds() - start_other) / ((time.perf_counter() - start_wall) * os.cpu_count())
     if interference > 0.05:
@@ -207,11 +182,11 @@ def main() -> None:
 
     rows = []
     for conc, omni_tps, hf_tps, steps_ms, same in results:
-        row = {"conc": conc, "omni": spread(omni_tps), "step": spread(steps_ms),
+        row = {"conc": conc, "omni": spread(omni_tps, TENTHS), "step": spread(steps_ms, TENTHS),
                "floor": f"{floor_ms:.1f}", "step/floor": f"{statistics.median(steps_ms) / floor_ms:.2f}x"}
         if hf is not None:
-            row |= {"hf": spread(hf_tps), "omni/hf": spread([o / h for o, h in zip(omni_tps, hf_tps)], "{:.2f}") + "x",
-                    "same": f"{same:.0%}"}
+            ratios = [o / h for o, h in zip(omni_tps, hf_tps)]
+            row |= {"hf": spread(hf_tps, TENTHS), "omni/hf": spread(ratios) + "x", "same": f"{same:.0%}"}
         rows.append(row)
     columns = {"conc": "concurrency", "omni": "omniserve tok/s", "hf": "HF tok/s", "omni/hf": "omniserve/HF",
                "step": "decode step ms", "floor": "floor ms", "step/floor": "step/floor",
@@ -228,9 +203,9 @@ def main() -> None:
         + f"; other processes used {interference:.0%} of the CPU during the runs",
         f"workload: {args.prompt_len}-token prompts, {args.output_len} greedy output tokens (EOS ignored), fp32, "
         f"{args.repeats} repeats after a {args.warmup_len}-token warm-up; median [min-max]",
-        f"read bandwidth: {spread(bandwidth)} GB/s (sums of a {args.bandwidth_gib:g} GiB fp32 tensor before and after "
-        f"the runs); weights {weight_bytes / 1e6:.1f} MB -> floor {floor_ms:.1f} ms per decode step",
-        f"for reference, the engine's fp32 GEMVs over all weights (batch 1, nothing else): {spread(gemv)} ms "
+        f"read bandwidth: {spread(bandwidth, TENTHS)} GB/s (sums of a {args.bandwidth_gib:g} GiB fp32 tensor before "
+        f"and after the runs); weights {weight_bytes / 1e6:.1f} MB -> floor {floor_ms:.1f} ms per decode step",
+        f"for reference, the engine's fp32 GEMVs over all weights (batch 1, nothing else): {spread(gemv, TENTHS)} ms "
         f"= {weight_bytes / statistics.median(gemv) / 1e6:.1f} GB/s",
     ]
 

@@ -39,55 +39,28 @@ interleaved (order alternating per repeat); figures are medians with the min-max
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
 import random
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SHAREGPT = Path(__file__).resolve().parents[2] / "shared" / "data" / "sharegpt" / "prompts_2978.json"
+from bench_common import (
+    SHAREGPT_2978, git_revision, percentile, proc_cpu_seconds, shuffled_texts, side_thread_cpu_seconds, spread,
+)
+
 PLACEMENTS = ("device", "cpu")
 POOL_METHODS = ("check_workers", "poll", "submit", "load", "free", "request_export", "take_exported")
 
 
 # ------------------------------------------------------------------------------------------------------- helpers
-def spread(values: list[float], fmt: str = "{:.1f}") -> str:
-    """Median with the min-max range: `12.3 [11.9-12.8]`; `-` when there is nothing to show."""
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    if not values:
-        return "-"
-    median = fmt.format(statistics.median(values))
-    return median if len(values) == 1 else f"{median} [{fmt.format(min(values))}-{fmt.format(max(values))}]"
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile (numpy's default); nan for no values."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100
-    low = math.floor(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
-
-
 def median_or_nan(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
-
-
-def load_texts(seed: int) -> list[str] | None:
-    if not SHAREGPT.is_file():
-        return None
-    texts = [c["conversations"][0]["value"] for c in json.loads(SHAREGPT.read_text()) if c.get("conversations")]
-    random.Random(seed).shuffle(texts)
-    return texts
 
 
 def make_prompts(tokenizer, texts, lengths: list[int], vocab: int, seed: int) -> list[list[int]]:
@@ -95,7 +68,7 @@ def make_prompts(tokenizer, texts, lengths: list[int], vocab: int, seed: int) ->
     (repeated to length when short); random ids if the data set or the tokenizer is missing."""
     rng = random.Random(seed)
     if tokenizer is None or texts is None:
-        print(f"note: {SHAREGPT} or tokenizer missing, using random token ids", file=sys.stderr)
+        print(f"note: {SHAREGPT_2978} or tokenizer missing, using random token ids", file=sys.stderr)
         return [[rng.randrange(1000, vocab) for _ in range(n)] for n in lengths]
     prompts: list[list[int]] = []
     source = iter(texts)
@@ -106,42 +79,8 @@ def make_prompts(tokenizer, texts, lengths: list[int], vocab: int, seed: int) ->
                 prompts.append((ids * (length // len(ids) + 1))[:length])
                 break
         else:
-            raise SystemExit(f"{SHAREGPT} has fewer than {len(lengths)} usable prompts")
+            raise SystemExit(f"{SHAREGPT_2978} has fewer than {len(lengths)} usable prompts")
     return prompts
-
-
-def proc_cpu_seconds(pid: int, tid: int | None = None) -> float:
-    """user + system CPU seconds of a process (or of one of its threads); 0 if it is gone."""
-    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
-    try:
-        with open(path) as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
-
-
-def side_thread_cpu_seconds() -> float:
-    """CPU seconds of this process's threads other than the main one (the queues' feeder threads pickle tensors)."""
-    pid = os.getpid()
-    try:
-        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid]
-    except OSError:
-        return 0.0
-    return sum(proc_cpu_seconds(pid, tid) for tid in tids)
-
-
-def git_revision() -> str:
-    """The checkout's commit, with `+dirty` when omniserve/ has uncommitted changes (the engine is being edited)."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "omniserve"], cwd=root, capture_output=True,
-                               text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
 
 
 def machine_busy_seconds() -> float:
@@ -409,7 +348,7 @@ def main() -> None:
         probes[placement] = Probe(llms[placement].engine)
     llm0 = llms[PLACEMENTS[0]]
     vocab = llm0.engine.model_config.vocab_size
-    texts = load_texts(args.seed)
+    texts = shuffled_texts(SHAREGPT_2978, args.seed)
     prompts = make_prompts(llm0.tokenizer, texts, [args.ls_prompt_len] * args.ls_requests
                            + [args.be_prompt_len] * args.be_requests, vocab, args.seed)
     ls_prompts, be_prompts = prompts[:args.ls_requests], prompts[args.ls_requests:]
@@ -489,7 +428,7 @@ def main() -> None:
         methods = sorted({m for r in rs for m in r.per_method_ms})
         detail_rows.append({
             "placement": placement,
-            "prefill": spread([r.be_prefill_s for r in rs]),
+            "prefill": spread([r.be_prefill_s for r in rs], "{:.1f}"),
             "iters": spread([r.iterations for r in rs], "{:.0f}"),
             "idle": spread([r.idle_iterations for r in rs], "{:.0f}"),
             "swaps": spread([r.swap_outs for r in rs], "{:.0f}"),

@@ -65,53 +65,22 @@ import platform
 import random
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SHAREGPT = Path(__file__).resolve().parents[2] / "shared" / "data" / "sharegpt" / "prompts_500.json"
+from bench_common import (
+    SHAREGPT_500, git_revision, percentile, proc_cpu_seconds, shuffled_texts, side_thread_cpu_seconds, spread,
+)
+
 POLICIES = ("fcfs", "sarathi", "llumnix", "neo", "omniserve")  # fcfs first: the baseline of the BE ratio
 BLOCK_SIZE = 16
 MAX_MODEL_LEN = 2048
 
 
 # ------------------------------------------------------------------------------------------------------- helpers
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile (numpy's default); nan for no values."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100
-    low = math.floor(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
-
-
-def spread(values: list[float], fmt: str = "{:.2f}") -> str:
-    """Median with the min-max range when there are several values: `1.23 [1.10-1.40]`; `-` for none."""
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    if not values:
-        return "-"
-    median = fmt.format(statistics.median(values))
-    return median if len(values) == 1 else f"{median} [{fmt.format(min(values))}-{fmt.format(max(values))}]"
-
-
-def git_revision() -> str:
-    """The checkout's commit, with `+dirty` when omniserve/ has uncommitted changes (the engine is being edited)."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "omniserve"], cwd=root, capture_output=True,
-                               text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
-
-
 def core_busy_seconds() -> dict[int, float]:
     """CPU seconds each core has been busy so far, by everything (steal time included); Linux only."""
     busy = {}
@@ -122,35 +91,6 @@ def core_busy_seconds() -> dict[int, float]:
                 ticks = [int(x) for x in values[:8]]  # user nice system idle iowait irq softirq steal
                 busy[int(name[3:])] = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
     return busy
-
-
-def proc_cpu_seconds(pid: int) -> float:
-    """user + system CPU seconds of a process (all its threads); 0 if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
-
-
-def side_thread_cpu_seconds() -> float:
-    """CPU seconds of this process's threads other than the main one (queue feeder threads pickle what goes to the
-    pool, on the engine's core)."""
-    pid = os.getpid()
-    try:
-        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid]
-    except OSError:
-        return 0.0
-    total = 0.0
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
 
 
 class CpuMeter:
@@ -207,15 +147,6 @@ class Arrival:
     max_tokens: int
     service_class: str
     """`ls` or `be`."""
-
-
-def load_texts(seed: int) -> list[str]:
-    if not SHAREGPT.is_file():
-        raise SystemExit(f"{SHAREGPT} is missing: this benchmark needs ShareGPT prompts")
-    texts = [c["conversations"][0]["value"] for c in json.loads(SHAREGPT.read_text()) if c.get("conversations")]
-    texts = [t for t in texts if t.strip()]
-    random.Random(seed).shuffle(texts)
-    return texts
 
 
 def poisson_times(rng: random.Random, rate: float, duration: float) -> list[float]:
@@ -771,7 +702,9 @@ def main() -> None:
     ]
     print("\n".join(info), flush=True)
 
-    texts = load_texts(args.seed)
+    texts = shuffled_texts(SHAREGPT_500, args.seed)
+    if texts is None:
+        raise SystemExit(f"{SHAREGPT_500} is missing: this benchmark needs ShareGPT prompts")
     slo, slo_lines, tokenizer, latency = calibrate(args, texts)
     print("\n".join(slo_lines), flush=True)
     workload = build_workload(tokenizer, texts, args)

@@ -48,36 +48,11 @@ from pathlib import Path
 import httpx
 import torch
 
+from bench_common import load_prompts, proc_cpu_seconds, spread
 from omniserve.engine.async_engine import AsyncEngine
 from omniserve.engine.llm_engine import LLMEngine
 from omniserve.sampling.params import SamplingParams
 
-SHAREGPT = Path(__file__).resolve().parents[2] / "shared" / "data" / "sharegpt" / "prompts_500.json"
-
-
-def spread(values: list[float], fmt: str = "{:.2f}") -> str:
-    """Median with the min-max range: `12.3 [11.9-12.8]`."""
-    median = fmt.format(statistics.median(values))
-    return median if len(values) == 1 else f"{median} [{fmt.format(min(values))}-{fmt.format(max(values))}]"
-
-
-def load_prompts(tokenizer, count: int, length: int, vocab: int, seed: int) -> list[list[int]]:
-    """`count` prompts of exactly `length` ids: ShareGPT first human turns, truncated or repeated to length (random
-    ids if the data set is missing)."""
-    rng = random.Random(seed)
-    if tokenizer is None or not SHAREGPT.is_file():
-        print(f"note: {SHAREGPT} or tokenizer missing, using random token ids", file=sys.stderr)
-        return [[rng.randrange(1000, vocab) for _ in range(length)] for _ in range(count)]
-    texts = [c["conversations"][0]["value"] for c in json.loads(SHAREGPT.read_text()) if c["conversations"]]
-    rng.shuffle(texts)
-    prompts = []
-    for text in texts:
-        ids = tokenizer.encode(text, add_special_tokens=False)
-        if ids:
-            prompts.append((ids * (length // len(ids) + 1))[:length])
-        if len(prompts) == count:
-            return prompts
-    raise SystemExit(f"{SHAREGPT} has fewer than {count} usable prompts")
 
 
 def busy_cpu_seconds() -> float:
@@ -85,12 +60,6 @@ def busy_cpu_seconds() -> float:
     with open("/proc/stat") as f:
         ticks = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
     return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def process_cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 def own_cpu_seconds() -> float:
@@ -102,17 +71,11 @@ def wait_for_quiet(server_pid: int, limit_s: float, threshold: float = 0.1) -> f
     """Waits (up to limit_s) until other processes use less than `threshold` of a core over 2 s; returns their load."""
     start = time.perf_counter()
     while True:
-        busy, ours = busy_cpu_seconds(), own_cpu_seconds() + process_cpu_seconds(server_pid)
+        busy, ours = busy_cpu_seconds(), own_cpu_seconds() + proc_cpu_seconds(server_pid)
         time.sleep(2.0)
-        load = max(0.0, busy_cpu_seconds() - busy - (own_cpu_seconds() + process_cpu_seconds(server_pid) - ours)) / 2
+        load = max(0.0, busy_cpu_seconds() - busy - (own_cpu_seconds() + proc_cpu_seconds(server_pid) - ours)) / 2
         if load < threshold or time.perf_counter() - start >= limit_s:
             return load
-
-
-def thread_cpu_seconds(pid: int, tid: int) -> float:
-    with open(f"/proc/{pid}/task/{tid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Run:
@@ -168,9 +131,9 @@ def run_in_process(async_engine: AsyncEngine, clients: int, prompts: list[list[i
         return ttft, tokens
 
     pid = os.getpid()
-    cpu, loop_cpu = own_cpu_seconds(), thread_cpu_seconds(pid, pid)
+    cpu, loop_cpu = own_cpu_seconds(), proc_cpu_seconds(pid, pid)
     run = asyncio.run(closed_loop(clients, prompts, one_request))
-    run.cpu, run.loop_cpu = own_cpu_seconds() - cpu, thread_cpu_seconds(pid, pid) - loop_cpu
+    run.cpu, run.loop_cpu = own_cpu_seconds() - cpu, proc_cpu_seconds(pid, pid) - loop_cpu
     run.engine_ttft_s = sum(engine_ttft)
     return run
 
@@ -206,11 +169,11 @@ def run_server(url: str, server_pid: int, clients: int, prompts: list[list[int]]
 
             return await closed_loop(clients, prompts, one_request)
 
-    cpu, loop_cpu = process_cpu_seconds(server_pid), thread_cpu_seconds(server_pid, server_pid)
+    cpu, loop_cpu = proc_cpu_seconds(server_pid), proc_cpu_seconds(server_pid, server_pid)
     engine_ttft = engine_ttft_sum(url)
     run = asyncio.run(main())
-    run.cpu = process_cpu_seconds(server_pid) - cpu
-    run.loop_cpu = thread_cpu_seconds(server_pid, server_pid) - loop_cpu
+    run.cpu = proc_cpu_seconds(server_pid) - cpu
+    run.loop_cpu = proc_cpu_seconds(server_pid, server_pid) - loop_cpu
     time.sleep(0.2)  # the metrics are recorded on the engine thread just after the last answer went out
     run.engine_ttft_s = engine_ttft_sum(url) - engine_ttft
     return run
@@ -268,12 +231,12 @@ def main() -> None:
                 break
             wait_for_quiet(server.pid, args.quiet_wait)
             start_wall, start_busy = time.perf_counter(), busy_cpu_seconds()
-            start_ours = own_cpu_seconds() + process_cpu_seconds(server.pid)
+            start_ours = own_cpu_seconds() + proc_cpu_seconds(server.pid)
             pair = (run_in_process(async_engine, args.clients, prompts, output_lens, f"r{attempt}"),
                     run_server(url, server.pid, args.clients, prompts, output_lens),
                     run_in_process(async_engine, 1, lone, [1] * len(lone), f"lone{attempt}"),
                     run_server(url, server.pid, 1, lone, [1] * len(lone)))
-            ours = own_cpu_seconds() + process_cpu_seconds(server.pid) - start_ours
+            ours = own_cpu_seconds() + proc_cpu_seconds(server.pid) - start_ours
             others = max(0.0, (busy_cpu_seconds() - start_busy - ours)  # counters' granularity: it can dip below 0
                          / ((time.perf_counter() - start_wall) * os.cpu_count()))
             for name, run in (("in-process", pair[0]), ("server", pair[1])):

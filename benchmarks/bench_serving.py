@@ -42,7 +42,8 @@ def main() -> None:
         "--duration", str(args.duration), "--drain-timeout", "60", "--seed", str(args.seed),
         "--ls-rate", str(args.ls_rate), "--ls-max-input-len", "256", "--ls-output-len", "32:64",
         "--be-trace", "azure-code", "--be-time-scale", str(args.be_time_scale), "--be-dataset", "random",
-        "--be-input-len", "512:1024", "--be-output-len", "128:256", "--server-args", server_args, "--output-dir", str(args.output_dir),
+        "--be-input-len", "512:1024", "--be-output-len", "128:256", "--server-args", server_args,
+        "--output-dir", str(args.output_dir),
     ]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     results = json.loads((args.output_dir / "comparison.json").read_text())
