@@ -16,6 +16,16 @@ PRESETS: dict[str, dict] = {
         num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, rms_norm_eps=1e-5, rope_theta=10000.0,
         max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
     ),
+    "llama-2-70b": dict(
+        architectures=["LlamaForCausalLM"], hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+        num_attention_heads=64, num_key_value_heads=8, vocab_size=32000, rms_norm_eps=1e-5, rope_theta=10000.0,
+        max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
+    ),
+    "yi-34b": dict(
+        architectures=["LlamaForCausalLM"], hidden_size=7168, intermediate_size=20480, num_hidden_layers=60,
+        num_attention_heads=56, num_key_value_heads=8, vocab_size=64000, rms_norm_eps=1e-5, rope_theta=5000000.0,
+        max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
+    ),
     "llama-3-8b": dict(
         architectures=["LlamaForCausalLM"], hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, rms_norm_eps=1e-5, rope_theta=500000.0,

@@ -33,20 +33,6 @@ HARDWARE_DIR = Path(__file__).parent / "hardware"
 GPU_DTYPE_BYTES = 2  # bf16 weights, activations and KV on every GPU profile
 DEFAULT_CPU_HOST = "xeon-gold-6342"
 
-# Shapes of the paper's models that presets.py lacks, from their public config.json (Hugging Face field names).
-_EXTRA_SHAPES: dict[str, dict] = {
-    "llama-2-70b": dict(
-        architectures=["LlamaForCausalLM"], hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-        num_attention_heads=64, num_key_value_heads=8, vocab_size=32000, rms_norm_eps=1e-5, rope_theta=10000.0,
-        max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
-    ),
-    "yi-34b": dict(
-        architectures=["LlamaForCausalLM"], hidden_size=7168, intermediate_size=20480, num_hidden_layers=60,
-        num_attention_heads=56, num_key_value_heads=8, vocab_size=64000, rms_norm_eps=1e-5, rope_theta=5000000.0,
-        max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
-    ),
-}
-
 DEFAULT_TP = {"llama-2-70b": 4, "yi-34b": 2, "llama-3-8b": 1, "smollm2-135m": 1}
 """The paper's tensor-parallel degree per model (smaller models fit one GPU)."""
 
@@ -116,12 +102,12 @@ class SystemProfile:
 
 # ---------------------------------------------------------------------------------------------------- inputs
 def list_models() -> list[str]:
-    return sorted(set(PRESETS) | set(_EXTRA_SHAPES))
+    return sorted(PRESETS)
 
 
 def model_config(model: str) -> ModelConfig:
-    """The shape of a model by name: presets.py's, or one of the paper's models above."""
-    shape = _EXTRA_SHAPES.get(model.lower()) or PRESETS.get(model.lower())
+    """The shape of a model by name, from presets.py."""
+    shape = PRESETS.get(model.lower())
     if shape is None:
         raise ValueError(f"unknown model {model!r} (known: {', '.join(list_models())})")
     return config_from_hf(shape)
