@@ -302,3 +302,19 @@ def test_requests_still_open_at_the_end_are_cancelled_and_counted():
     finally:
         server.stop()
     assert seconds < 5 and [r.status for r in records].count("cancelled") == 1
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--ls-rate-steps", "1:8"], "LOW:HIGH:PERIOD"),
+    (["--ls-rate-steps", "8:1:5"], "0 < low <= high"),
+    (["--be-extra-body", "{not json"], "not JSON"),
+    (["--be-extra-body", "[1]"], "JSON object"),
+    (["--ls-input-len", "0"], "0 < LOW <= HIGH"),
+    (["--compare", "--policies", "omniserve,best"], "unknown policies"),
+])
+def test_bad_flags_are_clear_errors_before_anything_runs(tiny_chat_model, flags, message):  # noqa: F811
+    argv = ["bench", "--base-url", "http://127.0.0.1:9", "--tokenizer", tiny_chat_model, "--ls-rate", "1",
+            "--ls-dataset", "random", "--no-progress", *flags]
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert message in str(info.value)

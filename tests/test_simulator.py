@@ -120,3 +120,15 @@ def test_simulate_command(tmp_path, capsys):
     assert [line["policy"] for line in lines] == ["omniserve", "sarathi"]
     assert all(line["summary"]["ls"]["requests"] > 0 for line in lines)
     assert (tmp_path / "omniserve" / "timeline.png").exists() and (tmp_path / "sarathi" / "result.json").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--profile", "gpt-9@tpu"], "unknown profile"),
+    (["--ls-rate-steps", "1:8"], "LOW:HIGH:PERIOD"),
+    (["--ls-lengths", "novels"], "unknown length source"),
+])
+def test_simulate_bad_flags_are_clear_errors(flags, message):
+    with pytest.raises(SystemExit) as info:
+        main(["simulate", "--duration", "1", "--policies", "fcfs", "--ls-lengths", "fixed:10:2", "--be-trace", "",
+              "--be-rate", "0", "--no-progress", *flags])
+    assert message in str(info.value)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from omniserve.bench.metrics import Slo
-from omniserve.bench.workload import StreamSpec, WorkloadError
+from omniserve.bench.workload import StreamSpec, WorkloadError, parse_rate_steps
 
 EXAMPLES = """examples:
   # LS chat-like traffic (ShareGPT prompts, Poisson 2 req/s) plus BE replayed from the Azure code trace, 10x slower
@@ -54,14 +54,7 @@ def _add_stream_args(parser: argparse.ArgumentParser, service_class: str, name: 
 
 def _stream_spec(args: argparse.Namespace, service_class: str) -> StreamSpec:
     get = lambda name: getattr(args, f"{service_class}_{name}")  # noqa: E731
-    steps = None
-    if get("rate_steps"):
-        try:
-            steps = tuple(float(x) for x in get("rate_steps").split(":"))
-        except ValueError:
-            steps = ()
-        if len(steps) != 3:
-            raise WorkloadError(f"--{service_class}-rate-steps is LOW:HIGH:PERIOD, not {get('rate_steps')!r}")
+    steps = parse_rate_steps(get("rate_steps")) if get("rate_steps") else None
     return StreamSpec(
         rate=get("rate"), burstiness=get("burstiness"), rate_steps=steps, concurrency=get("concurrency"),
         trace=get("trace"), time_scale=get("time_scale"), trace_offset=get("trace_offset"),

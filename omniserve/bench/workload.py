@@ -152,6 +152,15 @@ def parse_range(text: str) -> tuple[int, int]:
     return low, high
 
 
+def parse_rate_steps(text: str) -> tuple[float, float, float]:
+    """`LOW:HIGH:PERIOD` (req/s, req/s, seconds), e.g. `1:8:5`; rate_step_arrivals checks the values."""
+    try:
+        low, high, period = (float(x) for x in str(text).split(":"))
+    except ValueError:
+        raise WorkloadError(f"rate steps are LOW:HIGH:PERIOD, e.g. 1:8:5, not {text!r}") from None
+    return low, high, period
+
+
 # -------------------------------------------------------------------------------------------------------- stream
 @dataclass(frozen=True)
 class StreamSpec:

@@ -63,7 +63,7 @@ def add_simulate_command(commands) -> None:
 def simulate_main(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    from omniserve.bench.workload import WorkloadError
+    from omniserve.bench.workload import WorkloadError, parse_rate_steps
     from omniserve.simulator import experiment
     from omniserve.simulator.profiles import get_profile
     from omniserve.simulator.sim import SimConfig
@@ -85,7 +85,7 @@ def simulate_main(args: argparse.Namespace) -> None:
             return
         kw = {"path": args.profile_path} if args.profile_path else {"num_cpu_hosts": 1 + args.cpu_hosts}
         profile = get_profile(args.profile, **kw)
-        steps = tuple(float(x) for x in args.ls_rate_steps.split(":")) if args.ls_rate_steps else None
+        steps = parse_rate_steps(args.ls_rate_steps) if args.ls_rate_steps else None
         loads = {"ls": ClassLoad(rate=args.ls_rate, burstiness=args.ls_burstiness, rate_steps=steps,
                                  lengths=args.ls_lengths, max_input=args.max_input_len,
                                  max_output=args.max_output_len),

@@ -68,15 +68,21 @@ def draw_lengths(source: str, rng: random.Random, max_input: int, max_output: in
         mean_in, mean_out = PUBLISHED_MEANS[source]
         input_len = round(rng.gammavariate(_SHAPE, mean_in / _SHAPE))
         output_len = round(rng.gammavariate(_SHAPE, mean_out / _SHAPE))
-    elif source.startswith("fixed:"):
-        try:
-            input_len, output_len = (int(x) for x in source.split(":")[1:3])
-        except ValueError:
-            raise WorkloadError(f"fixed lengths are fixed:IN:OUT, not {source!r}") from None
     else:
+        input_len, output_len = _fixed_lengths(source)
+    return min(max(1, input_len), max_input), min(max(1, output_len), max_output)
+
+
+def _fixed_lengths(source: str) -> tuple[int, int]:
+    """(IN, OUT) of `fixed:IN:OUT`; any other unknown source is an error that lists the known ones."""
+    if not source.startswith("fixed:"):
         raise WorkloadError(f"unknown length source {source!r}: sharegpt, azure-code, azure-conv, mooncake, "
                             "longbench, cnn or fixed:IN:OUT")
-    return min(max(1, input_len), max_input), min(max(1, output_len), max_output)
+    try:
+        input_len, output_len = (int(x) for x in source.split(":")[1:])
+    except ValueError:
+        raise WorkloadError(f"fixed lengths are fixed:IN:OUT, not {source!r}") from None
+    return input_len, output_len
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,10 @@ class ClassLoad:
     lengths: str = "sharegpt"
     max_input: int = 1 << 30
     max_output: int = 1 << 30
+
+    def __post_init__(self) -> None:  # a bad source fails here, not after the arrivals of a long run are drawn
+        if self.lengths not in {"sharegpt", *bench_workload.TRACES, *PUBLISHED_MEANS}:
+            _fixed_lengths(self.lengths)
 
 
 def arrivals(load: ClassLoad, duration: float, rng: random.Random) -> list[float]:
