@@ -21,6 +21,7 @@ from omniserve.bench.client import Record, Stream, Target, run_streams
 from omniserve.bench.metrics import Slo
 from omniserve.bench.workload import Request, StreamSpec, WorkloadError
 from omniserve.entrypoints.cli import main
+from omniserve.profiler.latency_model import prefill_interactions
 
 
 def gaps(times: list[float]) -> list[float]:
@@ -318,3 +319,19 @@ def test_bad_flags_are_clear_errors_before_anything_runs(tiny_chat_model, flags,
     with pytest.raises(SystemExit) as info:
         main(argv)
     assert message in str(info.value)
+
+
+def test_slos_from_the_profile_follow_the_latency_model(tiny_chat_model, tmp_path):  # noqa: F811
+    from omniserve.profiler.latency_model import BatchShape
+
+    profile = tmp_path / "profile.json"
+    profile.write_text(MODEL.to_json())
+    args = ["--model", tiny_chat_model, "--profile-path", str(profile)]
+    lone_decode = MODEL.iteration_time(BatchShape(num_rows=1, decode_context=101, num_decodes=1, num_sampled=1))
+    one_chunk = MODEL.iteration_time(BatchShape(101, prefill_interactions(0, 100), 101, 1, 2, (), 100))
+    loose = compare.slos_from_profile(args, max_prompt=100, tpot_factor=100.0, ttft_factor=2.0)
+    assert loose.tpot == pytest.approx(100.0 * lone_decode)
+    assert loose.ttft == pytest.approx(2.0 * one_chunk)  # a TPOT budget this loose holds the prompt in one chunk
+    tight = compare.slos_from_profile(args, max_prompt=100, tpot_factor=3.0, ttft_factor=2.0)
+    assert tight.tpot == pytest.approx(3.0 * lone_decode)
+    assert tight.ttft > loose.ttft  # chunks that fit the budget repeat the decode's and the head's cost
