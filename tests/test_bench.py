@@ -335,3 +335,15 @@ def test_slos_from_the_profile_follow_the_latency_model(tiny_chat_model, tmp_pat
     tight = compare.slos_from_profile(args, max_prompt=100, tpot_factor=3.0, ttft_factor=2.0)
     assert tight.tpot == pytest.approx(3.0 * lone_decode)
     assert tight.ttft > loose.ttft  # chunks that fit the budget repeat the decode's and the head's cost
+
+
+def test_closed_loop_keeps_n_in_flight_and_cycles_its_pool(tiny_chat_model):  # noqa: F811
+    pool = [Request(None, [30 + i, 31, 32], 3, 4) for i in range(3)]
+    with serving(tiny_chat_model) as server:
+        records, _ = asyncio.run(run_streams([Stream("ls", Target(server.url, "tiny"), pool, concurrency=2)],
+                                             duration=1.5, drain_timeout=30.0, request_timeout=30.0))
+        server.wait_idle()
+    assert len(records) > len(pool) and all(r.status == "ok" and r.output_tokens == 4 for r in records)
+    events = sorted([(r.sent, 1) for r in records] + [(r.end, -1) for r in records], key=lambda e: (e[0], e[1]))
+    in_flight = [sum(step for _, step in events[: i + 1]) for i in range(len(events))]
+    assert max(in_flight) == 2

@@ -10,10 +10,11 @@ when the run ends is cancelled and counted as `cancelled`.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import httpx
 
@@ -184,9 +185,9 @@ async def run_streams(streams: list[Stream], duration: float, drain_timeout: flo
             if on_done is not None and record.status != "cancelled":
                 on_done(record)
 
-    async def closed_loop(client: httpx.AsyncClient, stream: Stream, queue: list[Request]) -> None:
-        while queue and clock() < duration:
-            request = queue.pop(0)
+    async def closed_loop(client: httpx.AsyncClient, stream: Stream, source: Iterator[Request]) -> None:
+        while clock() < duration:
+            request = next(source)
             record = Record(stream.service_class, clock(), request.input_len, request.output_len)
             records.append(record)
             await send(client, stream.target, request_body(stream.target, request, tokenizer), record, clock)
@@ -197,8 +198,8 @@ async def run_streams(streams: list[Stream], duration: float, drain_timeout: flo
         for stream in streams:
             own = tasks.setdefault(stream.service_class, [])
             if stream.concurrency > 0:
-                queue = list(stream.requests)
-                own += [asyncio.create_task(closed_loop(client, stream, queue)) for _ in range(stream.concurrency)]
+                source = itertools.cycle(stream.requests)  # shared: each slot sends the next; the pool repeats
+                own += [asyncio.create_task(closed_loop(client, stream, source)) for _ in range(stream.concurrency)]
                 continue
             for request in stream.requests:
                 record = Record(stream.service_class, request.arrival, request.input_len, request.output_len)

@@ -46,8 +46,9 @@ def build_workload(config: BenchConfig, tokenizer) -> dict[str, list[Request]]:
         spec = config.streams.get(service_class)
         if spec is not None and spec.enabled:
             rng = random.Random(f"{config.seed}-{service_class}")  # streams independent of each other's draws
-            closed = max(64, int(config.duration * 20)) if spec.concurrency else None
-            workload[service_class] = build_stream(spec, config.duration, PromptMaker(tokenizer, rng), rng, closed)
+            # A closed loop cycles through a pool of requests for as long as the run lasts.
+            pool = 1000 if spec.concurrency else None
+            workload[service_class] = build_stream(spec, config.duration, PromptMaker(tokenizer, rng), rng, pool)
     return workload
 
 

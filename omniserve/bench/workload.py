@@ -187,7 +187,8 @@ class StreamSpec:
 
 def build_stream(spec: StreamSpec, duration: float, maker: PromptMaker, rng: random.Random,
                  max_requests: int | None = None) -> list[Request]:
-    """The stream's requests in arrival order (closed loop: `max_requests` of them, default enough for any run)."""
+    """The stream's requests in arrival order (closed loop: a pool of `max_requests`, default 1000, that the client
+    cycles through)."""
     if not spec.enabled:
         return []
     trace = load_trace(spec.trace) if spec.trace else None
@@ -200,7 +201,7 @@ def build_stream(spec: StreamSpec, duration: float, maker: PromptMaker, rng: ran
     elif spec.rate > 0:
         times = gamma_arrivals(rng, spec.rate, duration, spec.burstiness)
     else:
-        times = [None] * (max_requests or 10_000)
+        times = [None] * (max_requests or 1000)
     dataset = spec.dataset or ("trace" if trace is not None else "sharegpt")
     if dataset == "trace" and trace is None:
         raise WorkloadError("lengths from a trace need a trace (--*-trace)")

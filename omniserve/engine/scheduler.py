@@ -243,10 +243,10 @@ class Scheduler:
                 continue
             fits_time = batch.tokens_left > 0 and batch.fits(
                 batch.with_chunk(batch.shape, request.num_computed_tokens, 1, True), reserve)
-            pages = self._page_room(request, request.num_tokens)
-            if fits_time and pages:
+            if fits_time and self._page_room(request, request.num_tokens):
                 self._try_schedule(request, 1, batch, scheduled)
-            elif self._may_offload(request) and (not pages or self._waited_a_pass(request)) and self._swap_fits(
+            # Short of pages (it fitted the time): offload now; short of time: once it has waited a pass.
+            elif self._may_offload(request) and (fits_time or self._waited_a_pass(request)) and self._swap_fits(
                     request, batch):
                 swap_outs.append(self._swap_out(request, batch))
             elif fits_time:  # may not leave the device: make room among the BE requests, as FCFS would
