@@ -69,7 +69,6 @@ class _Host:
     free_tokens: int
     remote: bool
     worker_free_at: list[float]
-    peak_tokens: int = 0
 
 
 @dataclass
@@ -128,8 +127,6 @@ class Simulation:
         worker = min(range(len(workers)), key=lambda w: sum(p[:2] == (host, w) for p in self.placement.values()))
         self.placement[request_id] = (host, worker, tokens)
         self.hosts[host].free_tokens -= tokens
-        used = self.profile.host_kv_tokens - self.hosts[host].free_tokens
-        self.hosts[host].peak_tokens = max(self.hosts[host].peak_tokens, used)
         return host, worker
 
     def _release(self, request_id: str) -> None:
