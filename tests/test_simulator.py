@@ -83,10 +83,18 @@ def test_a_saturated_device_queues_requests_one_after_another(profile):
 def test_offloaded_requests_use_the_pool_and_spill_to_remote_hosts(profile):
     small = replace(profile, device_kv_tokens=12_000, host_kv_tokens=6_000, num_cpu_hosts=3)
     burst = [SimRequest(0.1 * i, "be", 2000, 50) for i in range(12)]
-    result = Simulation(small, SimConfig(policy="omniserve", be_decode_placement="cpu")).run(burst)
+    sim = Simulation(small, SimConfig(policy="omniserve", be_decode_placement="cpu"))
+    held = []  # host KV tokens of each request when it leaves its host
+    release = sim._release
+    sim._release = lambda rid: (held.append(sim.placement[rid][2]) if rid in sim.placement else None, release(rid))
+    result = sim.run(burst)
     assert all(r.status == "ok" and r.output_tokens == 50 for r in result.records)
     assert result.counters["swap_outs"] >= 6
     assert result.cpu_busy[0] > 0 and result.cpu_busy[1] + result.cpu_busy[2] > 0  # the local host filled up
+    # A request grows on its host by the tokens it decodes there: its prompt and every output token but the last
+    # (whose KV is never computed); every host's memory is free at the end.
+    assert len(held) == result.counters["swap_outs"] and set(held) == {2000 + 50 - 1}
+    assert all(host.free_tokens == small.host_kv_tokens for host in sim.hosts)
 
 
 def test_lengths_come_from_the_shared_data_or_the_published_means():

@@ -129,8 +129,14 @@ class Simulation:
         self.hosts[host].free_tokens -= tokens
         return host, worker
 
+    def _grow(self, request_id: str) -> None:
+        """An offloaded token's KV is appended on its request's host."""
+        host, worker, tokens = self.placement[request_id]
+        self.placement[request_id] = (host, worker, tokens + 1)
+        self.hosts[host].free_tokens -= 1
+
     def _release(self, request_id: str) -> None:
-        """Frees a request's host memory (its KV at swap-out; what it adds while decoding there is not counted)."""
+        """Frees a request's host memory: its KV at swap-out and the tokens it added there."""
         placed = self.placement.pop(request_id, None)
         if placed is not None:
             self.hosts[placed[0]].free_tokens += placed[2]
@@ -170,6 +176,8 @@ class Simulation:
         # An offloaded row's attention for layer L leaves by the end of layer L (the iteration spread evenly on layers).
         at = {layer: start + seconds * (layer + 1) / layers for layer in range(layers)}
         rows = [(t.request_id, 0, t.position + 1) for t in plan.offloaded_starts]
+        for token in plan.offloaded_starts:
+            self._grow(token.request_id)
         sampled: dict[str, SampledToken] = {}
         for request_id, layer in plan.returning:
             request = self.scheduler.requests.get(request_id)
