@@ -1,9 +1,13 @@
-"""The CPU attention pool: worker processes on their own cores, each with an inbox (a queue: putting never blocks the
-engine) and an outbox (a pipe the engine polls, or waits on when it has nothing else to do).
+"""The CPU attention pool: local worker processes on their own cores, each with an inbox (a queue: putting never
+blocks the engine) and an outbox (a pipe the engine polls, or waits on when it has nothing else to do), and optionally
+remote hosts (Ray actors, remote.py) that take the requests the local pool has no memory for.
 
 The engine never blocks on it: `submit` and `load` only enqueue, `poll` takes whatever results are ready. Each
-offloaded request lives on one worker (its host KV is there) and has at most one row in flight, since its token
-advances one layer at a time, so in-flight rows never exceed the number of offloaded requests.
+offloaded request lives on one worker or host (its host KV is there) and has at most one row in flight, since its
+token advances one layer at a time, so in-flight rows never exceed the number of offloaded requests.
+
+Placement, at swap-out: a local worker (the least loaded) while the local host KV stays within its memory budget;
+then the remote host with the most free memory, and among equals the fewest requests.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from omniserve.config import ConfigError
 from omniserve.cpu_attention.messages import (
     AttendBatch, AttendResult, Export, Exported, Free, LoadKV, Ping, Status,
 )
+from omniserve.cpu_attention.remote import RemoteHost, RemoteHosts, available_memory_bytes
 from omniserve.cpu_attention.worker import WorkerSettings, worker_main
 
 logger = logging.getLogger(__name__)
@@ -38,6 +43,9 @@ class PoolConfig:
     """Cores to pin each worker to (one tuple per worker), or None to leave placement to the OS."""
     simulated_delay_s: float = 0.0
     """Extra seconds per attention batch in every worker: fault injection for tests; 0 in production."""
+    local_memory_bytes: int | None = None
+    """Host KV the local workers may hold before requests go to remote hosts; None: half the memory available at
+    start-up. Only matters when there are remote hosts (the local pool is the last resort)."""
 
     def __post_init__(self) -> None:
         if self.num_workers < 1 or self.threads_per_worker < 1:
@@ -52,6 +60,25 @@ class _Worker:
     host_kv_bytes: int = 0
     requests: set[str] = field(default_factory=set)
 
+    def alive(self) -> bool:
+        return self.process.is_alive()
+
+    def send(self, message) -> None:
+        self.inbox.put(message)
+
+    def receive(self, timeout_s: float = 0.0) -> list:
+        """Replies ready now (or within timeout_s); none from a dead worker (check_workers rebuilds its requests)."""
+        replies = []
+        try:
+            while self.outbox.poll(timeout_s if not replies else 0.0):
+                replies.append(self.outbox.recv())
+        except (OSError, EOFError):
+            pass
+        return replies
+
+
+_Target = _Worker | RemoteHost  # where an offloaded request's host KV lives
+
 
 @dataclass(frozen=True)
 class AttentionResult:
@@ -61,11 +88,15 @@ class AttentionResult:
 
 
 class CPUAttentionPool:
-    def __init__(self, config: PoolConfig) -> None:
+    def __init__(self, config: PoolConfig, remote: RemoteHosts | None = None) -> None:
         self.config = config
         self._context = mp.get_context("spawn")
         self._workers: list[_Worker | None] = [None] * config.num_workers  # started on first use
-        self._owner: dict[str, int] = {}
+        self._remote = remote
+        self._local_budget = (config.local_memory_bytes if config.local_memory_bytes is not None
+                              else available_memory_bytes() // 2)
+        self._owner: dict[str, _Target] = {}
+        self._reserved: dict[str, int] = {}  # request -> host KV bytes its placement counted on
         self._in_flight: dict[str, int] = {}  # request -> the layer whose result it waits for
         self._exported: list[Exported] = []
         self._stashed: list[AttentionResult] = []  # results read while waiting for a Status
@@ -88,22 +119,43 @@ class CPUAttentionPool:
             worker = self._workers[index] = _Worker(process, inbox, outbox)
         return worker
 
+    @property
+    def remote_hosts(self) -> list[RemoteHost]:
+        return [h for h in self._remote.hosts if h.alive()] if self._remote is not None else []
+
+    def _targets(self) -> list[_Target]:
+        return [w for w in self._workers if w is not None] + self.remote_hosts
+
     def check_workers(self) -> list[str]:
-        """Finds dead workers, forgets their requests (their host KV died with them) and returns those ids. The
-        worker is restarted on next use."""
+        """Finds dead workers and hosts, forgets their requests (their host KV died with them) and returns those ids.
+        A local worker is restarted on next use; a remote host is dropped. New remote hosts are taken in."""
         lost = []
         for index, worker in enumerate(self._workers):
-            if worker is None or worker.process.is_alive():
+            if worker is None or worker.alive():
                 continue
             logger.error("CPU attention worker %d died (exit code %s); %d requests will be rebuilt",
                          index, worker.process.exitcode, len(worker.requests))
-            lost.extend(worker.requests)
-            for request_id in worker.requests:
-                self._owner.pop(request_id, None)
-                self._in_flight.pop(request_id, None)
-            self._exported = [e for e in self._exported if e.request_id not in worker.requests]
+            lost.extend(self._forget_target(worker))
             self._workers[index] = None
+        if self._remote is not None:
+            for host in self._remote.hosts:
+                if host.dead:  # found by `poll`: a failed call is how a dead actor shows
+                    logger.error("CPU attention host %s is gone; %d requests will be rebuilt", host.name,
+                                 len(host.requests))
+                    lost.extend(self._forget_target(host))
+            self._remote.hosts = [h for h in self._remote.hosts if not h.dead]
+            self._remote.poll()
         return lost
+
+    def _forget_target(self, target: _Target) -> list[str]:
+        gone = list(target.requests)
+        for request_id in gone:
+            self._owner.pop(request_id, None)
+            self._reserved.pop(request_id, None)
+            self._in_flight.pop(request_id, None)
+        self._exported = [e for e in self._exported if e.request_id not in target.requests]
+        target.requests = set()
+        return gone
 
     def shutdown(self) -> None:
         for worker in self._workers:
@@ -113,58 +165,85 @@ class CPUAttentionPool:
                 if worker.process.is_alive():
                     worker.process.kill()
         self._workers = [None] * self.config.num_workers
+        if self._remote is not None:
+            self._remote.shutdown()
 
     def worker_pids(self) -> list[int | None]:
         return [None if w is None else w.process.pid for w in self._workers]
 
     # ------------------------------------------------------------------------------------------------- traffic
-    def load(self, request_id: str, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Installs an offloaded request's KV ([num_layers, num_tokens, num_kv_heads, head_dim]) on the least
-        loaded worker."""
+    def _place(self, nbytes: int) -> _Target:
+        """Local first while its budget lasts, then the remote host with the most free memory (fewest requests among
+        equals); the local pool takes the request when no host has room."""
+        local_used = sum(self._reserved[r] for r, t in self._owner.items() if isinstance(t, _Worker))
+        hosts = self.remote_hosts
+        if hosts and local_used + nbytes > self._local_budget:
+            used = Counter()
+            for request_id, target in self._owner.items():
+                if isinstance(target, RemoteHost):
+                    used[id(target)] += self._reserved[request_id]
+            best = max(hosts, key=lambda h: (h.memory_bytes - used[id(h)], -len(h.requests)))
+            if best.memory_bytes - used[id(best)] >= nbytes:
+                return best
         load = Counter({index: 0 for index in range(len(self._workers))})
-        load.update(self._owner.values())
-        index = min(load, key=lambda i: (load[i], i))
-        worker = self._worker(index)
-        worker.inbox.put(LoadKV(request_id, k, v))
-        worker.requests.add(request_id)
-        self._owner[request_id] = index
+        load.update(i for i, w in enumerate(self._workers) for _ in (w.requests if w is not None else ()))
+        return self._worker(min(load, key=lambda i: (load[i], i)))
+
+    def load(self, request_id: str, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Installs an offloaded request's KV ([num_layers, num_tokens, num_kv_heads, head_dim]) where placement says:
+        the one time its KV moves to a host (swap-out)."""
+        # Host KV is fp32 and keeps room to double (host_kv.py): count that, so placement does not overcommit a host.
+        nbytes = 2 * 4 * (k.numel() + v.numel())
+        target = self._place(nbytes)
+        target.send(LoadKV(request_id, k, v))
+        target.requests.add(request_id)
+        self._owner[request_id] = target
+        self._reserved[request_id] = nbytes
 
     def submit(self, keys: list[tuple[str, int]], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Queues one iteration's offloaded rows (q [rows, heads, dim], k and v [rows, kv_heads, dim], on any device):
-        one message per worker."""
+        one message per worker or host."""
         rows_of: dict[int, list[int]] = {}
+        targets: dict[int, _Target] = {}
         for row, (request_id, layer) in enumerate(keys):
-            rows_of.setdefault(self._owner[request_id], []).append(row)
+            target = self._owner[request_id]
+            targets[id(target)] = target
+            rows_of.setdefault(id(target), []).append(row)
             self._in_flight[request_id] = layer
         q, k, v = (_wire_format(t) for t in (q, k, v))
-        for index, rows in rows_of.items():
+        for key, rows in rows_of.items():
             picked = torch.tensor(rows)
-            self._worker(index).inbox.put(AttendBatch(
+            targets[key].send(AttendBatch(
                 [keys[r] for r in rows], *(t.index_select(0, picked).numpy() for t in (q, k, v))
             ))
 
     def poll(self) -> list[AttentionResult]:
         """Every result that is ready now, without waiting. Rows of requests freed meanwhile are dropped."""
         results, self._stashed = self._stashed, []
-        for worker in self._workers:
-            if worker is None:
-                continue
-            try:
-                while worker.outbox.poll():
-                    self._handle(worker, worker.outbox.recv(), results)
-            except (OSError, EOFError):  # the worker died; check_workers will rebuild its requests
-                continue
+        for target in self._targets():
+            for message in target.receive():
+                self._handle(target, message, results)
         return results
 
     def wait(self, timeout_s: float) -> None:
-        """Blocks until some worker has something to say, or timeout_s passes: for an engine with nothing else to do."""
+        """Blocks until some worker or host has something to say, or timeout_s passes: for an engine with nothing
+        else to do."""
         outboxes = [w.outbox for w in self._workers if w is not None]
-        if outboxes:
-            wait_for_ready(outboxes, timeout_s)
-        else:
-            time.sleep(timeout_s)
+        pending = [ref for host in self.remote_hosts for ref in host.pending]
+        if not pending:
+            if outboxes:
+                wait_for_ready(outboxes, timeout_s)
+            else:
+                time.sleep(timeout_s)
+            return
+        ray, deadline = self._remote.ray, time.monotonic() + timeout_s
+        while time.monotonic() < deadline:  # two kinds of channel: look at each in short turns
+            if outboxes and wait_for_ready(outboxes, 0.001):
+                return
+            if ray.wait(pending, num_returns=1, timeout=0.001)[0]:
+                return
 
-    def _handle(self, worker: _Worker, message, results: list[AttentionResult]) -> None:
+    def _handle(self, target: _Target, message, results: list[AttentionResult]) -> None:
         if isinstance(message, AttendResult):
             for row, (request_id, layer) in enumerate(message.keys):
                 if self._in_flight.get(request_id) == layer:
@@ -172,31 +251,33 @@ class CPUAttentionPool:
                     results.append(AttentionResult(request_id, layer, torch.from_numpy(message.out[row])))
         elif isinstance(message, Exported):
             self._exported.append(message)
-        worker.host_kv_bytes = message.host_kv_bytes
+        target.host_kv_bytes = message.host_kv_bytes
 
     def free(self, request_ids: list[str]) -> None:
         """Forgets requests: their host KV is dropped and any row still in flight is discarded on return."""
-        by_worker: dict[int, list[str]] = {}
+        by_target: dict[int, tuple[_Target, list[str]]] = {}
         for request_id in request_ids:
-            index = self._owner.pop(request_id, None)
+            target = self._owner.pop(request_id, None)
+            self._reserved.pop(request_id, None)
             self._in_flight.pop(request_id, None)
-            if index is not None:
-                by_worker.setdefault(index, []).append(request_id)
-                self._workers[index].requests.discard(request_id)
-        for index, ids in by_worker.items():
-            self._workers[index].inbox.put(Free(ids))
+            if target is not None:
+                by_target.setdefault(id(target), (target, []))[1].append(request_id)
+                target.requests.discard(request_id)
+        for target, ids in by_target.values():
+            target.send(Free(ids))
 
     def request_export(self, request_id: str) -> None:
         """Swap-in, step one: ask for the request's KV back (it arrives through `take_exported`)."""
-        self._workers[self._owner[request_id]].inbox.put(Export(request_id))
+        self._owner[request_id].send(Export(request_id))
 
     def take_exported(self) -> list[Exported]:
         """KV that came back for swap-in; those requests no longer belong to the pool."""
         done, self._exported = self._exported, []
         for exported in done:
-            index = self._owner.pop(exported.request_id, None)
-            if index is not None:
-                self._workers[index].requests.discard(exported.request_id)
+            target = self._owner.pop(exported.request_id, None)
+            self._reserved.pop(exported.request_id, None)
+            if target is not None:
+                target.requests.discard(exported.request_id)
         return done
 
     # ------------------------------------------------------------------------------------------------ accounting
@@ -208,21 +289,35 @@ class CPUAttentionPool:
     def num_in_flight(self) -> int:
         return len(self._in_flight)
 
+    def placement(self) -> dict[str, str]:
+        """Where each offloaded request's host KV is: "local" or the remote host's name."""
+        return {r: "local" if isinstance(t, _Worker) else t.name for r, t in self._owner.items()}
+
+    def remote_traffic(self) -> dict[str, int]:
+        """Messages and bytes exchanged with remote hosts so far (live hosts)."""
+        hosts = self.remote_hosts
+        return {"messages": sum(h.messages_sent for h in hosts), "bytes_sent": sum(h.bytes_sent for h in hosts),
+                "bytes_received": sum(h.bytes_received for h in hosts)}
+
     def host_kv_bytes(self, wait_s: float = 10.0) -> int:
-        """Host KV held by all workers, asked for now: blocks until each has done all it was sent (up to wait_s).
-        For tests and diagnostics; results that arrive meanwhile are kept for the next `poll`."""
+        """Host KV held by all workers and hosts, asked for now: blocks until each has done all it was sent (up to
+        wait_s). For tests and diagnostics; results that arrive meanwhile are kept for the next `poll`."""
         total = 0
-        for worker in self._workers:
-            if worker is None or not worker.process.is_alive():
+        for target in self._targets():
+            if not target.alive():
                 continue
-            worker.inbox.put(Ping())
+            target.send(Ping())
+            deadline = time.monotonic() + wait_s
             while True:
-                if not worker.outbox.poll(wait_s):
+                left = deadline - time.monotonic()
+                if left <= 0 or not target.alive():
                     raise TimeoutError(f"CPU attention worker did not answer within {wait_s} s")
-                message = worker.outbox.recv()
-                self._handle(worker, message, self._stashed)
-                if isinstance(message, Status):
-                    total += message.host_kv_bytes
+                replies = target.receive(min(left, 0.05))
+                for message in replies:
+                    self._handle(target, message, self._stashed)
+                status = next((m for m in replies if isinstance(m, Status)), None)
+                if status is not None:
+                    total += status.host_kv_bytes
                     break
         return total
 

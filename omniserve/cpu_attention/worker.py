@@ -26,44 +26,59 @@ class WorkerSettings:
     """Extra seconds per attention batch: fault injection for tests of a slow pool; 0 in production."""
 
 
+class AttentionStore:
+    """The host KV of the requests placed on one worker, and the decode attention over it: the worker's whole job,
+    shared by the local worker processes and the remote host actors (remote.py)."""
+
+    def __init__(self, simulated_delay_s: float = 0.0) -> None:
+        self.kv: dict[str, HostKV] = {}
+        self.simulated_delay_s = simulated_delay_s
+        compiled_kernel()  # build (or load the cached build) before the first request needs it
+
+    def footprint(self) -> int:
+        return sum(kv.nbytes for kv in self.kv.values())
+
+    @torch.inference_mode()
+    def handle(self, message) -> AttendResult | Exported | Status | None:
+        """Runs one message; returns the reply to send back, if it has one."""
+        if isinstance(message, LoadKV):
+            self.kv[message.request_id] = HostKV(message.k, message.v)
+        elif isinstance(message, AttendBatch):
+            q, k_new, v_new = (torch.from_numpy(a) for a in (message.q, message.k, message.v))
+            done, outs = [], []
+            for row, (request_id, layer) in enumerate(message.keys):
+                kv = self.kv.get(request_id)
+                if kv is None:  # freed while this row was queued
+                    continue
+                k, v = kv.append(layer, k_new[row], v_new[row])
+                outs.append(decode_attention(q[row].to(kv.dtype), k, v).to(q.dtype))
+                done.append((request_id, layer))
+            if self.simulated_delay_s:
+                time.sleep(self.simulated_delay_s)
+            out = torch.stack(outs) if outs else q[:0]
+            return AttendResult(done, out.numpy(), self.footprint())
+        elif isinstance(message, Free):
+            for request_id in message.request_ids:
+                self.kv.pop(request_id, None)
+        elif isinstance(message, Export):
+            kv = self.kv.pop(message.request_id, None)
+            if kv is not None:
+                k, v = kv.export()
+                return Exported(message.request_id, k, v, self.footprint())
+        elif isinstance(message, Ping):
+            return Status(self.footprint(), len(self.kv))
+        return None
+
+
 def worker_main(settings: WorkerSettings, inbox, outbox) -> None:
     torch.set_num_threads(settings.threads)
     if settings.cores:
         os.sched_setaffinity(0, settings.cores)
-    store: dict[str, HostKV] = {}
-    compiled_kernel()  # build (or load the cached build) before the first request needs it
-
-    def footprint() -> int:
-        return sum(kv.nbytes for kv in store.values())
-
-    with torch.inference_mode():
-        while True:
-            message = inbox.get()
-            if message is None:
-                return
-            if isinstance(message, LoadKV):
-                store[message.request_id] = HostKV(message.k, message.v)
-            elif isinstance(message, AttendBatch):
-                q, k_new, v_new = (torch.from_numpy(a) for a in (message.q, message.k, message.v))
-                done, outs = [], []
-                for row, (request_id, layer) in enumerate(message.keys):
-                    kv = store.get(request_id)
-                    if kv is None:  # freed while this row was queued
-                        continue
-                    k, v = kv.append(layer, k_new[row], v_new[row])
-                    outs.append(decode_attention(q[row].to(kv.dtype), k, v).to(q.dtype))
-                    done.append((request_id, layer))
-                if settings.simulated_delay_s:
-                    time.sleep(settings.simulated_delay_s)
-                out = torch.stack(outs) if outs else q[:0]
-                outbox.send(AttendResult(done, out.numpy(), footprint()))
-            elif isinstance(message, Free):
-                for request_id in message.request_ids:
-                    store.pop(request_id, None)
-            elif isinstance(message, Export):
-                kv = store.pop(message.request_id, None)
-                if kv is not None:
-                    k, v = kv.export()
-                    outbox.send(Exported(message.request_id, k, v, footprint()))
-            elif isinstance(message, Ping):
-                outbox.send(Status(footprint(), len(store)))
+    store = AttentionStore(settings.simulated_delay_s)
+    while True:
+        message = inbox.get()
+        if message is None:
+            return
+        reply = store.handle(message)
+        if reply is not None:
+            outbox.send(reply)

@@ -47,6 +47,17 @@ class EngineArgs:
     ls_headroom: float = _arg(0.2, "llumnix policy: share of device KV pages reserved for latency-sensitive requests")
     cpu_attention_workers: int = _arg(1, "CPU attention worker processes (started on first offload)")
     cpu_attention_threads: int = _arg(1, "torch threads in each CPU attention worker")
+    cpu_attention_memory_gib: float | None = _arg(
+        None, "host KV the local CPU attention workers may hold before offloaded requests go to remote hosts; "
+        "default: half the memory available at start-up")
+    cpu_attention_hosts: str | None = _arg(
+        None, "remote CPU attention hosts on the Ray cluster: a number of actors spread over its nodes, or `auto`: "
+        "one on every node that offers the omniserve_cpu_host resource, nodes that join later included")
+    cpu_attention_host_memory_gib: float | None = _arg(
+        None, "host KV each remote CPU attention host may hold; default: 80%% of its available memory")
+    ray_address: str | None = _arg(
+        None, "Ray cluster to join (`auto`, or the head's host:port); default: a Ray instance of this process's own, "
+        "started when scale-out needs one")
     seed: int = _arg(0, "seed for random weights and for requests without a seed of their own")
     threads: int | None = _arg(None, "CPU threads for the model when the device is the CPU; default: torch's choice")
 

@@ -16,6 +16,7 @@ import torch
 
 from omniserve.config import CacheConfig, ConfigError, SchedulerConfig, resolve_device, resolve_dtype
 from omniserve.cpu_attention import CPUAttentionPool, PoolConfig
+from omniserve.cpu_attention.remote import RemoteHosts, RemoteHostsConfig, connect_ray
 from omniserve.engine.args import EngineArgs
 from omniserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from omniserve.engine.plan import IterationPlan, RunnerOutput
@@ -64,6 +65,18 @@ class IterationStats:
     seconds: float
 
 
+def _remote_hosts(args: EngineArgs) -> RemoteHosts | None:
+    """The remote CPU attention hosts asked for (Ray actors), started now, or None."""
+    if args.cpu_attention_hosts in (None, "", "0"):
+        return None
+    count = args.cpu_attention_hosts
+    if count != "auto" and not (count.isdigit() and int(count) > 0):
+        raise ConfigError(f"--cpu-attention-hosts takes a number of hosts or `auto`, not {count!r}")
+    connect_ray(args.ray_address)
+    memory = None if args.cpu_attention_host_memory_gib is None else int(args.cpu_attention_host_memory_gib * 2**30)
+    return RemoteHosts(RemoteHostsConfig(count, args.cpu_attention_threads, memory))
+
+
 class LLMEngine:
     def __init__(self, args: EngineArgs | None = None, pool_config: PoolConfig | None = None, **overrides) -> None:
         """pool_config overrides the CPU attention pool settings derived from args (tests inject faults this way)."""
@@ -99,7 +112,10 @@ class LLMEngine:
         self.page_table = PageTable(self.allocator, cache.page_size)
         offloads = POLICY_TABLE[args.policy].offload
         if offloads == "all" or (offloads == "be" and args.be_decode_placement != "device"):
-            pool_config = pool_config or PoolConfig(args.cpu_attention_workers, args.cpu_attention_threads)
+            pool_config = pool_config or PoolConfig(
+                args.cpu_attention_workers, args.cpu_attention_threads,
+                local_memory_bytes=None if args.cpu_attention_memory_gib is None
+                else int(args.cpu_attention_memory_gib * 2**30))
         else:
             pool_config = None  # this engine never offloads
         self.latency_model = self._latency_model(loaded, cache.page_size, pool_config)
@@ -109,7 +125,7 @@ class LLMEngine:
         )
         self.cpu_pool = None
         if pool_config is not None:
-            self.cpu_pool = CPUAttentionPool(pool_config)  # workers start on the first offload
+            self.cpu_pool = CPUAttentionPool(pool_config, _remote_hosts(args))  # local workers start on first offload
             weakref.finalize(self, self.cpu_pool.shutdown)  # workers end with the engine, not only with the process
         self.runner = ModelRunner(loaded.model, self.pool, self.device, self.cpu_pool)
         self.last_iteration: IterationStats | None = None
