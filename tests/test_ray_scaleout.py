@@ -23,7 +23,7 @@ def tokens(outputs):
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A local Ray instance on loopback for the session: starting one costs seconds, so tests share it."""
-    ray.init(num_cpus=4, object_store_memory=100 * 2**20, include_dashboard=False, log_to_driver=False,
+    ray.init(num_cpus=8, object_store_memory=100 * 2**20, include_dashboard=False, log_to_driver=False,
              logging_level="ERROR")
     yield ray
     ray.shutdown()
@@ -90,3 +90,121 @@ def test_killed_host_loses_no_request(ray_cluster, tiny, reference, make_llm):
     assert [results[str(i)] for i in range(len(PROMPTS))] == reference
     assert [h.name for h in pool.remote_hosts] != [] and killed[0] not in {h.name for h in pool.remote_hosts}
     assert pool.num_requests == 0 and pool.host_kv_bytes() == 0
+
+
+# ---------------------------------------------------------------------------------------------------------- router
+def fake_instances(reports: dict[str, dict], down: set[str]):
+    """httpx transport standing in for instances: /load gives each one's report; a completion answers with the
+    instance's name; instances in `down` refuse connections."""
+    import httpx
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        name = request.url.host
+        if name in down:
+            raise httpx.ConnectError("refused", request=request)
+        if request.url.path == "/load":
+            return httpx.Response(200, json={**reports[name], "models": {"m": None, "m-batch": "be"}})
+        return httpx.Response(200, json={"instance": name})
+
+    return httpx.MockTransport(handle)
+
+
+def test_router_sends_ls_by_headroom_be_by_spare_capacity_and_takes_dead_instances_out():
+    import asyncio
+
+    import httpx
+
+    from omniserve.scaleout.router import Router, build_router_app
+
+    reports = {"a": {"ls_headroom": 0.8, "be_spare_tokens": 1000, "max_num_seqs": 10},
+               "b": {"ls_headroom": 0.3, "be_spare_tokens": 50_000, "max_num_seqs": 10}}
+    down: set[str] = set()
+    router = Router(["http://a", "http://b"], transport=fake_instances(reports, down))
+    app = build_router_app(router)
+
+    async def scenario():
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router")
+
+        async def send(body) -> str:
+            response = await client.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 8,
+                                                                  **body})
+            assert response.status_code == 200
+            return response.json()["instance"]
+
+        await router.poll_once()
+        assert await send({}) == "a"  # LS: the most SLO headroom
+        assert await send({"service_tier": "flex"}) == "b"  # BE: the most spare capacity
+        assert await send({"priority": 1}) == "b" and await send({"model": "m-batch"}) == "b"
+        # Requests sent since the last report count: a's headroom 0.8 - 0.1 per LS request falls below b's 0.3.
+        picks = [await send({}) for _ in range(6)]
+        assert picks[:5] == ["a"] * 5 and picks[5] == "b"
+        await router.poll_once()  # fresh reports reset what was charged
+        assert await send({}) == "a"
+        down.add("a")  # a dies: its connection is refused; the request goes to b, and a is out
+        assert await send({}) == "b"
+        assert not router.instances[0].alive
+        await router.poll_once()
+        assert not router.instances[0].alive and (await client.get("/health")).status_code == 200
+        down.add("b")
+        await router.poll_once()
+        response = await client.post("/v1/completions", json={"model": "m", "prompt": "hi"})
+        assert response.status_code == 503 and response.json()["error"]["code"] == "no_instance"
+        assert (await client.get("/health")).status_code == 503
+        down.clear()
+        await router.poll_once()  # back after a good poll
+        assert await send({}) == "a"
+        metrics = (await client.get("/metrics")).text
+        assert 'omniserve:router_requests_total{instance="http://b",service_class="be"} 3.0' in metrics
+        await client.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_two_engine_instances_behind_the_router(ray_cluster, tiny):
+    import asyncio
+
+    import httpx
+
+    from omniserve.engine.args import EngineArgs
+    from omniserve.scaleout.instances import start_instances
+    from omniserve.scaleout.router import Router, build_router_app
+
+    args = EngineArgs(model=tiny, dtype="float32", be_decode_placement="device", max_num_seqs=8)
+    urls, actors = start_instances(args, ["tiny"], count=2)
+    router = Router(urls, poll_interval_s=0.2)
+    app = build_router_app(router)
+
+    async def scenario():
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router", timeout=60)
+
+        async def complete(service_tier: str | None = None, stream: bool = False):
+            body = {"model": "tiny", "prompt": PROMPTS[1], "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+            if service_tier:
+                body["service_tier"] = service_tier
+            if stream:
+                body["stream"] = True
+            response = await client.post("/v1/completions", json=body)
+            assert response.status_code == 200, response.text
+            return response
+
+        await router.poll_once()
+        assert all(i.alive for i in router.instances)
+        texts = {(await complete()).json()["choices"][0]["text"] for _ in range(4)}
+        texts |= {(await complete("flex")).json()["choices"][0]["text"] for _ in range(4)}
+        assert len(texts) == 1  # the same greedy completion from either instance
+        streamed = await complete(stream=True)
+        assert streamed.text.rstrip().endswith("data: [DONE]")
+        routed = {(s.labels["instance"], s.labels["service_class"]): s.value
+                  for metric in router.registry.collect() if metric.name == "omniserve:router_requests"
+                  for s in metric.samples if s.name.endswith("_total")}
+        assert {url for url, _ in routed} == set(urls)  # both instances served requests
+        ray.kill(actors[0])
+        await router.poll_once()
+        assert [i.alive for i in router.instances] == [False, True]
+        for tier in (None, "flex", None):
+            await complete(tier)  # all to the live instance
+        await client.aclose()
+
+    asyncio.run(scenario())
+    for actor in actors[1:]:
+        ray.kill(actor)

@@ -193,7 +193,7 @@ class CPUAttentionPool:
         """Installs an offloaded request's KV ([num_layers, num_tokens, num_kv_heads, head_dim]) where placement says:
         the one time its KV moves to a host (swap-out)."""
         # Host KV is fp32 and keeps room to double (host_kv.py): count that, so placement does not overcommit a host.
-        nbytes = 2 * 4 * (k.numel() + v.numel())
+        nbytes = self.host_bytes_per_token(k.shape[0], k.shape[2], k.shape[3]) * k.shape[1]
         target = self._place(nbytes)
         target.send(LoadKV(request_id, k, v))
         target.requests.add(request_id)
@@ -292,6 +292,16 @@ class CPUAttentionPool:
     def placement(self) -> dict[str, str]:
         """Where each offloaded request's host KV is: "local" or the remote host's name."""
         return {r: "local" if isinstance(t, _Worker) else t.name for r, t in self._owner.items()}
+
+    def free_host_bytes(self) -> int:
+        """Host KV memory not yet counted on by a placement: the local budget's and every live remote host's."""
+        total = self._local_budget + sum(h.memory_bytes for h in self.remote_hosts)
+        return max(0, total - sum(self._reserved.values()))
+
+    @staticmethod
+    def host_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int) -> int:
+        """What placement counts a token of host KV as (fp32 k and v, with room to double: see `load`)."""
+        return 2 * 4 * 2 * num_layers * num_kv_heads * head_dim
 
     def remote_traffic(self) -> dict[str, int]:
         """Messages and bytes exchanged with remote hosts so far (live hosts)."""

@@ -313,6 +313,33 @@ class LLMEngine:
         return result
 
     # ----------------------------------------------------------------------------------------------- health
+    def load_report(self) -> dict:
+        """What a router needs to place the next request here (call on the engine's thread):
+
+        - ls_headroom: the share of an LS iteration's time budget and of the sequence slots still free (the smaller),
+          less the LS requests queued, in sequence slots; at most 1, below 0 when the instance is behind.
+        - be_spare_tokens: KV tokens free on the device and in host memory, less the tokens of queued BE requests.
+        """
+        scheduler, max_seqs = self.scheduler, self.scheduler_config.max_num_seqs
+        ls_waiting = sum(1 for r in scheduler.waiting if not r.is_best_effort)
+        be_waiting_tokens = sum(r.num_tokens + r.max_tokens for r in scheduler.waiting if r.is_best_effort)
+        budget = scheduler._time_budget()
+        time_headroom = 1.0
+        if budget and self.last_iteration is not None and scheduler.running:
+            time_headroom = 1.0 - self.last_iteration.seconds / budget
+        slots_headroom = 1.0 - len(scheduler.running) / max_seqs
+        host_tokens = 0
+        if self.cpu_pool is not None:
+            config = self.model_config
+            per_token = self.cpu_pool.host_bytes_per_token(config.num_layers, config.num_kv_heads, config.head_dim)
+            host_tokens = self.cpu_pool.free_host_bytes() // per_token
+        return {
+            "ls_headroom": max(0.0, min(time_headroom, slots_headroom)) - ls_waiting / max_seqs,
+            "be_spare_tokens": self.allocator.num_free * self.page_table.page_size + host_tokens - be_waiting_tokens,
+            "running": len(scheduler.running), "waiting": len(scheduler.waiting),
+            "offloaded": len(scheduler.offloaded), "max_num_seqs": max_seqs,
+        }
+
     def check_integrity(self) -> None:
         """Page accounting holds; with no requests left, no device page, host KV byte, residual or queued row
         remains."""

@@ -1,6 +1,7 @@
-"""The `omniserve` command: `omniserve serve` (the OpenAI-compatible server), `omniserve generate "prompt"`,
-`omniserve chat`, `omniserve profile`, `omniserve bench` (the serving benchmark), `omniserve eval gsm8k` (the
-accuracy of a running OpenAI-compatible server) and `omniserve simulate` (the cluster-scale simulator)."""
+"""The `omniserve` command: `omniserve serve` (the OpenAI-compatible server), `omniserve router` (one endpoint in
+front of several servers), `omniserve generate "prompt"`, `omniserve chat`, `omniserve profile`, `omniserve bench`
+(the serving benchmark), `omniserve eval gsm8k` (the accuracy of a running OpenAI-compatible server) and
+`omniserve simulate` (the cluster-scale simulator)."""
 
 from __future__ import annotations
 
@@ -147,10 +148,29 @@ def _serve(args: argparse.Namespace) -> None:
         logging.getLogger(__name__).warning(
             "--gpu-memory-utilization is not applied yet: size the KV cache with --kv-cache-memory-bytes or "
             "--num-gpu-blocks-override")
-    engine = LLMEngine(EngineArgs.from_cli_args(args))
     names = args.served_model_name or [default_served_name(args.model)]
+    if args.instances > 1:  # engine instances as Ray actors, and a router in this process
+        from omniserve.cpu_attention.remote import connect_ray
+        from omniserve.scaleout.instances import start_instances
+        from omniserve.scaleout.router import Router, build_router_app, run_router
+
+        connect_ray(args.ray_address)
+        urls, _ = start_instances(EngineArgs.from_cli_args(args), names, args.instances, api_keys,
+                                  args.shutdown_timeout)
+        run_router(build_router_app(Router(urls)), args.host, args.port, log_level=args.log_level)
+        return
+    engine = LLMEngine(EngineArgs.from_cli_args(args))
     app = build_app(engine, names, api_keys, drain_grace_s=args.shutdown_timeout)
     run_server(app, args.host, args.port, log_level=args.log_level)
+
+
+def _route(args: argparse.Namespace) -> None:
+    """A router in front of engine instances started elsewhere (see omniserve.scaleout.router)."""
+    from omniserve.scaleout.router import Router, build_router_app, run_router
+
+    logging.getLogger("omniserve").setLevel(args.log_level.upper())
+    run_router(build_router_app(Router(args.instance_urls, args.poll_interval)), args.host, args.port,
+               log_level=args.log_level)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,8 +214,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--gpu-memory-utilization", type=float, default=None,
                        help="accepted for vLLM compatibility; not applied yet (use --kv-cache-memory-bytes)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--instances", type=int, default=1,
+                       help="engine instances (Ray actors, a GPU each when the cluster has them) behind one endpoint "
+                       "that routes LS requests by SLO headroom and BE requests by spare capacity")
     EngineArgs.add_cli_args(serve)
     serve.set_defaults(handler=_serve)
+
+    route = commands.add_parser("router", help="one OpenAI endpoint in front of running omniserve instances")
+    route.add_argument("instance_urls", nargs="+", help="base URLs of the instances (http://host:port)")
+    route.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    route.add_argument("--port", type=int, default=8000, help="port to listen on (0: a free one)")
+    route.add_argument("--poll-interval", type=float, default=0.5, help="seconds between load polls of each instance")
+    route.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    route.set_defaults(handler=_route)
 
     from omniserve.bench.cli import add_bench_command  # here: `omniserve serve` need not import the benchmark
 

@@ -49,7 +49,8 @@ logger = logging.getLogger(__name__)
 _GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 _KEYED_PATHS = ("/v1/", "/tokenize", "/detokenize")  # /health and /metrics stay open, for probes and scrapers
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
-_STATUS_CLIENT_GONE = 499  # nginx's code for "the client closed the connection": logged, never received
+_STATUS_CLIENT_GONE = 499
+_LOAD_REPORT_PERIOD_S = 0.05  # how fresh /load is while the engine runs (the report is O(requests) to make)  # nginx's code for "the client closed the connection": logged, never received
 
 
 def build_app(engine: LLMEngine, served_model_names: list[str], api_keys: APIKeys | None = None,
@@ -62,9 +63,17 @@ def build_app(engine: LLMEngine, served_model_names: list[str], api_keys: APIKey
     completions = CompletionServing(state)
     chat = ChatServing(state)
 
+    load = {"report": engine.load_report(), "at": 0.0}  # the engine's load, as of its latest iteration
+
+    def on_iteration(engine: LLMEngine, outputs) -> None:  # on the engine thread
+        metrics.on_iteration(engine, outputs)
+        now = time.monotonic()
+        if now - load["at"] >= _LOAD_REPORT_PERIOD_S or not engine.has_unfinished_requests():
+            load["report"], load["at"] = engine.load_report(), now
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        state.async_engine = AsyncEngine(engine, on_iteration=metrics.on_iteration)
+        state.async_engine = AsyncEngine(engine, on_iteration=on_iteration)
         try:
             yield
         finally:
@@ -88,6 +97,14 @@ def build_app(engine: LLMEngine, served_model_names: list[str], api_keys: APIKey
     async def prometheus_metrics() -> Response:
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
+
+    @app.get("/load")
+    async def load_report() -> dict:
+        """This instance's load, for a router in front of several (omniserve.scaleout.router): the engine's report
+        and the class each served model name stands for (null: chosen per request)."""
+        classes = {name: None if m.service is None else m.service.service_class.value
+                   for name, m in models.by_name.items()}
+        return {**load["report"], "models": classes, "draining": state.draining}
 
     @app.get("/v1/models")
     async def list_models() -> Response:

@@ -1,0 +1,59 @@
+"""Engine instances as Ray actors: each builds an engine and serves the OpenAI API from its node (one per GPU when the
+cluster has GPUs), and the router in front of them is the endpoint clients see.
+
+    urls, actors = start_instances(EngineArgs(...), served_names, count=2)
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import asdict
+
+from omniserve.cpu_attention.remote import import_ray
+from omniserve.engine.args import EngineArgs
+
+logger = logging.getLogger(__name__)
+
+
+class EngineServer:
+    """The actor (wrapped by ray.remote in `start_instances`): one engine and its HTTP server on a free port."""
+
+    def __init__(self, args: dict, served_names: list[str], api_keys=None, drain_grace_s: float = 30.0) -> None:
+        import uvicorn
+
+        from omniserve.engine.llm_engine import LLMEngine
+        from omniserve.entrypoints.openai.api_server import build_app, listen_socket
+
+        ray = import_ray()
+        engine = LLMEngine(EngineArgs(**args))
+        app = build_app(engine, served_names, api_keys, drain_grace_s=drain_grace_s)
+        sock = listen_socket("0.0.0.0", 0)
+        self.url = f"http://{ray.util.get_node_ip_address()}:{sock.getsockname()[1]}"
+        # uvicorn runs in a thread of the actor (it leaves signals alone off the main thread); the engine has its own.
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
+        threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True).start()
+        while not self.server.started:
+            time.sleep(0.02)
+
+    def address(self) -> str:
+        return self.url
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+
+
+def start_instances(args: EngineArgs, served_names: list[str], count: int, api_keys=None,
+                    drain_grace_s: float = 30.0) -> tuple[list[str], list]:
+    """Starts `count` engine instances on the connected Ray cluster (a GPU each when it has enough, else a CPU);
+    returns their URLs and actor handles once every one serves."""
+    ray = import_ray()
+    gpus = ray.cluster_resources().get("GPU", 0)
+    resources = {"num_gpus": 1} if gpus >= count else {"num_cpus": 1}
+    actor_class = ray.remote(**resources)(EngineServer)
+    # Each instance starts its own remote CPU attention hosts, if any are asked for, from inside the cluster.
+    actors = [actor_class.remote(asdict(args), served_names, api_keys, drain_grace_s) for _ in range(count)]
+    urls = ray.get([actor.address.remote() for actor in actors])
+    logger.info("engine instances: %s", ", ".join(urls))
+    return urls, actors

@@ -1,0 +1,211 @@
+"""One OpenAI endpoint in front of several engine instances (each an `omniserve serve`, on its own GPU or server).
+
+Each instance reports its own load at `/load` (LLMEngine.load_report), which the router polls every
+`poll_interval_s`. A latency-sensitive request goes to the instance with the most SLO headroom, a best-effort one to
+the instance with the most spare KV capacity (device and host); between two reports, the requests the router has
+sent an instance count against it, so that a burst does not all land on the instance that looked best. The request's
+class is read as the instances read it: `service_tier: "flex"`, vLLM's `priority` > 0, or a model name that stands for
+a best-effort service.
+
+An instance that fails a poll, or refuses a connection, is taken out until a poll succeeds again; a request whose
+connection was refused is sent to the next instance. Bodies and responses (streams too) pass through unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import httpx
+from fastapi import FastAPI, Request
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+from starlette.background import BackgroundTask
+from starlette.responses import Response, StreamingResponse
+
+from omniserve.entrypoints.openai.errors import error_response
+
+logger = logging.getLogger(__name__)
+
+_FORWARDED_REQUEST_HEADERS = ("authorization", "content-type", "x-request-id", "accept")
+_FORWARDED_RESPONSE_HEADERS = ("content-type", "x-request-id", "retry-after")
+_LS_SLOT_COST = 1.0  # an LS request sent since the last report costs one sequence slot of headroom
+
+
+@dataclass
+class Instance:
+    url: str
+    alive: bool = False
+    report: dict = field(default_factory=dict)
+    sent_ls: int = 0  # requests sent since the last report
+    sent_be_tokens: int = 0
+
+    def ls_score(self) -> float:
+        slots = max(1, self.report.get("max_num_seqs", 256))
+        return self.report.get("ls_headroom", 0.0) - _LS_SLOT_COST * self.sent_ls / slots
+
+    def be_score(self) -> float:
+        return self.report.get("be_spare_tokens", 0) - self.sent_be_tokens
+
+
+def request_class(payload: dict, model_classes: dict[str, str | None]) -> str:
+    """"be" or "ls", as the instances will classify the request."""
+    if payload.get("service_tier") == "flex" or (isinstance(payload.get("priority"), int) and payload["priority"] > 0):
+        return "be"
+    return "be" if model_classes.get(payload.get("model")) == "be" else "ls"
+
+
+def request_tokens(payload: dict) -> int:
+    """A rough size of the request in KV tokens (prompt characters / 4 + max_tokens), to charge a BE pick with."""
+    prompt = payload.get("prompt", payload.get("messages", ""))
+    return len(json.dumps(prompt)) // 4 + int(payload.get("max_tokens") or payload.get("max_completion_tokens") or 256)
+
+
+class Router:
+    def __init__(self, urls: list[str], poll_interval_s: float = 0.5, timeout_s: float = 600.0,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        if not urls:
+            raise ValueError("the router needs at least one engine instance")
+        self.instances = [Instance(url.rstrip("/")) for url in urls]
+        self.poll_interval_s = poll_interval_s
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=5.0), transport=transport)
+        self.registry = CollectorRegistry()
+        self.routed = Counter("omniserve:router_requests", "Requests sent to each instance",
+                              ["instance", "service_class"], registry=self.registry)
+        self.live = Gauge("omniserve:router_instance_up", "1 while the instance answers its load polls",
+                          ["instance"], registry=self.registry)
+
+    # ------------------------------------------------------------------------------------------------ load
+    async def poll_once(self) -> None:
+        await asyncio.gather(*(self._poll(instance) for instance in self.instances))
+
+    async def _poll(self, instance: Instance) -> None:
+        try:
+            response = await self.client.get(f"{instance.url}/load", timeout=2.0)
+            response.raise_for_status()
+            report = response.json()
+        except (httpx.HTTPError, ValueError) as exc:
+            self._take_out(instance, f"load poll failed: {exc!r}")
+            return
+        if not instance.alive:
+            logger.info("engine instance %s is in", instance.url)
+        instance.alive = not report.get("draining", False)
+        instance.report, instance.sent_ls, instance.sent_be_tokens = report, 0, 0
+        self.live.labels(instance.url).set(int(instance.alive))
+
+    def _take_out(self, instance: Instance, why: str) -> None:
+        if instance.alive:
+            logger.warning("engine instance %s is out: %s", instance.url, why)
+        instance.alive = False
+        self.live.labels(instance.url).set(0)
+
+    async def poll_forever(self) -> None:
+        while True:
+            await self.poll_once()
+            await asyncio.sleep(self.poll_interval_s)
+
+    # ------------------------------------------------------------------------------------------------ routing
+    def model_classes(self) -> dict[str, str | None]:
+        classes: dict[str, str | None] = {}
+        for instance in self.instances:
+            classes.update(instance.report.get("models", {}))
+        return classes
+
+    def pick(self, service_class: str, exclude: set[str] = frozenset()) -> Instance | None:
+        candidates = [i for i in self.instances if i.alive and i.url not in exclude]
+        if not candidates:
+            return None
+        score = Instance.ls_score if service_class == "ls" else Instance.be_score
+        return max(candidates, key=score)
+
+    async def forward(self, request: Request, path: str) -> Response:
+        body = await request.body()
+        try:
+            payload = json.loads(body) if body else {}
+        except ValueError:
+            payload = {}  # the instance answers with the proper 400
+        payload = payload if isinstance(payload, dict) else {}
+        service_class = request_class(payload, self.model_classes())
+        headers = {k: v for k, v in request.headers.items() if k.lower() in _FORWARDED_REQUEST_HEADERS}
+        tried: set[str] = set()
+        while (instance := self.pick(service_class, tried)) is not None:
+            tried.add(instance.url)
+            upstream_request = self.client.build_request(request.method, instance.url + path, content=body,
+                                                         headers=headers, params=request.query_params)
+            try:
+                upstream = await self.client.send(upstream_request, stream=True)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                self._take_out(instance, f"connection failed: {exc!r}")
+                continue
+            if service_class == "ls":
+                instance.sent_ls += 1
+            else:
+                instance.sent_be_tokens += request_tokens(payload)
+            self.routed.labels(instance.url, service_class).inc()
+            return StreamingResponse(
+                upstream.aiter_bytes(), status_code=upstream.status_code,
+                headers={k: v for k, v in upstream.headers.items() if k.lower() in _FORWARDED_RESPONSE_HEADERS},
+                background=BackgroundTask(upstream.aclose))
+        return error_response(503, "no engine instance is available", code="no_instance",
+                              headers={"Retry-After": str(max(1, round(self.poll_interval_s)))})
+
+
+def build_router_app(router: Router) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await router.poll_once()  # know the instances before the first request
+        poller = asyncio.create_task(router.poll_forever())
+        try:
+            yield
+        finally:
+            poller.cancel()
+            await router.client.aclose()
+
+    app = FastAPI(title="omniserve router", lifespan=lifespan)
+    app.state.router = router
+
+    @app.get("/health")
+    async def health() -> Response:
+        if any(i.alive for i in router.instances):
+            return Response(status_code=200)
+        return error_response(503, "no engine instance is available", code="no_instance")
+
+    @app.get("/load")
+    async def load() -> dict:
+        return {"instances": [{"url": i.url, "alive": i.alive, **i.report} for i in router.instances]}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(router.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.api_route("/v1/{rest:path}", methods=["GET", "POST"])
+    async def openai_api(rest: str, request: Request) -> Response:
+        return await router.forward(request, f"/v1/{rest}")
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        return await router.forward(request, "/tokenize")
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        return await router.forward(request, "/detokenize")
+
+    return app
+
+
+def run_router(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Serves the router until SIGTERM or SIGINT (the instances drain on their own)."""
+    import sys
+
+    import uvicorn
+
+    from omniserve.entrypoints.openai.api_server import listen_socket
+
+    sock = listen_socket(host, port)
+    bound_host, bound_port = sock.getsockname()[:2]
+    urls = ", ".join(i.url for i in app.state.router.instances)
+    print(f"omniserve: routing to {urls} on http://{bound_host}:{bound_port}", file=sys.stderr, flush=True)
+    config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on")
+    uvicorn.Server(config).run(sockets=[sock])
