@@ -9,7 +9,13 @@ real run sent (arrival, class, prompt and output length, from its result.json) a
 measured profile and the servers' settings (one thread, 256 KV pages of 16 tokens, 512-token iterations, 2,048-token
 context, the same SLOs); LS TTFT and TPOT p50/p99 and BE tokens/s, simulated / real.
 
+CPU hosts (--hosts): BE output tokens/s of omniserve at the paper's scale (the speed experiment's setup, --duration
+simulated seconds) with 0 to 4 CPU-only hosts beside the GPU server's own CPU, as a ratio to 0 hosts, with BE decode
+placed as the engine places it by default (`auto`: offloaded when device KV runs short or the time budget leaves it
+out) and with every BE decode offloaded (`cpu`), where the CPU pool's capacity bounds BE throughput.
+
     python benchmarks/bench_simulator.py --validate bench-serving --markdown simulator.md
+    python benchmarks/bench_simulator.py --no-speed --hosts --duration 600
 """
 
 from __future__ import annotations
@@ -39,6 +45,28 @@ def speed(duration: float, policies: list[str]) -> list[str]:
         lines.append(f"| {policy} | {len(result.records)} | {result.seconds:.0f} | {summary['wall_seconds']:.1f} | "
                      f"{summary['requests_per_wall_second']:.0f} | {summary['wall_seconds'] / 120:.2f} |")
         print(experiment.one_line(summary), flush=True)
+    return lines
+
+
+def hosts_scaling(duration: float) -> list[str]:
+    loads = {"ls": ClassLoad(rate=2.0, lengths="sharegpt", max_input=4096, max_output=2048),
+             "be": ClassLoad(trace="azure-code", rate=experiment.PAPER_BE_RATE, lengths="cnn", max_input=16384,
+                             max_output=2048)}
+    lines = ["| BE decode placement | CPU hosts | BE tok/s | vs 0 hosts | LS SLO attainment | swap-outs | "
+             "busiest host's CPU pool |", "|---|---|---|---|---|---|---|"]
+    for placement in ("auto", "cpu"):
+        base_tok_s = None
+        for hosts in range(5):
+            profile = get_profile("llama-2-70b@a100x4", num_cpu_hosts=1 + hosts)
+            config = SimConfig(ls_ttft_slo=3.0, ls_tpot_slo=0.25, max_model_len=20000, be_decode_placement=placement,
+                               max_num_seqs=4096)
+            summary, _ = experiment.simulate(profile, config, loads, duration, drain=300.0)
+            be = summary["summary"].get("be", {}).get("output_throughput", 0.0)
+            ls = summary["summary"].get("ls", {}).get("slo_attainment") or 0.0
+            base_tok_s = be if base_tok_s is None else base_tok_s
+            ratio = f"{be / base_tok_s:.2f}x" if base_tok_s else "-"
+            lines.append(f"| {placement} | {hosts} | {be:.0f} | {ratio} | {ls:.1%} | "
+                         f"{summary['counters'].get('swap_outs', 0)} | {max(summary['cpu_pool_utilisation']):.0%} |")
     return lines
 
 
@@ -80,11 +108,18 @@ def main() -> None:
     parser.add_argument("--policies", default="omniserve,sarathi,llumnix,neo")
     parser.add_argument("--validate", type=Path, default=None, help="a bench_serving.py output folder")
     parser.add_argument("--profile-path", default=None, help="this machine's latency profile (default: the cache's)")
+    parser.add_argument("--hosts", action="store_true", help="BE throughput vs CPU hosts (0-4)")
+    parser.add_argument("--no-speed", action="store_true", help="skip the speed experiment")
     parser.add_argument("--markdown", type=Path, default=None)
     args = parser.parse_args()
     started = time.perf_counter()
-    lines = ["Speed, one 30-minute experiment at paper scale per policy:", ""]
-    lines += speed(args.duration, args.policies.split(","))
+    lines = []
+    if not args.no_speed:
+        lines += ["Speed, one 30-minute experiment at paper scale per policy:", ""]
+        lines += speed(args.duration, args.policies.split(","))
+    if args.hosts:
+        lines += ["", f"BE throughput vs CPU hosts, omniserve, {args.duration:.0f} simulated s:", ""]
+        lines += hosts_scaling(args.duration)
     if args.validate:
         lines += ["", f"Validation against the real runs in {args.validate}, simulated / real:", ""]
         lines += validate(args.validate, args.profile_path)

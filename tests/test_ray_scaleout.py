@@ -189,6 +189,9 @@ def test_two_engine_instances_behind_the_router(ray_cluster, tiny):
 
         await router.poll_once()
         assert all(i.alive for i in router.instances)
+        report = router.instances[0].report  # the instance's own /load
+        assert report["models"] == {"tiny": None, "tiny-batch": "be"} and report["ls_headroom"] == 1.0
+        assert report["be_spare_tokens"] > 0 and report["running"] == report["waiting"] == 0
         texts = {(await complete()).json()["choices"][0]["text"] for _ in range(4)}
         texts |= {(await complete("flex")).json()["choices"][0]["text"] for _ in range(4)}
         assert len(texts) == 1  # the same greedy completion from either instance

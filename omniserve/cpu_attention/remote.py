@@ -136,7 +136,7 @@ class RemoteHost:
 
     def kill(self) -> None:
         if not self.dead:
-            self.ray.kill(self.actor)
+            _kill(self.ray, self.actor)
         self.dead = True
 
 
@@ -203,5 +203,16 @@ class RemoteHosts:
         for host in self.hosts:
             host.kill()
         for actor, _, _ in self._starting:
-            self.ray.kill(actor)
+            _kill(self.ray, actor)
         self.hosts, self._starting = [], []
+
+
+def _kill(ray, actor) -> None:
+    """Ends an actor. Once this process has left Ray (at exit, say) there is nothing to do: actors end with the job
+    that owns them, and calling Ray then would only start a new session."""
+    if not ray.is_initialized():
+        return
+    try:
+        ray.kill(actor)
+    except ray.exceptions.RayError:
+        pass
