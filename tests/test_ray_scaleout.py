@@ -23,7 +23,7 @@ def tokens(outputs):
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A local Ray instance on loopback for the session: starting one costs seconds, so tests share it."""
-    ray.init(num_cpus=8, object_store_memory=100 * 2**20, include_dashboard=False, log_to_driver=False,
+    ray.init(num_cpus=8, resources={"omniserve_cpu_host": 1}, object_store_memory=100 * 2**20, include_dashboard=False, log_to_driver=False,
              logging_level="ERROR")
     yield ray
     ray.shutdown()
@@ -70,6 +70,12 @@ def test_offloaded_requests_on_two_remote_hosts_give_device_tokens(ray_cluster, 
     traffic = pool.remote_traffic()
     assert traffic["messages"] > 0 and traffic["bytes_sent"] > 0 and traffic["bytes_received"] > 0
     assert pool.num_requests == 0 and pool.host_kv_bytes() == 0  # every host's KV freed
+
+
+def test_auto_mode_starts_a_host_on_each_node_offering_the_resource(ray_cluster, tiny, make_llm):
+    llm = make_llm(tiny, dtype="float64", block_size=4, be_decode_placement="cpu", cpu_attention_hosts="auto")
+    hosts = llm.engine.cpu_pool.remote_hosts
+    assert len(hosts) == 1 and hosts[0].node_id == ray.get_runtime_context().get_node_id()
 
 
 def test_killed_host_loses_no_request(ray_cluster, tiny, reference, make_llm):

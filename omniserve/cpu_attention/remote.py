@@ -152,10 +152,12 @@ class RemoteHosts:
         self._starting: list[tuple[object, object, str | None]] = []  # (actor, describe() ref, node id)
         self._next_discovery = 0.0
         self.hosts: list[RemoteHost] = []
-        if config.count != "auto":
+        if config.count == "auto":
+            self.poll()  # starts an actor on every host node there is now
+        else:
             for _ in range(int(config.count)):
                 self._start(None)
-            self.wait_started()
+        self.wait_started()
 
     def _start(self, node_id: str | None) -> None:
         options = {"scheduling_strategy": "SPREAD"}
