@@ -323,7 +323,7 @@ class LLMEngine:
         scheduler, max_seqs = self.scheduler, self.scheduler_config.max_num_seqs
         ls_waiting = sum(1 for r in scheduler.waiting if not r.is_best_effort)
         be_waiting_tokens = sum(r.num_tokens + r.max_tokens for r in scheduler.waiting if r.is_best_effort)
-        budget = scheduler._time_budget()
+        budget = scheduler.time_budget()
         time_headroom = 1.0
         if budget and self.last_iteration is not None and scheduler.running:
             time_headroom = 1.0 - self.last_iteration.seconds / budget

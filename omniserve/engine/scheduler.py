@@ -198,7 +198,7 @@ class Scheduler:
     def _is_ls(self, request: Request) -> bool:
         return not self.policy.classes or not request.is_best_effort
 
-    def _time_budget(self) -> float | None:
+    def time_budget(self) -> float | None:
         """The share of the tightest TPOT SLO among running LS requests (else of the default one) that an iteration
         is planned to fill; the rest absorbs the latency model's error."""
         if not self.policy.time_budget or self.latency_model is None:
@@ -210,7 +210,7 @@ class Scheduler:
     def schedule(self) -> IterationPlan:
         self.iteration += 1
         self._preempted = False
-        batch = _Batch(self.latency_model, self.num_layers, self._time_budget(), self.config.max_num_batched_tokens,
+        batch = _Batch(self.latency_model, self.num_layers, self.time_budget(), self.config.max_num_batched_tokens,
                        self.time_correction)
         scheduled: dict[str, int] = {}  # request id -> tokens this iteration (dicts keep insertion order)
         rejected: list[str] = []

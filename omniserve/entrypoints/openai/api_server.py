@@ -49,8 +49,8 @@ logger = logging.getLogger(__name__)
 _GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 _KEYED_PATHS = ("/v1/", "/tokenize", "/detokenize")  # /health and /metrics stay open, for probes and scrapers
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
-_STATUS_CLIENT_GONE = 499
-_LOAD_REPORT_PERIOD_S = 0.05  # how fresh /load is while the engine runs (the report is O(requests) to make)  # nginx's code for "the client closed the connection": logged, never received
+_STATUS_CLIENT_GONE = 499  # nginx's code for "the client closed the connection": logged, never received
+_LOAD_REPORT_PERIOD_S = 0.05  # how fresh /load is while the engine runs (the report is O(requests) to make)
 
 
 def build_app(engine: LLMEngine, served_model_names: list[str], api_keys: APIKeys | None = None,
