@@ -7,37 +7,17 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="scale-out needs Ray (pip install 'omniserve[ray]')")
 
-from omniserve.sampling.params import SamplingParams  # noqa: E402
-
-PROMPTS = [[7, 8, 9], list(range(100, 141)), [500 + i for i in range(17)], [3] * 29, [42, 43]]
-
-
-def greedy(service_class: str = "ls", max_tokens: int = 16) -> SamplingParams:
-    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, service_class=service_class)
-
-
-def tokens(outputs):
-    return [o.outputs[0].token_ids for o in outputs]
+# The workload and the device-only reference of the piggybacking tests: remote hosts must give the same tokens.
+from test_piggyback import PROMPTS, greedy, reference, tiny, tokens  # noqa: E402, F401 (fixtures)
 
 
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A local Ray instance on loopback for the session: starting one costs seconds, so tests share it."""
-    ray.init(num_cpus=8, resources={"omniserve_cpu_host": 1}, object_store_memory=100 * 2**20, include_dashboard=False, log_to_driver=False,
-             logging_level="ERROR")
+    ray.init(num_cpus=8, resources={"omniserve_cpu_host": 1}, object_store_memory=100 * 2**20,
+             include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     yield ray
     ray.shutdown()
-
-
-@pytest.fixture
-def tiny(tiny_model_dirs):
-    return tiny_model_dirs["llama"][0]
-
-
-@pytest.fixture
-def reference(tiny, make_llm):
-    llm = make_llm(tiny, dtype="float64", block_size=4, be_decode_placement="device")
-    return tokens(llm.generate(PROMPTS, greedy(), use_tqdm=False))
 
 
 def remote_llm(make_llm, tiny):
@@ -207,8 +187,12 @@ def test_two_engine_instances_behind_the_router(ray_cluster, tiny):
                   for metric in router.registry.collect() if metric.name == "omniserve:router_requests"
                   for s in metric.samples if s.name.endswith("_total")}
         assert {url for url, _ in routed} == set(urls)  # both instances served requests
-        ray.kill(actors[0])
-        await router.poll_once()
+        ray.kill(actors[0])  # returns at once: the actor's process ends a moment later
+        for _ in range(100):
+            await router.poll_once()
+            if not router.instances[0].alive:
+                break
+            await asyncio.sleep(0.1)
         assert [i.alive for i in router.instances] == [False, True]
         for tier in (None, "flex", None):
             await complete(tier)  # all to the live instance
