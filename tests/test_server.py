@@ -551,3 +551,38 @@ def test_default_model_chat_through_the_server(default_llm):
         assert streamed == whole
     finally:
         running.stop()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the engine thread's own error
+def test_a_failed_engine_stops_the_server_with_status_1(tiny_chat_model, capsys):
+    """The engine thread breaks: the request gets 503, and `run_server` stops and exits with status 1."""
+    from omniserve.entrypoints.openai.api_server import run_server
+
+    engine = LLMEngine(model=tiny_chat_model, block_size=4, be_decode_placement="device")
+
+    def broken_step():
+        raise RuntimeError("device lost")
+
+    engine.step = broken_step
+    app = build_app(engine, ["tiny"])
+    exit_status = []
+
+    def serve() -> None:
+        try:
+            run_server(app, "127.0.0.1", 0, log_level="warning")
+        except SystemExit as exc:
+            exit_status.append(exc.code)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while "on http://" not in (err := capsys.readouterr().err) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    url = err.split(" on ")[-1].strip()
+    while app.state.server.async_engine is None:
+        time.sleep(0.01)
+    response = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": PROMPT, "max_tokens": 4},
+                          timeout=30)
+    assert response.status_code == 503 and response.json()["error"]["code"] == "engine_dead"
+    thread.join(30)
+    assert not thread.is_alive() and exit_status and exit_status[0] not in (0, None)

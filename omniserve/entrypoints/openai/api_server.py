@@ -9,6 +9,9 @@ writes chunks, and every request reads its own output queue, so one slow client 
 SIGTERM (or Ctrl-C) drains: the listening socket closes, new requests on open connections get 503 with Retry-After,
 requests in flight run to their end, and those still running after the grace period are cancelled, which aborts them
 in the engine and frees their memory. Then the engine stops and the process exits with status 0.
+
+If the engine itself fails, the requests in flight get 503 (`engine_dead`), the server stops, and the process exits
+with status 1, so that a supervisor (systemd, Kubernetes) restarts it instead of leaving a server that answers 503.
 """
 
 from __future__ import annotations
@@ -263,12 +266,23 @@ class RequestContextMiddleware:
 
 # ------------------------------------------------------------------------------------------------------ running
 class _DrainingServer(uvicorn.Server):
-    """uvicorn's server, except that SIGTERM/SIGINT first puts the app in draining mode, and that after the drain the
-    process exits normally (status 0) instead of re-raising the signal."""
+    """uvicorn's server, except that SIGTERM/SIGINT first puts the app in draining mode, that after the drain the
+    process exits normally (status 0) instead of re-raising the signal, and that it stops when the engine dies."""
 
     def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
         super().__init__(config)
         self._state = state
+        self.engine_failed = False
+
+    async def on_tick(self, counter: int) -> bool:
+        """Every 0.1 s: a server whose engine died on its own stops, so that its supervisor can restart it (the
+        process then exits with status 1)."""
+        engine = self._state.async_engine
+        if engine is not None and not engine.alive and not self._state.draining and not self.engine_failed:
+            logger.critical("the engine stopped; the server exits so that it can be restarted")
+            self.engine_failed = True
+            self.should_exit = True
+        return await super().on_tick(counter)
 
     def handle_exit(self, sig: int, frame) -> None:
         if not self._state.draining:
@@ -308,3 +322,5 @@ def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_leve
     print(f"omniserve: serving {', '.join(state.models.by_name)} on http://{bound_host}:{bound_port}",
           file=sys.stderr, flush=True)
     server.run(sockets=[sock])
+    if server.engine_failed:
+        sys.exit("omniserve: the engine failed (see the log above)")
