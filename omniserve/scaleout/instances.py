@@ -11,6 +11,7 @@ import threading
 import time
 from dataclasses import asdict
 
+from omniserve.config import ConfigError
 from omniserve.cpu_attention.remote import import_ray
 from omniserve.engine.args import EngineArgs
 
@@ -49,8 +50,12 @@ def start_instances(args: EngineArgs, served_names: list[str], count: int, api_k
     """Starts `count` engine instances on the connected Ray cluster (a GPU each when it has enough, else a CPU);
     returns their URLs and actor handles once every one serves."""
     ray = import_ray()
-    gpus = ray.cluster_resources().get("GPU", 0)
+    cluster = ray.cluster_resources()
+    gpus, cpus = cluster.get("GPU", 0), cluster.get("CPU", 0)
     resources = {"num_gpus": 1} if gpus >= count else {"num_cpus": 1}
+    if gpus < count and cpus < count:  # the actors would wait for resources forever, without a word
+        raise ConfigError(f"{count} engine instances need {count} GPUs or CPUs; the Ray cluster has {gpus:g} GPUs "
+                          f"and {cpus:g} CPUs")
     actor_class = ray.remote(**resources)(EngineServer)
     # Each instance starts its own remote CPU attention hosts, if any are asked for, from inside the cluster.
     actors = [actor_class.remote(asdict(args), served_names, api_keys, drain_grace_s) for _ in range(count)]
