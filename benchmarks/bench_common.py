@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import platform
 import random
 import statistics
 import subprocess
@@ -65,6 +66,16 @@ def percentile(values: list[float], q: float) -> float:
     low = math.floor(pos)
     high = min(low + 1, len(ordered) - 1)
     return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def cpu_model() -> str:
+    """The CPU's model name, for the machine line of a report."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
+                        platform.processor())
+    except OSError:
+        return platform.processor()
 
 
 def git_revision() -> str:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from bench_common import load_prompts, spread
+from bench_common import cpu_model, load_prompts, spread
 from omniserve import LLM, SamplingParams
 from omniserve.models.linear import linear
 from omniserve.models.loader import default_model_path
@@ -194,8 +194,7 @@ def main() -> None:
     columns = {k: v for k, v in columns.items() if k in rows[0]}
     widths = {k: max(len(v), *(len(str(r[k])) for r in rows)) for k, v in columns.items()}
     command = shlex.join(["python", *sys.argv])
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
+    cpu = cpu_model()
     info = [
         f"command: `{command}`",
         f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__} with {threads} threads, "

@@ -51,7 +51,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench_common import (
-    SHAREGPT_2978, git_revision, percentile, proc_cpu_seconds, shuffled_texts, side_thread_cpu_seconds, spread,
+    SHAREGPT_2978, cpu_model, git_revision, percentile, proc_cpu_seconds, shuffled_texts,
+    side_thread_cpu_seconds, spread,
 )
 
 PLACEMENTS = ("device", "cpu")
@@ -451,8 +452,7 @@ def main() -> None:
     }
 
     command = shlex.join(["python", *sys.argv])
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
+    cpu = cpu_model()
     source = "ShareGPT first turns" if texts is not None and llm0.tokenizer is not None else "random token ids"
     info = [
         f"command: `{command}` (omniserve at commit {git_revision()})",

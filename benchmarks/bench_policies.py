@@ -72,7 +72,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench_common import (
-    SHAREGPT_500, git_revision, percentile, proc_cpu_seconds, shuffled_texts, side_thread_cpu_seconds, spread,
+    SHAREGPT_500, cpu_model, git_revision, percentile, proc_cpu_seconds, shuffled_texts,
+    side_thread_cpu_seconds, spread,
 )
 
 POLICIES = ("fcfs", "sarathi", "llumnix", "neo", "omniserve")  # fcfs first: the baseline of the BE ratio
@@ -692,8 +693,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
 
     command = shlex.join(["python", *sys.argv])
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
+    cpu = cpu_model()
     info = [
         f"command: `{command}` (omniserve at commit {git_revision()})",
         f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, python {platform.python_version()}; "

@@ -48,7 +48,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from bench_common import load_prompts, proc_cpu_seconds, spread
+from bench_common import cpu_model, load_prompts, proc_cpu_seconds, spread
 from omniserve.engine.async_engine import AsyncEngine
 from omniserve.engine.llm_engine import LLMEngine
 from omniserve.sampling.params import SamplingParams
@@ -279,8 +279,7 @@ def main() -> None:
     rows = [[names[k], spread(a[k]), spread(b[k]), spread([y / x for x, y in zip(a[k], b[k])]) + "x"] for k in names]
     header = ["metric", "in-process (AsyncEngine)", "server (HTTP, SSE)", "server/in-process"]
     widths = [max(len(header[i]), *(len(r[i]) for r in rows)) for i in range(4)]
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
+    cpu = cpu_model()
     info = [
         f"command: `{shlex.join(['python', *sys.argv])}`",
         f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__} with {threads} threads, python "
