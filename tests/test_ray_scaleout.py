@@ -58,6 +58,17 @@ def test_auto_mode_starts_a_host_on_each_node_offering_the_resource(ray_cluster,
     assert len(hosts) == 1 and hosts[0].node_id == ray.get_runtime_context().get_node_id()
 
 
+def test_bad_scale_out_settings_are_clear_errors(ray_cluster, tiny, make_llm):
+    from omniserve.config import ConfigError
+    from omniserve.engine.args import EngineArgs
+    from omniserve.scaleout.instances import start_instances
+
+    with pytest.raises(ConfigError, match="number of hosts or `auto`"):
+        make_llm(tiny, be_decode_placement="cpu", cpu_attention_hosts="two")
+    with pytest.raises(ConfigError, match="9 engine instances need 9 GPUs or CPUs"):
+        start_instances(EngineArgs(model=tiny), ["tiny"], count=9)  # the session's cluster has 8 CPUs
+
+
 def test_killed_host_loses_no_request(ray_cluster, tiny, reference, make_llm):
     engine = remote_llm(make_llm, tiny).engine
     pool = engine.cpu_pool

@@ -58,9 +58,9 @@ def available_memory_bytes() -> int:
 class AttentionHost:
     """The actor (wrapped by ray.remote in `start_host`): a host's share of the CPU attention pool."""
 
-    def __init__(self, threads: int, memory_bytes: int | None, simulated_delay_s: float = 0.0) -> None:
+    def __init__(self, threads: int, memory_bytes: int | None) -> None:
         torch.set_num_threads(threads)
-        self.store = AttentionStore(simulated_delay_s)
+        self.store = AttentionStore()
         # Host KV may take this much; by default most of what the host has free when the actor starts.
         self.memory_bytes = memory_bytes if memory_bytes is not None else int(0.8 * available_memory_bytes())
 
@@ -79,8 +79,6 @@ class RemoteHostsConfig:
     """torch threads (and Ray CPUs) per actor."""
     memory_bytes: int | None = None
     """Host KV each actor may hold; None: 80% of its host's available memory."""
-    simulated_delay_s: float = 0.0
-    """Extra seconds per attention batch: fault injection for tests."""
 
 
 class RemoteHost:
@@ -118,7 +116,8 @@ class RemoteHost:
                 reply = self.ray.get(ref)
             except self.ray.exceptions.RayError as exc:
                 logger.error("CPU attention host %s failed: %s", self.name, exc)
-                self.dead, self._pending = True, []
+                self.kill()  # an actor that is still up (the call failed, not the host) must not keep the KV
+                self._pending = []
                 break
             if reply is None:
                 continue
@@ -164,8 +163,7 @@ class RemoteHosts:
         if node_id is not None:
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
             options = {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=False)}
-        actor = self._actor_class.options(**options).remote(
-            self.config.threads, self.config.memory_bytes, self.config.simulated_delay_s)
+        actor = self._actor_class.options(**options).remote(self.config.threads, self.config.memory_bytes)
         self._starting.append((actor, actor.describe.remote(), node_id))
 
     def wait_started(self, timeout_s: float = 120.0) -> None:

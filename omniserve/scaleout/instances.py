@@ -41,9 +41,6 @@ class EngineServer:
     def address(self) -> str:
         return self.url
 
-    def stop(self) -> None:
-        self.server.should_exit = True
-
 
 def start_instances(args: EngineArgs, served_names: list[str], count: int, api_keys=None,
                     drain_grace_s: float = 30.0) -> tuple[list[str], list]:
