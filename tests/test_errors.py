@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from omniserve.config import ConfigError
@@ -90,3 +92,32 @@ def test_cpu_attention_pool_settings_are_validated(tiny_model_dirs, make_llm):
         make_llm(tiny_model_dirs["llama"][0], cpu_attention_workers=0)
     with pytest.raises(ConfigError, match="be_decode_placement"):
         make_llm(tiny_model_dirs["llama"][0], be_decode_placement="gpu")
+
+
+def test_failed_iteration_that_started_swap_outs_frees_them(tiny_model_dirs, make_llm, monkeypatch):
+    """The runner copies a plan's swap-outs before its forward pass; if the pass then fails, the requests being
+    swapped out fail too and give back their device pages and host KV, so offline generation ends."""
+    llm = make_llm(tiny_model_dirs["llama"][0], max_model_len=64, block_size=4, be_decode_placement="cpu")
+    engine = llm.engine
+    real_execute = engine.runner.execute
+    failed_with_swaps = []
+
+    def fails_after_swapping(plan):
+        if plan.swap_outs and not failed_with_swaps:
+            engine.runner._swap_out(plan.swap_outs)  # the copy happens, then the device faults
+            failed_with_swaps.append([t.request_id for t in plan.swap_outs])
+            raise RuntimeError("simulated device fault after the swap-outs started")
+        return real_execute(plan)
+
+    monkeypatch.setattr(engine.runner, "execute", fails_after_swapping)
+    be = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, service_class="be")
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(out=llm.generate([[3, 4, 5], [6, 7]], be, use_tqdm=False)),
+                              daemon=True)
+    worker.start()
+    worker.join(timeout=120)  # it used to spin forever
+    assert not worker.is_alive(), "generation hung after a failed iteration with swap-outs"
+    assert failed_with_swaps
+    reasons = {o.request_id: o.outputs[0].finish_reason for o in result["out"]}
+    assert sorted(reasons.values()).count("error") == len(failed_with_swaps[0])
+    assert engine.allocator.num_used == 0 and engine.cpu_pool.host_kv_bytes() == 0

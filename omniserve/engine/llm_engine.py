@@ -244,8 +244,11 @@ class LLMEngine:
         try:
             output = self.runner.execute(plan)
         except Exception:  # a failed iteration fails its requests, never the engine
-            logger.exception("iteration failed; failing its %d requests", len(plan.request_ids))
-            for request_id in plan.request_ids:
+            # The runner may have started the plan's swaps before it failed: their requests are in an unknown state
+            # (pages half copied, exports requested), so they fail too, and release frees whatever was started.
+            failed = plan.touched_request_ids
+            logger.exception("iteration failed; failing its %d requests", len(failed))
+            for request_id in failed:
                 self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ERROR)
             output = RunnerOutput()
         self.last_iteration = IterationStats(plan, time.perf_counter() - started)
@@ -262,7 +265,7 @@ class LLMEngine:
             group = self._group_of[request.request_id]
             self._emit_tokens(group.completions[self._index_in(group, request)])
             touched[group.request_id] = group
-        for request_id in plan.request_ids + plan.rejected:
+        for request_id in plan.touched_request_ids + plan.rejected:
             group = self._group_of.get(request_id)  # requests that ended without a token (errors, rejections)
             if group is not None and group.finished:
                 touched[group.request_id] = group

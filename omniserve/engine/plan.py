@@ -78,6 +78,12 @@ class IterationPlan:
         )
 
     @property
+    def touched_request_ids(self) -> list[str]:
+        """request_ids plus the requests whose KV this iteration moves (swap-outs, swap-ins); no duplicates."""
+        moved = [t.request_id for t in self.swap_outs + self.swap_ins]
+        return list(dict.fromkeys(self.request_ids + moved))
+
+    @property
     def empty(self) -> bool:
         return not (self.chunks or self.offloaded_starts or self.returning or self.swap_outs or self.swap_ins)
 
