@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -15,7 +17,7 @@ from omniserve.profiler import (
     BatchShape, LatencyModel, LinearModel, PiecewiseLinear, batch_shape_of_chunks, prefill_interactions,
 )
 from omniserve.profiler import profiler
-from omniserve.profiler.profiler import bisect_piecewise, load_or_profile, nondecreasing, profile_model
+from omniserve.profiler.profiler import ProfileError, bisect_piecewise, load_or_profile, nondecreasing, profile_model
 
 CPU = torch.device("cpu")
 
@@ -220,3 +222,36 @@ def test_profile_cli_writes_a_profile(tiny_model_dirs, one_thread, tmp_path, cap
     assert not profiled and f"loaded from {output}" in capsys.readouterr().out
     cli.main(args + ["--force", "--be-decode-placement", "device"])
     assert len(profiled) == 1 and profiled[0]["pool_config"] is None and profiled[0]["max_num_tokens"] == 64
+
+
+def _with_error(latency: LatencyModel, median: float) -> LatencyModel:
+    return replace(latency, accuracy={name: {**a, "median_rel_error": median} for name, a in latency.accuracy.items()})
+
+
+def test_an_implausible_profile_is_measured_again_then_refused(tiny_llama, one_thread, tmp_path, monkeypatch, caplog):
+    """A profile whose held-out error says its own measurements disagree (taken while another job used the cores)
+    is measured again; if it never becomes plausible, the engine is refused with a message saying what to do."""
+    good = profile_model(tiny_llama, CPU, torch.float32, **PROFILE_SETTINGS)
+    attempts = []
+    answers = [_with_error(good, 4.4), _with_error(good, 0.03)]  # busy, then quiet again
+    monkeypatch.setattr(profiler, "profile_model", lambda *a, **k: attempts.append(1) or answers[len(attempts) - 1])
+    target = tmp_path / "profile.json"
+    with caplog.at_level(logging.WARNING):
+        latency = load_or_profile(tiny_llama, CPU, torch.float32, model_name="tiny", path=str(target),
+                                  **PROFILE_SETTINGS)
+    assert len(attempts) == 2 and latency.accuracy["dense"]["median_rel_error"] == 0.03
+    assert "implausible" in caplog.text
+    # A cached profile that is implausible is not used as it is either: it is measured again.
+    target.write_text(_with_error(good, 4.4).to_json())
+    attempts.clear()
+    answers[:] = [_with_error(good, 0.05)]
+    assert load_or_profile(tiny_llama, CPU, torch.float32, model_name="tiny", path=str(target),
+                           **PROFILE_SETTINGS).accuracy["dense"]["median_rel_error"] == 0.05
+    assert len(attempts) == 1
+    # Never plausible: a clear refusal, nothing written.
+    target.unlink()
+    attempts.clear()
+    monkeypatch.setattr(profiler, "profile_model", lambda *a, **k: attempts.append(1) or _with_error(good, 4.4))
+    with pytest.raises(ProfileError, match="could not be measured reliably.*440%.*--profile-path"):
+        load_or_profile(tiny_llama, CPU, torch.float32, model_name="tiny", path=str(target), **PROFILE_SETTINGS)
+    assert len(attempts) == 3 and not target.exists()

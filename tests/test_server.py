@@ -437,8 +437,9 @@ def test_grace_period_over_aborts_what_is_left(tiny_chat_model):
 # ------------------------------------------------------------------------------------- service classes, keys
 @pytest.fixture(scope="module")
 def slo_server(tiny_chat_model, tmp_path_factory):
-    """A chat service whose TTFT SLO the (made-up, very slow) latency profile says can never be met, and a batch
-    service: every chat request is rejected at admission, batch requests run."""
+    """A chat service whose TTFT SLO (10 us) no device meets, and a batch service: every chat request is rejected at
+    admission (once the engine has measured the device: the profile, 10 s per layer, is far off), batch requests
+    run."""
     from dataclasses import replace
 
     from test_slo_scheduler import MODEL  # the scheduler tests' latency model of chosen numbers, in its current form
@@ -446,9 +447,9 @@ def slo_server(tiny_chat_model, tmp_path_factory):
     from omniserve.profiler.latency_model import PiecewiseLinear
 
     folder = tmp_path_factory.mktemp("slo")
-    profile = replace(MODEL, dense=PiecewiseLinear((0.0, 1000.0), (10.0, 20.0)))  # 10 s per layer: hopeless
+    profile = replace(MODEL, dense=PiecewiseLinear((0.0, 1000.0), (10.0, 20.0)))  # 10 s per layer: measured away
     (folder / "profile.json").write_text(profile.to_json())
-    (folder / "services.toml").write_text('[services.chat]\nclass = "ls"\nttft_slo = 0.5\n\n'
+    (folder / "services.toml").write_text('[services.chat]\nclass = "ls"\nttft_slo = 0.00001\n\n'
                                           '[services.batch]\nclass = "be"\n')
     with serving(tiny_chat_model, services=str(folder / "services.toml"), profile_path=str(folder / "profile.json"),
                  be_decode_placement="device") as running:
@@ -458,7 +459,7 @@ def slo_server(tiny_chat_model, tmp_path_factory):
 def test_named_services_are_model_names(slo_server):
     cards = {m.id: m.model_extra for m in slo_server.client().models.list().data}
     assert set(cards) == {"tiny", "tiny-chat", "tiny-batch"}
-    assert (cards["tiny-chat"]["service_class"], cards["tiny-chat"]["ttft_slo"]) == ("ls", 0.5)
+    assert (cards["tiny-chat"]["service_class"], cards["tiny-chat"]["ttft_slo"]) == ("ls", 1e-05)
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -475,6 +476,9 @@ def test_rejected_ls_request_gets_429_with_retry_after(slo_server, stream):
     with pytest.raises(openai.BadRequestError, match="latency-sensitive"):
         client.completions.create(model="tiny-chat", prompt=PROMPT, extra_body={"service_tier": "flex"})
     slo_server.wait_idle()
+    metrics = httpx.get(slo_server.url + "/metrics").text  # an operator sees that admission turns everything away
+    rejected_in_a_row = next(line for line in metrics.splitlines() if line.startswith("omniserve:ls_rejected_in_a_row"))
+    assert float(rejected_in_a_row.split()[-1]) >= 1
 
 
 def test_api_keys(tiny_chat_model, tmp_path):

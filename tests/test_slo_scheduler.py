@@ -3,6 +3,7 @@ moves, and a runner that is plain data (CPU results come back by the next iterat
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -344,3 +345,33 @@ def test_measured_iteration_times_correct_later_plans():
     assert plan.predicted_time <= plan.time_budget  # the corrected prediction is what must fit
     uncorrected = plan.predicted_time / scheduler.time_correction
     assert uncorrected <= plan.time_budget / 1.5 * 1.01
+
+
+def test_admission_that_rejects_everything_says_so(caplog):
+    scheduler = make()
+    with caplog.at_level(logging.WARNING, logger="omniserve.engine.scheduler"):
+        for i in range(12):
+            add(scheduler, f"hopeless{i}", 10, ttft=1e-6)
+            step(scheduler)
+    assert scheduler.ls_rejected_in_a_row == 12 == scheduler.num_rejected
+    assert "rejected the last 10 LS requests and admitted none" in caplog.text
+    add(scheduler, "fine", 10, ttft=1.0)
+    step(scheduler)
+    assert scheduler.ls_rejected_in_a_row == 0
+
+
+def test_the_correction_follows_a_profile_far_off_and_ignores_one_odd_iteration():
+    clock = Clock()
+    scheduler = make(clock=clock)
+    add(scheduler, "long", 900, max_tokens=100)
+    for _ in range(10):  # the device is 20x faster than profiled (the profile was taken on a busy machine)
+        plan = step(scheduler)
+        scheduler.observe(plan, plan.predicted_time / scheduler.time_correction / 20)
+    assert scheduler.time_correction == pytest.approx(1 / 20)
+    plan = step(scheduler)
+    scheduler.observe(plan, 100 * plan.predicted_time)  # a GC pause
+    assert scheduler.time_correction == pytest.approx(1 / 20)
+    clock.now += 60  # a minute later the old measurements no longer vote: the first new one decides
+    plan = step(scheduler)
+    scheduler.observe(plan, 2 * plan.predicted_time / scheduler.time_correction)
+    assert scheduler.time_correction == pytest.approx(2.0)

@@ -19,7 +19,7 @@ from omniserve.cpu_attention import CPUAttentionPool, PoolConfig
 from omniserve.cpu_attention.remote import RemoteHosts, RemoteHostsConfig, connect_ray
 from omniserve.engine.args import EngineArgs
 from omniserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from omniserve.engine.plan import IterationPlan, RunnerOutput
+from omniserve.engine.plan import IterationPlan, RunnerOutput, ScheduledChunk
 from omniserve.engine.policy import POLICY_TABLE
 from omniserve.engine.request import Request, RequestStatus
 from omniserve.engine.runner import ModelRunner
@@ -121,13 +121,14 @@ class LLMEngine:
         self.latency_model = self._latency_model(loaded, cache.page_size, pool_config)
         self.scheduler = Scheduler(
             self.scheduler_config, self.page_table, loaded.config.eos_token_ids, loaded.config.num_layers,
-            self.latency_model, default_tpot_slo=self.services.tightest_tpot_slo,
+            self.latency_model, default_tpot_slo=self.services.tightest_tpot_slo, calibrates=True,
         )
         self.cpu_pool = None
         if pool_config is not None:
             self.cpu_pool = CPUAttentionPool(pool_config, _remote_hosts(args))  # local workers start on first offload
             weakref.finalize(self, self.cpu_pool.shutdown)  # workers end with the engine, not only with the process
         self.runner = ModelRunner(loaded.model, self.pool, self.device, self.cpu_pool)
+        self.calibrate()
         self.last_iteration: IterationStats | None = None
         self._groups: dict[str, _RequestGroup] = {}
         self._group_of: dict[str, _RequestGroup] = {}  # scheduler request id -> its group
@@ -150,6 +151,37 @@ class LLMEngine:
             path=self.args.profile_path, max_num_tokens=self.scheduler_config.max_num_batched_tokens,
             max_context=self.scheduler_config.max_model_len, page_size=page_size, pool_config=pool_config,
         )
+
+    def calibrate(self) -> None:
+        """Times a few scratch iterations (a short prefill, then decodes) on the device and gives them to the
+        scheduler's correction, so that admission judges by how fast the device is now, not only by the profile
+        (which may be old, or taken while the machine was busier). Runs at start, and when the scheduler asks:
+        an LS request that would be rejected on an idle device whose measurements are old."""
+        self.scheduler.calibration_wanted = False
+        if self.latency_model is None:
+            return
+        scratch, length = "calibration", max(1, min(16, self.scheduler_config.max_model_len - 4))
+        decodes = 3
+        if not self.page_table.can_grow(scratch, length + decodes):
+            return  # no free pages: the device is not idle, and its iterations are measured anyway
+        self.page_table.grow(scratch, length + decodes)
+        page_ids = self.page_table.pages(scratch)
+        vocab, greedy = self.model_config.vocab_size, SamplingParams(temperature=0.0)
+        prompt = [3 + i % max(1, vocab - 3) for i in range(length)]
+        prefill = ScheduledChunk(scratch, prompt, 0, page_ids, True, greedy, 0)
+        steps = [prefill, prefill] + [ScheduledChunk(scratch, [prompt[-1]], length + i, page_ids, True, greedy, i + 1)
+                                      for i in range(decodes)]
+        try:
+            for index, chunk in enumerate(steps):
+                plan = IterationPlan(chunks=[chunk], predicted_time=self.scheduler.predicted_time([chunk]))
+                started = time.perf_counter()
+                self.runner.execute(plan)
+                if index:  # the first is a warm-up: lazy allocations, cold caches
+                    self.scheduler.observe(plan, time.perf_counter() - started)
+        finally:
+            self.page_table.release(scratch)
+        logger.info("latency model calibrated on %d scratch iterations: this device runs at %.2fx the profile's "
+                    "times", len(steps) - 1, self.scheduler.time_correction)
 
     # ------------------------------------------------------------------------------------------------ intake
     def tokenize(self, prompt: str | list[int]) -> list[int]:
@@ -271,6 +303,8 @@ class LLMEngine:
                 touched[group.request_id] = group
         outputs = [self._output(group) for group in touched.values()]
         self.runner.release(self.scheduler.take_released())
+        if self.scheduler.calibration_wanted:
+            self.calibrate()
         return outputs
 
     @staticmethod

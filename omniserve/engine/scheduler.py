@@ -20,12 +20,16 @@ that has not been scheduled this iteration is preempted (BE before LS): its page
 front of the queue, to be recomputed from its tokens. Without a latency model (no SLO set) there is no time budget:
 only the token budget (`max_num_batched_tokens`), the sequence limit and the pages bound an iteration. Predictions
 are scaled by the recent ratio of measured to predicted iteration times (`observe`), so that a machine that drifted
-from its profile still gets iterations that fit.
+from its profile still gets iterations that fit; and an LS request that would be rejected on an idle device whose
+measurements are old waits until the engine has measured the device again (`calibration_wanted`), so that a stale
+profile or correction never turns away what the device can serve.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import statistics
 import time
 from collections import deque
 from dataclasses import replace
@@ -36,10 +40,15 @@ from omniserve.engine.plan import IterationPlan, KVTransfer, OffloadedToken, Run
 from omniserve.engine.policy import POLICY_TABLE
 from omniserve.engine.request import Placement, Request, RequestStatus
 from omniserve.kv_cache import PageTable
-from omniserve.profiler.latency_model import BatchShape, LatencyModel, prefill_interactions
+from omniserve.profiler.latency_model import BatchShape, LatencyModel, batch_shape_of_chunks, prefill_interactions
+
+logger = logging.getLogger(__name__)
 
 _SWAP_IN_HEADROOM = 0.25  # swap in only if this share of all pages stays free beyond what is needed
-_CORRECTION_WEIGHT = 0.05  # how fast the measured/predicted time ratio follows new iterations
+_CORRECTION_WINDOW = 16  # the correction is the median measured/predicted ratio of this many latest iterations
+_CORRECTION_LIMITS = (1e-3, 1e3)  # a ratio beyond these is a broken clock or profile, not a drift to follow
+_CORRECTION_FRESH_S = 30.0  # measurements older than this may no longer describe the machine (other tenants come, go)
+_REJECTING_ALL_AFTER = 10  # LS rejections in a row, none admitted, before it is logged as rejecting everything
 
 
 class _Batch:
@@ -116,9 +125,13 @@ class Scheduler:
         latency_model: LatencyModel | None = None,
         default_tpot_slo: float | None = None,
         clock: Callable[[], float] = time.monotonic,
+        calibrates: bool = False,
     ) -> None:
         """default_tpot_slo bounds iterations even while no LS request runs, so that a new LS request never waits
-        behind a long BE iteration. clock is injectable for the simulator."""
+        behind a long BE iteration. clock is injectable for the simulator. calibrates: the caller times scratch
+        iterations when asked (calibration_wanted), so an LS request about to be rejected on an idle device whose
+        latest measurements are old waits for fresh ones instead (the engine does; the simulator's device is its
+        model)."""
         self.config = config
         self.policy = POLICY_TABLE[config.policy]
         self.page_table = page_table
@@ -142,8 +155,15 @@ class Scheduler:
         self.num_rebuilt = 0
         """Offloaded requests recomputed on the device after their worker died."""
         self.num_rejected = 0
+        self.ls_rejected_in_a_row = 0
+        """LS requests rejected at admission since the last one admitted."""
         self.time_correction = 1.0
-        """Running ratio of measured to predicted iteration times (see observe)."""
+        """Measured / predicted iteration time lately (see observe): scales every prediction."""
+        self.calibrates = calibrates
+        self.calibration_wanted = False
+        """Set by schedule() when an admission decision waits for fresh measurements (see calibrates)."""
+        self._ratios: deque[float] = deque(maxlen=_CORRECTION_WINDOW)
+        self._last_observed: float | None = None  # clock() of the latest measured iteration
         self._preempted = False  # in the iteration being planned
         self._released: list[str] = []  # ended requests the runner and the CPU pool still hold state for
 
@@ -180,12 +200,27 @@ class Scheduler:
 
     def observe(self, plan: IterationPlan, seconds: float) -> None:
         """How long a planned iteration really took. The latency model was profiled once; the machine drifts (other
-        tenants, clocks, caches), so later plans follow the recent ratio of measured to predicted time."""
+        tenants, clocks, caches), so later plans follow the median ratio of measured to predicted time over the
+        latest iterations: one odd iteration (a GC pause) moves it nothing, a lasting change within a few
+        iterations, however far the profile was off. After a pause longer than _CORRECTION_FRESH_S the first new
+        measurements replace the old ones."""
         if not plan.predicted_time or not (plan.chunks or plan.returning):
             return
         ratio = seconds * self.time_correction / plan.predicted_time  # against the uncorrected prediction
-        ratio = min(max(ratio, 0.25), 4.0)  # one odd iteration (a page fault storm, a GC pause) moves it little
-        self.time_correction += _CORRECTION_WEIGHT * (ratio - self.time_correction)
+        if not self._measurements_are_fresh():
+            self._ratios.clear()  # old measurements describe the machine as it was: the new ones alone decide
+        self._ratios.append(min(max(ratio, _CORRECTION_LIMITS[0]), _CORRECTION_LIMITS[1]))
+        self.time_correction = statistics.median(self._ratios)
+        self._last_observed = self.clock()
+
+    def predicted_time(self, chunks: list[ScheduledChunk]) -> float | None:
+        """The corrected prediction for an iteration of just these device chunks (None: no latency model)."""
+        if self.latency_model is None:
+            return None
+        return self.time_correction * self.latency_model.iteration_time(batch_shape_of_chunks(chunks))
+
+    def _measurements_are_fresh(self) -> bool:
+        return self._last_observed is not None and self.clock() - self._last_observed <= _CORRECTION_FRESH_S
 
     def results_ready(self, keys: list[tuple[str, int]]) -> None:
         """CPU attention results that came back: (request id, layer)."""
@@ -296,9 +331,13 @@ class Scheduler:
             if ls and self.policy.reject_late and self._predicted_ttft(request, ahead, batch) > (
                 request.ttft_slo or math.inf
             ):
-                self.finish_request(request.request_id, RequestStatus.REJECTED)
-                self.num_rejected += 1
-                rejected.append(request.request_id)
+                if self.calibrates and not (self.running or self.offloaded or ahead) and not (
+                        self._measurements_are_fresh()):
+                    # It would run alone on an idle device, and nothing measured lately backs the prediction: wait
+                    # one iteration for the caller to measure the device, then decide.
+                    self.calibration_wanted = blocked = True
+                    continue
+                self._reject(request, rejected)
                 continue
             ahead += remaining
             # New requests wait while anything is being preempted: admitting them would only preempt again.
@@ -312,12 +351,26 @@ class Scheduler:
                 continue
             self.waiting.remove(request)
             request.status = RequestStatus.RUNNING
+            if ls:
+                self.ls_rejected_in_a_row = 0
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = self.clock()
             self.running.append(request)
             self.page_table.grow(request.request_id, needed)
             batch.add(request, count)
             scheduled[request.request_id] = count
+
+    def _reject(self, request: Request, rejected: list[str]) -> None:
+        self.finish_request(request.request_id, RequestStatus.REJECTED)
+        self.num_rejected += 1
+        self.ls_rejected_in_a_row += 1
+        rejected.append(request.request_id)
+        if self.ls_rejected_in_a_row % (10 * _REJECTING_ALL_AFTER) == _REJECTING_ALL_AFTER:
+            logger.warning(
+                "admission has rejected the last %d LS requests and admitted none: their predicted TTFT exceeds "
+                "the SLO (%.3f s) even alone; the profile's times are scaled by %.2f from measured iterations. "
+                "Check the SLOs against `omniserve profile` on this machine.", self.ls_rejected_in_a_row,
+                request.ttft_slo or 0.0, self.time_correction)
 
     def _predicted_ttft(self, request: Request, tokens_ahead: int, batch: _Batch) -> float:
         """Seconds from arrival to the request's first token if it were admitted now behind `tokens_ahead` LS

@@ -54,6 +54,13 @@ class ServerMetrics:
         self.preemptions = Gauge("vllm:num_preemptions", "Preemptions so far", gauge_labels, registry=registry)
         self.rejections = Gauge("omniserve:num_rejections", "LS requests rejected at admission so far", gauge_labels,
                                 registry=registry)
+        self.rejected_in_a_row = Gauge(
+            "omniserve:ls_rejected_in_a_row", "LS requests rejected at admission since the last one admitted "
+            "(growing without end: admission rejects everything; check the SLOs and the profile)", gauge_labels,
+            registry=registry)
+        self.time_correction = Gauge(
+            "omniserve:latency_model_correction", "Measured / profiled iteration time lately (scales every "
+            "prediction; far from 1: the profile no longer describes the machine)", gauge_labels, registry=registry)
         self.pool_depth = Gauge("omniserve:cpu_pool_queue_depth", "Offloaded rows out in the CPU attention pool",
                                 gauge_labels, registry=registry)
         self.pool_utilization = Gauge(
@@ -78,6 +85,8 @@ class ServerMetrics:
         self.kv_usage.labels(model).set(engine.allocator.num_used / engine.allocator.num_pages)
         self.preemptions.labels(model).set(scheduler.num_preemptions)
         self.rejections.labels(model).set(scheduler.num_rejected)
+        self.rejected_in_a_row.labels(model).set(scheduler.ls_rejected_in_a_row)
+        self.time_correction.labels(model).set(scheduler.time_correction)
         in_flight = engine.runner.num_offloaded_in_flight
         self.pool_depth.labels(model).set(in_flight)
         # An exponential average over about 100 iterations of "was the pool working for us": cheap, and it needs no
