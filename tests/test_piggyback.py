@@ -4,8 +4,11 @@ loses no request; and nothing is left behind however a request ends."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -168,3 +171,36 @@ def test_half_precision_engine_offloads(tiny, make_llm):
     outputs = llm.generate(PROMPTS[:2], [greedy("be", 8), greedy("ls", 8)], use_tqdm=False)
     assert [len(o.outputs[0].token_ids) for o in outputs] == [8, 8]
     assert llm.engine.scheduler.num_swap_outs == 1
+
+
+_BF16_ENGINE = """
+import json, sys
+import torch
+from omniserve import LLM, SamplingParams
+
+x, w = torch.ones(2, 16, dtype=torch.bfloat16), torch.ones(8, 16, dtype=torch.bfloat16)
+try:
+    torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+    onednn_bf16 = True
+except RuntimeError:
+    onednn_bf16 = False
+llm = LLM(sys.argv[1], dtype="bfloat16", be_decode_placement="cpu")
+params = [SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, service_class=c) for c in ("be", "ls")]
+outputs = llm.generate(json.loads(sys.argv[2]), params, use_tqdm=False)
+print(json.dumps({"onednn_bf16": onednn_bf16, "swap_outs": llm.engine.scheduler.num_swap_outs,
+                  "lengths": [len(o.outputs[0].token_ids) for o in outputs]}))
+llm.engine.shutdown()
+"""
+
+
+def test_half_precision_engine_on_a_cpu_without_avx512(tiny):
+    """On an AVX2-only CPU oneDNN has no bf16 GEMM, so the dense layers must take another one. ONEDNN_MAX_CPU_ISA
+    makes oneDNN act as on such a CPU; it is read once per process, hence the subprocess."""
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    result = subprocess.run([sys.executable, "-c", _BF16_ENGINE, tiny, json.dumps(PROMPTS[:2])], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    if report["onednn_bf16"]:
+        pytest.skip("this torch's oneDNN runs bf16 GEMMs even when limited to AVX2")
+    assert report["lengths"] == [8, 8] and report["swap_outs"] == 1
