@@ -1,4 +1,6 @@
 # `make run` and `make test` set everything up on a fresh machine (a virtualenv in .venv), then run.
+# Set-up ends by building the CPU decode-attention kernel for this source and CPU (seconds if it is built already);
+# where it cannot be built (no compiler), make goes on and the server uses the slower torch path, with a warning.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
@@ -6,6 +8,7 @@ TORCH_VERSION ?= 2.13.0
 .PHONY: setup run test bench
 
 setup: $(VENV)/.installed
+	-$(VENV)/bin/omniserve build-kernel
 
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)

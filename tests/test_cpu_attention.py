@@ -1,10 +1,17 @@
-"""The CPU decode-attention kernel and the host KV store, against plain attention."""
+"""The CPU decode-attention kernel and the host KV store, against plain attention; how the kernel is built."""
 
 from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
+from omniserve.cpu_attention import kernel
 from omniserve.cpu_attention.host_kv import HostKV
 from omniserve.cpu_attention.kernel import (
     compiled_kernel, decode_attention, decode_attention_reference, tile_keys, untile_keys,
@@ -92,3 +99,117 @@ def test_compiled_paged_decode_matches_the_torch_path(dtype):
     got = compiled(0, q, k, v, compiled.build_metadata(spans))
     expected = fallback(0, q, k, v, fallback.build_metadata(spans))
     torch.testing.assert_close(got, expected)
+
+
+# Building the kernel: never blocked by a dead builder, bounded in time, keyed by what the binary depends on.
+
+
+def _hold_lock_then_die(lock_path) -> None:
+    """A builder that took the build lock and was killed (kill -9) while it held it: its lock file stays behind."""
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
+        "f.write(str(os.getpid())); f.flush(); print('locked', flush=True); time.sleep(600)"), str(lock_path)],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    holder.kill()
+    holder.wait()
+
+
+def _check_kernel(module) -> None:
+    q, k, v = torch.randn(4, 32), torch.randn(2, 20, 32), torch.randn(2, 20, 32)
+    torch.testing.assert_close(module.decode_attention(q, tile_keys(k), v), naive(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+def test_stale_locks_do_not_block_the_build(tmp_path, monkeypatch, caplog):
+    """A start killed while compiling left torch's lock and ours: the next start builds (or falls back) all the
+    same, says so in the log, and later starts load that build without compiling again."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # torch's own build folder: here, with a stale lock
+    (tmp_path / "omniserve_cpu_decode_attention").mkdir()
+    (tmp_path / "omniserve_cpu_decode_attention" / "lock").touch()
+    target = kernel.kernel_dir()
+    _hold_lock_then_die(tmp_path / f".{target.name}.lock")
+    caplog.set_level(logging.INFO, logger=kernel.__name__)
+    module = kernel.load_kernel()
+    assert "building the CPU decode-attention kernel" in caplog.text
+    if module is None:  # a machine too slow to build within the limit falls back, and says why
+        assert "longer than" in caplog.text
+        return
+    _check_kernel(module)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(f".{target.name}.build")) == []
+
+    def no_compiling(build_dir, timeout_s):
+        raise AssertionError("rebuilt a kernel that was built already")
+
+    monkeypatch.setattr(kernel, "_compile", no_compiling)
+    _check_kernel(kernel.load_kernel())
+
+
+def test_a_live_builder_is_waited_for_only_until_the_timeout(tmp_path, caplog):
+    target = kernel.kernel_dir(tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
+        "f.write('4242'); f.flush(); print('locked', flush=True); time.sleep(600)"),
+        str(tmp_path / f".{target.name}.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        caplog.set_level(logging.INFO, logger=kernel.__name__)
+        assert kernel.load_kernel(tmp_path, timeout_s=1.0) is None
+    finally:
+        holder.kill()
+        holder.wait()
+    assert "waiting for process 4242" in caplog.text
+    assert "still building" in caplog.text and "slower torch path" in caplog.text
+
+
+def test_a_failing_build_falls_back_with_a_warning(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("CXX", "/bin/false")  # a compiler that fails whatever it is given
+    assert kernel.load_kernel(tmp_path) is None
+    assert "could not be built (the build failed" in caplog.text and "slower torch path" in caplog.text
+    assert not kernel.kernel_dir(tmp_path).exists()
+
+
+def test_a_build_past_its_time_limit_is_ended_and_falls_back(tmp_path, monkeypatch, caplog):
+    """The build and what it started (the compilers) are killed; nothing half-built is left."""
+    grandchild_pid = tmp_path / "grandchild.pid"
+    hanging_build = ("import subprocess, sys, time; "
+                     "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
+                     f"open({str(grandchild_pid)!r}, 'w').write(str(p.pid)); time.sleep(600)")
+    monkeypatch.setattr(kernel, "_build_command", lambda build_dir: [sys.executable, "-c", hanging_build])
+    assert kernel.load_kernel(tmp_path, timeout_s=3.0) is None
+    assert "longer than 3 s" in caplog.text
+    assert not kernel.kernel_dir(tmp_path).exists()
+    assert [p.name for p in tmp_path.iterdir() if ".build-" in p.name] == []
+    if grandchild_pid.exists():  # the compiler stand-in had started: it must be gone too (or a zombie)
+        stat = Path(f"/proc/{int(grandchild_pid.read_text())}/stat")
+
+        def alive() -> bool:
+            try:
+                return stat.read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+            except FileNotFoundError:
+                return False
+
+        deadline = time.monotonic() + 10  # SIGKILL is sent; the process exits once the kernel next runs it
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not alive()
+
+
+def test_kernel_key_changes_with_source_flags_torch_and_cpu(monkeypatch):
+    source = kernel._SOURCE.read_bytes()
+    key = kernel.kernel_key(source, isa="fpu sse2 avx2")
+    assert key == kernel.kernel_key(source, isa="fpu sse2 avx2")  # same source, flags, CPU: one shared build
+    assert key != kernel.kernel_key(source + b"\n// changed", isa="fpu sse2 avx2")
+    assert key != kernel.kernel_key(source, flags=("-O2", "-march=native"), isa="fpu sse2 avx2")
+    assert key != kernel.kernel_key(source, isa="fpu sse2 avx2 avx512f")
+    monkeypatch.setattr(torch, "__version__", "0.0.1")
+    assert key != kernel.kernel_key(source, isa="fpu sse2 avx2")
+    assert kernel.cpu_isa()  # this machine's instruction set is known, so it is part of the default key
+
+
+def test_build_kernel_command_leaves_the_kernel_that_run_time_loads(capsys):
+    """`omniserve build-kernel` (the set-up step) builds into the folder compiled_kernel() loads from."""
+    from omniserve.entrypoints.cli import main
+
+    main(["build-kernel"])
+    assert capsys.readouterr().out.strip() == f"CPU decode-attention kernel: {kernel.kernel_dir()}"
+    assert kernel.compiled_kernel().__file__ == str(kernel.kernel_dir() / "omniserve_cpu_decode_attention.so")

@@ -1,7 +1,7 @@
 """The `omniserve` command: `omniserve serve` (the OpenAI-compatible server), `omniserve router` (one endpoint in
 front of several servers), `omniserve generate "prompt"`, `omniserve chat`, `omniserve profile`, `omniserve bench`
 (the serving benchmark), `omniserve eval gsm8k` (the accuracy of a running OpenAI-compatible server) and
-`omniserve simulate` (the cluster-scale simulator)."""
+`omniserve simulate` (the cluster-scale simulator); `omniserve build-kernel` is a set-up step."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import sys
 import uuid
 
 from omniserve.config import ConfigError
+from omniserve.cpu_attention.kernel import BUILD_TIMEOUT_S
 from omniserve.engine.args import EngineArgs
 from omniserve.engine.llm_engine import LLMEngine
 from omniserve.entrypoints.llm import LLM
@@ -164,6 +165,18 @@ def _serve(args: argparse.Namespace) -> None:
     run_server(app, args.host, args.port, log_level=args.log_level)
 
 
+def _build_kernel(args: argparse.Namespace) -> None:
+    """Builds the CPU decode-attention kernel for this source, flags and CPU (a set-up step: `make setup` runs it)."""
+    from omniserve.cpu_attention.kernel import build_kernel
+
+    logging.getLogger("omniserve").setLevel(logging.INFO)  # say that it is building, and for how long
+    target = build_kernel(timeout_s=args.timeout)
+    if target is None:
+        sys.exit("omniserve: error: the CPU decode-attention kernel could not be built (see the warning above); "
+                 "the slower torch path will be used")
+    print(f"CPU decode-attention kernel: {target}")
+
+
 def _route(args: argparse.Namespace) -> None:
     """A router in front of engine instances started elsewhere (see omniserve.scaleout.router)."""
     from omniserve.scaleout.router import Router, build_router_app, run_router
@@ -227,6 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     route.add_argument("--poll-interval", type=float, default=0.5, help="seconds between load polls of each instance")
     route.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     route.set_defaults(handler=_route)
+
+    build_kernel = commands.add_parser("build-kernel", help="build the CPU decode-attention kernel (a set-up step)")
+    build_kernel.add_argument("--timeout", type=float, default=BUILD_TIMEOUT_S,
+                              help="seconds the build may take before giving up (the torch path is used then)")
+    build_kernel.set_defaults(handler=_build_kernel)
 
     from omniserve.bench.cli import add_bench_command  # here: `omniserve serve` need not import the benchmark
 
