@@ -209,7 +209,8 @@ def _add_error_handlers(app: FastAPI) -> None:
 # --------------------------------------------------------------------------------------------------- middleware
 class RequestContextMiddleware:
     """Per HTTP request: its id (the client's x-request-id when it is sane, else a new one) on the response and in
-    the log line; the API key and the classes it may use; 503 for new generation requests while draining."""
+    the log line; the API key and the classes it may use; 503 for new generation requests while draining; and,
+    when it ends however it ends, the end of the engine requests it started."""
 
     def __init__(self, app: ASGIApp, state: ServerState, api_keys: APIKeys | None) -> None:
         self.app = app
@@ -231,6 +232,7 @@ class RequestContextMiddleware:
         context = scope.setdefault("state", {})
         context["request_id"] = request_id
         context["service_classes"] = None  # no keys: every class
+        context["generations"] = []  # what this request runs in the engine (OpenAIServing.start adds to it)
         started = time.perf_counter()
         status = _STATUS_CLIENT_GONE
         raw_id = request_id.encode()
@@ -260,6 +262,8 @@ class RequestContextMiddleware:
                 return
             await self.app(scope, receive, send_with_id)
         finally:
+            for generation in context["generations"]:
+                generation.close()
             logger.info('%s "%s %s" %d %.1f ms', request_id, scope["method"], path, status,
                         (time.perf_counter() - started) * 1e3)
 

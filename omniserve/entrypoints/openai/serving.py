@@ -1,6 +1,5 @@
 """What completions and chat completions share: a request's service and SamplingParams, the engine requests behind
-one HTTP request (started, run to the end, or streamed), logprobs and usage, and an SSE response that ends its engine
-requests however it ends.
+one HTTP request (started, run to the end, or streamed), logprobs and usage, and SSE responses.
 
 An HTTP request is answered only once its engine requests have produced their first output, so that bad input
 (400) and an LS request the scheduler rejects (429, 503 while draining) get a status code even when streaming, and
@@ -36,7 +35,7 @@ T = TypeVar("T")
 
 
 class ClientDisconnected(Exception):
-    """The client went away before its answer was ready; its engine requests were aborted."""
+    """The client went away before its answer was ready (its engine requests end with the HTTP request)."""
 
 
 @dataclass
@@ -50,8 +49,8 @@ class ServerState:
     """Started with the app (its lifespan), stopped with it."""
     draining: bool = False
     """Set on SIGTERM: new generation requests get 503 while those in flight finish."""
-    in_flight: set[str] = field(default_factory=set)
-    """Engine request ids of HTTP requests not yet answered in full."""
+    in_flight: set[Generation] = field(default_factory=set)
+    """The generations of HTTP requests not yet answered in full."""
 
     def engine_or_503(self) -> AsyncEngine:
         if self.async_engine is None or not self.async_engine.alive:
@@ -114,9 +113,9 @@ class OpenAIServing:
                     params: SamplingParams, resolved: Resolved) -> "Generation":
         """Submits one engine request per prompt and waits for their first outputs (see Generation.start)."""
         generation = Generation(self.state, request_ids, prompts, params)
-        await until_disconnected(raw_request, generation.start(), generation)
+        raw_request.state.generations.append(generation)  # the middleware ends it with the HTTP request
+        await until_disconnected(raw_request, generation.start())
         if generation.rejected:
-            await generation.aclose()
             headers = {"Retry-After": self.retry_after(resolved)}
             if self.state.draining:
                 raise APIError(503, "the server is shutting down and cannot take this latency-sensitive request",
@@ -153,17 +152,33 @@ class OpenAIServing:
 
 
 class Generation:
-    """The engine requests of one HTTP request: one per prompt, each with its n completions."""
+    """The engine requests of one HTTP request: one per prompt, each with its n completions.
+
+    Their outputs come through one queue, fed by a task per engine request, so that the reader sees them in the
+    order they came. The HTTP middleware calls `close()` when the HTTP request ends, however it ends, so nothing
+    outlives it: not the engine requests, not the generation's place in the server's in-flight set."""
 
     def __init__(self, state: ServerState, request_ids: list[str], prompts: list[str | list[int]],
                  params: SamplingParams) -> None:
         self._state = state
         self._engine = state.engine_or_503()
         self.request_ids = request_ids
-        self._streams = [self._engine.generate(r, p, params) for r, p in zip(request_ids, prompts)]
         self.firsts: list[RequestOutput] = []
-        self._done = False
-        state.in_flight.update(request_ids)
+        self._queue: asyncio.Queue[tuple[int, RequestOutput | BaseException]] = asyncio.Queue()
+        self._read_ahead: list[tuple[int, RequestOutput]] = []  # what start() read, for outputs() to yield first
+        self._unfinished = set(range(len(request_ids)))  # as the reader has seen them
+        self._running = set(range(len(request_ids)))  # engine requests that may still hold memory
+        self._feeders = [asyncio.ensure_future(self._feed(i, self._engine.generate(r, p, params)))
+                         for i, (r, p) in enumerate(zip(request_ids, prompts))]
+        state.in_flight.add(self)
+
+    async def _feed(self, index: int, stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for out in stream:
+                self._queue.put_nowait((index, out))
+        except Exception as exc:  # refused by the engine, or the engine gone
+            self._queue.put_nowait((index, exc))
+        self._running.discard(index)
 
     @property
     def rejected(self) -> bool:
@@ -171,89 +186,48 @@ class Generation:
 
     async def start(self) -> None:
         """Waits until every engine request has produced its first output (its first tokens, or its end).
-        Input the engine refuses raises APIError 400; nothing is left running."""
-        if len(self._streams) == 1:
-            results = [await _first(self._streams[0])]
-        else:
-            results = await asyncio.gather(*(_first(s) for s in self._streams), return_exceptions=True)
-        errors = [r for r in results if isinstance(r, BaseException)]
-        if errors:
-            await self.aclose()
-            raise errors[0]
-        self.firsts = list(results)
+        Input the engine refuses raises APIError 400."""
+        firsts: dict[int, RequestOutput] = {}
+        while len(firsts) < len(self.request_ids):
+            index, out = await self._next()
+            self._read_ahead.append((index, out))
+            firsts.setdefault(index, out)
+        self.firsts = [firsts[i] for i in range(len(self.request_ids))]
+
+    async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(prompt index, output) as the engine produces them, from the first outputs on, until every one is done."""
+        while self._read_ahead:
+            yield self._read_ahead.pop(0)
+        while self._unfinished:
+            yield await self._next()
 
     async def finals(self) -> list[RequestOutput]:
         """Runs every engine request to its end; its last output holds its whole text, tokens and logprobs."""
-        async def last(first: RequestOutput, stream: AsyncIterator[RequestOutput]) -> RequestOutput:
-            out = first
-            if not out.finished:
-                async for out in stream:
-                    pass
-            return out
+        last: dict[int, RequestOutput] = {}
+        async for index, out in self.outputs():
+            last[index] = out
+        return [last[i] for i in range(len(self.request_ids))]
 
-        try:
-            if len(self._streams) == 1:
-                finals = [await last(self.firsts[0], self._streams[0])]
-            else:
-                finals = list(await asyncio.gather(*(last(f, s) for f, s in zip(self.firsts, self._streams))))
-        except EngineDeadError as exc:
-            raise APIError(503, str(exc), code="engine_dead") from None
-        self._finish()
-        return finals
+    async def _next(self) -> tuple[int, RequestOutput]:
+        index, item = await self._queue.get()
+        if isinstance(item, InvalidRequestError):
+            raise APIError(400, str(item), param=item.param)
+        if isinstance(item, EngineDeadError):
+            raise APIError(503, str(item), code="engine_dead")
+        if isinstance(item, BaseException):
+            raise item
+        if item.finished:
+            self._unfinished.discard(index)
+        return index, item
 
-    async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """(prompt index, output) as the engine produces them, starting with the first outputs."""
-        if len(self._streams) == 1:
-            yield 0, self.firsts[0]
-            if not self.firsts[0].finished:
-                async for out in self._streams[0]:
-                    yield 0, out
-            self._finish()
-            return
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def pump(index: int) -> None:
-            try:
-                queue.put_nowait((index, self.firsts[index]))
-                if not self.firsts[index].finished:
-                    async for out in self._streams[index]:
-                        queue.put_nowait((index, out))
-                queue.put_nowait((index, None))
-            except Exception as exc:
-                queue.put_nowait((index, exc))
-
-        pumps = [asyncio.ensure_future(pump(i)) for i in range(len(self._streams))]
-        try:
-            remaining = len(pumps)
-            while remaining:
-                index, item = await queue.get()
-                if item is None:
-                    remaining -= 1
-                elif isinstance(item, BaseException):
-                    raise item
-                else:
-                    yield index, item
-            self._finish()
-        finally:
-            for task in pumps:
-                task.cancel()
-
-    def _finish(self) -> None:
-        self._done = True
-        self._state.in_flight.difference_update(self.request_ids)
-
-    async def aclose(self) -> None:
-        """Ends whatever is still running (a client gone, an error, a shutdown) and frees its memory now."""
-        if self._done:
-            return
-        self._finish()
-        for stream in self._streams:
-            try:
-                await stream.aclose()  # aborts the request if it had not finished
-            except RuntimeError:  # it is running in a task being cancelled: that one aborts it
-                pass
-        for request_id in self.request_ids:
-            self._engine.abort(request_id)  # no-op for finished ids
+    def close(self) -> None:
+        """Ends whatever is still running (a client gone, an error, a drain) and frees its memory now; idempotent."""
+        self._state.in_flight.discard(self)
+        for feeder in self._feeders:
+            feeder.cancel()
+        for index in self._running:  # only requests the engine took: an id it refused may be another request's
+            self._engine.abort(self.request_ids[index])
+        self._running.clear()
 
 
 def finite(logprob: float | None) -> float | None:
@@ -261,17 +235,9 @@ def finite(logprob: float | None) -> float | None:
     return None if logprob is None else max(logprob, -9999.0)
 
 
-async def _first(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
-    try:
-        return await anext(stream)
-    except InvalidRequestError as exc:
-        raise APIError(400, str(exc), param=exc.param) from None
-    except EngineDeadError as exc:
-        raise APIError(503, str(exc), code="engine_dead") from None
-
-
-async def until_disconnected(raw_request: Request, work: Awaitable[T], generation: Generation) -> T:
-    """Runs `work`; if the client disconnects first, aborts the generation and raises ClientDisconnected."""
+async def until_disconnected(raw_request: Request, work: Awaitable[T]) -> T:
+    """Runs `work`; if the client disconnects first, cancels it and raises ClientDisconnected (the middleware then
+    ends the request's generation)."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_disconnect(raw_request.receive))
     try:
@@ -281,7 +247,6 @@ async def until_disconnected(raw_request: Request, work: Awaitable[T], generatio
         if not task.done():
             task.cancel()
             await asyncio.wait({task})
-            await generation.aclose()
     if task.cancelled():
         raise ClientDisconnected()
     return task.result()
@@ -320,16 +285,14 @@ def sse_error(exc: BaseException) -> str:
 
 
 class EventStreamResponse(StreamingResponse):
-    """Server-sent events whose engine requests end with the response, whichever way it ends: done, client gone
-    (Starlette cancels the stream), or the server's grace period over."""
+    """Server-sent events. The stream's generator is closed however the response ends (done, or the client gone,
+    when Starlette cancels it); its engine requests end with the HTTP request (see Generation)."""
 
-    def __init__(self, content: AsyncIterator[str], generation: Generation) -> None:
+    def __init__(self, content: AsyncIterator[str]) -> None:
         super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        self._generation = generation
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             await self.body_iterator.aclose()
-            await self._generation.aclose()

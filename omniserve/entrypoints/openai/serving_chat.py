@@ -43,8 +43,8 @@ class ChatServing(OpenAIServing):
         header = dict(response_id=response_id, created=now(), model=resolved.model.name,
                       service_tier=resolved.service_tier)
         if request.stream:
-            return EventStreamResponse(self._stream(request, generation, header), generation)
-        finals = await until_disconnected(raw_request, generation.finals(), generation)
+            return EventStreamResponse(self._stream(request, generation, header))
+        finals = await until_disconnected(raw_request, generation.finals())
         self.check_finished_well(finals)
         choices = [
             ChatCompletionChoice(

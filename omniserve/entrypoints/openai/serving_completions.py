@@ -37,8 +37,8 @@ class CompletionServing(OpenAIServing):
         header = dict(response_id=response_id, created=now(), model=resolved.model.name,
                       service_tier=resolved.service_tier)
         if request.stream:
-            return EventStreamResponse(self._stream(request, generation, header), generation)
-        finals = await until_disconnected(raw_request, generation.finals(), generation)
+            return EventStreamResponse(self._stream(request, generation, header))
+        finals = await until_disconnected(raw_request, generation.finals())
         self.check_finished_well(finals)
         choices = []
         for p, out in enumerate(finals):
