@@ -8,6 +8,7 @@ model's. A test that needs a request to last makes the engine slower (`slow_engi
 from __future__ import annotations
 
 import json
+import logging
 import os
 import queue
 import shutil
@@ -25,7 +26,7 @@ import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from omniserve.engine.llm_engine import LLMEngine
-from omniserve.entrypoints.openai.api_server import build_app, listen_socket
+from omniserve.entrypoints.openai.api_server import build_app, listen_socket, make_server
 from omniserve.entrypoints.openai.auth import APIKeys
 
 PROMPT = "the capital of france is"
@@ -65,18 +66,21 @@ def tiny_chat_model(tiny_model_dirs, tmp_path_factory) -> str:
 
 
 class RunningServer:
-    """uvicorn serving an app on a thread of its own, on a port the OS chose."""
+    """The server of `omniserve serve` (uvicorn, draining on SIGTERM) serving an app on a thread of its own, on a
+    port the OS chose."""
 
-    def __init__(self, app, grace_s: int = 5) -> None:
+    def __init__(self, app) -> None:
         self.app = app
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False,
-                                lifespan="on", timeout_graceful_shutdown=grace_s)
-        self.server = uvicorn.Server(config)
+        if hasattr(app.state, "server"):
+            self.server = make_server(app, log_level="warning")
+        else:  # a stand-in app (test_bench's broken server)
+            self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
         sock = listen_socket("127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
-        deadline = time.monotonic() + 30
+        self.server.config.timeout_keep_alive = 60  # idle connections stay open for a test (uvicorn's default: 5 s)
+        deadline = time.monotonic() + 60
         while not self.server.started:
             assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
             time.sleep(0.01)
@@ -106,16 +110,21 @@ class RunningServer:
             time.sleep(0.01)
         self.engine.check_integrity()
 
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
+    def drain(self) -> None:
+        """What SIGTERM does (a second call: what a second SIGTERM does)."""
+        self.server.handle_exit(signal.SIGTERM, None)
+
+    def stop(self, timeout_s: float = 60) -> None:
+        """Drains, and waits until the server has stopped."""
+        self.drain()
+        self.thread.join(timeout_s)
         assert not self.thread.is_alive()
 
 
 @contextmanager
-def serving(model: str, names=("tiny",), api_keys=None, grace_s: int = 5, **engine_args):
+def serving(model: str, names=("tiny",), api_keys=None, grace_s: float = 5, **engine_args):
     engine = LLMEngine(model=model, block_size=4, **engine_args)
-    server = RunningServer(build_app(engine, list(names), api_keys, drain_grace_s=grace_s), grace_s)
+    server = RunningServer(build_app(engine, list(names), api_keys, drain_grace_s=grace_s))
     try:
         yield server
     finally:
@@ -294,7 +303,7 @@ def test_service_classes(client, server, how, tier):
     service_class = "be" if tier == "flex" else "ls"
     key = ("vllm:request_success_total", (("finished_reason", "length"), ("model_name", "tiny"),
                                           ("service_class", service_class)))
-    deadline = time.monotonic() + 5  # recorded on the engine thread just after the answer went out
+    deadline = time.monotonic() + 30  # recorded on the engine thread just after the answer went out
     while metric_samples(server).get(key, 0) != before.get(key, 0) + 1:
         assert time.monotonic() < deadline, "the request was not counted in its class"
         time.sleep(0.01)
@@ -305,7 +314,7 @@ def test_metrics_parse_and_count(client, server):
     key = ("vllm:generation_tokens_total", (("model_name", "tiny"), ("service_class", "ls")))
     before = metric_samples(server)[key]
     client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=5, extra_body={"ignore_eos": True})
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30
     while metric_samples(server)[key] != before + 5:
         assert time.monotonic() < deadline
         time.sleep(0.01)
@@ -360,24 +369,24 @@ def test_openai_client_raises_its_own_errors(client):
 
 
 def test_disconnect_mid_stream_aborts_and_frees_memory(server):
-    with slow_engine(server):
+    with slow_engine(server, 0.1):  # 400 tokens: 40 s
         with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
                           json={"model": "tiny", "prompt": PROMPT, "max_tokens": 400, "ignore_eos": True,
                                 "stream": True}) as response:
             lines = response.iter_lines()
             assert next(lines).startswith("data: ")
             assert server.engine.has_unfinished_requests()
-        server.wait_idle(timeout_s=2)  # long before its 400 tokens (4 s) would have been done
+        server.wait_idle(timeout_s=20)  # long before its 400 tokens would have been done
     assert server.engine.allocator.num_used == 0
     assert_serves(server)
 
 
 def test_disconnect_while_waiting_for_a_whole_answer_aborts(server):
-    with slow_engine(server):
+    with slow_engine(server, 0.1):  # 400 tokens: 40 s
         with pytest.raises(httpx.ReadTimeout):
             server.post("/v1/completions", {"model": "tiny", "prompt": PROMPT, "max_tokens": 400,
                                             "ignore_eos": True}, timeout=0.5)
-        server.wait_idle(timeout_s=2)
+        server.wait_idle(timeout_s=20)
     assert_serves(server)
 
 
@@ -409,29 +418,93 @@ def test_draining_server_answers_503_with_retry_after(server):
     assert_serves(server)
 
 
-def test_grace_period_over_aborts_what_is_left(tiny_chat_model):
-    with serving(tiny_chat_model, grace_s=1) as running:
-        engine = running.engine
-        results = queue.Queue()
+@contextmanager
+def logged_errors():
+    """The log records of errors and tracebacks while the block runs, from every logger, uvicorn's included (its
+    loggers do not propagate to the root)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = lambda record: records.append(record) if record.levelno >= logging.ERROR or record.exc_info else None
+    loggers = [logging.getLogger(), logging.getLogger("uvicorn")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
 
-        def stream():
-            try:
-                with httpx.stream("POST", running.url + "/v1/completions", timeout=60, json={
-                        "model": "tiny", "prompt": PROMPT, "max_tokens": 500, "ignore_eos": True, "stream": True,
-                }) as response:
-                    for line in response.iter_lines():
-                        results.put(line)
-            except httpx.HTTPError as exc:
-                results.put(exc)
-            results.put(None)
 
-        with slow_engine(running, 0.02):  # 500 tokens would take 10 s
-            threading.Thread(target=stream, daemon=True).start()
-            assert results.get(timeout=10).startswith("data: ")
-            started = time.monotonic()
-            running.stop()
-            assert time.monotonic() - started < 5
+def stream_lines(url: str, lines: queue.Queue, max_tokens: int = 500) -> None:
+    """Streams a completion on a thread of its own: each SSE line goes to `lines`, then None (or the error)."""
+    def run() -> None:
+        try:
+            with httpx.stream("POST", url + "/v1/completions", timeout=60, json={
+                    "model": "tiny", "prompt": PROMPT, "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
+            }) as response:
+                for line in response.iter_lines():
+                    if line:
+                        lines.put(line)
+        except httpx.HTTPError as exc:
+            lines.put(exc)
+        lines.put(None)
+
+    threading.Thread(target=run, daemon=True).start()
+
+
+def rest_of(lines: queue.Queue) -> list[str]:
+    rest = []
+    while (line := lines.get(timeout=60)) is not None:
+        assert isinstance(line, str), line  # the stream ended in an orderly way, not a cut connection
+        rest.append(line)
+    return rest
+
+
+def assert_ended_by_the_drain(stream: list[str]) -> None:
+    """The stream's last event is OpenAI's error (which the openai client raises), then [DONE]."""
+    assert stream[-1] == "data: [DONE]"
+    error = json.loads(stream[-2].removeprefix("data: "))["error"]
+    assert error["code"] == "draining" and error["type"] == "service_unavailable_error" and error["message"]
+
+
+def test_drain_answers_503_on_open_connections_and_a_second_signal_ends_streams_properly(tiny_chat_model):
+    with logged_errors() as errors, serving(tiny_chat_model, grace_s=60) as running:
+        engine, lines = running.engine, queue.Queue()
+        with slow_engine(running, 0.02), httpx.Client(base_url=running.url, timeout=60) as keep_alive:
+            stream_lines(running.url, lines)  # 500 tokens: 10 s at least
+            assert lines.get(timeout=60).startswith("data: ")
+            assert keep_alive.get("/health").status_code == 200  # a connection that stays open
+            running.drain()
+            refused = keep_alive.post("/v1/completions", json={"model": "tiny", "prompt": PROMPT, "max_tokens": 2})
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "60"
+            assert refused.json()["error"]["code"] == "draining"
+            assert keep_alive.get("/health").status_code == 503
+            assert len(running.state.in_flight) == 1  # the stream runs on: the grace period is long
+            running.drain()  # a second SIGTERM: what is left ends now
+            assert_ended_by_the_drain(rest_of(lines))
+            running.thread.join(60)
+            assert not running.thread.is_alive()
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(running.url + "/health")
         assert not engine.has_unfinished_requests() and engine.allocator.num_used == 0
+    assert not errors, [r.getMessage() for r in errors]
+
+
+def test_grace_period_over_ends_streams_properly(tiny_chat_model):
+    with logged_errors() as errors, serving(tiny_chat_model, grace_s=1) as running:
+        engine, lines = running.engine, queue.Queue()
+        with slow_engine(running, 0.02):  # 500 tokens: 10 s at least
+            stream_lines(running.url, lines)
+            first = lines.get(timeout=60)
+            assert first.startswith("data: ")
+            running.drain()
+            stream = [first, *rest_of(lines)]
+            assert_ended_by_the_drain(stream)
+            assert len(stream) < 500  # cut short
+            running.thread.join(60)
+            assert not running.thread.is_alive()
+        assert not engine.has_unfinished_requests() and engine.allocator.num_used == 0
+    assert not errors, [r.getMessage() for r in errors]
 
 
 # ------------------------------------------------------------------------------------- service classes, keys
@@ -502,21 +575,22 @@ def test_api_keys(tiny_chat_model, tmp_path):
 
 # ---------------------------------------------------------------------------------------------------- SIGTERM
 def test_sigterm_drains_in_flight_requests_and_exits_cleanly(tiny_chat_model):
-    grace_s = 20
+    grace_s = 120  # far longer than the request needs, even on a loaded machine
     process = subprocess.Popen(
         [sys.executable, "-m", "omniserve", "serve", tiny_chat_model, "--port", "0", "--block-size", "4",
          "--served-model-name", "tiny", "--shutdown-timeout", str(grace_s), "--be-decode-placement", "device"],
         stderr=subprocess.PIPE, text=True,
     )
     lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in process.stderr], daemon=True).start()
+    threading.Thread(target=lambda: [*map(lines.put, process.stderr), lines.put(None)], daemon=True).start()
     try:
-        url = None
-        deadline = time.monotonic() + 60
+        url, log = None, []
+        deadline = time.monotonic() + 120
         while url is None:
-            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
-            if line.startswith("omniserve: serving"):
-                url = line.split(" on ")[-1].strip()
+            log.append(lines.get(timeout=max(0.1, deadline - time.monotonic())))
+            assert log[-1] is not None, "the server exited: " + "".join(log[:-1])
+            if log[-1].startswith("omniserve: serving"):
+                url = log[-1].split(" on ")[-1].strip()
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
         stream = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=400, stream=True,
                                            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
@@ -530,6 +604,9 @@ def test_sigterm_drains_in_flight_requests_and_exits_cleanly(tiny_chat_model):
         assert time.monotonic() - started < grace_s
         with pytest.raises(httpx.ConnectError):
             httpx.get(url + "/health")
+        while (line := lines.get(timeout=60)) is not None:
+            log.append(line)
+        assert not [line for line in log if "Traceback" in line or "ERROR" in line], "".join(log)
     finally:
         if process.poll() is None:
             process.kill()

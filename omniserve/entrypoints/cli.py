@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-keys-file", default=None,
                        help="TOML or YAML file mapping API keys to the classes (ls, be) each may use")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,
-                       help="seconds that requests in flight get to finish after SIGTERM before they are aborted")
+                       help="seconds that requests in flight get to finish after SIGTERM before they are ended")
     serve.add_argument("--gpu-memory-utilization", type=float, default=None,
                        help="accepted for vLLM compatibility; not applied yet (use --kv-cache-memory-bytes)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

@@ -6,9 +6,11 @@
 The engine steps on its own thread (AsyncEngine); the event loop only parses requests, renders chat templates and
 writes chunks, and every request reads its own output queue, so one slow client never stalls the others.
 
-SIGTERM (or Ctrl-C) drains: the listening socket closes, new requests on open connections get 503 with Retry-After,
-requests in flight run to their end, and those still running after the grace period are cancelled, which aborts them
-in the engine and frees their memory. Then the engine stops and the process exits with status 0.
+SIGTERM (or Ctrl-C) drains: the listening socket closes, new generation requests on open connections get 503 with
+Retry-After, and requests in flight run to their end. Those still running when the grace period is over (or at a
+second signal) end at once, properly: a stream with an error event (code `draining`) and `[DONE]`, a whole answer
+with 503; the engine aborts them and frees their memory. Then uvicorn closes the connections, the engine stops and
+the process exits with status 0.
 
 If the engine itself fails, the requests in flight get 503 (`engine_dead`), the server stops, and the process exits
 with status 1, so that a supervisor (systemd, Kubernetes) restarts it instead of leaving a server that answers 503.
@@ -54,6 +56,9 @@ _KEYED_PATHS = ("/v1/", "/tokenize", "/detokenize")  # /health and /metrics stay
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _STATUS_CLIENT_GONE = 499  # nginx's code for "the client closed the connection": logged, never received
 _LOAD_REPORT_PERIOD_S = 0.05  # how fresh /load is while the engine runs (the report is O(requests) to make)
+# After a drain, how long uvicorn waits for connections to finish their last writes (the streams it ended write an
+# error event and [DONE] at once; only a client that stopped reading takes longer) before it cancels them.
+_CLOSE_TIMEOUT_S = 5
 
 
 def build_app(engine: LLMEngine, served_model_names: list[str], api_keys: APIKeys | None = None,
@@ -269,18 +274,28 @@ class RequestContextMiddleware:
 
 
 # ------------------------------------------------------------------------------------------------------ running
-class _DrainingServer(uvicorn.Server):
-    """uvicorn's server, except that SIGTERM/SIGINT first puts the app in draining mode, that after the drain the
-    process exits normally (status 0) instead of re-raising the signal, and that it stops when the engine dies."""
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, except that SIGTERM/SIGINT drains first (see the module docstring), that the process then
+    exits normally (status 0) instead of re-raising the signal, and that it stops when the engine dies."""
 
     def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
         super().__init__(config)
         self._state = state
+        self._signals = 0
+        self._drain_ends_at: float | None = None
         self.engine_failed = False
 
+    def handle_exit(self, sig: int, frame) -> None:
+        """A signal handler (or a test, from another thread): new generation requests get 503 from now on; the
+        rest of the drain happens on the event loop (on_tick)."""
+        self._state.draining = True
+        self._signals += 1
+
     async def on_tick(self, counter: int) -> bool:
-        """Every 0.1 s: a server whose engine died on its own stops, so that its supervisor can restart it (the
-        process then exits with status 1)."""
+        """Every 0.1 s: the drain's next step; and a server whose engine died on its own stops, so that its
+        supervisor can restart it (the process then exits with status 1)."""
+        if self._signals and not self.should_exit:
+            self._drain()
         engine = self._state.async_engine
         if engine is not None and not engine.alive and not self._state.draining and not self.engine_failed:
             logger.critical("the engine stopped; the server exits so that it can be restarted")
@@ -288,13 +303,27 @@ class _DrainingServer(uvicorn.Server):
             self.should_exit = True
         return await super().on_tick(counter)
 
-    def handle_exit(self, sig: int, frame) -> None:
-        if not self._state.draining:
-            self._state.draining = True
-            logger.warning("draining: %d requests in flight, grace period %.0f s", len(self._state.in_flight),
-                           self._state.drain_grace_s)
-        super().handle_exit(sig, frame)
-        getattr(self, "_captured_signals", []).clear()  # drained and shut down cleanly: exit 0, not by the signal
+    def _drain(self) -> None:
+        state = self._state
+        now = time.monotonic()
+        if self._drain_ends_at is None:
+            self._drain_ends_at = now + state.drain_grace_s
+            for server in self.servers:
+                server.close()  # no new connections; those open stay open, and get 503 for new requests
+            logger.warning("draining: %d requests in flight, grace period %.0f s", len(state.in_flight),
+                           state.drain_grace_s)
+        if state.in_flight and (now >= self._drain_ends_at or self._signals > 1):
+            logger.warning("draining: ending the %d requests still in flight", len(state.in_flight))
+            state.end_in_flight()
+        if not state.in_flight:
+            self.should_exit = True  # uvicorn closes the connections (letting the last writes finish) and the app
+
+
+def make_server(app: FastAPI, log_level: str = "info") -> DrainingServer:
+    """The uvicorn server for an app of build_app; run it on a socket of listen_socket."""
+    config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=_CLOSE_TIMEOUT_S)
+    return DrainingServer(config, app.state.server)
 
 
 def listen_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
@@ -318,10 +347,8 @@ def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_leve
     """Serves until SIGTERM or SIGINT, then drains (see the module docstring). Prints one line once it listens:
     `omniserve: serving MODEL NAMES on http://HOST:PORT` (port 0 picks a free one)."""
     state: ServerState = app.state.server
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=max(1, math.ceil(state.drain_grace_s)))
-    server = _DrainingServer(config, state)
-    sock = listen_socket(host, port, config.backlog)
+    server = make_server(app, log_level)
+    sock = listen_socket(host, port, server.config.backlog)
     bound_host, bound_port = sock.getsockname()[:2]
     print(f"omniserve: serving {', '.join(state.models.by_name)} on http://{bound_host}:{bound_port}",
           file=sys.stderr, flush=True)

@@ -57,6 +57,13 @@ class ServerState:
             raise APIError(503, "the engine is not running", code="engine_dead")
         return self.async_engine
 
+    def end_in_flight(self) -> None:
+        """The drain's grace period is over: every generation still running ends now, with an error its client
+        sees (a stream's last event before [DONE], or the status of a whole answer), and frees its memory."""
+        error = APIError(503, "the server shut down before this request finished", code="draining")
+        for generation in list(self.in_flight):
+            generation.end(error)
+
 
 class OpenAIServing:
     def __init__(self, state: ServerState) -> None:
@@ -111,7 +118,11 @@ class OpenAIServing:
     # ----------------------------------------------------------------------------------------------- generation
     async def start(self, raw_request: Request, request_ids: list[str], prompts: list[str | list[int]],
                     params: SamplingParams, resolved: Resolved) -> "Generation":
-        """Submits one engine request per prompt and waits for their first outputs (see Generation.start)."""
+        """Submits one engine request per prompt and waits for their first outputs (see Generation.start).
+        A request that reaches this point during a drain gets 503: it is not in flight yet."""
+        if self.state.draining:
+            raise APIError(503, "the server is shutting down", code="draining",
+                           headers={"Retry-After": self.retry_after(resolved)})
         generation = Generation(self.state, request_ids, prompts, params)
         raw_request.state.generations.append(generation)  # the middleware ends it with the HTTP request
         await until_disconnected(raw_request, generation.start())
@@ -155,8 +166,9 @@ class Generation:
     """The engine requests of one HTTP request: one per prompt, each with its n completions.
 
     Their outputs come through one queue, fed by a task per engine request, so that the reader sees them in the
-    order they came. The HTTP middleware calls `close()` when the HTTP request ends, however it ends, so nothing
-    outlives it: not the engine requests, not the generation's place in the server's in-flight set."""
+    order they came and a drain can end the generation by putting its error in the same queue. The HTTP middleware
+    calls `close()` when the HTTP request ends, however it ends, so nothing outlives it: not the engine requests,
+    not the generation's place in the server's in-flight set."""
 
     def __init__(self, state: ServerState, request_ids: list[str], prompts: list[str | list[int]],
                  params: SamplingParams) -> None:
@@ -219,6 +231,11 @@ class Generation:
         if item.finished:
             self._unfinished.discard(index)
         return index, item
+
+    def end(self, error: APIError) -> None:
+        """Ends the generation from outside (a drain): its engine requests stop, and its reader gets `error`."""
+        self.close()
+        self._queue.put_nowait((-1, error))
 
     def close(self) -> None:
         """Ends whatever is still running (a client gone, an error, a drain) and frees its memory now; idempotent."""
