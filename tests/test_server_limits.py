@@ -1,13 +1,47 @@
-"""What one request may make the server do: nothing is left in flight after a refusal. The server and its tiny
-model come from test_server."""
+"""What one request may make the server do: bounded bodies and prompts, no prompt tokenized where it stalls
+others, nothing left in flight after a refusal. The server and its tiny model come from test_server."""
 
 from __future__ import annotations
 
+import json
+import queue
+import threading
 import time
 
 import httpx
 import pytest
-from test_server import server, tiny_chat_model  # noqa: F401
+from test_server import MESSAGES, PROMPT, assert_serves, server, serving, slow_engine, tiny_chat_model  # noqa: F401
+
+from omniserve.entrypoints.openai.serving import RequestLimits
+
+
+def stream_times(server, max_tokens: int = 500) -> tuple[queue.Queue, threading.Thread]:
+    """Streams a completion on a thread: the arrival time of each SSE line goes to the queue, then None."""
+    times: queue.Queue = queue.Queue()
+
+    def run() -> None:
+        try:
+            with httpx.stream("POST", server.url + "/v1/completions", timeout=60, json={
+                    "model": "tiny", "prompt": PROMPT, "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
+            }) as response:
+                for line in response.iter_lines():
+                    if line:
+                        times.put(time.perf_counter())
+        finally:
+            times.put(None)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return times, thread
+
+
+def longest_gap(times: queue.Queue) -> float:
+    """The longest wait between two lines of a stream that is now over."""
+    arrivals = []
+    while (at := times.get(timeout=60)) is not None:
+        arrivals.append(at)
+    assert len(arrivals) > 100
+    return max(b - a for a, b in zip(arrivals, arrivals[1:]))
 
 
 def assert_error(response: httpx.Response, status: int, param: str | None, message: str) -> dict:
@@ -23,6 +57,71 @@ def wait_until(condition, what: str, timeout_s: float = 30) -> None:
     while not condition():
         assert time.monotonic() < deadline, what
         time.sleep(0.01)
+
+
+# -------------------------------------------------------------------------------------------- huge requests
+def test_a_huge_prompt_is_refused_at_once_and_stalls_no_stream(server):
+    huge = "the " * 1_000_000  # 4 MB, a million tokens
+    started = time.perf_counter()
+    server.engine.tokenizer.encode(huge)
+    tokenize_s = time.perf_counter() - started  # what tokenizing it would stall, were it done in the wrong place
+    with slow_engine(server, 0.01):  # the stream lasts 5 s at least
+        times, _ = stream_times(server)
+        times.put(times.get(timeout=60))  # the stream has started
+        response = server.post("/v1/completions", {"model": "tiny", "prompt": huge, "max_tokens": 4})
+        assert_error(response, 400, "prompt", "maximum context length is 512 tokens")
+        gap = longest_gap(times)
+    assert gap < tokenize_s / 3, (gap, tokenize_s)
+    server.wait_idle()
+
+
+def test_prompts_are_tokenized_off_the_event_loop_and_the_engine_thread(server, monkeypatch):
+    tokenizer = server.engine.tokenizer
+    encode, threads = tokenizer.encode, []
+
+    def slow_encode(*args, **kwargs):
+        threads.append(threading.current_thread())
+        time.sleep(2.0)  # a long prompt's tokenizing, which releases the GIL as the real tokenizer does
+        return encode(*args, **kwargs)
+
+    with slow_engine(server, 0.01):
+        times, _ = stream_times(server)
+        times.put(times.get(timeout=60))
+        monkeypatch.setattr(tokenizer, "encode", slow_encode)
+        for path, body in [("/v1/completions", {"model": "tiny", "prompt": PROMPT, "max_tokens": 2}),
+                           ("/v1/chat/completions", {"model": "tiny", "messages": MESSAGES, "max_tokens": 2})]:
+            assert server.post(path, body).status_code == 200
+        gap = longest_gap(times)
+    assert len(threads) == 2
+    assert all(t.name != "omniserve-engine" and t is not server.thread for t in threads), threads
+    assert gap < 1.0  # the stream never waited for the 2 s of tokenizing
+    server.wait_idle()
+
+
+def test_echo_gives_back_the_prompt_as_sent(server):
+    """Prompts reach the engine as token ids now; echo still returns the text the client sent."""
+    body = {"model": "tiny", "prompt": "hello  world", "max_tokens": 2, "echo": True, "ignore_eos": True}
+    whole = server.post("/v1/completions", body).json()["choices"][0]["text"]
+    assert whole.startswith("hello  world") and len(whole) > len("hello  world")
+    with httpx.stream("POST", server.url + "/v1/completions", json={**body, "stream": True}, timeout=60) as response:
+        lines = [line for line in response.iter_lines() if line.startswith("data: {")]
+    assert json.loads(lines[0].removeprefix("data: "))["choices"][0]["text"].startswith("hello  world")
+
+
+def test_a_body_over_the_limit_gets_413_before_it_is_parsed(tiny_chat_model):
+    assert RequestLimits().max_body_bytes == 26_214_400  # OpenAI's limit
+    body = ('{"model": "tiny", "max_tokens": 2, "prompt": "' + "the " * 300_000 + '"}').encode()  # 1.2 MB
+    with serving(tiny_chat_model, limits=RequestLimits(max_body_bytes=1_000_000)) as running:
+        chunked = (body[i:i + 65536] for i in range(0, len(body), 65536))  # no Content-Length: read, then refused
+        for content in (body, chunked):
+            response = httpx.post(running.url + "/v1/completions", content=content, timeout=60,
+                                  headers={"content-type": "application/json"})
+            error = assert_error(response, 413, None, "limit of 1000000 bytes")
+            assert error["code"] == "request_too_large"
+        small = httpx.post(running.url + "/v1/completions", timeout=60, json={
+            "model": "tiny", "prompt": PROMPT, "max_tokens": 2}, headers={"transfer-encoding": "chunked"})
+        assert small.status_code == 200, small.text
+        assert_serves(running)
 
 
 # ----------------------------------------------------------------------------------------- nothing in flight

@@ -140,11 +140,13 @@ def _serve(args: argparse.Namespace) -> None:
     from omniserve.entrypoints.openai.api_server import build_app, run_server
     from omniserve.entrypoints.openai.auth import APIKeys
     from omniserve.entrypoints.openai.served_models import default_served_name
+    from omniserve.entrypoints.openai.serving import RequestLimits
 
     logging.getLogger("omniserve").setLevel(args.log_level.upper())
     if args.model_tag is not None:
         args.model = args.model_tag
     api_keys = APIKeys.build(args.api_key, args.api_keys_file)  # a bad keys file fails before the model loads
+    limits = RequestLimits(max_body_bytes=round(args.max_request_body_mib * 2**20))
     if args.gpu_memory_utilization is not None:
         logging.getLogger(__name__).warning(
             "--gpu-memory-utilization is not applied yet: size the KV cache with --kv-cache-memory-bytes or "
@@ -161,7 +163,7 @@ def _serve(args: argparse.Namespace) -> None:
         run_router(build_router_app(Router(urls)), args.host, args.port, log_level=args.log_level)
         return
     engine = LLMEngine(EngineArgs.from_cli_args(args))
-    app = build_app(engine, names, api_keys, drain_grace_s=args.shutdown_timeout)
+    app = build_app(engine, names, api_keys, drain_grace_s=args.shutdown_timeout, limits=limits)
     run_server(app, args.host, args.port, log_level=args.log_level)
 
 
@@ -224,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="TOML or YAML file mapping API keys to the classes (ls, be) each may use")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,
                        help="seconds that requests in flight get to finish after SIGTERM before they are ended")
+    serve.add_argument("--max-request-body-mib", type=float, default=25.0,
+                       help="largest request body, in MiB; a larger one gets 413 (default: OpenAI's limit)")
     serve.add_argument("--gpu-memory-utilization", type=float, default=None,
                        help="accepted for vLLM compatibility; not applied yet (use --kv-cache-memory-bytes)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

@@ -3,8 +3,9 @@
     app = build_app(engine, served_model_names, api_keys)   # tests run this in-process
     run_server(app, host, port)                              # `omniserve serve`: until SIGTERM, then drain, exit 0
 
-The engine steps on its own thread (AsyncEngine); the event loop only parses requests, renders chat templates and
-writes chunks, and every request reads its own output queue, so one slow client never stalls the others.
+The engine steps on its own thread (AsyncEngine); the event loop only parses requests and writes chunks (chat
+templates and tokenizers run in worker threads), and every request reads its own output queue, so one slow client
+never stalls the others. A body over the size limit is refused before it is read.
 
 SIGTERM (or Ctrl-C) drains: the listening socket closes, new generation requests on open connections get 503 with
 Retry-After, and requests in flight run to their end. Those still running when the grace period is over (or at a
@@ -30,6 +31,7 @@ from contextlib import asynccontextmanager
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -45,7 +47,7 @@ from omniserve.entrypoints.openai.protocol import (
     TokenizeResponse,
 )
 from omniserve.entrypoints.openai.served_models import ServedModels
-from omniserve.entrypoints.openai.serving import ClientDisconnected, ServerState
+from omniserve.entrypoints.openai.serving import ClientDisconnected, RequestLimits, ServerState
 from omniserve.entrypoints.openai.serving_chat import ChatServing
 from omniserve.entrypoints.openai.serving_completions import CompletionServing
 
@@ -62,11 +64,11 @@ _CLOSE_TIMEOUT_S = 5
 
 
 def build_app(engine: LLMEngine, served_model_names: list[str], api_keys: APIKeys | None = None,
-              drain_grace_s: float = 30.0) -> FastAPI:
+              drain_grace_s: float = 30.0, limits: RequestLimits | None = None) -> FastAPI:
     """The app for one engine; the engine thread starts and stops with the app (its lifespan)."""
     models = ServedModels(served_model_names, engine.services, str(engine.args.model or served_model_names[0]),
                           engine.scheduler_config.max_model_len)
-    state = ServerState(engine, models, drain_grace_s)
+    state = ServerState(engine, models, drain_grace_s, limits or RequestLimits())
     metrics = ServerMetrics(served_model_names[0])
     completions = CompletionServing(state)
     chat = ChatServing(state)
@@ -140,11 +142,10 @@ def build_app(engine: LLMEngine, served_model_names: list[str], api_keys: APIKey
     @app.post("/tokenize")
     async def tokenize(request: TokenizeRequest) -> Response:
         models.resolve(request.model, wants_best_effort=False)
-        tokenizer = _tokenizer(engine)
         if request.messages is not None:
-            tokens = chat.render(request.messages, request.add_generation_prompt)
+            tokens = await chat.render(request.messages, request.add_generation_prompt)
         elif request.prompt is not None:
-            tokens = list(tokenizer.encode(request.prompt, add_special_tokens=request.add_special_tokens))
+            tokens = await completions.prompt_ids(request.prompt, request.add_special_tokens)
         else:
             raise APIError(400, "give a prompt or messages", param="prompt")
         return _json(TokenizeResponse(count=len(tokens), max_model_len=models.max_model_len, tokens=tokens))
@@ -156,7 +157,7 @@ def build_app(engine: LLMEngine, served_model_names: list[str], api_keys: APIKey
         vocab = engine.model_config.vocab_size
         if any(not 0 <= t < vocab for t in request.tokens):
             raise APIError(400, f"token ids must be in [0, {vocab})", param="tokens")
-        return _json(DetokenizeResponse(prompt=tokenizer.decode(request.tokens)))
+        return _json(DetokenizeResponse(prompt=await run_in_threadpool(tokenizer.decode, request.tokens)))
 
     return app
 
@@ -214,8 +215,8 @@ def _add_error_handlers(app: FastAPI) -> None:
 # --------------------------------------------------------------------------------------------------- middleware
 class RequestContextMiddleware:
     """Per HTTP request: its id (the client's x-request-id when it is sane, else a new one) on the response and in
-    the log line; the API key and the classes it may use; 503 for new generation requests while draining; and,
-    when it ends however it ends, the end of the engine requests it started."""
+    the log line; the API key and the classes it may use; 503 for new generation requests while draining; 413 for a
+    body over the size limit; and, when it ends however it ends, the end of the engine requests it started."""
 
     def __init__(self, app: ASGIApp, state: ServerState, api_keys: APIKeys | None) -> None:
         self.app = app
@@ -226,12 +227,14 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = authorization = None
+        request_id = authorization = content_length = None
         for name, value in scope["headers"]:
             if name == b"x-request-id":
                 request_id = value.decode("latin-1")
             elif name == b"authorization":
                 authorization = value.decode("latin-1")
+            elif name == b"content-length":
+                content_length = int(value) if value.isdigit() else None
         if request_id is None or not _REQUEST_ID.fullmatch(request_id):
             request_id = uuid.uuid4().hex
         context = scope.setdefault("state", {})
@@ -265,12 +268,44 @@ class RequestContextMiddleware:
                                           headers={"Retry-After": retry})
                 await response(scope, receive, send_with_id)
                 return
-            await self.app(scope, receive, send_with_id)
+            limited_receive = await self._within_body_limit(receive, content_length)
+            if limited_receive is None:
+                limit = self.state.limits.max_body_bytes
+                response = error_response(413, f"the request body is larger than this server's limit of {limit} "
+                                          "bytes", code="request_too_large")
+                await response(scope, receive, send_with_id)
+                return
+            await self.app(scope, limited_receive, send_with_id)
         finally:
             for generation in context["generations"]:
                 generation.close()
             logger.info('%s "%s %s" %d %.1f ms', request_id, scope["method"], path, status,
                         (time.perf_counter() - started) * 1e3)
+
+    async def _within_body_limit(self, receive: Receive, content_length: int | None) -> Receive | None:
+        """`receive` for a body within the size limit; None for one beyond it, before it is parsed (or, with a
+        Content-Length, read at all). A body of unknown length (chunked) is read here, up to the limit, and replayed
+        to the app."""
+        limit = self.state.limits.max_body_bytes
+        if content_length is not None:
+            return receive if content_length <= limit else None
+        messages: list[Message] = []
+        size = 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":  # the client left
+                break
+            size += len(message.get("body", b""))
+            if size > limit:
+                return None
+            if not message.get("more_body", False):
+                break
+
+        async def replay() -> Message:
+            return messages.pop(0) if messages else await receive()
+
+        return replay
 
 
 # ------------------------------------------------------------------------------------------------------ running

@@ -1,9 +1,14 @@
-"""What completions and chat completions share: a request's service and SamplingParams, the engine requests behind
-one HTTP request (started, run to the end, or streamed), logprobs and usage, and SSE responses.
+"""What completions and chat completions share: the limits on what one request may ask for, a request's service
+and SamplingParams, its prompts as token ids, the engine requests behind one HTTP request (started, run to the end,
+or streamed), logprobs and usage, and SSE responses.
 
 An HTTP request is answered only once its engine requests have produced their first output, so that bad input
 (400) and an LS request the scheduler rejects (429, 503 while draining) get a status code even when streaming, and
 no stream ever starts with an empty chunk.
+
+Text is tokenized here, in a worker thread, never on the event loop (it would stall every stream) nor on the engine
+thread (it would stall every generation): a long prompt takes seconds to tokenize. The tokenizer releases the GIL,
+so the other threads run meanwhile.
 """
 
 from __future__ import annotations
@@ -16,10 +21,12 @@ from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from omniserve.config import ConfigError
 from omniserve.engine.async_engine import AsyncEngine, EngineDeadError
 from omniserve.engine.llm_engine import LLMEngine
 from omniserve.engine.outputs import RequestOutput
@@ -38,6 +45,19 @@ class ClientDisconnected(Exception):
     """The client went away before its answer was ready (its engine requests end with the HTTP request)."""
 
 
+@dataclass(frozen=True)
+class RequestLimits:
+    """Bounds on the work one request can make the server do (`omniserve serve` flags)."""
+
+    max_body_bytes: int = 26_214_400
+    """The largest request body: OpenAI's own limit (25 MiB). A larger one gets 413 before it is read."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes",):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+
 @dataclass
 class ServerState:
     """What every handler shares."""
@@ -45,12 +65,26 @@ class ServerState:
     engine: LLMEngine
     models: ServedModels
     drain_grace_s: float = 30.0
+    limits: RequestLimits = field(default_factory=RequestLimits)
     async_engine: AsyncEngine | None = None
     """Started with the app (its lifespan), stopped with it."""
     draining: bool = False
     """Set on SIGTERM: new generation requests get 503 while those in flight finish."""
     in_flight: set[Generation] = field(default_factory=set)
     """The generations of HTTP requests not yet answered in full."""
+    max_prompt_chars: int | None = field(init=False)
+    """A text longer than this cannot fit in the context, so it is refused without being tokenized (None: no
+    tokenizer). A token never stands for more characters than the longest string in the vocabulary (byte-level
+    vocabularies spell each byte as one character, so they overcount), so a prompt of more than max_model_len times
+    that many characters has more than max_model_len tokens. (A word-level tokenizer that maps any unknown word to
+    one token is the exception; no LLM tokenizer works that way.)"""
+
+    def __post_init__(self) -> None:
+        tokenizer = self.engine.tokenizer
+        self.max_prompt_chars = None
+        if tokenizer is not None:
+            longest_token = max((len(t) for t in tokenizer.get_vocab()), default=1)
+            self.max_prompt_chars = self.models.max_model_len * max(1, longest_token)
 
     def engine_or_503(self) -> AsyncEngine:
         if self.async_engine is None or not self.async_engine.alive:
@@ -115,8 +149,28 @@ class OpenAIServing:
             return str(max(1, math.ceil(self.state.drain_grace_s)))
         return str(max(1, math.ceil(resolved.service.ttft_slo or 1.0)))
 
+    # ------------------------------------------------------------------------------------------------- prompts
+    async def prompt_ids(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
+        """A prompt as token ids. Text is tokenized in a worker thread (see the module docstring), and only when it
+        can fit in the context; ids that cannot fit are refused here too, before the engine thread checks them."""
+        limit = self.state.models.max_model_len
+        if not isinstance(prompt, str):
+            if len(prompt) > limit:
+                raise APIError(400, f"this model's maximum context length is {limit} tokens, but the prompt has "
+                               f"{len(prompt)} tokens", param="prompt")
+            return prompt
+        if self.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer (random weights): pass token ids", param="prompt")
+        if len(prompt) > self.state.max_prompt_chars:
+            raise APIError(400, f"this model's maximum context length is {limit} tokens, and a prompt of "
+                           f"{len(prompt)} characters is longer than that", param="prompt")
+        return await run_in_threadpool(self._encode, prompt, add_special_tokens)
+
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
     # ----------------------------------------------------------------------------------------------- generation
-    async def start(self, raw_request: Request, request_ids: list[str], prompts: list[str | list[int]],
+    async def start(self, raw_request: Request, request_ids: list[str], prompts: list[list[int]],
                     params: SamplingParams, resolved: Resolved) -> "Generation":
         """Submits one engine request per prompt and waits for their first outputs (see Generation.start).
         A request that reaches this point during a drain gets 503: it is not in flight yet."""
@@ -170,7 +224,7 @@ class Generation:
     calls `close()` when the HTTP request ends, however it ends, so nothing outlives it: not the engine requests,
     not the generation's place in the server's in-flight set."""
 
-    def __init__(self, state: ServerState, request_ids: list[str], prompts: list[str | list[int]],
+    def __init__(self, state: ServerState, request_ids: list[str], prompts: list[list[int]],
                  params: SamplingParams) -> None:
         self._state = state
         self._engine = state.engine_or_503()

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import jinja2
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -33,11 +34,11 @@ class ChatServing(OpenAIServing):
             raise APIError(400, "only response_format {\"type\": \"text\"} is supported", param="response_format")
         if request.top_logprobs is not None and not request.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-        prompt = self.render(request.messages, request.add_generation_prompt, request.continue_final_message,
-                             request.chat_template_kwargs)
         max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         params = self.sampling_params(request, resolved, max_tokens, logprobs)
+        prompt = await self.render(request.messages, request.add_generation_prompt, request.continue_final_message,
+                                   request.chat_template_kwargs)
         response_id = f"chatcmpl-{raw_request.state.request_id}"
         generation = await self.start(raw_request, [response_id], [prompt], params, resolved)
         header = dict(response_id=response_id, created=now(), model=resolved.model.name,
@@ -58,21 +59,23 @@ class ChatServing(OpenAIServing):
                                       choices=choices, service_tier=header["service_tier"], usage=self.usage(finals))
         return Response(body.model_dump_json(), media_type="application/json")
 
-    def render(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
-               continue_final_message: bool = False, template_kwargs: dict[str, Any] | None = None) -> list[int]:
-        """The conversation through the model's chat template, as token ids (the template adds the special tokens)."""
+    async def render(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
+                     continue_final_message: bool = False, template_kwargs: dict[str, Any] | None = None
+                     ) -> list[int]:
+        """The conversation through the model's chat template, as token ids (the template adds the special tokens).
+        Rendered and tokenized in worker threads (see serving.py), as apply_chat_template(tokenize=True) does it."""
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise APIError(400, "this model has no chat template: use /v1/completions", param="messages")
         conversation = [_message(m) for m in messages]
         extra = {k: v for k, v in (template_kwargs or {}).items() if k not in _RESERVED_TEMPLATE_KWARGS}
         try:
-            encoded = self.tokenizer.apply_chat_template(
-                conversation, add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final_message, tokenize=True, return_dict=True, **extra,
+            text = await run_in_threadpool(
+                self.tokenizer.apply_chat_template, conversation, add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message, tokenize=False, **extra,
             )
         except (jinja2.TemplateError, ValueError, TypeError, KeyError) as exc:
             raise APIError(400, f"the chat template cannot render these messages: {exc}", param="messages") from None
-        return list(encoded["input_ids"])
+        return await self.prompt_ids(text, add_special_tokens=False)
 
     async def _stream(self, request: ChatCompletionRequest, generation: Generation, header: dict
                       ) -> AsyncIterator[str]:

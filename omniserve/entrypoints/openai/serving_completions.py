@@ -31,18 +31,19 @@ class CompletionServing(OpenAIServing):
                            "compute", param="echo")
         prompts = _prompts(request.prompt)
         params = self.sampling_params(request, resolved, request.max_tokens, request.logprobs)
+        prompt_ids = [await self.prompt_ids(p) for p in prompts]
         response_id = f"cmpl-{raw_request.state.request_id}"
         ids = [response_id] if len(prompts) == 1 else [f"{response_id}-{i}" for i in range(len(prompts))]
-        generation = await self.start(raw_request, ids, prompts, params, resolved)
+        generation = await self.start(raw_request, ids, prompt_ids, params, resolved)
         header = dict(response_id=response_id, created=now(), model=resolved.model.name,
                       service_tier=resolved.service_tier)
         if request.stream:
-            return EventStreamResponse(self._stream(request, generation, header))
+            return EventStreamResponse(self._stream(request, prompts, generation, header))
         finals = await until_disconnected(raw_request, generation.finals())
         self.check_finished_well(finals)
         choices = []
         for p, out in enumerate(finals):
-            prompt_text = self._prompt_text(out) if request.echo else ""
+            prompt_text = self._prompt_text(prompts[p], out) if request.echo else ""
             for c in out.outputs:
                 logprobs = None
                 if request.logprobs is not None:
@@ -55,7 +56,8 @@ class CompletionServing(OpenAIServing):
                                   service_tier=header["service_tier"], usage=self.usage(finals))
         return Response(body.model_dump_json(), media_type="application/json")
 
-    async def _stream(self, request: CompletionRequest, generation: Generation, header: dict) -> AsyncIterator[str]:
+    async def _stream(self, request: CompletionRequest, prompts: list[str | list[int]], generation: Generation,
+                      header: dict) -> AsyncIterator[str]:
         options = request.stream_options
         with_usage = options is not None and options.include_usage
         continuous = with_usage and options.continuous_usage_stats
@@ -75,7 +77,7 @@ class CompletionServing(OpenAIServing):
                         raise APIError(500, "the engine failed while running this request", code="engine_error")
                     text = c.delta_text
                     if request.echo and index not in offsets:
-                        text = self._prompt_text(out) + text
+                        text = self._prompt_text(prompts[p], out) + text
                         offsets[index] = 0
                     logprobs = None
                     if request.logprobs is not None and c.logprobs and len(c.logprobs) > sent_logprobs.get(index, 0):
@@ -99,9 +101,9 @@ class CompletionServing(OpenAIServing):
             yield sse_error(exc)
         yield SSE_DONE
 
-    def _prompt_text(self, out: RequestOutput) -> str:
-        if out.prompt is not None:
-            return out.prompt
+    def _prompt_text(self, prompt: str | list[int], out: RequestOutput) -> str:
+        if isinstance(prompt, str):
+            return prompt
         return "" if self.tokenizer is None else self.tokenizer.decode(out.prompt_token_ids)
 
     def _logprobs(self, tokens: list[SampledToken], offset: int) -> tuple[CompletionLogprobs, int]:
