@@ -1,5 +1,6 @@
-"""What one request may make the server do: bounded bodies and prompts, no prompt tokenized where it stalls
-others, nothing left in flight after a refusal. The server and its tiny model come from test_server."""
+"""What one request may make the server do: bounded bodies, prompts and sampling fields, refused fields, no prompt
+tokenized where it stalls others, nothing left in flight after a refusal, and an OpenAPI spec that says what the
+server answers. The server and its tiny model come from test_server."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import httpx
 import pytest
 from test_server import MESSAGES, PROMPT, assert_serves, server, serving, slow_engine, tiny_chat_model  # noqa: F401
 
+from omniserve.config import ConfigError
 from omniserve.entrypoints.openai.serving import RequestLimits
 
 
@@ -138,3 +140,74 @@ def test_refused_requests_leave_nothing_in_flight(server, body, message, stream)
     assert_error(response, 400, "prompt" if "max_tokens" not in body else "max_tokens", message)
     wait_until(lambda: not server.state.in_flight, "refused requests are still in flight")
     server.wait_idle()
+
+
+# ----------------------------------------------------------------------------------------- refused fields
+@pytest.mark.parametrize("path, body, param, message", [
+    ("/v1/chat/completions", {"messages": [{"role": "banana", "content": "hi"}]}, "messages.0.role",
+     "'system', 'user', 'assistant', 'tool' or 'developer'"),
+    ("/v1/completions", {"prompt": PROMPT, "n": 129}, "n", "n must be at most 128"),
+    ("/v1/completions", {"prompt": PROMPT, "stop": [f"s{i}" for i in range(17)]}, "stop", "at most 16 stop"),
+    ("/v1/completions", {"prompt": PROMPT, "guided_json": {}}, "guided_json",
+     "Unrecognized request argument supplied: guided_json"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "stream": True, "stream_options": {"include_usage": True,
+                                                                                       "colour": "red"}},
+     "stream_options.colour", "Unrecognized request argument supplied: stream_options.colour"),
+    ("/tokenize", {"prompt": PROMPT, "truncate": 3}, "truncate", "Unrecognized request argument supplied"),
+], ids=["unknown-role", "n-too-large", "too-many-stops", "unknown-field", "unknown-nested-field", "tokenize"])
+def test_inputs_beyond_the_api_or_the_limits_are_refused(server, path, body, param, message):
+    assert_error(server.post(path, {"model": "tiny", **body}), 400, param, message)
+    assert_serves(server)
+
+
+def test_limits_are_flags_and_fields_that_change_nothing_are_accepted(tiny_chat_model):
+    with pytest.raises(ConfigError, match="max_n"):
+        RequestLimits(max_n=0)
+    with serving(tiny_chat_model, limits=RequestLimits(max_n=2, max_stop=1)) as running:
+        base = {"model": "tiny", "prompt": PROMPT, "max_tokens": 2}
+        assert_error(running.post("/v1/completions", {**base, "n": 3}), 400, "n", "at most 2")
+        assert_error(running.post("/v1/completions", {**base, "stop": ["a", "b"]}), 400, "stop", "at most 1")
+        done = running.post("/v1/completions", {**base, "n": 2, "stop": ["a"], "user": "u1", "store": False,
+                                                "metadata": {"k": "v"}, "safety_identifier": "s"})
+        assert done.status_code == 200 and len(done.json()["choices"]) == 2
+        roles = [{"role": role, "content": "hello"} for role in ("developer", "system", "user", "assistant")]
+        chat = running.post("/v1/chat/completions", {"model": "tiny", "messages": roles, "max_tokens": 2,
+                                                     "parallel_tool_calls": False})
+        assert chat.status_code == 200, chat.text
+
+
+# --------------------------------------------------------------------------------------------- the OpenAPI spec
+def test_openapi_spec_declares_the_answers_the_server_gives(server):
+    spec = httpx.get(server.url + "/openapi.json").json()
+    generation = {"200", "400", "401", "403", "404", "413", "429", "500", "503"}
+    expected = {
+        ("/v1/completions", "post"): generation, ("/v1/chat/completions", "post"): generation,
+        ("/v1/models", "get"): {"200", "401"}, ("/v1/models/{name}", "get"): {"200", "401", "404"},
+        ("/tokenize", "post"): {"200", "400", "401", "404", "413"},
+        ("/detokenize", "post"): {"200", "400", "401", "404", "413"},
+        ("/health", "get"): {"200", "503"}, ("/metrics", "get"): {"200"},
+    }
+    for (path, method), codes in expected.items():
+        responses = spec["paths"][path][method]["responses"]
+        assert set(responses) == codes, (path, set(responses))
+        for code in codes - {"200"}:
+            assert responses[code]["content"] == {"application/json": {"schema": {
+                "$ref": "#/components/schemas/ErrorResponse"}}}, (path, code)
+    for path in spec["paths"].values():
+        for operation in path.values():
+            assert "422" not in operation["responses"]  # validation errors are 400 here
+    assert "HTTPValidationError" not in spec["components"]["schemas"]
+    error = spec["components"]["schemas"]["ErrorInfo"]
+    assert set(error["properties"]) == {"message", "type", "param", "code"}
+
+    completion = spec["paths"]["/v1/completions"]["post"]["responses"]["200"]["content"]
+    assert set(completion) == {"application/json", "text/event-stream"}
+    assert completion["application/json"]["schema"] == {"$ref": "#/components/schemas/CompletionResponse"}
+    health = spec["paths"]["/health"]["get"]["responses"]["200"]
+    assert "content" not in health
+    assert set(spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == {"text/plain"}
+
+    # and what the server really answers
+    answer = httpx.get(server.url + "/health")
+    assert answer.status_code == 200 and not answer.content and "content-type" not in answer.headers
+    assert httpx.get(server.url + "/metrics").headers["content-type"].startswith("text/plain")

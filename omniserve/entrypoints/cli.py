@@ -146,7 +146,8 @@ def _serve(args: argparse.Namespace) -> None:
     if args.model_tag is not None:
         args.model = args.model_tag
     api_keys = APIKeys.build(args.api_key, args.api_keys_file)  # a bad keys file fails before the model loads
-    limits = RequestLimits(max_body_bytes=round(args.max_request_body_mib * 2**20))
+    limits = RequestLimits(max_body_bytes=round(args.max_request_body_mib * 2**20), max_n=args.max_n,
+                           max_stop=args.max_stop_sequences)
     if args.gpu_memory_utilization is not None:
         logging.getLogger(__name__).warning(
             "--gpu-memory-utilization is not applied yet: size the KV cache with --kv-cache-memory-bytes or "
@@ -228,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds that requests in flight get to finish after SIGTERM before they are ended")
     serve.add_argument("--max-request-body-mib", type=float, default=25.0,
                        help="largest request body, in MiB; a larger one gets 413 (default: OpenAI's limit)")
+    serve.add_argument("--max-n", type=int, default=128,
+                       help="most completions one request may ask for (n; default: OpenAI's limit)")
+    serve.add_argument("--max-stop-sequences", type=int, default=16,
+                       help="most stop strings one request may give (OpenAI allows 4, vLLM any number)")
     serve.add_argument("--gpu-memory-utilization", type=float, default=None,
                        help="accepted for vLLM compatibility; not applied yet (use --kv-cache-memory-bytes)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

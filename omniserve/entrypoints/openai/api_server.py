@@ -33,7 +33,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import omniserve
@@ -43,8 +43,8 @@ from omniserve.entrypoints.openai.auth import APIKeys
 from omniserve.entrypoints.openai.errors import APIError, error_response
 from omniserve.entrypoints.openai.metrics import ServerMetrics
 from omniserve.entrypoints.openai.protocol import (
-    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse, TokenizeRequest,
-    TokenizeResponse,
+    ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse, DetokenizeRequest,
+    DetokenizeResponse, ErrorResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse,
 )
 from omniserve.entrypoints.openai.served_models import ServedModels
 from omniserve.entrypoints.openai.serving import ClientDisconnected, RequestLimits, ServerState
@@ -89,13 +89,14 @@ def build_app(engine: LLMEngine, served_model_names: list[str], api_keys: APIKey
         finally:
             state.async_engine.shutdown()
 
-    app = FastAPI(title="omniserve", summary="OpenAI-compatible LLM server with LS/BE service classes",
-                  lifespan=lifespan)
+    app = _OpenAIApp(title="omniserve", summary="OpenAI-compatible LLM server with LS/BE service classes",
+                     lifespan=lifespan)
     app.state.server = state
     app.add_middleware(RequestContextMiddleware, state=state, api_keys=api_keys)
     _add_error_handlers(app)
 
-    @app.get("/health")
+    @app.get("/health", response_class=Response, responses={
+        200: {"description": "The server takes requests (an empty body)"}, **_errors(503)})
     async def health() -> Response:
         if state.draining:
             return error_response(503, "the server is shutting down", code="draining")
@@ -103,7 +104,8 @@ def build_app(engine: LLMEngine, served_model_names: list[str], api_keys: APIKey
             return error_response(503, "the engine is not running", code="engine_dead")
         return Response(status_code=200)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses={
+        200: {"description": "Prometheus text exposition format"}})
     async def prometheus_metrics() -> Response:
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
@@ -116,11 +118,11 @@ def build_app(engine: LLMEngine, served_model_names: list[str], api_keys: APIKey
                    for name, m in models.by_name.items()}
         return {**load["report"], "models": classes, "draining": state.draining}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses={200: {"model": ModelList}, **_errors(401)})
     async def list_models() -> Response:
         return _json(models.cards())
 
-    @app.get("/v1/models/{name:path}")
+    @app.get("/v1/models/{name:path}", responses={200: {"model": ModelCard}, **_errors(401, 404)})
     async def retrieve_model(name: str) -> Response:
         card = next((c for c in models.cards().data if c.id == name), None)
         if card is None:
@@ -131,15 +133,15 @@ def build_app(engine: LLMEngine, served_model_names: list[str], api_keys: APIKey
     async def version() -> dict[str, str]:
         return {"version": omniserve.__version__}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=_generation_responses(CompletionResponse))
     async def create_completion(request: CompletionRequest, raw_request: Request) -> Response:
         return await completions.create(request, raw_request)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=_generation_responses(ChatCompletionResponse))
     async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request) -> Response:
         return await chat.create(request, raw_request)
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", responses={200: {"model": TokenizeResponse}, **_errors(400, 401, 404, 413)})
     async def tokenize(request: TokenizeRequest) -> Response:
         models.resolve(request.model, wants_best_effort=False)
         if request.messages is not None:
@@ -150,7 +152,7 @@ def build_app(engine: LLMEngine, served_model_names: list[str], api_keys: APIKey
             raise APIError(400, "give a prompt or messages", param="prompt")
         return _json(TokenizeResponse(count=len(tokens), max_model_len=models.max_model_len, tokens=tokens))
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", responses={200: {"model": DetokenizeResponse}, **_errors(400, 401, 404, 413)})
     async def detokenize(request: DetokenizeRequest) -> Response:
         models.resolve(request.model, wants_best_effort=False)
         tokenizer = _tokenizer(engine)
@@ -160,6 +162,44 @@ def build_app(engine: LLMEngine, served_model_names: list[str], api_keys: APIKey
         return _json(DetokenizeResponse(prompt=await run_in_threadpool(tokenizer.decode, request.tokens)))
 
     return app
+
+
+class _OpenAIApp(FastAPI):
+    def openapi(self) -> dict:
+        """FastAPI's schema without the 422 it adds to every route with a body: this server answers 400 there,
+        declared per route with the rest of its errors."""
+        if self.openapi_schema is None:
+            schema = super().openapi()
+            for path in schema["paths"].values():
+                for operation in path.values():
+                    operation["responses"].pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+        return self.openapi_schema
+
+
+_ERROR_DESCRIPTIONS = {
+    400: "Malformed JSON, an unknown, wrong or unsupported field, or a prompt beyond the context",
+    401: "No API key, or a wrong one (when the server has keys)",
+    403: "The API key may not use this service class",
+    404: "Unknown model",
+    413: "The body is larger than the server's limit",
+    429: "The scheduler cannot meet this latency-sensitive request's TTFT SLO now (with Retry-After)",
+    500: "The engine failed while running the request",
+    503: "The server is shutting down (with Retry-After), or its engine is not running",
+}
+
+
+def _errors(*codes: int) -> dict[int, dict]:
+    """OpenAPI responses for these error codes, each with OpenAI's error body."""
+    return {code: {"model": ErrorResponse, "description": _ERROR_DESCRIPTIONS[code]} for code in codes}
+
+
+def _generation_responses(model: type) -> dict[int, dict]:
+    """OpenAPI responses of a completions route: the answer (JSON, or server-sent events) or an error."""
+    events = {"type": "string", "description": "with `stream: true`: chunks as server-sent events, then [DONE]"}
+    return {200: {"model": model, "content": {"text/event-stream": {"schema": events}}},
+            **_errors(400, 401, 403, 404, 413, 429, 500, 503)}
 
 
 def _json(body) -> Response:
@@ -188,7 +228,10 @@ def _add_error_handlers(app: FastAPI) -> None:
         for error in errors:
             field = ".".join(str(p) for p in error.get("loc", ())[1:])
             param = param or field or None
-            parts.append(f"{field}: {error.get('msg')}" if field else str(error.get("msg")))
+            if error.get("type") == "extra_forbidden":  # OpenAI's words for a field it does not know
+                parts.append(f"Unrecognized request argument supplied: {field}")
+            else:
+                parts.append(f"{field}: {error.get('msg')}" if field else str(error.get("msg")))
         return error_response(400, "; ".join(parts) or "invalid request", param=param)
 
     async def http_error(_: Request, exc: StarletteHTTPException) -> Response:

@@ -1,7 +1,9 @@
 """The OpenAI API's request and response bodies (with vLLM's extra sampling fields), as pydantic models.
 
-Requests ignore fields they do not know, as OpenAI's and vLLM's servers do, so clients written for either work.
-Sampling values are range-checked once, by SamplingParams, whose errors name the field. Streamed chunks have the
+A request with a field it does not know is refused (400, "Unrecognized request argument supplied: NAME", as
+OpenAI's API answers), never half-served: a vLLM client's `guided_json` ignored would be a silently wrong answer.
+A few OpenAI fields that change nothing here (`user`, `metadata`, `store`, ...) are accepted and ignored. Sampling
+values are range-checked once, by SamplingParams, whose errors name the field. Streamed chunks have the
 fields of the matching response (`choices[].delta` in place of `message` for chat) and are written as plain dicts
 (serving.chunk), as they are the hot path.
 """
@@ -19,6 +21,12 @@ class OpenAIBaseModel(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+class RequestModel(BaseModel):
+    """A request body: unknown fields are an error (see the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
 # --------------------------------------------------------------------------------------------------------- errors
 class ErrorInfo(OpenAIBaseModel):
     message: str
@@ -32,7 +40,7 @@ class ErrorResponse(OpenAIBaseModel):
 
 
 # ------------------------------------------------------------------------------------------------------- requests
-class StreamOptions(OpenAIBaseModel):
+class StreamOptions(RequestModel):
     include_usage: bool = False
     """Send one last chunk, with no choices, that carries the usage of the whole request."""
     continuous_usage_stats: bool = False
@@ -42,7 +50,7 @@ class StreamOptions(OpenAIBaseModel):
 ServiceTier = Literal["auto", "default", "flex", "scale", "priority"]
 
 
-class SamplingRequest(OpenAIBaseModel):
+class SamplingRequest(RequestModel):
     """The fields that completions and chat completions share."""
 
     model: str | None = None
@@ -68,7 +76,12 @@ class SamplingRequest(OpenAIBaseModel):
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+    # OpenAI's fields that change nothing here: accepted, ignored.
     user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
 
     @property
     def wants_best_effort(self) -> bool:
@@ -104,9 +117,12 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
+ChatRole = Literal["system", "user", "assistant", "tool", "developer"]
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")  # name, tool_calls, ...: handed to the chat template as they are
-    role: str
+    role: ChatRole
     content: str | list[ContentPart] | None = None
 
 
@@ -122,10 +138,11 @@ class ChatCompletionRequest(SamplingRequest):
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
 
 
-class TokenizeRequest(OpenAIBaseModel):
+class TokenizeRequest(RequestModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -133,7 +150,7 @@ class TokenizeRequest(OpenAIBaseModel):
     add_generation_prompt: bool = True
 
 
-class DetokenizeRequest(OpenAIBaseModel):
+class DetokenizeRequest(RequestModel):
     model: str | None = None
     tokens: list[int]
 

@@ -51,9 +51,14 @@ class RequestLimits:
 
     max_body_bytes: int = 26_214_400
     """The largest request body: OpenAI's own limit (25 MiB). A larger one gets 413 before it is read."""
+    max_n: int = 128
+    """The most completions one request may ask for (`n`): OpenAI's limit."""
+    max_stop: int = 16
+    """The most stop strings one request may give. OpenAI allows 4, vLLM any number; code benchmarks send 5 to 7 to
+    vLLM servers. Every one is searched for at every generated token."""
 
     def __post_init__(self) -> None:
-        for name in ("max_body_bytes",):
+        for name in ("max_body_bytes", "max_n", "max_stop"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
 
@@ -115,12 +120,17 @@ class OpenAIServing:
                            param="service_tier", code="service_class_not_allowed")
         return resolved
 
-    @staticmethod
-    def sampling_params(request: SamplingRequest, resolved: Resolved, max_tokens: int | None,
+    def sampling_params(self, request: SamplingRequest, resolved: Resolved, max_tokens: int | None,
                         logprobs: int | None) -> SamplingParams:
         problem = request.unsupported()
         if problem is not None:
             raise APIError(400, problem[1], param=problem[0])
+        limits = self.state.limits
+        if request.n > limits.max_n:
+            raise APIError(400, f"n must be at most {limits.max_n}, got {request.n}", param="n")
+        stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+        if len(stop) > limits.max_stop:
+            raise APIError(400, f"at most {limits.max_stop} stop sequences are allowed, got {len(stop)}", param="stop")
         try:
             return SamplingParams(
                 n=request.n,
@@ -131,7 +141,7 @@ class OpenAIServing:
                 seed=request.seed,
                 max_tokens=max_tokens,
                 min_tokens=request.min_tokens,
-                stop=[request.stop] if isinstance(request.stop, str) else list(request.stop or []),
+                stop=stop,
                 stop_token_ids=list(request.stop_token_ids or []),
                 ignore_eos=request.ignore_eos,
                 logprobs=logprobs,
