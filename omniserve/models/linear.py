@@ -7,6 +7,14 @@ default BLAS: on the machines we measured it is about twice as fast for every ba
 Whether oneDNN has a kernel for a dtype depends on the CPU, not on torch: its bf16 inner product needs AVX-512
 (an AVX2-only CPU has none, and every call would fail). So each dtype is tried once on a tiny GEMM, and where oneDNN
 cannot run it, F.linear (torch's own GEMM, which works on any CPU) does instead.
+
+oneDNN builds (JIT-compiles) a kernel for every GEMM shape, and keeps the latest 1,024 in a cache, about 0.6 MB each
+on this model whatever the shape. A serving engine's row count changes every iteration (decode rows plus prefill
+chunks), so without care the cache fills with one-off shapes: 600 MB of host memory, then a steady churn of
+evictions and ~1 ms compilations that fragments the heap, so that a server's RSS kept growing under load
+(BENCHMARKS.md, soak). Rows are therefore padded to a few sizes: exact up to 16, then 8 sizes per power of two
+(at most 1/8 more rows). That bounds the kernels to about 70 per weight shape for 2,048 rows, which the cache
+keeps for good.
 """
 
 from __future__ import annotations
@@ -42,10 +50,27 @@ def onednn_supports(dtype: torch.dtype) -> bool:
     return True
 
 
+_EXACT_ROWS = 16  # row counts up to this run as they are
+_SIZES_PER_DOUBLING = 8  # above it, padded to one of this many sizes per power of two
+
+
+def padded_rows(rows: int) -> int:
+    """The row count a oneDNN GEMM of `rows` rows runs with (see the module docstring): `rows` up to _EXACT_ROWS,
+    else the next multiple of 1/_SIZES_PER_DOUBLING of the power of two below it."""
+    if rows <= _EXACT_ROWS:
+        return rows
+    step = max(1, (1 << (rows.bit_length() - 1)) // _SIZES_PER_DOUBLING)
+    return -(-rows // step) * step
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T + bias, for x [rows, in] and weight [out, in]."""
     if x.device.type == "cpu" and x.dim() == 2 and onednn_supports(x.dtype):
-        return _onednn_linear(x, weight, bias)
+        rows = x.shape[0]
+        padded = padded_rows(rows)
+        if padded == rows:
+            return _onednn_linear(x, weight, bias)
+        return _onednn_linear(F.pad(x, (0, 0, 0, padded - rows)), weight, bias)[:rows]
     return F.linear(x, weight, bias)
 
 
