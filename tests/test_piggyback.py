@@ -9,11 +9,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
 import pytest
+import torch
 
-from omniserve.cpu_attention import PoolConfig
+from omniserve.cpu_attention import CPUAttentionPool, PoolConfig
 from omniserve.profiler.latency_model import LatencyModel, LinearModel, PiecewiseLinear
 from omniserve.sampling.params import SamplingParams
 
@@ -204,3 +207,32 @@ def test_half_precision_engine_on_a_cpu_without_avx512(tiny):
     if report["onednn_bf16"]:
         pytest.skip("this torch's oneDNN runs bf16 GEMMs even when limited to AVX2")
     assert report["lengths"] == [8, 8] and report["swap_outs"] == 1
+
+
+def test_a_killed_worker_leaves_no_thread_or_descriptor_behind():
+    """A worker's death, then its restart, leaves the engine with the threads and file descriptors it had. (Through a
+    multiprocessing.Queue, each death left a thread blocked for good on the dead worker's full pipe, holding the pipe
+    and the rows and swapped-out KV it had yet to send: the soak benchmark's growth under worker kills.)"""
+    pool = CPUAttentionPool(PoolConfig())
+    kv = torch.zeros(1, 4, 1, 8)  # [layers, tokens, kv_heads, head_dim]
+    try:
+        pool.load("a", kv, kv)
+        pool.host_kv_bytes()  # the worker is up and holds "a"
+        threads, fds = threading.active_count(), len(os.listdir("/proc/self/fd"))
+        pid = pool.worker_pids()[0]
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":  # dead, not yet reaped
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        rows = torch.zeros(64, 1, 1024)  # sent before the engine notices: one message larger than a pipe's buffer
+        pool.submit([("a", 0)] * 64, rows, rows[..., :8], rows[..., :8])
+        time.sleep(0.2)
+        assert pool.check_workers() == ["a"]
+        pool.load("b", kv, kv)
+        pool.host_kv_bytes()  # a new worker in its place, holding "b"
+        while (threading.active_count(), len(os.listdir("/proc/self/fd"))) != (threads, fds):
+            assert time.monotonic() < deadline, (threading.enumerate(), os.listdir("/proc/self/fd"))
+            time.sleep(0.05)
+    finally:
+        pool.shutdown()

@@ -1,6 +1,7 @@
-"""The CPU attention pool: local worker processes on their own cores, each with an inbox (a queue: putting never
-blocks the engine) and an outbox (a pipe the engine polls, or waits on when it has nothing else to do), and optionally
-remote hosts (Ray actors, remote.py) that take the requests the local pool has no memory for.
+"""The CPU attention pool: local worker processes on their own cores, each with an inbox (putting never blocks the
+engine: a thread writes to the worker's pipe) and an outbox (a pipe the engine polls, or waits on when it has
+nothing else to do), and optionally remote hosts (Ray actors, remote.py) that take the requests the local pool has
+no memory for.
 
 The engine never blocks on it: `submit` and `load` only enqueue, `poll` takes whatever results are ready. Each
 offloaded request lives on one worker or host (its host KV is there) and has at most one row in flight, since its
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -52,10 +55,43 @@ class PoolConfig:
             raise ConfigError("the CPU attention pool needs at least one worker with at least one thread")
 
 
+_CLOSE = object()  # tells an inbox's thread to stop
+
+
+class _Inbox:
+    """Messages to one worker, in order. `put` never blocks the engine: a thread of its own writes them to the pipe
+    that the worker reads. The engine holds only the writing end, so once the worker is gone the next write fails
+    at once, and the thread ends with whatever was left. (A multiprocessing.Queue keeps a reading end in the
+    sending process too: after a worker was killed, its feeder thread stayed blocked for good on the full pipe,
+    holding that pipe's two descriptors, the rows and the swapped-out KV it had yet to send; one leak per death.)"""
+
+    def __init__(self, connection: Connection, name: str) -> None:
+        self._connection = connection
+        self._pending: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._send_all, name=f"{name}-inbox", daemon=True)
+        self._thread.start()
+
+    def put(self, message) -> None:
+        self._pending.put(message)
+
+    def close(self) -> None:
+        """Stops the thread once it has sent what was put before (or at once, if the worker is gone)."""
+        self._pending.put(_CLOSE)
+
+    def _send_all(self) -> None:
+        try:
+            while (message := self._pending.get()) is not _CLOSE:
+                self._connection.send(message)
+        except OSError:  # the worker is gone (EPIPE): nothing left can reach it
+            pass
+        finally:
+            self._connection.close()
+
+
 @dataclass
 class _Worker:
     process: mp.Process
-    inbox: mp.Queue
+    inbox: _Inbox
     outbox: Connection
     host_kv_bytes: int = 0
     requests: set[str] = field(default_factory=set)
@@ -75,6 +111,14 @@ class _Worker:
         except (OSError, EOFError):
             pass
         return replies
+
+    def release(self) -> None:
+        """Closes the channels of a worker that has ended (its inbox's thread then ends too) and reaps its process."""
+        self.inbox.close()
+        self.outbox.close()
+        self.process.join(timeout=5)
+        if not self.process.is_alive():
+            self.process.close()
 
 
 _Target = _Worker | RemoteHost  # where an offloaded request's host KV lives
@@ -107,16 +151,19 @@ class CPUAttentionPool:
         if worker is None:
             cores = self.config.worker_cores[index] if self.config.worker_cores else None
             settings = WorkerSettings(self.config.threads_per_worker, cores, self.config.simulated_delay_s)
-            inbox = self._context.Queue()
-            outbox, worker_end = self._context.Pipe(duplex=False)
+            name = f"omniserve-cpu-attn-{index}"
+            worker_inbox, inbox = self._context.Pipe(duplex=False)
+            outbox, worker_outbox = self._context.Pipe(duplex=False)
             process = self._context.Process(
-                target=worker_main, args=(settings, inbox, worker_end), daemon=True, name=f"omniserve-cpu-attn-{index}"
-            )
+                target=worker_main, args=(settings, worker_inbox, worker_outbox), daemon=True, name=name)
             process.start()
-            worker_end.close()  # the worker holds the writing end; a dead worker then reads as EOF here
+            # Each side keeps only its own ends: a dead worker then reads as EOF here, and writing to it fails at once
+            # (and a worker whose engine died reads EOF and exits).
+            worker_inbox.close()
+            worker_outbox.close()
             if cores:  # pin at once, so that even the worker's start-up (importing torch) stays off the engine's cores
                 os.sched_setaffinity(process.pid, cores)
-            worker = self._workers[index] = _Worker(process, inbox, outbox)
+            worker = self._workers[index] = _Worker(process, _Inbox(inbox, name), outbox)
         return worker
 
     @property
@@ -136,6 +183,7 @@ class CPUAttentionPool:
             logger.error("CPU attention worker %d died (exit code %s); %d requests will be rebuilt",
                          index, worker.process.exitcode, len(worker.requests))
             lost.extend(self._forget_target(worker))
+            worker.release()
             self._workers[index] = None
         if self._remote is not None:
             for host in self._remote.hosts:
@@ -159,11 +207,14 @@ class CPUAttentionPool:
 
     def shutdown(self) -> None:
         for worker in self._workers:
-            if worker is not None and worker.process.is_alive():
+            if worker is None:
+                continue
+            if worker.process.is_alive():
                 worker.inbox.put(None)
                 worker.process.join(timeout=5)
                 if worker.process.is_alive():
                     worker.process.kill()
+            worker.release()
         self._workers = [None] * self.config.num_workers
         if self._remote is not None:
             self._remote.shutdown()
