@@ -118,3 +118,25 @@ def test_arrival_is_stamped_when_a_request_comes_in_not_after_the_running_iterat
     del engine.step
     assert posted <= last.metrics.arrival_time <= posted + 0.05  # not when the engine thread got round to it
     assert last.metrics.first_token_time - last.metrics.arrival_time > 0.3
+
+
+def test_an_engine_that_goes_idle_gives_freed_memory_back_once(served, monkeypatch):
+    from omniserve.engine import async_engine as module
+
+    trims = []
+    monkeypatch.setattr(module, "trim_heap", lambda: trims.append(time.monotonic()))
+    engine, async_engine, _ = served
+    time.sleep(1.5)
+    assert not trims  # nothing ran yet: nothing to give back
+
+    async def run_one():
+        async for out in async_engine.generate("r", [5, 6, 7], SamplingParams(temperature=0, max_tokens=4)):
+            finished_at = time.monotonic()
+        return finished_at
+
+    finished_at = asyncio.run(run_one())
+    deadline = time.monotonic() + 30
+    while not trims and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.5)
+    assert len(trims) == 1 and trims[0] - finished_at >= 0.9  # after a second idle, once

@@ -213,3 +213,24 @@ def test_build_kernel_command_leaves_the_kernel_that_run_time_loads(capsys):
     main(["build-kernel"])
     assert capsys.readouterr().out.strip() == f"CPU decode-attention kernel: {kernel.kernel_dir()}"
     assert kernel.compiled_kernel().__file__ == str(kernel.kernel_dir() / "omniserve_cpu_decode_attention.so")
+
+
+def test_the_worker_gives_freed_host_kv_back_to_the_os(monkeypatch):
+    """glibc keeps freed host KV in the worker's heap: the store trims it once 64 MiB were freed or none is left."""
+    from omniserve.cpu_attention import worker
+    from omniserve.cpu_attention.messages import Export, Free, LoadKV
+
+    trims = []
+    monkeypatch.setattr(worker, "trim_heap", lambda: trims.append(1))
+    store = worker.AttentionStore()
+    small = torch.zeros(2, 4, 1, 8)  # [layers, tokens, kv_heads, head_dim]
+    big = torch.zeros(1, 256 * 1024, 2, 8)  # held with room to double: 64 MiB of fp32 k and v
+    for request_id, kv in (("a", small), ("b", small), ("c", big)):
+        store.handle(LoadKV(request_id, kv, kv))
+    store.handle(Free(["a"]))
+    assert not trims  # a few bytes freed, KV still held
+    store.handle(Export("c"))
+    store.handle(Free(["unknown"]))
+    assert len(trims) == 1 and store.freed_bytes == 0  # 64 MiB freed by the export
+    store.handle(Free(["b"]))
+    assert len(trims) == 2 and not store.kv  # the last request gone

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 
 import torch
 
@@ -14,6 +15,7 @@ from omniserve.cpu_attention.kernel import compiled_kernel, decode_attention
 from omniserve.cpu_attention.messages import (
     AttendBatch, AttendResult, Export, Exported, Free, LoadKV, Ping, Status,
 )
+from omniserve.malloc import trim_heap
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,9 @@ class WorkerSettings:
     """Extra seconds per attention batch: fault injection for tests of a slow pool; 0 in production."""
 
 
+_TRIM_EVERY_BYTES = 64 << 20  # host KV freed between two trims of the heap (see AttentionStore._trim_heap_if_due)
+
+
 class AttentionStore:
     """The host KV of the requests placed on one worker, and the decode attention over it: the worker's whole job,
     shared by the local worker processes and the remote host actors (remote.py)."""
@@ -33,14 +38,31 @@ class AttentionStore:
     def __init__(self, simulated_delay_s: float = 0.0) -> None:
         self.kv: dict[str, HostKV] = {}
         self.simulated_delay_s = simulated_delay_s
+        self.freed_bytes = 0
+        """Host KV dropped since the heap was last trimmed."""
         compiled_kernel()  # build (or load the cached build) before the first request needs it
 
     def footprint(self) -> int:
         return sum(kv.nbytes for kv in self.kv.values())
 
+    def _forget(self, request_id: str) -> HostKV | None:
+        kv = self.kv.pop(request_id, None)
+        if kv is not None:
+            self.freed_bytes += kv.nbytes
+        return kv
+
+    def _trim_heap_if_due(self) -> None:
+        """Gives the heap's free pages back to the OS once enough host KV was freed, or none is left. glibc keeps
+        freed memory for reuse, and host KV buffers of every size and lifetime leave it in fragments that it never
+        hands back: a worker stayed at 0.8 GB with no request left after a soak run (BENCHMARKS.md)."""
+        if self.freed_bytes >= _TRIM_EVERY_BYTES or (self.freed_bytes and not self.kv):
+            trim_heap()
+            self.freed_bytes = 0
+
     @torch.inference_mode()
     def handle(self, message) -> AttendResult | Exported | Status | None:
         """Runs one message; returns the reply to send back, if it has one."""
+        self._trim_heap_if_due()  # KV exported by the previous message is gone now
         if isinstance(message, LoadKV):
             self.kv[message.request_id] = HostKV(message.k, message.v)
         elif isinstance(message, AttendBatch):
@@ -59,9 +81,10 @@ class AttentionStore:
             return AttendResult(done, out.numpy(), self.footprint())
         elif isinstance(message, Free):
             for request_id in message.request_ids:
-                self.kv.pop(request_id, None)
+                self._forget(request_id)
+            self._trim_heap_if_due()
         elif isinstance(message, Export):
-            kv = self.kv.pop(message.request_id, None)
+            kv = self._forget(message.request_id)
             if kv is not None:
                 k, v = kv.export()
                 return Exported(message.request_id, k, v, self.footprint())
@@ -70,15 +93,20 @@ class AttentionStore:
         return None
 
 
-def worker_main(settings: WorkerSettings, inbox, outbox) -> None:
+def worker_main(settings: WorkerSettings, inbox: Connection, outbox: Connection) -> None:
+    """Runs messages from the engine (inbox) until it sends None or is gone; replies go to the outbox."""
     torch.set_num_threads(settings.threads)
     if settings.cores:
         os.sched_setaffinity(0, settings.cores)
     store = AttentionStore(settings.simulated_delay_s)
     while True:
-        message = inbox.get()
+        try:
+            message = inbox.recv()
+        except EOFError:  # the engine is gone
+            return
         if message is None:
             return
         reply = store.handle(message)
         if reply is not None:
             outbox.send(reply)
+        message = reply = None  # an exported KV (now in shared memory) must not live on until the next message

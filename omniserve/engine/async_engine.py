@@ -17,11 +17,13 @@ from dataclasses import dataclass
 
 from omniserve.engine.llm_engine import LLMEngine
 from omniserve.engine.outputs import RequestOutput
+from omniserve.malloc import trim_heap
 from omniserve.sampling.params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
 _IDLE_POLL_S = 0.05  # an idle engine thread re-checks its inbox at least this often
+_TRIM_AFTER_IDLE_S = 1.0  # an engine idle this long gives the heap's free pages back to the OS, once per idle spell
 
 
 class EngineDeadError(RuntimeError):
@@ -94,15 +96,20 @@ class AsyncEngine:
 
     # ---------------------------------------------------------------------------------------------- engine thread
     def _run(self) -> None:
+        last_step: float | None = None  # when the engine last ran an iteration; None: idle and trimmed since
         try:
             while not self._stopping.is_set():
                 if self._take_commands() and self.on_iteration is not None:
                     self.on_iteration(self.engine, [])  # aborts change the gauges even when nothing else runs
                 if not self.engine.has_unfinished_requests():
+                    if last_step is not None and time.monotonic() - last_step >= _TRIM_AFTER_IDLE_S:
+                        trim_heap()  # what the load freed, back to the OS (see omniserve/malloc.py)
+                        last_step = None
                     self._wakeup.wait(_IDLE_POLL_S)
                     self._wakeup.clear()
                     continue
                 outputs = self.engine.step()
+                last_step = time.monotonic()
                 for output in outputs:
                     stream = self._streams.get(output.request_id)
                     if stream is not None:
