@@ -184,7 +184,14 @@ def test_profiling_a_tiny_model_gives_positive_monotone_predictions(tiny_llama, 
     assert latency.iteration_time(decode_step) > latency.num_layers * latency.dense_time(4)
 
 
-def test_load_or_profile_writes_the_cache_and_loads_it_next_time(tiny_llama, one_thread, tmp_path, monkeypatch):
+@pytest.fixture
+def busy_machine_ok(monkeypatch):
+    """Any profile is plausible: these tests are about caching and the command, and the machine may be busy."""
+    monkeypatch.setattr(profiler, "_IMPLAUSIBLE_MEDIAN_ERROR", math.inf)
+
+
+def test_load_or_profile_writes_the_cache_and_loads_it_next_time(tiny_llama, one_thread, tmp_path, monkeypatch,
+                                                                  busy_machine_ok):
     monkeypatch.setenv("OMNISERVE_CACHE_DIR", str(tmp_path))
     first = load_or_profile(tiny_llama, CPU, torch.float32, model_name="tiny-llama", path=None, **PROFILE_SETTINGS)
     written = list((tmp_path / "profiles").glob("*.json"))
@@ -204,7 +211,7 @@ def test_load_or_profile_writes_the_cache_and_loads_it_next_time(tiny_llama, one
                            **PROFILE_SETTINGS) == first
 
 
-def test_profile_cli_writes_a_profile(tiny_model_dirs, one_thread, tmp_path, capsys, monkeypatch):
+def test_profile_cli_writes_a_profile(tiny_model_dirs, one_thread, tmp_path, capsys, monkeypatch, busy_machine_ok):
     """The default placement has a CPU attention pool: its worker is profiled for real."""
     output = tmp_path / "profile.json"
     args = ["profile", "--model", tiny_model_dirs["llama"][0], "--max-num-batched-tokens", "64", "--max-model-len",
@@ -241,13 +248,25 @@ def test_an_implausible_profile_is_measured_again_then_refused(tiny_llama, one_t
                                   **PROFILE_SETTINGS)
     assert len(attempts) == 2 and latency.accuracy["dense"]["median_rel_error"] == 0.03
     assert "implausible" in caplog.text
-    # A cached profile that is implausible is not used as it is either: it is measured again.
-    target.write_text(_with_error(good, 4.4).to_json())
+    # A cached profile that is implausible is not used as it is either: it is measured again. One the user named
+    # is theirs: used, with a warning.
+    monkeypatch.setenv("OMNISERVE_CACHE_DIR", str(tmp_path))
+    cached = profiler.profile_cache_path("tiny", tiny_llama, CPU, torch.float32, **{
+        k: v for k, v in PROFILE_SETTINGS.items() if k != "progress"})
+    cached.parent.mkdir(parents=True)
+    cached.write_text(_with_error(good, 4.4).to_json())
     attempts.clear()
     answers[:] = [_with_error(good, 0.05)]
-    assert load_or_profile(tiny_llama, CPU, torch.float32, model_name="tiny", path=str(target),
+    assert load_or_profile(tiny_llama, CPU, torch.float32, model_name="tiny", path=None,
                            **PROFILE_SETTINGS).accuracy["dense"]["median_rel_error"] == 0.05
     assert len(attempts) == 1
+    caplog.clear()
+    target.write_text(_with_error(good, 4.4).to_json())
+    with caplog.at_level(logging.WARNING):
+        named = load_or_profile(tiny_llama, CPU, torch.float32, model_name="tiny", path=str(target),
+                                **PROFILE_SETTINGS)
+    assert named.accuracy["dense"]["median_rel_error"] == 4.4 and len(attempts) == 1
+    assert "using it as given" in caplog.text
     # Never plausible: a clear refusal, nothing written.
     target.unlink()
     attempts.clear()

@@ -614,7 +614,8 @@ def load_or_profile(
     force: bool = False,
 ) -> LatencyModel:
     """The profile at `path` (or in the cache when path is None); profiled and written there when it is missing, or
-    when force is set."""
+    when force is set. A cached profile whose held-out error is implausible is measured again; one the user named
+    is used as given, with a warning (the engine's measured iterations then correct its predictions)."""
     settings = dict(max_num_tokens=max_num_tokens, max_context=max_context, page_size=page_size,
                     pool_config=pool_config)
     target = Path(path) if path is not None else profile_cache_path(model_name, model, device, dtype, **settings)
@@ -624,9 +625,12 @@ def load_or_profile(
         if not bad:
             logger.info("latency model loaded from %s (%s)", target, format_accuracy(latency))
             return latency
-        logger.warning("the latency model in %s is implausible (%s held-out median error above %.0f%%: measured "
-                       "on a busy machine?); measuring it again", target, ", ".join(bad),
-                       100 * _IMPLAUSIBLE_MEDIAN_ERROR)
+        problem = (f"the latency model in {target} is implausible ({', '.join(bad)}: held-out median error above "
+                   f"{100 * _IMPLAUSIBLE_MEDIAN_ERROR:.0f}%, measured on a busy machine?)")
+        if path is not None:
+            logger.warning("%s; using it as given, corrected by measured iterations", problem)
+            return latency
+        logger.warning("%s; measuring it again", problem)
     latency = _profile_until_plausible(model, device, dtype, progress=progress, **settings)
     latency = replace(latency, metadata={**latency.metadata, "model": model_name})
     target.parent.mkdir(parents=True, exist_ok=True)
