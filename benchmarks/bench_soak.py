@@ -15,7 +15,9 @@ At the end, after the clients have finished their last requests and the server h
 - the count of 5xx answers;
 - the /metrics gauges (running, waiting, offloaded, CPU pool rows in flight, KV use) back at 0 once idle;
 - the memory series and the verdict: "flat after warm-up" when the total RSS samples of the last third of the run
-  are within 5% of each other (max / min), with the growth over that third and the ratio to the idle server.
+  are within 5% of each other (max / min), with the growth and the trend (least-squares slope) over that third, the
+  same for the server alone and for the workers (whose RSS follows their live host KV), and the ratio to the idle
+  server before the load.
 
     python benchmarks/bench_soak.py --duration 30 --markdown soak.md
 """
@@ -276,19 +278,25 @@ def outcomes(records: list[Record]) -> dict:
 
 
 def verdict(samples: list[dict], duration_s: float, value=lambda sample: sample["total"]["rss"]) -> dict:
-    """The last third's spread (max / min - 1) and growth (last / first - 1) of `value` (default: the total RSS),
-    and whether it is flat (spread within FLAT_WITHIN)."""
+    """Over the last third of the load, `value` (default: the total RSS): its spread (max / min - 1), its growth
+    (last / first - 1), its trend (least-squares slope, as a share of the mean per 10 minutes: growth, told apart from
+    the swings of live data such as the offloaded requests' host KV), and whether it is flat (spread within
+    FLAT_WITHIN)."""
     during = [s for s in samples if not s["label"]]
-    last_third = [value(s) for s in during if s["t"] >= duration_s * 2 / 3] or [value(during[-1])]
-    spread = max(last_third) / min(last_third) - 1
-    return {"samples": len(last_third), "spread": spread, "growth": last_third[-1] / last_third[0] - 1,
-            "flat": spread <= FLAT_WITHIN}
+    points = [(s["t"], value(s)) for s in during if s["t"] >= duration_s * 2 / 3]
+    points = points or [(during[-1]["t"], value(during[-1]))]
+    times, values = [t for t, _ in points], [v for _, v in points]
+    mean_t, mean_v = sum(times) / len(times), sum(values) / len(values)
+    variance = sum((t - mean_t) ** 2 for t in times)
+    slope = sum((t - mean_t) * (v - mean_v) for t, v in points) / variance if variance else 0.0
+    return {"samples": len(values), "spread": max(values) / min(values) - 1, "growth": values[-1] / values[0] - 1,
+            "trend": slope * 600 / mean_v, "flat": max(values) / min(values) - 1 <= FLAT_WITHIN}
 
 
 def verdict_line(name: str, figures: dict) -> str:
     return (f"- {name} over the last third ({figures['samples']} samples): spread {figures['spread']:.1%}, growth "
-            f"{figures['growth']:+.1%}: " + ("**flat after warm-up**" if figures["flat"] else
-                                              f"**still growing** (spread above {FLAT_WITHIN:.0%})"))
+            f"{figures['growth']:+.1%}, trend {figures['trend']:+.1%} per 10 min: "
+            + ("**flat after warm-up**" if figures["flat"] else f"**not flat** (spread above {FLAT_WITHIN:.0%})"))
 
 
 def _gb(value: int) -> str:
@@ -338,6 +346,9 @@ def report(args: argparse.Namespace, counts: dict, samples: list[dict], chaos: C
         verdict_line("total RSS (server and children)", verdict(samples, duration_s)),
         verdict_line("total PSS", verdict(samples, duration_s, lambda sample: sample["total"]["pss"])),
         verdict_line("server RSS alone (workers restart after each kill)", server_rss),
+        verdict_line("CPU attention workers' RSS (their live host KV included)", verdict(
+            samples, duration_s, lambda sample: sum(m["rss"] for name, m in sample["processes"].items()
+                                                    if name.startswith("cpu attention worker")) or 1)),
         f"- total RSS: {last_busy['total']['rss'] / first['total']['rss']:.2f}x the idle server's before the load at "
         f"the end of the load, {idle_sample['total']['rss'] / first['total']['rss']:.2f}x once idle again",
         "", *series_table(samples)]
