@@ -166,6 +166,14 @@ def test_a_failing_build_falls_back_with_a_warning(tmp_path, monkeypatch, caplog
     assert kernel.load_kernel(tmp_path) is None
     assert "could not be built (the build failed" in caplog.text and "slower torch path" in caplog.text
     assert not kernel.kernel_dir(tmp_path).exists()
+    # Later starts (every worker's) do not try again and wait on it; the set-up command does.
+    builds = []
+    monkeypatch.setattr(kernel, "_compile", lambda build_dir, timeout_s: builds.append(1))
+    caplog.clear()
+    assert kernel.load_kernel(tmp_path) is None and not builds
+    assert "failed to build before (the build failed" in caplog.text and "omniserve build-kernel" in caplog.text
+    kernel.build_kernel(tmp_path)
+    assert builds == [1] and not kernel._failure_record(kernel.kernel_dir(tmp_path)).exists()
 
 
 def test_a_build_past_its_time_limit_is_ended_and_falls_back(tmp_path, monkeypatch, caplog):

@@ -140,7 +140,12 @@ def build_kernel(root: Path | None = None, timeout_s: float = BUILD_TIMEOUT_S) -
             started = time.monotonic()
             build_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.build-", dir=target.parent))
             try:
-                _compile(build_dir, deadline - time.monotonic())
+                try:
+                    _compile(build_dir, deadline - time.monotonic())
+                except Exception as exc:
+                    _failure_record(target).write_text(f"{exc}\n")  # run-time loads do not try again
+                    raise
+                _failure_record(target).unlink(missing_ok=True)
                 shutil.rmtree(target, ignore_errors=True)  # a damaged build (its .so deleted), never a whole one
                 build_dir.chmod(0o755)  # mkdtemp's folder is private; the cache may be shared
                 build_dir.rename(target)  # atomic: readers see the whole build or none
@@ -153,8 +158,20 @@ def build_kernel(root: Path | None = None, timeout_s: float = BUILD_TIMEOUT_S) -
         return None
 
 
+def _failure_record(target: Path) -> Path:
+    """Where a failed build of `target` leaves its error, beside it in the cache."""
+    return target.parent / f".{target.name}.failed"
+
+
 def load_kernel(root: Path | None = None, timeout_s: float = BUILD_TIMEOUT_S) -> ModuleType | None:
-    """The compiled kernel: the prebuilt one, else built now (bounded by timeout_s); None if there is none."""
+    """The compiled kernel: the prebuilt one, else built now (bounded by timeout_s); None if there is none. A build
+    of this key that failed before is not tried again here (every worker start would wait on it, up to timeout_s
+    each time): `omniserve build-kernel` tries again."""
+    failed = _failure_record(kernel_dir(root))
+    if not (kernel_dir(root) / f"{_NAME}.so").exists() and failed.exists():
+        logger.warning("the CPU decode-attention kernel failed to build before (%s); using the slower torch path. "
+                       "`omniserve build-kernel` tries again", failed.read_text().strip())
+        return None
     if not (kernel_dir(root) / f"{_NAME}.so").exists():
         logger.warning("the CPU decode-attention kernel was not built at set-up (omniserve build-kernel): "
                        "building it now")
