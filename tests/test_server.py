@@ -552,6 +552,8 @@ def test_rejected_ls_request_gets_429_with_retry_after(slo_server, stream):
     metrics = httpx.get(slo_server.url + "/metrics").text  # an operator sees that admission turns everything away
     rejected_in_a_row = next(line for line in metrics.splitlines() if line.startswith("omniserve:ls_rejected_in_a_row"))
     assert float(rejected_in_a_row.split()[-1]) >= 1
+    correction = next(line for line in metrics.splitlines() if line.startswith("omniserve:latency_model_correction"))
+    assert 0 < float(correction.split()[-1]) < 0.1  # the 10 s-per-layer profile, measured against the device
 
 
 def test_api_keys(tiny_chat_model, tmp_path):
