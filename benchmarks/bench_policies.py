@@ -72,8 +72,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench_common import (
-    SHAREGPT_500, cpu_model, git_revision, percentile, proc_cpu_seconds, shuffled_texts,
-    side_thread_cpu_seconds, spread,
+    SHAREGPT_500,
+    cpu_model,
+    git_revision,
+    percentile,
+    proc_cpu_seconds,
+    shuffled_texts,
+    side_thread_cpu_seconds,
+    spread,
 )
 
 POLICIES = ("fcfs", "sarathi", "llumnix", "neo", "omniserve")  # fcfs first: the baseline of the BE ratio
@@ -261,7 +267,7 @@ def warm_up(engine, ls_prompt: list[int], be_prompt: list[int]) -> None:
 
 def calibrate(args: argparse.Namespace, texts: list[str]):
     """SLOs from a lone LS request and the latency model. Returns (slo, explanation lines, tokenizer, latency)."""
-    from omniserve.profiler.latency_model import batch_shape_of_chunks
+    from omniserve.engine.scheduler.latency_model import batch_shape_of_chunks
 
     waited, load = wait_for_quiet(args.quiet_wait)
     print(f"calibrating (waited {waited:.0f} s for a quiet machine; other load {load:.2f} cores)", file=sys.stderr,

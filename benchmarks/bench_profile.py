@@ -37,11 +37,12 @@ from pathlib import Path
 import torch
 
 from omniserve.cpu_attention import PoolConfig
-from omniserve.engine.plan import IterationPlan, ScheduledChunk
 from omniserve.engine.runner import ModelRunner
-from omniserve.kv_cache import PageAllocator, PagePool, PageTable
+from omniserve.engine.scheduler.latency_model import LatencyModel, batch_shape_of_chunks
+from omniserve.engine.scheduler.plan import IterationPlan, ScheduledChunk
+from omniserve.kv_cache import PageAllocator, PageTable
+from omniserve.kv_cache.page_pool import PagePool
 from omniserve.models.loader import load_model
-from omniserve.profiler.latency_model import LatencyModel, batch_shape_of_chunks
 from omniserve.profiler.profiler import accuracy_summary, profile_model, relative_errors
 from omniserve.sampling.params import SamplingParams
 

@@ -45,9 +45,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import cpu_model, git_revision  # noqa: E402
 
-from omniserve.bench.client import Record, Target, http_client, request_body, send  # noqa: E402
+from omniserve.bench.client import Target, http_client, request_body, send  # noqa: E402
 from omniserve.bench.compare import Server  # noqa: E402
-from omniserve.bench.metrics import Slo  # noqa: E402
+from omniserve.bench.metrics import (
+    Record,
+    Slo,  # noqa: E402
+)
 from omniserve.bench.workload import PromptMaker, StreamSpec, build_stream  # noqa: E402
 
 DEFAULT_SERVER_ARGS = "--max-model-len 2048 --num-gpu-blocks-override 512"

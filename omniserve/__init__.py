@@ -1,12 +1,23 @@
 """omniserve: serving LLMs to latency-sensitive and best-effort traffic on one set of GPUs."""
 
-from omniserve.engine.args import EngineArgs
-from omniserve.engine.llm_engine import LLMEngine
-from omniserve.engine.outputs import CompletionOutput, RequestOutput
-from omniserve.entrypoints.llm import LLM
-from omniserve.sampling.params import InvalidRequestError, SamplingParams
+import importlib
 
-__all__ = [
-    "LLM", "LLMEngine", "EngineArgs", "SamplingParams", "RequestOutput", "CompletionOutput", "InvalidRequestError",
-]
+# Imported on first use, so that the torch-free parts (the scheduler, the simulator, the benchmark client) load
+# without torch and the models.
+_EXPORTS = {
+    "LLM": "omniserve.entrypoints.llm",
+    "LLMEngine": "omniserve.engine.llm_engine",
+    "EngineArgs": "omniserve.engine.args",
+    "SamplingParams": "omniserve.sampling.params",
+    "RequestOutput": "omniserve.engine.outputs",
+    "CompletionOutput": "omniserve.engine.outputs",
+    "InvalidRequestError": "omniserve.sampling.params",
+}
+__all__ = list(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'omniserve' has no attribute {name!r}")

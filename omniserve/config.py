@@ -5,8 +5,10 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 class ConfigError(ValueError):
@@ -129,11 +131,15 @@ class ModelConfig:
         return self.num_layers * per_layer + self.vocab_size * self.hidden_size + head + self.hidden_size
 
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+_DTYPES = ("float32", "float16", "bfloat16", "float64")
+CPU_DEFAULT_KV_BYTES = 2 << 30
+"""The KV cache's size on a CPU device when none is configured."""
 
 
 def resolve_device(device: str | None) -> torch.device:
     """`None`/`auto` picks CUDA when present, else the CPU."""
+    import torch  # here, not at the top: the scheduler and the simulator read this module without torch
+
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -147,13 +153,15 @@ def resolve_device(device: str | None) -> torch.device:
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """`None`/`auto` means bf16 on CUDA and fp32 on the CPU."""
+    import torch
+
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype not in _DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r} (choose from {', '.join(_DTYPES)})")
-    return _DTYPES[dtype]
+    return getattr(torch, dtype)
 
 
 @dataclass(frozen=True)
@@ -174,44 +182,3 @@ class CacheConfig:
             raise ConfigError(f"num_pages must be positive, got {self.num_pages}")
         if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
             raise ConfigError(f"kv_cache_memory_bytes must be positive, got {self.kv_cache_memory_bytes}")
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    """Limits of one engine iteration."""
-
-    max_num_batched_tokens: int = 2048
-    """Token budget of one iteration; longer prefills are chunked."""
-    max_num_seqs: int = 256
-    """Most requests running at once."""
-    max_model_len: int = 8192
-    """Longest prompt + output a request may reach."""
-    be_decode_placement: str = "auto"
-    """Where BE requests decode: `cpu` offloads each to the CPU pool once its prefill is done, `device` never
-    offloads, `auto` offloads when device pages or iteration time run short and brings them back when both are
-    plentiful. Only the `omniserve` policy offloads BE requests."""
-    policy: str = "omniserve"
-    """The scheduling policy (see omniserve.engine.policy): omniserve, or a competitor's for comparison."""
-    ls_headroom: float = 0.2
-    """`llumnix` policy: the share of device KV pages that BE requests may never hold."""
-    iteration_budget_share: float = 0.85
-    """The share of the TPOT SLO an iteration is planned to fill; the rest absorbs the latency model's error."""
-
-    def __post_init__(self) -> None:
-        for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.policy not in POLICIES:
-            raise ConfigError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
-        if not 0.0 < self.iteration_budget_share <= 1.0:
-            raise ConfigError(f"iteration_budget_share must be in (0, 1], got {self.iteration_budget_share}")
-        if not 0.0 <= self.ls_headroom < 1.0:
-            raise ConfigError(f"ls_headroom must be in [0, 1), got {self.ls_headroom}")
-        if self.be_decode_placement not in BE_DECODE_PLACEMENTS:
-            raise ConfigError(
-                f"be_decode_placement must be one of {', '.join(BE_DECODE_PLACEMENTS)}, got {self.be_decode_placement!r}"
-            )
-
-
-BE_DECODE_PLACEMENTS = ("auto", "cpu", "device")
-POLICIES = ("omniserve", "sarathi", "llumnix", "neo", "fcfs")

@@ -17,11 +17,11 @@ from test_server import RunningServer, serving, slo_server, tiny_chat_model  # n
 from test_slo_scheduler import MODEL
 
 from omniserve.bench import compare, metrics, workload
-from omniserve.bench.client import Record, Stream, Target, run_streams
-from omniserve.bench.metrics import Slo
+from omniserve.bench.client import Stream, Target, run_streams
+from omniserve.bench.metrics import Record, Slo
 from omniserve.bench.workload import Request, StreamSpec, WorkloadError
+from omniserve.engine.scheduler.latency_model import prefill_interactions
 from omniserve.entrypoints.cli import main
-from omniserve.profiler.latency_model import prefill_interactions
 
 
 def gaps(times: list[float]) -> list[float]:
@@ -322,7 +322,7 @@ def test_bad_flags_are_clear_errors_before_anything_runs(tiny_chat_model, flags,
 
 
 def test_slos_from_the_profile_follow_the_latency_model(tiny_chat_model, tmp_path):  # noqa: F811
-    from omniserve.profiler.latency_model import BatchShape
+    from omniserve.engine.scheduler.latency_model import BatchShape
 
     profile = tmp_path / "profile.json"
     profile.write_text(MODEL.to_json())

@@ -14,7 +14,11 @@ import torch
 from omniserve.cpu_attention import kernel
 from omniserve.cpu_attention.host_kv import HostKV
 from omniserve.cpu_attention.kernel import (
-    compiled_kernel, decode_attention, decode_attention_reference, tile_keys, untile_keys,
+    compiled_kernel,
+    decode_attention,
+    decode_attention_reference,
+    tile_keys,
+    untile_keys,
 )
 
 
@@ -77,7 +81,7 @@ def test_compiled_paged_decode_matches_the_torch_path(dtype):
     place; the torch path gathers and pads. Same result, rows of very different lengths, GQA groups of 3."""
     from omniserve.attention import PagedAttention
     from omniserve.config import ModelConfig
-    from omniserve.kv_cache import PagePool
+    from omniserve.kv_cache.page_pool import PagePool
 
     config = ModelConfig(architecture="LlamaForCausalLM", hidden_size=9 * 64, intermediate_size=64, num_layers=1,
                          num_heads=9, num_kv_heads=3, head_dim=64, vocab_size=10)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from omniserve.cpu_attention import CPUAttentionPool, PoolConfig
-from omniserve.profiler.latency_model import LatencyModel, LinearModel, PiecewiseLinear
+from omniserve.engine.scheduler.latency_model import LatencyModel, LinearModel, PiecewiseLinear
 from omniserve.sampling.params import SamplingParams
 
 PROMPTS = [[7, 8, 9], list(range(100, 141)), [500 + i for i in range(17)], [3] * 29, [42, 43]]

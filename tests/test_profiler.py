@@ -13,7 +13,7 @@ import torch
 
 from omniserve.entrypoints import cli
 from omniserve.models.loader import load_model
-from omniserve.profiler import (
+from omniserve.engine.scheduler.latency_model import (
     BatchShape, LatencyModel, LinearModel, PiecewiseLinear, batch_shape_of_chunks, prefill_interactions,
 )
 from omniserve.profiler import profiler

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from omniserve.config import SchedulerConfig
-from omniserve.engine.plan import RunnerOutput
-from omniserve.engine.request import Placement, Request, RequestStatus
 from omniserve.engine.scheduler import Scheduler
+from omniserve.engine.scheduler.config import SchedulerConfig
+from omniserve.engine.scheduler.plan import RunnerOutput
+from omniserve.engine.scheduler.request import Placement, Request, RequestStatus
 from omniserve.kv_cache import OutOfPagesError, PageAllocator, PageTable
-from omniserve.sampling.params import SamplingParams
-from omniserve.sampling.sampler import SampledToken
+from omniserve.sampling.params import SampledToken, SamplingParams
 
 
 def make_scheduler(num_pages=64, page_size=4, **config) -> Scheduler:

@@ -517,7 +517,7 @@ def slo_server(tiny_chat_model, tmp_path_factory):
 
     from test_slo_scheduler import MODEL  # the scheduler tests' latency model of chosen numbers, in its current form
 
-    from omniserve.profiler.latency_model import PiecewiseLinear
+    from omniserve.engine.scheduler.latency_model import PiecewiseLinear
 
     folder = tmp_path_factory.mktemp("slo")
     profile = replace(MODEL, dense=PiecewiseLinear((0.0, 1000.0), (10.0, 20.0)))  # 10 s per layer: measured away

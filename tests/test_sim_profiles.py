@@ -11,10 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from omniserve.profiler.latency_model import LatencyModel, LinearModel, PiecewiseLinear
+from omniserve.engine.scheduler.latency_model import LatencyModel, LinearModel, PiecewiseLinear
 from omniserve.simulator import profiles
 from omniserve.simulator.profiles import (
-    SystemProfile, analytic_profile, describe, get_profile, gpu_cpu_attention_ratio, list_profiles, measured_profile,
+    SystemProfile,
+    analytic_profile,
+    describe,
+    get_profile,
+    gpu_cpu_attention_ratio,
+    list_profiles,
+    measured_profile,
     model_config,
 )
 

@@ -9,8 +9,8 @@ from dataclasses import replace
 import pytest
 
 from omniserve.bench.workload import DATA_DIR
+from omniserve.engine.scheduler.latency_model import BatchShape, prefill_interactions
 from omniserve.entrypoints.cli import main
-from omniserve.profiler.latency_model import BatchShape, prefill_interactions
 from omniserve.simulator import experiment
 from omniserve.simulator.profiles import analytic_profile
 from omniserve.simulator.sim import SimConfig, SimRequest, Simulation

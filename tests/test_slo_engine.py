@@ -9,8 +9,8 @@ from dataclasses import replace
 
 import pytest
 
+from omniserve.engine.scheduler.latency_model import BatchShape, PiecewiseLinear, prefill_interactions
 from omniserve.profiler import profiler
-from omniserve.profiler.latency_model import BatchShape, PiecewiseLinear, prefill_interactions
 from omniserve.sampling.params import SamplingParams
 
 

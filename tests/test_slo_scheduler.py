@@ -8,14 +8,19 @@ import math
 
 import pytest
 
-from omniserve.config import SchedulerConfig
-from omniserve.engine.plan import RunnerOutput
-from omniserve.engine.request import Placement, Request, RequestStatus
 from omniserve.engine.scheduler import Scheduler
+from omniserve.engine.scheduler.config import SchedulerConfig
+from omniserve.engine.scheduler.latency_model import (
+    BatchShape,
+    LatencyModel,
+    LinearModel,
+    PiecewiseLinear,
+    prefill_interactions,
+)
+from omniserve.engine.scheduler.plan import RunnerOutput
+from omniserve.engine.scheduler.request import Placement, Request, RequestStatus
 from omniserve.kv_cache import PageAllocator, PageTable
-from omniserve.profiler.latency_model import BatchShape, LatencyModel, LinearModel, PiecewiseLinear, prefill_interactions
-from omniserve.sampling.params import SamplingParams
-from omniserve.sampling.sampler import SampledToken
+from omniserve.sampling.params import SampledToken, SamplingParams
 
 LAYERS = 4
 MS = 1e-3

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from omniserve.kv_cache import PagePool
+from omniserve.kv_cache.page_pool import PagePool
 
 
 @dataclass(frozen=True)

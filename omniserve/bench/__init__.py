@@ -2,8 +2,8 @@
 per-class SLO metrics, plots, and a comparison of scheduling policies.
 
     workload.py  arrival processes, traces and prompt lengths (seeded)
-    client.py    the asynchronous load generator and each request's record
-    metrics.py   vLLM-style latency figures, SLO attainment, goodput, throughput, timeline
+    client.py    the asynchronous load generator
+    metrics.py   each request's record; vLLM-style latency figures, SLO attainment, goodput, throughput, timeline
     plots.py     latency CDFs and the timeline, as PNG
     runner.py    one run: workload -> records -> result (JSON) and outputs
     compare.py   one `omniserve serve` per policy, the same workload, one table

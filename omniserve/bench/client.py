@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 
 import httpx
 
+from omniserve.bench.metrics import Record
 from omniserve.bench.workload import Request
 
 
@@ -31,44 +32,6 @@ class Target:
     service_tier: str | None = None  # "flex" asks for best effort
     api_key: str | None = None
     extra_body: dict = field(default_factory=dict)
-
-
-@dataclass
-class Record:
-    """What happened to one request; times are seconds from the start of the run. `arrival` is when it was due
-    (the open-loop schedule; latencies count from there, so a client that falls behind cannot hide the wait)."""
-
-    service_class: str
-    arrival: float
-    input_len: int
-    output_len: int
-    status: str = "pending"  # ok | rejected | failed | cancelled
-    error: str = ""
-    sent: float | None = None
-    token_times: list[float] = field(default_factory=list)  # each chunk that carried text
-    output_tokens: int = 0  # usage.completion_tokens when the server reports it, else the chunks with text
-    end: float | None = None
-
-    @property
-    def ttft(self) -> float | None:
-        if self.status != "ok":
-            return None
-        return (self.token_times[0] if self.token_times else self.end) - self.arrival
-
-    @property
-    def e2e(self) -> float | None:
-        return self.end - self.arrival if self.status == "ok" else None
-
-    @property
-    def tpot(self) -> float | None:
-        """(e2e - ttft) / (output tokens - 1), vLLM's definition; None below two tokens."""
-        if self.status != "ok" or self.output_tokens < 2:
-            return None
-        return (self.e2e - self.ttft) / (self.output_tokens - 1)
-
-    @property
-    def itls(self) -> list[float]:
-        return [b - a for a, b in zip(self.token_times, self.token_times[1:])]
 
 
 def request_body(target: Target, request: Request, tokenizer=None) -> dict:

@@ -45,8 +45,8 @@ def slos_from_profile(server_args: list[str], max_prompt: int, tpot_factor: floa
     """The LS SLOs for the servers' model and settings, from its latency profile (see the module docstring)."""
     from omniserve.engine.args import EngineArgs
     from omniserve.engine.llm_engine import LLMEngine
+    from omniserve.engine.scheduler.latency_model import batch_shape_of_chunks
     from omniserve.entrypoints.cli import build_parser
-    from omniserve.profiler.latency_model import batch_shape_of_chunks
 
     args = build_parser().parse_args(["serve", *server_args, "--ls-ttft-slo", "600", "--ls-tpot-slo", "60"])
     engine = LLMEngine(EngineArgs.from_cli_args(args))  # placeholder SLOs: they make it load the profile

@@ -10,8 +10,7 @@ matplotlib.use("Agg")  # files only: no display, no GUI toolkit
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from omniserve.bench.client import Record  # noqa: E402
-from omniserve.bench.metrics import Slo  # noqa: E402
+from omniserve.bench.metrics import Record, Slo  # noqa: E402
 
 CLASS_NAMES = {"ls": "latency-sensitive", "be": "best-effort"}
 COLORS = {"ls": "tab:blue", "be": "tab:orange"}

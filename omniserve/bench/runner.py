@@ -13,8 +13,8 @@ import httpx
 from tqdm import tqdm
 
 from omniserve.bench import metrics, plots
-from omniserve.bench.client import Record, Stream, Target, run_streams
-from omniserve.bench.metrics import Slo
+from omniserve.bench.client import Stream, Target, run_streams
+from omniserve.bench.metrics import Record, Slo
 from omniserve.bench.workload import PromptMaker, Request, StreamSpec, build_stream
 
 CLASSES = ("ls", "be")

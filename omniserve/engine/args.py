@@ -1,11 +1,14 @@
-"""Everything a user can set on an engine, flat (CLI flags and LLM(...) keywords), with vLLM's names."""
+"""Everything a user can set on an engine, flat (CLI flags and LLM(...) keywords), with vLLM's names. Defaults that
+the scheduler and the KV cache also have are read from their config classes, so that they are written once."""
 
 from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field, fields
 
-from omniserve.config import BE_DECODE_PLACEMENTS, POLICIES
+from omniserve.config import CacheConfig
+from omniserve.engine.scheduler.config import SchedulerConfig
+from omniserve.engine.scheduler.policy import BE_DECODE_PLACEMENTS, POLICIES
 
 
 def _arg(default, help: str, choices: tuple[str, ...] | None = None):
@@ -21,18 +24,22 @@ class EngineArgs:
     device: str | None = _arg(None, "cuda or cpu; default: CUDA when present")
     dtype: str | None = _arg(None, "float32, bfloat16, float16 or float64; default: bf16 on CUDA, fp32 on the CPU")
     max_model_len: int | None = _arg(None, "longest prompt + output in tokens; default: the model's own limit")
-    max_num_seqs: int = _arg(256, "most requests running at once")
-    max_num_batched_tokens: int = _arg(2048, "token budget of one iteration; longer prefills are chunked")
-    block_size: int = _arg(16, "tokens per KV page")
+    max_num_seqs: int = _arg(SchedulerConfig.max_num_seqs, "most requests running at once")
+    max_num_batched_tokens: int = _arg(
+        SchedulerConfig.max_num_batched_tokens, "token budget of one iteration; longer prefills are chunked")
+    block_size: int = _arg(CacheConfig.page_size, "tokens per KV page")
     num_gpu_blocks_override: int | None = _arg(None, "exact number of KV pages, instead of sizing by memory")
     kv_cache_memory_bytes: int | None = _arg(
         None, "KV cache size in bytes; default: 90%% of free GPU memory, or 2 GiB on the CPU")
     be_decode_placement: str = _arg(
-        "auto", "where best-effort requests decode: cpu (offload to the CPU attention pool after prefill), device "
-        "(never offload), auto (offload when device KV pages run short)", choices=BE_DECODE_PLACEMENTS)
+        SchedulerConfig.be_decode_placement, "where best-effort requests decode under the omniserve policy: auto (in "
+        "the CPU attention pool when device KV pages or iteration time run short, back on the device when both are "
+        "plentiful), cpu (in the pool from the first token on), device (never offload: no CPU pool); neo offloads any "
+        "request, whatever this says",
+        choices=BE_DECODE_PLACEMENTS)
     policy: str = _arg(
-        "omniserve", "scheduling policy: omniserve, or a competitor's on the same engine for comparison (sarathi, "
-        "llumnix, neo, fcfs)", choices=POLICIES)
+        SchedulerConfig.policy, "scheduling policy: omniserve, or a competitor's on the same engine for comparison "
+        "(sarathi, llumnix, neo, fcfs)", choices=POLICIES)
     ls_ttft_slo: float | None = _arg(
         None, "seconds to first token promised to latency-sensitive requests; those that cannot make it are rejected")
     ls_tpot_slo: float | None = _arg(
@@ -43,8 +50,10 @@ class EngineArgs:
         None, "latency profile (JSON) for the SLO scheduler; default: cached per model, device and dtype, and "
         "profiled at start-up when missing")
     iteration_budget_share: float = _arg(
-        0.85, "share of the TPOT SLO an iteration is planned to fill (the rest absorbs prediction error)")
-    ls_headroom: float = _arg(0.2, "llumnix policy: share of device KV pages reserved for latency-sensitive requests")
+        SchedulerConfig.iteration_budget_share,
+        "share of the TPOT SLO an iteration is planned to fill (the rest absorbs prediction error)")
+    ls_headroom: float = _arg(
+        SchedulerConfig.ls_headroom, "llumnix policy: share of device KV pages reserved for latency-sensitive requests")
     cpu_attention_workers: int = _arg(1, "CPU attention worker processes (started on first offload)")
     cpu_attention_threads: int = _arg(1, "torch threads in each CPU attention worker")
     cpu_attention_memory_gib: float | None = _arg(

@@ -14,20 +14,21 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from omniserve.config import CacheConfig, ConfigError, SchedulerConfig, resolve_device, resolve_dtype
+from omniserve.config import CacheConfig, ConfigError, resolve_device, resolve_dtype
 from omniserve.cpu_attention import CPUAttentionPool, PoolConfig
 from omniserve.cpu_attention.remote import RemoteHosts, RemoteHostsConfig, connect_ray
 from omniserve.engine.args import EngineArgs
 from omniserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from omniserve.engine.plan import IterationPlan, RunnerOutput, ScheduledChunk
-from omniserve.engine.policy import POLICY_TABLE
-from omniserve.engine.request import Request, RequestStatus
 from omniserve.engine.runner import ModelRunner
-from omniserve.engine.scheduler import Scheduler
+from omniserve.engine.scheduler import Scheduler, SchedulerConfig
+from omniserve.engine.scheduler.latency_model import LatencyModel
+from omniserve.engine.scheduler.plan import IterationPlan, RunnerOutput, ScheduledChunk
+from omniserve.engine.scheduler.policy import POLICY_TABLE
+from omniserve.engine.scheduler.request import Request, RequestStatus
 from omniserve.engine.services import ServiceRegistry
-from omniserve.kv_cache import PageAllocator, PagePool, PageTable, pages_for_memory
+from omniserve.kv_cache import PageAllocator, PageTable
+from omniserve.kv_cache.page_pool import PagePool, pages_for_memory
 from omniserve.models.loader import load_model
-from omniserve.profiler.latency_model import LatencyModel
 from omniserve.sampling.params import InvalidRequestError, SamplingParams
 from omniserve.tokenizer import IncrementalDetokenizer, load_tokenizer
 
@@ -110,8 +111,7 @@ class LLMEngine:
         self.pool = PagePool(loaded.config, num_pages, cache.page_size, self.device, self.dtype)
         self.allocator = PageAllocator(num_pages)
         self.page_table = PageTable(self.allocator, cache.page_size)
-        offloads = POLICY_TABLE[args.policy].offload
-        if offloads == "all" or (offloads == "be" and args.be_decode_placement != "device"):
+        if self.scheduler_config.offload_mode.uses_pool:
             pool_config = pool_config or PoolConfig(
                 args.cpu_attention_workers, args.cpu_attention_threads,
                 local_memory_bytes=None if args.cpu_attention_memory_gib is None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from omniserve.sampling.sampler import SampledToken
+from omniserve.sampling.params import SampledToken
 
 
 @dataclass

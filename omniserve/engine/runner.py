@@ -21,11 +21,11 @@ import torch
 from omniserve.attention import PagedAttention
 from omniserve.attention.paged import token_slots
 from omniserve.cpu_attention import CPUAttentionPool
-from omniserve.engine.plan import IterationPlan, KVTransfer, RunnerOutput
-from omniserve.kv_cache import PagePool
+from omniserve.engine.scheduler.plan import IterationPlan, KVTransfer, RunnerOutput
+from omniserve.kv_cache.page_pool import PagePool
 from omniserve.models.llama import LlamaForCausalLM
-from omniserve.sampling.params import SamplingParams
-from omniserve.sampling.sampler import SampledToken, SamplingRow, sample
+from omniserve.sampling.params import SampledToken, SamplingParams
+from omniserve.sampling.sampler import SamplingRow, sample
 
 
 @dataclass

@@ -102,6 +102,7 @@ def _profile(args: argparse.Namespace) -> None:
 
     from omniserve.config import resolve_device, resolve_dtype
     from omniserve.cpu_attention import PoolConfig
+    from omniserve.engine.scheduler.policy import offload_mode
     from omniserve.models.loader import load_model
     from omniserve.profiler.profiler import load_or_profile, profile_cache_path
 
@@ -113,7 +114,7 @@ def _profile(args: argparse.Namespace) -> None:
     loaded = load_model(args.model, device, dtype, args.max_model_len, args.load_format, args.seed)
     model_name = str(loaded.path or args.model)
     pool_config = None
-    if args.be_decode_placement != "device":  # an engine that never offloads has no pool to profile
+    if offload_mode(args.policy, args.be_decode_placement).uses_pool:  # as the engine decides: the same cache key
         pool_config = PoolConfig(args.cpu_attention_workers, args.cpu_attention_threads)
     settings = dict(
         max_num_tokens=args.max_num_batched_tokens,

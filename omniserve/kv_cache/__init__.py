@@ -1,7 +1,9 @@
-"""Paged KV cache: physical pool (tensors) -> page allocator (free list) -> per-request page tables."""
+"""Paged KV cache: physical pool (tensors, page_pool.py) -> page allocator (free list) -> per-request page tables.
+
+The package exports the bookkeeping only, which is plain Python (the scheduler and the simulator use it without
+torch); the pool of tensors is imported from omniserve.kv_cache.page_pool."""
 
 from omniserve.kv_cache.page_allocator import OutOfPagesError, PageAllocator
-from omniserve.kv_cache.page_pool import PagePool, bytes_per_page, pages_for_memory
 from omniserve.kv_cache.page_table import PageTable
 
-__all__ = ["OutOfPagesError", "PageAllocator", "PagePool", "PageTable", "bytes_per_page", "pages_for_memory"]
+__all__ = ["OutOfPagesError", "PageAllocator", "PageTable"]

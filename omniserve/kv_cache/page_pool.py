@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from omniserve.config import CacheConfig, ModelConfig
+from omniserve.config import CPU_DEFAULT_KV_BYTES, CacheConfig, ModelConfig
 
-_CPU_DEFAULT_KV_BYTES = 2 << 30
 _CUDA_FREE_MEMORY_FRACTION = 0.9
 
 
@@ -45,5 +44,5 @@ def pages_for_memory(model: ModelConfig, cache: CacheConfig, device: torch.devic
             free, _ = torch.cuda.mem_get_info(device)
             budget = int(free * _CUDA_FREE_MEMORY_FRACTION)
         else:
-            budget = _CPU_DEFAULT_KV_BYTES
+            budget = CPU_DEFAULT_KV_BYTES
     return max(1, budget // bytes_per_page(model, cache.page_size, dtype))

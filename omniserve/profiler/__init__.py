@@ -1,9 +1,2 @@
-"""Latency models of the device and the CPU attention pool, and the profiler that measures them."""
-
-from omniserve.profiler.latency_model import (
-    BatchShape, LatencyModel, LinearModel, PiecewiseLinear, batch_shape_of_chunks, prefill_interactions,
-)
-
-__all__ = [
-    "BatchShape", "LatencyModel", "LinearModel", "PiecewiseLinear", "batch_shape_of_chunks", "prefill_interactions",
-]
+"""The profiler: measures the device and the CPU attention pool and fits the scheduler's latency model
+(omniserve.engine.scheduler.latency_model) to the measurements."""

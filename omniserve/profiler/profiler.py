@@ -40,13 +40,13 @@ import torch
 from tqdm.auto import tqdm
 
 from omniserve.attention import PagedAttention
+from omniserve.config import ConfigError, ModelConfig
 from omniserve.cpu_attention import CPUAttentionPool, PoolConfig
 from omniserve.cpu_attention.host_kv import HostKV
 from omniserve.cpu_attention.kernel import decode_attention
-from omniserve.config import ConfigError, ModelConfig
-from omniserve.kv_cache import PagePool
+from omniserve.engine.scheduler.latency_model import LatencyModel, LinearModel, PiecewiseLinear, prefill_interactions
+from omniserve.kv_cache.page_pool import PagePool
 from omniserve.models.llama import LlamaForCausalLM
-from omniserve.profiler.latency_model import LatencyModel, LinearModel, PiecewiseLinear, prefill_interactions
 from omniserve.sampling.params import SamplingParams
 from omniserve.sampling.sampler import SamplingRow, sample
 

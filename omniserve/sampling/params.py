@@ -88,3 +88,12 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class SampledToken:
+    token_id: int
+    logprob: float | None = None
+    """Log-probability of token_id under the model (before temperature and truncation), if logprobs were asked for."""
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+    """The most likely tokens and their log-probabilities, most likely first."""

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from omniserve.sampling.params import SamplingParams
+from omniserve.sampling.params import SampledToken, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -16,15 +16,6 @@ class SamplingRow:
     params: SamplingParams
     num_generated: int
     """Tokens the request has generated so far: the step index for its seed, and the min_tokens clock."""
-
-
-@dataclass(frozen=True)
-class SampledToken:
-    token_id: int
-    logprob: float | None = None
-    """Log-probability of token_id under the model (before temperature and truncation), if logprobs were asked for."""
-    top_logprobs: tuple[tuple[int, float], ...] = ()
-    """The most likely tokens and their log-probabilities, most likely first."""
 
 
 def _step_seed(seed: int, step: int) -> int:

@@ -21,13 +21,16 @@ import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from omniserve.config import ModelConfig
-from omniserve.kv_cache.page_pool import _CPU_DEFAULT_KV_BYTES
-from omniserve.models.loader import config_from_hf
-from omniserve.models.presets import PRESETS
-from omniserve.profiler.latency_model import (
-    BatchShape, LatencyModel, LinearModel, PiecewiseLinear, prefill_interactions,
+from omniserve.config import CPU_DEFAULT_KV_BYTES, ModelConfig
+from omniserve.engine.scheduler.latency_model import (
+    BatchShape,
+    LatencyModel,
+    LinearModel,
+    PiecewiseLinear,
+    prefill_interactions,
 )
+from omniserve.models.hf_config import config_from_hf
+from omniserve.models.presets import PRESETS
 
 HARDWARE_DIR = Path(__file__).parent / "hardware"
 GPU_DTYPE_BYTES = 2  # bf16 weights, activations and KV on every GPU profile
@@ -365,7 +368,7 @@ def measured_profile(path: str | os.PathLike | None = None, *, model: str = "smo
     if device_kv_tokens is None:
         if not latency.metadata.get("device", "cpu").startswith("cpu"):
             raise ValueError(f"{source} was profiled on {latency.metadata['device']}: pass device_kv_tokens")
-        device_kv_tokens = _CPU_DEFAULT_KV_BYTES // kv_per_token  # the engine's KV cache on a CPU device
+        device_kv_tokens = CPU_DEFAULT_KV_BYTES // kv_per_token  # the engine's KV cache on a CPU device
     if host_kv_tokens is None:
         physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         host_kv_tokens = int(physical * defaults["host_memory_fraction"] // kv_per_token)

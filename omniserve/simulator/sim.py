@@ -21,17 +21,17 @@ from __future__ import annotations
 import heapq
 import itertools
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
-from omniserve.bench.client import Record
-from omniserve.config import SchedulerConfig
-from omniserve.engine.plan import IterationPlan, RunnerOutput
-from omniserve.engine.request import Request
+from omniserve.bench.metrics import Record
+from omniserve.config import CacheConfig
 from omniserve.engine.scheduler import Scheduler
+from omniserve.engine.scheduler.config import SchedulerConfig
+from omniserve.engine.scheduler.latency_model import batch_shape_of_chunks
+from omniserve.engine.scheduler.plan import IterationPlan, RunnerOutput
+from omniserve.engine.scheduler.request import Request
 from omniserve.kv_cache import PageAllocator, PageTable
-from omniserve.profiler.latency_model import batch_shape_of_chunks
-from omniserve.sampling.params import SamplingParams
-from omniserve.sampling.sampler import SampledToken
+from omniserve.sampling.params import SampledToken, SamplingParams
 from omniserve.simulator.profiles import SystemProfile
 
 _TOKEN = 7  # every simulated token; EOS is ignored, so outputs are exactly max_tokens long
@@ -50,18 +50,24 @@ class SimRequest:
 
 @dataclass(frozen=True)
 class SimConfig:
-    policy: str = "omniserve"
+    """The simulated engine's settings. Scheduler settings take SchedulerConfig's defaults (read, not copied)."""
+
+    policy: str = SchedulerConfig.policy
     ls_ttft_slo: float | None = None
     ls_tpot_slo: float | None = None
-    page_size: int = 16
-    max_num_batched_tokens: int = 2048
-    max_num_seqs: int = 256
-    max_model_len: int = 32768
-    iteration_budget_share: float = 0.85
-    ls_headroom: float = 0.2
-    be_decode_placement: str = "auto"
+    page_size: int = CacheConfig.page_size
+    max_num_batched_tokens: int = SchedulerConfig.max_num_batched_tokens
+    max_num_seqs: int = SchedulerConfig.max_num_seqs
+    max_model_len: int = SchedulerConfig.max_model_len
+    iteration_budget_share: float = SchedulerConfig.iteration_budget_share
+    ls_headroom: float = SchedulerConfig.ls_headroom
+    be_decode_placement: str = SchedulerConfig.be_decode_placement
     latency_noise: float = 0.0  # relative standard deviation of iteration times around the prediction
     seed: int = 0
+
+    def scheduler_config(self) -> SchedulerConfig:
+        shared = {f.name for f in fields(SchedulerConfig)}
+        return SchedulerConfig(**{f.name: getattr(self, f.name) for f in fields(self) if f.name in shared})
 
 
 @dataclass
@@ -86,12 +92,8 @@ class Simulation:
         self.profile, self.config = profile, config
         self.now = 0.0
         self.rng = random.Random(config.seed)
-        scheduler_config = SchedulerConfig(
-            max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
-            max_model_len=config.max_model_len, be_decode_placement=config.be_decode_placement, policy=config.policy,
-            ls_headroom=config.ls_headroom, iteration_budget_share=config.iteration_budget_share)
         pages = PageTable(PageAllocator(max(1, profile.device_kv_tokens // config.page_size)), config.page_size)
-        self.scheduler = Scheduler(scheduler_config, pages, eos_token_ids=(_EOS,), num_layers=profile.num_layers,
+        self.scheduler = Scheduler(config.scheduler_config(), pages, eos_token_ids=(_EOS,), num_layers=profile.num_layers,
                                    latency_model=profile.latency, default_tpot_slo=config.ls_tpot_slo,
                                    clock=lambda: self.now)
         workers = profile.cpu_workers_per_host

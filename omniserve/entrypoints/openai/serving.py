@@ -33,8 +33,7 @@ from omniserve.engine.outputs import RequestOutput
 from omniserve.entrypoints.openai.errors import APIError, error_body
 from omniserve.entrypoints.openai.protocol import SamplingRequest, UsageInfo
 from omniserve.entrypoints.openai.served_models import Resolved, ServedModels
-from omniserve.sampling.params import InvalidRequestError, SamplingParams, ServiceClass
-from omniserve.sampling.sampler import SampledToken
+from omniserve.sampling.params import InvalidRequestError, SampledToken, SamplingParams, ServiceClass
 
 logger = logging.getLogger(__name__)
 

@@ -12,13 +12,27 @@ from starlette.responses import Response
 
 from omniserve.entrypoints.openai.errors import APIError
 from omniserve.entrypoints.openai.protocol import (
-    ChatCompletionChoice, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs, ChatMessage,
-    ChatResponseMessage, TokenLogprob, TopLogprob, now,
+    ChatCompletionChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatMessage,
+    ChatResponseMessage,
+    TokenLogprob,
+    TopLogprob,
+    now,
 )
 from omniserve.entrypoints.openai.serving import (
-    SSE_DONE, EventStreamResponse, Generation, OpenAIServing, chunk, finite, sse_error, until_disconnected,
+    SSE_DONE,
+    EventStreamResponse,
+    Generation,
+    OpenAIServing,
+    chunk,
+    finite,
+    sse_error,
+    until_disconnected,
 )
-from omniserve.sampling.sampler import SampledToken
+from omniserve.sampling.params import SampledToken
 
 # Keywords of apply_chat_template that decide what it returns: chat_template_kwargs may not change them.
 _RESERVED_TEMPLATE_KWARGS = {"conversation", "tokenize", "return_dict", "return_tensors", "add_generation_prompt",

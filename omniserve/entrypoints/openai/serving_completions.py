@@ -11,12 +11,23 @@ from starlette.responses import Response
 from omniserve.engine.outputs import RequestOutput
 from omniserve.entrypoints.openai.errors import APIError
 from omniserve.entrypoints.openai.protocol import (
-    CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, now,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    now,
 )
 from omniserve.entrypoints.openai.serving import (
-    SSE_DONE, EventStreamResponse, Generation, OpenAIServing, chunk, finite, sse_error, until_disconnected,
+    SSE_DONE,
+    EventStreamResponse,
+    Generation,
+    OpenAIServing,
+    chunk,
+    finite,
+    sse_error,
+    until_disconnected,
 )
-from omniserve.sampling.sampler import SampledToken
+from omniserve.sampling.params import SampledToken
 
 
 class CompletionServing(OpenAIServing):

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from omniserve.sampling.params import SamplingParams
-from omniserve.sampling.sampler import SampledToken
+from omniserve.sampling.params import SampledToken, SamplingParams
 
 
 @dataclass(frozen=True)

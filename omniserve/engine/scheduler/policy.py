@@ -17,6 +17,7 @@ NEO's own synchronous CPU-GPU pipeline, so an offloaded LS request there is slow
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 
@@ -43,3 +44,43 @@ POLICY_TABLE = {
     "neo": Policy("neo", classes=True, time_budget=True, reject_late=True, offload="all"),
     "fcfs": Policy("fcfs", classes=False, time_budget=False, reject_late=False, offload="none"),
 }
+POLICIES = tuple(POLICY_TABLE)
+BE_DECODE_PLACEMENTS = ("auto", "cpu", "device")
+
+
+class OffloadMode(enum.Enum):
+    """Which requests may decode in the CPU pool, and when: the policy's `offload` and `be_decode_placement`,
+    resolved once (see offload_mode) for the scheduler, the engine (whether it has a CPU pool), the profiler (whether
+    the profile covers the pool, part of its cache key) and the simulator."""
+
+    NONE = "none"
+    """Nothing leaves the device; there is no CPU pool (sarathi, llumnix, fcfs; omniserve with placement `device`)."""
+    BE_WHEN_SHORT = "be-when-short"
+    """BE requests, when device pages or iteration time run short; they come back when both are plentiful
+    (omniserve, placement `auto`)."""
+    BE_ALWAYS = "be-always"
+    """Every BE request, once its prefill is done; none comes back (omniserve, placement `cpu`)."""
+    ANY_WHEN_SHORT = "any-when-short"
+    """Any request, BE first, when device pages run short; they come back when pages are plentiful (neo, whatever
+    the BE placement says)."""
+
+    @property
+    def uses_pool(self) -> bool:
+        return self is not OffloadMode.NONE
+
+    @property
+    def offloads_ls(self) -> bool:
+        return self is OffloadMode.ANY_WHEN_SHORT
+
+    @property
+    def swaps_in(self) -> bool:
+        return self in (OffloadMode.BE_WHEN_SHORT, OffloadMode.ANY_WHEN_SHORT)
+
+
+def offload_mode(policy: str, be_decode_placement: str) -> OffloadMode:
+    offload = POLICY_TABLE[policy].offload
+    if offload == "all":
+        return OffloadMode.ANY_WHEN_SHORT
+    if offload == "none" or be_decode_placement == "device":
+        return OffloadMode.NONE
+    return OffloadMode.BE_ALWAYS if be_decode_placement == "cpu" else OffloadMode.BE_WHEN_SHORT

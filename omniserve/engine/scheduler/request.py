@@ -6,8 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from omniserve.sampling.params import SamplingParams, ServiceClass
-from omniserve.sampling.sampler import SampledToken
+from omniserve.sampling.params import SampledToken, SamplingParams, ServiceClass
 
 
 class RequestStatus(enum.Enum):

@@ -1,0 +1,60 @@
+"""Device KV pages for the scheduler: whether a request has room to grow, making room by preempting (recompute), and
+how many pages the device requests want next."""
+
+from __future__ import annotations
+
+from omniserve.engine.scheduler.request import Placement, Request, RequestStatus
+
+
+class PageRoom:
+    """Part of Scheduler (scheduler.py): reads and changes its running and waiting requests and page table."""
+
+    def _page_room(self, request: Request, num_tokens: int) -> bool:
+        if not self.page_table.can_grow(request.request_id, num_tokens):
+            return False
+        if self.policy.be_page_cap and not self._is_ls(request):
+            allocator = self.page_table.allocator
+            be_pages = sum(len(self.page_table.pages(r.request_id)) for r in self.running if not self._is_ls(r))
+            needed = self.page_table.pages_needed(request.request_id, num_tokens)
+            return be_pages + needed <= (1.0 - self.config.ls_headroom) * allocator.num_pages
+        return True
+
+    def _make_room(self, request: Request, num_tokens: int, scheduled: dict[str, int], evict_ls: bool) -> bool:
+        """Preempts device requests not scheduled this iteration (the newest BE first, then the newest LS if
+        allowed) until the request can grow; preempts the request itself if nothing else is left."""
+        while not self._page_room(request, num_tokens):
+            candidates = [
+                r for r in self.running
+                if r.placement is Placement.DEVICE and r is not request and r.request_id not in scheduled
+                and (evict_ls or not self._is_ls(r))
+            ]
+            victims = [r for r in candidates if not self._is_ls(r)] or candidates
+            if not self._is_ls(request):  # a BE request only ever displaces BE requests
+                victims = [r for r in victims if not self._is_ls(r)]
+            if not victims:
+                self._preempt(request)
+                return False
+            self._preempt(victims[-1])
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.page_table.release(request.request_id)
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self._preempted = True
+        request.status = RequestStatus.WAITING
+        self.waiting.appendleft(request)
+
+    def _pages_wanted(self) -> int:
+        """Pages the device requests need for their next tokens, plus the next waiting request's first chunk."""
+        wanted = sum(
+            self.page_table.pages_needed(r.request_id, r.num_computed_tokens + 1)
+            for r in self.running if r.placement is Placement.DEVICE
+        )
+        if self.waiting:
+            head = self.waiting[0]
+            chunk = min(head.num_tokens - head.num_computed_tokens, self.config.max_num_batched_tokens)
+            wanted += self.page_table.pages_needed(head.request_id, head.num_computed_tokens + chunk)
+        return wanted
