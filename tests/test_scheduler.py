@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import pytest
+from fakes import step
 
 from omniserve.engine.scheduler import Scheduler
 from omniserve.engine.scheduler.config import SchedulerConfig
 from omniserve.engine.scheduler.plan import RunnerOutput
 from omniserve.engine.scheduler.request import Placement, Request, RequestStatus
 from omniserve.kv_cache import OutOfPagesError, PageAllocator, PageTable
-from omniserve.sampling.params import SampledToken, SamplingParams
+from omniserve.sampling.params import SamplingParams
 
 
 def make_scheduler(num_pages=64, page_size=4, **config) -> Scheduler:
@@ -20,13 +21,6 @@ def add(scheduler, request_id, prompt_len, max_tokens=8, **params) -> Request:
     request = Request(request_id, list(range(10, 10 + prompt_len)), SamplingParams(**params), max_tokens)
     scheduler.add_request(request)
     return request
-
-
-def run_step(scheduler, token=7):
-    plan = scheduler.schedule()
-    sampled = {c.request_id: SampledToken(token) for c in plan.chunks if c.sample}
-    scheduler.update(plan, RunnerOutput(sampled))
-    return plan
 
 
 def test_allocator_integrity_and_double_free():
@@ -45,7 +39,7 @@ def test_allocator_integrity_and_double_free():
 def test_chunked_prefill_respects_token_budget():
     scheduler = make_scheduler(max_num_batched_tokens=10)
     add(scheduler, "a", 25)
-    plans = [run_step(scheduler) for _ in range(3)]
+    plans = [step(scheduler) for _ in range(3)]
     assert [c.token_ids.__len__() for p in plans for c in p.chunks] == [10, 10, 5]
     assert [c.sample for p in plans for c in p.chunks] == [False, False, True]
     assert plans[1].chunks[0].start_position == 10
@@ -54,9 +48,9 @@ def test_chunked_prefill_respects_token_budget():
 def test_running_requests_decode_before_new_prefills():
     scheduler = make_scheduler(max_num_batched_tokens=12)
     add(scheduler, "a", 6)
-    run_step(scheduler)
+    step(scheduler)
     add(scheduler, "b", 30)
-    plan = run_step(scheduler)
+    plan = step(scheduler)
     assert [(c.request_id, len(c.token_ids)) for c in plan.chunks] == [("a", 1), ("b", 11)]
 
 
@@ -64,7 +58,7 @@ def test_max_num_seqs_limits_running_requests():
     scheduler = make_scheduler(max_num_seqs=2)
     for name in "abc":
         add(scheduler, name, 4)
-    plan = run_step(scheduler)
+    plan = step(scheduler)
     assert [c.request_id for c in plan.chunks] == ["a", "b"]
     assert [r.request_id for r in scheduler.waiting] == ["c"]
 
@@ -73,14 +67,14 @@ def test_preemption_frees_the_newest_and_requeues_it_first():
     scheduler = make_scheduler(num_pages=4)
     a = add(scheduler, "a", 7, max_tokens=8)
     b = add(scheduler, "b", 7, max_tokens=8)
-    run_step(scheduler)  # both prefill 7 tokens: 2 pages each, the pool is full
-    run_step(scheduler)  # both decode their 8th token, still within 2 pages
-    run_step(scheduler)  # a's 9th token needs a third page: b, the newest, is preempted
+    step(scheduler)  # both prefill 7 tokens: 2 pages each, the pool is full
+    step(scheduler)  # both decode their 8th token, still within 2 pages
+    step(scheduler)  # a's 9th token needs a third page: b, the newest, is preempted
     assert b.status is RequestStatus.WAITING and b.num_computed_tokens == 0 and scheduler.waiting[0] is b
     assert a.status is RequestStatus.RUNNING and scheduler.num_preemptions == 1
     scheduler.page_table.allocator.check_integrity()
     while scheduler.has_unfinished():
-        run_step(scheduler)
+        step(scheduler)
     assert b.output_token_ids == [7] * 8 and scheduler.page_table.allocator.num_used == 0
 
 
@@ -89,11 +83,11 @@ def test_stop_conditions():
     eos = add(scheduler, "eos", 3)
     ignore = add(scheduler, "ignore", 3, max_tokens=2, ignore_eos=True)
     stop_id = add(scheduler, "stop-id", 3, ignore_eos=True, stop_token_ids=[2])
-    run_step(scheduler, token=2)
+    step(scheduler, token=2)
     assert eos.status is RequestStatus.FINISHED_STOPPED and eos.stop_reason is None
     assert stop_id.status is RequestStatus.FINISHED_STOPPED and stop_id.stop_reason == 2
     assert ignore.status is RequestStatus.RUNNING
-    run_step(scheduler, token=2)
+    step(scheduler, token=2)
     assert ignore.status is RequestStatus.FINISHED_LENGTH
     assert scheduler.page_table.allocator.num_used == 0
 
@@ -101,9 +95,9 @@ def test_stop_conditions():
 def test_min_tokens_defers_eos():
     scheduler = make_scheduler()
     request = add(scheduler, "a", 3, min_tokens=2)
-    run_step(scheduler, token=2)
+    step(scheduler, token=2)
     assert request.status is RequestStatus.RUNNING
-    run_step(scheduler, token=2)
+    step(scheduler, token=2)
     assert request.status is RequestStatus.FINISHED_STOPPED
 
 
@@ -111,7 +105,7 @@ def test_finishing_a_waiting_or_running_request_frees_pages():
     scheduler = make_scheduler(max_num_seqs=1)
     add(scheduler, "a", 5)
     add(scheduler, "b", 5)
-    run_step(scheduler)
+    step(scheduler)
     scheduler.finish_request("a", RequestStatus.FINISHED_ABORTED)
     scheduler.finish_request("b", RequestStatus.FINISHED_ABORTED)
     scheduler.finish_request("unknown", RequestStatus.FINISHED_ABORTED)
@@ -122,30 +116,21 @@ def test_finishing_a_waiting_or_running_request_frees_pages():
 # ------------------------------------------------------------------------------------------- BE placement (piggyback)
 
 
-def run_step_with_swaps(scheduler, token=7):
-    """Like run_step, with a runner that completes swaps at once and finishes every offloaded token started."""
-    plan = scheduler.schedule()
-    sampled = {c.request_id: SampledToken(token) for c in plan.chunks if c.sample}
-    sampled.update({t.request_id: SampledToken(token) for t in plan.offloaded_starts})
-    output = RunnerOutput(sampled, [t.request_id for t in plan.swap_outs], [t.request_id for t in plan.swap_ins])
-    scheduler.update(plan, output)
-    return plan
-
-
 def test_cpu_placement_offloads_be_after_prefill_only():
     scheduler = make_scheduler(be_decode_placement="cpu")
     be = add(scheduler, "be", 5, service_class="be")
     ls = add(scheduler, "ls", 5)
-    run_step_with_swaps(scheduler)  # prefill samples the first token
-    plan = run_step_with_swaps(scheduler)  # BE at a token boundary: swapped out, its pages freed
+    step(scheduler)  # prefill samples the first token
+    plan = step(scheduler)  # BE at a token boundary: swapped out, its pages freed
     assert [t.request_id for t in plan.swap_outs] == ["be"] and plan.swap_outs[0].num_tokens == 5
     assert be.placement is Placement.HOST and scheduler.page_table.pages("be") == []
     assert ls.placement is Placement.DEVICE
-    plan = run_step_with_swaps(scheduler)  # the offloaded token starts at layer 0 with the newest token
+    plan = step(scheduler)  # the offloaded token starts at layer 0 with the newest token
     assert [(t.request_id, t.position) for t in plan.offloaded_starts] == [("be", 5)]
-    assert be.num_output_tokens == 2 and be.num_computed_tokens == 6
+    plan = step(scheduler)  # its CPU attention result returns at its (only) layer: the token is done
+    assert plan.returning == [("be", 0)] and be.num_output_tokens == 2 and be.num_computed_tokens == 6
     while scheduler.has_unfinished():
-        run_step_with_swaps(scheduler)
+        step(scheduler)
     assert scheduler.take_released() == ["be"] and scheduler.page_table.allocator.num_used == 0
 
 
@@ -153,7 +138,7 @@ def test_device_placement_never_offloads():
     scheduler = make_scheduler(be_decode_placement="device")
     add(scheduler, "be", 5, service_class="be")
     while scheduler.has_unfinished():
-        assert not run_step_with_swaps(scheduler).swap_outs
+        assert not step(scheduler).swap_outs
 
 
 def test_auto_offloads_newest_be_when_pages_run_short_and_brings_it_back():
@@ -161,26 +146,26 @@ def test_auto_offloads_newest_be_when_pages_run_short_and_brings_it_back():
     old = add(scheduler, "old", 7, max_tokens=30, service_class="be")
     new = add(scheduler, "new", 7, max_tokens=30, service_class="be")
     for _ in range(3):
-        run_step_with_swaps(scheduler)
+        step(scheduler)
     add(scheduler, "ls", 41, max_tokens=2)  # needs 11 pages: more than the 10 free
-    run_step_with_swaps(scheduler)
+    step(scheduler)
     assert new.placement is Placement.HOST and old.placement is Placement.DEVICE
     assert new.num_swap_outs == 1
     while "ls" in scheduler.requests:
-        run_step_with_swaps(scheduler)
+        step(scheduler)
     for _ in range(3):  # nothing waits and pages are plentiful again: the offloaded request comes back
-        run_step_with_swaps(scheduler)
+        step(scheduler)
     assert new.placement is Placement.DEVICE and new.num_swap_ins == 1
 
 
 def test_lost_offloaded_request_is_recomputed_on_the_device():
     scheduler = make_scheduler(be_decode_placement="cpu")
     be = add(scheduler, "be", 5, service_class="be")
-    run_step_with_swaps(scheduler)
-    run_step_with_swaps(scheduler)
+    step(scheduler)
+    step(scheduler)
     assert be.placement is Placement.HOST
     plan = scheduler.schedule()
     scheduler.update(plan, RunnerOutput(lost=["be"]))
     assert be.placement is Placement.DEVICE and be.num_computed_tokens == 0 and scheduler.waiting[0] is be
-    plan = run_step_with_swaps(scheduler)
+    plan = step(scheduler)
     assert plan.chunks[0].request_id == "be" and len(plan.chunks[0].token_ids) == be.num_tokens - 1

@@ -7,6 +7,7 @@ import logging
 import math
 
 import pytest
+from fakes import step
 
 from omniserve.engine.scheduler import Scheduler
 from omniserve.engine.scheduler.config import SchedulerConfig
@@ -17,10 +18,9 @@ from omniserve.engine.scheduler.latency_model import (
     PiecewiseLinear,
     prefill_interactions,
 )
-from omniserve.engine.scheduler.plan import RunnerOutput
 from omniserve.engine.scheduler.request import Placement, Request, RequestStatus
 from omniserve.kv_cache import PageAllocator, PageTable
-from omniserve.sampling.params import SampledToken, SamplingParams
+from omniserve.sampling.params import SamplingParams
 
 LAYERS = 4
 MS = 1e-3
@@ -59,22 +59,6 @@ def add(scheduler, request_id, prompt_len, max_tokens=8, service_class="ls", ttf
     )
     scheduler.add_request(request)
     return request
-
-
-def step(scheduler, token=7):
-    """One iteration with a runner that finishes swaps at once and whose CPU results are back by the next one."""
-    plan = scheduler.schedule()
-    sampled = {c.request_id: SampledToken(token) for c in plan.chunks if c.sample}
-    ready = [(t.request_id, 0) for t in plan.offloaded_starts]
-    for request_id, layer in plan.returning:
-        if layer + 1 < LAYERS:
-            ready.append((request_id, layer + 1))
-        else:
-            sampled[request_id] = SampledToken(token)
-    scheduler.update(plan, RunnerOutput(sampled, [t.request_id for t in plan.swap_outs],
-                                        [t.request_id for t in plan.swap_ins]))
-    scheduler.results_ready(ready)
-    return plan
 
 
 def chunk_sizes(plan) -> dict[str, int]:

@@ -7,8 +7,9 @@ The engine never blocks on it: `submit` and `load` only enqueue, `poll` takes wh
 offloaded request lives on one worker or host (its host KV is there) and has at most one row in flight, since its
 token advances one layer at a time, so in-flight rows never exceed the number of offloaded requests.
 
-Placement, at swap-out: a local worker (the least loaded) while the local host KV stays within its memory budget;
-then the remote host with the most free memory, and among equals the fewest requests.
+Placement, at swap-out, follows placement.py (the simulator follows it too): a local worker (the least loaded) while
+the local host KV stays within its memory budget; then the remote host with the most free memory, and among equals
+the fewest requests.
 """
 
 from __future__ import annotations
@@ -28,8 +29,16 @@ import torch.multiprocessing as mp
 
 from omniserve.config import ConfigError
 from omniserve.cpu_attention.messages import (
-    AttendBatch, AttendResult, Export, Exported, Free, LoadKV, Ping, Status,
+    AttendBatch,
+    AttendResult,
+    Export,
+    Exported,
+    Free,
+    LoadKV,
+    Ping,
+    Status,
 )
+from omniserve.cpu_attention.placement import LOCAL, RemoteRoom, choose_host, least_loaded
 from omniserve.cpu_attention.remote import RemoteHost, RemoteHosts, available_memory_bytes
 from omniserve.cpu_attention.worker import WorkerSettings, worker_main
 
@@ -224,21 +233,17 @@ class CPUAttentionPool:
 
     # ------------------------------------------------------------------------------------------------- traffic
     def _place(self, nbytes: int) -> _Target:
-        """Local first while its budget lasts, then the remote host with the most free memory (fewest requests among
-        equals); the local pool takes the request when no host has room."""
-        local_used = sum(self._reserved[r] for r, t in self._owner.items() if isinstance(t, _Worker))
+        """Where a request of `nbytes` host KV goes: the rule of placement.py."""
+        used = Counter()  # host KV bytes counted on, per target
+        for request_id, target in self._owner.items():
+            used[id(target)] += self._reserved[request_id]
+        local_used = sum(used[id(w)] for w in self._workers if w is not None)
         hosts = self.remote_hosts
-        if hosts and local_used + nbytes > self._local_budget:
-            used = Counter()
-            for request_id, target in self._owner.items():
-                if isinstance(target, RemoteHost):
-                    used[id(target)] += self._reserved[request_id]
-            best = max(hosts, key=lambda h: (h.memory_bytes - used[id(h)], -len(h.requests)))
-            if best.memory_bytes - used[id(best)] >= nbytes:
-                return best
-        load = Counter({index: 0 for index in range(len(self._workers))})
-        load.update(i for i, w in enumerate(self._workers) for _ in (w.requests if w is not None else ()))
-        return self._worker(min(load, key=lambda i: (load[i], i)))
+        rooms = [RemoteRoom(h.memory_bytes - used[id(h)], len(h.requests)) for h in hosts]
+        host = choose_host(self._local_budget - local_used, rooms, nbytes)
+        if host != LOCAL:
+            return hosts[host]
+        return self._worker(least_loaded([0 if w is None else len(w.requests) for w in self._workers]))
 
     def load(self, request_id: str, k: torch.Tensor, v: torch.Tensor) -> None:
         """Installs an offloaded request's KV ([num_layers, num_tokens, num_kv_heads, head_dim]) where placement says:

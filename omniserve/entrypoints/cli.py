@@ -190,10 +190,8 @@ def _route(args: argparse.Namespace) -> None:
                log_level=args.log_level)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="omniserve", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-
+def _add_engine_commands(commands) -> None:
+    """The commands that build an engine in this process: generate, chat, profile."""
     generate = commands.add_parser("generate", help="complete one prompt")
     generate.add_argument("prompt")
     generate.add_argument("--n", type=int, default=1, help="completions to generate")
@@ -215,10 +213,17 @@ def build_parser() -> argparse.ArgumentParser:
     EngineArgs.add_cli_args(profile)
     profile.set_defaults(handler=_profile)
 
+
+def _add_listen_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (0: a free one)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def _add_serve_command(commands) -> None:
     serve = commands.add_parser("serve", help="serve the OpenAI API (completions, chat, models, metrics)")
     serve.add_argument("model_tag", nargs="?", default=None, help="the model, as --model (`vllm serve MODEL`)")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    serve.add_argument("--port", type=int, default=8000, help="port to listen on (0: a free one)")
+    _add_listen_args(serve)
     serve.add_argument("--served-model-name", nargs="+", default=None,
                        help="model name(s) in the API; services appear as NAME-SERVICE, best effort as NAME-batch "
                        "(default: --model as given, or smollm2 for the built-in model)")
@@ -236,7 +241,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help="most stop strings one request may give (OpenAI allows 4, vLLM any number)")
     serve.add_argument("--gpu-memory-utilization", type=float, default=None,
                        help="accepted for vLLM compatibility; not applied yet (use --kv-cache-memory-bytes)")
-    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--instances", type=int, default=1,
                        help="engine instances (Ray actors, a GPU each when the cluster has them) behind one endpoint "
                        "that routes LS requests by SLO headroom and BE requests by spare capacity")
@@ -245,27 +249,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     route = commands.add_parser("router", help="one OpenAI endpoint in front of running omniserve instances")
     route.add_argument("instance_urls", nargs="+", help="base URLs of the instances (http://host:port)")
-    route.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    route.add_argument("--port", type=int, default=8000, help="port to listen on (0: a free one)")
+    _add_listen_args(route)
     route.add_argument("--poll-interval", type=float, default=0.5, help="seconds between load polls of each instance")
-    route.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     route.set_defaults(handler=_route)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="omniserve", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_engine_commands(commands)
+    _add_serve_command(commands)
 
     build_kernel = commands.add_parser("build-kernel", help="build the CPU decode-attention kernel (a set-up step)")
     build_kernel.add_argument("--timeout", type=float, default=BUILD_TIMEOUT_S,
                               help="seconds the build may take before giving up (the torch path is used then)")
     build_kernel.set_defaults(handler=_build_kernel)
 
-    from omniserve.bench.cli import add_bench_command  # here: `omniserve serve` need not import the benchmark
-
-    add_bench_command(commands)
-
+    # Imported here: `omniserve serve` need not import the benchmark, the evaluation or the simulator.
+    from omniserve.bench.cli import add_bench_command
     from omniserve.evaluation.cli import add_eval_command
-
-    add_eval_command(commands)
-
     from omniserve.simulator.cli import add_simulate_command
 
+    add_bench_command(commands)
+    add_eval_command(commands)
     add_simulate_command(commands)
     return parser
 

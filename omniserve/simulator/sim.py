@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, fields
 
 from omniserve.bench.metrics import Record
 from omniserve.config import CacheConfig
+from omniserve.cpu_attention.placement import LOCAL, RemoteRoom, choose_host, least_loaded
 from omniserve.engine.scheduler import Scheduler
 from omniserve.engine.scheduler.config import SchedulerConfig
 from omniserve.engine.scheduler.latency_model import batch_shape_of_chunks
@@ -70,6 +71,22 @@ class SimConfig:
         return SchedulerConfig(**{f.name: getattr(self, f.name) for f in fields(self) if f.name in shared})
 
 
+def iteration_outputs(plan: IterationPlan, num_layers: int, token: int) -> tuple[dict[str, SampledToken],
+                                                                                  list[tuple[str, int]]]:
+    """What executing a plan produces, times apart (the simulator's rules; the scheduler tests' fake runner uses them
+    too): a token for every chunk that samples and for every returning row that has passed the last layer; and the
+    rows whose CPU attention the iteration sends to the pool, (request id, layer): offloaded tokens starting at
+    layer 0, returning rows at their next layer."""
+    sampled = {chunk.request_id: SampledToken(token) for chunk in plan.chunks if chunk.sample}
+    cpu_rows = [(start.request_id, 0) for start in plan.offloaded_starts]
+    for request_id, layer in plan.returning:
+        if layer + 1 < num_layers:
+            cpu_rows.append((request_id, layer + 1))
+        else:
+            sampled[request_id] = SampledToken(token)
+    return sampled, cpu_rows
+
+
 @dataclass
 class _Host:
     free_tokens: int
@@ -93,7 +110,8 @@ class Simulation:
         self.now = 0.0
         self.rng = random.Random(config.seed)
         pages = PageTable(PageAllocator(max(1, profile.device_kv_tokens // config.page_size)), config.page_size)
-        self.scheduler = Scheduler(config.scheduler_config(), pages, eos_token_ids=(_EOS,), num_layers=profile.num_layers,
+        self.scheduler = Scheduler(config.scheduler_config(), pages, eos_token_ids=(_EOS,),
+                                   num_layers=profile.num_layers,
                                    latency_model=profile.latency, default_tpot_slo=config.ls_tpot_slo,
                                    clock=lambda: self.now)
         workers = profile.cpu_workers_per_host
@@ -119,14 +137,14 @@ class Simulation:
 
     # ------------------------------------------------------------------------------------------------ the pool
     def _place(self, request_id: str, tokens: int) -> tuple[int, int]:
-        """Local host first while it has room, then the remote host with the most free KV memory."""
-        local = self.hosts[0]
-        if local.free_tokens >= tokens or len(self.hosts) == 1:
-            host = 0
-        else:
-            host = max(range(1, len(self.hosts)), key=lambda h: self.hosts[h].free_tokens)
-        workers = self.hosts[host].worker_free_at
-        worker = min(range(len(workers)), key=lambda w: sum(p[:2] == (host, w) for p in self.placement.values()))
+        """Where the pool puts a request's host KV (the rule of omniserve.cpu_attention.placement)."""
+        requests = [[0] * len(h.worker_free_at) for h in self.hosts]  # per host, per worker
+        for host, worker, _ in self.placement.values():
+            requests[host][worker] += 1
+        rooms = [RemoteRoom(h.free_tokens, sum(requests[i + 1])) for i, h in enumerate(self.hosts[1:])]
+        remote = choose_host(self.hosts[0].free_tokens, rooms, tokens)
+        host = 0 if remote == LOCAL else 1 + remote  # hosts[0] is the local host
+        worker = least_loaded(requests[host])
         self.placement[request_id] = (host, worker, tokens)
         self.hosts[host].free_tokens -= tokens
         return host, worker
@@ -172,39 +190,31 @@ class Simulation:
             predicted *= max(0.2, self.rng.gauss(1.0, self.config.latency_noise))
         return predicted
 
+    def _copy_seconds(self, num_tokens: int, host: int) -> float:
+        """A swap's KV copy over PCIe, and over the network to or from a remote host."""
+        nbytes = num_tokens * self.profile.kv_bytes_per_token
+        seconds = nbytes / self.profile.pcie_bytes_per_s
+        if self.hosts[host].remote:
+            seconds += self.profile.network_latency_s + nbytes / self.profile.network_bytes_per_s
+        return seconds
+
     def _run_iteration(self, plan: IterationPlan) -> None:
         start, seconds = self.now, self._duration(plan)
         layers = self.profile.num_layers
         # An offloaded row's attention for layer L leaves by the end of layer L (the iteration spread evenly on layers).
         at = {layer: start + seconds * (layer + 1) / layers for layer in range(layers)}
-        rows = [(t.request_id, 0, t.position + 1) for t in plan.offloaded_starts]
+        sampled, cpu_rows = iteration_outputs(plan, layers, _TOKEN)
         for token in plan.offloaded_starts:
             self._grow(token.request_id)
-        sampled: dict[str, SampledToken] = {}
-        for request_id, layer in plan.returning:
-            request = self.scheduler.requests.get(request_id)
-            if layer + 1 < layers and request is not None:
-                rows.append((request_id, layer + 1, request.num_tokens))
-            else:
-                sampled[request_id] = SampledToken(_TOKEN)
+        requests = self.scheduler.requests
+        rows = [(rid, layer, requests[rid].num_tokens) for rid, layer in cpu_rows if rid in requests]
         for transfer in plan.swap_outs:
             host, _ = self._place(transfer.request_id, transfer.num_tokens)
-            seconds_copy = transfer.num_tokens * self.profile.kv_bytes_per_token / self.profile.pcie_bytes_per_s
-            if self.hosts[host].remote:
-                seconds_copy += self.profile.network_latency_s + (
-                    transfer.num_tokens * self.profile.kv_bytes_per_token / self.profile.network_bytes_per_s)
-            self.swaps.append((start + seconds_copy, "out", transfer.request_id))
+            self.swaps.append((start + self._copy_seconds(transfer.num_tokens, host), "out", transfer.request_id))
         for transfer in plan.swap_ins:
-            placed = self.placement.get(transfer.request_id)
-            seconds_copy = transfer.num_tokens * self.profile.kv_bytes_per_token / self.profile.pcie_bytes_per_s
-            if placed is not None and self.hosts[placed[0]].remote:
-                seconds_copy += self.profile.network_latency_s + (
-                    transfer.num_tokens * self.profile.kv_bytes_per_token / self.profile.network_bytes_per_s)
-            self.swaps.append((start + seconds_copy, "in", transfer.request_id))
+            host = self.placement.get(transfer.request_id, (0,))[0]  # 0: local, whose copies take PCIe only
+            self.swaps.append((start + self._copy_seconds(transfer.num_tokens, host), "in", transfer.request_id))
         self._dispatch_cpu(rows, at)
-        for chunk in plan.chunks:
-            if chunk.sample:
-                sampled[chunk.request_id] = SampledToken(_TOKEN)
 
         self.now = start + seconds
         self.device_busy += seconds

@@ -41,9 +41,8 @@ class SchedulerConfig:
         if not 0.0 <= self.ls_headroom < 1.0:
             raise ConfigError(f"ls_headroom must be in [0, 1), got {self.ls_headroom}")
         if self.be_decode_placement not in BE_DECODE_PLACEMENTS:
-            raise ConfigError(
-                f"be_decode_placement must be one of {', '.join(BE_DECODE_PLACEMENTS)}, got {self.be_decode_placement!r}"
-            )
+            raise ConfigError(f"be_decode_placement must be one of {', '.join(BE_DECODE_PLACEMENTS)}, "
+                              f"got {self.be_decode_placement!r}")
 
 
     @property

@@ -1,10 +1,10 @@
 """Profiled latency models: how long one iteration takes, from the shape of what it runs.
 
 The scheduler predicts an iteration's time before it runs it, so every model here is a cheap closed form of a few
-numbers that the profiler measured on the real model and device (profiler.py):
+numbers that the profiler measured on the real model and device (omniserve/profiler/):
 
     iteration = head(num_sampled) + sum over layers l of [ dense(num_rows + extra_rows[l])
-                                                          + prefill_attention(interactions) + decode_attention(context, k) ]
+                                                 + prefill_attention(interactions) + decode_attention(context, k) ]
 
 - dense: one layer's pre_attention + post_attention (norms, QKV/O GEMMs, RoPE, MLP) on n rows. Piecewise linear,
   because a GPU's GEMM time rises in steps (one more wave of thread blocks) rather than smoothly.
@@ -212,9 +212,8 @@ class LatencyModel:
 
     def attention_time(self, shape: BatchShape) -> float:
         """One layer's device attention; the same at every layer (offloaded rows attend on the CPU)."""
-        return self.prefill_attention_time(shape.prefill_interactions, shape.prefill_tokens) + self.decode_attention_time(
-            shape.decode_context, shape.num_decodes
-        )
+        prefill = self.prefill_attention_time(shape.prefill_interactions, shape.prefill_tokens)
+        return prefill + self.decode_attention_time(shape.decode_context, shape.num_decodes)
 
     # ------------------------------------------------------------------------------------------------ storage
     def to_json(self) -> str:

@@ -179,8 +179,8 @@ class Scheduler(Booking, PageRoom, Offloading, Piggybacking):
     def schedule(self) -> IterationPlan:
         self.iteration += 1
         self._preempted = False
-        batch = IterationBudget(self.latency_model, self.num_layers, self.time_budget(), self.config.max_num_batched_tokens,
-                       self.time_correction)
+        batch = IterationBudget(self.latency_model, self.num_layers, self.time_budget(),
+                                self.config.max_num_batched_tokens, self.time_correction)
         scheduled: dict[str, int] = {}  # request id -> tokens this iteration (dicts keep insertion order)
         rejected: list[str] = []
         device = [r for r in self.running if r.placement is Placement.DEVICE]

@@ -1,0 +1,20 @@
+"""The fake executor of the scheduler tests: the simulator's rules for what an iteration produces
+(omniserve.simulator.sim.iteration_outputs), without a clock: every swap's copy ends with its iteration, and CPU
+attention results are back by the next iteration."""
+
+from __future__ import annotations
+
+from omniserve.engine.scheduler import Scheduler
+from omniserve.engine.scheduler.plan import IterationPlan, RunnerOutput
+from omniserve.simulator.sim import iteration_outputs
+
+
+def step(scheduler: Scheduler, token: int = 7) -> IterationPlan:
+    """Plans one iteration, 'runs' it and books its outputs; every sampled token is `token`."""
+    plan = scheduler.schedule()
+    sampled, cpu_rows = iteration_outputs(plan, scheduler.num_layers, token)
+    swapped_out = [t.request_id for t in plan.swap_outs]
+    swapped_in = [t.request_id for t in plan.swap_ins]
+    scheduler.update(plan, RunnerOutput(sampled, swapped_out, swapped_in))
+    scheduler.results_ready(cpu_rows)
+    return plan
