@@ -140,3 +140,14 @@ def test_simulate_bad_flags_are_clear_errors(flags, message):
         main(["simulate", "--duration", "1", "--policies", "fcfs", "--ls-lengths", "fixed:10:2", "--be-trace", "",
               "--be-rate", "0", "--no-progress", *flags])
     assert message in str(info.value)
+
+
+def test_placement_rule_shared_by_the_pool_and_the_simulator():
+    from omniserve.cpu_attention.placement import LOCAL, RemoteRoom, choose_host, least_loaded
+
+    assert choose_host(100, [RemoteRoom(500, 0)], 100) == LOCAL  # local while its budget lasts
+    assert choose_host(99, [RemoteRoom(200, 3), RemoteRoom(500, 9)], 100) == 1  # then the most free memory
+    assert choose_host(99, [RemoteRoom(500, 3), RemoteRoom(500, 1)], 100) == 1  # fewest requests among equals
+    assert choose_host(99, [RemoteRoom(50, 0)], 100) == LOCAL  # no remote room: local is the last resort
+    assert choose_host(0, [], 100) == LOCAL
+    assert least_loaded([2, 1, 1]) == 1
