@@ -23,24 +23,24 @@ namespace {
 constexpr int64_t kLanes = 16;     // positions per key tile: one 512-bit register of fp32 per query head
 constexpr int64_t kMaxDim = 256;    // largest head_dim the fused kernel takes
 
-// One pass over the context with an online softmax: per tile of 16 positions, the group's scores are computed with
-// the accumulators in registers (the key tile, head_dim x 16, is contiguous), exponentiated, and the tile's value
-// rows are accumulated right away, so K and V are each read exactly once and no score array is kept.
-// DIM > 0 fixes head_dim at compile time (the common 64 and 128), so the accumulators can live in registers.
-template <typename scalar_t, int G, int DIM>
-void attend_tiles(const scalar_t* q, const scalar_t* k, const scalar_t* v, scalar_t* out, int64_t length,
-                  int64_t dynamic_dim, int64_t tile_stride, int64_t v_row_stride, scalar_t scale) {
-  const int64_t head_dim = DIM > 0 ? DIM : dynamic_dim;
-  scalar_t acc[G][kMaxDim] = {};
-  scalar_t running_max[G], running_sum[G];
-  for (int g = 0; g < G; ++g) {
-    running_max[g] = -std::numeric_limits<scalar_t>::infinity();
-    running_sum[g] = 0;
-  }
-  for (int64_t start = 0; start < length; start += kLanes) {
+// Where one KV head's context lies. The pass over it (attend below) is the same for both layouts; only the scoring
+// of a tile of 16 positions and the address of a position's value row differ.
+//
+// A request's host KV: keys in tiles transposed inside (head_dim x 16, contiguous), values as rows. A tile's scores
+// are pure vertical FMAs over one contiguous block, with no horizontal sums.
+template <typename scalar_t>
+struct TiledKV {
+  const scalar_t* k;
+  const scalar_t* v;
+  int64_t tile_stride;
+  int64_t v_row_stride;
+
+  // score[g][w] = q[g] . key[start + w] (unscaled) for the tile that starts at `start`; unused lanes hold the zero
+  // padding of the tile.
+  template <int G>
+  inline void score_tile(const scalar_t* q, int64_t head_dim, int64_t start, int64_t /*valid*/,
+                         scalar_t (&score)[G][kLanes]) const {
     const scalar_t* tile = k + (start / kLanes) * tile_stride;
-    const int64_t valid = std::min(kLanes, length - start);
-    scalar_t score[G][kLanes] = {};
     for (int64_t d = 0; d < head_dim; ++d) {
       const scalar_t* key = tile + d * kLanes;
       for (int g = 0; g < G; ++g) {
@@ -49,26 +49,83 @@ void attend_tiles(const scalar_t* q, const scalar_t* k, const scalar_t* v, scala
         for (int64_t w = 0; w < kLanes; ++w) score[g][w] += qd * key[w];
       }
     }
-    for (int g = 0; g < G; ++g) {
-      scalar_t tile_max = -std::numeric_limits<scalar_t>::infinity();
-      for (int64_t w = 0; w < valid; ++w) tile_max = std::max(tile_max, score[g][w] * scale);
-      const scalar_t new_max = std::max(running_max[g], tile_max);
-      const scalar_t correction = std::exp(running_max[g] - new_max);
-      scalar_t tile_sum = 0;
-#pragma omp simd reduction(+ : tile_sum)
-      for (int64_t w = 0; w < kLanes; ++w) {
-        score[g][w] = w < valid ? std::exp(score[g][w] * scale - new_max) : static_cast<scalar_t>(0);
-        tile_sum += score[g][w];
-      }
-      running_sum[g] = running_sum[g] * correction + tile_sum;
-      running_max[g] = new_max;
-      if (correction != static_cast<scalar_t>(1)) {
-#pragma omp simd
-        for (int64_t d = 0; d < head_dim; ++d) acc[g][d] *= correction;
+  }
+
+  inline const scalar_t* value(int64_t position) const { return v + position * v_row_stride; }
+};
+
+// A row of a paged pool: each position is a slot of the pool, whose key and value rows are contiguous over head_dim,
+// so a score is a dot product over one gathered row.
+template <typename scalar_t>
+struct PagedKV {
+  const scalar_t* k;
+  const scalar_t* v;
+  const int64_t* slots;
+  int64_t slot_stride;
+
+  template <int G>
+  inline void score_tile(const scalar_t* q, int64_t head_dim, int64_t start, int64_t valid,
+                         scalar_t (&score)[G][kLanes]) const {
+    for (int64_t w = 0; w < valid; ++w) {
+      const scalar_t* key = k + slots[start + w] * slot_stride;
+      for (int g = 0; g < G; ++g) {
+        scalar_t dot = 0;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t d = 0; d < head_dim; ++d) dot += q[g * head_dim + d] * key[d];
+        score[g][w] = dot;
       }
     }
+  }
+
+  inline const scalar_t* value(int64_t position) const { return v + slots[position] * slot_stride; }
+};
+
+// The online-softmax step for one query head and one tile: folds the tile's scores into the running max and sum,
+// rescales the output accumulator if the max grew, and leaves the tile's weights exp(score * scale - max) in
+// `score` (0 in lanes past `valid`), ready to weight the tile's value rows.
+template <typename scalar_t>
+inline void online_softmax_tile(scalar_t (&score)[kLanes], int64_t valid, scalar_t scale, scalar_t& running_max,
+                                scalar_t& running_sum, scalar_t* acc, int64_t head_dim) {
+  scalar_t tile_max = -std::numeric_limits<scalar_t>::infinity();
+  for (int64_t w = 0; w < valid; ++w) tile_max = std::max(tile_max, score[w] * scale);
+  const scalar_t new_max = std::max(running_max, tile_max);
+  const scalar_t correction = std::exp(running_max - new_max);
+  scalar_t tile_sum = 0;
+#pragma omp simd reduction(+ : tile_sum)
+  for (int64_t w = 0; w < kLanes; ++w) {
+    score[w] = w < valid ? std::exp(score[w] * scale - new_max) : static_cast<scalar_t>(0);
+    tile_sum += score[w];
+  }
+  running_sum = running_sum * correction + tile_sum;
+  running_max = new_max;
+  if (correction != static_cast<scalar_t>(1)) {
+#pragma omp simd
+    for (int64_t d = 0; d < head_dim; ++d) acc[d] *= correction;
+  }
+}
+
+// One pass over the context with an online softmax: per tile of 16 positions, the group's scores are computed with
+// the accumulators in registers, turned into weights, and the tile's value rows are accumulated right away, so K and
+// V are each read exactly once and no score array is kept.
+// DIM > 0 fixes head_dim at compile time (the common 64 and 128), so the accumulators can live in registers.
+template <typename scalar_t, int G, int DIM, typename KV>
+void attend(const scalar_t* q, const KV& kv, scalar_t* out, int64_t length, int64_t dynamic_dim, scalar_t scale) {
+  const int64_t head_dim = DIM > 0 ? DIM : dynamic_dim;
+  scalar_t acc[G][kMaxDim] = {};
+  scalar_t running_max[G], running_sum[G];
+  for (int g = 0; g < G; ++g) {
+    running_max[g] = -std::numeric_limits<scalar_t>::infinity();
+    running_sum[g] = 0;
+  }
+  for (int64_t start = 0; start < length; start += kLanes) {
+    const int64_t valid = std::min(kLanes, length - start);
+    scalar_t score[G][kLanes] = {};
+    kv.template score_tile<G>(q, head_dim, start, valid, score);
+    for (int g = 0; g < G; ++g) {
+      online_softmax_tile(score[g], valid, scale, running_max[g], running_sum[g], acc[g], head_dim);
+    }
     for (int64_t w = 0; w < valid; ++w) {
-      const scalar_t* value = v + (start + w) * v_row_stride;
+      const scalar_t* value = kv.value(start + w);
       for (int g = 0; g < G; ++g) {
         const scalar_t weight = score[g][w];
 #pragma omp simd
@@ -82,20 +139,21 @@ void attend_tiles(const scalar_t* q, const scalar_t* k, const scalar_t* v, scala
   }
 }
 
-template <typename scalar_t, int DIM>
-void dispatch_group(int64_t heads, const scalar_t* q, const scalar_t* k, const scalar_t* v, scalar_t* out,
-                    int64_t length, int64_t head_dim, int64_t tile_stride, int64_t v_row_stride, scalar_t scale) {
+template <typename scalar_t, int DIM, typename KV>
+void dispatch_group(int64_t heads, const scalar_t* q, const KV& kv, scalar_t* out, int64_t length, int64_t head_dim,
+                    scalar_t scale) {
   switch (heads) {
-    case 1: return attend_tiles<scalar_t, 1, DIM>(q, k, v, out, length, head_dim, tile_stride, v_row_stride, scale);
-    case 2: return attend_tiles<scalar_t, 2, DIM>(q, k, v, out, length, head_dim, tile_stride, v_row_stride, scale);
-    case 3: return attend_tiles<scalar_t, 3, DIM>(q, k, v, out, length, head_dim, tile_stride, v_row_stride, scale);
-    default: return attend_tiles<scalar_t, 4, DIM>(q, k, v, out, length, head_dim, tile_stride, v_row_stride, scale);
+    case 1: return attend<scalar_t, 1, DIM>(q, kv, out, length, head_dim, scale);
+    case 2: return attend<scalar_t, 2, DIM>(q, kv, out, length, head_dim, scale);
+    case 3: return attend<scalar_t, 3, DIM>(q, kv, out, length, head_dim, scale);
+    default: return attend<scalar_t, 4, DIM>(q, kv, out, length, head_dim, scale);
   }
 }
 
-template <typename scalar_t>
-void attend_group(const scalar_t* q, const scalar_t* k, const scalar_t* v, scalar_t* out, int64_t group,
-                  int64_t length, int64_t head_dim, int64_t tile_stride, int64_t v_row_stride, double scale) {
+// The query heads of one GQA group (q and out: [group, head_dim]) over their KV head's context.
+template <typename scalar_t, typename KV>
+void attend_group(const scalar_t* q, const KV& kv, scalar_t* out, int64_t group, int64_t length, int64_t head_dim,
+                  double scale) {
   const scalar_t s = static_cast<scalar_t>(scale);
   // Up to 4 query heads share one pass over the KV (their score accumulators fit the register file).
   for (int64_t g0 = 0; g0 < group; g0 += 4) {
@@ -103,11 +161,11 @@ void attend_group(const scalar_t* q, const scalar_t* k, const scalar_t* v, scala
     scalar_t* og = out + g0 * head_dim;
     const int64_t heads_here = std::min<int64_t>(4, group - g0);
     if (head_dim == 64) {
-      dispatch_group<scalar_t, 64>(heads_here, qg, k, v, og, length, head_dim, tile_stride, v_row_stride, s);
+      dispatch_group<scalar_t, 64>(heads_here, qg, kv, og, length, head_dim, s);
     } else if (head_dim == 128) {
-      dispatch_group<scalar_t, 128>(heads_here, qg, k, v, og, length, head_dim, tile_stride, v_row_stride, s);
+      dispatch_group<scalar_t, 128>(heads_here, qg, kv, og, length, head_dim, s);
     } else {
-      dispatch_group<scalar_t, 0>(heads_here, qg, k, v, og, length, head_dim, tile_stride, v_row_stride, s);
+      dispatch_group<scalar_t, 0>(heads_here, qg, kv, og, length, head_dim, s);
     }
   }
 }
@@ -136,8 +194,8 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, kv_heads, 1, [&](int64_t begin, int64_t end) {
       for (int64_t h = begin; h < end; ++h) {
-        attend_group<scalar_t>(qp + h * group * head_dim, kp + h * k.stride(0), vp + h * v.stride(0),
-                               op + h * group * head_dim, group, length, head_dim, k.stride(1), v.stride(1), scale);
+        const TiledKV<scalar_t> kv{kp + h * k.stride(0), vp + h * v.stride(0), k.stride(1), v.stride(1)};
+        attend_group(qp + h * group * head_dim, kv, op + h * group * head_dim, group, length, head_dim, scale);
       }
     });
   });
@@ -146,68 +204,12 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
 
 // Decode attention over a paged KV pool, for a device that is the CPU itself. Each row attends to its own list of
 // slots, so the cost follows the total context of the batch: nothing is gathered or padded to the longest row.
+// It is the same pass as decode_attention's (attend), reading each row's slots in place (PagedKV).
 //
 //   q       [rows, num_heads, head_dim]                 contiguous
 //   k, v    [slots, num_kv_heads, head_dim]              one layer of the pool; a slot's head row is contiguous
 //   slots   [total] int64                                each row's context slots, rows back to back
 //   offsets [rows + 1] int64                             row r attends to slots[offsets[r] : offsets[r + 1]]
-namespace {
-
-template <typename scalar_t, int G>
-void attend_paged(const scalar_t* q, const scalar_t* k, const scalar_t* v, scalar_t* out, const int64_t* slots,
-                  int64_t length, int64_t head_dim, int64_t slot_stride, scalar_t scale) {
-  scalar_t acc[G][kMaxDim] = {};
-  scalar_t running_max[G], running_sum[G];
-  for (int g = 0; g < G; ++g) {
-    running_max[g] = -std::numeric_limits<scalar_t>::infinity();
-    running_sum[g] = 0;
-  }
-  for (int64_t start = 0; start < length; start += kLanes) {
-    const int64_t valid = std::min(kLanes, length - start);
-    scalar_t score[G][kLanes];
-    for (int64_t w = 0; w < valid; ++w) {
-      const scalar_t* key = k + slots[start + w] * slot_stride;
-      for (int g = 0; g < G; ++g) {
-        scalar_t dot = 0;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t d = 0; d < head_dim; ++d) dot += q[g * head_dim + d] * key[d];
-        score[g][w] = dot * scale;
-      }
-    }
-    for (int g = 0; g < G; ++g) {
-      scalar_t tile_max = -std::numeric_limits<scalar_t>::infinity();
-      for (int64_t w = 0; w < valid; ++w) tile_max = std::max(tile_max, score[g][w]);
-      const scalar_t new_max = std::max(running_max[g], tile_max);
-      const scalar_t correction = std::exp(running_max[g] - new_max);
-      scalar_t tile_sum = 0;
-      for (int64_t w = 0; w < valid; ++w) {
-        score[g][w] = std::exp(score[g][w] - new_max);
-        tile_sum += score[g][w];
-      }
-      running_sum[g] = running_sum[g] * correction + tile_sum;
-      running_max[g] = new_max;
-      if (correction != static_cast<scalar_t>(1)) {
-#pragma omp simd
-        for (int64_t d = 0; d < head_dim; ++d) acc[g][d] *= correction;
-      }
-    }
-    for (int64_t w = 0; w < valid; ++w) {
-      const scalar_t* value = v + slots[start + w] * slot_stride;
-      for (int g = 0; g < G; ++g) {
-        const scalar_t weight = score[g][w];
-#pragma omp simd
-        for (int64_t d = 0; d < head_dim; ++d) acc[g][d] += weight * value[d];
-      }
-    }
-  }
-  for (int g = 0; g < G; ++g) {
-    const scalar_t inverse = static_cast<scalar_t>(1) / running_sum[g];
-    for (int64_t d = 0; d < head_dim; ++d) out[g * head_dim + d] = acc[g][d] * inverse;
-  }
-}
-
-}  // namespace
-
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor slots,
                                      torch::Tensor offsets) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "q [rows, heads, dim], k and v [slots, kv_heads, dim]");
@@ -231,24 +233,14 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k, torch::Te
     const int64_t* sp = slots.data_ptr<int64_t>();
     const int64_t* op = offsets.data_ptr<int64_t>();
     scalar_t* outp = out.data_ptr<scalar_t>();
-    const scalar_t s = static_cast<scalar_t>(scale);
     const int64_t slot_stride = kv_heads * head_dim;
     at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {
         const int64_t r = item / kv_heads, h = item % kv_heads;
         const int64_t length = op[r + 1] - op[r];
-        for (int64_t g0 = 0; g0 < group; g0 += 4) {  // up to 4 query heads share one pass over the KV
-          const scalar_t* qg = qp + (r * heads + h * group + g0) * head_dim;
-          scalar_t* og = outp + (r * heads + h * group + g0) * head_dim;
-          const scalar_t* kh = kp + h * head_dim;
-          const scalar_t* vh = vp + h * head_dim;
-          switch (std::min<int64_t>(4, group - g0)) {
-            case 1: attend_paged<scalar_t, 1>(qg, kh, vh, og, sp + op[r], length, head_dim, slot_stride, s); break;
-            case 2: attend_paged<scalar_t, 2>(qg, kh, vh, og, sp + op[r], length, head_dim, slot_stride, s); break;
-            case 3: attend_paged<scalar_t, 3>(qg, kh, vh, og, sp + op[r], length, head_dim, slot_stride, s); break;
-            default: attend_paged<scalar_t, 4>(qg, kh, vh, og, sp + op[r], length, head_dim, slot_stride, s);
-          }
-        }
+        const PagedKV<scalar_t> kv{kp + h * head_dim, vp + h * head_dim, sp + op[r], slot_stride};
+        const int64_t first = (r * heads + h * group) * head_dim;
+        attend_group(qp + first, kv, outp + first, group, length, head_dim, scale);
       }
     });
   });
