@@ -26,6 +26,7 @@ import socket
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 import uvicorn
@@ -43,8 +44,17 @@ from omniserve.entrypoints.openai.auth import APIKeys
 from omniserve.entrypoints.openai.errors import APIError, error_response
 from omniserve.entrypoints.openai.metrics import ServerMetrics
 from omniserve.entrypoints.openai.protocol import (
-    ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse, DetokenizeRequest,
-    DetokenizeResponse, ErrorResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
 )
 from omniserve.entrypoints.openai.served_models import ServedModels
 from omniserve.entrypoints.openai.serving import ClientDisconnected, RequestLimits, ServerState
@@ -57,7 +67,7 @@ _GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 _KEYED_PATHS = ("/v1/", "/tokenize", "/detokenize")  # /health and /metrics stay open, for probes and scrapers
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _STATUS_CLIENT_GONE = 499  # nginx's code for "the client closed the connection": logged, never received
-_LOAD_REPORT_PERIOD_S = 0.05  # how fresh /load is while the engine runs (the report is O(requests) to make)
+_LOAD_REPORT_PERIOD_S = 0.05  # how fresh /load is while the engine runs
 # After a drain, how long uvicorn waits for connections to finish their last writes (the streams it ended write an
 # error event and [DONE] at once; only a client that stopped reading takes longer) before it cancels them.
 _CLOSE_TIMEOUT_S = 5
@@ -70,30 +80,57 @@ def build_app(engine: LLMEngine, served_model_names: list[str], api_keys: APIKey
                           engine.scheduler_config.max_model_len)
     state = ServerState(engine, models, drain_grace_s, limits or RequestLimits())
     metrics = ServerMetrics(served_model_names[0])
-    completions = CompletionServing(state)
-    chat = ChatServing(state)
-
-    load = {"report": engine.load_report(), "at": 0.0}  # the engine's load, as of its latest iteration
+    load = _LoadReport(engine)
 
     def on_iteration(engine: LLMEngine, outputs) -> None:  # on the engine thread
         metrics.on_iteration(engine, outputs)
+        load.update(engine)
+
+    app = _OpenAIApp(title="omniserve", summary="OpenAI-compatible LLM server with LS/BE service classes",
+                     lifespan=_lifespan(state, on_iteration))
+    app.state.server = state
+    app.add_middleware(RequestContextMiddleware, state=state, api_keys=api_keys)
+    _add_error_handlers(app)
+    _add_status_routes(app, state, metrics, load)
+    _add_model_routes(app, models)
+    completions, chat = CompletionServing(state), ChatServing(state)
+    _add_generation_routes(app, completions, chat)
+    _add_tokenizer_routes(app, engine, models, completions, chat)
+    return app
+
+
+class _LoadReport:
+    """The engine's load, as of its latest iteration: made on the engine thread, read by /load."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.report: dict = engine.load_report()
+        self._at = 0.0
+
+    def update(self, engine: LLMEngine) -> None:
+        """At most every _LOAD_REPORT_PERIOD_S while the engine runs (the report is O(requests) to make), and at
+        every iteration that leaves it idle, so that /load never shows an idle engine with its last busy load."""
         now = time.monotonic()
-        if now - load["at"] >= _LOAD_REPORT_PERIOD_S or not engine.has_unfinished_requests():
-            load["report"], load["at"] = engine.load_report(), now
+        if now - self._at >= _LOAD_REPORT_PERIOD_S or not engine.has_unfinished_requests():
+            self.report, self._at = engine.load_report(), now
+
+
+def _lifespan(state: ServerState, on_iteration: Callable[[LLMEngine, list], None]):
+    """The app's lifespan: the engine thread runs from the app's start to its end."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        state.async_engine = AsyncEngine(engine, on_iteration=on_iteration)
+        state.async_engine = AsyncEngine(state.engine, on_iteration=on_iteration)
         try:
             yield
         finally:
             state.async_engine.shutdown()
 
-    app = _OpenAIApp(title="omniserve", summary="OpenAI-compatible LLM server with LS/BE service classes",
-                     lifespan=lifespan)
-    app.state.server = state
-    app.add_middleware(RequestContextMiddleware, state=state, api_keys=api_keys)
-    _add_error_handlers(app)
+    return lifespan
+
+
+# ------------------------------------------------------------------------------------------------------- routes
+def _add_status_routes(app: FastAPI, state: ServerState, metrics: ServerMetrics, load: _LoadReport) -> None:
+    """Health, Prometheus metrics and load: open without a key, for probes, scrapers and routers."""
 
     @app.get("/health", response_class=Response, responses={
         200: {"description": "The server takes requests (an empty body)"}, **_errors(503)})
@@ -115,9 +152,11 @@ def build_app(engine: LLMEngine, served_model_names: list[str], api_keys: APIKey
         """This instance's load, for a router in front of several (omniserve.scaleout.router): the engine's report
         and the class each served model name stands for (null: chosen per request)."""
         classes = {name: None if m.service is None else m.service.service_class.value
-                   for name, m in models.by_name.items()}
-        return {**load["report"], "models": classes, "draining": state.draining}
+                   for name, m in state.models.by_name.items()}
+        return {**load.report, "models": classes, "draining": state.draining}
 
+
+def _add_model_routes(app: FastAPI, models: ServedModels) -> None:
     @app.get("/v1/models", responses={200: {"model": ModelList}, **_errors(401)})
     async def list_models() -> Response:
         return _json(models.cards())
@@ -133,6 +172,8 @@ def build_app(engine: LLMEngine, served_model_names: list[str], api_keys: APIKey
     async def version() -> dict[str, str]:
         return {"version": omniserve.__version__}
 
+
+def _add_generation_routes(app: FastAPI, completions: CompletionServing, chat: ChatServing) -> None:
     @app.post("/v1/completions", responses=_generation_responses(CompletionResponse))
     async def create_completion(request: CompletionRequest, raw_request: Request) -> Response:
         return await completions.create(request, raw_request)
@@ -140,6 +181,11 @@ def build_app(engine: LLMEngine, served_model_names: list[str], api_keys: APIKey
     @app.post("/v1/chat/completions", responses=_generation_responses(ChatCompletionResponse))
     async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request) -> Response:
         return await chat.create(request, raw_request)
+
+
+def _add_tokenizer_routes(app: FastAPI, engine: LLMEngine, models: ServedModels, completions: CompletionServing,
+                          chat: ChatServing) -> None:
+    """Text to token ids as the generation routes make them (chat template included), and back."""
 
     @app.post("/tokenize", responses={200: {"model": TokenizeResponse}, **_errors(400, 401, 404, 413)})
     async def tokenize(request: TokenizeRequest) -> Response:
@@ -160,8 +206,6 @@ def build_app(engine: LLMEngine, served_model_names: list[str], api_keys: APIKey
         if any(not 0 <= t < vocab for t in request.tokens):
             raise APIError(400, f"token ids must be in [0, {vocab})", param="tokens")
         return _json(DetokenizeResponse(prompt=await run_in_threadpool(tokenizer.decode, request.tokens)))
-
-    return app
 
 
 class _OpenAIApp(FastAPI):

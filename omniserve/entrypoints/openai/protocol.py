@@ -87,8 +87,19 @@ class SamplingRequest(RequestModel):
     def wants_best_effort(self) -> bool:
         return self.service_tier == "flex" or self.priority > 0
 
+    @property
+    def max_new_tokens(self) -> int | None:
+        """The most tokens to generate for each completion; None: up to the context limit."""
+        raise NotImplementedError
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """How many most likely alternatives to return with each token's logprob; None: no logprobs."""
+        raise NotImplementedError
+
     def unsupported(self) -> tuple[str, str] | None:
-        """(field, why) for the first field set to something this server cannot do; None if all is well."""
+        """(field, why) for the first field set to something this server cannot do, or that another field rules
+        out; None if all is well."""
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name) not in (None, 0.0):
                 return name, f"{name} is not supported (only 0)"
@@ -109,6 +120,31 @@ class CompletionRequest(SamplingRequest):
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt as a batch (text or token ids each): one prompt, or the several the request gave."""
+        prompt = self.prompt
+        if isinstance(prompt, str) or not prompt or isinstance(prompt[0], int):
+            return [prompt]
+        return list(prompt)
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_tokens
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.suffix:
+            return "suffix", "suffix is not supported"
+        if self.best_of is not None and self.best_of != self.n:
+            return "best_of", "best_of is not supported (only best_of == n)"
+        if self.echo and self.logprobs is not None:
+            return "echo", "echo with logprobs would need the prompt's logprobs, which this server does not compute"
+        return super().unsupported()
 
 
 class ContentPart(BaseModel):
@@ -140,6 +176,23 @@ class ChatCompletionRequest(SamplingRequest):
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.tools and self.tool_choice != "none":
+            return "tools", "tool calling is not supported"
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            return "response_format", "only response_format {\"type\": \"text\"} is supported"
+        if self.top_logprobs is not None and not self.logprobs:
+            return "top_logprobs", "top_logprobs needs logprobs: true"
+        return super().unsupported()
 
 
 class TokenizeRequest(RequestModel):

@@ -2,6 +2,9 @@
 and SamplingParams, its prompts as token ids, the engine requests behind one HTTP request (started, run to the end,
 or streamed), logprobs and usage, and SSE responses.
 
+Both answer a request with the same steps (OpenAIServing.create); a handler supplies only what differs: its prompts
+(a chat template, or the prompts as sent), its choices in a whole answer, and each choice's fields in a chunk.
+
 An HTTP request is answered only once its engine requests have produced their first output, so that bad input
 (400) and an LS request the scheduler rejects (429, 503 while draining) get a status code even when streaming, and
 no stream ever starts with an empty chunk.
@@ -17,21 +20,22 @@ import asyncio
 import json
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import StreamingResponse
+from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from omniserve.config import ConfigError
 from omniserve.engine.async_engine import AsyncEngine, EngineDeadError
 from omniserve.engine.llm_engine import LLMEngine
-from omniserve.engine.outputs import RequestOutput
+from omniserve.engine.outputs import CompletionOutput, RequestOutput
 from omniserve.entrypoints.openai.errors import APIError, error_body
-from omniserve.entrypoints.openai.protocol import SamplingRequest, UsageInfo
+from omniserve.entrypoints.openai.protocol import SamplingRequest, UsageInfo, now
 from omniserve.entrypoints.openai.served_models import Resolved, ServedModels
 from omniserve.sampling.params import InvalidRequestError, SampledToken, SamplingParams, ServiceClass
 
@@ -103,11 +107,58 @@ class ServerState:
             generation.end(error)
 
 
+ChoiceDelta = Callable[[int, int, RequestOutput, CompletionOutput, list[SampledToken] | None], dict | None]
+"""A streamed choice's own fields in a chunk, from (choice index, prompt index, the prompt's latest output, the
+choice's output, its logprobs not sent yet or None); None when it has nothing to say yet."""
+
+
 class OpenAIServing:
+    """A generation endpoint: the steps every request takes, and the hooks a handler fills in."""
+
+    id_prefix: str
+    """The response id is `{id_prefix}-{request id}`."""
+    chunk_object: str
+    """The `object` of a streamed chunk."""
+    response_type: type[BaseModel]
+    """The body of a whole answer: id, created, model, choices, service_tier, usage."""
+
     def __init__(self, state: ServerState) -> None:
         self.state = state
         self.tokenizer = state.engine.tokenizer
         self._token_texts: dict[int, str] = {}
+
+    async def create(self, request: SamplingRequest, raw_request: Request) -> Response:
+        """Checks the request, tokenizes its prompts, starts their engine requests, and answers: a stream of
+        chunks, or the whole answer once every completion is done."""
+        resolved = self.resolve(request, raw_request.state.service_classes)
+        params = self.sampling_params(request, resolved)
+        prompts = await self.prompts(request)
+        response_id = f"{self.id_prefix}-{raw_request.state.request_id}"
+        ids = [response_id] if len(prompts) == 1 else [f"{response_id}-{i}" for i in range(len(prompts))]
+        generation = await self.start(raw_request, ids, prompts, params, resolved)
+        header = dict(response_id=response_id, created=now(), model=resolved.model.name,
+                      service_tier=resolved.service_tier)
+        if request.stream:
+            return EventStreamResponse(self._stream(request, generation, header))
+        finals = await until_disconnected(raw_request, generation.finals())
+        self.check_finished_well(finals)
+        body = self.response_type(id=response_id, created=header["created"], model=header["model"],
+                                  choices=self.choices(request, finals), service_tier=header["service_tier"],
+                                  usage=self.usage(finals))
+        return Response(body.model_dump_json(), media_type="application/json")
+
+    # ------------------------------------------------------------------------------------------ what handlers give
+    async def prompts(self, request: SamplingRequest) -> list[list[int]]:
+        """The request's prompts as token ids, one engine request each."""
+        raise NotImplementedError
+
+    def choices(self, request: SamplingRequest, finals: list[RequestOutput]) -> list[BaseModel]:
+        """The choices of a whole answer, from each prompt's final output."""
+        raise NotImplementedError
+
+    def choice_deltas(self, request: SamplingRequest) -> ChoiceDelta:
+        """The fields of a streamed choice, for one stream (it may keep what it has sent so far)."""
+        raise NotImplementedError
 
     # -------------------------------------------------------------------------------------------- request -> params
     def resolve(self, request: SamplingRequest, allowed: frozenset[ServiceClass] | None) -> Resolved:
@@ -119,8 +170,7 @@ class OpenAIServing:
                            param="service_tier", code="service_class_not_allowed")
         return resolved
 
-    def sampling_params(self, request: SamplingRequest, resolved: Resolved, max_tokens: int | None,
-                        logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, request: SamplingRequest, resolved: Resolved) -> SamplingParams:
         problem = request.unsupported()
         if problem is not None:
             raise APIError(400, problem[1], param=problem[0])
@@ -138,12 +188,12 @@ class OpenAIServing:
                 top_k=0 if request.top_k is None else request.top_k,
                 min_p=0.0 if request.min_p is None else request.min_p,
                 seed=request.seed,
-                max_tokens=max_tokens,
+                max_tokens=request.max_new_tokens,
                 min_tokens=request.min_tokens,
                 stop=stop,
                 stop_token_ids=list(request.stop_token_ids or []),
                 ignore_eos=request.ignore_eos,
-                logprobs=logprobs,
+                logprobs=request.num_logprobs,
                 skip_special_tokens=request.skip_special_tokens,
                 service_class=resolved.service_class,
                 service=resolved.service.name,
@@ -198,6 +248,49 @@ class OpenAIServing:
                            "retry later, or ask for best effort (service_tier 'flex')", code="slo_rejected",
                            headers=headers)
         return generation
+
+    async def _stream(self, request: SamplingRequest, generation: Generation, header: dict) -> AsyncIterator[str]:
+        """The chunks of a streamed answer: choice p * n + i of prompt p, each with what is new since its last
+        chunk, and its finish reason once; the usage when asked for; an error in the stream once it has started;
+        then [DONE]."""
+        options = request.stream_options
+        with_usage = options is not None and options.include_usage
+        continuous = with_usage and options.continuous_usage_stats
+        with_logprobs = request.num_logprobs is not None
+        choice_fields = self.choice_deltas(request)
+        latest: dict[int, RequestOutput] = {}  # prompt -> its latest output
+        sent_logprobs: dict[int, int] = {}  # choice -> logprobs sent so far
+        finished: set[int] = set()
+        try:
+            async for p, out in generation.outputs():
+                latest[p] = out
+                choices = []
+                for c in out.outputs:
+                    index = p * request.n + c.index
+                    if index in finished:
+                        continue
+                    if c.finish_reason == "error":
+                        raise APIError(500, "the engine failed while running this request", code="engine_error")
+                    new_logprobs = None
+                    if with_logprobs and c.logprobs and len(c.logprobs) > sent_logprobs.get(index, 0):
+                        new_logprobs = c.logprobs[sent_logprobs.get(index, 0):]
+                        sent_logprobs[index] = len(c.logprobs)
+                    fields = choice_fields(index, p, out, c, new_logprobs)
+                    if fields is None:  # nothing to say yet: text may be held back for a possible stop string
+                        continue
+                    if c.finish_reason is not None:
+                        finished.add(index)
+                    choices.append({"index": index, **fields, "finish_reason": c.finish_reason,
+                                    "stop_reason": c.stop_reason})
+                if choices:
+                    usage = self.usage(list(latest.values())) if continuous else None
+                    yield chunk(self.chunk_object, choices=choices, usage=usage, with_usage=with_usage, **header)
+            if with_usage:
+                yield chunk(self.chunk_object, choices=[], usage=self.usage(list(latest.values())),
+                            with_usage=True, **header)
+        except Exception as exc:  # the stream has started: the error goes in it
+            yield sse_error(exc)
+        yield SSE_DONE
 
     # ----------------------------------------------------------------------------------------- logprobs and usage
     def token_text(self, token_id: int) -> str:

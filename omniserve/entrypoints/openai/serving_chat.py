@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import jinja2
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
-from starlette.responses import Response
 
+from omniserve.engine.outputs import CompletionOutput, RequestOutput
 from omniserve.entrypoints.openai.errors import APIError
 from omniserve.entrypoints.openai.protocol import (
     ChatCompletionChoice,
@@ -20,18 +18,8 @@ from omniserve.entrypoints.openai.protocol import (
     ChatResponseMessage,
     TokenLogprob,
     TopLogprob,
-    now,
 )
-from omniserve.entrypoints.openai.serving import (
-    SSE_DONE,
-    EventStreamResponse,
-    Generation,
-    OpenAIServing,
-    chunk,
-    finite,
-    sse_error,
-    until_disconnected,
-)
+from omniserve.entrypoints.openai.serving import ChoiceDelta, OpenAIServing, finite
 from omniserve.sampling.params import SampledToken
 
 # Keywords of apply_chat_template that decide what it returns: chat_template_kwargs may not change them.
@@ -40,38 +28,43 @@ _RESERVED_TEMPLATE_KWARGS = {"conversation", "tokenize", "return_dict", "return_
 
 
 class ChatServing(OpenAIServing):
-    async def create(self, request: ChatCompletionRequest, raw_request: Request) -> Response:
-        resolved = self.resolve(request, raw_request.state.service_classes)
-        if request.tools and request.tool_choice != "none":
-            raise APIError(400, "tool calling is not supported", param="tools")
-        if request.response_format and request.response_format.get("type", "text") != "text":
-            raise APIError(400, "only response_format {\"type\": \"text\"} is supported", param="response_format")
-        if request.top_logprobs is not None and not request.logprobs:
-            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-        max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
-        logprobs = (request.top_logprobs or 0) if request.logprobs else None
-        params = self.sampling_params(request, resolved, max_tokens, logprobs)
-        prompt = await self.render(request.messages, request.add_generation_prompt, request.continue_final_message,
-                                   request.chat_template_kwargs)
-        response_id = f"chatcmpl-{raw_request.state.request_id}"
-        generation = await self.start(raw_request, [response_id], [prompt], params, resolved)
-        header = dict(response_id=response_id, created=now(), model=resolved.model.name,
-                      service_tier=resolved.service_tier)
-        if request.stream:
-            return EventStreamResponse(self._stream(request, generation, header))
-        finals = await until_disconnected(raw_request, generation.finals())
-        self.check_finished_well(finals)
-        choices = [
+    id_prefix = "chatcmpl"
+    chunk_object = "chat.completion.chunk"
+    response_type = ChatCompletionResponse
+
+    async def prompts(self, request: ChatCompletionRequest) -> list[list[int]]:
+        return [await self.render(request.messages, request.add_generation_prompt, request.continue_final_message,
+                                  request.chat_template_kwargs)]
+
+    def choices(self, request: ChatCompletionRequest, finals: list[RequestOutput]) -> list[ChatCompletionChoice]:
+        num_logprobs = request.num_logprobs
+        return [
             ChatCompletionChoice(
                 index=c.index, message=ChatResponseMessage(content=c.text),
-                logprobs=self._logprobs(c.logprobs or [], logprobs) if logprobs is not None else None,
+                logprobs=self._logprobs(c.logprobs or [], num_logprobs) if num_logprobs is not None else None,
                 finish_reason=c.finish_reason, stop_reason=c.stop_reason,
             )
             for c in finals[0].outputs
         ]
-        body = ChatCompletionResponse(id=response_id, created=header["created"], model=header["model"],
-                                      choices=choices, service_tier=header["service_tier"], usage=self.usage(finals))
-        return Response(body.model_dump_json(), media_type="application/json")
+
+    def choice_deltas(self, request: ChatCompletionRequest) -> ChoiceDelta:
+        num_top = request.top_logprobs or 0
+        started: set[int] = set()  # choices whose first chunk (with the role) is out
+
+        def fields(index: int, _prompt: int, _out: RequestOutput, c: CompletionOutput,
+                   new_logprobs: list[SampledToken] | None) -> dict | None:
+            logprobs = None if new_logprobs is None else self._logprobs(new_logprobs, num_top).model_dump()
+            if not c.delta_text and logprobs is None and c.finish_reason is None:
+                return None  # no empty chunk
+            delta: dict[str, str] = {}
+            if index not in started:
+                started.add(index)
+                delta["role"] = "assistant"
+            if c.delta_text or "role" in delta:
+                delta["content"] = c.delta_text
+            return {"delta": delta, "logprobs": logprobs}
+
+        return fields
 
     async def render(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
                      continue_final_message: bool = False, template_kwargs: dict[str, Any] | None = None
@@ -90,52 +83,6 @@ class ChatServing(OpenAIServing):
         except (jinja2.TemplateError, ValueError, TypeError, KeyError) as exc:
             raise APIError(400, f"the chat template cannot render these messages: {exc}", param="messages") from None
         return await self.prompt_ids(text, add_special_tokens=False)
-
-    async def _stream(self, request: ChatCompletionRequest, generation: Generation, header: dict
-                      ) -> AsyncIterator[str]:
-        options = request.stream_options
-        with_usage = options is not None and options.include_usage
-        continuous = with_usage and options.continuous_usage_stats
-        num_top = request.top_logprobs or 0
-        latest = None
-        started: set[int] = set()  # choices whose first chunk (with the role) is out
-        finished: set[int] = set()
-        sent_logprobs: dict[int, int] = {}
-        try:
-            async for _, out in generation.outputs():
-                latest = out
-                choices = []
-                for c in out.outputs:
-                    if c.index in finished:
-                        continue
-                    if c.finish_reason == "error":
-                        raise APIError(500, "the engine failed while running this request", code="engine_error")
-                    logprobs = None
-                    if request.logprobs and c.logprobs and len(c.logprobs) > sent_logprobs.get(c.index, 0):
-                        logprobs = self._logprobs(c.logprobs[sent_logprobs.get(c.index, 0):], num_top).model_dump()
-                        sent_logprobs[c.index] = len(c.logprobs)
-                    if not c.delta_text and logprobs is None and c.finish_reason is None:
-                        continue  # no empty chunk: text may be held back for a possible stop string
-                    delta: dict[str, str] = {}
-                    if c.index not in started:
-                        started.add(c.index)
-                        delta["role"] = "assistant"
-                    if c.delta_text or "role" in delta:
-                        delta["content"] = c.delta_text
-                    if c.finish_reason is not None:
-                        finished.add(c.index)
-                    choices.append({"index": c.index, "delta": delta, "logprobs": logprobs,
-                                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
-                if choices:
-                    usage = self.usage([latest]) if continuous else None
-                    yield chunk("chat.completion.chunk", choices=choices, usage=usage, with_usage=with_usage,
-                                **header)
-            if with_usage and latest is not None:
-                yield chunk("chat.completion.chunk", choices=[], usage=self.usage([latest]), with_usage=True,
-                            **header)
-        except Exception as exc:  # the stream has started: the error goes in it
-            yield sse_error(exc)
-        yield SSE_DONE
 
     def _logprobs(self, tokens: list[SampledToken], num_top: int) -> ChatLogprobs:
         content = []

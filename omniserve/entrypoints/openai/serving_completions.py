@@ -3,56 +3,27 @@ choice p * n + i of the response."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
-from starlette.requests import Request
-from starlette.responses import Response
-
-from omniserve.engine.outputs import RequestOutput
-from omniserve.entrypoints.openai.errors import APIError
+from omniserve.engine.outputs import CompletionOutput, RequestOutput
 from omniserve.entrypoints.openai.protocol import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
-    now,
 )
-from omniserve.entrypoints.openai.serving import (
-    SSE_DONE,
-    EventStreamResponse,
-    Generation,
-    OpenAIServing,
-    chunk,
-    finite,
-    sse_error,
-    until_disconnected,
-)
+from omniserve.entrypoints.openai.serving import ChoiceDelta, OpenAIServing, finite
 from omniserve.sampling.params import SampledToken
 
 
 class CompletionServing(OpenAIServing):
-    async def create(self, request: CompletionRequest, raw_request: Request) -> Response:
-        resolved = self.resolve(request, raw_request.state.service_classes)
-        if request.suffix:
-            raise APIError(400, "suffix is not supported", param="suffix")
-        if request.best_of is not None and request.best_of != request.n:
-            raise APIError(400, "best_of is not supported (only best_of == n)", param="best_of")
-        if request.echo and request.logprobs is not None:
-            raise APIError(400, "echo with logprobs would need the prompt's logprobs, which this server does not "
-                           "compute", param="echo")
-        prompts = _prompts(request.prompt)
-        params = self.sampling_params(request, resolved, request.max_tokens, request.logprobs)
-        prompt_ids = [await self.prompt_ids(p) for p in prompts]
-        response_id = f"cmpl-{raw_request.state.request_id}"
-        ids = [response_id] if len(prompts) == 1 else [f"{response_id}-{i}" for i in range(len(prompts))]
-        generation = await self.start(raw_request, ids, prompt_ids, params, resolved)
-        header = dict(response_id=response_id, created=now(), model=resolved.model.name,
-                      service_tier=resolved.service_tier)
-        if request.stream:
-            return EventStreamResponse(self._stream(request, prompts, generation, header))
-        finals = await until_disconnected(raw_request, generation.finals())
-        self.check_finished_well(finals)
-        choices = []
+    id_prefix = "cmpl"
+    chunk_object = "text_completion"
+    response_type = CompletionResponse
+
+    async def prompts(self, request: CompletionRequest) -> list[list[int]]:
+        return [await self.prompt_ids(p) for p in request.prompts]
+
+    def choices(self, request: CompletionRequest, finals: list[RequestOutput]) -> list[CompletionChoice]:
+        prompts, choices = request.prompts, []
         for p, out in enumerate(finals):
             prompt_text = self._prompt_text(prompts[p], out) if request.echo else ""
             for c in out.outputs:
@@ -63,54 +34,27 @@ class CompletionServing(OpenAIServing):
                     index=p * request.n + c.index, text=prompt_text + c.text, logprobs=logprobs,
                     finish_reason=c.finish_reason, stop_reason=c.stop_reason,
                 ))
-        body = CompletionResponse(id=response_id, created=header["created"], model=header["model"], choices=choices,
-                                  service_tier=header["service_tier"], usage=self.usage(finals))
-        return Response(body.model_dump_json(), media_type="application/json")
+        return choices
 
-    async def _stream(self, request: CompletionRequest, prompts: list[str | list[int]], generation: Generation,
-                      header: dict) -> AsyncIterator[str]:
-        options = request.stream_options
-        with_usage = options is not None and options.include_usage
-        continuous = with_usage and options.continuous_usage_stats
-        latest: dict[int, RequestOutput] = {}
-        sent_logprobs: dict[int, int] = {}  # choice -> logprobs sent so far
+    def choice_deltas(self, request: CompletionRequest) -> ChoiceDelta:
+        prompts = request.prompts
         offsets: dict[int, int] = {}  # choice -> text offset of its next token
-        finished: set[int] = set()
-        try:
-            async for p, out in generation.outputs():
-                latest[p] = out
-                choices = []
-                for c in out.outputs:
-                    index = p * request.n + c.index
-                    if index in finished:
-                        continue
-                    if c.finish_reason == "error":
-                        raise APIError(500, "the engine failed while running this request", code="engine_error")
-                    text = c.delta_text
-                    if request.echo and index not in offsets:
-                        text = self._prompt_text(prompts[p], out) + text
-                        offsets[index] = 0
-                    logprobs = None
-                    if request.logprobs is not None and c.logprobs and len(c.logprobs) > sent_logprobs.get(index, 0):
-                        new = c.logprobs[sent_logprobs.get(index, 0):]
-                        sent_logprobs[index] = len(c.logprobs)
-                        lp, offsets[index] = self._logprobs(new, offsets.get(index, 0))
-                        logprobs = lp.model_dump()
-                    if not text and logprobs is None and c.finish_reason is None:
-                        continue  # nothing to say yet (text held back for a possible stop string)
-                    if c.finish_reason is not None:
-                        finished.add(index)
-                    choices.append({"index": index, "text": text, "logprobs": logprobs,
-                                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
-                if choices:
-                    usage = self.usage(list(latest.values())) if continuous else None
-                    yield chunk("text_completion", choices=choices, usage=usage, with_usage=with_usage, **header)
-            if with_usage:
-                yield chunk("text_completion", choices=[], usage=self.usage(list(latest.values())), with_usage=True,
-                            **header)
-        except Exception as exc:  # the stream has started: the error goes in it
-            yield sse_error(exc)
-        yield SSE_DONE
+
+        def fields(index: int, p: int, out: RequestOutput, c: CompletionOutput,
+                   new_logprobs: list[SampledToken] | None) -> dict | None:
+            text = c.delta_text
+            if request.echo and index not in offsets:
+                text = self._prompt_text(prompts[p], out) + text
+                offsets[index] = 0
+            logprobs = None
+            if new_logprobs is not None:
+                lp, offsets[index] = self._logprobs(new_logprobs, offsets.get(index, 0))
+                logprobs = lp.model_dump()
+            if not text and logprobs is None and c.finish_reason is None:
+                return None
+            return {"text": text, "logprobs": logprobs}
+
+        return fields
 
     def _prompt_text(self, prompt: str | list[int], out: RequestOutput) -> str:
         if isinstance(prompt, str):
@@ -130,10 +74,3 @@ class CompletionServing(OpenAIServing):
             result.text_offset.append(offset)
             offset += len(text)
         return result, offset
-
-
-def _prompts(prompt: str | list) -> list[str | list[int]]:
-    """One prompt (text or token ids) or a batch of them."""
-    if isinstance(prompt, str) or not prompt or isinstance(prompt[0], int):
-        return [prompt]
-    return list(prompt)
