@@ -26,6 +26,13 @@ def test_cuda_engine_matches_cpu_engine(tiny_model_dirs, make_llm):
     assert [o.outputs[0].token_ids for o in cuda.generate(PROMPTS, greedy(), use_tqdm=False)] == expected
 
 
+def test_cuda_engine_decodes_with_the_triton_backend(tiny_model_dirs, make_llm):
+    from omniserve.attention.backends import TritonDecode
+
+    llm = make_llm(tiny_model_dirs["llama"][0], device="cuda", dtype="float32")
+    assert isinstance(llm.engine.runner.attention.decode_backend, TritonDecode)
+
+
 def test_cuda_piggybacking_gives_device_tokens(tiny_model_dirs, make_llm):
     folder = tiny_model_dirs["llama"][0]
     device = make_llm(folder, device="cuda", dtype="float32", be_decode_placement="device")

@@ -58,3 +58,35 @@ def test_matches_reference_attention(kernel, heads, kv_heads, head_dim, lens):
         torch.tensor(lens, dtype=torch.int32, device=device), page_size, block=16,
     )
     torch.testing.assert_close(out.cpu(), reference(q, k_cache, v_cache, pages, lens, page_size), atol=1e-4, rtol=1e-4)
+
+
+def test_triton_backend_inside_paged_attention_matches_the_torch_backend():
+    """The backend seam on the device: page tables built on the host and moved in one copy, decode rows among
+    prefill spans, against the torch backend on the CPU."""
+    from omniserve.attention import PagedAttention
+    from omniserve.attention.backends import TorchGatherDecode, TritonDecode
+    from omniserve.config import ModelConfig
+    from omniserve.kv_cache.page_pool import PagePool
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    config = ModelConfig(architecture="LlamaForCausalLM", hidden_size=9 * 64, intermediate_size=64, num_layers=1,
+                         num_heads=9, num_kv_heads=3, head_dim=64, vocab_size=10)
+    generator = torch.Generator().manual_seed(0)
+    cpu_pool = PagePool(config, num_pages=48, page_size=4, device=torch.device("cpu"), dtype=torch.float32)
+    for tensor in cpu_pool.k + cpu_pool.v:
+        tensor.copy_(torch.randn(tensor.shape, generator=generator))
+    device_pool = PagePool(config, num_pages=48, page_size=4, device=device, dtype=torch.float32)
+    for ours, theirs in zip(device_pool.k + device_pool.v, cpu_pool.k + cpu_pool.v):
+        ours.copy_(theirs)
+    spans, next_page = [], 0
+    for start, count, length in [(0, 1, 1), (0, 5, 5), (36, 1, 37), (8, 4, 12), (70, 1, 71)]:
+        pages = list(range(next_page, next_page + -(-length // 4)))[::-1]  # scattered, in reverse order
+        spans.append((start, count, pages))
+        next_page += len(pages)
+    q, k, v = (torch.randn(12, heads, 64, generator=generator) for heads in (9, 3, 3))
+    triton_paged = PagedAttention(device_pool, device, decode_backend=TritonDecode(4, device))
+    cpu = torch.device("cpu")
+    torch_gather = PagedAttention(cpu_pool, cpu, decode_backend=TorchGatherDecode(4, cpu))
+    got = triton_paged(0, q.to(device), k.to(device), v.to(device), triton_paged.build_metadata(spans))
+    expected = torch_gather(0, q, k, v, torch_gather.build_metadata(spans))
+    torch.testing.assert_close(got.cpu(), expected, atol=1e-4, rtol=1e-4)

@@ -1,22 +1,25 @@
 """Paged attention over the device KV pool.
 
-Per iteration the runner builds one `AttentionMetadata` from the plan; every layer reuses it. Rows of a batch are
-grouped in two kinds:
+Per iteration the runner builds one `AttentionMetadata` from the plan; every layer reuses it. Its indexes are
+computed on the host from the plan's lists and reach the device in two copies (the slots, and the decode backend's
+metadata), however many requests the batch holds. Rows of a batch are grouped in two kinds:
 
-- decode rows (one new token of a request): batched into one call, a paged Triton kernel on CUDA, the compiled CPU
-  kernel (cpu_attention/csrc) on the CPU, which reads each row's slots in place; only where neither runs (bf16 on the
-  CPU, no compiler) are keys gathered to [rows, longest context] with padded positions masked out;
+- decode rows (one new token of a request): batched into one call of the decode backend chosen for the device
+  (attention/backends: a paged Triton kernel on CUDA, the compiled CPU kernel, plain torch where neither runs);
 - prefill spans (several new tokens of one request, maybe after earlier chunks): one call each, causal with an offset.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from omniserve.kv_cache.page_pool import PagePool
+from omniserve.attention.backends import CompiledCPUDecode, DecodeBackend, TorchGatherDecode, select_decode_backend
+from omniserve.attention.backends.base import move_together
+from omniserve.kv_cache.page_pool import PagePool, token_slots
 
 
 @dataclass(frozen=True)
@@ -32,23 +35,10 @@ class PrefillSpan:
 
 @dataclass(frozen=True)
 class DecodeBatch:
-    """The rows that decode one token, in two equivalent forms: page tables for a paged kernel, and gathered slots
-    for the torch fallback (built only when that fallback runs)."""
-
     rows: torch.Tensor
     """[num_decode] batch rows that decode one token."""
-    page_table: torch.Tensor
-    """[num_decode, most_pages] int32 page ids, padded with 0."""
-    context_lens: torch.Tensor
-    """[num_decode] int32 tokens to attend to (the new one included)."""
-    context_slots: torch.Tensor | None
-    """[num_decode, longest_context] KV slots to attend to, padded with slot 0 (torch fallback only)."""
-    mask: torch.Tensor | None
-    """[num_decode, 1, 1, longest_context] bool: True for real positions (torch fallback only)."""
-    flat_slots: torch.Tensor | None = None
-    """[total context] int64: each row's slots back to back (compiled CPU kernel only)."""
-    offsets: torch.Tensor | None = None
-    """[num_decode + 1] int64: row r's slots are flat_slots[offsets[r]:offsets[r + 1]] (compiled CPU kernel only)."""
+    metadata: object
+    """What the decode backend that built it reads (backends/: page tables, flat slot lists or padded slots)."""
 
 
 @dataclass(frozen=True)
@@ -59,76 +49,85 @@ class AttentionMetadata:
     prefills: list[PrefillSpan]
 
 
-def token_slots(page_ids: list[int], start: int, count: int, page_size: int, device: torch.device) -> torch.Tensor:
-    """KV slots of positions start .. start+count-1 of a request whose pages are page_ids."""
-    positions = torch.arange(start, start + count, device=device)
-    pages = torch.tensor(page_ids, device=device, dtype=torch.long)
-    return pages[positions // page_size] * page_size + positions % page_size
+@dataclass
+class _HostIndexes:
+    """An iteration's indexes on the host, before they move to the device together."""
+
+    write_slots: torch.Tensor
+    """[num_tokens] int64."""
+    decode_rows: list[int] = field(default_factory=list)
+    decode_pages: list[Sequence[int]] = field(default_factory=list)
+    decode_lens: list[int] = field(default_factory=list)
+    prefills: list[tuple[slice, int, torch.Tensor | None]] = field(default_factory=list)
+    """(rows, start position, [start + count] context slots) of each prefill span; no context slots for a span that
+    starts at position 0."""
+
+
+def _host_indexes(spans: Sequence[tuple[int, int, Sequence[int]]], page_size: int) -> _HostIndexes:
+    host = _HostIndexes(torch.empty(sum(count for _, count, _ in spans), dtype=torch.long))
+    decode_write_slots = []
+    row = 0
+    for start, count, page_ids in spans:
+        rows = slice(row, row + count)
+        if count == 1:
+            decode_write_slots.append(page_ids[start // page_size] * page_size + start % page_size)
+            host.decode_rows.append(row)
+            host.decode_pages.append(page_ids)
+            host.decode_lens.append(start + 1)
+        elif start == 0:  # a whole prompt, or its first chunk
+            host.write_slots[rows] = token_slots(page_ids, 0, count, page_size)
+            host.prefills.append((rows, 0, None))
+        else:  # a later chunk also attends to the earlier chunks' KV in the pool
+            context = token_slots(page_ids, 0, start + count, page_size)
+            host.write_slots[rows] = context[start:]
+            host.prefills.append((rows, start, context))
+        row += count
+    if host.decode_rows:
+        host.write_slots[host.decode_rows] = torch.tensor(decode_write_slots)
+    return host
 
 
 class PagedAttention:
-    """Attention for every layer of one model over its page pool. The decode kernel is chosen once, by device:
-    a Triton kernel on CUDA (imported only there), the compiled kernel on the CPU (fp32/fp64), torch ops otherwise."""
+    """Attention for every layer of one model over its page pool. The decode backend is chosen once, by what the
+    device supports (backends.select_decode_backend), unless one is given."""
 
-    def __init__(self, pool: PagePool, device: torch.device) -> None:
+    def __init__(self, pool: PagePool, device: torch.device, decode_backend: DecodeBackend | None = None) -> None:
         self.pool = pool
         self.device = device
-        self._paged_decode = None
-        self._cpu_kernel = None
-        if device.type == "cuda":
-            from omniserve.attention.triton_decode import paged_decode_attention
+        self.decode_backend = decode_backend or select_decode_backend(device, pool.k[0].dtype, pool.page_size)
 
-            self._paged_decode = paged_decode_attention
-        elif pool.k[0].dtype in (torch.float32, torch.float64):
-            from omniserve.cpu_attention.kernel import compiled_kernel
+    # tests/test_cpu_attention.py predates the backends: it reads `_cpu_kernel` to see that the compiled kernel was
+    # chosen, and sets it to None to take the torch path. Remove once that test passes `decode_backend` instead.
+    @property
+    def _cpu_kernel(self):
+        return self.decode_backend.kernel if isinstance(self.decode_backend, CompiledCPUDecode) else None
 
-            self._cpu_kernel = compiled_kernel()
+    @_cpu_kernel.setter
+    def _cpu_kernel(self, kernel: None) -> None:
+        if kernel is not None:
+            raise ValueError("only None (the torch path) can be set; pass decode_backend to choose a backend")
+        self.decode_backend = TorchGatherDecode(self.pool.page_size, self.device)
 
-    def build_metadata(self, spans: list[tuple[int, int, list[int]]]) -> AttentionMetadata:
+    def build_metadata(self, spans: Sequence[tuple[int, int, Sequence[int]]]) -> AttentionMetadata:
         """spans: per request in batch order, (start_position, num_new_tokens, page_ids)."""
-        page_size, device = self.pool.page_size, self.device
-        write_slots, prefills = [], []
-        decode_rows, decode_pages, decode_lens = [], [], []
-        row = 0
-        for start, count, page_ids in spans:
-            if count == 1:
-                write_slots.append(token_slots(page_ids, start, 1, page_size, device))
-                decode_rows.append(row)
-                decode_pages.append(page_ids)
-                decode_lens.append(start + 1)
-            elif start == 0:  # a whole prompt, or its first chunk
-                write_slots.append(token_slots(page_ids, 0, count, page_size, device))
-                prefills.append(PrefillSpan(slice(row, row + count), None, None))
-            else:  # a later chunk also attends to the earlier chunks' KV in the pool
-                context = token_slots(page_ids, 0, start + count, page_size, device)
-                write_slots.append(context[start:])
-                key_positions = torch.arange(start + count, device=device)
-                query_positions = torch.arange(start, start + count, device=device)
-                mask = key_positions.unsqueeze(0) <= query_positions.unsqueeze(1)
-                prefills.append(PrefillSpan(slice(row, row + count), context, mask))
-            row += count
-        decode = self._decode_batch(decode_rows, decode_pages, decode_lens) if decode_rows else None
-        return AttentionMetadata(torch.cat(write_slots), decode, prefills)
-
-    def _decode_batch(self, rows: list[int], pages: list[list[int]], lens: list[int]) -> DecodeBatch:
-        device, page_size = self.device, self.pool.page_size
-        most_pages = max(len(p) for p in pages)
-        table = torch.tensor([p + [0] * (most_pages - len(p)) for p in pages], dtype=torch.int32, device=device)
-        context_lens = torch.tensor(lens, dtype=torch.int32, device=device)
-        row_ids = torch.tensor(rows, device=device)
-        if self._paged_decode is not None:
-            return DecodeBatch(row_ids, table, context_lens, None, None)
-        positions = torch.arange(max(lens), device=device)
-        valid = positions.unsqueeze(0) < context_lens.unsqueeze(1)
-        slots = table.long()[:, positions // page_size] * page_size + positions % page_size
-        if self._cpu_kernel is not None:
-            offsets = torch.zeros(len(lens) + 1, dtype=torch.long)
-            offsets[1:] = torch.cumsum(context_lens.long(), 0)
-            return DecodeBatch(row_ids, table, context_lens, None, None, slots[valid], offsets)
-        # Padding must point at written KV: masked scores still see the keys, and a never-written slot may hold
-        # NaN bit patterns that survive the mask (NaN + -inf is NaN). Each row's position 0 is always written.
-        slots = torch.where(valid, slots, slots[:, :1])
-        return DecodeBatch(row_ids, table, context_lens, slots, valid.view(len(rows), 1, 1, -1))
+        host = _host_indexes(spans, self.pool.page_size)
+        contexts = [context for _, _, context in host.prefills if context is not None]
+        write_slots, decode_rows, *contexts = move_together(
+            [host.write_slots, torch.tensor(host.decode_rows, dtype=torch.long), *contexts], self.device)
+        moved_contexts = iter(contexts)
+        prefills = []
+        for rows, start, context in host.prefills:
+            if context is None:
+                prefills.append(PrefillSpan(rows, None, None))
+                continue
+            context = next(moved_contexts)
+            key_positions = torch.arange(len(context), device=self.device)
+            query_positions = torch.arange(start, start + rows.stop - rows.start, device=self.device)
+            prefills.append(PrefillSpan(rows, context, key_positions.unsqueeze(0) <= query_positions.unsqueeze(1)))
+        decode = None
+        if host.decode_rows:
+            decode = DecodeBatch(decode_rows, self.decode_backend.build_metadata(host.decode_pages, host.decode_lens))
+        return AttentionMetadata(write_slots, decode, prefills)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata):
         """Stores this iteration's k, v in the pool, then attends. q: [num_tokens, num_heads, head_dim]."""
@@ -136,7 +135,8 @@ class PagedAttention:
         k_cache, v_cache = self.pool.k[layer], self.pool.v[layer]
         out = torch.empty_like(q)
         if meta.decode is not None:
-            out[meta.decode.rows] = self._decode(q[meta.decode.rows], k_cache, v_cache, meta.decode)
+            rows = meta.decode.rows
+            out[rows] = self.decode_backend.attend(q[rows], k_cache, v_cache, meta.decode.metadata)
         for span in meta.prefills:
             span_q = q[span.rows].transpose(0, 1).unsqueeze(0)  # [1, heads, span_len, head_dim]
             if span.mask is None:  # the whole context is this span: its keys are at hand, no gather needed
@@ -150,18 +150,3 @@ class PagedAttention:
             )
             out[span.rows] = attended.squeeze(0).transpose(0, 1)
         return out
-
-    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: DecodeBatch):
-        if self._paged_decode is not None:
-            return self._paged_decode(q, k_cache, v_cache, batch.page_table, batch.context_lens, self.pool.page_size)
-        if batch.flat_slots is not None:
-            return self._cpu_kernel.paged_decode_attention(q, k_cache, v_cache, batch.flat_slots, batch.offsets)
-        rows, heads, head_dim = q.shape
-        kv_heads = k_cache.shape[1]
-        # GQA without copies: the query heads sharing a KV head take the place of SDPA's query-length axis.
-        grouped_q = q.view(rows, kv_heads, heads // kv_heads, head_dim)
-        slots = batch.context_slots.view(-1)  # index_select: several times faster than advanced indexing on the CPU
-        keys = k_cache.index_select(0, slots).view(rows, -1, kv_heads, head_dim).transpose(1, 2)
-        values = v_cache.index_select(0, slots).view(rows, -1, kv_heads, head_dim).transpose(1, 2)
-        attended = F.scaled_dot_product_attention(grouped_q, keys, values, attn_mask=batch.mask)
-        return attended.reshape(rows, heads, head_dim)

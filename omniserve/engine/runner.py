@@ -19,7 +19,6 @@ from dataclasses import dataclass, replace
 import torch
 
 from omniserve.attention import PagedAttention
-from omniserve.attention.paged import token_slots
 from omniserve.cpu_attention import CPUAttentionPool
 from omniserve.engine.scheduler.plan import IterationPlan, KVTransfer, RunnerOutput
 from omniserve.kv_cache.page_pool import PagePool
@@ -40,7 +39,8 @@ class _OffloadedToken:
     residual: torch.Tensor | None = None
     """[hidden_size] the residual stream entering `layer`, kept for post_attention."""
     result: torch.Tensor | None = None
-    """[num_heads, head_dim] the CPU's attention output for `layer`, once back."""
+    """[num_heads, head_dim] the CPU's attention output for `layer`, once back; on the host until an iteration admits
+    it (the results admitted together go to the device in one copy)."""
 
 
 @dataclass
@@ -96,7 +96,7 @@ class ModelRunner:
         for result in self.cpu_pool.poll():
             token = self._offloaded.get(result.request_id)
             if token is not None and token.layer == result.layer:
-                token.result = result.out.to(self.device, self.pool.k[0].dtype)
+                token.result = result.out
                 ready.append((result.request_id, result.layer))
         return ready
 
@@ -137,7 +137,8 @@ class ModelRunner:
                 sample_rows.append(len(token_ids) - 1)
         meta = None
         if plan.chunks:
-            meta = self.attention.build_metadata([(c.start_position, len(c.token_ids), c.page_ids) for c in plan.chunks])
+            spans = [(c.start_position, len(c.token_ids), c.page_ids) for c in plan.chunks]
+            meta = self.attention.build_metadata(spans)
         return token_ids, positions, sample_rows, meta
 
     def _forward(self, plan: IterationPlan, returning: dict[int, list[str]]) -> dict[str, SampledToken]:
@@ -156,6 +157,7 @@ class ModelRunner:
         carry_ids = [s.request_id for s in plan.offloaded_starts]  # offloaded rows entering the current layer
         carry_hidden, carry_angles = hidden_all[num_device:], _rows(angles_all, slice(num_device, None))
 
+        results_back = self._results_to_device(returning)
         sent_keys: list[tuple[str, int]] = []
         sent_q, sent_k, sent_v = [], [], []
         for layer in range(model.config.num_layers):
@@ -183,7 +185,7 @@ class ModelRunner:
             attn_parts = [device_attn] if num_device else []
             residual_parts = [device_hidden] if num_device else []
             if back_ids:
-                attn_parts.append(torch.stack([self._offloaded[r].result for r in back_ids]))
+                attn_parts.append(results_back[layer])
                 residual_parts.append(torch.stack([self._offloaded[r].residual for r in back_ids]))
             out = model.post_attention(layer, torch.cat(attn_parts), torch.cat(residual_parts))
             device_hidden, carry_hidden = out[:num_device], out[num_device:]
@@ -195,6 +197,16 @@ class ModelRunner:
         if sent_keys:
             self.cpu_pool.submit(sent_keys, torch.cat(sent_q), torch.cat(sent_k), torch.cat(sent_v))
         return self._sample(plan, device_hidden[sample_rows], carry_ids, carry_hidden)
+
+    def _results_to_device(self, returning: dict[int, list[str]]) -> dict[int, torch.Tensor]:
+        """The CPU results admitted this iteration, per layer ([rows, num_heads, head_dim], in `returning`'s order),
+        moved to the device in one copy: a copy per row would cost a host-to-device round trip each on a GPU."""
+        if not returning:
+            return {}
+        layers = list(returning)
+        host = torch.stack([self._offloaded[r].result for layer in layers for r in returning[layer]])
+        moved = host.to(self.device, self.pool.k[0].dtype)
+        return dict(zip(layers, moved.split([len(returning[layer]) for layer in layers])))
 
     def _sample(self, plan, device_final, finished_ids: list[str], finished_hidden) -> dict[str, SampledToken]:
         """LM head + sampling for device chunks that reached their last token and offloaded tokens that finished
@@ -218,9 +230,7 @@ class ModelRunner:
         into pinned memory and the request is reported once its event has completed (a later iteration)."""
         finished = []
         for transfer in transfers:
-            slots = token_slots(transfer.page_ids, 0, transfer.num_tokens, self.pool.page_size, self.device)
-            k = torch.stack([layer.index_select(0, slots) for layer in self.pool.k])  # [layers, tokens, heads, dim]
-            v = torch.stack([layer.index_select(0, slots) for layer in self.pool.v])
+            k, v = self.pool.gather(transfer.page_ids, transfer.num_tokens)  # [layers, tokens, kv_heads, head_dim]
             if self._copy_stream is None:
                 self.cpu_pool.load(transfer.request_id, k, v)
                 finished.append(transfer.request_id)
@@ -250,9 +260,7 @@ class ModelRunner:
             transfer = self._swapping_in.pop(exported.request_id, None)
             if transfer is None:  # released meanwhile
                 continue
-            slots = token_slots(transfer.page_ids, 0, transfer.num_tokens, self.pool.page_size, self.device)
-            for layer in range(len(self.pool.k)):
-                self.pool.write(layer, slots, exported.k[layer].to(self.device), exported.v[layer].to(self.device))
+            self.pool.scatter(transfer.page_ids, transfer.num_tokens, exported.k, exported.v)
             done.append(exported.request_id)
         return done
 

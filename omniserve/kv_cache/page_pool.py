@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from omniserve.config import CPU_DEFAULT_KV_BYTES, CacheConfig, ModelConfig
@@ -28,6 +30,29 @@ class PagePool:
         """Stores k, v [num_tokens, num_kv_heads, head_dim] at `slots` [num_tokens]."""
         self.k[layer].index_copy_(0, slots, k)
         self.v[layer].index_copy_(0, slots, v)
+
+    def gather(self, page_ids: Sequence[int], num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A copy of the first num_tokens tokens' K and V of the request whose pages are page_ids, from every layer:
+        each [num_layers, num_tokens, num_kv_heads, head_dim], on the pool's device (swap-out)."""
+        slots = token_slots(page_ids, 0, num_tokens, self.page_size).to(self.k[0].device)
+        return (torch.stack([layer.index_select(0, slots) for layer in self.k]),
+                torch.stack([layer.index_select(0, slots) for layer in self.v]))
+
+    def scatter(self, page_ids: Sequence[int], num_tokens: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """The inverse of gather (swap-in): stores k, v [num_layers, num_tokens, num_kv_heads, head_dim], wherever
+        they are, as the first num_tokens tokens of the request whose pages are page_ids."""
+        slots = token_slots(page_ids, 0, num_tokens, self.page_size).to(self.k[0].device)
+        for layer in range(len(self.k)):
+            # Layer by layer: a whole request's KV moved at once would need that much spare device memory.
+            self.write(layer, slots, k[layer].to(slots.device), v[layer].to(slots.device))
+
+
+def token_slots(page_ids: Sequence[int], start: int, count: int, page_size: int) -> torch.Tensor:
+    """[count] int64 on the host: the slots of positions start .. start+count-1 of a request whose pages are
+    page_ids."""
+    positions = torch.arange(start, start + count)
+    pages = torch.tensor(page_ids, dtype=torch.long)
+    return pages[positions // page_size] * page_size + positions % page_size
 
 
 def bytes_per_page(model: ModelConfig, page_size: int, dtype: torch.dtype) -> int:

@@ -1,78 +1,30 @@
-"""Measures the latency models of latency_model.py on the real model and device.
-
-Each model is timed the way the runner runs it, piece by piece:
-
-- dense: layer pre_attention + post_attention on n random rows, n in [1, max_num_tokens], by recursive bisection
-  (`bisect_piecewise`, one octave at a time), which finds where a GPU's GEMM time steps up with O(log n)
-  measurements per step.
-- prefill / decode attention: PagedAttention on a scratch PagePool over random KV, each request with pages of its
-  own. The iteration builds its attention metadata once for all layers; 1/num_layers of that time is added to each
-  per-layer measurement, since it grows with the same features (a later chunk's mask, the decode slot table).
-- head: what runs once per iteration whatever the layers do: embedding and RoPE angles, final norm + LM head, the
-  sampler, and the runner's Python around them (timed as the sum of those calls on n sampled rows).
-- cpu_attention: one layer's rows sent to a real CPU attention pool worker and back (submit -> poll), over host KV of
-  random requests. Without a pool (pool_config None) it is fitted from the same decode kernel called in this process:
-  a lower bound (no transport, no queueing) that lets a simulator or a later pool start from a sensible number.
-
-Every timed call starts with caches cleared of its data (see _Timer): in the runner a layer's weights and KV come
-from memory, not from a cache that one layer timed over and over would stay in.
-
-Every model is checked on measurements left out of its fit (dense: extra points between the knots); the median and
-90th-percentile relative errors are stored in LatencyModel.accuracy.
-"""
+"""The profiler's entry points: profile_model measures every latency model (the measurements are in measure.py,
+the fits in fitting.py); load_or_profile keeps the result in a cache keyed by everything that changes it, and
+measures again when a profile's own held-out error says it was taken on a busy machine."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
 import platform
-import random
-import statistics
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from omniserve.attention import PagedAttention
-from omniserve.config import ConfigError, ModelConfig
-from omniserve.cpu_attention import CPUAttentionPool, PoolConfig
-from omniserve.cpu_attention.host_kv import HostKV
-from omniserve.cpu_attention.kernel import decode_attention
-from omniserve.engine.scheduler.latency_model import LatencyModel, LinearModel, PiecewiseLinear, prefill_interactions
-from omniserve.kv_cache.page_pool import PagePool
+from omniserve.config import ConfigError
+from omniserve.cpu_attention import PoolConfig
+from omniserve.engine.scheduler.latency_model import LatencyModel
 from omniserve.models.llama import LlamaForCausalLM
-from omniserve.sampling.params import SamplingParams
-from omniserve.sampling.sampler import SamplingRow, sample
+from omniserve.profiler.fitting import accuracy_summary, bisect_piecewise, nondecreasing, relative_errors
+from omniserve.profiler.measure import ModelProfiler
 
 logger = logging.getLogger(__name__)
 
-_SEED = 0
-_HOST_KV_LAYERS = 2
-"""Layers of a profiled offloaded request's host KV: round trips alternate between them, so that the pool worker
-(whose cache the profiler does not clear) does not find the same layer's KV in its cache every time."""
-_MIN_TIMED_S = 0.02
-"""Repeat a cheap measurement until this much time is timed (the median of many short runs is steadier)."""
-_MIN_REPEATS, _MAX_REPEATS = 3, 20
-_HELD_OUT_FRACTION = 0.25
-_MAX_PREFILL_WORK = 2048 * 4096
-"""Largest count * (start + count) a prefill timing may take: beyond it the linear model extrapolates."""
-_DECODE_TOKEN_BUDGET = 1 << 16
-"""Most KV tokens of one timed decode batch (each request has pages of its own, as in a real batch)."""
-_MAX_DECODE_BATCH = 64
-_MAX_HEAD_ROWS = 256
-_DENSE_GRID = 16
-"""Dense segments wider than max_num_tokens / _DENSE_GRID are always split (see bisect_piecewise's max_gap)."""
-_POOL_PATIENCE_S = 600.0
-"""How long a live CPU attention worker may go without answering a profiling round trip before profiling gives up
-(a loaded machine answers slowly, not never); a dead worker fails it at once."""
-_POOL_NOTICE_S = 30.0
-"""A wait this long is logged, so that a slow start is never silent."""
 _IMPLAUSIBLE_MEDIAN_ERROR = 0.5
 """A latency model whose held-out median relative error is above this was measured while something else used the
 machine (a quiet machine gives 0.02-0.2): its predictions would reject or overfill iterations, so it is measured
@@ -82,446 +34,6 @@ _PROFILE_ATTEMPTS = 3
 
 class ProfileError(ConfigError):
     """A profile that cannot be trusted, with what to do about it."""
-
-
-# ------------------------------------------------------------------------------------------------------ bisection
-def bisect_piecewise(
-    measure: Callable[[int], float],
-    lo: int,
-    hi: int,
-    rel_threshold: float = 0.05,
-    min_gap: int = 1,
-    max_gap: int | None = None,
-    measurements: dict[int, float] | None = None,
-) -> PiecewiseLinear:
-    """Knots of a piecewise-linear fit of measure() on the integers [lo, hi], by recursive bisection.
-
-    A segment is kept as a straight line when its midpoint's measurement lies within rel_threshold of the line through
-    its ends; otherwise it is split at the midpoint and both halves are examined. A linear function therefore costs
-    three measurements, and each step (a GPU adding a wave of thread blocks) costs O(log(range)) of them to locate.
-    Segments no longer than min_gap are not split. Segments longer than max_gap (None: no limit) are split whatever
-    their midpoint says: a regular staircase with several steps in one segment can look straight at the midpoint (its
-    corners on the chord, as steps at multiples of 128 are on the dyadic grid), so max_gap is the resolution below
-    which steps are assumed to come one at a time.
-
-    Each x is measured once; `measurements`, if given, receives every (x, value) taken (its length is the number of
-    measurements).
-    """
-    if hi < lo:
-        raise ValueError(f"empty range [{lo}, {hi}]")
-    memo = {} if measurements is None else measurements
-
-    def at(x: int) -> float:
-        if x not in memo:
-            memo[x] = float(measure(x))
-        return memo[x]
-
-    knots = {lo, hi}
-    pending = [(lo, hi)] if hi > lo else []  # segments still to examine
-    while pending:
-        a, b = pending.pop()
-        if b - a <= max(1, min_gap):
-            continue
-        mid = (a + b) // 2
-        line = at(a) + (at(b) - at(a)) * (mid - a) / (b - a)
-        short = max_gap is None or b - a <= max_gap
-        if short and abs(at(mid) - line) <= rel_threshold * abs(at(mid)):
-            continue
-        knots.add(mid)
-        pending += [(mid, b), (a, mid)]
-    xs = sorted(knots)
-    return PiecewiseLinear(tuple(float(x) for x in xs), tuple(at(x) for x in xs))
-
-
-def nondecreasing(values: Sequence[float]) -> tuple[float, ...]:
-    """The closest nondecreasing sequence in least squares (isotonic regression, pool adjacent violators): a dip
-    is averaged with what it breaks, rather than one noisy spike lifting everything after it."""
-    blocks: list[list[float]] = []  # [mean, count]
-    for value in values:
-        blocks.append([value, 1])
-        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
-            mean, count = blocks.pop()
-            blocks[-1] = [(blocks[-1][0] * blocks[-1][1] + mean * count) / (blocks[-1][1] + count),
-                          blocks[-1][1] + count]
-    return tuple(mean for mean, count in blocks for _ in range(count))
-
-
-# ---------------------------------------------------------------------------------------------------- accuracy
-def relative_errors(predicted: list[float], measured: list[float]) -> list[float]:
-    return [abs(p - m) / m for p, m in zip(predicted, measured) if m > 0]
-
-
-def accuracy_summary(predicted: list[float], measured: list[float]) -> dict[str, float]:
-    errors = sorted(relative_errors(predicted, measured))
-    if not errors:
-        return {"median_rel_error": float("nan"), "p90_rel_error": float("nan"), "points": 0}
-    p90 = errors[min(len(errors) - 1, math.ceil(0.9 * len(errors)) - 1)]
-    return {"median_rel_error": statistics.median(errors), "p90_rel_error": p90, "points": len(errors)}
-
-
-def _fit_with_held_out(
-    name: str, points: list[tuple[tuple[float, ...], float]], rng: random.Random, accuracy: dict
-) -> LinearModel:
-    """Fits on most points and records the error on the rest (the last quarter of a shuffled list)."""
-    points = list(points)
-    rng.shuffle(points)
-    held = max(2, round(len(points) * _HELD_OUT_FRACTION)) if len(points) >= 6 else 0
-    fit_points, held_out = points[held:], points[:held]
-    model = LinearModel.fit([f for f, _ in fit_points], [s for _, s in fit_points], nonnegative=True, relative=True)
-    accuracy[name] = accuracy_summary([model(*f) for f, _ in held_out], [s for _, s in held_out])
-    return model
-
-
-# ------------------------------------------------------------------------------------------------------ profiler
-class _Timer:
-    """Median wall time of a call after a warm-up, each call starting from caches that hold none of its data.
-
-    In the runner, a layer's weights and KV were last touched a whole iteration ago, with every other layer's in
-    between; so before each timed call the timer writes over a buffer as large as what the model's other layers
-    would bring through the cache (its weights), up to twice the last-level cache (as triton's do_bench clears the
-    L2). A model small enough to stay in cache is timed hot, as it runs. CUDA is synchronised around every timing.
-    """
-
-    def __init__(self, device: torch.device, bar: tqdm, evict_bytes: int) -> None:
-        self.device = device
-        self.bar = bar
-        self.count = 0
-        """Calls so far (warm-ups and repeats): callers rotate over scratch layers with it."""
-        self.measurements = 0
-        self._evict = torch.empty(max(1, evict_bytes // 4), dtype=torch.float32, device=device)
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def _cold_call(self, fn: Callable[[int], object]) -> float:
-        self._evict.zero_()
-        self._sync()
-        start = time.perf_counter()
-        fn(self.count)
-        self._sync()
-        self.count += 1
-        return time.perf_counter() - start
-
-    def __call__(self, fn: Callable[[int], object], min_seconds: float = _MIN_TIMED_S) -> float:
-        """fn(i) is called with a running index."""
-        self._cold_call(fn)
-        times: list[float] = []
-        while len(times) < _MAX_REPEATS and (len(times) < _MIN_REPEATS or sum(times) < min_seconds):
-            times.append(self._cold_call(fn))
-        self.measurements += 1
-        self.bar.update(1)
-        return statistics.median(times)
-
-
-def last_level_cache_bytes(device: torch.device) -> int:
-    """The GPU's L2, or the CPU's largest cache (from sysfs); 32 MiB when unknown."""
-    if device.type == "cuda":
-        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)) or 32 << 20
-    sizes = []
-    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
-        try:
-            text = entry.read_text().strip().upper()
-            sizes.append(int(text.rstrip("KMG")) << {"K": 10, "M": 20, "G": 30}.get(text[-1:], 0))
-        except (OSError, ValueError):
-            continue
-    return max(sizes, default=0) or 32 << 20
-
-
-class _ModelProfiler:
-    def __init__(self, model: LlamaForCausalLM, device: torch.device, dtype: torch.dtype, max_num_tokens: int,
-                 max_context: int, page_size: int, bar: tqdm) -> None:
-        self.model = model
-        self.config = model.config
-        self.device = device
-        self.dtype = dtype
-        self.max_num_tokens = max_num_tokens
-        self.max_context = max_context
-        self.page_size = page_size
-        self.bar = bar
-        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        self.time = _Timer(device, bar, min(weight_bytes, 2 * last_level_cache_bytes(device)))
-        self.rng = random.Random(_SEED)
-        self.accuracy: dict[str, dict[str, float]] = {}
-        self.generator = torch.Generator(device=device).manual_seed(_SEED)
-
-    def _randn(self, *shape: int) -> torch.Tensor:
-        return torch.randn(shape, generator=self.generator, device=self.device, dtype=self.dtype)
-
-    def _positions(self, n: int) -> torch.Tensor:
-        return torch.randint(0, self.max_context, (n,), generator=self.generator, device=self.device)
-
-    # ------------------------------------------------------------------------------------------------ dense
-    def dense(self) -> PiecewiseLinear:
-        self.bar.set_postfix_str("dense")
-        model = self.model
-
-        def measure(n: int) -> float:
-            hidden = self._randn(n, self.config.hidden_size)
-            angles = model.rope_angles(self._positions(n))
-
-            def run(i: int) -> None:
-                q, _, _ = model.pre_attention(0, hidden, angles)  # every layer has layer 0's shapes
-                model.post_attention(0, q, hidden)  # q has attention's output shape
-
-            return self.time(run)
-
-        measured: dict[int, float] = {}
-        # One bisection per octave (1-2, 2-4, ..., up to max_num_tokens): small batches, where decode iterations
-        # live and the time is far from linear (weights read once for few rows), get knots as dense as large ones
-        # relative to their size. max_gap: a GPU's steps (one more wave of tiles) come every 64-128 rows or more;
-        # within that, bisection finds them.
-        max_gap = max(1, self.max_num_tokens // _DENSE_GRID)
-        xs: set[float] = set()
-        lo = 1
-        while lo < self.max_num_tokens or not xs:
-            hi = min(2 * lo, self.max_num_tokens)
-            xs.update(bisect_piecewise(measure, lo, hi, max_gap=max_gap, measurements=measured).xs)
-            lo = hi
-        ordered = sorted(xs)
-        # More rows never take less time: a dip between knots is noise (or a kernel choice not to count on).
-        knots = PiecewiseLinear(tuple(ordered), nondecreasing([measured[int(x)] for x in ordered]))
-        # Held out: points between the knots, log-spaced so that small batches (decode) are checked too.
-        candidates = {round(math.exp(self.rng.uniform(0, math.log(self.max_num_tokens)))) for _ in range(8)}
-        held_out = sorted(n for n in candidates if n not in measured)
-        times = [measure(n) for n in held_out]
-        self.accuracy["dense"] = accuracy_summary([knots(n) for n in held_out], times)
-        return knots
-
-    # --------------------------------------------------------------------------------------------- attention
-    def _scratch_attention(self, num_tokens: int) -> PagedAttention:
-        """PagedAttention over a scratch pool of one layer holding num_tokens tokens of random KV (pages never
-        written would read as the kernel's shared zero page, faster than real KV)."""
-        num_pages = -(-num_tokens // self.page_size) + 2
-        config = replace(self.config, num_layers=1)
-        pool = PagePool(config, num_pages, self.page_size, self.device, self.dtype)
-        for tensor in pool.k + pool.v:
-            tensor.normal_(generator=self.generator)
-        return PagedAttention(pool, self.device)
-
-    def _time_attention(self, attention: PagedAttention, spans: list[tuple[int, int, list[int]]]) -> float:
-        """One layer's attention of these spans, plus 1/num_layers of building their metadata."""
-        c = self.config
-        rows = sum(count for _, count, _ in spans)
-        q = self._randn(rows, c.num_heads, c.head_dim)
-        k, v = self._randn(rows, c.num_kv_heads, c.head_dim), self._randn(rows, c.num_kv_heads, c.head_dim)
-        meta = attention.build_metadata(spans)
-        per_layer = self.time(lambda i: attention(0, q, k, v, meta))
-        build = self.time(lambda i: attention.build_metadata(spans), min_seconds=0.0)
-        return per_layer + build / c.num_layers
-
-    def prefill_attention(self, num_points: int = 24) -> LinearModel:
-        self.bar.set_postfix_str("prefill attention")
-        attention = self._scratch_attention(self.max_context)
-        page_ids = list(range(attention.pool.num_pages))
-        longest = min(self.max_num_tokens, self.max_context)
-        points = []
-        for index in range(num_points):
-            count = max(2, round(math.exp(self.rng.uniform(math.log(2), math.log(max(2, longest))))))
-            count = min(count, longest)
-            start = 0
-            if index % 2:  # a later chunk of a long prompt, within the work budget
-                room = min(self.max_context - count, _MAX_PREFILL_WORK // count - count)
-                start = self.rng.randint(1, room) if room >= 1 else 0
-            seconds = self._time_attention(attention, [(start, count, page_ids)])
-            points.append(((float(prefill_interactions(start, count)), float(count)), seconds))
-        return _fit_with_held_out("prefill_attention", points, self.rng, self.accuracy)
-
-    def _decode_batches(self, num_points: int) -> list[list[int]]:
-        """Context lengths of decode batches: batch sizes log-uniform up to _MAX_DECODE_BATCH, contexts uniform up to
-        a longest one that is log-uniform up to max_context, within the token budget."""
-        batches = []
-        for _ in range(num_points):
-            size = round(math.exp(self.rng.uniform(0, math.log(_MAX_DECODE_BATCH))))
-            longest = round(math.exp(self.rng.uniform(math.log(min(16, self.max_context)), math.log(self.max_context))))
-            contexts = [self.rng.randint(1, longest) for _ in range(size)]
-            while len(contexts) > 1 and sum(contexts) > _DECODE_TOKEN_BUDGET:
-                contexts.pop()
-            batches.append(contexts)
-        return batches
-
-    def decode_attention(self, num_points: int = 32) -> LinearModel:
-        self.bar.set_postfix_str("decode attention")
-        budget = max(_DECODE_TOKEN_BUDGET, self.max_context)
-        attention = self._scratch_attention(budget + _MAX_DECODE_BATCH * self.page_size)
-        points = []
-        for contexts in self._decode_batches(num_points):
-            spans, next_page = [], 0
-            for context in contexts:  # pages of its own for every request
-                pages = -(-context // self.page_size)
-                spans.append((context - 1, 1, list(range(next_page, next_page + pages))))
-                next_page += pages
-            seconds = self._time_attention(attention, spans)
-            points.append(((float(sum(contexts)), float(len(contexts))), seconds))
-        return _fit_with_held_out("decode_attention", points, self.rng, self.accuracy)
-
-    # -------------------------------------------------------------------------------------------------- head
-    def head(self, num_points: int = 12) -> LinearModel:
-        self.bar.set_postfix_str("head")
-        model, c = self.model, self.config
-        most = max(1, min(_MAX_HEAD_ROWS, self.max_num_tokens))
-        sizes = sorted({round(math.exp(self.rng.uniform(0, math.log(most)))) for _ in range(num_points)} | {1, most})
-        points = []
-        for n in sizes:
-            token_ids = torch.randint(0, c.vocab_size, (n,), generator=self.generator, device=self.device)
-            positions = self._positions(n)
-            params = SamplingParams(temperature=0.0)
-
-            def run(i: int) -> None:
-                rows = [SamplingRow(params, 0) for _ in range(n)]
-                hidden = model.embed(token_ids)
-                model.rope_angles(positions)
-                sample(model.compute_logits(hidden), rows, c.eos_token_ids)
-
-            points.append(((float(n),), self.time(run)))
-        return _fit_with_held_out("head", points, self.rng, self.accuracy)
-
-    def swap_out(self, num_points: int = 8) -> LinearModel:
-        """What a swap-out costs the engine, by tokens. On the CPU the runner gathers the request's KV from every
-        layer and hands it to the pool, whose queue copies it into shared memory on the engine's own core: both are
-        timed. On CUDA the copy runs on a side stream and costs the device's iteration nothing measurable."""
-        if self.device.type != "cpu":
-            return LinearModel(0.0, (0.0,))
-        self.bar.set_postfix_str("swap-out")
-        longest = max(2, min(self.max_context, 2048))
-        pool = PagePool(self.config, -(-longest // self.page_size) + 1, self.page_size, self.device, self.dtype)
-        for tensor in pool.k + pool.v:
-            tensor.normal_(generator=self.generator)
-        sizes = sorted({round(math.exp(self.rng.uniform(math.log(16), math.log(longest)))) for _ in range(num_points)}
-                       | {16, longest})
-        points = []
-        for tokens in sizes:
-            slots = torch.arange(tokens, device=self.device)
-
-            def copy(i: int) -> None:
-                k = torch.stack([layer.index_select(0, slots) for layer in pool.k]).share_memory_()
-                v = torch.stack([layer.index_select(0, slots) for layer in pool.v]).share_memory_()
-                del k, v
-
-            points.append(((float(tokens),), self.time(copy)))
-        return _fit_with_held_out("swap_out", points, self.rng, self.accuracy)
-
-    # ------------------------------------------------------------------------------------------ CPU attention
-    def cpu_attention(self, pool_config: PoolConfig | None, num_points: int = 24) -> LinearModel:
-        self.bar.set_postfix_str("CPU attention")
-        target = _PoolRoundTrip(self.config, pool_config) if pool_config else _InProcessKernel(self.config)
-        points = []
-        try:
-            for contexts in self._decode_batches(num_points):
-                batch = target.prepare(contexts)
-                seconds = self.time(lambda i: target.run(batch, i % _HOST_KV_LAYERS))
-                target.release(batch)
-                points.append(((float(sum(contexts)), float(len(contexts))), seconds))
-        finally:
-            target.close()
-        return _fit_with_held_out("cpu_attention", points, self.rng, self.accuracy)
-
-
-@dataclass
-class _CPUBatch:
-    """Offloaded requests (host KV of random values, fresh for each batch) and one layer's rows for them."""
-
-    request_ids: list[str]
-    q: torch.Tensor  # [rows, num_heads, head_dim]
-    k: torch.Tensor  # [rows, num_kv_heads, head_dim]
-    v: torch.Tensor
-
-
-class _CPUAttentionTarget:
-    def __init__(self, config: ModelConfig) -> None:
-        self.config = config
-        self.generator = torch.Generator().manual_seed(_SEED)
-        self._batches = 0
-
-    def _randn(self, *shape: int) -> torch.Tensor:
-        return torch.randn(shape, generator=self.generator)
-
-    def _new_batch(self, contexts: list[int]) -> tuple[_CPUBatch, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """The batch and each request's KV [_HOST_KV_LAYERS, context, num_kv_heads, head_dim]."""
-        c, n = self.config, len(contexts)
-        self._batches += 1
-        ids = [f"profile-{self._batches}-{row}" for row in range(n)]
-        kv = [(self._randn(_HOST_KV_LAYERS, ctx, c.num_kv_heads, c.head_dim),
-               self._randn(_HOST_KV_LAYERS, ctx, c.num_kv_heads, c.head_dim)) for ctx in contexts]
-        rows = _CPUBatch(ids, self._randn(n, c.num_heads, c.head_dim), self._randn(n, c.num_kv_heads, c.head_dim),
-                         self._randn(n, c.num_kv_heads, c.head_dim))
-        return rows, kv
-
-
-class _PoolRoundTrip(_CPUAttentionTarget):
-    """A real pool worker: submit one layer's rows, wait until poll has returned them all. Every round trip appends
-    one token per request, as in serving (a few tokens more than the batch's contexts by the end: negligible)."""
-
-    def __init__(self, config: ModelConfig, pool_config: PoolConfig) -> None:
-        super().__init__(config)
-        # One worker: the model is per worker, and a request's rows all go to the worker that holds its KV.
-        cores = pool_config.worker_cores[:1] if pool_config.worker_cores else None
-        self.pool = CPUAttentionPool(replace(pool_config, num_workers=1, worker_cores=cores))
-
-    def prepare(self, contexts: list[int]) -> _CPUBatch:
-        batch, kv = self._new_batch(contexts)
-        for request_id, (k, v) in zip(batch.request_ids, kv):
-            self.pool.load(request_id, k, v)
-        self._round_trip(batch, 0)  # waits for the loads (and the worker's start)
-        return batch
-
-    def run(self, batch: _CPUBatch, layer: int) -> None:
-        self._round_trip(batch, layer)
-
-    def _round_trip(self, batch: _CPUBatch, layer: int) -> None:
-        """Waits as long as the worker lives and keeps answering within _POOL_PATIENCE_S, saying so every
-        _POOL_NOTICE_S: a fixed short timeout failed profiles on loaded machines."""
-        self.pool.submit([(r, layer) for r in batch.request_ids], batch.q, batch.k, batch.v)
-        waiting = len(batch.request_ids)
-        started = last_answer = notice = time.monotonic()
-        while waiting:
-            answered = len(self.pool.poll())
-            waiting -= answered
-            now = time.monotonic()
-            if answered:
-                last_answer = now
-            if not waiting:
-                break
-            if self.pool.check_workers():
-                raise RuntimeError("the CPU attention worker died while profiling (see the log above)")
-            if now - last_answer > _POOL_PATIENCE_S:
-                raise RuntimeError(f"the CPU attention worker did not answer for {_POOL_PATIENCE_S:.0f} s while "
-                                   "profiling")
-            if now - notice > _POOL_NOTICE_S:
-                logger.info("profiling: still waiting for the CPU attention worker (%.0f s)", now - started)
-                notice = now
-            self.pool.wait(1.0)
-
-    def release(self, batch: _CPUBatch) -> None:
-        self.pool.free(batch.request_ids)
-
-    def close(self) -> None:
-        self.pool.shutdown()
-
-
-class _InProcessKernel(_CPUAttentionTarget):
-    """No pool: the workers' decode kernel over host KV, in this process (a lower bound of a worker's time)."""
-
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__(config)
-        self.store: dict[str, HostKV] = {}
-
-    def prepare(self, contexts: list[int]) -> _CPUBatch:
-        batch, kv = self._new_batch(contexts)
-        self.store = {request_id: HostKV(k, v) for request_id, (k, v) in zip(batch.request_ids, kv)}
-        return batch
-
-    def run(self, batch: _CPUBatch, layer: int) -> None:
-        for row, request_id in enumerate(batch.request_ids):
-            host = self.store[request_id]
-            length = host.lengths[layer]  # attend over the stored context, appending nothing: contexts stay put
-            decode_attention(batch.q[row], host.k[layer], host.v[layer][:, :length])
-
-    def release(self, batch: _CPUBatch) -> None:
-        self.store = {}
-
-    def close(self) -> None:
-        self.store = {}
 
 
 # ------------------------------------------------------------------------------------------------ entry points
@@ -541,7 +53,7 @@ def profile_model(
         raise ValueError("profiling needs max_num_tokens >= 1, max_context >= 2 and page_size >= 1")
     started = time.perf_counter()
     with torch.inference_mode(), tqdm(desc="Profiling", unit=" timings", disable=not progress) as bar:
-        profiler = _ModelProfiler(model, device, dtype, max_num_tokens, max_context, page_size, bar)
+        profiler = ModelProfiler(model, device, dtype, max_num_tokens, max_context, page_size, bar)
         dense = profiler.dense()
         prefill = profiler.prefill_attention()
         decode = profiler.decode_attention()
@@ -591,8 +103,8 @@ def profile_cache_path(model_name: str, model: LlamaForCausalLM, device: torch.d
                        pool_config: PoolConfig | None) -> Path:
     """Where load_or_profile keeps this setup's profile: a readable prefix and a hash of everything that changes it."""
     pool = None if pool_config is None else (pool_config.threads_per_worker, pool_config.simulated_delay_s)
-    key = repr((_PROFILE_FORMAT, model_name, model.config, device_name(device), device.type, str(dtype), torch.get_num_threads(),
-                max_num_tokens, max_context, page_size, pool))
+    key = repr((_PROFILE_FORMAT, model_name, model.config, device_name(device), device.type, str(dtype),
+                torch.get_num_threads(), max_num_tokens, max_context, page_size, pool))
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     readable = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in Path(model_name).name)[:40] or "model"
     prefix = f"{readable}-{device.type}-{str(dtype).removeprefix('torch.')}"
@@ -675,3 +187,8 @@ def format_accuracy(latency: LatencyModel) -> str:
     return ", ".join(
         f"{name} {a['median_rel_error']:.3f}/{a['p90_rel_error']:.3f}" for name, a in latency.accuracy.items()
     ) + " (held-out median/p90 relative error)"
+
+
+__all__ = ["ProfileError", "accuracy_summary", "bisect_piecewise", "cache_dir", "device_name", "format_accuracy",
+           "implausible_models", "load_or_profile", "nondecreasing", "profile_cache_path", "profile_model",
+           "relative_errors"]
