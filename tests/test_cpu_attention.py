@@ -80,6 +80,8 @@ def test_compiled_paged_decode_matches_the_torch_path(dtype):
     """The device's own decode attention when the device is the CPU: the compiled kernel reads each row's slots in
     place; the torch path gathers and pads. Same result, rows of very different lengths, GQA groups of 3."""
     from omniserve.attention import PagedAttention
+    from omniserve.attention.backends.compiled_cpu import CompiledCPUDecode
+    from omniserve.attention.backends.torch_gather import TorchGatherDecode
     from omniserve.config import ModelConfig
     from omniserve.kv_cache.page_pool import PagePool
 
@@ -90,8 +92,7 @@ def test_compiled_paged_decode_matches_the_torch_path(dtype):
     pool.k[0].normal_()
     pool.v[0].normal_()
     compiled = PagedAttention(pool, torch.device("cpu"))
-    fallback = PagedAttention(pool, torch.device("cpu"))
-    fallback._cpu_kernel = None
+    fallback = PagedAttention(pool, torch.device("cpu"), decode_backend=TorchGatherDecode(4, torch.device("cpu")))
     lens = [1, 5, 37, 120]
     spans, first_page = [], 0
     for length in lens:
@@ -99,7 +100,7 @@ def test_compiled_paged_decode_matches_the_torch_path(dtype):
         spans.append((length - 1, 1, pages))
         first_page += len(pages)
     q, k, v = (torch.randn(len(lens), heads, 64, dtype=dtype) for heads in (9, 3, 3))
-    assert compiled._cpu_kernel is not None
+    assert isinstance(compiled.decode_backend, CompiledCPUDecode)
     got = compiled(0, q, k, v, compiled.build_metadata(spans))
     expected = fallback(0, q, k, v, fallback.build_metadata(spans))
     torch.testing.assert_close(got, expected)

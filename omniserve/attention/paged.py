@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from omniserve.attention.backends import CompiledCPUDecode, DecodeBackend, TorchGatherDecode, select_decode_backend
+from omniserve.attention.backends import DecodeBackend, select_decode_backend
 from omniserve.attention.backends.base import move_together
 from omniserve.kv_cache.page_pool import PagePool, token_slots
 
@@ -95,18 +95,6 @@ class PagedAttention:
         self.pool = pool
         self.device = device
         self.decode_backend = decode_backend or select_decode_backend(device, pool.k[0].dtype, pool.page_size)
-
-    # tests/test_cpu_attention.py predates the backends: it reads `_cpu_kernel` to see that the compiled kernel was
-    # chosen, and sets it to None to take the torch path. Remove once that test passes `decode_backend` instead.
-    @property
-    def _cpu_kernel(self):
-        return self.decode_backend.kernel if isinstance(self.decode_backend, CompiledCPUDecode) else None
-
-    @_cpu_kernel.setter
-    def _cpu_kernel(self, kernel: None) -> None:
-        if kernel is not None:
-            raise ValueError("only None (the torch path) can be set; pass decode_backend to choose a backend")
-        self.decode_backend = TorchGatherDecode(self.pool.page_size, self.device)
 
     def build_metadata(self, spans: Sequence[tuple[int, int, Sequence[int]]]) -> AttentionMetadata:
         """spans: per request in batch order, (start_position, num_new_tokens, page_ids)."""
