@@ -14,11 +14,7 @@ import torch
 from omniserve.cpu_attention import kernel
 from omniserve.cpu_attention.host_kv import HostKV
 from omniserve.cpu_attention.kernel import (
-    compiled_kernel,
-    decode_attention,
-    decode_attention_reference,
-    tile_keys,
-    untile_keys,
+    compiled_kernel, decode_attention, decode_attention_reference, tile_keys, untile_keys,
 )
 
 

@@ -12,12 +12,7 @@ import torch
 
 from omniserve.attention import PagedAttention
 from omniserve.attention.backends import (
-    DECODE_BACKENDS,
-    CompiledCPUDecode,
-    TorchGatherDecode,
-    TritonDecode,
-    _log_choice,
-    select_decode_backend,
+    DECODE_BACKENDS, CompiledCPUDecode, TorchGatherDecode, TritonDecode, _log_choice, select_decode_backend,
 )
 from omniserve.attention.backends.base import move_together
 from omniserve.config import ModelConfig

@@ -14,13 +14,7 @@ import pytest
 from omniserve.engine.scheduler.latency_model import LatencyModel, LinearModel, PiecewiseLinear
 from omniserve.simulator import profiles
 from omniserve.simulator.profiles import (
-    SystemProfile,
-    analytic_profile,
-    describe,
-    get_profile,
-    gpu_cpu_attention_ratio,
-    list_profiles,
-    measured_profile,
+    SystemProfile, analytic_profile, describe, get_profile, gpu_cpu_attention_ratio, list_profiles, measured_profile,
     model_config,
 )
 

@@ -12,11 +12,7 @@ from fakes import step
 from omniserve.engine.scheduler import Scheduler
 from omniserve.engine.scheduler.config import SchedulerConfig
 from omniserve.engine.scheduler.latency_model import (
-    BatchShape,
-    LatencyModel,
-    LinearModel,
-    PiecewiseLinear,
-    prefill_interactions,
+    BatchShape, LatencyModel, LinearModel, PiecewiseLinear, prefill_interactions,
 )
 from omniserve.engine.scheduler.request import Placement, Request, RequestStatus
 from omniserve.kv_cache import PageAllocator, PageTable

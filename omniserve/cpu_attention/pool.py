@@ -28,16 +28,7 @@ import torch
 import torch.multiprocessing as mp
 
 from omniserve.config import ConfigError
-from omniserve.cpu_attention.messages import (
-    AttendBatch,
-    AttendResult,
-    Export,
-    Exported,
-    Free,
-    LoadKV,
-    Ping,
-    Status,
-)
+from omniserve.cpu_attention.messages import AttendBatch, AttendResult, Export, Exported, Free, LoadKV, Ping, Status
 from omniserve.cpu_attention.placement import LOCAL, RemoteRoom, choose_host, least_loaded
 from omniserve.cpu_attention.remote import RemoteHost, RemoteHosts, available_memory_bytes
 from omniserve.cpu_attention.worker import WorkerSettings, worker_main

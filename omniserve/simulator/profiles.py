@@ -23,11 +23,7 @@ from pathlib import Path
 
 from omniserve.config import CPU_DEFAULT_KV_BYTES, ModelConfig
 from omniserve.engine.scheduler.latency_model import (
-    BatchShape,
-    LatencyModel,
-    LinearModel,
-    PiecewiseLinear,
-    prefill_interactions,
+    BatchShape, LatencyModel, LinearModel, PiecewiseLinear, prefill_interactions,
 )
 from omniserve.models.hf_config import config_from_hf
 from omniserve.models.presets import PRESETS

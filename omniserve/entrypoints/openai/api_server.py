@@ -44,17 +44,8 @@ from omniserve.entrypoints.openai.auth import APIKeys
 from omniserve.entrypoints.openai.errors import APIError, error_response
 from omniserve.entrypoints.openai.metrics import ServerMetrics
 from omniserve.entrypoints.openai.protocol import (
-    ChatCompletionRequest,
-    ChatCompletionResponse,
-    CompletionRequest,
-    CompletionResponse,
-    DetokenizeRequest,
-    DetokenizeResponse,
-    ErrorResponse,
-    ModelCard,
-    ModelList,
-    TokenizeRequest,
-    TokenizeResponse,
+    ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse, DetokenizeRequest,
+    DetokenizeResponse, ErrorResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse,
 )
 from omniserve.entrypoints.openai.served_models import ServedModels
 from omniserve.entrypoints.openai.serving import ClientDisconnected, RequestLimits, ServerState

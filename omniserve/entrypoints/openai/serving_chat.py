@@ -10,14 +10,8 @@ from starlette.concurrency import run_in_threadpool
 from omniserve.engine.outputs import CompletionOutput, RequestOutput
 from omniserve.entrypoints.openai.errors import APIError
 from omniserve.entrypoints.openai.protocol import (
-    ChatCompletionChoice,
-    ChatCompletionRequest,
-    ChatCompletionResponse,
-    ChatLogprobs,
-    ChatMessage,
-    ChatResponseMessage,
-    TokenLogprob,
-    TopLogprob,
+    ChatCompletionChoice, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs, ChatMessage,
+    ChatResponseMessage, TokenLogprob, TopLogprob,
 )
 from omniserve.entrypoints.openai.serving import ChoiceDelta, OpenAIServing, finite
 from omniserve.sampling.params import SampledToken

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 from omniserve.engine.outputs import CompletionOutput, RequestOutput
 from omniserve.entrypoints.openai.protocol import (
-    CompletionChoice,
-    CompletionLogprobs,
-    CompletionRequest,
-    CompletionResponse,
+    CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
 )
 from omniserve.entrypoints.openai.serving import ChoiceDelta, OpenAIServing, finite
 from omniserve.sampling.params import SampledToken
