@@ -9,6 +9,7 @@ import json
 import random
 import statistics
 import time
+from dataclasses import replace
 
 import pytest
 from fastapi import FastAPI
@@ -16,7 +17,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from test_server import RunningServer, serving, slo_server, tiny_chat_model  # noqa: F401 (fixtures)
 from test_slo_scheduler import MODEL
 
-from omniserve.bench import compare, metrics, workload
+from omniserve.bench import compare, metrics, slos, workload
 from omniserve.bench.client import Stream, Target, run_streams
 from omniserve.bench.metrics import Record, Slo
 from omniserve.bench.workload import Request, StreamSpec, WorkloadError
@@ -329,12 +330,49 @@ def test_slos_from_the_profile_follow_the_latency_model(tiny_chat_model, tmp_pat
     args = ["--model", tiny_chat_model, "--profile-path", str(profile)]
     lone_decode = MODEL.iteration_time(BatchShape(num_rows=1, decode_context=101, num_decodes=1, num_sampled=1))
     one_chunk = MODEL.iteration_time(BatchShape(101, prefill_interactions(0, 100), 101, 1, 2, (), 100))
-    loose = compare.slos_from_profile(args, max_prompt=100, tpot_factor=100.0, ttft_factor=2.0)
+    loose = slos.slos_from_profile(args, max_prompt=100, tpot_factor=100.0, ttft_factor=2.0)
     assert loose.tpot == pytest.approx(100.0 * lone_decode)
     assert loose.ttft == pytest.approx(2.0 * one_chunk)  # a TPOT budget this loose holds the prompt in one chunk
-    tight = compare.slos_from_profile(args, max_prompt=100, tpot_factor=3.0, ttft_factor=2.0)
+    tight = slos.slos_from_profile(args, max_prompt=100, tpot_factor=3.0, ttft_factor=2.0)
     assert tight.tpot == pytest.approx(3.0 * lone_decode)
     assert tight.ttft > loose.ttft  # chunks that fit the budget repeat the decode's and the head's cost
+
+
+def test_budgeted_prefill_shrinks_each_chunk_until_it_fits():
+    def seconds(start, count):  # a second per token, wherever the chunk starts
+        return float(count)
+
+    assert slos.budgeted_prefill(seconds, 25, 16, 10.0) == [(9, 9.0), (9, 9.0), (7, 7.0)]  # 16 -> 12 -> 9
+    assert slos.budgeted_prefill(seconds, 25, 16, 10.0, shrink=lambda n: n - 1) == [(10, 10.0), (10, 10.0), (5, 5.0)]
+    assert slos.budgeted_prefill(seconds, 3, 16, 0.5) == [(1, 1.0)] * 3  # a single token goes whatever it costs
+
+
+@pytest.mark.parametrize("policy", ["omniserve", "sarathi"])
+def test_slos_look_up_the_profile_an_engine_of_the_server_args_would(tiny_chat_model, policy, monkeypatch):  # noqa: F811
+    """The cache key must match what the servers look up, or each would profile again at start-up."""
+    import torch
+
+    from omniserve.engine.llm_engine import LLMEngine
+    from omniserve.profiler import profiler
+
+    lookups = []
+
+    def fake_load_or_profile(model, device, dtype, **settings):
+        lookups.append((device, dtype, torch.get_num_threads(), settings))
+        return MODEL
+
+    monkeypatch.setattr(profiler, "load_or_profile", fake_load_or_profile)
+    threads = torch.get_num_threads()
+    server_args = ["--model", tiny_chat_model, "--policy", policy, "--max-model-len", "96", "--block-size", "4",
+                   "--max-num-batched-tokens", "32", "--threads", "1", "--cpu-attention-threads", "2", "--port", "0"]
+    try:
+        slos.slos_from_profile(server_args, max_prompt=50, tpot_factor=3.0, ttft_factor=2.0)
+        engine_args = replace(slos.server_engine_args(server_args), ls_ttft_slo=5.0, ls_tpot_slo=1.0)
+        LLMEngine(engine_args).shutdown()
+    finally:
+        torch.set_num_threads(threads)
+    assert len(lookups) == 2 and lookups[0] == lookups[1]
+    assert (lookups[0][3]["pool_config"] is None) == (policy == "sarathi")
 
 
 def test_closed_loop_keeps_n_in_flight_and_cycles_its_pool(tiny_chat_model):  # noqa: F811

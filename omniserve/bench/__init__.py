@@ -6,6 +6,7 @@ per-class SLO metrics, plots, and a comparison of scheduling policies.
     metrics.py   each request's record; vLLM-style latency figures, SLO attainment, goodput, throughput, timeline
     plots.py     latency CDFs and the timeline, as PNG
     runner.py    one run: workload -> records -> result (JSON) and outputs
+    slos.py      LS SLOs from the latency profile the servers will use
     compare.py   one `omniserve serve` per policy, the same workload, one table
     cli.py       the command line
 """

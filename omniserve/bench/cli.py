@@ -9,6 +9,7 @@ from pathlib import Path
 
 from omniserve.bench.metrics import Slo
 from omniserve.bench.workload import StreamSpec, WorkloadError, parse_rate_steps
+from omniserve.engine.scheduler.policy import POLICIES
 
 EXAMPLES = """examples:
   # LS chat-like traffic (ShareGPT prompts, Poisson 2 req/s) plus BE replayed from the Azure code trace, 10x slower
@@ -35,7 +36,8 @@ def _add_stream_args(parser: argparse.ArgumentParser, service_class: str, name: 
                        "Mooncake JSONL, or azure-code / azure-conv / mooncake (the copies in shared/data)")
     group.add_argument(flag + "time-scale", type=float, default=1.0,
                        help="stretch the trace's time by this factor (10: ten times fewer requests per second)")
-    group.add_argument(flag + "trace-offset", type=float, default=0.0, help="start the replay this far into the trace (s)")
+    group.add_argument(flag + "trace-offset", type=float, default=0.0,
+                       help="start the replay this far into the trace (s)")
     group.add_argument(flag + "dataset", choices=("sharegpt", "random", "trace"), default=None,
                        help="lengths and prompts: ShareGPT prompts (real text), random token ids of --*-input-len, "
                        "or the trace's lengths (random token ids); default: trace with a trace, else sharegpt")
@@ -91,7 +93,7 @@ def add_bench_command(commands) -> None:
     group = bench.add_argument_group("policy comparison")
     group.add_argument("--compare", action="store_true",
                        help="start `omniserve serve` once per policy and run the workload against each")
-    group.add_argument("--policies", default=",".join(("omniserve", "sarathi", "llumnix", "neo", "fcfs")))
+    group.add_argument("--policies", default=",".join(POLICIES))
     group.add_argument("--server-args", default="", help="more `omniserve serve` arguments for every server")
     group.add_argument("--tpot-factor", type=float, default=3.0,
                        help="without --tpot-slo: TPOT SLO = this x a lone LS decode step (from the profile)")
@@ -148,18 +150,18 @@ def _compare(args: argparse.Namespace, config, tokenizer) -> None:
     import shlex
     from dataclasses import replace
 
-    from omniserve.bench import compare, runner
+    from omniserve.bench import compare, runner, slos
 
     policies = tuple(p.strip() for p in args.policies.split(",") if p.strip())
-    unknown = set(policies) - set(compare.POLICIES)
+    unknown = set(policies) - set(POLICIES)
     if unknown:
-        sys.exit(f"omniserve bench: error: unknown policies {sorted(unknown)}; known: {', '.join(compare.POLICIES)}")
+        sys.exit(f"omniserve bench: error: unknown policies {sorted(unknown)}; known: {', '.join(POLICIES)}")
     if config.slo.ttft is None or config.slo.tpot is None:
         ls = config.streams["ls"]
         max_prompt = ls.max_input_len or max(
             (r.input_len for r in runner.build_workload(config, tokenizer).get("ls", [])), default=512)
-        derived = compare.slos_from_profile(shlex.split(args.server_args), max_prompt, args.tpot_factor,
-                                            args.ttft_factor)
+        derived = slos.slos_from_profile(shlex.split(args.server_args), max_prompt, args.tpot_factor,
+                                         args.ttft_factor)
         config = replace(config, slo=Slo(config.slo.ttft or derived.ttft, config.slo.tpot or derived.tpot))
         print(f"LS SLOs from the latency profile: TTFT {config.slo.ttft * 1e3:.0f} ms, TPOT "
               f"{config.slo.tpot * 1e3:.1f} ms (longest LS prompt {max_prompt} tokens)", file=sys.stderr)

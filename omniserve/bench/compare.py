@@ -2,10 +2,8 @@
 stopped in turn, and one table of LS SLO attainment and BE throughput with omniserve's ratios to each baseline.
 
 Every server gets the same LS SLOs. They are given (--ttft-slo/--tpot-slo), or set from the latency profile of the
-server's model and engine settings (profiled once if missing; the servers then find it in the cache): TPOT SLO =
---tpot-factor x a lone LS decode step at the longest LS prompt; TTFT SLO = --ttft-factor x the time to prefill that
-prompt next to one decode, in chunks that each fit the TPOT SLO's iteration budget (what the SLO-aware scheduler
-does)."""
+server's model and engine settings (omniserve.bench.slos: profiled once if missing; the servers then find it in the
+cache)."""
 
 from __future__ import annotations
 
@@ -16,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -24,48 +22,11 @@ import httpx
 from omniserve.bench import runner
 from omniserve.bench.metrics import Slo
 
-POLICIES = ("omniserve", "sarathi", "llumnix", "neo", "fcfs")
 _LISTENING = re.compile(r"serving .* on (http://\S+)")
 
 
 class ServerError(RuntimeError):
     """A server of the comparison did not start; the message holds the end of its log."""
-
-
-@dataclass(frozen=True)
-class ChunkRow:
-    """What the latency model reads of a chunk (see batch_shape_of_chunks)."""
-
-    token_ids: tuple[int, ...]
-    start_position: int
-    sample: bool
-
-
-def slos_from_profile(server_args: list[str], max_prompt: int, tpot_factor: float, ttft_factor: float) -> Slo:
-    """The LS SLOs for the servers' model and settings, from its latency profile (see the module docstring)."""
-    from omniserve.engine.args import EngineArgs
-    from omniserve.engine.llm_engine import LLMEngine
-    from omniserve.engine.scheduler.latency_model import batch_shape_of_chunks
-    from omniserve.entrypoints.cli import build_parser
-
-    args = build_parser().parse_args(["serve", *server_args, "--ls-ttft-slo", "600", "--ls-tpot-slo", "60"])
-    engine = LLMEngine(EngineArgs.from_cli_args(args))  # placeholder SLOs: they make it load the profile
-    try:
-        latency, budget_share = engine.latency_model, engine.scheduler_config.iteration_budget_share
-        max_batched = engine.scheduler_config.max_num_batched_tokens
-    finally:
-        engine.shutdown()
-    decode = ChunkRow((0,), max_prompt, True)
-    tpot = tpot_factor * latency.iteration_time(batch_shape_of_chunks([decode]))
-    prefill, start = 0.0, 0
-    while start < max_prompt:
-        count = min(max_prompt - start, max_batched)
-        while count > 1 and latency.iteration_time(batch_shape_of_chunks(
-                [decode, ChunkRow((0,) * count, start, True)])) > budget_share * tpot:
-            count = max(1, count * 3 // 4)
-        prefill += latency.iteration_time(batch_shape_of_chunks([decode, ChunkRow((0,) * count, start, True)]))
-        start += count
-    return Slo(ttft=ttft_factor * prefill, tpot=tpot)
 
 
 class Server:
