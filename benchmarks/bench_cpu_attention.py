@@ -13,28 +13,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from bench_common import command_line, print_report, read_bandwidth, write_markdown
 
 from omniserve.cpu_attention.kernel import compiled_kernel, decode_attention_reference, tile_keys
 
 SHAPES = {"smollm2-135m": (9, 3, 64), "llama-3-8b": (32, 8, 128)}  # (heads, kv_heads, head_dim) per layer
-
-
-def read_bandwidth(repeats: int) -> list[float]:
-    x = torch.ones(2**28, dtype=torch.float32)  # 1 GiB
-    x.sum()
-    rates = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        x.sum().item()
-        rates.append(x.numel() * 4 / (time.perf_counter() - start) / 1e9)
-    return rates
+COLUMNS = {key: key for key in ("model shape", "context", "requests", "kernel ms", "kernel GB/s", "of bandwidth",
+                                "torch GB/s", "kernel/torch")}
 
 
 def time_step(fn, queries, keys, values, repeats: int) -> list[float]:
@@ -63,7 +54,7 @@ def main() -> None:
     kernel = compiled_kernel()
     if kernel is None:
         sys.exit("the compiled kernel is not available here (see the warning above)")
-    bandwidth = statistics.median(read_bandwidth(args.repeats))
+    bandwidth = statistics.median(read_bandwidth(1.0, args.repeats))
 
     rows = []
     for shape in args.shapes:
@@ -79,26 +70,20 @@ def main() -> None:
                 tiles = [tile_keys(k) for k in keys]
                 ours = statistics.median(time_step(kernel.decode_attention, queries, tiles, values, args.repeats))
                 ref = statistics.median(time_step(decode_attention_reference, queries, keys, values, args.repeats))
-                rows.append([shape, str(context), str(requests), f"{ours * 1e3:.2f}", f"{kv_bytes / ours / 1e9:.1f}",
-                             f"{kv_bytes / ours / 1e9 / bandwidth:.0%}", f"{kv_bytes / ref / 1e9:.1f}",
-                             f"{ref / ours:.1f}x"])
-                print(" ".join(rows[-1]), file=sys.stderr, flush=True)
+                gbps = kv_bytes / ours / 1e9
+                cells = [shape, str(context), str(requests), f"{ours * 1e3:.2f}", f"{gbps:.1f}",
+                         f"{gbps / bandwidth:.0%}", f"{kv_bytes / ref / 1e9:.1f}", f"{ref / ours:.1f}x"]
+                rows.append(dict(zip(COLUMNS, cells)))
+                print(" ".join(cells), file=sys.stderr, flush=True)
                 del keys, values, tiles
 
-    header = ["model shape", "context", "requests", "kernel ms", "kernel GB/s", "of bandwidth", "torch GB/s",
-              "kernel/torch"]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    lines = [header, ["-" * w for w in widths], *rows]
     info = [
-        f"command: `{shlex.join(['python', *sys.argv])}`",
+        f"command: `{command_line()}`",
         f"machine: {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} thread(s) (one worker's)",
         f"measured read bandwidth ({args.threads} thread(s), sum over 1 GiB): {bandwidth:.1f} GB/s",
     ]
-    print("\n".join(info) + "\n\n" + "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in lines))
-    if args.markdown:
-        table = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in lines]
-        args.markdown.write_text("\n".join(["## CPU decode-attention kernel", ""] + [f"- {i}" for i in info] + [""]
-                                           + table) + "\n")
+    print_report(info, [(COLUMNS, rows)])
+    write_markdown(args.markdown, "CPU decode-attention kernel", info, [(COLUMNS, rows)])
 
 
 if __name__ == "__main__":

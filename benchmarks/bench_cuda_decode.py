@@ -90,9 +90,9 @@ def main() -> None:
             config = dict(model=args.model, placement=placement, batch=batch, context=args.context, steps=args.steps,
                           device=args.device)
             this, other = run_in(ROOT, config), run_in(args.other, config)
+            ratio = this["median_ms"] / other["median_ms"]
             print(f"| {placement} | {batch} | {this['offloaded']} | {this['median_ms']:.2f} ({this['p90_ms']:.2f}) "
-                  f"| {other['median_ms']:.2f} ({other['p90_ms']:.2f}) | {this['median_ms'] / other['median_ms']:.2f} |",
-                  flush=True)
+                  f"| {other['median_ms']:.2f} ({other['p90_ms']:.2f}) | {ratio:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

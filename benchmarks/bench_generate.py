@@ -22,32 +22,29 @@ import argparse
 import os
 import platform
 import random
-import shlex
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from bench_common import (
+    OtherLoad,
+    command_line,
+    cpu_model,
+    load_prompts,
+    print_report,
+    read_bandwidth,
+    spread,
+    write_markdown,
+)
 
-from bench_common import cpu_model, load_prompts, spread
 from omniserve import LLM, SamplingParams
 from omniserve.models.linear import linear
 from omniserve.models.loader import default_model_path
 
 TENTHS = "{:.1f}"  # throughput and milliseconds are shown to a tenth
-
-
-def read_bandwidth(gib: float, repeats: int) -> list[float]:
-    """Read GB/s of `x.sum()` over a `gib` GiB fp32 tensor (one warm-up, then `repeats` timed sums)."""
-    x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
-    rates = []
-    for i in range(repeats + 1):
-        start = time.perf_counter()
-        x.sum().item()
-        if i:
-            rates.append(x.numel() * 4 / (time.perf_counter() - start) / 1e9)
-    return rates
 
 
 @torch.inference_mode()
@@ -93,15 +90,7 @@ class StepRecorder:
         return [t for t, size, decode in self.steps if decode and size == batch]
 
 
-def other_cpu_seconds() -> float:
-    """CPU seconds used on this machine so far by everything but this process (steal time included); Linux only."""
-    with open("/proc/stat") as f:
-        ticks = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
-    own = os.times()
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK") - own.user - own.system
-
-
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--repeats", type=int, default=3)
@@ -113,93 +102,97 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-hf", action="store_true", help="no transformers baseline")
     parser.add_argument("--markdown", type=Path, help="also write the results as a markdown section here")
-    args = parser.parse_args()
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    return parser.parse_args()
 
-    llm = LLM(seed=args.seed, dtype="float32", device="cpu", threads=args.threads)
-    threads = torch.get_num_threads()  # what the engine runs with; transformers and the bandwidth test share it
-    model = llm.engine.runner.model
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # shared tensors counted once
-    bandwidth = read_bandwidth(args.bandwidth_gib, repeats=max(5, args.repeats))  # again after the runs, for drift
-    gemv = gemv_ms(model, repeats=max(5, args.repeats))
-    prompts = load_prompts(llm.tokenizer, max(args.concurrency), args.prompt_len, model.config.vocab_size, args.seed)
-    recorder = StepRecorder(llm.engine)
 
-    def run_omni(batch: list[list[int]], new_tokens: int) -> list[list[int]]:
-        params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
-        return [list(o.outputs[0].token_ids) for o in llm.generate(batch, params, use_tqdm=False)]
+def load_hf_model():
+    """transformers' model of the same GGUF file, fp32."""
+    import transformers
+    from transformers import AutoModelForCausalLM
 
-    hf = None
-    if not args.skip_hf:
-        import transformers
-        from transformers import AutoModelForCausalLM
+    transformers.logging.set_verbosity_error()
+    path = default_model_path()
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
 
-        transformers.logging.set_verbosity_error()
-        path = default_model_path()
-        hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
 
-    @torch.inference_mode()
-    def run_hf(batch: list[list[int]], new_tokens: int) -> list[list[int]]:
-        ids = torch.tensor(batch)  # every prompt has the same length: left padding is a no-op, the mask all ones
-        out = hf.generate(
-            ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens, pad_token_id=(model.config.eos_token_ids or (0,))[0],
-        )
-        return out[:, ids.shape[1]:].tolist()
+def run_omni(llm: LLM, batch: list[list[int]], new_tokens: int) -> list[list[int]]:
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    return [list(o.outputs[0].token_ids) for o in llm.generate(batch, params, use_tqdm=False)]
 
-    results = []  # per concurrency: (omniserve tok/s, HF tok/s, decode step ms) per repeat, share of equal outputs
-    start_wall, start_other = time.perf_counter(), other_cpu_seconds()
-    for conc in args.concurrency:
-        batch = prompts[:conc]
-        run_omni(batch, args.warmup_len)
+
+@torch.inference_mode()
+def run_hf(hf, pad_token_id: int, batch: list[list[int]], new_tokens: int) -> list[list[int]]:
+    ids = torch.tensor(batch)  # every prompt has the same length: left padding is a no-op, the mask all ones
+    out = hf.generate(
+        ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens, pad_token_id=pad_token_id,
+    )
+    return out[:, ids.shape[1]:].tolist()
+
+
+@dataclass
+class Figures:
+    """One concurrency's runs: tokens/s of each side and the median decode step per repeat, and the share of
+    requests whose output equals transformers' (last repeat)."""
+
+    concurrency: int
+    omni_tps: list[float]
+    hf_tps: list[float]
+    steps_ms: list[float]
+    same: float
+
+
+def measure(args: argparse.Namespace, llm: LLM, hf, recorder: StepRecorder, batch: list[list[int]]) -> Figures:
+    """A warm-up of each side, then --repeats runs of omniserve and transformers, interleaved."""
+    conc, pad = len(batch), (llm.engine.runner.model.config.eos_token_ids or (0,))[0]
+    run_omni(llm, batch, args.warmup_len)
+    if hf is not None:
+        run_hf(hf, pad, batch, args.warmup_len)
+    figures = Figures(conc, [], [], [], 0.0)
+    for _ in range(args.repeats):
+        recorder.steps.clear()
+        start = time.perf_counter()
+        omni_out = run_omni(llm, batch, args.output_len)
+        assert all(len(o) == args.output_len for o in omni_out), "omniserve returned a wrong number of tokens"
+        figures.omni_tps.append(conc * args.output_len / (time.perf_counter() - start))
+        figures.steps_ms.append(statistics.median(recorder.decode_times(conc) or [float("nan")]) * 1e3)
         if hf is not None:
-            run_hf(batch, args.warmup_len)
-        omni_tps, hf_tps, steps_ms, same = [], [], [], 0.0
-        for _ in range(args.repeats):
-            recorder.steps.clear()
             start = time.perf_counter()
-            omni_out = run_omni(batch, args.output_len)
-            assert all(len(o) == args.output_len for o in omni_out), "omniserve returned a wrong number of tokens"
-            omni_tps.append(conc * args.output_len / (time.perf_counter() - start))
-            steps_ms.append(statistics.median(recorder.decode_times(conc) or [float("nan")]) * 1e3)
-            if hf is not None:
-                start = time.perf_counter()
-                hf_out = run_hf(batch, args.output_len)
-                assert all(len(o) == args.output_len for o in hf_out), "transformers returned a wrong number of tokens"
-                hf_tps.append(conc * args.output_len / (time.perf_counter() - start))
-                same = sum(a == b for a, b in zip(omni_out, hf_out)) / conc
-        results.append((conc, omni_tps, hf_tps, steps_ms, same))
-        baseline = f", HF {spread(hf_tps, TENTHS)} tok/s" if hf_tps else ""
-        print(f"concurrency {conc}: omniserve {spread(omni_tps, TENTHS)} tok/s{baseline}, "
-              f"decode step {spread(steps_ms, TENTHS)} ms", file=sys.stderr, flush=True)
-    # Other work on these cores skews every figure (oversubscribed torch threads slow down many times over).
-    interference = (other_cpu_seconds() - start_other) / ((time.perf_counter() - start_wall) * os.cpu_count())
-    if interference > 0.05:
-        print(f"warning: other processes used {interference:.0%} of the CPU during the runs", file=sys.stderr)
-    bandwidth += read_bandwidth(args.bandwidth_gib, repeats=max(5, args.repeats))
-    floor_ms = weight_bytes / (statistics.median(bandwidth) * 1e9) * 1e3
+            hf_out = run_hf(hf, pad, batch, args.output_len)
+            assert all(len(o) == args.output_len for o in hf_out), "transformers returned a wrong number of tokens"
+            figures.hf_tps.append(conc * args.output_len / (time.perf_counter() - start))
+            figures.same = sum(a == b for a, b in zip(omni_out, hf_out)) / conc
+    baseline = f", HF {spread(figures.hf_tps, TENTHS)} tok/s" if figures.hf_tps else ""
+    print(f"concurrency {conc}: omniserve {spread(figures.omni_tps, TENTHS)} tok/s{baseline}, "
+          f"decode step {spread(figures.steps_ms, TENTHS)} ms", file=sys.stderr, flush=True)
+    return figures
 
-    rows = []
-    for conc, omni_tps, hf_tps, steps_ms, same in results:
-        row = {"conc": conc, "omni": spread(omni_tps, TENTHS), "step": spread(steps_ms, TENTHS),
-               "floor": f"{floor_ms:.1f}", "step/floor": f"{statistics.median(steps_ms) / floor_ms:.2f}x"}
-        if hf is not None:
-            ratios = [o / h for o, h in zip(omni_tps, hf_tps)]
-            row |= {"hf": spread(hf_tps, TENTHS), "omni/hf": spread(ratios) + "x", "same": f"{same:.0%}"}
-        rows.append(row)
-    columns = {"conc": "concurrency", "omni": "omniserve tok/s", "hf": "HF tok/s", "omni/hf": "omniserve/HF",
-               "step": "decode step ms", "floor": "floor ms", "step/floor": "step/floor",
-               "same": "same output as HF"}
-    columns = {k: v for k, v in columns.items() if k in rows[0]}
-    widths = {k: max(len(v), *(len(str(r[k])) for r in rows)) for k, v in columns.items()}
-    command = shlex.join(["python", *sys.argv])
-    cpu = cpu_model()
-    info = [
-        f"command: `{command}`",
-        f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__} with {threads} threads, "
-        f"python {platform.python_version()}" + ("" if hf is None else f", transformers {transformers.__version__}")
-        + f"; other processes used {interference:.0%} of the CPU during the runs",
+
+COLUMNS = {"conc": "concurrency", "omni": "omniserve tok/s", "hf": "HF tok/s", "omni/hf": "omniserve/HF",
+           "step": "decode step ms", "floor": "floor ms", "step/floor": "step/floor", "same": "same output as HF"}
+
+
+def table_row(f: Figures, floor_ms: float, with_hf: bool) -> dict[str, str]:
+    row = {"conc": f.concurrency, "omni": spread(f.omni_tps, TENTHS), "step": spread(f.steps_ms, TENTHS),
+           "floor": f"{floor_ms:.1f}", "step/floor": f"{statistics.median(f.steps_ms) / floor_ms:.2f}x"}
+    if with_hf:
+        ratios = [o / h for o, h in zip(f.omni_tps, f.hf_tps)]
+        row |= {"hf": spread(f.hf_tps, TENTHS), "omni/hf": spread(ratios) + "x", "same": f"{f.same:.0%}"}
+    return row
+
+
+def info_lines(args: argparse.Namespace, threads: int, with_hf: bool, interference: float, bandwidth: list[float],
+               weight_bytes: int, floor_ms: float, gemv: list[float]) -> list[str]:
+    hf_version = ""
+    if with_hf:
+        import transformers
+
+        hf_version = f", transformers {transformers.__version__}"
+    return [
+        f"command: `{command_line()}`",
+        f"machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} with {threads} threads, "
+        f"python {platform.python_version()}{hf_version}; other processes used {interference:.0%} of the CPU during "
+        "the runs",
         f"workload: {args.prompt_len}-token prompts, {args.output_len} greedy output tokens (EOS ignored), fp32, "
         f"{args.repeats} repeats after a {args.warmup_len}-token warm-up; median [min-max]",
         f"read bandwidth: {spread(bandwidth, TENTHS)} GB/s (sums of a {args.bandwidth_gib:g} GiB fp32 tensor before "
@@ -208,17 +201,33 @@ def main() -> None:
         f"= {weight_bytes / statistics.median(gemv) / 1e6:.1f} GB/s",
     ]
 
-    def table(sep: str, edge: str) -> list[str]:
-        cells = [list(columns.values()), ["-" * widths[k] for k in columns]]
-        cells += [[str(r[k]) for k in columns] for r in rows]
-        return [(edge + sep.join(c.ljust(widths[k]) for k, c in zip(columns, line)) + edge[::-1]).rstrip()
-                for line in cells]
 
-    print("\n" + "\n".join(info) + "\n\n" + "\n".join(table("  ", "")))
-    if args.markdown:
-        section = ["## omniserve generation benchmark", ""] + [f"- {line}" for line in info] + [""]
-        args.markdown.write_text("\n".join(section + table(" | ", "| ")) + "\n")
-        print(f"\nwrote {args.markdown}")
+def main() -> None:
+    args = parse_args()
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    llm = LLM(seed=args.seed, dtype="float32", device="cpu", threads=args.threads)
+    threads = torch.get_num_threads()  # what the engine runs with; transformers and the bandwidth test share it
+    model = llm.engine.runner.model
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # shared tensors counted once
+    bandwidth = read_bandwidth(args.bandwidth_gib, repeats=max(5, args.repeats))  # again after the runs, for drift
+    gemv = gemv_ms(model, repeats=max(5, args.repeats))
+    prompts = load_prompts(llm.tokenizer, max(args.concurrency), args.prompt_len, model.config.vocab_size, args.seed)
+    recorder = StepRecorder(llm.engine)
+    hf = None if args.skip_hf else load_hf_model()
+    others = OtherLoad()
+    results = [measure(args, llm, hf, recorder, prompts[:conc]) for conc in args.concurrency]
+    # Other work on these cores skews every figure (oversubscribed torch threads slow down many times over).
+    interference = others.share()
+    if interference > 0.05:
+        print(f"warning: other processes used {interference:.0%} of the CPU during the runs", file=sys.stderr)
+    bandwidth += read_bandwidth(args.bandwidth_gib, repeats=max(5, args.repeats))
+    floor_ms = weight_bytes / (statistics.median(bandwidth) * 1e9) * 1e3
+    rows = [table_row(f, floor_ms, hf is not None) for f in results]
+    columns = {k: v for k, v in COLUMNS.items() if k in rows[0]}
+    info = info_lines(args, threads, hf is not None, interference, bandwidth, weight_bytes, floor_ms, gemv)
+    print_report(info, [(columns, rows)])
+    write_markdown(args.markdown, "omniserve generation benchmark", info, [(columns, rows)])
 
 
 if __name__ == "__main__":

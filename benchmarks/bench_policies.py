@@ -10,7 +10,8 @@ SLOs. A calibration engine (omniserve policy, placeholder SLOs) loads the profil
 model on first use, cached afterwards) and times a lone LS request. TPOT SLO = --tpot-factor x the measured time of
 a lone LS decode step. TTFT SLO = --ttft-factor x the latency model's time to prefill the longest LS prompt
 (--ls-max-prompt tokens) next to one LS decode, in the largest chunks that keep each iteration within the TPOT SLO
-(what the SLO-aware scheduler does). Every policy is told the same SLOs; fcfs and llumnix do not use them.
+(what the SLO-aware scheduler does; omniserve.bench.slos.budgeted_prefill), the model scaled by measured / predicted
+lone decode step. Every policy is told the same SLOs; fcfs and llumnix do not use them.
 
 Workload (fixed seed, the same for every policy, open loop): LS requests arrive as a Poisson process of --ls-rate
 per second over --duration seconds, prompts are ShareGPT first human turns (prompts_500.json) tokenized with the
@@ -18,7 +19,7 @@ engine's tokenizer and cut to at most --ls-max-prompt tokens, output lengths uni
 as a burst of --be-burst at t=0 plus a Poisson process of --be-rate per second, prompts of uniform length in
 --be-prompt tokens made of ShareGPT text, --be-output-len output tokens. Greedy, EOS ignored. The script sleeps until
 each arrival, adds the request, and calls engine.step() back to back while anything is unfinished; every token is
-stamped when its step returns, and every step is timed.
+stamped when its step returns, and every step is timed (policy_run.py: one such run).
 
 A run ends once the arrival window is over and every LS request has ended; BE requests still running then are
 aborted. A run that reaches --duration + --drain seconds is cut: every request still open is aborted (an LS request
@@ -28,7 +29,8 @@ Per policy:
 - LS SLO attainment: share of LS requests that were not rejected, got their first token within the TTFT SLO (from the
   scheduled arrival, so a request that arrives while a long step runs pays for the wait) and finished with a mean
   TPOT ((last token - first token) / (tokens - 1)) within the TPOT SLO. Also TTFT-only and TPOT-only attainment
-  (rejected and cut requests are misses in both), and the rejection count.
+  (rejected requests are misses in both, cut ones in TPOT; a cut request's first token counts for TTFT), and the
+  rejection count.
 - LS TTFT p50/p99 (LS requests not rejected; a cut request without a first token counts with its wait so far, a lower
   bound) and mean-TPOT p50/p99 (LS requests with >= 2 tokens), as ratios to their SLO.
 - BE output tokens/s over the arrival window [0, --duration] (the same window for every policy), and its ratio to
@@ -58,112 +60,45 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import os
 import platform
 import random
-import shlex
 import statistics
 import sys
 import time
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench_common import (
     SHAREGPT_500,
+    command_line,
     cpu_model,
     git_revision,
     percentile,
-    proc_cpu_seconds,
+    print_report,
     shuffled_texts,
-    side_thread_cpu_seconds,
     spread,
+    wait_for_quiet,
+    write_markdown,
 )
+from policy_run import Arrival, RunResult, drive, params
 
-POLICIES = ("fcfs", "sarathi", "llumnix", "neo", "omniserve")  # fcfs first: the baseline of the BE ratio
+from omniserve.bench.metrics import Slo
+from omniserve.bench.slos import budgeted_prefill, iteration_time, latency_chunk
+from omniserve.bench.workload import gamma_arrivals
+from omniserve.engine.scheduler.policy import POLICIES as ENGINE_POLICIES
+
+# fcfs first (the baseline of the BE ratio), omniserve last, the others in the engine's order.
+POLICIES = ("fcfs", *(p for p in ENGINE_POLICIES if p not in ("fcfs", "omniserve")), "omniserve")
 BLOCK_SIZE = 16
 MAX_MODEL_LEN = 2048
 
 
-# ------------------------------------------------------------------------------------------------------- helpers
-def core_busy_seconds() -> dict[int, float]:
-    """CPU seconds each core has been busy so far, by everything (steal time included); Linux only."""
-    busy = {}
-    with open("/proc/stat") as f:
-        for line in f:
-            if line.startswith("cpu") and line[3].isdigit():
-                name, *values = line.split()
-                ticks = [int(x) for x in values[:8]]  # user nice system idle iowait irq softirq steal
-                busy[int(name[3:])] = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
-    return busy
-
-
-class CpuMeter:
-    """Load that other processes put on the engine's core and on the pool's core: each core's busy time minus what
-    this process (pinned to the engine core) and the pool workers (pinned to the pool core) used there."""
-
-    def __init__(self, engine_core: int, pool_core: int, worker_pids: list[int]) -> None:
-        self.cores, self.pids = (engine_core, pool_core), worker_pids
-        self.start = self._sample()
-
-    def _sample(self) -> tuple[float, dict[int, float], float, float]:
-        workers = sum(proc_cpu_seconds(pid) for pid in self.pids)
-        return time.perf_counter(), core_busy_seconds(), proc_cpu_seconds(os.getpid()), workers
-
-    def shares(self) -> tuple[float, float, float]:
-        """Shares of the time since the start: other processes on the engine core, other processes on the pool core,
-        the pool workers."""
-        (t0, busy0, own0, workers0), (t1, busy1, own1, workers1) = self.start, self._sample()
-        engine_core, pool_core = self.cores
-        wall = max(t1 - t0, 1e-9)
-        engine = (busy1[engine_core] - busy0[engine_core]) - (own1 - own0)
-        pool = (busy1[pool_core] - busy0[pool_core]) - (workers1 - workers0)
-        return max(0.0, engine) / wall, max(0.0, pool) / wall, (workers1 - workers0) / wall
-
-
-def wait_for_quiet(limit_s: float, threshold: float = 0.1) -> tuple[float, float]:
-    """Waits (up to limit_s) until other processes use less than `threshold` of a core in all over 2 s, so that a
-    run starts on a quiet machine (others edit and test on it). Returns (seconds waited, their load in cores)."""
-    start = time.perf_counter()
-    while True:
-        busy0, own0 = sum(core_busy_seconds().values()), proc_cpu_seconds(os.getpid())
-        time.sleep(2.0)
-        load = max(0.0, sum(core_busy_seconds().values()) - busy0 - (proc_cpu_seconds(os.getpid()) - own0)) / 2.0
-        waited = time.perf_counter() - start
-        if load < threshold or waited >= limit_s:
-            return waited, load
-
-
-def table(cols: dict[str, str], body: list[dict[str, str]], sep: str, edge: str) -> list[str]:
-    widths = {k: max(len(v), *(len(str(r[k])) for r in body)) for k, v in cols.items()}
-    cells = [list(cols.values()), ["-" * widths[k] for k in cols]]
-    cells += [[str(r[k]) for k in cols] for r in body]
-    return [(edge + sep.join(c.ljust(widths[k]) for k, c in zip(cols, line)) + edge[::-1]).rstrip()
-            for line in cells]
-
-
 # ------------------------------------------------------------------------------------------------------ workload
-@dataclass(frozen=True)
-class Arrival:
-    at: float
-    """Seconds after the run starts."""
-    request_id: str
-    prompt: list[int]
-    max_tokens: int
-    service_class: str
-    """`ls` or `be`."""
-
-
 def poisson_times(rng: random.Random, rate: float, duration: float) -> list[float]:
-    times, t = [], 0.0
-    while rate > 0:
-        t += rng.expovariate(rate)
-        if t >= duration:
-            break
-        times.append(t)
-    return times
+    """Poisson arrivals in [0, duration); none at rate 0."""
+    return gamma_arrivals(rng, rate, duration) if rate > 0 else []
 
 
 def build_workload(tokenizer, texts: list[str], args: argparse.Namespace) -> list[Arrival]:
@@ -190,21 +125,6 @@ def build_workload(tokenizer, texts: list[str], args: argparse.Namespace) -> lis
 
 
 # -------------------------------------------------------------------------------------------------------- engines
-@dataclass(frozen=True)
-class Chunk:
-    """What the latency model reads of a scheduled chunk (see batch_shape_of_chunks)."""
-
-    token_ids: list[int]
-    start_position: int
-    sample: bool
-
-
-@dataclass(frozen=True)
-class Slo:
-    ttft: float
-    tpot: float
-
-
 def build_engine(policy: str, args: argparse.Namespace, slo: Slo):
     from omniserve.cpu_attention import PoolConfig
     from omniserve.engine.args import EngineArgs
@@ -218,12 +138,6 @@ def build_engine(policy: str, args: argparse.Namespace, slo: Slo):
     )
     pool_config = PoolConfig(num_workers=1, threads_per_worker=1, worker_cores=((args.pool_core,),))
     return LLMEngine(engine_args, pool_config=pool_config)
-
-
-def params(max_tokens: int, service_class: str):
-    from omniserve import SamplingParams
-
-    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, service_class=service_class)
 
 
 def drain(engine, limit_s: float = 120.0) -> list[float]:
@@ -265,10 +179,61 @@ def warm_up(engine, ls_prompt: list[int], be_prompt: list[int]) -> None:
     drain(engine)
 
 
-def calibrate(args: argparse.Namespace, texts: list[str]):
-    """SLOs from a lone LS request and the latency model. Returns (slo, explanation lines, tokenizer, latency)."""
-    from omniserve.engine.scheduler.latency_model import batch_shape_of_chunks
+# ---------------------------------------------------------------------------------------------------- calibration
+@dataclass(frozen=True)
+class Calibration:
+    """What the SLOs are set from: a lone LS request timed on an engine, and the latency model's predictions."""
 
+    build_s: float
+    prompt_len: int
+    context: int
+    """Context of the measured decode steps (the middle of the lone request's output)."""
+    decode_step: float
+    lone_prefill: float
+    """Measured seconds: a lone decode step, and the lone prompt's prefill (one chunk)."""
+    predicted_decode: float
+    predicted_prefill: float
+    chunks: list[tuple[int, float]]
+    """The budgeted prefill next to one LS decode: (tokens, scaled seconds) per chunk."""
+
+    @property
+    def scale(self) -> float:
+        """This machine's present speed against the profile's: measured / predicted lone decode."""
+        return self.decode_step / self.predicted_decode
+
+    @property
+    def budgeted(self) -> float:
+        return sum(seconds for _, seconds in self.chunks)
+
+
+def measure_lone_request(engine, prompt: list[int], out_len: int) -> tuple[float, float]:
+    """(prefill s, decode step s) of a lone LS request, medians of two runs after a warm-up one; the first two
+    decode steps after the prefill are left out."""
+    prefill_s, decode_s = [], []
+    for attempt in range(3):  # the first one warms up
+        engine.add_request(f"calibrate{attempt}", prompt, params(out_len, "ls"))
+        times = drain(engine)
+        if attempt:
+            prefill_s.append(sum(times[:-(out_len - 1)]))
+            decode_s += times[-(out_len - 1):][2:]
+    return statistics.median(prefill_s), statistics.median(decode_s)
+
+
+def budgeted_ls_prefill(latency, prompt_len: int, context: int, scale: float, max_chunk: int, tpot: float
+                        ) -> list[tuple[int, float]]:
+    """The longest LS prompt's prefill next to one LS decode, each chunk the largest that fits the TPOT SLO, with the
+    latency model scaled to this machine's present speed, as the scheduler's own running correction scales it."""
+    decode = latency_chunk(1, context - 1, True)
+
+    def chunk_time(start: int, count: int) -> float:
+        chunk = latency_chunk(count, start, start + count == prompt_len)
+        return scale * iteration_time(latency, [decode, chunk])
+
+    return budgeted_prefill(chunk_time, prompt_len, max_chunk, tpot, shrink=lambda count: count - 1)
+
+
+def calibrate(args: argparse.Namespace, texts: list[str]):
+    """SLOs from a lone LS request and the latency model. Returns (slo, explanation lines, tokenizer)."""
     waited, load = wait_for_quiet(args.quiet_wait)
     print(f"calibrating (waited {waited:.0f} s for a quiet machine; other load {load:.2f} cores)", file=sys.stderr,
           flush=True)
@@ -282,103 +247,41 @@ def calibrate(args: argparse.Namespace, texts: list[str]):
     prompt = tokenizer.encode("\n\n".join(texts[:50])[: 8 * args.ls_max_prompt], add_special_tokens=False)
     prompt = prompt[: args.ls_max_prompt]
     out_len = 32
-    prefill_s, decode_s = [], []
-    for attempt in range(3):  # the first one warms up
-        engine.add_request(f"calibrate{attempt}", prompt, params(out_len, "ls"))
-        times = drain(engine)
-        if attempt:
-            prefill_s.append(sum(times[:-(out_len - 1)]))
-            decode_s += times[-(out_len - 1):][2:]
+    lone_prefill, decode_step = measure_lone_request(engine, prompt, out_len)
     engine.shutdown()
-    decode_step = statistics.median(decode_s)
-    lone_prefill = statistics.median(prefill_s)
     context = len(prompt) + out_len // 2
-    decode_row = Chunk([0], context - 1, True)
-    predicted_decode = latency.iteration_time(batch_shape_of_chunks([decode_row]))
+    predicted_decode = iteration_time(latency, [latency_chunk(1, context - 1, True)])
     tpot = args.tpot_factor * decode_step
+    chunks = budgeted_ls_prefill(latency, len(prompt), context, decode_step / predicted_decode,
+                                 args.max_num_batched_tokens, tpot)
+    calibration = Calibration(build_s, len(prompt), context, decode_step, lone_prefill, predicted_decode,
+                              iteration_time(latency, [latency_chunk(len(prompt), 0, True)]), chunks)
+    slo = Slo(ttft=args.ttft_factor * calibration.budgeted, tpot=tpot)
+    return slo, calibration_lines(args, calibration, latency, slo), tokenizer
 
-    # Prefill of the longest LS prompt next to one LS decode, each chunk the largest that fits the TPOT SLO, with the
-    # latency model scaled to this machine's present speed (measured / predicted lone decode), as the scheduler's
-    # own running correction scales it.
-    scale = decode_step / predicted_decode
 
-    def chunk_time(start: int, count: int) -> float:
-        chunk = Chunk([0] * count, start, start + count == len(prompt))
-        return scale * latency.iteration_time(batch_shape_of_chunks([decode_row, chunk]))
-
-    start, chunks, budgeted = 0, [], 0.0
-    while start < len(prompt):
-        count = min(len(prompt) - start, args.max_num_batched_tokens)
-        while count > 1 and chunk_time(start, count) > tpot:
-            count -= 1
-        chunks.append(count)
-        budgeted += chunk_time(start, count)
-        start += count
-    ttft = args.ttft_factor * budgeted
-    predicted_prefill = latency.iteration_time(batch_shape_of_chunks([Chunk([0] * len(prompt), 0, True)]))
-    lines = [
-        f"calibration (engine built in {build_s:.1f} s, latency model: "
+def calibration_lines(args: argparse.Namespace, c: Calibration, latency, slo: Slo) -> list[str]:
+    return [
+        f"calibration (engine built in {c.build_s:.1f} s, latency model: "
         f"{latency.metadata.get('created', '?')}, {latency.metadata.get('measurements', '?')} measurements): "
-        f"a lone LS decode step at context {context} takes {decode_step * 1e3:.1f} ms measured "
-        f"(latency model: {predicted_decode * 1e3:.1f} ms = {predicted_decode / decode_step:.2f}x measured); "
-        f"a lone {len(prompt)}-token LS prefill takes {lone_prefill * 1e3:.0f} ms measured as one chunk (latency "
-        f"model: {predicted_prefill * 1e3:.0f} ms = {predicted_prefill / lone_prefill:.2f}x measured); the "
+        f"a lone LS decode step at context {c.context} takes {c.decode_step * 1e3:.1f} ms measured "
+        f"(latency model: {c.predicted_decode * 1e3:.1f} ms = {c.predicted_decode / c.decode_step:.2f}x measured); "
+        f"a lone {c.prompt_len}-token LS prefill takes {c.lone_prefill * 1e3:.0f} ms measured as one chunk (latency "
+        f"model: {c.predicted_prefill * 1e3:.0f} ms = {c.predicted_prefill / c.lone_prefill:.2f}x measured); the "
         f"profile's own held-out median/p90 relative errors: " + ", ".join(
             f"{name} {a.get('median_rel_error', float('nan')):.2f}/{a.get('p90_rel_error', float('nan')):.2f}"
             for name, a in latency.accuracy.items()),
-        f"TPOT SLO = {args.tpot_factor:g} x the measured lone decode step = {tpot * 1e3:.1f} ms (the iteration budget "
-        f"of the time-budgeted policies)",
-        f"TTFT SLO = {args.ttft_factor:g} x {budgeted * 1e3:.0f} ms = {ttft * 1e3:.0f} ms, where {budgeted * 1e3:.0f} "
-        f"ms is the latency model's time (scaled by {scale:.2f}, measured/predicted lone decode) to prefill the "
-        f"longest LS prompt ({len(prompt)} tokens) next to one LS "
-        f"decode in {len(chunks)} chunks that each fit the TPOT SLO ({chunks[0]} tokens first); that is "
-        f"{ttft / lone_prefill:.1f}x the measured lone one-chunk prefill",
+        f"TPOT SLO = {args.tpot_factor:g} x the measured lone decode step = {slo.tpot * 1e3:.1f} ms (the iteration "
+        f"budget of the time-budgeted policies)",
+        f"TTFT SLO = {args.ttft_factor:g} x {c.budgeted * 1e3:.0f} ms = {slo.ttft * 1e3:.0f} ms, where "
+        f"{c.budgeted * 1e3:.0f} ms is the latency model's time (scaled by {c.scale:.2f}, measured/predicted lone "
+        f"decode) to prefill the longest LS prompt ({c.prompt_len} tokens) next to one LS decode in {len(c.chunks)} "
+        f"chunks that each fit the TPOT SLO ({c.chunks[0][0]} tokens first); that is "
+        f"{slo.ttft / c.lone_prefill:.1f}x the measured lone one-chunk prefill",
     ]
-    return Slo(ttft=ttft, tpot=tpot), lines, tokenizer, latency
 
 
 # ---------------------------------------------------------------------------------------------------------- runs
-@dataclass
-class RunResult:
-    policy: str
-    ls_total: int
-    ls_attained: int
-    ls_ttft_ok: int
-    ls_tpot_ok: int
-    ls_rejected: int
-    ls_cut: int
-    ttft_ratios: list[float]
-    tpot_ratios: list[float]
-    be_tokens_in_window: int
-    be_tps: float
-    be_finished: int
-    be_total: int
-    preemptions: int
-    swap_outs: int
-    swap_ins: int
-    rejected_counter: int
-    steps: int
-    ls_steps: int
-    ls_steps_over: int
-    worst_ls_step: float
-    """Slowest step while an LS request was decoding, in seconds."""
-    measured_over_predicted: list[float]
-    add_lag: list[float]
-    """Seconds between a request's scheduled arrival and its add_request (a step was running)."""
-    wall_s: float
-    others_engine_core: float
-    """Share of the timed run that other processes held the engine's core."""
-    others_pool_core: float
-    pool_busy: float
-    """Share of the timed run the pool workers were on a core."""
-    recomputed: int
-    """Prefill tokens computed again after a preemption (the work preemption throws away)."""
-    quiet_wait: tuple[float, float]
-    """Seconds waited for a quiet machine before the run, and the others' load then (cores)."""
-    integrity: str
-    ls_tokens: dict[str, list[int]] = field(default_factory=dict)
-
-
 def run_policy(policy: str, workload: list[Arrival], args: argparse.Namespace, slo: Slo) -> RunResult:
     quiet = wait_for_quiet(args.quiet_wait)
     engine = build_engine(policy, args, slo)
@@ -397,165 +300,6 @@ def run_policy(policy: str, workload: list[Arrival], args: argparse.Namespace, s
     gc.collect()
     result.quiet_wait = quiet
     return result
-
-
-def drive(engine, policy: str, workload: list[Arrival], args: argparse.Namespace, slo: Slo, trace) -> RunResult:
-    scheduler = engine.scheduler
-    counters0 = (scheduler.num_preemptions, scheduler.num_swap_outs, scheduler.num_swap_ins, scheduler.num_rejected)
-    predicted: list[float | None] = [None]
-    execute = engine.runner.execute
-
-    last_plan = [None]
-    computed: dict[str, int] = {}  # request id -> the furthest position ever in its KV
-    recomputed = [0]
-
-    def execute_noting_prediction(plan):  # on the instance: what the scheduler predicted for this step
-        predicted[0] = plan.predicted_time if plan.chunks or plan.offloaded_starts or plan.returning else None
-        last_plan[0] = plan
-        for chunk in plan.chunks:
-            start, end = chunk.start_position, chunk.start_position + len(chunk.token_ids)
-            furthest = computed.get(chunk.request_id, 0)
-            recomputed[0] += max(0, min(end, furthest) - start)
-            computed[chunk.request_id] = max(furthest, end)
-        return execute(plan)
-
-    engine.runner.execute = execute_noting_prediction
-
-    kind = {a.request_id: a.service_class for a in workload}
-    arrival = {a.request_id: a.at for a in workload}
-    ls_ids = [a.request_id for a in workload if a.service_class == "ls"]
-    pending = deque(workload)
-    first: dict[str, float] = {}
-    last: dict[str, float] = {}
-    seen: dict[str, int] = {}
-    reason: dict[str, str] = {}
-    tokens: dict[str, list[int]] = {}
-    be_tokens_in_window = 0
-    be_finished_in_window = 0
-    decoding_ls: set[str] = set()
-    steps = ls_steps = ls_steps_over = 0
-    worst_ls_step = 0.0
-    ratios: list[float] = []
-    add_lag: list[float] = []
-    added: list[str] = []
-    cut = False
-
-    pids = [pid for pid in engine.cpu_pool.worker_pids() if pid] if engine.cpu_pool is not None else []
-    meter = CpuMeter(args.engine_core, args.pool_core, pids)
-    start = time.perf_counter()
-    while True:
-        now = time.perf_counter() - start
-        while pending and pending[0].at <= now:
-            a = pending.popleft()
-            engine.add_request(a.request_id, a.prompt, params(a.max_tokens, a.service_class))
-            added.append(a.request_id)
-            add_lag.append(now - a.at)
-        ls_open = [rid for rid in ls_ids if rid not in reason]
-        if not pending and not ls_open and now >= args.duration:
-            break  # arrival window over, every LS request ended: BE requests still running are aborted below
-        if now >= args.duration + args.drain:
-            cut = True
-            break
-        if not engine.has_unfinished_requests():
-            if not pending:
-                break
-            time.sleep(max(0.0, min(pending[0].at - now, args.duration - now if now < args.duration else 1.0)))
-            continue
-        ls_was_decoding = bool(decoding_ls)
-        predicted[0] = None
-        if trace is not None:
-            side0, worker0 = side_thread_cpu_seconds(), sum(proc_cpu_seconds(pid) for pid in pids)
-        t0 = time.perf_counter()
-        outputs = engine.step()
-        t1 = time.perf_counter()
-        elapsed, stamp = t1 - t0, t1 - start
-        steps += 1
-        if ls_was_decoding:
-            ls_steps += 1
-            ls_steps_over += elapsed > slo.tpot
-            worst_ls_step = max(worst_ls_step, elapsed)
-        if predicted[0]:
-            ratios.append(elapsed / predicted[0])
-        if trace is not None and last_plan[0] is not None:
-            plan = last_plan[0]
-            trace.write(json.dumps({
-                "policy": policy, "t": round(stamp, 4), "step_ms": round(elapsed * 1e3, 2),
-                "predicted_ms": None if plan.predicted_time is None else round(plan.predicted_time * 1e3, 2),
-                "budget_ms": None if plan.time_budget is None else round(plan.time_budget * 1e3, 2),
-                "ls_decoding": ls_was_decoding, "rows": plan.num_tokens,
-                "chunks": [(c.request_id, len(c.token_ids), c.start_position) for c in plan.chunks],
-                "offloaded_starts": len(plan.offloaded_starts), "returning": len(plan.returning),
-                "swap_outs": [t.request_id for t in plan.swap_outs], "swap_ins": [t.request_id for t in plan.swap_ins],
-                "rejected": plan.rejected, "waiting": len(scheduler.waiting), "running": len(scheduler.running),
-                "offloaded": len(scheduler.offloaded), "free_pages": engine.allocator.num_free,
-                "side_threads_ms": round((side_thread_cpu_seconds() - side0) * 1e3, 1),
-                "worker_ms": round((sum(proc_cpu_seconds(pid) for pid in pids) - worker0) * 1e3, 1),
-            }) + "\n")
-        last_plan[0] = None
-        for out in outputs:
-            rid, completion = out.request_id, out.outputs[0]
-            new = len(completion.token_ids) - seen.get(rid, 0)
-            seen[rid] = len(completion.token_ids)
-            if new > 0:
-                if rid not in first:
-                    first[rid] = stamp
-                    if kind[rid] == "ls":
-                        decoding_ls.add(rid)
-                last[rid] = stamp
-                if kind[rid] == "be" and stamp <= args.duration:
-                    be_tokens_in_window += new
-            if out.finished:
-                reason[rid] = completion.finish_reason
-                tokens[rid] = list(completion.token_ids)
-                decoding_ls.discard(rid)
-                if kind[rid] == "be" and completion.finish_reason == "length" and stamp <= args.duration:
-                    be_finished_in_window += 1
-    end = time.perf_counter() - start
-    others_engine_core, others_pool_core, pool_busy = meter.shares()
-    for rid in added:
-        if rid not in reason:
-            engine.abort_request(rid)
-    integrity = "ok"
-    try:
-        engine.check_integrity()
-    except AssertionError as exc:
-        integrity = f"FAILED: {exc}"
-    engine.runner.execute = execute
-
-    ttft_ratios, tpot_ratios = [], []
-    attained = ttft_ok = tpot_ok = rejected = ls_cut = 0
-    for rid in ls_ids:
-        if reason.get(rid) == "rejected":
-            rejected += 1
-            continue
-        if rid not in reason:
-            ls_cut += 1
-        ttft = (first[rid] if rid in first else end) - arrival[rid]  # no first token yet: a lower bound
-        ttft_ratios.append(ttft / slo.ttft)
-        n = seen.get(rid, 0)
-        tpot = (last[rid] - first[rid]) / (n - 1) if n >= 2 else None
-        if tpot is not None:
-            tpot_ratios.append(tpot / slo.tpot)
-        good_ttft = rid in first and ttft <= slo.ttft
-        good_tpot = reason.get(rid) == "length" and tpot is not None and tpot <= slo.tpot
-        ttft_ok += good_ttft
-        tpot_ok += good_tpot
-        attained += good_ttft and good_tpot
-    be_total = sum(1 for a in workload if a.service_class == "be")
-    return RunResult(
-        policy=policy, ls_total=len(ls_ids), ls_attained=attained, ls_ttft_ok=ttft_ok, ls_tpot_ok=tpot_ok,
-        ls_rejected=rejected, ls_cut=ls_cut, ttft_ratios=ttft_ratios, tpot_ratios=tpot_ratios,
-        be_tokens_in_window=be_tokens_in_window, be_tps=be_tokens_in_window / args.duration,
-        be_finished=be_finished_in_window, be_total=be_total,
-        preemptions=scheduler.num_preemptions - counters0[0], swap_outs=scheduler.num_swap_outs - counters0[1],
-        swap_ins=scheduler.num_swap_ins - counters0[2], rejected_counter=scheduler.num_rejected - counters0[3],
-        steps=steps, ls_steps=ls_steps, ls_steps_over=ls_steps_over, worst_ls_step=worst_ls_step,
-        measured_over_predicted=ratios, add_lag=add_lag, wall_s=end,
-        others_engine_core=others_engine_core, others_pool_core=others_pool_core, pool_busy=pool_busy,
-        recomputed=recomputed[0], quiet_wait=(0.0, 0.0),
-        integrity=integrity + ("; cut at the drain limit" if cut else ""),
-        ls_tokens={rid: tokens[rid] for rid in ls_ids if reason.get(rid) == "length"},
-    )
 
 
 # ----------------------------------------------------------------------------------------------------- reporting
@@ -582,51 +326,51 @@ def compare_ls_tokens(results: list[RunResult]) -> tuple[int, int, list[str]]:
     return compared, identical, differences
 
 
-def summary_rows(
-    results: dict[str, list[RunResult]], baseline: dict[int, float], slo: Slo
-) -> tuple[list[dict], list[dict]]:
-    rows, details = [], []
-    for policy, runs in results.items():
-        share = lambda attr: [getattr(r, attr) / r.ls_total for r in runs if r.ls_total]  # noqa: E731
-        rows.append({
-            "policy": policy,
-            "ls": spread([r.ls_total for r in runs], "{:.0f}"),
-            "attain": spread(share("ls_attained"), "{:.0%}"),
-            "ttft_ok": spread(share("ls_ttft_ok"), "{:.0%}"),
-            "tpot_ok": spread(share("ls_tpot_ok"), "{:.0%}"),
-            "rejected": spread([r.ls_rejected for r in runs], "{:.0f}"),
-            "cut": spread([r.ls_cut for r in runs], "{:.0f}"),
-            "ttft50": spread([percentile(r.ttft_ratios, 50) for r in runs]),
-            "ttft99": spread([percentile(r.ttft_ratios, 99) for r in runs]),
-            "tpot50": spread([percentile(r.tpot_ratios, 50) for r in runs]),
-            "tpot99": spread([percentile(r.tpot_ratios, 99) for r in runs]),
-            "be_tps": spread([r.be_tps for r in runs], "{:.1f}"),
-            "be_ratio": spread([r.be_tps / baseline[i] if baseline.get(i) else float("nan")
-                                for i, r in enumerate(runs)]) + "x",
-            "be_done": spread([r.be_finished for r in runs], "{:.0f}") + f"/{runs[0].be_total}",
-            "preempt": spread([r.preemptions for r in runs], "{:.0f}"),
-            "recomputed": spread([r.recomputed for r in runs], "{:.0f}"),
-            "swaps": f"{spread([r.swap_outs for r in runs], '{:.0f}')}/{spread([r.swap_ins for r in runs], '{:.0f}')}",
-        })
-        details.append({
-            "policy": policy,
-            "steps": spread([r.steps for r in runs], "{:.0f}"),
-            "ls_steps": spread([r.ls_steps for r in runs], "{:.0f}"),
-            "over": spread([r.ls_steps_over for r in runs], "{:.0f}"),
-            "over_share": spread([r.ls_steps_over / r.ls_steps if r.ls_steps else float("nan") for r in runs],
-                                 "{:.0%}"),
-            "worst": spread([r.worst_ls_step / slo.tpot for r in runs]),
-            "mop50": spread([percentile(r.measured_over_predicted, 50) for r in runs]),
-            "mop90": spread([percentile(r.measured_over_predicted, 90) for r in runs]),
-            "lag": spread([percentile(r.add_lag, 99) * 1e3 for r in runs], "{:.0f}"),
-            "rej": spread([r.rejected_counter for r in runs], "{:.0f}"),
-            "wall": spread([r.wall_s for r in runs], "{:.1f}"),
-            "pool": spread([r.pool_busy for r in runs], "{:.0%}"),
-            "others": spread([r.others_engine_core for r in runs], "{:.0%}") + " / "
-            + spread([r.others_pool_core for r in runs], "{:.0%}"),
-            "integrity": "; ".join(sorted({r.integrity for r in runs})),
-        })
-    return rows, details
+def summary_row(policy: str, runs: list[RunResult], baseline: dict[int, float]) -> dict[str, str]:
+    share = lambda attr: [getattr(r.ls, attr) / r.ls.total for r in runs if r.ls.total]  # noqa: E731
+    counts = lambda values: spread(values, "{:.0f}")  # noqa: E731
+    return {
+        "policy": policy,
+        "ls": counts([r.ls.total for r in runs]),
+        "attain": spread(share("attained"), "{:.0%}"),
+        "ttft_ok": spread(share("ttft_ok"), "{:.0%}"),
+        "tpot_ok": spread(share("tpot_ok"), "{:.0%}"),
+        "rejected": counts([r.ls.rejected for r in runs]),
+        "cut": counts([r.ls.cut for r in runs]),
+        "ttft50": spread([percentile(r.ls.ttft_ratios, 50) for r in runs]),
+        "ttft99": spread([percentile(r.ls.ttft_ratios, 99) for r in runs]),
+        "tpot50": spread([percentile(r.ls.tpot_ratios, 50) for r in runs]),
+        "tpot99": spread([percentile(r.ls.tpot_ratios, 99) for r in runs]),
+        "be_tps": spread([r.be_tps for r in runs], "{:.1f}"),
+        "be_ratio": spread([r.be_tps / baseline[i] if baseline.get(i) else float("nan")
+                            for i, r in enumerate(runs)]) + "x",
+        "be_done": counts([r.be_finished for r in runs]) + f"/{runs[0].be_total}",
+        "preempt": counts([r.counters.preemptions for r in runs]),
+        "recomputed": counts([r.recomputed for r in runs]),
+        "swaps": f"{counts([r.counters.swap_outs for r in runs])}/{counts([r.counters.swap_ins for r in runs])}",
+    }
+
+
+def detail_row(policy: str, runs: list[RunResult], slo: Slo) -> dict[str, str]:
+    steps = [r.steps for r in runs]
+    counts = lambda values: spread(values, "{:.0f}")  # noqa: E731
+    return {
+        "policy": policy,
+        "steps": counts([s.steps for s in steps]),
+        "ls_steps": counts([s.ls_steps for s in steps]),
+        "over": counts([s.ls_steps_over for s in steps]),
+        "over_share": spread([s.ls_steps_over / s.ls_steps if s.ls_steps else float("nan") for s in steps], "{:.0%}"),
+        "worst": spread([s.worst_ls_step / slo.tpot for s in steps]),
+        "mop50": spread([percentile(s.measured_over_predicted, 50) for s in steps]),
+        "mop90": spread([percentile(s.measured_over_predicted, 90) for s in steps]),
+        "lag": spread([percentile(r.add_lag, 99) * 1e3 for r in runs], "{:.0f}"),
+        "rej": counts([r.counters.rejected for r in runs]),
+        "wall": spread([r.wall_s for r in runs], "{:.1f}"),
+        "pool": spread([r.pool_busy for r in runs], "{:.0%}"),
+        "others": spread([r.others_engine_core for r in runs], "{:.0%}") + " / "
+        + spread([r.others_pool_core for r in runs], "{:.0%}"),
+        "integrity": "; ".join(sorted({r.integrity for r in runs})),
+    }
 
 
 COLUMNS = {
@@ -646,7 +390,7 @@ DETAIL_COLUMNS = {
 
 
 # ---------------------------------------------------------------------------------------------------------- main
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES),
                         help="policies to run (fcfs is the BE baseline; without it there is no BE ratio)")
@@ -687,7 +431,11 @@ def main() -> None:
         parser.error(f"a BE request must fit max_model_len {MAX_MODEL_LEN}")
     if math.ceil((args.be_prompt[1] + args.be_output_len) / BLOCK_SIZE) > args.kv_pages:
         parser.error("the longest BE request does not fit --kv-pages")
+    return args
 
+
+def set_up(args: argparse.Namespace) -> list[str]:
+    """Pins this process, seeds, and returns the command and machine lines of the report."""
     os.sched_setaffinity(0, {args.engine_core})  # before torch starts any thread; spawned workers inherit it
     os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars of model loading and profiling
     if args.trace is not None:
@@ -697,27 +445,19 @@ def main() -> None:
     torch.set_num_threads(1)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-
-    command = shlex.join(["python", *sys.argv])
-    cpu = cpu_model()
-    info = [
-        f"command: `{command}` (omniserve at commit {git_revision()})",
-        f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, python {platform.python_version()}; "
-        f"engine pinned to core {args.engine_core} with 1 torch thread, CPU attention pool: 1 worker with 1 thread "
-        f"pinned to core {args.pool_core}",
+    return [
+        f"command: `{command_line()}` (omniserve at commit {git_revision()})",
+        f"machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, python "
+        f"{platform.python_version()}; engine pinned to core {args.engine_core} with 1 torch thread, CPU attention "
+        f"pool: 1 worker with 1 thread pinned to core {args.pool_core}",
     ]
-    print("\n".join(info), flush=True)
 
-    texts = shuffled_texts(SHAREGPT_500, args.seed)
-    if texts is None:
-        raise SystemExit(f"{SHAREGPT_500} is missing: this benchmark needs ShareGPT prompts")
-    slo, slo_lines, tokenizer, latency = calibrate(args, texts)
-    print("\n".join(slo_lines), flush=True)
-    workload = build_workload(tokenizer, texts, args)
+
+def workload_line(args: argparse.Namespace, workload: list[Arrival]) -> str:
     ls = [a for a in workload if a.service_class == "ls"]
     be = [a for a in workload if a.service_class == "be"]
     be_pages = sum(math.ceil((len(a.prompt) + a.max_tokens) / BLOCK_SIZE) for a in be)
-    workload_line = (
+    return (
         f"workload (seed {args.seed}): {len(ls)} LS requests, Poisson {args.ls_rate:g}/s over {args.duration:g} s, "
         f"ShareGPT prompts of {min(len(a.prompt) for a in ls)}-{max(len(a.prompt) for a in ls)} tokens (median "
         f"{statistics.median(len(a.prompt) for a in ls):.0f}), {args.ls_output[0]}-{args.ls_output[1]} output tokens; "
@@ -729,50 +469,66 @@ def main() -> None:
         f"(the BE requests alone need {be_pages}: {be_pages / args.kv_pages:.1f}x the cache); a run ends when every "
         f"LS request has ended after the window (BE aborted), or is cut at {args.duration + args.drain:g} s"
     )
-    print(workload_line, flush=True)
 
+
+def run_all(args: argparse.Namespace, workload: list[Arrival], slo: Slo) -> dict[str, list[RunResult]]:
+    """--repeats runs of every policy, a fresh engine each; the order reversed every other repeat."""
     results: dict[str, list[RunResult]] = {p: [] for p in args.policies}
     for repeat in range(args.repeats):
         order = args.policies if repeat % 2 == 0 else args.policies[::-1]
         for policy in order:
             r = run_policy(policy, workload, args, slo)
             results[policy].append(r)
-            print(f"repeat {repeat + 1}/{args.repeats} {policy}: LS attained {r.ls_attained}/{r.ls_total} "
-                  f"(rejected {r.ls_rejected}, cut {r.ls_cut}), TTFT p99 {percentile(r.ttft_ratios, 99):.2f}x SLO, "
-                  f"TPOT p99 {percentile(r.tpot_ratios, 99):.2f}x SLO, BE {r.be_tps:.1f} tok/s, "
-                  f"{r.preemptions} preemptions, {r.swap_outs}/{r.swap_ins} swap-outs/ins, "
-                  f"{r.ls_steps_over}/{r.ls_steps} LS steps over budget, run {r.wall_s:.0f} s, {r.integrity}; "
-                  f"waited {r.quiet_wait[0]:.0f} s for quiet, others then held the engine core "
+            print(f"repeat {repeat + 1}/{args.repeats} {policy}: LS attained {r.ls.attained}/{r.ls.total} "
+                  f"(rejected {r.ls.rejected}, cut {r.ls.cut}), TTFT p99 {percentile(r.ls.ttft_ratios, 99):.2f}x "
+                  f"SLO, TPOT p99 {percentile(r.ls.tpot_ratios, 99):.2f}x SLO, BE {r.be_tps:.1f} tok/s, "
+                  f"{r.counters.preemptions} preemptions, {r.counters.swap_outs}/{r.counters.swap_ins} swap-outs/ins, "
+                  f"{r.steps.ls_steps_over}/{r.steps.ls_steps} LS steps over budget, run {r.wall_s:.0f} s, "
+                  f"{r.integrity}; waited {r.quiet_wait[0]:.0f} s for quiet, others then held the engine core "
                   f"{r.others_engine_core:.0%} and the pool core {r.others_pool_core:.0%} of the run",
                   file=sys.stderr, flush=True)
+    return results
 
+
+def report(args: argparse.Namespace, info: list[str], results: dict[str, list[RunResult]], slo: Slo) -> None:
     baseline = {i: r.be_tps for i, r in enumerate(results.get("fcfs", []))}
-    rows, details = summary_rows(results, baseline, slo)
+    tables = [(COLUMNS, [summary_row(p, runs, baseline) for p, runs in results.items()]),
+              (DETAIL_COLUMNS, [detail_row(p, runs, slo) for p, runs in results.items()])]
     all_runs = [r for runs in results.values() for r in runs]
     compared, identical, differences = compare_ls_tokens(all_runs)
     interference = max(r.others_engine_core for r in all_runs)
     same = f"{identical}/{compared} identical" + ("" if identical == compared else " (MISMATCH)")
-    info += [*slo_lines, workload_line,
-             f"{args.repeats} run(s) per policy, a fresh engine each with a short warm-up; "
-             + ("median [min-max]; " if args.repeats > 1 else "")
-             + f"before each run the script waited up to {args.quiet_wait:g} s for other processes to go quiet "
-             f"(longest wait {max(r.quiet_wait[0] for r in all_runs):.0f} s); during the runs they held the engine's "
-             f"core up to {interference:.0%} of the time",
-             f"correctness: greedy tokens of LS requests that finished under several policies/repeats: {same}"]
-    lines = ["", *info[-2:], "", *table(COLUMNS, rows, "  ", ""), "", *table(DETAIL_COLUMNS, details, "  ", "")]
+    info = [*info,
+            f"{args.repeats} run(s) per policy, a fresh engine each with a short warm-up; "
+            + ("median [min-max]; " if args.repeats > 1 else "")
+            + f"before each run the script waited up to {args.quiet_wait:g} s for other processes to go quiet "
+            f"(longest wait {max(r.quiet_wait[0] for r in all_runs):.0f} s); during the runs they held the engine's "
+            f"core up to {interference:.0%} of the time",
+            f"correctness: greedy tokens of LS requests that finished under several policies/repeats: {same}"]
+    print_report(info[-2:], tables)
     if differences:
-        lines += ["", "LS token differences:", *differences[:20]]
-    print("\n".join(lines), flush=True)
+        print("\n".join(["", "LS token differences:", *differences[:20]]))
     if interference > 0.05:
         print(f"warning: other processes held the engine's core up to {interference:.0%} of a run's time",
               file=sys.stderr)
-    if args.markdown:
-        section = ["## omniserve scheduling policies on one LS + BE workload", ""] + [f"- {line}" for line in info]
-        section += ["", *table(COLUMNS, rows, " | ", "| "), "", *table(DETAIL_COLUMNS, details, " | ", "| ")]
-        if differences:
-            section += ["", "LS token differences:", "", *[f"- {d}" for d in differences[:20]]]
-        args.markdown.write_text("\n".join(section) + "\n")
-        print(f"\nwrote {args.markdown}")
+    extra = ["", "LS token differences:", "", *[f"- {d}" for d in differences[:20]]] if differences else []
+    write_markdown(args.markdown, "omniserve scheduling policies on one LS + BE workload", info, tables, extra)
+
+
+def main() -> None:
+    args = parse_args()
+    info = set_up(args)
+    print("\n".join(info), flush=True)
+    texts = shuffled_texts(SHAREGPT_500, args.seed)
+    if texts is None:
+        raise SystemExit(f"{SHAREGPT_500} is missing: this benchmark needs ShareGPT prompts")
+    slo, slo_lines, tokenizer = calibrate(args, texts)
+    print("\n".join(slo_lines), flush=True)
+    workload = build_workload(tokenizer, texts, args)
+    workload_text = workload_line(args, workload)
+    print(workload_text, flush=True)
+    results = run_all(args, workload, slo)
+    report(args, [*info, *slo_lines, workload_text], results, slo)
 
 
 if __name__ == "__main__":

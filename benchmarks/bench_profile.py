@@ -32,9 +32,11 @@ import random
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from bench_common import percentile
 
 from omniserve.cpu_attention import PoolConfig
 from omniserve.engine.runner import ModelRunner
@@ -50,15 +52,6 @@ PAGE_SIZE = 16
 GREEDY = SamplingParams(temperature=0.0, max_tokens=1 << 20)
 KINDS = ("decode", "prefill", "later-chunk", "mixed")
 LARGE_GATHER_BYTES = 32 << 20
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile (numpy's default)."""
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100
-    low = math.floor(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
 # ------------------------------------------------------------------------------------------------------ workload
@@ -127,7 +120,7 @@ def print_profile(latency: LatencyModel) -> None:
           f"token + {latency.cpu_attention.slopes[1] * 1e6:.1f} us/row")
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-num-tokens", type=int, default=2048, help="rows per iteration (profiled range)")
     parser.add_argument("--max-context", type=int, default=4096, help="longest context profiled and planned")
@@ -139,8 +132,80 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", type=Path, default=None, help="also write the profile here")
     parser.add_argument("--quiet", action="store_true", help="no per-plan lines")
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def build_runner(config, model, device: torch.device, dtype: torch.dtype, max_kv_tokens: int
+                 ) -> tuple[ModelRunner, PageTable, PageAllocator]:
+    """The runner, built as the engine builds it, over a KV pool that holds one plan. Its pages hold random values:
+    never-touched pages would read as the kernel's shared zero page, far faster than real KV."""
+    num_pages = max_kv_tokens // PAGE_SIZE + 64 * 2
+    pool = PagePool(config, num_pages, PAGE_SIZE, device, dtype)
+    for tensor in pool.k + pool.v:
+        tensor.normal_()
+    allocator = PageAllocator(num_pages)
+    return ModelRunner(model, pool, device), PageTable(allocator, PAGE_SIZE), allocator
+
+
+@dataclass
+class Accuracy:
+    """Measured and predicted seconds of every plan, and the relative errors by kind of plan and by the size of
+    the decode gather."""
+
+    measured: list[float] = field(default_factory=list)
+    predicted: list[float] = field(default_factory=list)
+    by_kind: dict[str, list[float]] = field(default_factory=lambda: {kind: [] for kind in KINDS})
+    by_gather: dict[str, list[float]] = field(default_factory=lambda: {"gather <= 32 MiB": [], "gather > 32 MiB": []})
+
+
+def time_plans(args: argparse.Namespace, latency: LatencyModel, runner: ModelRunner, page_table: PageTable, config,
+               dtype: torch.dtype, rng: random.Random, max_context: int) -> Accuracy:
+    """Executes each synthetic plan and sets its time against the latency model's (printed per plan unless
+    --quiet)."""
+    if not args.quiet:
+        print(f"{'kind':<12}{'rows':>6}{'decodes':>8}{'decode ctx':>11}{'padded':>8}{'prefill inter.':>15}"
+              f"{'measured ms':>13}{'predicted ms':>14}{'pred/meas':>11}")
+    accuracy = Accuracy()
+    bytes_per_token = 2 * config.kv_size * torch.empty((), dtype=dtype).element_size()
+    for index, (kind, spans) in enumerate(synthesise_plans(args.plans, rng, args.max_num_tokens, max_context,
+                                                           args.max_kv_tokens)):
+        plan = build_plan(spans, page_table, config.vocab_size, rng, index)
+        shape = batch_shape_of_chunks(plan.chunks)
+        measured = time_execute(runner, plan, args.repeats)
+        predicted = latency.iteration_time(shape)
+        # The CPU decode path gathers every decode row's keys up to the longest context: what it really reads.
+        decode_contexts = [c.start_position + 1 for c in plan.chunks if len(c.token_ids) == 1]
+        padded = len(decode_contexts) * max(decode_contexts, default=0)
+        for chunk in plan.chunks:
+            page_table.release(chunk.request_id)
+        accuracy.measured.append(measured)
+        accuracy.predicted.append(predicted)
+        accuracy.by_kind[kind] += relative_errors([predicted], [measured])
+        large = padded * bytes_per_token > LARGE_GATHER_BYTES
+        accuracy.by_gather["gather > 32 MiB" if large else "gather <= 32 MiB"] += relative_errors([predicted],
+                                                                                                  [measured])
+        if not args.quiet:
+            print(f"{kind:<12}{shape.num_rows:>6}{shape.num_decodes:>8}{shape.decode_context:>11}{padded:>8}"
+                  f"{shape.prefill_interactions:>15}{measured * 1e3:>13.2f}{predicted * 1e3:>14.2f}"
+                  f"{predicted / measured:>11.3f}")
+    return accuracy
+
+
+def print_accuracy(accuracy: Accuracy) -> None:
+    print(f"\n{'plans':<18}{'median rel. error':>19}{'p90 rel. error':>16}{'plans':>7}")
+    for kind, errors in (accuracy.by_kind | accuracy.by_gather).items():
+        if errors:
+            print(f"{kind:<18}{statistics.median(errors):>19.3f}{percentile(errors, 90):>16.3f}{len(errors):>7}")
+    overall = accuracy_summary(accuracy.predicted, accuracy.measured)
+    errors = relative_errors(accuracy.predicted, accuracy.measured)
+    print(f"{'all':<18}{overall['median_rel_error']:>19.3f}{percentile(errors, 90):>16.3f}{len(errors):>7}")
+    ratios = [p / m for p, m in zip(accuracy.predicted, accuracy.measured)]
+    print(f"predicted/measured: median {statistics.median(ratios):.3f}, range {min(ratios):.3f}-{max(ratios):.3f}; "
+          f"goal p90 relative error < 0.10: {'met' if percentile(errors, 90) < 0.10 else 'MISSED'}")
+
+
+def main() -> None:
+    args = parse_args()
     os.sched_setaffinity(0, {args.engine_core})
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
@@ -159,56 +224,12 @@ def main() -> None:
     if args.profile:
         args.profile.write_text(latency.to_json())
 
-    # The runner, built as the engine builds it, over a KV pool that holds one plan.
-    num_pages = args.max_kv_tokens // PAGE_SIZE + 64 * 2
-    pool = PagePool(config, num_pages, PAGE_SIZE, device, dtype)
-    for tensor in pool.k + pool.v:
-        tensor.normal_()
-    allocator = PageAllocator(num_pages)
-    page_table = PageTable(allocator, PAGE_SIZE)
-    runner = ModelRunner(model, pool, device)
-
+    runner, page_table, allocator = build_runner(config, model, device, dtype, args.max_kv_tokens)
     print(f"\n# iteration time: runner.execute vs latency_model.iteration_time, {args.plans} plans, "
           f"median of {args.repeats} after a warm-up")
-    if not args.quiet:
-        print(f"{'kind':<12}{'rows':>6}{'decodes':>8}{'decode ctx':>11}{'padded':>8}{'prefill inter.':>15}"
-              f"{'measured ms':>13}{'predicted ms':>14}{'pred/meas':>11}")
-    errors_by_kind: dict[str, list[float]] = {kind: [] for kind in KINDS}
-    errors_by_gather: dict[str, list[float]] = {"gather <= 32 MiB": [], "gather > 32 MiB": []}
-    bytes_per_token = 2 * config.kv_size * torch.empty((), dtype=dtype).element_size()
-    measured_all, predicted_all = [], []
-    for index, (kind, spans) in enumerate(synthesise_plans(args.plans, rng, args.max_num_tokens, max_context,
-                                                           args.max_kv_tokens)):
-        plan = build_plan(spans, page_table, config.vocab_size, rng, index)
-        shape = batch_shape_of_chunks(plan.chunks)
-        measured = time_execute(runner, plan, args.repeats)
-        predicted = latency.iteration_time(shape)
-        # The CPU decode path gathers every decode row's keys up to the longest context: what it really reads.
-        decode_contexts = [c.start_position + 1 for c in plan.chunks if len(c.token_ids) == 1]
-        padded = len(decode_contexts) * max(decode_contexts, default=0)
-        for chunk in plan.chunks:
-            page_table.release(chunk.request_id)
-        measured_all.append(measured)
-        predicted_all.append(predicted)
-        errors_by_kind[kind] += relative_errors([predicted], [measured])
-        large = padded * bytes_per_token > LARGE_GATHER_BYTES
-        errors_by_gather["gather > 32 MiB" if large else "gather <= 32 MiB"] += relative_errors([predicted], [measured])
-        if not args.quiet:
-            print(f"{kind:<12}{shape.num_rows:>6}{shape.num_decodes:>8}{shape.decode_context:>11}{padded:>8}"
-                  f"{shape.prefill_interactions:>15}{measured * 1e3:>13.2f}{predicted * 1e3:>14.2f}"
-                  f"{predicted / measured:>11.3f}")
+    accuracy = time_plans(args, latency, runner, page_table, config, dtype, rng, max_context)
     allocator.check_integrity()
-
-    print(f"\n{'plans':<18}{'median rel. error':>19}{'p90 rel. error':>16}{'plans':>7}")
-    for kind, errors in (errors_by_kind | errors_by_gather).items():
-        if errors:
-            print(f"{kind:<18}{statistics.median(errors):>19.3f}{percentile(errors, 90):>16.3f}{len(errors):>7}")
-    overall = accuracy_summary(predicted_all, measured_all)
-    errors = relative_errors(predicted_all, measured_all)
-    print(f"{'all':<18}{overall['median_rel_error']:>19.3f}{percentile(errors, 90):>16.3f}{len(errors):>7}")
-    ratios = [p / m for p, m in zip(predicted_all, measured_all)]
-    print(f"predicted/measured: median {statistics.median(ratios):.3f}, range {min(ratios):.3f}-{max(ratios):.3f}; "
-          f"goal p90 relative error < 0.10: {'met' if percentile(errors, 90) < 0.10 else 'MISSED'}")
+    print_accuracy(accuracy)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,6 @@ import os
 import platform
 import queue
 import random
-import shlex
 import statistics
 import subprocess
 import sys
@@ -47,35 +46,22 @@ from pathlib import Path
 
 import httpx
 import torch
+from bench_common import (
+    OtherLoad,
+    command_line,
+    cpu_model,
+    load_prompts,
+    own_cpu_seconds,
+    print_report,
+    proc_cpu_seconds,
+    spread,
+    wait_for_quiet,
+    write_markdown,
+)
 
-from bench_common import cpu_model, load_prompts, proc_cpu_seconds, spread
 from omniserve.engine.async_engine import AsyncEngine
 from omniserve.engine.llm_engine import LLMEngine
 from omniserve.sampling.params import SamplingParams
-
-
-
-def busy_cpu_seconds() -> float:
-    """CPU seconds every process on the machine has used (from /proc/stat)."""
-    with open("/proc/stat") as f:
-        ticks = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def own_cpu_seconds() -> float:
-    times = os.times()
-    return times.user + times.system
-
-
-def wait_for_quiet(server_pid: int, limit_s: float, threshold: float = 0.1) -> float:
-    """Waits (up to limit_s) until other processes use less than `threshold` of a core over 2 s; returns their load."""
-    start = time.perf_counter()
-    while True:
-        busy, ours = busy_cpu_seconds(), own_cpu_seconds() + proc_cpu_seconds(server_pid)
-        time.sleep(2.0)
-        load = max(0.0, busy_cpu_seconds() - busy - (own_cpu_seconds() + proc_cpu_seconds(server_pid) - ours)) / 2
-        if load < threshold or time.perf_counter() - start >= limit_s:
-            return load
 
 
 class Run:
@@ -194,7 +180,7 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
             return process, line.split(" on ")[-1].strip()
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=16, help="concurrent streaming clients")
     parser.add_argument("--requests", type=int, default=64, help="requests per run")
@@ -209,9 +195,102 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="engine CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--markdown", type=Path, help="also write the results as a markdown section here")
-    args = parser.parse_args()
-    torch.manual_seed(args.seed)
+    return parser.parse_args()
 
+
+class Pairs:
+    """The pairs of runs kept (in process, then server: loaded, then lone), the share of the CPU other processes
+    used during each, and how many pairs were discarded for more than --max-interference."""
+
+    def __init__(self) -> None:
+        self.local: list[Run] = []
+        self.remote: list[Run] = []
+        self.lone_local: list[Run] = []
+        self.lone_remote: list[Run] = []
+        self.interference: list[float] = []
+        self.discarded = 0
+
+
+def run_pairs(args: argparse.Namespace, async_engine: AsyncEngine, server: subprocess.Popen, url: str,
+              prompts: list[list[int]], output_lens: list[int]) -> Pairs:
+    """--repeats pairs on a quiet enough machine, at most 3 x --repeats tries."""
+    pairs, lone = Pairs(), prompts[:args.lone_requests]
+    server_cpu = lambda: proc_cpu_seconds(server.pid)  # noqa: E731
+    for attempt in range(3 * args.repeats):
+        if len(pairs.local) == args.repeats:
+            break
+        wait_for_quiet(args.quiet_wait, ours=server_cpu)
+        others = OtherLoad(server_cpu)
+        pair = (run_in_process(async_engine, args.clients, prompts, output_lens, f"r{attempt}"),
+                run_server(url, server.pid, args.clients, prompts, output_lens),
+                run_in_process(async_engine, 1, lone, [1] * len(lone), f"lone{attempt}"),
+                run_server(url, server.pid, 1, lone, [1] * len(lone)))
+        share = others.share()
+        for name, run in (("in-process", pair[0]), ("server", pair[1])):
+            assert run.tokens == sum(output_lens), f"{name}: wrong number of tokens"
+        print(f"pair {attempt}: in-process {pair[0].requests_per_s():.2f} req/s, server "
+              f"{pair[1].requests_per_s():.2f} req/s; other processes {share:.0%} of the CPU",
+              file=sys.stderr, flush=True)
+        if share > args.max_interference:  # someone else's work skews the two runs unevenly: measure again
+            pairs.discarded += 1
+            continue
+        for runs, run in zip((pairs.local, pairs.remote, pairs.lone_local, pairs.lone_remote), pair):
+            runs.append(run)
+        pairs.interference.append(share)
+    if len(pairs.local) < args.repeats:
+        raise SystemExit(f"only {len(pairs.local)} of {args.repeats} pairs ran on a quiet enough machine")
+    return pairs
+
+
+def figures(runs: list[Run], lone: list[Run]) -> dict[str, list[float]]:
+    """Each run's figures, keyed as NAMES."""
+    return {
+        "rps": [r.requests_per_s() for r in runs],
+        "tps": [r.tokens / r.seconds for r in runs],
+        "ttft50": [statistics.median(r.ttft) * 1e3 for r in runs],
+        "ttft90": [statistics.quantiles(r.ttft, n=10)[-1] * 1e3 for r in runs],
+        "ttft_mean": [statistics.mean(r.ttft) * 1e3 for r in runs],
+        "engine_ttft": [r.engine_ttft_s / len(r.ttft) * 1e3 for r in runs],
+        "loop": [r.loop_cpu / len(r.ttft) * 1e3 for r in runs],
+        "cpu": [r.cpu / len(r.ttft) for r in runs],
+        "lone": [statistics.median(r.ttft) * 1e3 for r in lone],
+    }
+
+
+def ratio(local: list[float], server: list[float]) -> str:
+    """Median [min-max] of the pairs' server/in-process ratios; `-` where no pair has a figure (a CPU time under the
+    clock's tick in a short run)."""
+    text = spread([y / x if x else float("nan") for x, y in zip(local, server)])
+    return text if text == "-" else text + "x"
+
+
+NAMES = {"rps": "requests/s", "tps": "output tok/s", "ttft50": "TTFT p50 ms", "ttft90": "TTFT p90 ms",
+         "ttft_mean": "TTFT mean ms", "engine_ttft": "engine-side TTFT mean ms",
+         "loop": "event loop CPU ms/request", "cpu": "CPU s/request", "lone": "lone TTFT p50 ms"}
+COLUMNS = {"metric": "metric", "local": "in-process (AsyncEngine)", "server": "server (HTTP, SSE)",
+           "ratio": "server/in-process"}
+
+
+def info_lines(args: argparse.Namespace, threads: int, pairs: Pairs, output_lens: list[int],
+               a: dict[str, list[float]], b: dict[str, list[float]]) -> list[str]:
+    return [
+        f"command: `{command_line()}`",
+        f"machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} with {threads} threads, python "
+        f"{platform.python_version()}; other processes used {statistics.mean(pairs.interference):.0%} of the CPU "
+        f"during the pairs kept ({pairs.discarded} discarded for more than {args.max_interference:.0%})",
+        f"workload: {args.clients} concurrent streaming clients in a closed loop, {args.requests} requests per run, "
+        f"{args.prompt_len}-token prompts, {args.output_len // 2}-{3 * args.output_len // 2} greedy output tokens "
+        f"(mean {statistics.mean(output_lens):.1f}, EOS ignored), fp32; {args.repeats} pairs of runs after a warm-up; "
+        "median [min-max]",
+        f"HTTP layer's cost in throughput: {1 - statistics.median(y / x for x, y in zip(a['rps'], b['rps'])):.1%} "
+        "(1 - median of the pairs' server/in-process requests/s; goal: under 10%); the event loop's CPU is "
+        f"{statistics.median(b['loop']) / 1e3 / statistics.median(b['cpu']):.1%} of the server's",
+    ]
+
+
+def main() -> None:
+    args = parse_args()
+    torch.manual_seed(args.seed)
     engine = LLMEngine(max_model_len=args.max_model_len, seed=args.seed, threads=args.threads)
     threads = torch.get_num_threads()
     prompts = load_prompts(engine.tokenizer, args.requests, args.prompt_len, engine.model_config.vocab_size, args.seed)
@@ -223,86 +302,17 @@ def main() -> None:
         warm = prompts[:args.clients]
         run_in_process(async_engine, args.clients, warm, [8] * len(warm), "warmup")
         run_server(url, server.pid, args.clients, warm, [8] * len(warm))
-        local, remote, lone_local, lone_remote, interference = [], [], [], [], []
-        lone = prompts[:args.lone_requests]
-        discarded = 0
-        for attempt in range(3 * args.repeats):
-            if len(local) == args.repeats:
-                break
-            wait_for_quiet(server.pid, args.quiet_wait)
-            start_wall, start_busy = time.perf_counter(), busy_cpu_seconds()
-            start_ours = own_cpu_seconds() + proc_cpu_seconds(server.pid)
-            pair = (run_in_process(async_engine, args.clients, prompts, output_lens, f"r{attempt}"),
-                    run_server(url, server.pid, args.clients, prompts, output_lens),
-                    run_in_process(async_engine, 1, lone, [1] * len(lone), f"lone{attempt}"),
-                    run_server(url, server.pid, 1, lone, [1] * len(lone)))
-            ours = own_cpu_seconds() + proc_cpu_seconds(server.pid) - start_ours
-            others = max(0.0, (busy_cpu_seconds() - start_busy - ours)  # counters' granularity: it can dip below 0
-                         / ((time.perf_counter() - start_wall) * os.cpu_count()))
-            for name, run in (("in-process", pair[0]), ("server", pair[1])):
-                assert run.tokens == sum(output_lens), f"{name}: wrong number of tokens"
-            print(f"pair {attempt}: in-process {pair[0].requests_per_s():.2f} req/s, server "
-                  f"{pair[1].requests_per_s():.2f} req/s; other processes {others:.0%} of the CPU",
-                  file=sys.stderr, flush=True)
-            if others > args.max_interference:  # someone else's work skews the two runs unevenly: measure again
-                discarded += 1
-                continue
-            for runs, run in zip((local, remote, lone_local, lone_remote), pair):
-                runs.append(run)
-            interference.append(others)
-        if len(local) < args.repeats:
-            raise SystemExit(f"only {len(local)} of {args.repeats} pairs ran on a quiet enough machine")
-        interference = statistics.mean(interference)
+        pairs = run_pairs(args, async_engine, server, url, prompts, output_lens)
     finally:
         server.terminate()
         server.wait(60)
         async_engine.shutdown()
-
-    def figures(runs: list[Run]) -> dict[str, list[float]]:
-        return {
-            "rps": [r.requests_per_s() for r in runs],
-            "tps": [r.tokens / r.seconds for r in runs],
-            "ttft50": [statistics.median(r.ttft) * 1e3 for r in runs],
-            "ttft90": [statistics.quantiles(r.ttft, n=10)[-1] * 1e3 for r in runs],
-            "ttft_mean": [statistics.mean(r.ttft) * 1e3 for r in runs],
-            "engine_ttft": [r.engine_ttft_s / len(r.ttft) * 1e3 for r in runs],
-            "loop": [r.loop_cpu / len(r.ttft) * 1e3 for r in runs],
-            "cpu": [r.cpu / len(r.ttft) for r in runs],
-        }
-
-    a, b = figures(local), figures(remote)
-    a["lone"] = [statistics.median(r.ttft) * 1e3 for r in lone_local]
-    b["lone"] = [statistics.median(r.ttft) * 1e3 for r in lone_remote]
-    names = {"rps": "requests/s", "tps": "output tok/s", "ttft50": "TTFT p50 ms", "ttft90": "TTFT p90 ms",
-             "ttft_mean": "TTFT mean ms", "engine_ttft": "engine-side TTFT mean ms",
-             "loop": "event loop CPU ms/request", "cpu": "CPU s/request", "lone": "lone TTFT p50 ms"}
-    rows = [[names[k], spread(a[k]), spread(b[k]), spread([y / x for x, y in zip(a[k], b[k])]) + "x"] for k in names]
-    header = ["metric", "in-process (AsyncEngine)", "server (HTTP, SSE)", "server/in-process"]
-    widths = [max(len(header[i]), *(len(r[i]) for r in rows)) for i in range(4)]
-    cpu = cpu_model()
-    info = [
-        f"command: `{shlex.join(['python', *sys.argv])}`",
-        f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__} with {threads} threads, python "
-        f"{platform.python_version()}; other processes used {interference:.0%} of the CPU during the pairs kept "
-        f"({discarded} discarded for more than {args.max_interference:.0%})",
-        f"workload: {args.clients} concurrent streaming clients in a closed loop, {args.requests} requests per run, "
-        f"{args.prompt_len}-token prompts, {args.output_len // 2}-{3 * args.output_len // 2} greedy output tokens "
-        f"(mean {statistics.mean(output_lens):.1f}, EOS ignored), fp32; {args.repeats} pairs of runs after a warm-up; "
-        "median [min-max]",
-        f"HTTP layer's cost in throughput: {1 - statistics.median(y / x for x, y in zip(a['rps'], b['rps'])):.1%} "
-        "(1 - median of the pairs' server/in-process requests/s; goal: under 10%); the event loop's CPU is "
-        f"{statistics.median(b['loop']) / 1e3 / statistics.median(b['cpu']):.1%} of the server's",
-    ]
-
-    def table(sep: str, edge: str) -> list[str]:
-        lines = [header, ["-" * w for w in widths], *rows]
-        return [(edge + sep.join(c.ljust(w) for c, w in zip(line, widths)) + edge[::-1]).rstrip() for line in lines]
-
-    print("\n" + "\n".join(info) + "\n\n" + "\n".join(table("  ", "")))
-    if args.markdown:
-        section = ["## OpenAI-compatible server vs the engine in-process", ""] + [f"- {line}" for line in info] + [""]
-        args.markdown.write_text("\n".join(section + table(" | ", "| ")) + "\n")
-        print(f"\nwrote {args.markdown}")
+    a, b = figures(pairs.local, pairs.lone_local), figures(pairs.remote, pairs.lone_remote)
+    rows = [{"metric": name, "local": spread(a[k]), "server": spread(b[k]), "ratio": ratio(a[k], b[k])}
+            for k, name in NAMES.items()]
+    info = info_lines(args, threads, pairs, output_lens, a, b)
+    print_report(info, [(COLUMNS, rows)])
+    write_markdown(args.markdown, "OpenAI-compatible server vs the engine in-process", info, [(COLUMNS, rows)])
 
 
 if __name__ == "__main__":
