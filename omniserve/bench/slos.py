@@ -4,24 +4,20 @@ TPOT SLO = a factor x a lone LS decode step. TTFT SLO = a factor x the time to p
 one LS decode, in chunks that each fit an iteration budget (what the SLO-aware scheduler does): `budgeted_prefill`.
 
 The latency model comes from the profile cache, under the key the servers will look up: `latency_model_for` loads
-the model and calls load_or_profile with the settings an engine of the same EngineArgs would use (`profile_settings`),
-without building an engine.
+the model and calls load_or_profile with the settings an engine of the same EngineArgs would use
+(EngineArgs.profile_settings), without building an engine.
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from omniserve.bench.metrics import Slo
 from omniserve.engine.args import EngineArgs
 from omniserve.engine.scheduler.latency_model import LatencyModel, batch_shape_of_chunks
 from omniserve.engine.scheduler.plan import ScheduledChunk
-from omniserve.engine.scheduler.policy import offload_mode
 from omniserve.sampling.params import SamplingParams
-
-if TYPE_CHECKING:
-    from omniserve.cpu_attention import PoolConfig
 
 _GREEDY = SamplingParams(temperature=0.0)
 
@@ -71,51 +67,15 @@ def slos_from_latency(latency: LatencyModel, max_prompt: int, max_num_batched_to
 
 
 # ------------------------------------------------------------------------------------------ the servers' profile
-def engine_pool_config(args: EngineArgs) -> PoolConfig | None:
-    """The CPU attention pool an engine of these args starts: None when its policy and BE placement never offload
-    (then the profile leaves the pool out, and its cache key says so)."""
-    from omniserve.cpu_attention import PoolConfig
-
-    if not offload_mode(args.policy, args.be_decode_placement).uses_pool:
-        return None
-    memory = None if args.cpu_attention_memory_gib is None else int(args.cpu_attention_memory_gib * 2**30)
-    return PoolConfig(args.cpu_attention_workers, args.cpu_attention_threads, local_memory_bytes=memory)
-
-
-def profile_settings(args: EngineArgs, model_limit: int, pool_config: PoolConfig | None) -> dict:
-    """What load_or_profile and profile_cache_path take from an engine's settings, besides the model, device and
-    dtype (`model_limit`: the model's longest context). They are part of the profile's cache key, so everything that
-    looks a profile up must derive them alike."""
-    max_context = min(args.max_model_len or model_limit, model_limit)
-    return dict(max_num_tokens=args.max_num_batched_tokens, max_context=max_context, page_size=args.block_size,
-                pool_config=pool_config)
-
-
-def load_model_as_engine(args: EngineArgs):
-    """The model an engine of these args loads, on its device and dtype: (loaded model, device, dtype). Sets torch's
-    threads and seed as the engine does (the thread count is part of the profile's cache key)."""
-    import torch
-
-    from omniserve.config import resolve_device, resolve_dtype
-    from omniserve.models.loader import load_model
-
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    if args.threads and device.type == "cpu":
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    return load_model(args.model, device, dtype, args.max_model_len, args.load_format, args.seed), device, dtype
-
-
 def latency_model_for(args: EngineArgs) -> LatencyModel:
     """The latency model an engine of these args loads: from args.profile_path or the profile cache, profiled (and
     cached, where a server then finds it) when missing."""
     from omniserve.profiler.profiler import load_or_profile
 
-    loaded, device, dtype = load_model_as_engine(args)
+    loaded, device, dtype = args.load_model()
     return load_or_profile(loaded.model, device, dtype, model_name=str(loaded.path or args.model),
                            path=args.profile_path,
-                           **profile_settings(args, loaded.config.max_context, engine_pool_config(args)))
+                           **args.profile_settings(loaded.config.max_context, args.pool_config()))
 
 
 def server_engine_args(server_args: list[str]) -> EngineArgs:

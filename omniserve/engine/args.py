@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
 
 from omniserve.config import CacheConfig
 from omniserve.engine.scheduler.config import SchedulerConfig
-from omniserve.engine.scheduler.policy import BE_DECODE_PLACEMENTS, POLICIES
+from omniserve.engine.scheduler.policy import BE_DECODE_PLACEMENTS, POLICIES, OffloadMode, offload_mode
+
+if TYPE_CHECKING:
+    from omniserve.cpu_attention import PoolConfig
 
 
 def _arg(default, help: str, choices: tuple[str, ...] | None = None):
@@ -82,3 +86,39 @@ class EngineArgs:
     @classmethod
     def from_cli_args(cls, namespace: argparse.Namespace) -> "EngineArgs":
         return cls(**{f.name: getattr(namespace, f.name) for f in fields(cls)})
+
+    # What an engine of these args builds, for those that must build the same without an engine: `omniserve profile`
+    # and the benchmark's SLOs look up the profile the engine will, and its cache key is made of these.
+    @property
+    def offload_mode(self) -> OffloadMode:
+        return offload_mode(self.policy, self.be_decode_placement)
+
+    def pool_config(self) -> PoolConfig | None:
+        """The CPU attention pool the engine starts; None when its policy and placement never offload."""
+        from omniserve.cpu_attention import PoolConfig
+
+        if not self.offload_mode.uses_pool:
+            return None
+        memory = None if self.cpu_attention_memory_gib is None else int(self.cpu_attention_memory_gib * 2**30)
+        return PoolConfig(self.cpu_attention_workers, self.cpu_attention_threads, local_memory_bytes=memory)
+
+    def profile_settings(self, model_limit: int, pool_config: PoolConfig | None) -> dict:
+        """What load_or_profile and profile_cache_path take besides the model, device and dtype (`model_limit`: the
+        model's longest context)."""
+        return dict(max_num_tokens=self.max_num_batched_tokens, max_context=min(self.max_model_len or model_limit,
+                    model_limit), page_size=self.block_size, pool_config=pool_config)
+
+    def load_model(self):
+        """(the loaded model, device, dtype), with torch's threads and seed set as the engine sets them (the thread
+        count is part of the profile's cache key)."""
+        import torch
+
+        from omniserve.config import resolve_device, resolve_dtype
+        from omniserve.models.loader import load_model
+
+        device = resolve_device(self.device)
+        dtype = resolve_dtype(self.dtype, device)
+        if self.threads and device.type == "cpu":
+            torch.set_num_threads(self.threads)
+        torch.manual_seed(self.seed)
+        return load_model(self.model, device, dtype, self.max_model_len, self.load_format, self.seed), device, dtype

@@ -12,9 +12,7 @@ import time
 import weakref
 from dataclasses import dataclass, replace
 
-import torch
-
-from omniserve.config import CacheConfig, ConfigError, resolve_device, resolve_dtype
+from omniserve.config import CacheConfig, ConfigError
 from omniserve.cpu_attention import CPUAttentionPool, PoolConfig
 from omniserve.cpu_attention.remote import RemoteHosts, RemoteHostsConfig, connect_ray
 from omniserve.engine.args import EngineArgs
@@ -28,7 +26,6 @@ from omniserve.engine.scheduler.request import Request, RequestStatus
 from omniserve.engine.services import ServiceRegistry
 from omniserve.kv_cache import PageAllocator, PageTable
 from omniserve.kv_cache.page_pool import PagePool, pages_for_memory
-from omniserve.models.loader import load_model
 from omniserve.sampling.params import InvalidRequestError, SamplingParams
 from omniserve.tokenizer import IncrementalDetokenizer, load_tokenizer
 
@@ -83,13 +80,7 @@ class LLMEngine:
         """pool_config overrides the CPU attention pool settings derived from args (tests inject faults this way)."""
         args = EngineArgs(**overrides) if args is None else args
         self.args = args
-        self.device = resolve_device(args.device)
-        self.dtype = resolve_dtype(args.dtype, self.device)
-        if args.threads and self.device.type == "cpu":
-            torch.set_num_threads(args.threads)
-        torch.manual_seed(args.seed)
-
-        loaded = load_model(args.model, self.device, self.dtype, args.max_model_len, args.load_format, args.seed)
+        loaded, self.device, self.dtype = args.load_model()
         self.model_config = loaded.config
         limit = loaded.config.max_context
         if args.max_model_len is not None and args.max_model_len > limit:
@@ -112,13 +103,10 @@ class LLMEngine:
         self.allocator = PageAllocator(num_pages)
         self.page_table = PageTable(self.allocator, cache.page_size)
         if self.scheduler_config.offload_mode.uses_pool:
-            pool_config = pool_config or PoolConfig(
-                args.cpu_attention_workers, args.cpu_attention_threads,
-                local_memory_bytes=None if args.cpu_attention_memory_gib is None
-                else int(args.cpu_attention_memory_gib * 2**30))
+            pool_config = pool_config or args.pool_config()
         else:
             pool_config = None  # this engine never offloads
-        self.latency_model = self._latency_model(loaded, cache.page_size, pool_config)
+        self.latency_model = self._latency_model(loaded, pool_config)
         self.scheduler = Scheduler(
             self.scheduler_config, self.page_table, loaded.config.eos_token_ids, loaded.config.num_layers,
             self.latency_model, default_tpot_slo=self.services.tightest_tpot_slo, calibrates=True,
@@ -138,7 +126,7 @@ class LLMEngine:
             self.scheduler_config.max_model_len,
         )
 
-    def _latency_model(self, loaded, page_size: int, pool_config: PoolConfig | None) -> LatencyModel | None:
+    def _latency_model(self, loaded, pool_config: PoolConfig | None) -> LatencyModel | None:
         """The profiled latency model, when the policy and the SLOs need one (profiled now if not cached)."""
         policy = POLICY_TABLE[self.args.policy]
         has_slo = any(s.ttft_slo or s.tpot_slo for s in self.services.services.values())
@@ -148,9 +136,7 @@ class LLMEngine:
 
         return load_or_profile(
             loaded.model, self.device, self.dtype, model_name=str(loaded.path or self.args.model),
-            path=self.args.profile_path, max_num_tokens=self.scheduler_config.max_num_batched_tokens,
-            max_context=self.scheduler_config.max_model_len, page_size=page_size, pool_config=pool_config,
-        )
+            path=self.args.profile_path, **self.args.profile_settings(loaded.config.max_context, pool_config))
 
     def calibrate(self) -> None:
         """Times a few scratch iterations (a short prefill, then decodes) on the device and gives them to the

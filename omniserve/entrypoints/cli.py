@@ -98,30 +98,12 @@ def _profile(args: argparse.Namespace) -> None:
     """Profiles the model's latency models (what the SLO-aware scheduler predicts with) and prints their accuracy."""
     import os
 
-    import torch
-
-    from omniserve.config import resolve_device, resolve_dtype
-    from omniserve.cpu_attention import PoolConfig
-    from omniserve.engine.scheduler.policy import offload_mode
-    from omniserve.models.loader import load_model
     from omniserve.profiler.profiler import load_or_profile, profile_cache_path
 
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    if args.threads and device.type == "cpu":
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    loaded = load_model(args.model, device, dtype, args.max_model_len, args.load_format, args.seed)
+    engine_args = EngineArgs.from_cli_args(args)
+    loaded, device, dtype = engine_args.load_model()
     model_name = str(loaded.path or args.model)
-    pool_config = None
-    if offload_mode(args.policy, args.be_decode_placement).uses_pool:  # as the engine decides: the same cache key
-        pool_config = PoolConfig(args.cpu_attention_workers, args.cpu_attention_threads)
-    settings = dict(
-        max_num_tokens=args.max_num_batched_tokens,
-        max_context=min(args.max_model_len or loaded.config.max_context, loaded.config.max_context),
-        page_size=args.block_size,
-        pool_config=pool_config,
-    )
+    settings = engine_args.profile_settings(loaded.config.max_context, engine_args.pool_config())
     output = args.output or getattr(args, "profile_path", None)
     target = output or profile_cache_path(model_name, loaded.model, device, dtype, **settings)
     cached = os.path.isfile(target) and not args.force
