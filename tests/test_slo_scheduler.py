@@ -319,6 +319,20 @@ def test_a_swap_out_that_does_not_fit_the_budget_waits_while_ls_runs():
     assert swapped == ["first", "second"]
 
 
+def test_an_over_budget_swap_out_waits_while_an_ls_request_waits():
+    """The swap-out is planned before waiting LS requests are admitted: one that arrived must not find its first
+    chunk in an iteration that an over-budget swap-out has already filled."""
+    slow_swaps = LatencyModel(**(vars(MODEL) | {"swap_out": LinearModel(0.0, (1e-3,))}))  # 1 ms per token
+    scheduler = make(num_pages=1024, be_decode_placement="cpu")
+    scheduler.latency_model = slow_swaps
+    be = add(scheduler, "be", 60, service_class="be", max_tokens=30)
+    step(scheduler)  # BE prefill: now at a token boundary, due to go to the CPU pool (a 60 ms swap-out)
+    add(scheduler, "ls", 20, max_tokens=4)
+    plan = step(scheduler)
+    assert "ls" in chunk_sizes(plan) and not plan.swap_outs and be.placement is Placement.DEVICE
+    assert plan.predicted_time <= plan.time_budget
+
+
 def test_measured_iteration_times_correct_later_plans():
     scheduler = make()
     add(scheduler, "long", 900)

@@ -21,14 +21,16 @@ class Offloading:
         return mode.offloads_ls or request.is_best_effort
 
     def _swap_fits(self, request: Request, batch: IterationBudget) -> bool:
-        """A swap-out's cost to the engine fits this iteration's time budget. While no LS request runs, one swap-out
-        per iteration is allowed whatever it costs, so that BE work always makes progress."""
+        """A swap-out's cost to the engine fits this iteration's time budget. While no LS request runs or waits, one
+        swap-out per iteration is allowed whatever it costs, so that BE work always makes progress. (A waiting one
+        may be admitted later in this plan: its first chunk would then share an iteration already over budget.)"""
         if batch.time_budget is None:
             return True
         cost = self.latency_model.swap_out_time(request.num_computed_tokens)
         if batch.fits(batch.shape, extra_seconds=cost):
             return True
-        return not batch.swap_seconds and not any(self._is_ls(r) for r in self.running)
+        ls_present = any(self._is_ls(r) for r in self.running) or any(self._is_ls(r) for r in self.waiting)
+        return not batch.swap_seconds and not ls_present
 
     def _swap_out(self, request: Request, batch: IterationBudget) -> KVTransfer:
         if batch.model is not None:
