@@ -8,6 +8,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from omniserve.engine.scheduler.config import SchedulerConfig
+
 EXAMPLES = """examples:
   # Llama-2-70B on 4 x A100 with 4 CPU-only hosts: each policy on the paper's kind of load, 30 simulated minutes
   omniserve simulate --profile llama-2-70b@a100x4 --cpu-hosts 4 --duration 1800 --ttft-slo 3 --tpot-slo 0.25 \\
@@ -48,8 +50,8 @@ def add_simulate_command(commands) -> None:
     sim.add_argument("--be-lengths", default="longbench")
     sim.add_argument("--max-input-len", type=int, default=16384)
     sim.add_argument("--max-output-len", type=int, default=2048)
-    sim.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    sim.add_argument("--max-num-seqs", type=int, default=256)
+    sim.add_argument("--max-num-batched-tokens", type=int, default=SchedulerConfig.max_num_batched_tokens)
+    sim.add_argument("--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs)
     sim.add_argument("--latency-noise", type=float, default=0.0,
                      help="relative spread of iteration times around the prediction (0.05: 5%%)")
     sim.add_argument("--seed", type=int, default=0)
