@@ -4,7 +4,8 @@ Two kinds of profile:
 
 - analytic (`analytic_profile`): a roofline model of a GPU server from the model's shape and the published peak
   numbers of the hardware (hardware/*.toml), each scaled by an efficiency factor that the TOML file states and
-  explains. It gives the paper's testbeds (A100s over PCIe, a Xeon CPU server) without having them.
+  explains (the parts are in roofline.py). It gives the paper's testbeds (A100s over PCIe, a Xeon CPU server) and
+  memory-tight deployments (an 8B model on a 24 GB L4, a 70B model in FP8 on two H100s) without having them.
 - measured (`measured_profile`): this machine's latency model as `omniserve profile` measured it.
 
 `get_profile("llama-2-70b@a100x4", num_cpu_hosts=3)` resolves the names the command line uses (`list_profiles()`);
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import math
 import os
-import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -25,11 +25,12 @@ from omniserve.config import CPU_DEFAULT_KV_BYTES, ModelConfig
 from omniserve.engine.scheduler.latency_model import (
     BatchShape, LatencyModel, LinearModel, PiecewiseLinear, prefill_interactions,
 )
-from omniserve.models.hf_config import config_from_hf
-from omniserve.models.presets import PRESETS
+from omniserve.simulator.roofline import (
+    GPU_DTYPE_BYTES, WEIGHT_DTYPES, cpu_attention_model, cpu_workers, decode_attention_model, dense_model,
+    gemm_peak_flops, hardware_spec, head_model, kv_bytes_per_token_per_layer, list_hardware, list_models,
+    model_config, prefill_attention_model, row_bytes_per_layer, weight_bytes_total,
+)
 
-HARDWARE_DIR = Path(__file__).parent / "hardware"
-GPU_DTYPE_BYTES = 2  # bf16 weights, activations and KV on every GPU profile
 DEFAULT_CPU_HOST = "xeon-gold-6342"
 
 DEFAULT_TP = {"llama-2-70b": 4, "yi-34b": 2, "llama-3-8b": 1, "smollm2-135m": 1}
@@ -42,6 +43,11 @@ _NAMED: dict[str, dict | None] = {
     "llama-3-8b@h100": dict(model="llama-3-8b", hardware="h100-80gb", tp=1),
     "smollm2-135m@h100": dict(model="smollm2-135m", hardware="h100-80gb", tp=1),
     "llama-3-8b@a100": dict(model="llama-3-8b", hardware="a100-80gb", tp=1),
+    # Memory-tight deployments, where device KV rather than device time can bind best-effort throughput.
+    "llama-3-8b@l4": dict(model="llama-3-8b", hardware="l4-24gb", tp=1),
+    "llama-3-8b@a100-40gb": dict(model="llama-3-8b", hardware="a100-40gb", tp=1),
+    # bf16 weights (~141 GB) would leave 2 x 80 GB almost no KV room: FP8 weights, bf16 KV, as vLLM users serve it.
+    "llama-3-70b-fp8@h100x2": dict(model="llama-3-70b", hardware="h100-80gb", tp=2, weight_bytes=1),
     "smollm2-135m@this-machine": None,  # measured
 }
 
@@ -99,184 +105,80 @@ class SystemProfile:
             prefill_tokens=tokens))
 
 
-# ---------------------------------------------------------------------------------------------------- inputs
-def list_models() -> list[str]:
-    return sorted(PRESETS)
-
-
-def model_config(model: str) -> ModelConfig:
-    """The shape of a model by name, from presets.py."""
-    shape = PRESETS.get(model.lower())
-    if shape is None:
-        raise ValueError(f"unknown model {model!r} (known: {', '.join(list_models())})")
-    return config_from_hf(shape)
-
-
-def list_hardware() -> list[str]:
-    return sorted(path.stem for path in HARDWARE_DIR.glob("*.toml"))
-
-
-def load_hardware(name: str) -> dict:
-    """A hardware file's tables, by its name (the file's stem)."""
-    path = HARDWARE_DIR / f"{name}.toml"
-    if not path.is_file():
-        raise ValueError(f"unknown hardware {name!r} (known: {', '.join(list_hardware())})")
-    with path.open("rb") as f:
-        return tomllib.load(f)
-
-
-def _hardware(name: str, kind: str) -> dict:
-    spec = load_hardware(name)
-    if spec.get("kind") != kind:
-        raise ValueError(f"hardware {name!r} is a {spec.get('kind')!r}, not a {kind!r}")
-    return spec
-
-
-# ---------------------------------------------------------------------------------------------- model sizes
-def layer_parameters(cfg: ModelConfig) -> int:
-    """Weights of one decoder layer: QKV, O, the SwiGLU MLP and two norms."""
-    return (cfg.hidden_size * (cfg.q_size + 2 * cfg.kv_size) + cfg.q_size * cfg.hidden_size
-            + 3 * cfg.hidden_size * cfg.intermediate_size + 2 * cfg.hidden_size)
-
-
-def kv_bytes_per_token_per_layer(cfg: ModelConfig, dtype_bytes: int) -> int:
-    return 2 * cfg.kv_size * dtype_bytes
-
-
-def row_bytes_per_layer(cfg: ModelConfig, dtype_bytes: int) -> int:
-    """q, k and v of a row's new token to its CPU worker, and the attention output back."""
-    return (2 * cfg.q_size + 2 * cfg.kv_size) * dtype_bytes
-
-
-# -------------------------------------------------------------------------------------------- analytic parts
-def _dense(cfg: ModelConfig, gpu: dict, tp: int) -> PiecewiseLinear:
-    """One layer on one TP shard: the roofline max(GEMM FLOPs, weight read) plus the layer's two all-reduces.
-
-    Every term is linear in the rows on either side of the roofline's knee, so knots at powers of two plus the knee
-    follow it exactly. Not modelled: a GEMM's steps as rows add waves of thread blocks, elementwise kernels' traffic.
-    """
-    peak, eff, over = gpu["peak"], gpu["efficiency"], gpu["overhead"]
-    flops_per_row = 2 * layer_parameters(cfg) / tp
-    seconds_per_row = flops_per_row / (peak["bf16_flops"] * eff["gemm_flops"])
-    weight_read = layer_parameters(cfg) * GPU_DTYPE_BYTES / tp / (peak["memory_bytes_per_s"] * eff["weight_bandwidth"])
-
-    def seconds(n: float) -> float:
-        allreduce = 0.0
-        if tp > 1:  # after attention's O projection and after the MLP; a ring moves 2 (tp - 1) / tp of the data
-            data = n * cfg.hidden_size * GPU_DTYPE_BYTES * 2 * (tp - 1) / tp
-            allreduce = 2 * (peak["interconnect_latency_s"]
-                             + data / (peak["interconnect_bytes_per_s"] * eff["allreduce_bandwidth"]))
-        return over["layer_s"] + max(n * seconds_per_row, weight_read) + allreduce
-
-    knee = weight_read / seconds_per_row
-    xs = sorted({float(2 ** i) for i in range(15)} | {knee})
-    return PiecewiseLinear(tuple(xs), tuple(seconds(x) for x in xs))
-
-
-def _prefill_attention(cfg: ModelConfig, gpu: dict, tp: int) -> LinearModel:
-    """One layer, one shard: QK^T and PV are 2 FLOPs per multiply-add each, per query head, per interaction; per
-    token, its q, k, v and output cross HBM once."""
-    peak, eff, over = gpu["peak"], gpu["efficiency"], gpu["overhead"]
-    per_interaction = 4 * cfg.head_dim * cfg.num_heads / tp / (peak["bf16_flops"] * eff["prefill_attention_flops"])
-    per_token = row_bytes_per_layer(cfg, GPU_DTYPE_BYTES) / tp / (
-        peak["memory_bytes_per_s"] * eff["decode_attention_bandwidth"])
-    return LinearModel(over["attention_kernel_s"], (per_interaction, per_token))
-
-
-def decode_attention_model(cfg: ModelConfig, gpu: dict, tp: int) -> LinearModel:
-    """One layer, one shard: reading the context's KV is the cost (GQA attention is far below a GPU's FLOP/byte)."""
-    peak, eff, over = gpu["peak"], gpu["efficiency"], gpu["overhead"]
-    per_context_token = kv_bytes_per_token_per_layer(cfg, GPU_DTYPE_BYTES) / tp / (
-        peak["memory_bytes_per_s"] * eff["decode_attention_bandwidth"])
-    return LinearModel(over["attention_kernel_s"], (per_context_token, over["decode_attention_per_request_s"]))
-
-
-def _head(cfg: ModelConfig, gpu: dict, tp: int) -> LinearModel:
-    """Per iteration: the fixed overhead and the LM head's weight read; per sampled row: its LM-head FLOPs and, with
-    TP, gathering its fp32 logits from the shards. A linear model adds the weight read and the FLOPs where a roofline
-    would take their max: an overestimate of at most 2x near the knee, on a small part of an iteration."""
-    peak, eff, over = gpu["peak"], gpu["efficiency"], gpu["overhead"]
-    lm_head = cfg.vocab_size * cfg.hidden_size
-    fixed = over["iteration_s"] + lm_head * GPU_DTYPE_BYTES / tp / (
-        peak["memory_bytes_per_s"] * eff["weight_bandwidth"])
-    per_row = 2 * lm_head / tp / (peak["bf16_flops"] * eff["gemm_flops"])
-    if tp > 1:
-        per_row += cfg.vocab_size * 4 * (tp - 1) / tp / (
-            peak["interconnect_bytes_per_s"] * eff["allreduce_bandwidth"])
-    return LinearModel(fixed, (per_row,))
-
-
-def cpu_workers(cpu: dict) -> int:
-    return max(1, cpu["peak"]["cores"] // cpu["pool"]["cores_per_worker"])
-
-
-def cpu_attention_model(cfg: ModelConfig, cpu: dict, dtype_bytes: int = GPU_DTYPE_BYTES) -> LinearModel:
-    """ONE worker's batch for one layer (all heads: a CPU worker is not tensor-parallel).
-
-    Per context token the roofline max of the KV read and the FLOPs, at the worker's share of the host (workers
-    share the memory bus, so under load each gets 1/workers of it); per row a fixed cost; per batch the round trip.
-    """
-    peak, eff, over = cpu["peak"], cpu["efficiency"], cpu["overhead"]
-    workers = cpu_workers(cpu)
-    read = kv_bytes_per_token_per_layer(cfg, dtype_bytes) / (
-        peak["memory_bytes_per_s"] * eff["attention_bandwidth"] / workers)
-    compute = 4 * cfg.head_dim * cfg.num_heads / (peak["fp32_flops"] * eff["attention_flops"] / workers)
-    return LinearModel(over["round_trip_s"], (max(read, compute), over["per_row_s"]))
-
-
 # -------------------------------------------------------------------------------------------------- profiles
-def analytic_profile(model: str, hardware: str, num_cpu_hosts: int = 1, cpu_host: str = DEFAULT_CPU_HOST,
-                     tp: int | None = None) -> SystemProfile:
-    """A roofline profile of `model` on `tp` GPUs of `hardware` (a hardware/*.toml name), with `num_cpu_hosts` CPU
-    hosts of `cpu_host` for CPU attention (the GPU server's own first; all assumed the same CPU)."""
-    cfg = model_config(model)
-    gpu, cpu = _hardware(hardware, "gpu"), _hardware(cpu_host, "cpu")
-    tp = tp or DEFAULT_TP.get(model.lower(), 1)
+def device_kv_bytes(cfg: ModelConfig, gpu: dict, tp: int, weight_bytes: int = GPU_DTYPE_BYTES) -> float:
+    """Room for KV on the TP group: each GPU's usable share of its memory less its activation reserve, less the
+    weights (sharded over the group). Negative when the weights do not fit."""
+    memory = gpu["memory"]
+    per_gpu = memory["usable_fraction"] * gpu["peak"]["memory_bytes"] - memory["activation_reserve_bytes"]
+    return tp * per_gpu - weight_bytes_total(cfg, weight_bytes)
+
+
+def _check_deployment(model: str, cfg: ModelConfig, tp: int, weight_bytes: int, num_cpu_hosts: int) -> None:
     if tp < 1 or cfg.num_kv_heads % tp or cfg.num_heads % tp:
         raise ValueError(f"tp={tp} must divide {model}'s {cfg.num_heads} heads and {cfg.num_kv_heads} KV heads")
+    if weight_bytes not in WEIGHT_DTYPES:
+        raise ValueError(f"weight_bytes must be one of {sorted(WEIGHT_DTYPES)} (fp8, bf16), got {weight_bytes}")
     if num_cpu_hosts < 1:
         raise ValueError("num_cpu_hosts must be >= 1 (the GPU server's own CPU)")
 
-    kv_per_token = cfg.num_layers * kv_bytes_per_token_per_layer(cfg, GPU_DTYPE_BYTES)
+
+def _analytic_metadata(model: str, hardware: str, gpu: dict, cpu_host: str, cpu: dict, tp: int,
+                       weight_bytes: int) -> dict[str, str]:
     memory = gpu["memory"]
-    weights = cfg.num_parameters() * GPU_DTYPE_BYTES
-    kv_memory = tp * (memory["usable_fraction"] * gpu["peak"]["memory_bytes"] - memory["activation_reserve_bytes"])
-    kv_memory -= weights
+    return {
+        "kind": "analytic (roofline)",
+        "model": model, "device": hardware, "device_name": gpu["description"], "dtype": "bfloat16",
+        "weight_dtype": WEIGHT_DTYPES[weight_bytes] + ("" if weight_bytes == GPU_DTYPE_BYTES else
+                                                       " (decoder layers; embedding and LM head bfloat16)"),
+        "gemm_peak_flops": f"{gemm_peak_flops(gpu, weight_bytes):.4g}",
+        "tp": str(tp), "cpu_host": f"{cpu_host} ({cpu['description']})",
+        "cpu_workers_per_host": str(cpu_workers(cpu)),
+        "efficiency": ", ".join(f"{k}={v}" for k, v in gpu["efficiency"].items()),
+        "cpu_efficiency": ", ".join(f"{k}={v}" for k, v in cpu["efficiency"].items()),
+        "dense": "per layer and shard: overhead + max(GEMM FLOPs, weight read) + 2 all-reduces; no wave steps",
+        "device_kv": f"tp x ({memory['usable_fraction']} x memory - activation reserve) - weights",
+        "host_kv": f"{cpu['pool']['kv_memory_fraction']} of one host's memory",
+        "swap": "swap_out 0 (asynchronous CUDA copies); PCIe bandwidth is the TP group's links together",
+        "instances": ("one of two TP2 instances on the 4 GPUs" if model.lower() == "yi-34b" and tp == 2
+                      else "one instance"),
+    }
+
+
+def analytic_profile(model: str, hardware: str, num_cpu_hosts: int = 1, cpu_host: str = DEFAULT_CPU_HOST,
+                     tp: int | None = None, weight_bytes: int = GPU_DTYPE_BYTES) -> SystemProfile:
+    """A roofline profile of `model` on `tp` GPUs of `hardware` (a hardware/*.toml name), with `num_cpu_hosts` CPU
+    hosts of `cpu_host` for CPU attention (the GPU server's own first; all assumed the same CPU). The decoder layers'
+    weights take `weight_bytes` each (1: FP8, 2: bf16); KV and activations are bf16 either way."""
+    cfg = model_config(model)
+    gpu, cpu = hardware_spec(hardware, "gpu"), hardware_spec(cpu_host, "cpu")
+    tp = tp or DEFAULT_TP.get(model.lower(), 1)
+    _check_deployment(model, cfg, tp, weight_bytes, num_cpu_hosts)
+    kv_per_token = cfg.num_layers * kv_bytes_per_token_per_layer(cfg, GPU_DTYPE_BYTES)
+    kv_memory = device_kv_bytes(cfg, gpu, tp, weight_bytes)
     if kv_memory < kv_per_token:
-        raise ValueError(f"{model} does not fit on {tp} x {hardware} with room for KV")
-    workers = cpu_workers(cpu)
+        raise ValueError(f"{model} ({WEIGHT_DTYPES[weight_bytes]} weights) does not fit on {tp} x {hardware} with "
+                         "room for KV")
     latency = LatencyModel(
         num_layers=cfg.num_layers,
-        dense=_dense(cfg, gpu, tp),
-        prefill_attention=_prefill_attention(cfg, gpu, tp),
+        dense=dense_model(cfg, gpu, tp, weight_bytes),
+        prefill_attention=prefill_attention_model(cfg, gpu, tp),
         decode_attention=decode_attention_model(cfg, gpu, tp),
-        head=_head(cfg, gpu, tp),
+        head=head_model(cfg, gpu, tp),  # the LM head stays bf16
         cpu_attention=cpu_attention_model(cfg, cpu),
         swap_out=LinearModel(0.0, (0.0,)),  # CUDA copies run on their own stream: no engine time
-        metadata={
-            "kind": "analytic (roofline)",
-            "model": model, "device": hardware, "device_name": gpu["description"], "dtype": "bfloat16",
-            "tp": str(tp), "cpu_host": f"{cpu_host} ({cpu['description']})",
-            "cpu_workers_per_host": str(workers),
-            "efficiency": ", ".join(f"{k}={v}" for k, v in gpu["efficiency"].items()),
-            "cpu_efficiency": ", ".join(f"{k}={v}" for k, v in cpu["efficiency"].items()),
-            "dense": "per layer and shard: overhead + max(GEMM FLOPs, weight read) + 2 all-reduces; no wave steps",
-            "device_kv": f"tp x ({memory['usable_fraction']} x memory - activation reserve) - weights",
-            "host_kv": f"{cpu['pool']['kv_memory_fraction']} of one host's memory",
-            "swap": "swap_out 0 (asynchronous CUDA copies); PCIe bandwidth is the TP group's links together",
-            "instances": ("one of two TP2 instances on the 4 GPUs" if model.lower() == "yi-34b" and tp == 2
-                          else "one instance"),
-        },
+        metadata=_analytic_metadata(model, hardware, gpu, cpu_host, cpu, tp, weight_bytes),
     )
     host = cpu["peak"]
+    quantized = "" if weight_bytes == GPU_DTYPE_BYTES else f"-{WEIGHT_DTYPES[weight_bytes]}"
     return SystemProfile(
-        name=f"{model}-tp{tp} on {hardware}-x{tp} + {num_cpu_hosts} x {cpu_host}",
+        name=f"{model}{quantized}-tp{tp} on {hardware}-x{tp} + {num_cpu_hosts} x {cpu_host}",
         latency=latency,
         num_layers=cfg.num_layers,
         kv_bytes_per_token=kv_per_token,
         device_kv_tokens=int(kv_memory // kv_per_token),
         host_kv_tokens=int(host["memory_bytes"] * cpu["pool"]["kv_memory_fraction"] // kv_per_token),
-        cpu_workers_per_host=workers,
+        cpu_workers_per_host=cpu_workers(cpu),
         num_cpu_hosts=num_cpu_hosts,
         pcie_bytes_per_s=tp * gpu["peak"]["pcie_bytes_per_s"],  # each GPU copies its shard over its own link
         network_bytes_per_s=host["network_bytes_per_s"] * cpu["efficiency"]["network_bandwidth"],
@@ -356,7 +258,7 @@ def measured_profile(path: str | os.PathLike | None = None, *, model: str = "smo
     cfg = model_config(model)
     if latency.num_layers != cfg.num_layers:
         raise ValueError(f"{source} has {latency.num_layers} layers; {model} has {cfg.num_layers}")
-    defaults = _hardware("this-machine", "measured")["defaults"]
+    defaults = hardware_spec("this-machine", "measured")["defaults"]
     dtype = latency.metadata.get("dtype", "float32")
     if dtype not in _DTYPE_BYTES:
         raise ValueError(f"{source}: unknown dtype {dtype!r}")
@@ -394,7 +296,8 @@ def list_profiles() -> list[str]:
 
 
 def get_profile(name: str, **kw) -> SystemProfile:
-    """A profile by name; keywords go to analytic_profile (num_cpu_hosts, cpu_host, tp) or measured_profile."""
+    """A profile by name; keywords go to analytic_profile (num_cpu_hosts, cpu_host, tp, weight_bytes) or
+    measured_profile."""
     key = name.lower()
     if key in _NAMED:
         spec = _NAMED[key]
@@ -412,17 +315,22 @@ def _ms(seconds: float) -> str:
 
 
 def describe(profile: SystemProfile, context: int = 1000) -> str:
+    """A few numbers to sanity-check a profile. The large decode batch is 64 requests, or as many as the device KV
+    holds at `context` when that is fewer (a batch that could not run would say nothing)."""
     latency = profile.latency
     cpu = latency.cpu_attention_time(context, 1)
     device = latency.decode_attention_time(context, 1)
     profiled_rows = int(latency.metadata.get("max_num_tokens", 1 << 30))
     extrapolated = f" (extrapolated beyond the {profiled_rows} profiled rows)" if profiled_rows < 2048 else ""
+    fit = profile.device_kv_tokens // context
+    batch = max(1, min(64, fit))
     return "\n".join([
         profile.name,
         f"  decode step at context {context}: batch 1 {_ms(profile.decode_step_time(1, context))}, "
-        f"batch 64 {_ms(profile.decode_step_time(64, context))}",
+        f"batch {batch} {_ms(profile.decode_step_time(batch, context))}" + (" (all the device KV holds)" * (fit < 64)),
         f"  prefill of 2048 tokens: {_ms(profile.prefill_time(2048))}{extrapolated}",
-        f"  device KV: {profile.device_kv_tokens:,} tokens; host KV: {profile.host_kv_tokens:,} tokens per host x "
+        f"  device KV: {profile.device_kv_tokens:,} tokens of {profile.kv_bytes_per_token / 1024:.0f} KiB "
+        f"({fit:,} requests at context {context}); host KV: {profile.host_kv_tokens:,} tokens per host x "
         f"{profile.num_cpu_hosts} host(s), {profile.cpu_workers_per_host} CPU worker(s) each",
         f"  one request's attention per layer at context {context}: CPU worker {_ms(cpu)} vs device {_ms(device)} "
         f"({cpu / device:.1f}x)" if device > 0 else "  (no device decode attention)",
@@ -435,7 +343,7 @@ def gpu_cpu_attention_ratio(model: str, hardware: str, cpu_host: str = DEFAULT_C
     one layer) than ONE CPU host with all its workers sharing the batch: the comparison DESIGN.md quotes from the
     paper (Llama-2-70B, A100 vs Xeon Gold 6342, context 1000: 2.3-7.6x)."""
     cfg = model_config(model)
-    gpu, cpu = _hardware(hardware, "gpu"), _hardware(cpu_host, "cpu")
+    gpu, cpu = hardware_spec(hardware, "gpu"), hardware_spec(cpu_host, "cpu")
     gpu_seconds = decode_attention_model(cfg, gpu, tp=1)(batch * context, batch)
     busy = min(batch, cpu_workers(cpu))
     rows = math.ceil(batch / busy)  # the busiest worker's share decides when the host is done

@@ -6,14 +6,21 @@ Length sources:
   tokenizer); output lengths of the Azure conversation trace (real chat answers; ShareGPT's replies are not shipped).
 - `azure-code`, `azure-conv`, `mooncake`: the trace's own input and output lengths.
 - `longbench`, `cnn`: the OmniServe paper's long-input BE sets, which are not shipped: gamma-distributed lengths
-  with their published means (LongBench-v2 8,952 in / 136 out; CNN/DailyMail 1,964 in / 397 out).
+  with the means the paper publishes (its LongBench-v2 set 8,952 in / 136 out, far shorter than LongBench v2's own
+  contexts; CNN/DailyMail 1,964 in / 397 out).
+- `longbench-v2`: LongBench v2's own contexts (median 54k words, mean 104k, 8k to 2M), log-normal: most are longer
+  than a model's window, so `max_input` (the served window) truncates them, as LongBench's harness does.
+- `reasoning`: batch generation of reasoning traces, decode-heavy: about 1,000 tokens in, 4,000 out.
 - `fixed:IN:OUT`: every request the same.
+
+`SYNTHETIC` holds the synthetic sources' numbers and where each comes from; `length_sources()` lists every name.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import math
 import random
 from dataclasses import dataclass
 
@@ -21,8 +28,57 @@ from omniserve.bench import workload as bench_workload
 from omniserve.bench.workload import WorkloadError
 from omniserve.simulator.sim import SimRequest
 
-PUBLISHED_MEANS = {"longbench": (8952, 136), "cnn": (1964, 397)}
 _SHAPE = 4.0  # gamma shape of the synthetic lengths: coefficient of variation 0.5
+TOKENS_PER_WORD = 4 / 3
+"""English text in a Llama-3-class tokenizer: about 100 tokens per 75 words (the usual rule of thumb), to turn a data
+set's word counts into tokens."""
+
+
+@dataclass(frozen=True)
+class SyntheticLengths:
+    """A length source made from a data set's published statistics (the data itself is not shipped). Outputs are
+    gamma-distributed around `mean_output`; inputs too around `mean_input`, unless `median_input` is given: then
+    they are log-normal with that median and mean (a heavy tail, as long-document sets have), clamped to the set's
+    [min_input, max_input]."""
+
+    mean_input: float
+    mean_output: float
+    median_input: float | None = None
+    min_input: int = 1
+    max_input: int = 1 << 40
+    source: str = ""
+    """Where the numbers come from."""
+
+    def draw(self, rng: random.Random) -> tuple[int, int]:
+        if self.median_input is None:
+            input_len = rng.gammavariate(_SHAPE, self.mean_input / _SHAPE)
+        else:  # log-normal: median e^mu, mean e^(mu + sigma^2 / 2)
+            sigma = math.sqrt(2 * math.log(self.mean_input / self.median_input))
+            input_len = min(max(rng.lognormvariate(math.log(self.median_input), sigma), self.min_input),
+                            self.max_input)
+        return round(input_len), round(rng.gammavariate(_SHAPE, self.mean_output / _SHAPE))
+
+
+SYNTHETIC = {
+    "longbench": SyntheticLengths(8952, 136, source="the OmniServe paper's LongBench-v2 BE set: its means"),
+    "cnn": SyntheticLengths(1964, 397, source="the OmniServe paper's CNN/DailyMail BE set: means"),
+    # LongBench v2 (Bai et al., arXiv 2412.15204, section 1 and Table 1): 503 questions whose contexts run from 8k
+    # to 2M words (shorter documents are rejected at 8,192 words), median 54k words, mean 104k. Outputs: the
+    # OmniServe paper's mean on this set (136 tokens; LongBench v2's harness allows 128 new tokens for a direct
+    # answer, 1,024 with chain of thought).
+    "longbench-v2": SyntheticLengths(
+        104_000 * TOKENS_PER_WORD, 136, median_input=54_000 * TOKENS_PER_WORD, min_input=round(8_192 * TOKENS_PER_WORD),
+        max_input=round(2_000_000 * TOKENS_PER_WORD),
+        source="LongBench v2's published context lengths in words (arXiv 2412.15204) x 4/3 tokens per word"),
+    # Not a data set: an assumed shape for batch generation of reasoning traces (a problem with its instructions
+    # in, a chain of thought out, as R1-style reasoning models write thousands of tokens per problem).
+    "reasoning": SyntheticLengths(1000, 4000, source="assumed: reasoning-trace generation, ~1,000 in / 4,000 out"),
+}
+
+
+def length_sources() -> list[str]:
+    """Every length source's name (`fixed:IN:OUT` stands for any fixed pair)."""
+    return ["sharegpt", *bench_workload.TRACES, *SYNTHETIC, "fixed:IN:OUT"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -64,10 +120,8 @@ def draw_lengths(source: str, rng: random.Random, max_input: int, max_output: in
         trace = _trace(source)
         i = rng.randrange(len(trace.times))
         input_len, output_len = trace.input_lens[i], trace.output_lens[i]
-    elif source in PUBLISHED_MEANS:
-        mean_in, mean_out = PUBLISHED_MEANS[source]
-        input_len = round(rng.gammavariate(_SHAPE, mean_in / _SHAPE))
-        output_len = round(rng.gammavariate(_SHAPE, mean_out / _SHAPE))
+    elif source in SYNTHETIC:
+        input_len, output_len = SYNTHETIC[source].draw(rng)
     else:
         input_len, output_len = _fixed_lengths(source)
     return min(max(1, input_len), max_input), min(max(1, output_len), max_output)
@@ -76,8 +130,7 @@ def draw_lengths(source: str, rng: random.Random, max_input: int, max_output: in
 def _fixed_lengths(source: str) -> tuple[int, int]:
     """(IN, OUT) of `fixed:IN:OUT`; any other unknown source is an error that lists the known ones."""
     if not source.startswith("fixed:"):
-        raise WorkloadError(f"unknown length source {source!r}: sharegpt, azure-code, azure-conv, mooncake, "
-                            "longbench, cnn or fixed:IN:OUT")
+        raise WorkloadError(f"unknown length source {source!r}: {', '.join(length_sources())}")
     try:
         input_len, output_len = (int(x) for x in source.split(":")[1:])
     except ValueError:
@@ -100,7 +153,7 @@ class ClassLoad:
     max_output: int = 1 << 30
 
     def __post_init__(self) -> None:  # a bad source fails here, not after the arrivals of a long run are drawn
-        if self.lengths not in {"sharegpt", *bench_workload.TRACES, *PUBLISHED_MEANS}:
+        if self.lengths not in {"sharegpt", *bench_workload.TRACES, *SYNTHETIC}:
             _fixed_lengths(self.lengths)
 
 
