@@ -64,3 +64,32 @@ def timeline_plot(timeline: dict[str, list], slos: dict[str, Slo], path: str | P
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def gain_heatmaps(panels: dict[str, list[tuple[float, float, float | None, str]]], path: str | Path, title: str = "",
+                  xlabel: str = "", ylabel: str = "") -> None:
+    """One heatmap per panel of (x, y, gain, note) cells on a grid of their distinct x and y values: colour on a log
+    scale from 0.25x (red) through 1x to 4x (green), each cell annotated with its gain and note."""
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 1, 4.2), squeeze=False)
+    image = None
+    for axis, (name, cells) in zip(axes[0], panels.items()):
+        xs, ys = sorted({c[0] for c in cells}), sorted({c[1] for c in cells})
+        grid = np.full((len(ys), len(xs)), np.nan)
+        for x, y, gain, note in cells:
+            row, column = ys.index(y), xs.index(x)
+            if gain:
+                grid[row, column] = np.log2(gain)
+            axis.text(column, row, f"{gain:.2f}x\n{note}" if gain else f"-\n{note}", ha="center", va="center",
+                      fontsize=7)
+        image = axis.imshow(grid, cmap="RdYlGn", vmin=-2, vmax=2, origin="lower", aspect="auto")
+        axis.set_xticks(range(len(xs)), [f"{x:g}" for x in xs])
+        axis.set_yticks(range(len(ys)), [f"{y:g}" for y in ys])
+        axis.set_xlabel(xlabel)
+        axis.set_title(name, fontsize=9)
+    axes[0][0].set_ylabel(ylabel)
+    if image is not None:
+        bar = figure.colorbar(image, ax=axes[0].tolist(), ticks=[-2, -1, 0, 1, 2])
+        bar.ax.set_yticklabels(["0.25x", "0.5x", "1x", "2x", "4x"])
+    figure.suptitle(title or "gain", fontsize=10)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(figure)

@@ -18,7 +18,20 @@ EXAMPLES = """examples:
   omniserve simulate --profile smollm2-135m@this-machine --ls-rate 1 --ttft-slo 2 --tpot-slo 0.1 --duration 120
   # the OmniServe paper's main comparisons, one table
   omniserve simulate --experiment paper
+  # where offloading pays: omniserve vs sarathi over device KV per BE request x LS load x BE shape x CPU hosts
+  omniserve simulate --regime-map --profile llama-3-8b@h100 --be-lengths longbench,fixed:1000:4000 \
+      --ls-loads 0.25,0.5 --device-kv-requests 1,2,4,8 --cpu-hosts 0,4 --duration 300 --output-dir sim/regime
 """
+
+
+def _numbers(kind):
+    """An argparse type: a comma-separated list of `kind`."""
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(item) for item in text.split(",") if item.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}") from None
+    return parse
 
 
 def add_simulate_command(commands) -> None:
@@ -29,13 +42,16 @@ def add_simulate_command(commands) -> None:
         description="Runs the engine's scheduler, under each policy, on a simulated clock against a simulated "
         "device, CPU attention pool and network, with a measured or analytic profile; prints one line per policy "
         "(and a JSON line each on stdout).", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sim.add_argument("--profile", default="llama-2-70b@a100x4",
-                     help=f"{', '.join(list_profiles())}, or MODEL@HARDWARE-FILE")
+    sim.add_argument("--profile", default=None, help=f"{', '.join(list_profiles())}, or MODEL@HARDWARE-FILE "
+                     "(default llama-2-70b@a100x4; with --regime-map llama-3-8b@h100)")
     sim.add_argument("--profile-path", default=None, help="a latency profile JSON for smollm2-135m@this-machine")
-    sim.add_argument("--cpu-hosts", type=int, default=0, help="CPU-only hosts besides the GPU server's own CPU")
+    sim.add_argument("--cpu-hosts", type=_numbers(int), default=None,
+                     help="CPU-only hosts besides the GPU server's own CPU (default 0; with --regime-map a list, 0,4)")
     sim.add_argument("--policies", default="omniserve,sarathi,llumnix,neo,fcfs")
-    sim.add_argument("--duration", type=float, default=600.0, help="simulated seconds of arrivals")
-    sim.add_argument("--drain", type=float, default=600.0, help="simulated seconds to finish after the arrivals")
+    sim.add_argument("--duration", type=float, default=None,
+                     help="simulated seconds of arrivals (default 600; with --regime-map 120)")
+    sim.add_argument("--drain", type=float, default=None,
+                     help="simulated seconds to finish after the arrivals (default 600; with --regime-map 90)")
     sim.add_argument("--ttft-slo", type=float, default=None)
     sim.add_argument("--tpot-slo", type=float, default=None)
     sim.add_argument("--ls-rate", type=float, default=1.0)
@@ -47,7 +63,8 @@ def add_simulate_command(commands) -> None:
                      "mooncake or a file); '' for Poisson at --be-rate")
     sim.add_argument("--be-rate", type=float, default=182.6 / 60,
                      help="BE mean rate (req/s); with a trace, the trace is rescaled to it (0: the trace's own)")
-    sim.add_argument("--be-lengths", default="longbench")
+    sim.add_argument("--be-lengths", default=None,
+                     help="as --ls-lengths (default longbench; with --regime-map a list, longbench,fixed:1000:4000)")
     sim.add_argument("--max-input-len", type=int, default=16384)
     sim.add_argument("--max-output-len", type=int, default=2048)
     sim.add_argument("--max-num-batched-tokens", type=int, default=SchedulerConfig.max_num_batched_tokens)
@@ -58,6 +75,17 @@ def add_simulate_command(commands) -> None:
     sim.add_argument("--output-dir", default=None, help="result.json and plots per policy")
     sim.add_argument("--experiment", choices=("paper",), default=None,
                      help="paper: the OmniServe paper's comparisons (other workload flags are ignored)")
+    regime = sim.add_argument_group("--regime-map", "omniserve vs sarathi over a grid of cells, each told what binds "
+                                    "(docs/simulator.md); also reads --profile, --be-lengths, --cpu-hosts, --duration, "
+                                    "--drain, --ttft-slo, --tpot-slo (default: from the profile), --seed, --output-dir")
+    regime.add_argument("--regime-map", action="store_true", help="run the regime map (other workload flags ignored)")
+    regime.add_argument("--ls-loads", type=_numbers(float), default=(0.25, 0.5),
+                        help="LS rates as fractions of the device's LS saturation rate")
+    regime.add_argument("--ls-rates", type=_numbers(float), default=(), help="LS rates in req/s (over --ls-loads)")
+    regime.add_argument("--device-kv-requests", type=_numbers(float), default=(1.0, 4.0, 16.0),
+                        help="device KV beyond the LS load's mean, in BE requests' mean KV")
+    regime.add_argument("--be-load", type=float, default=1.5,
+                        help="BE Poisson rate as a fraction of the device's BE saturation rate")
     sim.add_argument("--no-progress", action="store_true")
     sim.set_defaults(handler=simulate_main)
 
@@ -65,46 +93,87 @@ def add_simulate_command(commands) -> None:
 def simulate_main(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    from omniserve.bench.workload import WorkloadError, parse_rate_steps
+    from omniserve.bench.workload import WorkloadError
+
+    bar = tqdm(desc="simulated requests", unit="req", file=sys.stderr, disable=args.no_progress, dynamic_ncols=True)
+    try:
+        if args.regime_map:
+            _regime_main(args, bar)
+        elif args.experiment == "paper":
+            _paper_main(args, bar)
+        else:
+            _policies_main(args, bar)
+    except (ValueError, WorkloadError) as exc:
+        sys.exit(f"omniserve simulate: error: {exc}")
+    finally:
+        bar.close()
+
+
+def _or(value, default):
+    return default if value is None else value
+
+
+def _paper_main(args: argparse.Namespace, bar) -> None:
+    from omniserve.simulator import experiment
+
+    rows = experiment.run_paper(_or(args.duration, 600.0), args.seed, progress=bar.update,
+                                drain=_or(args.drain, 600.0))
+    bar.close()
+    table = experiment.paper_table(rows)
+    print(table, file=sys.stderr)
+    for row in rows:
+        print(json.dumps({"case": row["case"], "policies": row["policies"]}, separators=(",", ":")))
+    if args.output_dir:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(args.output_dir) / "paper.md").write_text(table + "\n")
+        (Path(args.output_dir) / "paper.json").write_text(json.dumps(rows, indent=1))
+
+
+def _regime_main(args: argparse.Namespace, bar) -> None:
+    from omniserve.simulator import regime
+
+    defaults = regime.RegimeSpec()
+    spec = regime.RegimeSpec(
+        profile=_or(args.profile, defaults.profile),
+        be_lengths=tuple(args.be_lengths.split(",")) if args.be_lengths else defaults.be_lengths,
+        ls_loads=args.ls_loads, ls_rates=args.ls_rates, device_kv_requests=args.device_kv_requests,
+        cpu_hosts=_or(args.cpu_hosts, defaults.cpu_hosts), ls_lengths=args.ls_lengths, be_load=args.be_load,
+        ttft_slo=args.ttft_slo, tpot_slo=args.tpot_slo, duration=_or(args.duration, defaults.duration),
+        drain=_or(args.drain, defaults.drain), seed=args.seed)
+    rows = regime.run_regime_map(spec, progress=bar.update)
+    bar.close()
+    table = regime.write_outputs(rows, Path(args.output_dir)) if args.output_dir else regime.regime_table(rows)
+    print(table, file=sys.stderr)
+    for row in rows:
+        print(json.dumps(row, separators=(",", ":")))
+
+
+def _policies_main(args: argparse.Namespace, bar) -> None:
+    from omniserve.bench.workload import parse_rate_steps
     from omniserve.simulator import experiment
     from omniserve.simulator.profiles import get_profile
     from omniserve.simulator.sim import SimConfig
     from omniserve.simulator.workload import ClassLoad
 
-    bar = tqdm(desc="simulated requests", unit="req", file=sys.stderr, disable=args.no_progress, dynamic_ncols=True)
-    try:
-        if args.experiment == "paper":
-            rows = experiment.run_paper(args.duration, args.seed, progress=bar.update, drain=args.drain)
-            bar.close()
-            table = experiment.paper_table(rows)
-            print(table, file=sys.stderr)
-            for row in rows:
-                print(json.dumps({"case": row["case"], "policies": row["policies"]}, separators=(",", ":")))
-            if args.output_dir:
-                Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-                (Path(args.output_dir) / "paper.md").write_text(table + "\n")
-                (Path(args.output_dir) / "paper.json").write_text(json.dumps(rows, indent=1))
-            return
-        kw = {"path": args.profile_path} if args.profile_path else {"num_cpu_hosts": 1 + args.cpu_hosts}
-        profile = get_profile(args.profile, **kw)
-        steps = parse_rate_steps(args.ls_rate_steps) if args.ls_rate_steps else None
-        loads = {"ls": ClassLoad(rate=args.ls_rate, burstiness=args.ls_burstiness, rate_steps=steps,
-                                 lengths=args.ls_lengths, max_input=args.max_input_len,
-                                 max_output=args.max_output_len),
-                 "be": ClassLoad(rate=args.be_rate, trace=args.be_trace or None, lengths=args.be_lengths,
-                                 max_input=args.max_input_len, max_output=args.max_output_len)}
-        base = SimConfig(ls_ttft_slo=args.ttft_slo, ls_tpot_slo=args.tpot_slo, seed=args.seed,
-                         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-                         max_model_len=args.max_input_len + args.max_output_len, latency_noise=args.latency_noise)
-        print(f"profile: {profile.name}", file=sys.stderr)
-        for policy in args.policies.split(","):
-            summary, result = experiment.simulate(profile, replace(base, policy=policy.strip()), loads,
-                                                  args.duration, args.drain, progress=bar.update)
-            bar.write(experiment.one_line(summary), file=sys.stderr)
-            print(json.dumps(summary, separators=(",", ":")), flush=True)
-            if args.output_dir:
-                experiment.write_outputs(summary, result, Path(args.output_dir) / policy.strip())
-    except (ValueError, WorkloadError) as exc:
-        sys.exit(f"omniserve simulate: error: {exc}")
-    finally:
-        bar.close()
+    hosts = _or(args.cpu_hosts, (0,))
+    if len(hosts) != 1:
+        raise ValueError("--cpu-hosts takes one number (a list only with --regime-map)")
+    duration, drain = _or(args.duration, 600.0), _or(args.drain, 600.0)
+    kw = {"path": args.profile_path} if args.profile_path else {"num_cpu_hosts": 1 + hosts[0]}
+    profile = get_profile(_or(args.profile, "llama-2-70b@a100x4"), **kw)
+    steps = parse_rate_steps(args.ls_rate_steps) if args.ls_rate_steps else None
+    loads = {"ls": ClassLoad(rate=args.ls_rate, burstiness=args.ls_burstiness, rate_steps=steps,
+                             lengths=args.ls_lengths, max_input=args.max_input_len, max_output=args.max_output_len),
+             "be": ClassLoad(rate=args.be_rate, trace=args.be_trace or None, lengths=args.be_lengths or "longbench",
+                             max_input=args.max_input_len, max_output=args.max_output_len)}
+    base = SimConfig(ls_ttft_slo=args.ttft_slo, ls_tpot_slo=args.tpot_slo, seed=args.seed,
+                     max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+                     max_model_len=args.max_input_len + args.max_output_len, latency_noise=args.latency_noise)
+    print(f"profile: {profile.name}", file=sys.stderr)
+    for policy in args.policies.split(","):
+        summary, result = experiment.simulate(profile, replace(base, policy=policy.strip()), loads, duration, drain,
+                                              progress=bar.update)
+        bar.write(experiment.one_line(summary), file=sys.stderr)
+        print(json.dumps(summary, separators=(",", ":")), flush=True)
+        if args.output_dir:
+            experiment.write_outputs(summary, result, Path(args.output_dir) / policy.strip())

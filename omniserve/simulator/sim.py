@@ -14,6 +14,9 @@ clock, and a simulated executor stands in for the device, the CPU attention pool
 
 Only the executor is simulated: admission, placement decisions, chunking, piggyback admission and preemption are the
 scheduler's own code, driven through its public seams (schedule, update, results_ready, observe, an injected clock).
+
+Besides the requests' records a run reports what the resources held over time (`Usage`: device and host KV, the
+offloaded requests and their rows, the BE backlog), sampled once per iteration, for the regime map (regime.py).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from omniserve.engine.scheduler import Scheduler
 from omniserve.engine.scheduler.config import SchedulerConfig
 from omniserve.engine.scheduler.latency_model import batch_shape_of_chunks
 from omniserve.engine.scheduler.plan import IterationPlan, RunnerOutput
-from omniserve.engine.scheduler.request import Request
+from omniserve.engine.scheduler.request import Placement, Request, RequestStatus
 from omniserve.kv_cache import PageAllocator, PageTable
 from omniserve.sampling.params import SampledToken, SamplingParams
 from omniserve.simulator.profiles import SystemProfile
@@ -95,6 +98,44 @@ class _Host:
 
 
 @dataclass
+class Usage:
+    """Time-weighted averages of what the resources held while requests arrived (until the last arrival, as the
+    throughput counts the arrival window): each is read once per iteration, after the plan (and once per idle wait),
+    and weighted by the simulated seconds until the next reading."""
+
+    device_kv: float = 0.0
+    """Share of the device KV pages in use."""
+    host_kv: list[float] = field(default_factory=list)
+    """Per host: share of its KV budget in use."""
+    offloaded: float = 0.0
+    """Offloaded requests (KV in the CPU pool)."""
+    offloaded_waiting_cpu: float = 0.0
+    """Of those, the ones whose row is out on the CPU (sent this iteration or earlier, its result not yet heard of)."""
+    offloaded_ready: float = 0.0
+    """Of those, the ones whose row could join the device batch (a CPU result back, or a new token to start) but was
+    left out of this iteration."""
+    be_waiting: float = 0.0
+    """BE requests waiting for admission (new or preempted)."""
+    be_stalled: float = 0.0
+    """BE requests holding device pages with a token to decode that the plan left out."""
+    iteration_fill: float = 0.0
+    """Over the iterations that ran while a BE request waited for admission: the larger of predicted time / time
+    budget and tokens / token budget (capped at 1). Whether BE waits because the device has no time left."""
+    offloaded_tokens: int = 0
+    """Output tokens sampled by offloaded rows passing the last layer (a count, not an average)."""
+    seconds: float = 0.0
+    """The window measured: from the start to the last arrival."""
+    iteration_seconds: float = 0.0
+    """The mean iteration's duration in that window."""
+    device_busy: float = 0.0
+    """Share of that window the device ran iterations."""
+    cpu_busy: list[float] = field(default_factory=list)
+    """Per host: share of its workers' time in that window spent on attention (by when the rows were sent)."""
+    recompute_share: float = 0.0
+    """Share of the device's prompt (prefill) tokens that computed KV again, after a preemption (by tokens)."""
+
+
+@dataclass
 class SimResult:
     records: list[Record]
     seconds: float  # simulated
@@ -102,6 +143,80 @@ class SimResult:
     device_busy: float  # simulated seconds the device ran iterations
     cpu_busy: list[float]  # per host: worker-seconds of CPU attention
     counters: dict[str, int] = field(default_factory=dict)
+    usage: Usage = field(default_factory=Usage)
+
+
+class _UsageMeter:
+    """Accumulates Usage: `read` takes a reading after a plan, `weigh` charges it with the seconds that followed."""
+
+    _AVERAGED = ("device_kv", "offloaded", "offloaded_waiting_cpu", "offloaded_ready", "be_waiting", "be_stalled")
+
+    def __init__(self, num_hosts: int, token_budget: int, workers_per_host: int) -> None:
+        self.workers_per_host = workers_per_host
+        self.cpu_busy = [0.0] * num_hosts  # worker-seconds, as Simulation.cpu_busy, within the window
+        self.token_budget = token_budget
+        self.end = float("inf")  # readings count until then (the last arrival)
+        self.sums = dict.fromkeys(self._AVERAGED, 0.0)
+        self.host_sums = [0.0] * num_hosts
+        self.fill_sum = self.seconds = self.backlogged_seconds = self.busy_seconds = 0.0
+        self.iterations = 0
+        self.offloaded_tokens = self.prefill_tokens = self.recomputed_tokens = 0
+        self.computed: dict[str, int] = {}  # the most tokens of KV each request has had computed
+        self.reading: dict[str, float] = {}
+        self.host_reading: list[float] = []
+        self.fill = 0.0
+
+    def read(self, scheduler: Scheduler, plan: IterationPlan, hosts: list[_Host], host_kv_tokens: int,
+             ls_open: set[str]) -> None:
+        scheduled = {chunk.request_id for chunk in plan.chunks}
+        pending = [r for r in scheduler.offloaded if r.token_in_flight and r.result_ready_since is None]
+        stalled = sum(1 for r in scheduler.running if r.is_best_effort and r.placement is Placement.DEVICE
+                      and r.num_output_tokens and r.request_id not in scheduled)
+        ls_waiting = sum(1 for rid in ls_open  # a rejected one has left the scheduler already
+                         if (r := scheduler.requests.get(rid)) is not None and r.status is RequestStatus.WAITING)
+        allocator = scheduler.page_table.allocator
+        self.reading = {"device_kv": 1.0 - allocator.num_free / allocator.num_pages,
+                        "offloaded": len(scheduler.offloaded), "offloaded_waiting_cpu": len(pending),
+                        "offloaded_ready": len(scheduler.offloaded) - len(pending),
+                        "be_waiting": len(scheduler.waiting) - ls_waiting, "be_stalled": stalled}
+        self.host_reading = [1.0 - host.free_tokens / host_kv_tokens for host in hosts]
+        self._count_recompute(plan)
+        tokens = sum(len(chunk.token_ids) for chunk in plan.chunks) / self.token_budget
+        timed = plan.predicted_time / plan.time_budget if plan.predicted_time and plan.time_budget else 0.0
+        self.fill = min(1.0, max(tokens, timed))
+
+    def _count_recompute(self, plan: IterationPlan) -> None:
+        for chunk in plan.chunks:
+            count, start = len(chunk.token_ids), chunk.start_position
+            if count > 1:
+                self.prefill_tokens += count
+                self.recomputed_tokens += max(0, min(count, self.computed.get(chunk.request_id, 0) - start))
+            self.computed[chunk.request_id] = max(start + count, self.computed.get(chunk.request_id, 0))
+
+    def weigh(self, start: float, end: float, iteration: bool) -> None:
+        seconds = max(0.0, min(end, self.end) - start)
+        for name, value in self.reading.items():
+            self.sums[name] += value * seconds
+        for host, value in enumerate(self.host_reading):
+            self.host_sums[host] += value * seconds
+        self.seconds += seconds
+        if iteration and seconds > 0:
+            self.busy_seconds += seconds
+            self.iterations += 1
+        if iteration and self.reading["be_waiting"] > 0:
+            self.fill_sum += self.fill * seconds
+            self.backlogged_seconds += seconds
+
+    def usage(self) -> Usage:
+        share = 1.0 / self.seconds if self.seconds else 0.0
+        return Usage(**{name: total * share for name, total in self.sums.items()},
+                     host_kv=[total * share for total in self.host_sums],
+                     iteration_fill=self.fill_sum / self.backlogged_seconds if self.backlogged_seconds else 0.0,
+                     offloaded_tokens=self.offloaded_tokens, seconds=self.seconds,
+                     iteration_seconds=self.busy_seconds / self.iterations if self.iterations else 0.0,
+                     device_busy=self.busy_seconds * share,
+                     cpu_busy=[busy * share / self.workers_per_host for busy in self.cpu_busy],
+                     recompute_share=self.recomputed_tokens / self.prefill_tokens if self.prefill_tokens else 0.0)
 
 
 class Simulation:
@@ -123,6 +238,8 @@ class Simulation:
         self.device_busy = 0.0
         self.cpu_busy = [0.0] * profile.num_cpu_hosts
         self._seq = itertools.count()
+        self.meter = _UsageMeter(profile.num_cpu_hosts, config.max_num_batched_tokens, profile.cpu_workers_per_host)
+        self._ls_open: set[str] = set()  # LS requests not yet ended (to count the BE ones among the waiting)
 
     # ------------------------------------------------------------------------------------------------ requests
     def _add(self, request_id: str, request: SimRequest) -> None:
@@ -134,6 +251,8 @@ class Simulation:
             ttft_slo=self.config.ls_ttft_slo if ls else None, tpot_slo=self.config.ls_tpot_slo if ls else None))
         self.records[request_id] = Record(request.service_class, request.arrival, request.input_len,
                                           request.output_len, sent=request.arrival)
+        if ls:
+            self._ls_open.add(request_id)
 
     # ------------------------------------------------------------------------------------------------ the pool
     def _place(self, request_id: str, tokens: int) -> tuple[int, int]:
@@ -178,6 +297,8 @@ class Simulation:
             busy = profile.latency.cpu_attention_time(sum(c for _, _, c in batch), len(batch))
             self.hosts[host].worker_free_at[worker] = start + busy
             self.cpu_busy[host] += busy
+            if sent < self.meter.end:
+                self.meter.cpu_busy[host] += busy
             for request_id, layer, _ in batch:
                 heapq.heappush(self.cpu_results, (start + busy + transfer, next(self._seq), request_id, layer))
 
@@ -206,6 +327,8 @@ class Simulation:
         sampled, cpu_rows = iteration_outputs(plan, layers, _TOKEN)
         for token in plan.offloaded_starts:
             self._grow(token.request_id)
+        if start < self.meter.end:
+            self.meter.offloaded_tokens += sum(1 for _, layer in plan.returning if layer + 1 >= layers)
         requests = self.scheduler.requests
         rows = [(rid, layer, requests[rid].num_tokens) for rid, layer in cpu_rows if rid in requests]
         for transfer in plan.swap_outs:
@@ -221,8 +344,8 @@ class Simulation:
         self.scheduler.observe(plan, seconds)
         self._book(plan, sampled)
 
-    def _book(self, plan: IterationPlan, sampled: dict[str, SampledToken]) -> None:
-        """Tells the scheduler what the iteration produced and which copies have ended by now."""
+    def _book(self, plan: IterationPlan, sampled: dict[str, SampledToken]) -> bool:
+        """Tells the scheduler what the iteration produced and which copies have ended by now; whether any had."""
         done_out = [rid for t, kind, rid in self.swaps if kind == "out" and t <= self.now]
         done_in = [rid for t, kind, rid in self.swaps if kind == "in" and t <= self.now]
         self.swaps = [s for s in self.swaps if s[0] > self.now]
@@ -230,6 +353,7 @@ class Simulation:
             self._release(request_id)
         for request in self.scheduler.update(plan, RunnerOutput(sampled, done_out, done_in)):
             self.records[request.request_id].token_times.append(self.now)
+        return bool(done_out or done_in)
 
     def _end_requests(self, pending: set[str]) -> set[str]:
         """Records the requests the scheduler let go (finished or rejected), frees their host memory, and returns
@@ -247,6 +371,7 @@ class Simulation:
                 record.status, record.error, record.end = "rejected", "SLO admission", self.now
             if request_id not in still:
                 self._release(request_id)
+                self._ls_open.discard(request_id)
         return still
 
     # ------------------------------------------------------------------------------------------------ the loop
@@ -255,6 +380,7 @@ class Simulation:
         rest count as cancelled)."""
         arrivals = sorted(enumerate(workload), key=lambda item: item[1].arrival)
         next_arrival, iterations, pending = 0, 0, set()
+        self.meter.end = arrivals[-1][1].arrival if arrivals else 0.0
         while True:
             while next_arrival < len(arrivals) and arrivals[next_arrival][1].arrival <= self.now:
                 index, request = arrivals[next_arrival]
@@ -269,19 +395,23 @@ class Simulation:
             if until is not None and self.now >= until:
                 break
             plan = self.scheduler.schedule() if self.scheduler.has_unfinished() else IterationPlan()
-            if plan.chunks or plan.returning or plan.offloaded_starts or plan.swap_outs or plan.swap_ins:
+            self.meter.read(self.scheduler, plan, self.hosts, self.profile.host_kv_tokens, self._ls_open)
+            before = self.now
+            busy = bool(plan.chunks or plan.returning or plan.offloaded_starts or plan.swap_outs or plan.swap_ins)
+            if busy:
                 self._run_iteration(plan)
                 iterations += 1
             else:  # the device idles until something happens: an arrival, a CPU result, the end of a copy
-                self._book(plan, {})
+                copied = self._book(plan, {})  # a copy that ends now lets its request run in the next plan
                 wake = [t for t in (self.cpu_results[0][0] if self.cpu_results else None,
                                     min((s[0] for s in self.swaps), default=None),
                                     arrivals[next_arrival][1].arrival if next_arrival < len(arrivals) else None)
                         if t is not None]
                 if wake:
                     self.now = max(self.now, min(wake))
-                elif self.scheduler.has_unfinished() and not plan.rejected:
+                elif self.scheduler.has_unfinished() and not plan.rejected and not copied:
                     raise RuntimeError("the simulation is stuck: requests wait but nothing can run")
+            self.meter.weigh(before, self.now, busy)
             count = len(pending)
             pending = self._end_requests(pending)
             if progress is not None and count != len(pending):
@@ -293,4 +423,5 @@ class Simulation:
                 record.status, record.error, record.end = "cancelled", "still open at the end", self.now
         counters = {"preemptions": self.scheduler.num_preemptions, "swap_outs": self.scheduler.num_swap_outs,
                     "swap_ins": self.scheduler.num_swap_ins, "rejected": self.scheduler.num_rejected}
-        return SimResult(list(self.records.values()), self.now, iterations, self.device_busy, self.cpu_busy, counters)
+        return SimResult(list(self.records.values()), self.now, iterations, self.device_busy, self.cpu_busy, counters,
+                         self.meter.usage())
