@@ -65,8 +65,10 @@ def add_simulate_command(commands) -> None:
                      help="BE mean rate (req/s); with a trace, the trace is rescaled to it (0: the trace's own)")
     sim.add_argument("--be-lengths", default=None,
                      help="as --ls-lengths (default longbench; with --regime-map a list, longbench,fixed:1000:4000)")
-    sim.add_argument("--max-input-len", type=int, default=16384)
-    sim.add_argument("--max-output-len", type=int, default=2048)
+    sim.add_argument("--max-input-len", type=int, default=None,
+                     help="length caps (default 16384; with --regime-map, BE's only)")
+    sim.add_argument("--max-output-len", type=int, default=None,
+                     help="length caps (default 2048; with --regime-map, BE's only, default 8192)")
     sim.add_argument("--max-num-batched-tokens", type=int, default=SchedulerConfig.max_num_batched_tokens)
     sim.add_argument("--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs)
     sim.add_argument("--latency-noise", type=float, default=0.0,
@@ -139,7 +141,8 @@ def _regime_main(args: argparse.Namespace, bar) -> None:
         ls_loads=args.ls_loads, ls_rates=args.ls_rates, device_kv_requests=args.device_kv_requests,
         cpu_hosts=_or(args.cpu_hosts, defaults.cpu_hosts), ls_lengths=args.ls_lengths, be_load=args.be_load,
         ttft_slo=args.ttft_slo, tpot_slo=args.tpot_slo, duration=_or(args.duration, defaults.duration),
-        drain=_or(args.drain, defaults.drain), seed=args.seed)
+        drain=_or(args.drain, defaults.drain), seed=args.seed,
+        be_max=(_or(args.max_input_len, defaults.be_max[0]), _or(args.max_output_len, defaults.be_max[1])))
     rows = regime.run_regime_map(spec, progress=bar.update)
     bar.close()
     table = regime.write_outputs(rows, Path(args.output_dir)) if args.output_dir else regime.regime_table(rows)
@@ -159,16 +162,17 @@ def _policies_main(args: argparse.Namespace, bar) -> None:
     if len(hosts) != 1:
         raise ValueError("--cpu-hosts takes one number (a list only with --regime-map)")
     duration, drain = _or(args.duration, 600.0), _or(args.drain, 600.0)
+    max_input, max_output = _or(args.max_input_len, 16384), _or(args.max_output_len, 2048)
     kw = {"path": args.profile_path} if args.profile_path else {"num_cpu_hosts": 1 + hosts[0]}
     profile = get_profile(_or(args.profile, "llama-2-70b@a100x4"), **kw)
     steps = parse_rate_steps(args.ls_rate_steps) if args.ls_rate_steps else None
     loads = {"ls": ClassLoad(rate=args.ls_rate, burstiness=args.ls_burstiness, rate_steps=steps,
-                             lengths=args.ls_lengths, max_input=args.max_input_len, max_output=args.max_output_len),
+                             lengths=args.ls_lengths, max_input=max_input, max_output=max_output),
              "be": ClassLoad(rate=args.be_rate, trace=args.be_trace or None, lengths=args.be_lengths or "longbench",
-                             max_input=args.max_input_len, max_output=args.max_output_len)}
+                             max_input=max_input, max_output=max_output)}
     base = SimConfig(ls_ttft_slo=args.ttft_slo, ls_tpot_slo=args.tpot_slo, seed=args.seed,
                      max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-                     max_model_len=args.max_input_len + args.max_output_len, latency_noise=args.latency_noise)
+                     max_model_len=max_input + max_output, latency_noise=args.latency_noise)
     print(f"profile: {profile.name}", file=sys.stderr)
     for policy in args.policies.split(","):
         summary, result = experiment.simulate(profile, replace(base, policy=policy.strip()), loads, duration, drain,

@@ -175,7 +175,6 @@ TPOT_FACTOR, TTFT_FACTOR = 5.0, 3.0
 3 x that prompt's prefill in budget-sized chunks (llama-3-8b@h100: 37 ms and 0.39 s)."""
 POLICIES = ("omniserve", "sarathi")
 LS_MAX = (4096, 2048)  # LS prompt and output caps, as in the paper preset
-BE_MAX = (16384, 8192)  # BE caps: LongBench-v2-like prompts and long reasoning outputs
 
 
 @dataclass(frozen=True)
@@ -193,6 +192,8 @@ class RegimeSpec:
     cpu_hosts: tuple[int, ...] = (0, 4)
     """CPU-only hosts besides the GPU server's own CPU."""
     ls_lengths: str = "sharegpt"
+    be_max: tuple[int, int] = (16384, 8192)
+    """BE prompt and output caps (LongBench-like prompts, long reasoning outputs)."""
     be_load: float = 1.5
     """BE Poisson rate as a fraction of the device's BE saturation rate."""
     ttft_slo: float | None = None
@@ -262,7 +263,8 @@ def run_regime_map(spec: RegimeSpec, progress=None) -> list[dict]:
     base = get_profile(spec.profile, num_cpu_hosts=1)
     derived = default_slos(base)
     slo = Slo(spec.ttft_slo or derived.ttft, spec.tpot_slo or derived.tpot)
-    config = SimConfig(ls_ttft_slo=slo.ttft, ls_tpot_slo=slo.tpot, seed=spec.seed, max_model_len=sum(BE_MAX))
+    config = SimConfig(ls_ttft_slo=slo.ttft, ls_tpot_slo=slo.tpot, seed=spec.seed,
+                       max_model_len=max(sum(spec.be_max), sum(LS_MAX)))
     iteration_s = config.iteration_budget_share * slo.tpot
     ls_stats = LengthStats.of(spec.ls_lengths, *LS_MAX)
     ls_saturation = saturation_rate(base, ls_stats, iteration_s)
@@ -270,12 +272,13 @@ def run_regime_map(spec: RegimeSpec, progress=None) -> list[dict]:
                 else [(load, load * ls_saturation) for load in spec.ls_loads])
     rows = []
     for be_source in spec.be_lengths:
-        be_stats = LengthStats.of(be_source, *BE_MAX)
+        be_stats = LengthStats.of(be_source, *spec.be_max)
         be_rate = spec.be_load * saturation_rate(base, be_stats, iteration_s)
         for ls_load, ls_rate in ls_cells:
             loads = {"ls": ClassLoad(rate=ls_rate, lengths=spec.ls_lengths, max_input=LS_MAX[0],
                                      max_output=LS_MAX[1]),
-                     "be": ClassLoad(rate=be_rate, lengths=be_source, max_input=BE_MAX[0], max_output=BE_MAX[1])}
+                     "be": ClassLoad(rate=be_rate, lengths=be_source, max_input=spec.be_max[0],
+                                     max_output=spec.be_max[1])}
             ls_kv = ls_rate * iteration_s * ls_stats.resident  # Little's law: the LS load's mean KV in use
             for n in spec.device_kv_requests:
                 kv_tokens = max(1, min(base.device_kv_tokens, round(ls_kv + n * be_stats.request_kv)))
