@@ -70,7 +70,9 @@ def gain_heatmaps(panels: dict[str, list[tuple[float, float, float | None, str]]
                   xlabel: str = "", ylabel: str = "") -> None:
     """One heatmap per panel of (x, y, gain, note) cells on a grid of their distinct x and y values: colour on a log
     scale from 0.25x (red) through 1x to 4x (green), each cell annotated with its gain and note."""
-    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 1, 4.2), squeeze=False)
+    columns = max((len({c[0] for c in cells}) for cells in panels.values()), default=1)
+    figure, axes = plt.subplots(1, len(panels), figsize=(max(3.0, 1.4 * columns) * len(panels) + 1, 4.6),
+                                squeeze=False, layout="constrained")
     image = None
     for axis, (name, cells) in zip(axes[0], panels.items()):
         xs, ys = sorted({c[0] for c in cells}), sorted({c[1] for c in cells})
@@ -91,5 +93,5 @@ def gain_heatmaps(panels: dict[str, list[tuple[float, float, float | None, str]]
         bar = figure.colorbar(image, ax=axes[0].tolist(), ticks=[-2, -1, 0, 1, 2])
         bar.ax.set_yticklabels(["0.25x", "0.5x", "1x", "2x", "4x"])
     figure.suptitle(title or "gain", fontsize=10)
-    figure.savefig(path, dpi=110, bbox_inches="tight")
+    figure.savefig(path, dpi=110)
     plt.close(figure)

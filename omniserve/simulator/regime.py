@@ -328,7 +328,7 @@ def regime_plot(rows: list[dict], path: Path) -> None:
         gain = ours["be_tok_s"] / theirs["be_tok_s"] if theirs["be_tok_s"] else None
         x = row["ls_rate"] if row["ls_load"] is None else row["ls_load"]
         panels.setdefault(f"{row['be_lengths']}, {row['cpu_hosts']} CPU hosts", []).append(
-            (x, row["device_kv_requests"], gain, f"{SHORT[ours['binds']]} / {SHORT[theirs['binds']]}"))
+            (x, row["device_kv_requests"], gain, f"{SHORT[ours['binds']]} /\n{SHORT[theirs['binds']]}"))
     xlabel = "LS rate (req/s)" if rows and rows[0]["ls_load"] is None else "LS load (of the device's saturation)"
     title = f"BE tok/s, omniserve / sarathi, on {rows[0]['profile'] if rows else ''}\n(cell: gain, what binds " \
             "omniserve / sarathi)"
