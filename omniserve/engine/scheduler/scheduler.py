@@ -282,7 +282,7 @@ class Scheduler(Booking, PageRoom, Offloading, Piggybacking):
                 continue
             count = batch.largest_chunk(request, reserve_rows)
             needed = request.num_computed_tokens + count
-            if count <= 0 or not self._page_room(request, needed):
+            if count <= 0 or not self._page_room(request, needed) or not (ls or self._room_for_whole_prompt(request)):
                 blocked = True
                 continue
             self.waiting.remove(request)
