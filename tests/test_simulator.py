@@ -167,6 +167,7 @@ def use(**figures) -> regime.ResourceUse:
     ({"device_busy": 0.99, "iteration_fill": 0.95}, "BE load"),  # a full device with nothing waiting binds nothing
     ({"be_waiting": 5, "device_busy": 0.99, "iteration_fill": 0.95, "recompute_share": 0.5}, "device KV"),  # thrash
     ({"be_waiting": 5, "device_kv": 0.95}, "device KV"),
+    ({"be_waiting": 5, "device_kv": 0.7, "device_kv_room": 0.5}, "device KV"),  # not full, but no room for the next
     ({"be_waiting": 5, "device_kv": 0.95, "offloaded": 40, "offloaded_waiting_cpu": 38}, "offloaded pipeline"),
     ({"be_waiting": 5, "device_kv": 0.95, "host_kv": 0.97, "offloaded": 40, "offloaded_waiting_cpu": 38}, "host KV"),
     ({"offloaded": 40, "offloaded_waiting_cpu": 38, "cpu_pool": 0.95}, "CPU pool"),

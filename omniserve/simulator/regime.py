@@ -16,6 +16,7 @@ on any model and GPU:
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -76,13 +77,17 @@ class ResourceUse:
     """BE requests waiting for admission."""
     recompute_share: float = 0.0
     """Share of the prompt tokens computed that were recomputed after preemptions."""
+    device_kv_room: float = math.inf
+    """Device KV neither in use nor set aside for running prefills, in BE requests of the run's mean size: below 1,
+    the next BE request cannot start however long the device has."""
 
     @classmethod
-    def of(cls, usage: Usage) -> ResourceUse:
+    def of(cls, usage: Usage, device_kv_tokens: int, be_request_kv: float) -> ResourceUse:
+        room = (1.0 - usage.device_kv) * device_kv_tokens / be_request_kv if be_request_kv > 0 else math.inf
         return cls(device_busy=usage.device_busy, iteration_fill=usage.iteration_fill, device_kv=usage.device_kv,
                    host_kv=sum(usage.host_kv) / max(1, len(usage.host_kv)), cpu_pool=max(usage.cpu_busy, default=0.0),
                    offloaded=usage.offloaded, offloaded_waiting_cpu=usage.offloaded_waiting_cpu,
-                   be_waiting=usage.be_waiting, recompute_share=usage.recompute_share)
+                   be_waiting=usage.be_waiting, recompute_share=usage.recompute_share, device_kv_room=room)
 
 
 def binding_resource(use: ResourceUse) -> str:
@@ -92,7 +97,8 @@ def binding_resource(use: ResourceUse) -> str:
        were recomputed after preemptions;
     2. device time: the device is busy (>= DEVICE_BUSY of the time) with iterations that fill their budget
        (>= ITERATION_FULL) while BE waits or offloaded rows could run but were left out;
-    3. host KV: BE waits, device KV is full (>= KV_FULL) and so is the hosts' KV (>= HOST_FULL);
+    3. host KV: BE waits, device KV is full (>= KV_FULL, or what is left holds less than one mean BE request) and
+       so is the hosts' KV (>= HOST_FULL);
        device KV: BE waits, device KV is full, and nothing is offloaded (< OFFLOADED_MANY requests);
     4. CPU pool: the busiest host's workers are busy >= CPU_BUSY of the time;
     5. offloaded pipeline: requests are offloaded (>= OFFLOADED_MANY) and most of them (>= PIPELINE_SHARE) have
@@ -108,7 +114,7 @@ def binding_resource(use: ResourceUse) -> str:
         return "device KV"
     if use.device_busy >= DEVICE_BUSY and use.iteration_fill >= ITERATION_FULL and (backlog or held_out_rows):
         return "device time"
-    if backlog and use.device_kv >= KV_FULL:
+    if backlog and (use.device_kv >= KV_FULL or use.device_kv_room < 1.0):
         if use.host_kv >= HOST_FULL:
             return "host KV"
         if not offloading:
@@ -219,10 +225,10 @@ def default_slos(profile: SystemProfile, budget_share: float = SchedulerConfig.i
                              TPOT_FACTOR, TTFT_FACTOR)
 
 
-def _policy_figures(summary: dict, result: SimResult, profile: SystemProfile) -> dict:
+def _policy_figures(summary: dict, result: SimResult, profile: SystemProfile, be_request_kv: float) -> dict:
     """One policy's figures in a cell: BE throughput, LS attainment, what binds and the measurements behind it."""
     usage = result.usage
-    use = ResourceUse.of(usage)
+    use = ResourceUse.of(usage, profile.device_kv_tokens, be_request_kv)
     iteration_s = usage.iteration_seconds
     classes = summary["summary"]
     return {
@@ -252,7 +258,7 @@ def _run_cell(spec: RegimeSpec, config: SimConfig, loads: dict[str, ClassLoad], 
                 continue
             summary, result = simulate(profile, replace(config, policy=policy), loads, spec.duration, spec.drain,
                                        progress)
-            figures[policy] = _policy_figures(summary, result, profile)
+            figures[policy] = _policy_figures(summary, result, profile, cell["be_request_kv"])
         sarathi = figures.get("sarathi")
         rows.append({**cell, "cpu_hosts": hosts, "device_kv_tokens": kv_tokens, "policies": figures})
     return rows

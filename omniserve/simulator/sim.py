@@ -104,7 +104,7 @@ class Usage:
     and weighted by the simulated seconds until the next reading."""
 
     device_kv: float = 0.0
-    """Share of the device KV pages in use."""
+    """Share of the device KV pages in use or set aside for the running BE prefills' prompts (pages_committed)."""
     host_kv: list[float] = field(default_factory=list)
     """Per host: share of its KV budget in use."""
     offloaded: float = 0.0
@@ -175,7 +175,7 @@ class _UsageMeter:
         ls_waiting = sum(1 for rid in ls_open  # a rejected one has left the scheduler already
                          if (r := scheduler.requests.get(rid)) is not None and r.status is RequestStatus.WAITING)
         allocator = scheduler.page_table.allocator
-        self.reading = {"device_kv": 1.0 - allocator.num_free / allocator.num_pages,
+        self.reading = {"device_kv": scheduler.pages_committed() / allocator.num_pages,
                         "offloaded": len(scheduler.offloaded), "offloaded_waiting_cpu": len(pending),
                         "offloaded_ready": len(scheduler.offloaded) - len(pending),
                         "be_waiting": len(scheduler.waiting) - ls_waiting, "be_stalled": stalled}

@@ -19,17 +19,22 @@ class PageRoom:
             return be_pages + needed <= (1.0 - self.config.ls_headroom) * allocator.num_pages
         return True
 
+    def pages_committed(self) -> int:
+        """Device pages in use plus those the running BE prefills will still take to finish their prompts (their
+        room was set aside when they were admitted, see _room_for_whole_prompt)."""
+        owed = sum(
+            self.page_table.pages_needed(r.request_id, r.num_tokens) for r in self.running
+            if r.placement is Placement.DEVICE and not self._is_ls(r) and r.num_tokens - r.num_computed_tokens > 1)
+        return self.page_table.allocator.num_used + owed
+
     def _room_for_whole_prompt(self, request: Request) -> bool:
         """Whether a waiting BE request's whole prompt fits the free device pages beyond what the BE prefills already
         running will still take. Its KV can leave the device only at a token boundary (swap-out), so one admitted on
         its first chunk without that room is preempted midway by the next one's growth, and its prompt computed
         again: device time spent for nothing (a prompt larger than the device is let through, as before)."""
-        owed = sum(
-            self.page_table.pages_needed(r.request_id, r.num_tokens) for r in self.running
-            if r.placement is Placement.DEVICE and not self._is_ls(r) and r.num_tokens - r.num_computed_tokens > 1)
         needed = self.page_table.pages_needed(request.request_id, request.num_tokens)
-        allocator = self.page_table.allocator
-        return allocator.num_free - owed >= min(needed, allocator.num_pages)
+        num_pages = self.page_table.allocator.num_pages
+        return num_pages - self.pages_committed() >= min(needed, num_pages)
 
     def _make_room(self, request: Request, num_tokens: int, scheduled: dict[str, int], evict_ls: bool) -> bool:
         """Preempts device requests not scheduled this iteration (the newest BE first, then the newest LS if
