@@ -82,7 +82,7 @@ def test_be_prefill_starts_only_with_room_for_its_whole_prompt():
     """Chunked BE prefills that together outgrow the device would preempt each other midway and compute their
     prompts again: the second starts once the device has room for its whole prompt besides the first's."""
     scheduler = make_scheduler(num_pages=12, page_size=4, max_num_batched_tokens=16, be_decode_placement="device")
-    first = add(scheduler, "first", 30, max_tokens=4, service_class="be")  # 8 pages once prefilled, 9 at the end
+    add(scheduler, "first", 30, max_tokens=4, service_class="be")  # 8 pages once prefilled, 9 at the end
     second = add(scheduler, "second", 30, max_tokens=4, service_class="be")
     step(scheduler)
     plan = step(scheduler)  # first's last 14 prompt tokens leave 2 of the token budget: not enough pages for second
