@@ -148,6 +148,23 @@ def test_cpu_placement_offloads_be_after_prefill_only():
     assert scheduler.take_released() == ["be"] and scheduler.page_table.allocator.num_used == 0
 
 
+def test_offloading_stops_where_host_memory_would_run_out():
+    """Requests are offloaded only while the hosts can hold them as they will be when done: the second BE request,
+    which would not fit beside the first, keeps decoding on the device; both finish and every page is freed."""
+    capacity = [5 + 8]  # tokens: the first request's 5-token prompt and its 8 output tokens
+    scheduler = Scheduler(SchedulerConfig(be_decode_placement="cpu"), PageTable(PageAllocator(64), 4),
+                          eos_token_ids=(2,), host_capacity=lambda: capacity[0])
+    first = add(scheduler, "first", 5, service_class="be")
+    second = add(scheduler, "second", 5, service_class="be")
+    step(scheduler)
+    step(scheduler)
+    assert first.placement is Placement.HOST and second.placement is Placement.DEVICE
+    while scheduler.has_unfinished():
+        assert second.placement is Placement.DEVICE
+        step(scheduler)
+    assert first.num_output_tokens == second.num_output_tokens == 8 and scheduler.page_table.allocator.num_used == 0
+
+
 def test_device_placement_never_offloads():
     scheduler = make_scheduler(be_decode_placement="device")
     add(scheduler, "be", 5, service_class="be")

@@ -240,3 +240,23 @@ def test_time_bound_cell_omniserve_and_sarathi_are_level():
     assert ours["binds"] == theirs["binds"] == "device time"
     assert ours["be_tok_s"] == pytest.approx(theirs["be_tok_s"], rel=0.1)
     assert ours["counters"]["swap_outs"] == 0
+
+
+def test_offloading_keeps_within_the_hosts_memory(profile):
+    """Hosts with room for a few offloaded requests: they fill up, but never beyond their budget (requests are
+    counted at their final size), and every request still finishes, on the device when the hosts are full."""
+    small = replace(profile, device_kv_tokens=6_000, host_kv_tokens=9_000)
+    workload = [SimRequest(0.1 * i, "be", 1000, 400) for i in range(12)]
+    simulation = Simulation(small, SimConfig(policy="omniserve", be_decode_placement="cpu"))
+    peak = [0]
+    original = simulation._place
+
+    def place(request_id, tokens):
+        placed = original(request_id, tokens)
+        peak[0] = max(peak[0], small.host_kv_tokens - simulation.hosts[0].free_tokens)
+        return placed
+
+    simulation._place = place
+    result = simulation.run(workload)
+    assert all(r.status == "ok" for r in result.records) and result.counters["swap_outs"] >= 3
+    assert 0 < peak[0] <= small.host_kv_tokens

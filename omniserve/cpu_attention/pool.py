@@ -340,10 +340,13 @@ class CPUAttentionPool:
         """Where each offloaded request's host KV is: "local" or the remote host's name."""
         return {r: "local" if isinstance(t, _Worker) else t.name for r, t in self._owner.items()}
 
+    def host_capacity_bytes(self) -> int:
+        """Host KV memory in all: the local budget and every live remote host's."""
+        return self._local_budget + sum(h.memory_bytes for h in self.remote_hosts)
+
     def free_host_bytes(self) -> int:
         """Host KV memory not yet counted on by a placement: the local budget's and every live remote host's."""
-        total = self._local_budget + sum(h.memory_bytes for h in self.remote_hosts)
-        return max(0, total - sum(self._reserved.values()))
+        return max(0, self.host_capacity_bytes() - sum(self._reserved.values()))
 
     @staticmethod
     def host_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int) -> int:

@@ -110,6 +110,7 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.scheduler_config, self.page_table, loaded.config.eos_token_ids, loaded.config.num_layers,
             self.latency_model, default_tpot_slo=self.services.tightest_tpot_slo, calibrates=True,
+            host_capacity=None if pool_config is None else self._host_capacity_tokens,
         )
         self.cpu_pool = None
         if pool_config is not None:
@@ -125,6 +126,12 @@ class LLMEngine:
             loaded.path or args.model, self.device, self.dtype, num_pages, cache.page_size,
             self.scheduler_config.max_model_len,
         )
+
+    def _host_capacity_tokens(self) -> int:
+        """Tokens of KV the CPU pool's hosts hold in all, as its placement counts them (remote hosts come and go)."""
+        cfg = self.model_config
+        per_token = CPUAttentionPool.host_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
+        return self.cpu_pool.host_capacity_bytes() // per_token
 
     def _latency_model(self, loaded, pool_config: PoolConfig | None) -> LatencyModel | None:
         """The profiled latency model, when the policy and the SLOs need one (profiled now if not cached)."""

@@ -228,7 +228,8 @@ class Simulation:
         self.scheduler = Scheduler(config.scheduler_config(), pages, eos_token_ids=(_EOS,),
                                    num_layers=profile.num_layers,
                                    latency_model=profile.latency, default_tpot_slo=config.ls_tpot_slo,
-                                   clock=lambda: self.now)
+                                   clock=lambda: self.now,
+                                   host_capacity=lambda: profile.host_kv_tokens * profile.num_cpu_hosts)
         workers = profile.cpu_workers_per_host
         self.hosts = [_Host(profile.host_kv_tokens, n > 0, [0.0] * workers) for n in range(profile.num_cpu_hosts)]
         self.placement: dict[str, tuple[int, int, int]] = {}  # offloaded request -> (host, worker, KV tokens held)

@@ -18,7 +18,17 @@ class Offloading:
         mode = self.config.offload_mode
         if mode is OffloadMode.NONE or not request.at_token_boundary:
             return False
-        return mode.offloads_ls or request.is_best_effort
+        return (mode.offloads_ls or request.is_best_effort) and self._host_has_room(request)
+
+    def _host_has_room(self, request: Request) -> bool:
+        """Whether the hosts can take the request's KV as it will be when it is done, beside the offloaded requests
+        (and those being swapped out) counted the same way: host memory granted is never overcommitted by their
+        growth, and a request that does not fit stays on the device (or waits) instead."""
+        if self.host_capacity is None:
+            return True
+        held = sum(_final_kv(r) for r in self.offloaded) + sum(
+            _final_kv(r) for r in self.running if r.placement is Placement.SWAPPING_OUT)
+        return held + _final_kv(request) <= self.host_capacity()
 
     def _swap_fits(self, request: Request, batch: IterationBudget) -> bool:
         """A swap-out's cost to the engine fits this iteration's time budget. While no LS request runs or waits, one
@@ -61,7 +71,9 @@ class Offloading:
                 chosen.append(request)
                 free += len(self.page_table.pages(request.request_id))
             candidates = chosen
-        return [self._swap_out(request, batch) for request in candidates if self._swap_fits(request, batch)]
+        # Host room is judged again as each is chosen: those chosen before it in this plan count.
+        return [self._swap_out(request, batch) for request in candidates
+                if self._host_has_room(request) and self._swap_fits(request, batch)]
 
     def _plan_swap_ins(self, batch: IterationBudget, reserve_rows: int) -> list[KVTransfer]:
         """Offloaded requests come back to the device when nothing waits, no LS prefill runs (the next chunk would
@@ -99,3 +111,8 @@ class Offloading:
         device frees a slot within that time; on deep models it also swapped requests out and in again in turn."""
         last = request.last_token_iteration
         return last is None or self.iteration - last >= self.num_layers
+
+
+def _final_kv(request: Request) -> int:
+    """Tokens of KV the request holds once it has generated all it may."""
+    return request.num_computed_tokens + max(0, request.max_tokens - request.num_output_tokens)
