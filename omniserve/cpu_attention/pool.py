@@ -48,7 +48,8 @@ class PoolConfig:
     """Extra seconds per attention batch in every worker: fault injection for tests; 0 in production."""
     local_memory_bytes: int | None = None
     """Host KV the local workers may hold before requests go to remote hosts; None: half the memory available at
-    start-up. Only matters when there are remote hosts (the local pool is the last resort)."""
+    start-up. With the remote hosts' memory, it is also what the scheduler offloads up to (host_capacity_bytes):
+    requests counted at the size they reach when done."""
 
     def __post_init__(self) -> None:
         if self.num_workers < 1 or self.threads_per_worker < 1:

@@ -61,8 +61,9 @@ class EngineArgs:
     cpu_attention_workers: int = _arg(1, "CPU attention worker processes (started on first offload)")
     cpu_attention_threads: int = _arg(1, "torch threads in each CPU attention worker")
     cpu_attention_memory_gib: float | None = _arg(
-        None, "host KV the local CPU attention workers may hold before offloaded requests go to remote hosts; "
-        "default: half the memory available at start-up")
+        None, "host KV the local CPU attention workers may hold before offloaded requests go to remote hosts; with "
+        "the remote hosts' memory, the most the engine offloads (requests counted at their final size); default: "
+        "half the memory available at start-up")
     cpu_attention_hosts: str | None = _arg(
         None, "remote CPU attention hosts on the Ray cluster: a number of actors spread over its nodes, or `auto`: "
         "one on every node that offers the omniserve_cpu_host resource, nodes that join later included")
