@@ -4,6 +4,7 @@ written (EngineArgs and the simulator's SimConfig read them as class attributes,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from omniserve.config import ConfigError
 from omniserve.engine.scheduler.policy import BE_DECODE_PLACEMENTS, POLICIES, OffloadMode, offload_mode
@@ -45,7 +46,7 @@ class SchedulerConfig:
                               f"got {self.be_decode_placement!r}")
 
 
-    @property
+    @cached_property  # read for every offload candidate of every plan; the config is frozen
     def offload_mode(self) -> OffloadMode:
         return offload_mode(self.policy, self.be_decode_placement)
 

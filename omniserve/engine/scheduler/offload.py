@@ -26,9 +26,11 @@ class Offloading:
         growth, and a request that does not fit stays on the device (or waits) instead."""
         if self.host_capacity is None:
             return True
-        held = sum(_final_kv(r) for r in self.offloaded) + sum(
-            _final_kv(r) for r in self.running if r.placement is Placement.SWAPPING_OUT)
-        return held + _final_kv(request) <= self.host_capacity()
+        if self._host_tokens_left is None:  # once per plan (not per candidate); each swap-out planned takes its share
+            held = sum(_final_kv(r) for r in self.offloaded) + sum(
+                _final_kv(r) for r in self.running if r.placement is Placement.SWAPPING_OUT)
+            self._host_tokens_left = self.host_capacity() - held
+        return _final_kv(request) <= self._host_tokens_left
 
     def _swap_fits(self, request: Request, batch: IterationBudget) -> bool:
         """A swap-out's cost to the engine fits this iteration's time budget. While no LS request runs or waits, one
@@ -46,6 +48,8 @@ class Offloading:
         if batch.model is not None:
             batch.swap_seconds += batch.model.swap_out_time(request.num_computed_tokens)
         request.placement = Placement.SWAPPING_OUT
+        if self._host_tokens_left is not None:
+            self._host_tokens_left -= _final_kv(request)
         return KVTransfer(request.request_id, list(self.page_table.pages(request.request_id)),
                           request.num_computed_tokens)
 

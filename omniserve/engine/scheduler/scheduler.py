@@ -109,6 +109,7 @@ class Scheduler(Booking, PageRoom, Offloading, Piggybacking):
         self._ratios: deque[float] = deque(maxlen=_CORRECTION_WINDOW)
         self._last_observed: float | None = None  # clock() of the latest measured iteration
         self._preempted = False  # in the iteration being planned
+        self._host_tokens_left: int | None = None  # host KV left for swap-outs in the plan (None: not counted yet)
         self._released: list[str] = []  # ended requests the runner and the CPU pool still hold state for
 
     # ------------------------------------------------------------------------------------------------ intake
@@ -182,6 +183,7 @@ class Scheduler(Booking, PageRoom, Offloading, Piggybacking):
     def schedule(self) -> IterationPlan:
         self.iteration += 1
         self._preempted = False
+        self._host_tokens_left = None
         batch = IterationBudget(self.latency_model, self.num_layers, self.time_budget(),
                                 self.config.max_num_batched_tokens, self.time_correction)
         scheduled: dict[str, int] = {}  # request id -> tokens this iteration (dicts keep insertion order)
