@@ -143,13 +143,16 @@ def test_simulate_bad_flags_are_clear_errors(flags, message):
 
 
 def test_placement_rule_shared_by_the_pool_and_the_simulator():
-    from omniserve.cpu_attention.placement import LOCAL, RemoteRoom, choose_host, least_loaded
+    from omniserve.cpu_attention.placement import LOCAL, HostRoom, choose_host, least_loaded
 
-    assert choose_host(100, [RemoteRoom(500, 0)], 100) == LOCAL  # local while its budget lasts
-    assert choose_host(99, [RemoteRoom(200, 3), RemoteRoom(500, 9)], 100) == 1  # then the most free memory
-    assert choose_host(99, [RemoteRoom(500, 3), RemoteRoom(500, 1)], 100) == 1  # fewest requests among equals
-    assert choose_host(99, [RemoteRoom(50, 0)], 100) == LOCAL  # no remote room: local is the last resort
-    assert choose_host(0, [], 100) == LOCAL
+    empty = HostRoom(1000, 1000)
+    assert choose_host(empty, [HostRoom(1000, 1000)], 100) == LOCAL  # equally full: the local host
+    assert choose_host(HostRoom(500, 1000), [HostRoom(900, 1000)], 100) == 0  # else the emptiest by share...
+    assert choose_host(HostRoom(500, 1000), [HostRoom(700, 2000)], 100) == LOCAL  # ...of its own budget
+    assert choose_host(HostRoom(500, 1000), [HostRoom(900, 1000, 3), HostRoom(900, 1000, 1)], 100) == 1  # fewest
+    assert choose_host(HostRoom(50, 1000), [HostRoom(80, 1000)], 100) == LOCAL  # no room anywhere: local
+    assert choose_host(HostRoom(50, 1000), [HostRoom(80, 1000), HostRoom(100, 1000)], 100) == 1  # only one fits
+    assert choose_host(HostRoom(0, 0), [], 100) == LOCAL
     assert least_loaded([2, 1, 1]) == 1
 
 
@@ -203,7 +206,7 @@ def test_usage_is_measured_over_the_arrivals(profile):
 def test_regime_map_command_writes_the_table_and_the_plot(tmp_path, capsys):
     main(["simulate", "--regime-map", "--profile", "llama-3-8b@h100", "--be-lengths", "fixed:2000:100",
           "--ls-lengths", "fixed:200:50", "--ls-loads", "0.25", "--device-kv-requests", "1,16", "--cpu-hosts", "0",
-          "--duration", "5", "--drain", "20", "--no-progress", "--output-dir", str(tmp_path)])
+          "--duration", "5", "--warmup", "2", "--drain", "20", "--no-progress", "--output-dir", str(tmp_path)])
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert [row["device_kv_requests"] for row in rows] == [1, 16]
     assert rows[0]["device_kv_tokens"] < rows[1]["device_kv_tokens"]
@@ -215,28 +218,33 @@ def test_regime_map_command_writes_the_table_and_the_plot(tmp_path, capsys):
     assert (tmp_path / "regime.png").stat().st_size > 0 and json.loads((tmp_path / "regime.json").read_text())
 
 
-def regime_cell(be_lengths: str, device_kv_requests: float) -> dict:
-    """One cell of the map on a short run: LS at a quarter of the device's saturation, no CPU host beyond the local."""
+def regime_cells(be_lengths: str, device_kv_requests: float, cpu_hosts=(0,), host_kv_requests=None) -> list[dict]:
+    """Cells of the map on a short run (20 s counted after a 20 s warm-up): LS at a quarter of the device's
+    saturation; one row per CPU host count."""
     spec = regime.RegimeSpec(be_lengths=(be_lengths,), ls_loads=(0.25,), device_kv_requests=(device_kv_requests,),
-                             cpu_hosts=(0,), ls_lengths="fixed:200:100", duration=30.0, drain=60.0)
-    (row,) = regime.run_regime_map(spec)
-    return row["policies"]
+                             cpu_hosts=cpu_hosts, host_kv_requests=host_kv_requests, ls_lengths="fixed:200:100",
+                             duration=40.0, warmup=20.0)
+    return regime.run_regime_map(spec)
 
 
-# Device KV for one BE request, LS at a quarter of the device's saturation, 30 s. Both policies prefill a BE request
-# only when its whole prompt fits (no preemption thrash), so the gain is what host memory adds: long prompts gain
-# most (1.73x when written); long outputs less (1.12x), bound by the offloaded pipeline (one layer per iteration).
-@pytest.mark.parametrize("be_lengths,least_gain", [("longbench", 1.5), ("fixed:1000:4000", 1.05)])
-def test_memory_bound_cell_omniserve_beats_sarathi(be_lengths, least_gain):
-    figures = regime_cell(be_lengths, 1.0)
-    ours, theirs = figures["omniserve"], figures["sarathi"]
-    assert ours["be_tok_s"] > least_gain * theirs["be_tok_s"], (ours["be_tok_s"], theirs["be_tok_s"], ours["binds"])
-    assert ours["ls_attainment"] >= theirs["ls_attainment"] - 0.01
+def test_memory_bound_cell_omniserve_beats_sarathi_and_gains_from_hosts():
+    """Device KV for one BE request beyond LS's, hosts with room for 200 each: the hosts fill with decoding BE
+    requests (their memory binds), each host adds their tokens, and LS keeps its SLOs. When written: 1.46x sarathi
+    with the local host, 1.84x with two more (BENCHMARKS.md has the long-run map)."""
+    local, more = regime_cells("fixed:1000:1000", 1.0, cpu_hosts=(0, 2), host_kv_requests=200)
+    theirs = local["policies"]["sarathi"]
+    for row, least_gain in ((local, 1.3), (more, 1.6)):
+        ours = row["policies"]["omniserve"]
+        assert ours["be_tok_s"] > least_gain * theirs["be_tok_s"], (row["cpu_hosts"], ours, theirs)
+        assert ours["ls_attainment"] >= theirs["ls_attainment"] - 0.005
+        assert max(ours["host_kv"]) <= 1.0  # no host beyond its budget
+    assert more["policies"]["omniserve"]["be_tok_s"] > 1.15 * local["policies"]["omniserve"]["be_tok_s"]
+    assert more["policies"]["omniserve"]["binds"] == "host KV"
 
 
 def test_time_bound_cell_omniserve_and_sarathi_are_level():
-    figures = regime_cell("longbench", 32.0)
-    ours, theirs = figures["omniserve"], figures["sarathi"]
+    (row,) = regime_cells("longbench", 32.0)
+    ours, theirs = row["policies"]["omniserve"], row["policies"]["sarathi"]
     assert ours["binds"] == theirs["binds"] == "device time"
     assert ours["be_tok_s"] == pytest.approx(theirs["be_tok_s"], rel=0.1)
     assert ours["counters"]["swap_outs"] == 0
@@ -251,8 +259,8 @@ def test_offloading_keeps_within_the_hosts_memory(profile):
     peak = [0]
     original = simulation._place
 
-    def place(request_id, tokens):
-        placed = original(request_id, tokens)
+    def place(request_id, tokens, final_tokens):
+        placed = original(request_id, tokens, final_tokens)
         peak[0] = max(peak[0], small.host_kv_tokens - simulation.hosts[0].free_tokens)
         return placed
 

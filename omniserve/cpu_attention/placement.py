@@ -1,9 +1,13 @@
 """Where an offloaded request's host KV goes, at swap-out: the one rule the CPU attention pool follows and the
 simulator models. Plain Python, no torch.
 
-The local host first while its KV budget lasts (no network between the engine and its workers); then the remote host
-with the most free memory, the fewest requests among equals; the local host again when no remote host has room (it is
-the last resort: its budget is a preference, the memory is there). On the chosen host, the least loaded worker."""
+A request is placed at the size it will reach when done (the size the scheduler counts against host capacity), so a
+host is never promised more than its budget by requests that grow there. Among the hosts with room for it, the one
+with the largest share of its budget still free after taking it: an offloaded request's attention work grows with its
+KV, so keeping the hosts' memory equally full keeps their CPU workers equally busy (filling the local host first left
+the remote hosts' workers idle while the local ones queued). The local host wins ties (no network between the engine
+and its workers), then the host with fewer requests. When no host has room, the local host (the last resort: its
+budget is a preference, the memory is there). On the chosen host, the least loaded worker."""
 
 from __future__ import annotations
 
@@ -15,18 +19,22 @@ LOCAL = -1
 
 
 @dataclass(frozen=True)
-class RemoteRoom:
+class HostRoom:
     free: int
     """Memory (bytes or tokens, as the caller counts) not yet promised to a request."""
-    num_requests: int
+    budget: int
+    """The host's whole KV budget, in the same unit."""
+    num_requests: int = 0
 
 
-def choose_host(local_free: int, remote: Sequence[RemoteRoom], size: int) -> int:
+def choose_host(local: HostRoom, remote: Sequence[HostRoom], size: int) -> int:
     """LOCAL, or the index in `remote` of the host that takes a request of `size`."""
-    if not remote or local_free >= size:
+    hosts = [(LOCAL, local), *enumerate(remote)]
+    fitting = [(index, room) for index, room in hosts if room.free >= size]
+    if not fitting:
         return LOCAL
-    best = max(range(len(remote)), key=lambda i: (remote[i].free, -remote[i].num_requests))
-    return best if remote[best].free >= size else LOCAL
+    share_left = lambda room: (room.free - size) / room.budget if room.budget > 0 else 0.0  # noqa: E731
+    return max(fitting, key=lambda item: (share_left(item[1]), item[0] == LOCAL, -item[1].num_requests))[0]
 
 
 def least_loaded(requests_per_worker: Sequence[int]) -> int:

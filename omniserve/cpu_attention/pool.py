@@ -29,7 +29,7 @@ import torch.multiprocessing as mp
 
 from omniserve.config import ConfigError
 from omniserve.cpu_attention.messages import AttendBatch, AttendResult, Export, Exported, Free, LoadKV, Ping, Status
-from omniserve.cpu_attention.placement import LOCAL, RemoteRoom, choose_host, least_loaded
+from omniserve.cpu_attention.placement import LOCAL, HostRoom, choose_host, least_loaded
 from omniserve.cpu_attention.remote import RemoteHost, RemoteHosts, available_memory_bytes
 from omniserve.cpu_attention.worker import WorkerSettings, worker_main
 
@@ -231,17 +231,21 @@ class CPUAttentionPool:
             used[id(target)] += self._reserved[request_id]
         local_used = sum(used[id(w)] for w in self._workers if w is not None)
         hosts = self.remote_hosts
-        rooms = [RemoteRoom(h.memory_bytes - used[id(h)], len(h.requests)) for h in hosts]
-        host = choose_host(self._local_budget - local_used, rooms, nbytes)
+        local = HostRoom(self._local_budget - local_used, self._local_budget,
+                         sum(len(w.requests) for w in self._workers if w is not None))
+        rooms = [HostRoom(h.memory_bytes - used[id(h)], h.memory_bytes, len(h.requests)) for h in hosts]
+        host = choose_host(local, rooms, nbytes)
         if host != LOCAL:
             return hosts[host]
         return self._worker(least_loaded([0 if w is None else len(w.requests) for w in self._workers]))
 
-    def load(self, request_id: str, k: torch.Tensor, v: torch.Tensor) -> None:
+    def load(self, request_id: str, k: torch.Tensor, v: torch.Tensor, final_tokens: int = 0) -> None:
         """Installs an offloaded request's KV ([num_layers, num_tokens, num_kv_heads, head_dim]) where placement says:
-        the one time its KV moves to a host (swap-out)."""
+        the one time its KV moves to a host (swap-out). Room is kept for `final_tokens` (the KV it holds when done,
+        as the scheduler counts it) or for the tokens given, if more."""
         # Host KV is fp32 and keeps room to double (host_kv.py): count that, so placement does not overcommit a host.
-        nbytes = self.host_bytes_per_token(k.shape[0], k.shape[2], k.shape[3]) * k.shape[1]
+        tokens = max(k.shape[1], final_tokens)
+        nbytes = self.host_bytes_per_token(k.shape[0], k.shape[2], k.shape[3]) * tokens
         target = self._place(nbytes)
         target.send(LoadKV(request_id, k, v))
         target.requests.add(request_id)

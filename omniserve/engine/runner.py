@@ -51,6 +51,7 @@ class _PendingCopy:
     k: torch.Tensor
     v: torch.Tensor
     done: torch.cuda.Event
+    final_tokens: int
 
 
 class ModelRunner:
@@ -232,7 +233,7 @@ class ModelRunner:
         for transfer in transfers:
             k, v = self.pool.gather(transfer.page_ids, transfer.num_tokens)  # [layers, tokens, kv_heads, head_dim]
             if self._copy_stream is None:
-                self.cpu_pool.load(transfer.request_id, k, v)
+                self.cpu_pool.load(transfer.request_id, k, v, transfer.final_tokens)
                 finished.append(transfer.request_id)
                 continue
             self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -241,11 +242,11 @@ class ModelRunner:
                 v_host = torch.empty(v.shape, dtype=v.dtype, pin_memory=True).copy_(v, non_blocking=True)
                 done = torch.cuda.Event()
                 done.record()
-            self._copies.append(_PendingCopy(transfer.request_id, k_host, v_host, done))
+            self._copies.append(_PendingCopy(transfer.request_id, k_host, v_host, done, transfer.final_tokens))
         still_copying = []
         for copy in self._copies:
             if copy.done.query():
-                self.cpu_pool.load(copy.request_id, copy.k, copy.v)
+                self.cpu_pool.load(copy.request_id, copy.k, copy.v, copy.final_tokens)
                 finished.append(copy.request_id)
             else:
                 still_copying.append(copy)

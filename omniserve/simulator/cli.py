@@ -49,9 +49,9 @@ def add_simulate_command(commands) -> None:
                      help="CPU-only hosts besides the GPU server's own CPU (default 0; with --regime-map a list, 0,4)")
     sim.add_argument("--policies", default="omniserve,sarathi,llumnix,neo,fcfs")
     sim.add_argument("--duration", type=float, default=None,
-                     help="simulated seconds of arrivals (default 600; with --regime-map 120)")
+                     help="simulated seconds of arrivals (default 600; with --regime-map 200)")
     sim.add_argument("--drain", type=float, default=None,
-                     help="simulated seconds to finish after the arrivals (default 600; with --regime-map 90)")
+                     help="simulated seconds to finish after the arrivals (default 600; with --regime-map 30)")
     sim.add_argument("--ttft-slo", type=float, default=None)
     sim.add_argument("--tpot-slo", type=float, default=None)
     sim.add_argument("--ls-rate", type=float, default=1.0)
@@ -88,6 +88,14 @@ def add_simulate_command(commands) -> None:
                         help="device KV beyond the LS load's mean, in BE requests' mean KV")
     regime.add_argument("--be-load", type=float, default=1.5,
                         help="BE Poisson rate as a fraction of the device's BE saturation rate")
+    regime.add_argument("--be-backlog", type=float, default=None,
+                        help="BE requests queued at the start, as a multiple of what the device and every host hold "
+                             "(default 1)")
+    regime.add_argument("--host-kv-requests", type=float, default=None,
+                        help="each host's KV memory in BE requests' mean KV (default: the profile's host memory)")
+    regime.add_argument("--warmup", type=float, default=None,
+                        help="simulated seconds at the start not counted, while the backlog fills the device and the "
+                             "hosts (default 100)")
     sim.add_argument("--no-progress", action="store_true")
     sim.set_defaults(handler=simulate_main)
 
@@ -140,6 +148,8 @@ def _regime_main(args: argparse.Namespace, bar) -> None:
         be_lengths=tuple(args.be_lengths.split(",")) if args.be_lengths else defaults.be_lengths,
         ls_loads=args.ls_loads, ls_rates=args.ls_rates, device_kv_requests=args.device_kv_requests,
         cpu_hosts=_or(args.cpu_hosts, defaults.cpu_hosts), ls_lengths=args.ls_lengths, be_load=args.be_load,
+        be_backlog=_or(args.be_backlog, defaults.be_backlog), host_kv_requests=args.host_kv_requests,
+        warmup=_or(args.warmup, defaults.warmup),
         ttft_slo=args.ttft_slo, tpot_slo=args.tpot_slo, duration=_or(args.duration, defaults.duration),
         drain=_or(args.drain, defaults.drain), seed=args.seed,
         be_max=(_or(args.max_input_len, defaults.be_max[0]), _or(args.max_output_len, defaults.be_max[1])))

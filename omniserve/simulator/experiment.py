@@ -11,7 +11,7 @@ from pathlib import Path
 from omniserve.bench import metrics, plots
 from omniserve.bench.metrics import Slo
 from omniserve.simulator.profiles import SystemProfile, get_profile
-from omniserve.simulator.sim import SimConfig, SimResult, Simulation
+from omniserve.simulator.sim import SimConfig, SimRequest, SimResult, Simulation
 from omniserve.simulator.workload import ClassLoad, build_workload
 
 
@@ -40,11 +40,15 @@ def one_line(summary: dict) -> str:
 
 
 def simulate(profile: SystemProfile, config: SimConfig, loads: dict[str, ClassLoad], duration: float,
-             drain: float = 600.0, progress=None) -> tuple[dict, SimResult]:
-    """One simulated run; requests still open `drain` seconds after the arrivals end are cancelled."""
-    workload = build_workload(loads, duration, config.seed)
+             drain: float = 600.0, progress=None, backlog: tuple[SimRequest, ...] = (),
+             measure_from: float = 0.0) -> tuple[dict, SimResult]:
+    """One simulated run; requests still open `drain` seconds after the arrivals end are cancelled. `backlog`:
+    requests besides the loads' arrivals (a batch queued at the start); resource use is measured from
+    `measure_from`."""
+    workload = sorted([*build_workload(loads, duration, config.seed), *backlog], key=lambda r: r.arrival)
     started = time.perf_counter()
-    result = Simulation(profile, config).run(workload, until=duration + drain, progress=progress)
+    result = Simulation(profile, config).run(workload, until=duration + drain, progress=progress,
+                                             measure_from=measure_from)
     summary = summarize(result, profile, config, duration)
     summary["wall_seconds"] = time.perf_counter() - started
     summary["requests_per_wall_second"] = len(workload) / max(summary["wall_seconds"], 1e-9)

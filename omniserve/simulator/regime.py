@@ -9,8 +9,14 @@ on any model and GPU:
 - device KV per BE request: the device KV is set (dataclasses.replace on the profile) to the LS load's mean KV in use
   (Little's law, `LengthStats.resident`) plus N times one BE request's mean KV (prompt + output);
 - LS load: a fraction of the device's LS saturation rate (`saturation_rate`), or absolute rates;
-- BE shape: a length source of workload.py (`longbench`, `cnn`, `fixed:IN:OUT`, ...), Poisson arrivals at
-  `be_load` times the device's BE saturation rate, so that BE always queues.
+- BE shape: a length source of workload.py (`longbench`, `cnn`, `fixed:IN:OUT`, ...): a batch queued at the start
+  (`be_backlog` times what the device and every host can hold of the shape) and Poisson arrivals at `be_load` times
+  the device's BE saturation rate, so that BE always queues;
+- host KV per host (`host_kv_requests`, optional): the memory each host gives the pool, in BE requests' mean KV.
+
+Figures are the steady state's: BE throughput and resource use are counted after a warm-up (`warmup` seconds) in
+which the backlog fills the device and the hosts. An offloaded request holds its host memory for (output tokens x
+layers x iteration time), minutes for long outputs, so a run that starts empty measures mostly its own ramp.
 """
 
 from __future__ import annotations
@@ -21,13 +27,13 @@ import random
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from omniserve.bench import plots
+from omniserve.bench import metrics, plots
 from omniserve.bench.metrics import Slo
 from omniserve.bench.slos import slos_from_latency
 from omniserve.engine.scheduler.config import SchedulerConfig
 from omniserve.engine.scheduler.latency_model import BatchShape, prefill_interactions
 from omniserve.simulator.profiles import SystemProfile, get_profile
-from omniserve.simulator.sim import SimConfig, SimResult, Usage
+from omniserve.simulator.sim import SimConfig, SimRequest, SimResult, Usage
 from omniserve.simulator.workload import ClassLoad, draw_lengths
 
 # ------------------------------------------------------------------------------------- the binding-resource rule
@@ -202,10 +208,18 @@ class RegimeSpec:
     """BE prompt and output caps (LongBench-like prompts, long reasoning outputs)."""
     be_load: float = 1.5
     """BE Poisson rate as a fraction of the device's BE saturation rate."""
+    be_backlog: float = 1.0
+    """BE requests queued at the start, as a multiple of what the device KV and every host's KV hold of the shape."""
+    host_kv_requests: float | None = None
+    """Each host's KV memory, in BE requests' mean KV (None: the profile's host memory)."""
     ttft_slo: float | None = None
     tpot_slo: float | None = None
-    duration: float = 120.0
-    drain: float = 90.0
+    duration: float = 200.0
+    warmup: float = 100.0
+    """Seconds at the start that BE throughput and resource use do not count."""
+    drain: float = 30.0
+    """Seconds after the arrivals end before the rest is cancelled: the LS requests' time to finish (no BE token
+    after the window counts)."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -216,6 +230,10 @@ class RegimeSpec:
             raise ValueError("the regime map needs LS loads or LS rates")
         if min(self.device_kv_requests) < 0 or min(self.cpu_hosts) < 0 or min(self.ls_loads + self.ls_rates) < 0:
             raise ValueError("device KV, CPU hosts and LS loads must be >= 0")
+        if not 0 <= self.warmup < self.duration:
+            raise ValueError(f"the warm-up ({self.warmup:g} s) must be shorter than the duration ({self.duration:g} s)")
+        if self.be_backlog < 0 or (self.host_kv_requests is not None and self.host_kv_requests <= 0):
+            raise ValueError("the BE backlog must be >= 0 and host KV per host > 0")
         for source in (self.ls_lengths, *self.be_lengths):  # a bad source fails before any run
             ClassLoad(lengths=source)
 
@@ -225,15 +243,17 @@ def default_slos(profile: SystemProfile, budget_share: float = SchedulerConfig.i
                              TPOT_FACTOR, TTFT_FACTOR)
 
 
-def _policy_figures(summary: dict, result: SimResult, profile: SystemProfile, be_request_kv: float) -> dict:
-    """One policy's figures in a cell: BE throughput, LS attainment, what binds and the measurements behind it."""
+def _policy_figures(summary: dict, result: SimResult, profile: SystemProfile, be_request_kv: float,
+                    window: tuple[float, float]) -> dict:
+    """One policy's figures in a cell: BE throughput in the window, LS attainment (whole run), what binds and the
+    measurements behind it."""
     usage = result.usage
     use = ResourceUse.of(usage, profile.device_kv_tokens, be_request_kv)
     iteration_s = usage.iteration_seconds
-    classes = summary["summary"]
+    be_records = [r for r in result.records if r.service_class == "be"]
     return {
-        "be_tok_s": classes.get("be", {}).get("output_throughput", 0.0),
-        "ls_attainment": classes.get("ls", {}).get("slo_attainment"),
+        "be_tok_s": metrics.tokens_in(be_records, *window) / (window[1] - window[0]),
+        "ls_attainment": summary["summary"].get("ls", {}).get("slo_attainment"),
         "binds": binding_resource(use), "use": asdict(use), "counters": result.counters,
         "iteration_s": iteration_s, "host_kv": usage.host_kv,
         "be_stalled": usage.be_stalled, "offloaded_ready": usage.offloaded_ready,
@@ -242,25 +262,46 @@ def _policy_figures(summary: dict, result: SimResult, profile: SystemProfile, be
     }
 
 
+def cell_profile(spec: RegimeSpec, hosts: int, device_kv_tokens: int, be_request_kv: float) -> SystemProfile:
+    """The spec's profile with `hosts` CPU-only hosts, the cell's device KV and the spec's host KV per host."""
+    profile = replace(get_profile(spec.profile, num_cpu_hosts=1 + hosts), device_kv_tokens=device_kv_tokens)
+    if spec.host_kv_requests is not None:
+        profile = replace(profile, host_kv_tokens=max(1, round(spec.host_kv_requests * be_request_kv)))
+    return profile
+
+
+def be_backlog(spec: RegimeSpec, source: str, profile: SystemProfile, be_request_kv: float) -> tuple[SimRequest, ...]:
+    """The batch queued at the start: be_backlog x the BE requests of the shape's mean size that the device KV and
+    every host's KV hold."""
+    room = profile.device_kv_tokens + profile.num_cpu_hosts * profile.host_kv_tokens
+    count = math.ceil(spec.be_backlog * room / be_request_kv)
+    rng = random.Random(f"{spec.seed}-be-backlog")
+    return tuple(SimRequest(0.0, "be", *draw_lengths(source, rng, *spec.be_max)) for _ in range(count))
+
+
 def _run_cell(spec: RegimeSpec, config: SimConfig, loads: dict[str, ClassLoad], kv_tokens: int, cell: dict,
               progress=None) -> list[dict]:
     """One (BE shape, LS load, device KV) cell at every CPU host count: omniserve at each, sarathi once (it has no
-    CPU pool, so hosts change nothing for it)."""
+    CPU pool, so hosts change nothing for it). Every run gets the backlog of the most hosts."""
     from omniserve.simulator.experiment import simulate
 
     rows, sarathi = [], None
+    window = (spec.warmup, spec.duration)
+    backlog = be_backlog(spec, cell["be_lengths"], cell_profile(spec, max(spec.cpu_hosts), kv_tokens,
+                                                                 cell["be_request_kv"]), cell["be_request_kv"])
     for hosts in spec.cpu_hosts:
-        profile = replace(get_profile(spec.profile, num_cpu_hosts=1 + hosts), device_kv_tokens=kv_tokens)
+        profile = cell_profile(spec, hosts, kv_tokens, cell["be_request_kv"])
         figures = {}
         for policy in POLICIES:
             if policy == "sarathi" and sarathi is not None:
                 figures[policy] = sarathi
                 continue
             summary, result = simulate(profile, replace(config, policy=policy), loads, spec.duration, spec.drain,
-                                       progress)
-            figures[policy] = _policy_figures(summary, result, profile, cell["be_request_kv"])
+                                       progress, backlog, measure_from=spec.warmup)
+            figures[policy] = _policy_figures(summary, result, profile, cell["be_request_kv"], window)
         sarathi = figures.get("sarathi")
-        rows.append({**cell, "cpu_hosts": hosts, "device_kv_tokens": kv_tokens, "policies": figures})
+        rows.append({**cell, "cpu_hosts": hosts, "device_kv_tokens": kv_tokens, "be_backlog": len(backlog),
+                     "host_kv_tokens": profile.host_kv_tokens, "policies": figures})
     return rows
 
 
@@ -301,7 +342,8 @@ def _share(value: float | None) -> str:
 
 def regime_table(rows: list[dict]) -> str:
     """Markdown, one line per cell (see docs/simulator.md for the columns)."""
-    lines = ["| BE shape | LS load | CPU hosts | device KV: BE requests (tokens) | BE tok/s omniserve | sarathi | gain "
+    lines = ["| BE shape | LS load | CPU hosts (KV tokens each) | device KV: BE requests (tokens) | BE tok/s omniserve "
+             "| sarathi | gain "
              "| LS attainment omniserve / sarathi | binds: omniserve | binds: sarathi | recomputed omniserve / sarathi "
              "| swap-outs / ins | offloaded: mean / tok/s / pipeline bound |", "|" + "---|" * 13]
     for row in rows:
@@ -312,7 +354,8 @@ def regime_table(rows: list[dict]) -> str:
         offloaded = (f"{ours['use']['offloaded']:.1f} / {ours['offloaded_tok_s']:.0f} / "
                      f"{ours['pipeline_bound_tok_s']:.0f}")
         lines.append(
-            f"| {row['be_lengths']} | {load} | {row['cpu_hosts']} | {row['device_kv_requests']:g} "
+            f"| {row['be_lengths']} | {load} | {row['cpu_hosts']} ({row['host_kv_tokens']:,}) "
+            f"| {row['device_kv_requests']:g} "
             f"({row['device_kv_tokens']:,}) | {ours['be_tok_s']:.0f} | {theirs['be_tok_s']:.0f} | {gain} "
             f"| {_share(ours['ls_attainment'])} / {_share(theirs['ls_attainment'])} | {ours['binds']} "
             f"| {theirs['binds']} | {ours['use']['recompute_share']:.0%} / {theirs['use']['recompute_share']:.0%} "

@@ -4,13 +4,15 @@ clock, and a simulated executor stands in for the device, the CPU attention pool
 - Device: an iteration takes the time the latency model predicts for the plan (optionally with noise); the scheduler
   is told the "measured" time, as the engine tells it (Scheduler.observe).
 - CPU attention pool: `num_cpu_hosts` hosts (the first is the GPU server's own), each with `cpu_workers_per_host`
-  workers. An offloaded request lives on one host (placed at swap-out: the local host first while its memory lasts,
-  then the remote host with the most free KV memory) and one worker of it. An offloaded row's attention for a layer
+  workers. An offloaded request lives on one host (placed at swap-out by the pool's rule, placement.py: room kept for
+  the KV it reaches when done, on the host with the largest share of its memory left) and one worker of it. An offloaded row's attention for a layer
   is dispatched when the device reaches that layer in the iteration; a worker runs the rows dispatched to it at once
   as one batch, in turn with its earlier batches, in the time the profile's `cpu_attention` gives; a remote host adds
   the network's latency and the rows' bytes each way. The result is reported to the scheduler once it is back.
 - Swaps: KV crosses PCIe at `pcie_bytes_per_s` (and the network once, to a remote host); the copy runs beside the
-  device (async), and the scheduler learns it is done at the first iteration that ends after it.
+  device (async), and the scheduler learns it is done at the first iteration that ends after it. A swap-out frees
+  the device pages once the KV is in host memory; a remote host attends to the request only once the network copy
+  has brought it there.
 
 Only the executor is simulated: admission, placement decisions, chunking, piggyback admission and preemption are the
 scheduler's own code, driven through its public seams (schedule, update, results_ready, observe, an injected clock).
@@ -28,7 +30,7 @@ from dataclasses import dataclass, field, fields
 
 from omniserve.bench.metrics import Record
 from omniserve.config import CacheConfig
-from omniserve.cpu_attention.placement import LOCAL, RemoteRoom, choose_host, least_loaded
+from omniserve.cpu_attention.placement import LOCAL, HostRoom, choose_host, least_loaded
 from omniserve.engine.scheduler import Scheduler
 from omniserve.engine.scheduler.config import SchedulerConfig
 from omniserve.engine.scheduler.latency_model import batch_shape_of_chunks
@@ -106,7 +108,7 @@ class Usage:
     device_kv: float = 0.0
     """Share of the device KV pages in use or set aside for the running BE prefills' prompts (pages_committed)."""
     host_kv: list[float] = field(default_factory=list)
-    """Per host: share of its KV budget in use."""
+    """Per host: share of its KV budget kept for offloaded requests (each at the size it reaches when done)."""
     offloaded: float = 0.0
     """Offloaded requests (KV in the CPU pool)."""
     offloaded_waiting_cpu: float = 0.0
@@ -124,7 +126,7 @@ class Usage:
     offloaded_tokens: int = 0
     """Output tokens sampled by offloaded rows passing the last layer (a count, not an average)."""
     seconds: float = 0.0
-    """The window measured: from the start to the last arrival."""
+    """The window measured: from the start (or the end of a warm-up, Simulation.run) to the last arrival."""
     iteration_seconds: float = 0.0
     """The mean iteration's duration in that window."""
     device_busy: float = 0.0
@@ -155,7 +157,7 @@ class _UsageMeter:
         self.workers_per_host = workers_per_host
         self.cpu_busy = [0.0] * num_hosts  # worker-seconds, as Simulation.cpu_busy, within the window
         self.token_budget = token_budget
-        self.end = float("inf")  # readings count until then (the last arrival)
+        self.start, self.end = 0.0, float("inf")  # readings count in [start, end): a warm-up, the last arrival
         self.sums = dict.fromkeys(self._AVERAGED, 0.0)
         self.host_sums = [0.0] * num_hosts
         self.fill_sum = self.seconds = self.backlogged_seconds = self.busy_seconds = 0.0
@@ -194,7 +196,7 @@ class _UsageMeter:
             self.computed[chunk.request_id] = max(start + count, self.computed.get(chunk.request_id, 0))
 
     def weigh(self, start: float, end: float, iteration: bool) -> None:
-        seconds = max(0.0, min(end, self.end) - start)
+        seconds = max(0.0, min(end, self.end) - max(start, self.start))
         for name, value in self.reading.items():
             self.sums[name] += value * seconds
         for host, value in enumerate(self.host_reading):
@@ -232,7 +234,9 @@ class Simulation:
                                    host_capacity=lambda: profile.host_kv_tokens * profile.num_cpu_hosts)
         workers = profile.cpu_workers_per_host
         self.hosts = [_Host(profile.host_kv_tokens, n > 0, [0.0] * workers) for n in range(profile.num_cpu_hosts)]
-        self.placement: dict[str, tuple[int, int, int]] = {}  # offloaded request -> (host, worker, KV tokens held)
+        # offloaded request -> (host, worker, KV tokens kept room for, KV tokens held)
+        self.placement: dict[str, tuple[int, int, int, int]] = {}
+        self.host_ready: dict[str, float] = {}  # offloaded request -> when its host has its KV (after a swap-out)
         self.cpu_results: list[tuple[float, int, str, int]] = []  # heap of (ready time, seq, request id, layer)
         self.swaps: list[tuple[float, str, str]] = []  # (done time, "out" | "in", request id)
         self.records: dict[str, Record] = {}
@@ -256,28 +260,34 @@ class Simulation:
             self._ls_open.add(request_id)
 
     # ------------------------------------------------------------------------------------------------ the pool
-    def _place(self, request_id: str, tokens: int) -> tuple[int, int]:
-        """Where the pool puts a request's host KV (the rule of omniserve.cpu_attention.placement)."""
+    def _place(self, request_id: str, tokens: int, final_tokens: int) -> tuple[int, int]:
+        """Where the pool puts a request's host KV (the rule of omniserve.cpu_attention.placement): room is kept for
+        the KV it will hold when done."""
         requests = [[0] * len(h.worker_free_at) for h in self.hosts]  # per host, per worker
-        for host, worker, _ in self.placement.values():
+        for host, worker, _, _ in self.placement.values():
             requests[host][worker] += 1
-        rooms = [RemoteRoom(h.free_tokens, sum(requests[i + 1])) for i, h in enumerate(self.hosts[1:])]
-        remote = choose_host(self.hosts[0].free_tokens, rooms, tokens)
+        budget = self.profile.host_kv_tokens
+        rooms = [HostRoom(h.free_tokens, budget, sum(requests[i])) for i, h in enumerate(self.hosts)]
+        reserved = max(tokens, final_tokens)
+        remote = choose_host(rooms[0], rooms[1:], reserved)
         host = 0 if remote == LOCAL else 1 + remote  # hosts[0] is the local host
         worker = least_loaded(requests[host])
-        self.placement[request_id] = (host, worker, tokens)
-        self.hosts[host].free_tokens -= tokens
+        self.placement[request_id] = (host, worker, reserved, tokens)
+        self.hosts[host].free_tokens -= reserved
         return host, worker
 
     def _grow(self, request_id: str) -> None:
-        """An offloaded token's KV is appended on its request's host."""
-        host, worker, tokens = self.placement[request_id]
-        self.placement[request_id] = (host, worker, tokens + 1)
-        self.hosts[host].free_tokens -= 1
+        """An offloaded token's KV is appended on its request's host (within the room kept for it, if it lasts)."""
+        host, worker, reserved, tokens = self.placement[request_id]
+        if tokens + 1 > reserved:
+            reserved += 1
+            self.hosts[host].free_tokens -= 1
+        self.placement[request_id] = (host, worker, reserved, tokens + 1)
 
     def _release(self, request_id: str) -> None:
-        """Frees a request's host memory: its KV at swap-out and the tokens it added there."""
+        """Frees the host memory kept for a request."""
         placed = self.placement.pop(request_id, None)
+        self.host_ready.pop(request_id, None)
         if placed is not None:
             self.hosts[placed[0]].free_tokens += placed[2]
 
@@ -286,7 +296,7 @@ class Simulation:
         the rows it gets at one dispatch time as one batch."""
         batches: dict[tuple[int, int, float], list[tuple[str, int, int]]] = {}
         for request_id, layer, context in rows:
-            host, worker, _ = self.placement[request_id]
+            host, worker, _, _ = self.placement[request_id]
             batches.setdefault((host, worker, at[layer]), []).append((request_id, layer, context))
         profile = self.profile
         for (host, worker, sent), batch in sorted(batches.items(), key=lambda item: item[0][2]):
@@ -294,11 +304,12 @@ class Simulation:
             if self.hosts[host].remote:
                 transfer = profile.network_latency_s + len(batch) * profile.row_bytes_per_layer / (
                     profile.network_bytes_per_s)
-            start = max(self.hosts[host].worker_free_at[worker], sent + transfer)
+            ready = max(self.host_ready.get(request_id, 0.0) for request_id, _, _ in batch)
+            start = max(self.hosts[host].worker_free_at[worker], sent + transfer, ready)
             busy = profile.latency.cpu_attention_time(sum(c for _, _, c in batch), len(batch))
             self.hosts[host].worker_free_at[worker] = start + busy
             self.cpu_busy[host] += busy
-            if sent < self.meter.end:
+            if self.meter.start <= sent < self.meter.end:
                 self.meter.cpu_busy[host] += busy
             for request_id, layer, _ in batch:
                 heapq.heappush(self.cpu_results, (start + busy + transfer, next(self._seq), request_id, layer))
@@ -312,13 +323,13 @@ class Simulation:
             predicted *= max(0.2, self.rng.gauss(1.0, self.config.latency_noise))
         return predicted
 
-    def _copy_seconds(self, num_tokens: int, host: int) -> float:
-        """A swap's KV copy over PCIe, and over the network to or from a remote host."""
+    def _copy_seconds(self, num_tokens: int, host: int) -> tuple[float, float]:
+        """A swap's KV copy: over PCIe, and then over the network to or from a remote host."""
         nbytes = num_tokens * self.profile.kv_bytes_per_token
-        seconds = nbytes / self.profile.pcie_bytes_per_s
+        network = 0.0
         if self.hosts[host].remote:
-            seconds += self.profile.network_latency_s + nbytes / self.profile.network_bytes_per_s
-        return seconds
+            network = self.profile.network_latency_s + nbytes / self.profile.network_bytes_per_s
+        return nbytes / self.profile.pcie_bytes_per_s, network
 
     def _run_iteration(self, plan: IterationPlan) -> None:
         start, seconds = self.now, self._duration(plan)
@@ -328,16 +339,20 @@ class Simulation:
         sampled, cpu_rows = iteration_outputs(plan, layers, _TOKEN)
         for token in plan.offloaded_starts:
             self._grow(token.request_id)
-        if start < self.meter.end:
+        if self.meter.start <= start < self.meter.end:
             self.meter.offloaded_tokens += sum(1 for _, layer in plan.returning if layer + 1 >= layers)
         requests = self.scheduler.requests
         rows = [(rid, layer, requests[rid].num_tokens) for rid, layer in cpu_rows if rid in requests]
         for transfer in plan.swap_outs:
-            host, _ = self._place(transfer.request_id, transfer.num_tokens)
-            self.swaps.append((start + self._copy_seconds(transfer.num_tokens, host), "out", transfer.request_id))
+            host, _ = self._place(transfer.request_id, transfer.num_tokens, transfer.final_tokens)
+            # The device's pages are free once the KV is in host memory; a remote host has it a network copy later
+            # (the pool hands it over asynchronously), and attends to the request's rows only then.
+            pcie, network = self._copy_seconds(transfer.num_tokens, host)
+            self.swaps.append((start + pcie, "out", transfer.request_id))
+            self.host_ready[transfer.request_id] = start + pcie + network
         for transfer in plan.swap_ins:
             host = self.placement.get(transfer.request_id, (0,))[0]  # 0: local, whose copies take PCIe only
-            self.swaps.append((start + self._copy_seconds(transfer.num_tokens, host), "in", transfer.request_id))
+            self.swaps.append((start + sum(self._copy_seconds(transfer.num_tokens, host)), "in", transfer.request_id))
         self._dispatch_cpu(rows, at)
 
         self.now = start + seconds
@@ -376,12 +391,14 @@ class Simulation:
         return still
 
     # ------------------------------------------------------------------------------------------------ the loop
-    def run(self, workload: list[SimRequest], until: float | None = None, progress=None) -> SimResult:
+    def run(self, workload: list[SimRequest], until: float | None = None, progress=None,
+            measure_from: float = 0.0) -> SimResult:
         """Simulates the workload (sorted by arrival) until every request ends, or until `until` seconds (then the
-        rest count as cancelled)."""
+        rest count as cancelled). Usage is measured from `measure_from` (a warm-up) to the last arrival."""
         arrivals = sorted(enumerate(workload), key=lambda item: item[1].arrival)
         next_arrival, iterations, pending = 0, 0, set()
         self.meter.end = arrivals[-1][1].arrival if arrivals else 0.0
+        self.meter.start = min(measure_from, self.meter.end)
         while True:
             while next_arrival < len(arrivals) and arrivals[next_arrival][1].arrival <= self.now:
                 index, request = arrivals[next_arrival]

@@ -51,7 +51,7 @@ class Offloading:
         if self._host_tokens_left is not None:
             self._host_tokens_left -= _final_kv(request)
         return KVTransfer(request.request_id, list(self.page_table.pages(request.request_id)),
-                          request.num_computed_tokens)
+                          request.num_computed_tokens, _final_kv(request))
 
     def _plan_page_swap_outs(self, batch: IterationBudget, scheduled: dict[str, int]) -> list[KVTransfer]:
         """Swap-outs decided by pages: under `cpu` placement every BE request once it decodes; otherwise the newest

@@ -43,6 +43,9 @@ class KVTransfer:
     request_id: str
     page_ids: list[int]
     num_tokens: int
+    final_tokens: int = 0
+    """Swap-out: the tokens of KV the request holds once it has generated all it may, which the host is asked to
+    keep room for (the scheduler counts host capacity the same way)."""
 
 
 @dataclass(frozen=True)
