@@ -11,7 +11,7 @@ import pytest
 from omniserve.bench.workload import DATA_DIR
 from omniserve.engine.scheduler.latency_model import BatchShape, prefill_interactions
 from omniserve.entrypoints.cli import main
-from omniserve.simulator import experiment, regime
+from omniserve.simulator import baselines, experiment, regime
 from omniserve.simulator.profiles import analytic_profile
 from omniserve.simulator.sim import SimConfig, SimRequest, Simulation
 from omniserve.simulator.workload import ClassLoad, build_workload, draw_lengths
@@ -44,11 +44,11 @@ def test_same_seed_same_results(profile):
     assert [r.token_times for r in other.records] != [r.token_times for r in runs[0].records]
 
 
-@pytest.mark.parametrize("policy", ["omniserve", "sarathi", "llumnix", "neo", "fcfs"])
+@pytest.mark.parametrize("policy", ["omniserve", "sarathi", "llumnix", "neo", "fcfs", *baselines.BASELINES])
 def test_every_request_completes_or_is_rejected_and_counts_add_up(profile, policy):
     workload = mixed_workload()
     config = SimConfig(policy=policy, ls_ttft_slo=1.0, ls_tpot_slo=0.03)
-    result = Simulation(replace(profile, device_kv_tokens=20_000), config).run(workload)  # tight device KV
+    result = baselines.run(replace(profile, device_kv_tokens=20_000), config, workload)  # tight device KV
     assert len(result.records) == len(workload)
     counts = statuses(result.records)
     assert set(counts) <= {("ls", "ok"), ("ls", "rejected"), ("be", "ok")}, counts
@@ -116,7 +116,11 @@ def test_paper_preset_runs_on_a_reduced_duration():
         assert set(row["policies"]) == set(experiment.PAPER_POLICIES)
         assert row["policies"]["omniserve"]["summary"]["ls"]["requests"] > 0
     table = experiment.paper_table(rows)
-    assert table.count("\n") == 1 + len(rows) and "vs llumnix" in table
+    groups = {row["group"] for row in rows}
+    assert table.count("\n") == (1 + len(rows)) + 3 + len(groups) and "vs llumnix-cpu" in table
+    sweep = experiment.run_host_sweep(duration=3.0, drain=10.0, hosts=(0, 2))
+    assert [row["cpu_hosts"] for row in sweep] == [0, 2]
+    assert experiment.host_sweep_table(sweep).count("\n") == 1 + len(sweep)
 
 
 def test_simulate_command(tmp_path, capsys):
@@ -268,3 +272,47 @@ def test_offloading_keeps_within_the_hosts_memory(profile):
     result = simulation.run(workload)
     assert all(r.status == "ok" for r in result.records) and result.counters["swap_outs"] >= 3
     assert 0 < peak[0] <= small.host_kv_tokens
+
+
+# ------------------------------------------------------------------------------------------ the paper's baselines
+def test_llumnix_cpu_sends_what_the_gpu_headroom_leaves_out_to_slow_cpu_instances(profile):
+    """BE requests arrive faster than the GPU's BE share takes them: the rest go to the whole-model CPU instances (one
+    per host, in turn), whose iterations take the host's roofline (tens of times the GPU's); all of them finish."""
+    workload = [SimRequest(0.01 * i, "be", 2000, 50) for i in range(20)]
+    config = SimConfig(policy="llumnix-cpu", ls_ttft_slo=1.0, ls_tpot_slo=0.05)
+    small = replace(profile, device_kv_tokens=8_000, num_cpu_hosts=2)
+    result = baselines.run(small, config, workload)
+    diverted = result.counters["cpu_instance_requests"]
+    assert 0 < diverted < len(workload) and len(result.records) == len(workload)
+    assert all(r.status == "ok" and r.output_tokens == 50 for r in result.records)
+    gpu_e2e = sorted(r.e2e for r in result.records)[: len(workload) - diverted]
+    cpu_e2e = sorted(r.e2e for r in result.records)[len(workload) - diverted:]
+    assert min(cpu_e2e) > 5 * max(gpu_e2e)  # the CPU instance's dense work is the slow part
+    assert all(busy > 0 for busy in result.cpu_busy)  # both hosts' instances ran
+
+
+def test_cpu_instance_profile_is_tens_of_times_slower_than_the_gpu():
+    from omniserve.simulator.profiles import cpu_instance_profile, get_profile
+
+    cpu, gpu = cpu_instance_profile("llama-2-70b"), get_profile("llama-2-70b@a100x4")
+    # The paper: dense work 65-498x slower on its CPU server than on its GPUs; decode is bandwidth-bound on both.
+    assert 20 < cpu.decode_step_time(1, 1000) / gpu.decode_step_time(1, 1000) < 100
+    assert 65 < cpu.prefill_time(2048) / gpu.prefill_time(2048) < 500
+    assert cpu.device_kv_tokens > gpu.device_kv_tokens  # 320 GB of host memory for KV and weights vs 4 x 80 GB
+
+
+def test_neo_sync_runs_a_whole_token_per_iteration_within_the_time_budget(profile):
+    """Device KV too small for the BE requests: neo offloads them, and with NEO's pipeline each offloaded token
+    passes every layer in the iteration it starts in (the device waiting on the CPU), kept within the budget."""
+    workload = [SimRequest(0.0, "be", 3000, 200) for _ in range(6)] + [SimRequest(0.5, "ls", 200, 40)]
+    config = SimConfig(policy="neo-sync", ls_ttft_slo=1.0, ls_tpot_slo=0.05)
+    small = replace(profile, device_kv_tokens=7_000)
+    sync = baselines.run(small, config, workload)
+    piggybacked = baselines.run(small, replace(config, policy="neo"), workload)
+    assert sync.counters["swap_outs"] > 0 and all(r.status == "ok" for r in sync.records)
+    be_sync = [r for r in sync.records if r.service_class == "be"]
+    be_piggybacked = [r for r in piggybacked.records if r.service_class == "be"]
+    # An offloaded token takes one iteration, not one per layer: the offloaded BE requests finish far sooner.
+    assert max(r.e2e for r in be_sync) < 0.6 * max(r.e2e for r in be_piggybacked)
+    ls = next(r for r in sync.records if r.service_class == "ls")
+    assert max(b - a for a, b in zip(ls.token_times, ls.token_times[1:])) <= 0.05 * 1.05

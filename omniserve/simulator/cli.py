@@ -47,7 +47,9 @@ def add_simulate_command(commands) -> None:
     sim.add_argument("--profile-path", default=None, help="a latency profile JSON for smollm2-135m@this-machine")
     sim.add_argument("--cpu-hosts", type=_numbers(int), default=None,
                      help="CPU-only hosts besides the GPU server's own CPU (default 0; with --regime-map a list, 0,4)")
-    sim.add_argument("--policies", default="omniserve,sarathi,llumnix,neo,fcfs")
+    sim.add_argument("--policies", default="omniserve,sarathi,llumnix,neo,fcfs",
+                     help="the scheduler's policies, and the paper's baselines as it ran them: llumnix-cpu (BE "
+                          "overflow to whole-model CPU instances), neo-sync (NEO's synchronous CPU attention)")
     sim.add_argument("--duration", type=float, default=None,
                      help="simulated seconds of arrivals (default 600; with --regime-map 200)")
     sim.add_argument("--drain", type=float, default=None,
@@ -126,17 +128,19 @@ def _or(value, default):
 def _paper_main(args: argparse.Namespace, bar) -> None:
     from omniserve.simulator import experiment
 
-    rows = experiment.run_paper(_or(args.duration, 600.0), args.seed, progress=bar.update,
-                                drain=_or(args.drain, 600.0))
+    duration, drain = _or(args.duration, 600.0), _or(args.drain, 600.0)
+    rows = experiment.run_paper(duration, args.seed, progress=bar.update, drain=drain)
+    sweep = experiment.run_host_sweep(duration, args.seed, progress=bar.update, drain=drain)
     bar.close()
-    table = experiment.paper_table(rows)
+    table = experiment.paper_table(rows) + "\n\nBE throughput against CPU hosts:\n\n" + experiment.host_sweep_table(
+        sweep)
     print(table, file=sys.stderr)
-    for row in rows:
+    for row in rows + sweep:
         print(json.dumps({"case": row["case"], "policies": row["policies"]}, separators=(",", ":")))
     if args.output_dir:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(args.output_dir) / "paper.md").write_text(table + "\n")
-        (Path(args.output_dir) / "paper.json").write_text(json.dumps(rows, indent=1))
+        (Path(args.output_dir) / "paper.json").write_text(json.dumps({"cases": rows, "hosts": sweep}, indent=1))
 
 
 def _regime_main(args: argparse.Namespace, bar) -> None:

@@ -11,7 +11,8 @@ from pathlib import Path
 from omniserve.bench import metrics, plots
 from omniserve.bench.metrics import Slo
 from omniserve.simulator.profiles import SystemProfile, get_profile
-from omniserve.simulator.sim import SimConfig, SimRequest, SimResult, Simulation
+from omniserve.simulator import baselines
+from omniserve.simulator.sim import SimConfig, SimRequest, SimResult
 from omniserve.simulator.workload import ClassLoad, build_workload
 
 
@@ -47,8 +48,8 @@ def simulate(profile: SystemProfile, config: SimConfig, loads: dict[str, ClassLo
     `measure_from`."""
     workload = sorted([*build_workload(loads, duration, config.seed), *backlog], key=lambda r: r.arrival)
     started = time.perf_counter()
-    result = Simulation(profile, config).run(workload, until=duration + drain, progress=progress,
-                                             measure_from=measure_from)
+    result = baselines.run(profile, config, workload, until=duration + drain, progress=progress,
+                           measure_from=measure_from)
     summary = summarize(result, profile, config, duration)
     summary["wall_seconds"] = time.perf_counter() - started
     summary["requests_per_wall_second"] = len(workload) / max(summary["wall_seconds"], 1e-9)
@@ -77,26 +78,41 @@ class PaperCase:
     tpot_slo: float
     ls_rate: float
     be_lengths: str
+    group: str = ""
+    """Cases of one group differ only in the LS rate (the heaviest-load summary is per group)."""
 
 
 # The paper's BE arrivals: an Azure trace at 182.6 requests/min on average (the code trace, rescaled to that rate).
 PAPER_BE_RATE = 182.6 / 60
-PAPER_POLICIES = ("omniserve", "sarathi", "llumnix", "neo")
+PAPER_POLICIES = ("omniserve", "sarathi", "llumnix-cpu", "neo-sync")
+"""omniserve, the strongest GPU-only baseline, and the paper's two baselines as it ran them (baselines.py)."""
+PAPER_LS_RATES = (1.0, 2.0, 4.0)
+PAPER_MODELS = (("llama-2-70b", "llama-2-70b@a100x4", 3.0, 0.25), ("yi-34b", "yi-34b@a100x4", 2.0, 0.2))
+"""Llama-2-70B (TP4, SLOs 3 s / 0.25 s) and Yi-34B (TP2, 2 s / 0.2 s) on 4 x A100."""
+PAPER_GOALS = {0: 3.47, 4: 9.85}
+"""The paper's BE throughput over its Llumnix, by CPU hosts beyond the GPU server's own (1G: 3.47x, 1G4C: 9.85x)."""
 
 
-def paper_cases() -> list[PaperCase]:
-    """Llama-2-70B (TP4, SLOs 3 s / 0.25 s) and Yi-34B (TP2, 2 s / 0.2 s) on 4 x A100 with the local CPU only and with
-    4 CPU hosts, LongBench-v2-like and CNN/DailyMail-like BE, LS at a heavy rate; and Llama-2-70B at the tighter
-    TPOT SLO of 0.15 s, where headroom reservation loses most LS attainment."""
+def paper_cases(ls_rates: tuple[float, ...] = PAPER_LS_RATES) -> list[PaperCase]:
+    """Each model with LongBench-v2-like and CNN/DailyMail-like BE, with the local CPU only (1G) and with 4 CPU
+    hosts (1G4C), at each LS rate; and Llama-2-70B at the tighter TPOT SLO of 0.15 s, where headroom reservation
+    loses most LS attainment."""
     cases = []
-    for model, profile, ttft, tpot, rate in (("llama-2-70b", "llama-2-70b@a100x4", 3.0, 0.25, 2.0),
-                                             ("yi-34b", "yi-34b@a100x4", 2.0, 0.2, 2.0)):
+    for model, profile, ttft, tpot in PAPER_MODELS:
         for hosts in (1, 5):
             for lengths in ("longbench", "cnn"):
-                cases.append(PaperCase(f"{model} {lengths} {hosts - 1} CPU hosts", profile, hosts, ttft, tpot, rate,
-                                       lengths))
-    cases.append(PaperCase("llama-2-70b cnn TPOT 0.15 s", "llama-2-70b@a100x4", 1, 3.0, 0.15, 2.0, "cnn"))
+                group = f"{model} {lengths} {'1G' if hosts == 1 else '1G4C'}"
+                cases += [PaperCase(f"{group} LS {rate:g}/s", profile, hosts, ttft, tpot, rate, lengths, group)
+                          for rate in ls_rates]
+    cases.append(PaperCase("llama-2-70b cnn 1G TPOT 0.15 s LS 2/s", "llama-2-70b@a100x4", 1, 3.0, 0.15, 2.0, "cnn",
+                           "llama-2-70b cnn 1G TPOT 0.15 s"))
     return cases
+
+
+def _paper_loads(ls_rate: float, be_lengths: str) -> dict[str, ClassLoad]:
+    return {"ls": ClassLoad(rate=ls_rate, lengths="sharegpt", max_input=4096, max_output=2048),
+            "be": ClassLoad(trace="azure-code", rate=PAPER_BE_RATE, lengths=be_lengths, max_input=16384,
+                            max_output=2048)}
 
 
 def run_paper(duration: float, seed: int = 0, cases: list[PaperCase] | None = None, progress=None,
@@ -105,35 +121,80 @@ def run_paper(duration: float, seed: int = 0, cases: list[PaperCase] | None = No
     rows = []
     for case in cases or paper_cases():
         profile = get_profile(case.profile, num_cpu_hosts=case.num_cpu_hosts)
-        loads = {"ls": ClassLoad(rate=case.ls_rate, lengths="sharegpt", max_input=4096, max_output=2048),
-                 "be": ClassLoad(trace="azure-code", rate=PAPER_BE_RATE, lengths=case.be_lengths, max_input=16384,
-                                 max_output=2048)}
         base = SimConfig(ls_ttft_slo=case.ttft_slo, ls_tpot_slo=case.tpot_slo, seed=seed, max_model_len=20000)
-        row = {"case": case.name, "policies": {}}
+        row = {"case": case.name, "group": case.group, "cpu_hosts": case.num_cpu_hosts - 1, "ls_rate": case.ls_rate,
+               "policies": {}}
         for policy in policies:
-            summary, _ = simulate(profile, replace(base, policy=policy), loads, duration, drain, progress)
+            summary, _ = simulate(profile, replace(base, policy=policy), _paper_loads(case.ls_rate, case.be_lengths),
+                                  duration, drain, progress)
             row["policies"][policy] = summary
         rows.append(row)
     return rows
 
 
+def _figures(summary: dict) -> tuple[float, float]:
+    """(LS SLO attainment, BE output tokens/s) of one run."""
+    classes = summary["summary"]
+    return (classes.get("ls", {}).get("slo_attainment") or 0.0,
+            classes.get("be", {}).get("output_throughput") or 0.0)
+
+
+def _ratio(ours: float, theirs: float) -> str:
+    return f"{ours / theirs:.2f}x" if theirs else "- (theirs 0)"
+
+
 def paper_table(rows: list[dict]) -> str:
-    """Markdown: per case, omniserve's LS attainment and BE tokens/s, and its ratios to each baseline."""
-    baselines = ("llumnix", "neo", "sarathi")
+    """Markdown: per case, omniserve's LS attainment and BE tokens/s, and its ratios to each baseline; then, per
+    group, the heaviest LS load where omniserve keeps >= 90% LS attainment, against the paper's goal over Llumnix."""
+    baselines = [p for p in (*PAPER_POLICIES[1:], "llumnix", "neo") if rows and p in rows[0]["policies"]]
     head = ("| case | omniserve LS attainment | omniserve BE tok/s | "
             + " | ".join(f"vs {b}: LS / BE" for b in baselines) + " |")
     lines = [head, "|" + "---|" * (3 + len(baselines))]
     for row in rows:
-        figures = {p: (s["summary"].get("ls", {}).get("slo_attainment") or 0.0,
-                       s["summary"].get("be", {}).get("output_throughput") or 0.0) for p, s in row["policies"].items()}
+        figures = {p: _figures(s) for p, s in row["policies"].items()}
         ours = figures["omniserve"]
-        cells = []
-        for b in baselines:
-            if b not in figures:
-                cells.append("-")
-                continue
-            ls = f"{ours[0] / figures[b][0]:.2f}x" if figures[b][0] else "- (theirs 0)"
-            be = f"{ours[1] / figures[b][1]:.2f}x" if figures[b][1] else "- (theirs 0)"
-            cells.append(f"{ls} / {be}")
+        cells = [f"{_ratio(ours[0], figures[b][0])} / {_ratio(ours[1], figures[b][1])}" for b in baselines]
         lines.append(f"| {row['case']} | {ours[0]:.1%} | {ours[1]:.0f} | " + " | ".join(cells) + " |")
+    if rows and "llumnix-cpu" in rows[0]["policies"]:
+        lines += ["", "| group | heaviest LS rate with omniserve >= 90% LS | BE tok/s omniserve / llumnix-cpu | "
+                      "the paper's | LS attainment llumnix-cpu |", "|---|---|---|---|---|"]
+        for group in dict.fromkeys(row["group"] for row in rows):
+            held = [r for r in rows if r["group"] == group and _figures(r["policies"]["omniserve"])[0] >= 0.9]
+            if not held:
+                lines.append(f"| {group} | none | - | - | - |")
+                continue
+            row = max(held, key=lambda r: r["ls_rate"])
+            ours, theirs = _figures(row["policies"]["omniserve"]), _figures(row["policies"]["llumnix-cpu"])
+            goal = PAPER_GOALS.get(row["cpu_hosts"])
+            lines.append(f"| {group} | {row['ls_rate']:g}/s | {_ratio(ours[1], theirs[1])} | "
+                         f"{'-' if goal is None else f'{goal:g}x'} | {theirs[0]:.1%} |")
+    return "\n".join(lines)
+
+
+def run_host_sweep(duration: float, seed: int = 0, hosts: tuple[int, ...] = (0, 1, 2, 3, 4), progress=None,
+                   policies: tuple[str, ...] = ("omniserve", "llumnix-cpu"), drain: float = 600.0,
+                   case: PaperCase | None = None) -> list[dict]:
+    """BE throughput against CPU hosts beyond the GPU server's own (the paper's scaling figure): Llama-2-70B with
+    LongBench-like BE at LS 2/s unless `case` says otherwise; one row per host count."""
+    case = case or PaperCase("", "llama-2-70b@a100x4", 1, 3.0, 0.25, 2.0, "longbench")
+    rows = []
+    for count in hosts:
+        row = run_paper(duration, seed, [replace(case, name=f"{count} CPU hosts", num_cpu_hosts=1 + count)],
+                        progress, policies, drain)[0]
+        rows.append(row)
+    return rows
+
+
+def host_sweep_table(rows: list[dict]) -> str:
+    """Markdown: BE tok/s per policy against CPU hosts, each as a ratio to the same policy with none."""
+    policies = list(rows[0]["policies"]) if rows else []
+    first = {p: _figures(rows[0]["policies"][p])[1] for p in policies} if rows else {}
+    lines = ["| CPU hosts | " + " | ".join(f"{p}: BE tok/s (x of 0 hosts), LS" for p in policies) + " |",
+             "|" + "---|" * (1 + len(policies))]
+    for row in rows:
+        cells = []
+        for p in policies:
+            ls, be = _figures(row["policies"][p])
+            cells.append(f"{be:.1f} ({_ratio(be, first[p])}), {ls:.1%}")
+        lines.append(f"| {row['cpu_hosts']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -188,6 +188,39 @@ def analytic_profile(model: str, hardware: str, num_cpu_hosts: int = 1, cpu_host
     )
 
 
+def cpu_instance_profile(model: str, cpu_host: str = DEFAULT_CPU_HOST) -> SystemProfile:
+    """`model` served whole on one CPU host (bf16 weights and KV in its memory), as the OmniServe paper's Llumnix
+    baseline runs the BE requests its GPU headroom leaves out: a GPU-style roofline (roofline.py) on the host's
+    published peaks and its `whole_model` efficiency factors. Its KV is what the host's pool share of memory holds
+    beside the weights. There is no CPU pool behind it."""
+    cfg = model_config(model)
+    cpu = hardware_spec(cpu_host, "cpu")
+    peak, whole = cpu["peak"], cpu["whole_model"]
+    as_gpu = {  # the host in the shape the GPU rooflines read; one "GPU", so no interconnect
+        "peak": {"bf16_flops": peak["fp32_flops"], "memory_bytes_per_s": peak["memory_bytes_per_s"]},
+        "efficiency": {k: whole[k] for k in ("gemm_flops", "weight_bandwidth", "prefill_attention_flops",
+                                             "decode_attention_bandwidth")},
+        "overhead": {k: whole[k] for k in ("iteration_s", "layer_s", "attention_kernel_s",
+                                           "decode_attention_per_request_s")},
+    }
+    kv_per_token = cfg.num_layers * kv_bytes_per_token_per_layer(cfg, GPU_DTYPE_BYTES)
+    kv_memory = peak["memory_bytes"] * cpu["pool"]["kv_memory_fraction"] - weight_bytes_total(cfg)
+    if kv_memory < kv_per_token:
+        raise ValueError(f"{model} does not fit in {cpu_host}'s memory with room for KV")
+    latency = LatencyModel(
+        num_layers=cfg.num_layers, dense=dense_model(cfg, as_gpu, 1), prefill_attention=prefill_attention_model(
+            cfg, as_gpu, 1), decode_attention=decode_attention_model(cfg, as_gpu, 1), head=head_model(cfg, as_gpu, 1),
+        cpu_attention=cpu_attention_model(cfg, cpu), metadata={
+            "kind": "analytic (roofline)", "model": model, "device": cpu_host, "device_name": cpu["description"],
+            "dtype": "bfloat16", "instance": "the whole model on one CPU host (no GPU)"})
+    return SystemProfile(
+        name=f"{model} whole on {cpu_host}", latency=latency, num_layers=cfg.num_layers,
+        kv_bytes_per_token=kv_per_token, device_kv_tokens=int(kv_memory // kv_per_token), host_kv_tokens=1,
+        cpu_workers_per_host=1, num_cpu_hosts=1, pcie_bytes_per_s=peak["memory_bytes_per_s"],
+        network_bytes_per_s=peak["network_bytes_per_s"], network_latency_s=peak["network_latency_s"],
+        row_bytes_per_layer=row_bytes_per_layer(cfg, GPU_DTYPE_BYTES))
+
+
 _DTYPE_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
 _FEATURES = {"prefill_attention": 2, "decode_attention": 2, "head": 1, "cpu_attention": 2, "swap_out": 1}
 

@@ -27,6 +27,7 @@ import heapq
 import itertools
 import random
 from dataclasses import dataclass, field, fields
+from typing import Callable
 
 from omniserve.bench.metrics import Record
 from omniserve.config import CacheConfig
@@ -222,8 +223,11 @@ class _UsageMeter:
 
 
 class Simulation:
-    def __init__(self, profile: SystemProfile, config: SimConfig) -> None:
+    def __init__(self, profile: SystemProfile, config: SimConfig, sync_cpu_attention: bool = False) -> None:
+        """sync_cpu_attention: NEO's pipeline instead of piggybacking (baselines.py): an offloaded token runs every
+        layer in one iteration, the device waiting on its CPU attention at each layer."""
         self.profile, self.config = profile, config
+        self.sync_cpu_attention = sync_cpu_attention
         self.now = 0.0
         self.rng = random.Random(config.seed)
         pages = PageTable(PageAllocator(max(1, profile.device_kv_tokens // config.page_size)), config.page_size)
@@ -231,7 +235,9 @@ class Simulation:
                                    num_layers=profile.num_layers,
                                    latency_model=profile.latency, default_tpot_slo=config.ls_tpot_slo,
                                    clock=lambda: self.now,
-                                   host_capacity=lambda: profile.host_kv_tokens * profile.num_cpu_hosts)
+                                   host_capacity=lambda: profile.host_kv_tokens * profile.num_cpu_hosts,
+                                   sync_cpu_workers=(profile.num_cpu_hosts * profile.cpu_workers_per_host
+                                                     if sync_cpu_attention else None))
         workers = profile.cpu_workers_per_host
         self.hosts = [_Host(profile.host_kv_tokens, n > 0, [0.0] * workers) for n in range(profile.num_cpu_hosts)]
         # offloaded request -> (host, worker, KV tokens kept room for, KV tokens held)
@@ -245,9 +251,15 @@ class Simulation:
         self._seq = itertools.count()
         self.meter = _UsageMeter(profile.num_cpu_hosts, config.max_num_batched_tokens, profile.cpu_workers_per_host)
         self._ls_open: set[str] = set()  # LS requests not yet ended (to count the BE ones among the waiting)
+        self.divert: Callable[[Simulation, SimRequest], bool] | None = None
+        """Called with each arriving request: True takes it away from this engine (baselines.py)."""
 
     # ------------------------------------------------------------------------------------------------ requests
-    def _add(self, request_id: str, request: SimRequest) -> None:
+    def _add(self, request_id: str, request: SimRequest) -> bool:
+        """Gives an arriving request to the scheduler, or to `divert` (a baseline's other instance) if that takes it;
+        whether the scheduler has it."""
+        if self.divert is not None and self.divert(self, request):
+            return False
         ls = request.service_class == "ls"
         params = SamplingParams(max_tokens=request.output_len, ignore_eos=True, temperature=0.0,
                                 service_class=request.service_class)
@@ -258,6 +270,7 @@ class Simulation:
                                           request.output_len, sent=request.arrival)
         if ls:
             self._ls_open.add(request_id)
+        return True
 
     # ------------------------------------------------------------------------------------------------ the pool
     def _place(self, request_id: str, tokens: int, final_tokens: int) -> tuple[int, int]:
@@ -331,6 +344,27 @@ class Simulation:
             network = self.profile.network_latency_s + nbytes / self.profile.network_bytes_per_s
         return nbytes / self.profile.pcie_bytes_per_s, network
 
+    def _sync_cpu_seconds(self, plan: IterationPlan, start: float) -> float:
+        """NEO's iteration, CPU side: each worker attends to its offloaded rows at every layer, one layer after
+        another (the device overlaps its own work with it but waits for each layer's result); the slowest worker
+        decides. Remote hosts add the rows' network round trip per layer."""
+        batches: dict[tuple[int, int], list[int]] = {}
+        for token in plan.offloaded_starts:
+            host, worker, _, _ = self.placement[token.request_id]
+            batches.setdefault((host, worker), []).append(self.scheduler.requests[token.request_id].num_tokens)
+        profile, slowest = self.profile, 0.0
+        for (host, worker), contexts in batches.items():
+            per_layer = profile.latency.cpu_attention_time(sum(contexts), len(contexts))
+            busy = profile.num_layers * per_layer
+            if self.hosts[host].remote:
+                per_layer += 2 * profile.network_latency_s + len(contexts) * profile.row_bytes_per_layer / (
+                    profile.network_bytes_per_s)
+            slowest = max(slowest, profile.num_layers * per_layer)
+            self.cpu_busy[host] += busy
+            if self.meter.start <= start < self.meter.end:
+                self.meter.cpu_busy[host] += busy
+        return slowest
+
     def _run_iteration(self, plan: IterationPlan) -> None:
         start, seconds = self.now, self._duration(plan)
         layers = self.profile.num_layers
@@ -339,6 +373,12 @@ class Simulation:
         sampled, cpu_rows = iteration_outputs(plan, layers, _TOKEN)
         for token in plan.offloaded_starts:
             self._grow(token.request_id)
+        if self.sync_cpu_attention and plan.offloaded_starts:  # every layer within this iteration: a token each
+            seconds = max(seconds, self._sync_cpu_seconds(plan, start))
+            sampled.update({token.request_id: SampledToken(_TOKEN) for token in plan.offloaded_starts})
+            cpu_rows = []
+            if self.meter.start <= start < self.meter.end:
+                self.meter.offloaded_tokens += len(plan.offloaded_starts)
         if self.meter.start <= start < self.meter.end:
             self.meter.offloaded_tokens += sum(1 for _, layer in plan.returning if layer + 1 >= layers)
         requests = self.scheduler.requests
@@ -402,8 +442,8 @@ class Simulation:
         while True:
             while next_arrival < len(arrivals) and arrivals[next_arrival][1].arrival <= self.now:
                 index, request = arrivals[next_arrival]
-                self._add(f"r{index}", request)
-                pending.add(f"r{index}")
+                if self._add(f"r{index}", request):
+                    pending.add(f"r{index}")
                 next_arrival += 1
             ready = []
             while self.cpu_results and self.cpu_results[0][0] <= self.now:

@@ -68,19 +68,24 @@ class Scheduler(Booking, PageRoom, Offloading, Piggybacking):
         clock: Callable[[], float] = time.monotonic,
         calibrates: bool = False,
         host_capacity: Callable[[], int] | None = None,
+        sync_cpu_workers: int | None = None,
     ) -> None:
         """default_tpot_slo bounds iterations even while no LS request runs, so that a new LS request never waits
         behind a long BE iteration. clock is injectable for the simulator. calibrates: the caller times scratch
         iterations when asked (calibration_wanted), so an LS request about to be rejected on an idle device whose
         latest measurements are old waits for fresh ones instead (the engine does; the simulator's device is its
         model). host_capacity: tokens of KV the CPU pool's hosts hold in all, now (None: no limit); a request is
-        offloaded only while the offloaded ones, counted at the size they reach when done, leave it room."""
+        offloaded only while the offloaded ones, counted at the size they reach when done, leave it room.
+        sync_cpu_workers: the simulator's NEO baseline (simulator/baselines.py), not the engine: an offloaded token
+        runs every layer in one iteration on this many CPU workers, the device waiting on them, and admission keeps
+        that CPU time within the time budget (NEO's latency control)."""
         self.config = config
         self.policy = POLICY_TABLE[config.policy]
         self.page_table = page_table
         self.eos_token_ids = frozenset(eos_token_ids)
         self.num_layers = num_layers
         self.host_capacity = host_capacity
+        self.sync_cpu_workers = sync_cpu_workers
         self.latency_model = latency_model
         self.default_tpot_slo = default_tpot_slo
         self.clock = clock
