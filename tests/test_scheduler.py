@@ -165,6 +165,30 @@ def test_offloading_stops_where_host_memory_would_run_out():
     assert first.num_output_tokens == second.num_output_tokens == 8 and scheduler.page_table.allocator.num_used == 0
 
 
+def test_be_flows_through_host_memory_while_ls_holds_the_device():
+    """LS holds half the device pages; BE requests are prefilled only when their whole prompt has a place beside
+    LS's next pages (none is preempted before its first token), go to the host (within its budget, each counted at
+    its final size) to make room for the next, decode there or on the device, and finish. None is lost, the hosts
+    never hold more than their budget, every page is freed."""
+    capacity = 3 * (12 + 10)  # host tokens: three BE requests when done (12-token prompts, 10 output tokens)
+    scheduler = Scheduler(SchedulerConfig(be_decode_placement="auto"), PageTable(PageAllocator(24), 4),
+                          eos_token_ids=(2,), num_layers=2, host_capacity=lambda: capacity)
+    ls = add(scheduler, "ls", 28, max_tokens=20)  # 7 pages at once, 12 of the 24 by the end
+    be = [add(scheduler, f"be{i}", 12, max_tokens=10, service_class="be") for i in range(6)]
+    preempted_midway = []
+    while scheduler.has_unfinished():
+        before = {r.request_id: r.num_preemptions for r in be}
+        step(scheduler)
+        preempted_midway += [r.request_id for r in be if r.num_preemptions > before[r.request_id]
+                             and not r.num_output_tokens]
+        held = sum(r.num_tokens - 1 + r.max_tokens - r.num_output_tokens for r in scheduler.offloaded)
+        assert held <= capacity
+    assert ls.num_output_tokens == 20 and all(r.num_output_tokens == 10 for r in be)
+    assert not preempted_midway and scheduler.num_swap_outs >= 3
+    assert scheduler.page_table.allocator.num_used == 0
+    assert not scheduler.requests and not scheduler.offloaded and not scheduler.running
+
+
 def test_device_placement_never_offloads():
     scheduler = make_scheduler(be_decode_placement="device")
     add(scheduler, "be", 5, service_class="be")

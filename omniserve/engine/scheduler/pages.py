@@ -28,13 +28,20 @@ class PageRoom:
         return self.page_table.allocator.num_used + owed
 
     def _room_for_whole_prompt(self, request: Request) -> bool:
-        """Whether a waiting BE request's whole prompt fits the free device pages beyond what the BE prefills already
-        running will still take. Its KV can leave the device only at a token boundary (swap-out), so one admitted on
-        its first chunk without that room is preempted midway by the next one's growth, and its prompt computed
-        again: device time spent for nothing (a prompt larger than the device is let through, as before)."""
-        needed = self.page_table.pages_needed(request.request_id, request.num_tokens)
+        """Whether a waiting BE request's whole prompt and its first decode step fit the free device pages beyond
+        what is set aside (pages_committed) and what the running LS requests take next (the rest of their prompts
+        and their next token). Its KV can leave the device only at a token boundary (swap-out), so one admitted on
+        its first chunk without that room is preempted midway by the next one's growth or by LS, and its prompt
+        computed again: device time spent for nothing (a prompt larger than the device is let through, as before).
+
+        Later growth is not reserved: setting aside all the KV a request may reach, when the hosts could not take
+        it, cut BE throughput by a fifth in the regime map's memory-bound cells (device KV binds there, not the
+        device time that recomputing a preempted request costs)."""
+        needed = self.page_table.pages_needed(request.request_id, request.num_tokens + 1)
+        ls_next = sum(self.page_table.pages_needed(r.request_id, r.num_tokens + 1) for r in self.running
+                      if r.placement is Placement.DEVICE and self._is_ls(r))
         num_pages = self.page_table.allocator.num_pages
-        return num_pages - self.pages_committed() >= min(needed, num_pages)
+        return num_pages - self.pages_committed() - ls_next >= min(needed, num_pages)
 
     def _make_room(self, request: Request, num_tokens: int, scheduled: dict[str, int], evict_ls: bool) -> bool:
         """Preempts device requests not scheduled this iteration (the newest BE first, then the newest LS if
