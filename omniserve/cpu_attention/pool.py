@@ -7,9 +7,9 @@ The engine never blocks on it: `submit` and `load` only enqueue, `poll` takes wh
 offloaded request lives on one worker or host (its host KV is there) and has at most one row in flight, since its
 token advances one layer at a time, so in-flight rows never exceed the number of offloaded requests.
 
-Placement, at swap-out, follows placement.py (the simulator follows it too): a local worker (the least loaded) while
-the local host KV stays within its memory budget; then the remote host with the most free memory, and among equals
-the fewest requests.
+Placement, at swap-out, follows placement.py (the simulator follows it too): room is kept for the KV the request
+reaches when done, on the host (local or remote) with the largest share of its budget left; the local host among
+equals, then the fewest requests; on the local host, the least loaded worker.
 """
 
 from __future__ import annotations
