@@ -66,7 +66,7 @@ def add_simulate_command(commands) -> None:
     sim.add_argument("--be-rate", type=float, default=182.6 / 60,
                      help="BE mean rate (req/s); with a trace, the trace is rescaled to it (0: the trace's own)")
     sim.add_argument("--be-lengths", default=None,
-                     help="as --ls-lengths (default longbench; with --regime-map a list, longbench,fixed:1000:4000)")
+                     help="as --ls-lengths (default longbench; with --regime-map a list, longbench,reasoning)")
     sim.add_argument("--max-input-len", type=int, default=None,
                      help="length caps (default 16384; with --regime-map, BE's only)")
     sim.add_argument("--max-output-len", type=int, default=None,
@@ -79,6 +79,12 @@ def add_simulate_command(commands) -> None:
     sim.add_argument("--output-dir", default=None, help="result.json and plots per policy")
     sim.add_argument("--experiment", choices=("paper",), default=None,
                      help="paper: the OmniServe paper's comparisons (other workload flags are ignored)")
+    _add_regime_arguments(sim)
+    sim.add_argument("--no-progress", action="store_true")
+    sim.set_defaults(handler=simulate_main)
+
+
+def _add_regime_arguments(sim: argparse.ArgumentParser) -> None:
     regime = sim.add_argument_group("--regime-map", "omniserve vs sarathi over a grid of cells, each told what binds "
                                     "(docs/simulator.md); also reads --profile, --be-lengths, --cpu-hosts, --duration, "
                                     "--drain, --ttft-slo, --tpot-slo (default: from the profile), --seed, --output-dir")
@@ -98,8 +104,6 @@ def add_simulate_command(commands) -> None:
     regime.add_argument("--warmup", type=float, default=None,
                         help="simulated seconds at the start not counted, while the backlog fills the device and the "
                              "hosts (default 100)")
-    sim.add_argument("--no-progress", action="store_true")
-    sim.set_defaults(handler=simulate_main)
 
 
 def simulate_main(args: argparse.Namespace) -> None:

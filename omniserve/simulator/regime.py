@@ -194,7 +194,7 @@ class RegimeSpec:
     """One regime map: the axes and what every cell shares."""
 
     profile: str = "llama-3-8b@h100"
-    be_lengths: tuple[str, ...] = ("longbench", "fixed:1000:4000")
+    be_lengths: tuple[str, ...] = ("longbench", "reasoning")
     ls_loads: tuple[float, ...] = (0.25, 0.5)
     """LS rates as fractions of the device's LS saturation rate (ignored when ls_rates is given)."""
     ls_rates: tuple[float, ...] = ()
