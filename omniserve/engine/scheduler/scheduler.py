@@ -240,12 +240,11 @@ class Scheduler(Booking, PageRoom, Offloading, Piggybacking):
 
         swap_ins = self._plan_swap_ins(batch, reserve)
         starts, returning = self._admit_piggyback(batch)
-        plan = IterationPlan(
+        return IterationPlan(
             chunks=[self._chunk(self.requests[rid], count) for rid, count in scheduled.items()],
             offloaded_starts=starts, returning=returning, swap_outs=swap_outs, swap_ins=swap_ins, rejected=rejected,
             predicted_time=batch.time(), time_budget=batch.time_budget,
         )
-        return plan
 
     def _try_schedule(
         self, request: Request, count: int, batch: IterationBudget, scheduled: dict[str, int], evict_ls: bool = True
