@@ -316,3 +316,17 @@ def test_neo_sync_runs_a_whole_token_per_iteration_within_the_time_budget(profil
     assert max(r.e2e for r in be_sync) < 0.6 * max(r.e2e for r in be_piggybacked)
     ls = next(r for r in sync.records if r.service_class == "ls")
     assert max(b - a for a, b in zip(ls.token_times, ls.token_times[1:])) <= 0.05 * 1.05
+
+
+def test_ls_requests_open_at_the_cut_count_by_their_slos_so_far():
+    from omniserve.bench.metrics import Record, Slo
+
+    slo = Slo(ttft=1.0, tpot=0.1)
+    done = Record("ls", 0.0, 10, 3, status="ok", token_times=[0.5, 0.6, 0.7], output_tokens=3, end=0.7)
+    on_track = Record("ls", 0.0, 10, 99, status="cancelled", token_times=[0.5, 0.6, 0.7])
+    late = Record("ls", 0.0, 10, 99, status="cancelled", token_times=[1.5, 1.6])
+    slow = Record("ls", 0.0, 10, 99, status="cancelled", token_times=[0.5, 0.9])
+    rejected = Record("ls", 0.0, 10, 5, status="rejected")
+    be = Record("be", 0.0, 10, 5, status="cancelled")
+    assert regime.ls_attainment([done, on_track, late, slow, rejected, be], slo) == (2 / 5, 3)
+    assert regime.ls_attainment([be], slo) == (None, 0)

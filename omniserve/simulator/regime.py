@@ -158,8 +158,9 @@ class LengthStats:
 def saturation_rate(profile: SystemProfile, lengths: LengthStats, iteration_s: float,
                     token_budget: int = SchedulerConfig.max_num_batched_tokens) -> float:
     """Requests/s of one shape that the device alone serves at iterations of `iteration_s` seconds: the largest rate
-    whose steady-state iteration fits both budgets. Per iteration at rate r: r x iteration_s prompts arrive (their
-    prefill tokens and interactions), and r x output x iteration_s requests decode (Little's law)."""
+    whose steady-state iteration fits both budgets and whose KV fits the device. Per iteration at rate r:
+    r x iteration_s prompts arrive (their prefill tokens and interactions), and r x output x iteration_s requests
+    decode (Little's law); they hold r x iteration_s x `resident` tokens of KV."""
     latency = profile.latency
 
     def fits(rate: float) -> bool:
@@ -170,7 +171,8 @@ def saturation_rate(profile: SystemProfile, lengths: LengthStats, iteration_s: f
                            prefill_interactions=arriving * prefill_interactions(0, round(lengths.prompt)),
                            decode_context=arriving * lengths.resident, num_decodes=decodes,
                            num_sampled=decodes + arriving, prefill_tokens=prefill)
-        return decodes + prefill <= token_budget and latency.iteration_time(shape) <= iteration_s
+        return (decodes + prefill <= token_budget and latency.iteration_time(shape) <= iteration_s
+                and arriving * lengths.resident <= profile.device_kv_tokens)
 
     low, high = 0.0, 1.0
     while fits(high) and high < 1e6:
@@ -243,17 +245,38 @@ def default_slos(profile: SystemProfile, budget_share: float = SchedulerConfig.i
                              TPOT_FACTOR, TTFT_FACTOR)
 
 
-def _policy_figures(summary: dict, result: SimResult, profile: SystemProfile, be_request_kv: float,
-                    window: tuple[float, float]) -> dict:
+def ls_attainment(records: list[metrics.Record], slo: Slo) -> tuple[float | None, int]:
+    """The share of LS requests that met their SLOs, and how many were still open when the run was cut. An open one
+    counts as met if it is on track: its first token within the TTFT SLO, its tokens since at most the TPOT SLO
+    apart on average. (A policy whose iterations are slower but within the SLO leaves more LS requests open at the
+    cut; counting those as misses would charge it for the length of the drain, not for its latency.)"""
+    ls = [r for r in records if r.service_class == "ls"]
+    if not ls:
+        return None, 0
+    open_ = [r for r in ls if r.status == "cancelled"]
+
+    def on_track(r: metrics.Record) -> bool:
+        times = r.token_times
+        if not times or times[0] - r.arrival > slo.ttft:
+            return False
+        return len(times) < 2 or (times[-1] - times[0]) / (len(times) - 1) <= slo.tpot
+
+    met = sum(slo.met(r) for r in ls) + sum(on_track(r) for r in open_)
+    return met / len(ls), len(open_)
+
+
+def _policy_figures(result: SimResult, profile: SystemProfile, be_request_kv: float, window: tuple[float, float],
+                    slo: Slo) -> dict:
     """One policy's figures in a cell: BE throughput in the window, LS attainment (whole run), what binds and the
     measurements behind it."""
     usage = result.usage
     use = ResourceUse.of(usage, profile.device_kv_tokens, be_request_kv)
     iteration_s = usage.iteration_seconds
     be_records = [r for r in result.records if r.service_class == "be"]
+    attainment, ls_open = ls_attainment(result.records, slo)
     return {
         "be_tok_s": metrics.tokens_in(be_records, *window) / (window[1] - window[0]),
-        "ls_attainment": summary["summary"].get("ls", {}).get("slo_attainment"),
+        "ls_attainment": attainment, "ls_open_at_cut": ls_open,
         "binds": binding_resource(use), "use": asdict(use), "counters": result.counters,
         "iteration_s": iteration_s, "host_kv": usage.host_kv,
         "be_stalled": usage.be_stalled, "offloaded_ready": usage.offloaded_ready,
@@ -296,9 +319,10 @@ def _run_cell(spec: RegimeSpec, config: SimConfig, loads: dict[str, ClassLoad], 
             if policy == "sarathi" and sarathi is not None:
                 figures[policy] = sarathi
                 continue
-            summary, result = simulate(profile, replace(config, policy=policy), loads, spec.duration, spec.drain,
-                                       progress, backlog, measure_from=spec.warmup)
-            figures[policy] = _policy_figures(summary, result, profile, cell["be_request_kv"], window)
+            _, result = simulate(profile, replace(config, policy=policy), loads, spec.duration, spec.drain, progress,
+                                 backlog, measure_from=spec.warmup)
+            figures[policy] = _policy_figures(result, profile, cell["be_request_kv"], window,
+                                              Slo(config.ls_ttft_slo, config.ls_tpot_slo))
         sarathi = figures.get("sarathi")
         rows.append({**cell, "cpu_hosts": hosts, "device_kv_tokens": kv_tokens, "be_backlog": len(backlog),
                      "host_kv_tokens": profile.host_kv_tokens, "policies": figures})
