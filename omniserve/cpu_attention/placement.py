@@ -33,8 +33,13 @@ def choose_host(local: HostRoom, remote: Sequence[HostRoom], size: int) -> int:
     fitting = [(index, room) for index, room in hosts if room.free >= size]
     if not fitting:
         return LOCAL
-    share_left = lambda room: (room.free - size) / room.budget if room.budget > 0 else 0.0  # noqa: E731
-    return max(fitting, key=lambda item: (share_left(item[1]), item[0] == LOCAL, -item[1].num_requests))[0]
+
+    def preference(item: tuple[int, HostRoom]) -> tuple[float, bool, int]:
+        index, room = item
+        share_left = (room.free - size) / room.budget if room.budget > 0 else 0.0
+        return share_left, index == LOCAL, -room.num_requests
+
+    return max(fitting, key=preference)[0]
 
 
 def least_loaded(requests_per_worker: Sequence[int]) -> int:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from omniserve.bench import metrics, plots
 from omniserve.bench.metrics import Slo
-from omniserve.simulator.profiles import SystemProfile, get_profile
 from omniserve.simulator import baselines
+from omniserve.simulator.profiles import SystemProfile, get_profile
 from omniserve.simulator.sim import SimConfig, SimRequest, SimResult
 from omniserve.simulator.workload import ClassLoad, build_workload
 
@@ -177,12 +177,8 @@ def run_host_sweep(duration: float, seed: int = 0, hosts: tuple[int, ...] = (0, 
     """BE throughput against CPU hosts beyond the GPU server's own (the paper's scaling figure): Llama-2-70B with
     LongBench-like BE at LS 2/s unless `case` says otherwise; one row per host count."""
     case = case or PaperCase("", "llama-2-70b@a100x4", 1, 3.0, 0.25, 2.0, "longbench")
-    rows = []
-    for count in hosts:
-        row = run_paper(duration, seed, [replace(case, name=f"{count} CPU hosts", num_cpu_hosts=1 + count)],
-                        progress, policies, drain)[0]
-        rows.append(row)
-    return rows
+    return run_paper(duration, seed, [replace(case, name=f"{count} CPU hosts", num_cpu_hosts=1 + count)
+                                      for count in hosts], progress, policies, drain)
 
 
 def host_sweep_table(rows: list[dict]) -> str:
