@@ -209,6 +209,24 @@ def test_half_precision_engine_on_a_cpu_without_avx512(tiny):
     assert report["lengths"] == [8, 8] and report["swap_outs"] == 1
 
 
+def test_the_pool_keeps_room_for_a_request_as_it_will_be_when_done():
+    """Placement counts a request at the KV it reaches when done (as the scheduler's host capacity does), so a host
+    is never promised more than its budget by requests that grow there; freeing gives the room back."""
+    budget = 1 << 20
+    pool = CPUAttentionPool(PoolConfig(local_memory_bytes=budget))
+    kv = torch.zeros(1, 4, 1, 8)  # [layers, tokens, kv_heads, head_dim]
+    per_token = CPUAttentionPool.host_bytes_per_token(1, 1, 8)
+    try:
+        pool.load("grows", kv, kv, final_tokens=100)
+        assert pool.free_host_bytes() == budget - 100 * per_token
+        pool.load("done", kv, kv)  # no final size given: the 4 tokens it holds
+        assert pool.free_host_bytes() == budget - 104 * per_token
+        pool.free(["grows", "done"])
+        assert pool.free_host_bytes() == budget
+    finally:
+        pool.shutdown()
+
+
 def test_a_killed_worker_leaves_no_thread_or_descriptor_behind():
     """A worker's death, then its restart, leaves the engine with the threads and file descriptors it had. (Through a
     multiprocessing.Queue, each death left a thread blocked for good on the dead worker's full pipe, holding the pipe

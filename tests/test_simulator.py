@@ -90,11 +90,30 @@ def test_offloaded_requests_use_the_pool_and_spill_to_remote_hosts(profile):
     result = sim.run(burst)
     assert all(r.status == "ok" and r.output_tokens == 50 for r in result.records)
     assert result.counters["swap_outs"] >= 6
-    assert result.cpu_busy[0] > 0 and result.cpu_busy[1] + result.cpu_busy[2] > 0  # the local host filled up
+    assert result.cpu_busy[0] > 0 and result.cpu_busy[1] + result.cpu_busy[2] > 0  # spread over the hosts
     # A request grows on its host by the tokens it decodes there: its prompt and every output token but the last
     # (whose KV is never computed); every host's memory is free at the end.
     assert len(held) == result.counters["swap_outs"] and set(held) == {2000 + 50 - 1}
     assert all(host.free_tokens == small.host_kv_tokens for host in sim.hosts)
+
+
+def test_a_remote_swap_out_frees_the_device_at_once_and_attends_after_the_network_copy(profile):
+    """The pool hands a remote host its KV asynchronously: the device's pages are free after the PCIe copy, and the
+    host attends to the request only once the network copy has landed."""
+    slow = replace(profile, num_cpu_hosts=2, network_bytes_per_s=1e9)
+    sim = Simulation(slow, SimConfig(policy="omniserve", be_decode_placement="cpu"))
+    freed, hosts = {}, {}  # request -> when its swap-out was reported done; request -> its host
+    update, place = sim.scheduler.update, sim._place
+    sim.scheduler.update = lambda plan, output: (freed.update(dict.fromkeys(output.swapped_out, sim.now)),
+                                                update(plan, output))[1]
+    sim._place = lambda rid, *sizes: hosts.setdefault(rid, place(rid, *sizes))
+    result = sim.run([SimRequest(0.0, "be", 2000, 3), SimRequest(0.0, "be", 2000, 3)])
+    assert all(r.status == "ok" for r in result.records)
+    (rid,) = [rid for rid, (host, _) in hosts.items() if host == 1]  # the second one, the local host being fuller
+    network = 2000 * slow.kv_bytes_per_token / slow.network_bytes_per_s  # 0.26 s
+    first = sim.records[rid].token_times[0]
+    assert freed[rid] - first < network / 4  # the pages came back after the PCIe copy
+    assert sim.records[rid].token_times[1] - first > network  # the host attended only after the network copy
 
 
 def test_lengths_come_from_the_shared_data_or_the_published_means():
@@ -138,6 +157,11 @@ def test_simulate_command(tmp_path, capsys):
     (["--profile", "gpt-9@tpu"], "unknown profile"),
     (["--ls-rate-steps", "1:8"], "LOW:HIGH:PERIOD"),
     (["--ls-lengths", "novels"], "unknown length source"),
+    (["--policies", "nope"], "the paper's baselines llumnix-cpu, neo-sync"),
+    (["--profile-path", "/nonexistent.json", "--profile", "llama-3-8b@h100"], "--profile-path is a measured"),
+    (["--profile-path", "/nonexistent.json"], "No such file or directory: '/nonexistent.json'"),
+    (["--regime-map", "--warmup", "5"], "the warm-up (5 s) must be shorter than the duration (1 s)"),
+    (["--regime-map", "--warmup", "0", "--host-kv-requests", "0"], "host KV per host > 0"),
 ])
 def test_simulate_bad_flags_are_clear_errors(flags, message):
     with pytest.raises(SystemExit) as info:

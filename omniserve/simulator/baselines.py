@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+from omniserve.engine.scheduler.policy import POLICIES
 from omniserve.simulator.profiles import DEFAULT_CPU_HOST, SystemProfile, cpu_instance_profile
 from omniserve.simulator.sim import SimConfig, SimRequest, SimResult, Simulation
 
@@ -27,6 +28,9 @@ BASELINES = ("llumnix-cpu", "neo-sync")
 def run(profile: SystemProfile, config: SimConfig, workload: list[SimRequest], until: float | None = None,
         progress=None, measure_from: float = 0.0) -> SimResult:
     """One simulated run of `config.policy` on the workload (sorted by arrival)."""
+    if config.policy not in POLICIES + BASELINES:
+        raise ValueError(f"unknown policy {config.policy!r}: the scheduler's {', '.join(POLICIES)}, or the paper's "
+                         f"baselines {', '.join(BASELINES)}")
     if config.policy == "llumnix-cpu":
         return _llumnix_cpu(profile, config, workload, until, progress, measure_from)
     simulation = Simulation(profile, replace(config, policy="neo") if config.policy == "neo-sync" else config,

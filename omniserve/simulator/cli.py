@@ -119,7 +119,7 @@ def simulate_main(args: argparse.Namespace) -> None:
             _paper_main(args, bar)
         else:
             _policies_main(args, bar)
-    except (ValueError, WorkloadError) as exc:
+    except (ValueError, WorkloadError, OSError) as exc:  # OSError: a profile or output path that cannot be used
         sys.exit(f"omniserve simulate: error: {exc}")
     finally:
         bar.close()
@@ -181,8 +181,12 @@ def _policies_main(args: argparse.Namespace, bar) -> None:
         raise ValueError("--cpu-hosts takes one number (a list only with --regime-map)")
     duration, drain = _or(args.duration, 600.0), _or(args.drain, 600.0)
     max_input, max_output = _or(args.max_input_len, 16384), _or(args.max_output_len, 2048)
-    kw = {"path": args.profile_path} if args.profile_path else {"num_cpu_hosts": 1 + hosts[0]}
-    profile = get_profile(_or(args.profile, "llama-2-70b@a100x4"), **kw)
+    measured = "smollm2-135m@this-machine"
+    name = _or(args.profile, measured if args.profile_path else "llama-2-70b@a100x4")
+    if args.profile_path and name.lower() != measured:
+        raise ValueError(f"--profile-path is a measured profile of {measured}; {name} is analytic (no file)")
+    kw = {"path": args.profile_path} if args.profile_path else {}
+    profile = get_profile(name, num_cpu_hosts=1 + hosts[0], **kw)
     steps = parse_rate_steps(args.ls_rate_steps) if args.ls_rate_steps else None
     loads = {"ls": ClassLoad(rate=args.ls_rate, burstiness=args.ls_burstiness, rate_steps=steps,
                              lengths=args.ls_lengths, max_input=max_input, max_output=max_output),

@@ -27,10 +27,10 @@ class Offloading:
         if self.host_capacity is None:
             return True
         if self._host_tokens_left is None:  # once per plan (not per candidate); each swap-out planned takes its share
-            held = sum(final_kv(r) for r in self.offloaded) + sum(
-                final_kv(r) for r in self.running if r.placement is Placement.SWAPPING_OUT)
+            held = sum(_final_kv(r) for r in self.offloaded) + sum(
+                _final_kv(r) for r in self.running if r.placement is Placement.SWAPPING_OUT)
             self._host_tokens_left = self.host_capacity() - held
-        return final_kv(request) <= self._host_tokens_left
+        return _final_kv(request) <= self._host_tokens_left
 
     def _swap_fits(self, request: Request, batch: IterationBudget) -> bool:
         """A swap-out's cost to the engine fits this iteration's time budget. While no LS request runs or waits, one
@@ -49,9 +49,9 @@ class Offloading:
             batch.swap_seconds += batch.model.swap_out_time(request.num_computed_tokens)
         request.placement = Placement.SWAPPING_OUT
         if self._host_tokens_left is not None:
-            self._host_tokens_left -= final_kv(request)
+            self._host_tokens_left -= _final_kv(request)
         return KVTransfer(request.request_id, list(self.page_table.pages(request.request_id)),
-                          request.num_computed_tokens, final_kv(request))
+                          request.num_computed_tokens, _final_kv(request))
 
     def _plan_page_swap_outs(self, batch: IterationBudget, scheduled: dict[str, int]) -> list[KVTransfer]:
         """Swap-outs decided by pages: under `cpu` placement every BE request once it decodes; otherwise the newest
@@ -117,6 +117,6 @@ class Offloading:
         return last is None or self.iteration - last >= self.num_layers
 
 
-def final_kv(request: Request) -> int:
+def _final_kv(request: Request) -> int:
     """Tokens of KV the request holds once it has generated all it may (its last token is never fed back)."""
     return request.num_tokens - 1 + max(0, request.max_tokens - request.num_output_tokens)
