@@ -13,16 +13,17 @@ from dataclasses import replace
 
 import pytest
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from test_server import RunningServer, serving, slo_server, tiny_chat_model  # noqa: F401 (fixtures)
 from test_slo_scheduler import MODEL
 
-from omniserve.bench import compare, metrics, slos, workload
+from omniserve.bench import compare, metrics, runner, server_metrics, slos, workload
 from omniserve.bench.client import Stream, Target, run_streams
 from omniserve.bench.metrics import Record, Slo
 from omniserve.bench.workload import Request, StreamSpec, WorkloadError
 from omniserve.engine.scheduler.latency_model import prefill_interactions
 from omniserve.entrypoints.cli import main
+from omniserve.entrypoints.openai.metrics import ServerMetrics
 
 
 def gaps(times: list[float]) -> list[float]:
@@ -154,6 +155,85 @@ def test_metrics_of_hand_made_records():
 def test_usage_spreads_tokens_over_chunks_that_carry_several():
     many = record("be", 0.0, end=2.0, tokens=6, chunks=[0.5, 1.0, 1.5])  # three chunks of two tokens
     assert metrics.summarize([many], 1.2, 2.0, {})["be"]["output_throughput"] == pytest.approx(4 / 1.2)
+
+
+# ------------------------------------------------------------------------------- the server's offloaded tokens
+@pytest.mark.parametrize("buckets, expected", [
+    ({1.0: 2, 2.0: 6, 4.0: 10, float("inf"): 10}, 1.75),  # rank 5: 3 of the 4 in (1, 2]
+    ({1.0: 10, float("inf"): 10}, 0.5),  # the first bucket starts at 0
+    ({1.0: 1, 2.0: 2, float("inf"): 10}, 2.0),  # the rank is past every finite bound: the highest of them
+    ({1.0: 0, 2.0: 0, float("inf"): 0}, None),
+    ({}, None),
+])
+def test_median_from_cumulative_buckets_as_histogram_quantile(buckets, expected):
+    assert server_metrics.bucket_quantile(0.5, buckets) == expected
+
+
+def test_the_runs_share_is_the_difference_of_two_scrapes():
+    served = ServerMetrics("tiny")
+    served.offloaded_iterations.labels("tiny", "be").observe(100)  # before the run: must not count
+    before = server_metrics.parse(served.render()[0].decode())
+    for iterations, seconds, layers in [(2, 0.01, 1.0), (3, 0.03, 0.75), (3, 0.05, 0.5), (5, 0.1, 0.5)]:
+        served.offloaded_iterations.labels("tiny", "be").observe(iterations)
+        served.offloaded_seconds.labels("tiny", "be").observe(seconds)
+        served.offloaded_layers.labels("tiny", "be").observe(layers)
+    be = server_metrics.offloaded_tokens(before, server_metrics.parse(served.render()[0].decode()))["be"]
+    assert be["count"] == 4 and be["iterations"]["mean"] == pytest.approx(13 / 4)
+    assert be["iterations"]["p50"] == pytest.approx(2.5)  # rank 2: 1 below 2, then halfway through the 2 in (2, 3]
+    assert be["seconds"]["mean"] == pytest.approx(0.0475) and be["layers_per_iteration"]["p50"] == pytest.approx(0.5)
+    assert server_metrics.offloaded_tokens(None, before) == {}
+
+
+def stand_in_server(with_metrics: bool) -> FastAPI:
+    """A server that answers completions well and whose /metrics (if any) has none of the offloaded-token
+    histograms."""
+    app = FastAPI()
+    good = 'data: {"choices": [{"index": 0, "text": "hi"}]}\n\n'
+
+    @app.post("/v1/completions")
+    async def completions():
+        async def body():
+            yield good
+            yield "data: [DONE]\n\n"
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    if with_metrics:
+        @app.get("/metrics")
+        async def scrape():
+            return PlainTextResponse("# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running 0.0\n")
+
+    return app
+
+
+@pytest.mark.parametrize("with_metrics", [True, False], ids=["other-metrics", "no-metrics-endpoint"])
+def test_a_server_without_offloaded_token_histograms_runs_with_one_warning(with_metrics, caplog):
+    server = RunningServer(stand_in_server(with_metrics))
+    config = runner.BenchConfig(base_url=server.url, model="m", streams={"be": StreamSpec(rate=1.0)}, duration=0.3)
+    try:
+        result, records = runner.run(config, {"be": [Request(0.0, [5, 6], 2, 1), Request(0.1, [7], 1, 1)]},
+                                     progress=False)
+    finally:
+        server.stop()
+    assert [r.status for r in records] == ["ok", "ok"] and result["offloaded_tokens"] == {}
+    warnings = [r for r in caplog.records if r.name == server_metrics.__name__]
+    assert len(warnings) == 1 and "offloaded" in warnings[0].getMessage()
+    assert "offloaded" not in runner.report(result)
+
+
+def test_a_run_reports_the_tokens_the_server_offloaded(tiny_chat_model):  # noqa: F811
+    requests = [Request(0.0, [30, 31, 32], 3, 6), Request(0.2, [40, 41], 2, 6)]
+    with serving(tiny_chat_model, be_decode_placement="cpu") as server:
+        config = runner.BenchConfig(base_url=server.url, model="tiny", streams={"be": StreamSpec(rate=1.0)},
+                                    duration=0.3)
+        result, records = runner.run(config, {"be": requests}, progress=False)
+        layers = server.engine.scheduler.num_layers
+        server.wait_idle()
+    assert all(r.status == "ok" for r in records)
+    be = result["offloaded_tokens"]["be"]
+    # Every token after the prefill's is offloaded; the last may be timed just after the run's final scrape.
+    assert 2 * 5 - 1 <= be["count"] <= 2 * 5
+    assert be["iterations"]["mean"] >= 1 and 0 < be["layers_per_iteration"]["mean"] <= layers
+    assert be["seconds"]["p50"] > 0 and "offloaded tokens" in runner.report(result)
 
 
 # ------------------------------------------------------------------------------------------- against the server

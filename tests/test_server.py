@@ -323,6 +323,24 @@ def test_metrics_parse_and_count(client, server):
     assert ("vllm:kv_cache_usage_perc", (("model_name", "tiny"),)) in samples
 
 
+def test_offloaded_tokens_are_timed_per_class(tiny_chat_model):
+    """Every BE decode token after the first goes through the CPU pool: each is one observation of each histogram."""
+    with serving(tiny_chat_model, be_decode_placement="cpu") as running:
+        running.client().completions.create(model="tiny-batch", prompt=PROMPT, max_tokens=6,
+                                            extra_body={"ignore_eos": True})
+        be = (("model_name", "tiny"), ("service_class", "be"))
+        names = [f"omniserve:offloaded_token_{n}" for n in ("iterations", "seconds", "layers_per_iteration")]
+        deadline = time.monotonic() + 30  # recorded on the engine thread just after the answer went out
+        while (samples := metric_samples(running)).get((names[0] + "_count", be), 0) < 5:
+            assert time.monotonic() < deadline, "the offloaded tokens were not timed"
+            time.sleep(0.01)
+        running.wait_idle()
+    for name in names:
+        assert samples[(name + "_count", be)] == 5
+    assert samples[(names[0] + "_sum", be)] >= 5  # at least an iteration each
+    assert 0 < samples[(names[2] + "_sum", be)] / 5 <= running.engine.scheduler.num_layers
+
+
 def test_request_id_is_honoured_and_logged(server, caplog):
     caplog.set_level("INFO", logger="omniserve.entrypoints.openai.api_server")
     response = server.post("/v1/completions", {"model": "tiny", "prompt": PROMPT, "max_tokens": 2},

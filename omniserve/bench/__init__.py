@@ -1,12 +1,13 @@
 """The serving benchmark (`omniserve bench`): LS and BE streams at once against any OpenAI-compatible server, with
 per-class SLO metrics, plots, and a comparison of scheduling policies.
 
-    workload.py  arrival processes, traces and prompt lengths (seeded)
-    client.py    the asynchronous load generator
-    metrics.py   each request's record; vLLM-style latency figures, SLO attainment, goodput, throughput, timeline
-    plots.py     latency CDFs and the timeline, as PNG
-    runner.py    one run: workload -> records -> result (JSON) and outputs
-    slos.py      LS SLOs from the latency profile the servers will use
-    compare.py   one `omniserve serve` per policy, the same workload, one table
-    cli.py       the command line
+    workload.py        arrival processes, traces and prompt lengths (seeded)
+    client.py          the asynchronous load generator
+    metrics.py         each request's record; vLLM-style latency figures, SLO attainment, goodput, throughput, timeline
+    plots.py           latency CDFs and the timeline, as PNG
+    server_metrics.py  the server's offloaded-token histograms (/metrics), before and after a run
+    runner.py          one run: workload -> records -> result (JSON) and outputs
+    slos.py            LS SLOs from the latency profile the servers will use
+    compare.py         one `omniserve serve` per policy, the same workload, one table
+    cli.py             the command line
 """

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
-from omniserve.bench import metrics, plots
+from omniserve.bench import metrics, plots, server_metrics
 from omniserve.bench.client import Stream, Target, run_streams
 from omniserve.bench.metrics import Record, Slo
 from omniserve.bench.workload import PromptMaker, Request, StreamSpec, build_stream
@@ -71,6 +71,8 @@ def run(config: BenchConfig, workload: dict[str, list[Request]], tokenizer=None,
                         config.extra_bodies.get(service_class, {}))
         streams.append(Stream(service_class, target, requests, config.streams[service_class].concurrency))
     total = sum(len(s.requests) for s in streams if not s.concurrency) or None
+    scraper = server_metrics.Scraper(config.base_url, config.api_key)
+    before = scraper.snapshot()
     bar = tqdm(total=total, desc=config.label or "bench", unit="req", position=position, leave=True,
                disable=not progress, file=sys.stderr, dynamic_ncols=True)
     try:
@@ -79,6 +81,7 @@ def run(config: BenchConfig, workload: dict[str, list[Request]], tokenizer=None,
             on_done=lambda record: bar.update(1)))
     finally:
         bar.close()
+    after = scraper.snapshot() if before is not None else None  # without a baseline the totals say nothing
     slos = {"ls": config.slo}
     summary = metrics.summarize(records, config.duration, run_seconds, slos)
     bin_s = config.bin_s or max(1.0, config.duration / 60)
@@ -88,6 +91,7 @@ def run(config: BenchConfig, workload: dict[str, list[Request]], tokenizer=None,
         "slo": {"ls": asdict(config.slo)},
         "streams": {c: asdict(config.streams[c]) for c in workload},
         "summary": summary,
+        "offloaded_tokens": server_metrics.offloaded_tokens(before, after),
         "timeline": metrics.timeline(records, run_seconds, bin_s),
     }
     return result, records
@@ -132,6 +136,19 @@ def report(result: dict) -> str:
             lines.append(f"      SLO (TTFT {_ms(slo['ttft'])} ms, TPOT {_ms(slo['tpot'])} ms) attainment "
                          f"{s['slo_attainment']:.1%} (TTFT alone {s['ttft_attainment']:.1%}), goodput "
                          f"{s['goodput']:.2f} req/s")
+        offloaded = result.get("offloaded_tokens", {}).get(c)
+        if offloaded and offloaded["count"] > 0:
+            lines.append(_offloaded_line(offloaded))
         for error, count in s["errors"].items():
             lines.append(f"      {count} x {error}")
     return "\n".join(lines)
+
+
+def _offloaded_line(offloaded: dict) -> str:
+    """The server's figures of the class's offloaded tokens (see server_metrics)."""
+    def pair(figure: str, scale: float = 1.0, digits: int = 1) -> str:
+        return "/".join("-" if offloaded[figure][k] is None else f"{offloaded[figure][k] * scale:.{digits}f}"
+                        for k in ("mean", "p50"))
+
+    return (f"      offloaded tokens {offloaded['count']}: iterations mean/p50 {pair('iterations')}   ms "
+            f"{pair('seconds', 1e3, 0)}   layers/iteration {pair('layers_per_iteration')}")

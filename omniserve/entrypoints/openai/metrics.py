@@ -16,6 +16,8 @@ from omniserve.engine.outputs import RequestOutput
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
                     40.0, 80.0)
+_ITERATION_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
+_LAYERS_PER_ITERATION_BUCKETS = (0.5, 1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
 
 
 class ServerMetrics:
@@ -24,13 +26,14 @@ class ServerMetrics:
         self.registry = registry = CollectorRegistry()
         per_request = ["model_name", "service_class"]
 
-        def histogram(name: str, doc: str) -> Histogram:
-            return Histogram(name, doc, per_request, buckets=_LATENCY_BUCKETS, registry=registry)
+        def histogram(name: str, doc: str, buckets=_LATENCY_BUCKETS) -> Histogram:
+            return Histogram(name, doc, per_request, buckets=buckets, registry=registry)
 
         self.ttft = histogram("vllm:time_to_first_token_seconds", "Time to first token")
         self.itl = histogram("vllm:inter_token_latency_seconds", "Time between consecutive output tokens")
         self.e2e = histogram("vllm:e2e_request_latency_seconds", "Arrival to last token")
         self.queue_time = histogram("vllm:request_queue_time_seconds", "Arrival to first device time")
+        self._add_offloaded_token_histograms(histogram)
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens of finished requests", per_request,
                                      registry=registry)
         self.generation_tokens = Counter("vllm:generation_tokens", "Generated tokens", per_request, registry=registry)
@@ -70,6 +73,19 @@ class ServerMetrics:
         self._busy_share = 0.0
         self._slo_counts: dict[tuple[str, str], list[int]] = {}  # labels -> [requests with SLOs, attained]
 
+    def _add_offloaded_token_histograms(self, histogram) -> None:
+        # Per offloaded (CPU-attention) token: how the piggybacking pipeline carried it through the layers.
+        self.offloaded_iterations = histogram(
+            "omniserve:offloaded_token_iterations", "Iterations an offloaded token took through all layers",
+            _ITERATION_BUCKETS)
+        self.offloaded_seconds = histogram(
+            "omniserve:offloaded_token_seconds",
+            "Seconds an offloaded token took from entering layer 0 to being sampled")
+        self.offloaded_layers = histogram(
+            "omniserve:offloaded_token_layers_per_iteration",
+            "Layers an offloaded token advanced per iteration, on average over its layers",
+            _LAYERS_PER_ITERATION_BUCKETS)
+
     def on_iteration(self, engine: LLMEngine, outputs: list[RequestOutput]) -> None:
         now = time.monotonic()
         for output in outputs:
@@ -93,6 +109,11 @@ class ServerMetrics:
         # call into the worker processes.
         self._busy_share += 0.01 * ((1.0 if in_flight else 0.0) - self._busy_share)
         self.pool_utilization.labels(model).set(self._busy_share)
+        for timing in scheduler.take_offloaded_token_timings():  # drained every iteration: the list stays short
+            labels = (model, timing.service_class)
+            self.offloaded_iterations.labels(*labels).observe(timing.iterations)
+            self.offloaded_seconds.labels(*labels).observe(timing.seconds)
+            self.offloaded_layers.labels(*labels).observe(timing.layers_per_iteration)
 
     def _record_request(self, output: RequestOutput, now: float) -> None:
         metrics = output.metrics
