@@ -332,12 +332,15 @@ def test_neo_sync_runs_a_whole_token_per_iteration_within_the_time_budget(profil
     config = SimConfig(policy="neo-sync", ls_ttft_slo=1.0, ls_tpot_slo=0.05)
     small = replace(profile, device_kv_tokens=7_000)
     sync = baselines.run(small, config, workload)
-    piggybacked = baselines.run(small, replace(config, policy="neo"), workload)
+    piggybacked = baselines.run(small, replace(config, policy="neo", offload_pipeline="one-layer"), workload)
+    multi_layer = baselines.run(small, replace(config, policy="neo", offload_pipeline="multi-layer"), workload)
     assert sync.counters["swap_outs"] > 0 and all(r.status == "ok" for r in sync.records)
-    be_sync = [r for r in sync.records if r.service_class == "be"]
-    be_piggybacked = [r for r in piggybacked.records if r.service_class == "be"]
-    # An offloaded token takes one iteration, not one per layer: the offloaded BE requests finish far sooner.
-    assert max(r.e2e for r in be_sync) < 0.6 * max(r.e2e for r in be_piggybacked)
+    slowest = {name: max(r.e2e for r in result.records if r.service_class == "be")
+               for name, result in (("sync", sync), ("one-layer", piggybacked), ("multi-layer", multi_layer))}
+    # An offloaded token takes one iteration, not one per layer: the offloaded BE requests finish far sooner; the
+    # multi-layer pipeline, with slack to wait in, comes close.
+    assert slowest["sync"] < 0.7 * slowest["one-layer"], slowest
+    assert slowest["multi-layer"] < 0.75 * slowest["one-layer"], slowest
     ls = next(r for r in sync.records if r.service_class == "ls")
     assert max(b - a for a, b in zip(ls.token_times, ls.token_times[1:])) <= 0.05 * 1.05
 

@@ -5,7 +5,7 @@ no memory for.
 
 The engine never blocks on it: `submit` and `load` only enqueue, `poll` takes whatever results are ready. Each
 offloaded request lives on one worker or host (its host KV is there) and has at most one row in flight, since its
-token advances one layer at a time, so in-flight rows never exceed the number of offloaded requests.
+token's next layer needs this layer's result, so in-flight rows never exceed the number of offloaded requests.
 
 Placement, at swap-out, follows placement.py (the simulator follows it too): room is kept for the KV the request
 reaches when done, on the host (local or remote) with the largest share of its budget left; the local host among
@@ -14,6 +14,7 @@ equals, then the fewest requests; on the local host, the least loaded worker.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
@@ -21,6 +22,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_for_ready
 
@@ -59,6 +61,14 @@ class PoolConfig:
 _CLOSE = object()  # tells an inbox's thread to stop
 
 
+@dataclass(frozen=True)
+class _AfterCopy:
+    """A message to build once a device-to-host copy has completed (`copied`, a CUDA event)."""
+
+    copied: object
+    build: Callable[[], object]
+
+
 class _Inbox:
     """Messages to one worker, in order. `put` never blocks the engine: a thread of its own writes them to the pipe
     that the worker reads. The engine holds only the writing end, so once the worker is gone the next write fails
@@ -82,6 +92,9 @@ class _Inbox:
     def _send_all(self) -> None:
         try:
             while (message := self._pending.get()) is not _CLOSE:
+                if isinstance(message, _AfterCopy):  # rows still on their way from the GPU: wait here, not in the engine
+                    message.copied.synchronize()
+                    message = message.build()
                 self._connection.send(message)
         except OSError:  # the worker is gone (EPIPE): nothing left can reach it
             pass
@@ -253,8 +266,9 @@ class CPUAttentionPool:
         self._reserved[request_id] = nbytes
 
     def submit(self, keys: list[tuple[str, int]], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Queues one iteration's offloaded rows (q [rows, heads, dim], k and v [rows, kv_heads, dim], on any device):
-        one message per worker or host."""
+        """Queues offloaded rows (q [rows, heads, dim], k and v [rows, kv_heads, dim], on any device): one message
+        per worker or host. Never waits for the device: rows on a GPU are copied to pinned memory on its stream, and
+        each local worker's inbox thread waits for the copy before sending (a remote host's call waits here)."""
         rows_of: dict[int, list[int]] = {}
         targets: dict[int, _Target] = {}
         for row, (request_id, layer) in enumerate(keys):
@@ -262,12 +276,26 @@ class CPUAttentionPool:
             targets[id(target)] = target
             rows_of.setdefault(id(target), []).append(row)
             self._in_flight[request_id] = layer
-        q, k, v = (_wire_format(t) for t in (q, k, v))
+        copied = None
+        if q.device.type == "cuda":
+            q, k, v = (_pinned_copy(t) for t in (q, k, v))
+            copied = torch.cuda.Event()
+            copied.record()
+        else:
+            q, k, v = (_wire_format(t) for t in (q, k, v))
         for key, rows in rows_of.items():
-            picked = torch.tensor(rows)
-            targets[key].send(AttendBatch(
-                [keys[r] for r in rows], *(t.index_select(0, picked).numpy() for t in (q, k, v))
-            ))
+            build = functools.partial(_attend_batch, [keys[r] for r in rows], torch.tensor(rows), q, k, v)
+            if copied is not None and isinstance(targets[key], _Worker):
+                targets[key].send(_AfterCopy(copied, build))
+            else:
+                if copied is not None:
+                    copied.synchronize()
+                targets[key].send(build())
+
+    def all_alive(self) -> bool:
+        """Whether every started worker and every remote host still runs (results from a dead one never come)."""
+        return all(w.alive() for w in self._workers if w is not None) and not any(
+            h.dead for h in (self._remote.hosts if self._remote is not None else []))
 
     def poll(self) -> list[AttentionResult]:
         """Every result that is ready now, without waiting. Rows of requests freed meanwhile are dropped."""
@@ -385,6 +413,18 @@ class CPUAttentionPool:
                     total += status.host_kv_bytes
                     break
         return total
+
+
+def _attend_batch(keys: list[tuple[str, int]], rows: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                  v: torch.Tensor) -> AttendBatch:
+    return AttendBatch(keys, *(t.index_select(0, rows).numpy() for t in (q, k, v)))
+
+
+def _pinned_copy(t: torch.Tensor) -> torch.Tensor:
+    """A non-blocking copy of a GPU tensor into pinned host memory, in the wire's dtype (valid once an event recorded
+    after it has completed)."""
+    t = t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
 
 
 def _wire_format(t: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,9 @@ from typing import TYPE_CHECKING
 
 from omniserve.config import CacheConfig
 from omniserve.engine.scheduler.config import SchedulerConfig
-from omniserve.engine.scheduler.policy import BE_DECODE_PLACEMENTS, POLICIES, OffloadMode, offload_mode
+from omniserve.engine.scheduler.policy import (
+    BE_DECODE_PLACEMENTS, OFFLOAD_PIPELINES, POLICIES, OffloadMode, offload_mode,
+)
 
 if TYPE_CHECKING:
     from omniserve.cpu_attention import PoolConfig
@@ -56,6 +58,11 @@ class EngineArgs:
     iteration_budget_share: float = _arg(
         SchedulerConfig.iteration_budget_share,
         "share of the TPOT SLO an iteration is planned to fill (the rest absorbs prediction error)")
+    offload_pipeline: str = _arg(
+        SchedulerConfig.offload_pipeline, "how far an offloaded token goes per iteration: multi-layer (every layer "
+        "whose CPU result is back in time; the device may wait for results within the iteration's slack under the "
+        "TPOT budget), one-layer (one layer per iteration, the device never waits: the OmniServe paper's design), "
+        "sync (every layer, the device waiting for each: NEO's pipeline)", choices=OFFLOAD_PIPELINES)
     ls_headroom: float = _arg(
         SchedulerConfig.ls_headroom, "llumnix policy: share of device KV pages reserved for latency-sensitive requests")
     cpu_attention_workers: int = _arg(1, "CPU attention worker processes (started on first offload)")

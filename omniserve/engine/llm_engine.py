@@ -93,6 +93,7 @@ class LLMEngine:
             policy=args.policy,
             ls_headroom=args.ls_headroom,
             iteration_budget_share=args.iteration_budget_share,
+            offload_pipeline=args.offload_pipeline,
         )
         self.services = ServiceRegistry.build(args.ls_ttft_slo, args.ls_tpot_slo, args.services)
         self.tokenizer = load_tokenizer(loaded.kind, loaded.path)
@@ -111,6 +112,7 @@ class LLMEngine:
             self.scheduler_config, self.page_table, loaded.config.eos_token_ids, loaded.config.num_layers,
             self.latency_model, default_tpot_slo=self.services.tightest_tpot_slo, calibrates=True,
             host_capacity=None if pool_config is None else self._host_capacity_tokens,
+            cpu_workers=1 if pool_config is None else pool_config.num_workers,
         )
         self.cpu_pool = None
         if pool_config is not None:
@@ -277,7 +279,7 @@ class LLMEngine:
                 self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ERROR)
             output = RunnerOutput()
         self.last_iteration = IterationStats(plan, time.perf_counter() - started)
-        self.scheduler.observe(plan, self.last_iteration.seconds)
+        self.scheduler.observe(plan, self.last_iteration.seconds, output)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("iteration %d: %s; took %.1f ms", self.scheduler.iteration, plan.summary(),
                          self.last_iteration.seconds * 1e3)
@@ -378,8 +380,8 @@ class LLMEngine:
             return
         if self.allocator.num_used or self.page_table.num_requests:
             raise AssertionError(f"idle engine holds {self.allocator.num_used} KV pages")
-        if self.runner.num_offloaded_in_flight:
-            raise AssertionError(f"idle engine holds {self.runner.num_offloaded_in_flight} offloaded residuals")
+        if self.runner.num_offloaded_entries:
+            raise AssertionError(f"idle engine holds {self.runner.num_offloaded_entries} offloaded residuals or rows")
         if self.cpu_pool is not None:
             if self.cpu_pool.num_requests or self.cpu_pool.num_in_flight:
                 raise AssertionError(f"idle CPU pool holds {self.cpu_pool.num_requests} requests")

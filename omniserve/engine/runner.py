@@ -8,13 +8,21 @@ At layer l the dense halves run on a different set of rows:
                         offloaded rows -> q, k, v to the CPU pool; their residual is kept until the result returns
     post_attention(l):  device rows + offloaded rows whose CPU result for layer l came back (admitted by the plan)
 
-so an offloaded token advances about one layer per iteration and the device never waits for the CPU. Rows that
-finish the last layer go through the LM head and the sampler like any device row.
+Which offloaded rows come back at layer l is the plan's pipeline (OffloadedPipeline): one layer per iteration, the
+rows the plan admitted (the OmniServe paper's design: the device never waits for the CPU); or, multi-layer, also
+any row whose CPU result for layer l is back by the time the device has done layer l's own attention (each layer's
+rows are sent to the pool right after their QKV, so the CPU's attention overlaps the device's), the device waiting
+for the rest while the plan's wait lasts, at most `row_limit` rows a layer. A row that is not back in time waits for
+a later iteration at that layer. Rows that finish the last layer go through the LM head and the sampler like any
+device row.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import collections
+import math
+import time
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -44,6 +52,22 @@ class _OffloadedToken:
 
 
 @dataclass
+class _OffloadedLayers:
+    """One iteration's offloaded pipeline as it runs: the plan's row limit and what is left of its wait, and what
+    happened: the offloaded rows each layer's dense work ran, the seconds waited, the tokens sent to the CPU."""
+
+    row_limit: int | None
+    wait_left_s: float
+    num_layers: int
+    waited_s: float = 0.0
+    rows: list[int] = field(init=False)
+    sent: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.rows = [0] * self.num_layers
+
+
+@dataclass
 class _PendingCopy:
     """A swap-out whose device-to-host copy runs on the side stream (CUDA)."""
 
@@ -65,6 +89,11 @@ class ModelRunner:
         self.cpu_pool = cpu_pool
         self.eos_token_ids = model.config.eos_token_ids
         self._offloaded: dict[str, _OffloadedToken] = {}
+        # Offloaded tokens by the layer whose CPU result they wait for: still out, or back and not yet used (in
+        # arrival order); and the results back that the scheduler has not been told of.
+        self._out: dict[int, set[str]] = collections.defaultdict(set)
+        self._back: dict[int, dict[str, None]] = collections.defaultdict(dict)
+        self._ready: dict[str, int] = {}
         self._swapping_in: dict[str, KVTransfer] = {}
         self._copies: list[_PendingCopy] = []
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -76,7 +105,7 @@ class ModelRunner:
             return
         gone = set(request_ids)
         for request_id in gone:
-            self._offloaded.pop(request_id, None)
+            self._forget(request_id)
             self._swapping_in.pop(request_id, None)
         self._copies = [c for c in self._copies if c.request_id not in gone]
         if self.cpu_pool is not None:
@@ -87,19 +116,42 @@ class ModelRunner:
         """Offloaded tokens between layers (each holds one residual)."""
         return len(self._offloaded)
 
+    @property
+    def num_offloaded_entries(self) -> int:
+        """Everything held for offloaded tokens: the tokens and their entries in the per-layer indexes (0 when
+        nothing is offloaded: no entry outlives its token)."""
+        return len(self._offloaded) + len(self._ready) + sum(map(len, self._out.values())) + sum(
+            map(len, self._back.values()))
+
     # ---------------------------------------------------------------------------------------------------- step
     def poll_cpu_results(self) -> list[tuple[str, int]]:
-        """CPU attention results that came back since the last poll, kept until the plan admits them; returns their
-        (request id, layer) for the scheduler."""
+        """CPU attention results that came back and no iteration has used yet (each reported once), kept until the
+        plan admits them or a later iteration's layer takes them; returns their (request id, layer)."""
+        self._take_results()
+        ready, self._ready = list(self._ready.items()), {}
+        return ready
+
+    def _take_results(self) -> int:
+        """Files the results that came back since the last look; returns how many."""
         if self.cpu_pool is None:
-            return []
-        ready = []
+            return 0
+        count = 0
         for result in self.cpu_pool.poll():
             token = self._offloaded.get(result.request_id)
-            if token is not None and token.layer == result.layer:
+            if token is not None and token.layer == result.layer and token.result is None:
                 token.result = result.out
-                ready.append((result.request_id, result.layer))
-        return ready
+                self._out[result.layer].discard(result.request_id)
+                self._back[result.layer][result.request_id] = None
+                self._ready[result.request_id] = result.layer
+                count += 1
+        return count
+
+    def _forget(self, request_id: str) -> None:
+        token = self._offloaded.pop(request_id, None)
+        if token is not None:
+            self._out[token.layer].discard(request_id)
+            self._back[token.layer].pop(request_id, None)
+        self._ready.pop(request_id, None)
 
     @torch.inference_mode()
     def execute(self, plan: IterationPlan) -> RunnerOutput:
@@ -114,15 +166,21 @@ class ModelRunner:
         returning: dict[int, list[str]] = {}
         for request_id, layer in plan.returning:
             returning.setdefault(layer, []).append(request_id)
-        sampled = self._forward(plan, returning) if plan.chunks or plan.offloaded_starts or returning else {}
-        return RunnerOutput(sampled, swapped_out, self._finish_swap_ins(), lost)
+        chasing = plan.pipeline.row_limit != 0 and bool(self._offloaded or plan.offloaded_starts)
+        if not (plan.chunks or plan.offloaded_starts or returning or chasing):
+            return RunnerOutput({}, swapped_out, self._finish_swap_ins(), lost)
+        layers = _OffloadedLayers(plan.pipeline.row_limit, plan.pipeline.wait_s, self.model.config.num_layers)
+        sampled = self._forward(plan, returning, layers)
+        advanced = {r: self._offloaded[r].layer for r in layers.sent if r in self._offloaded}
+        return RunnerOutput(sampled, swapped_out, self._finish_swap_ins(), lost, advanced,
+                            tuple(layers.rows) if chasing else None, layers.waited_s)
 
     def _check_pool(self) -> list[str]:
         if self.cpu_pool is None:
             return []
         lost = self.cpu_pool.check_workers()
         for request_id in lost:
-            self._offloaded.pop(request_id, None)
+            self._forget(request_id)
             self._swapping_in.pop(request_id, None)
         return lost
 
@@ -142,7 +200,8 @@ class ModelRunner:
             meta = self.attention.build_metadata(spans)
         return token_ids, positions, sample_rows, meta
 
-    def _forward(self, plan: IterationPlan, returning: dict[int, list[str]]) -> dict[str, SampledToken]:
+    def _forward(self, plan: IterationPlan, returning: dict[int, list[str]],
+                 layers: _OffloadedLayers) -> dict[str, SampledToken]:
         model, device = self.model, self.device
         token_ids, positions, sample_rows, meta = self._device_inputs(plan)
         num_device = len(token_ids)
@@ -152,41 +211,37 @@ class ModelRunner:
             token_ids.append(start.token_id)
             positions.append(start.position)
             self._offloaded[start.request_id] = _OffloadedToken(start.position, start.params, start.num_generated)
-        hidden_all = model.embed(torch.tensor(token_ids, device=device, dtype=torch.long))
-        angles_all = model.rope_angles(torch.tensor(positions, device=device, dtype=torch.long))
-        device_hidden, device_angles = hidden_all[:num_device], _rows(angles_all, slice(0, num_device))
+        device_hidden = device_angles = carry_hidden = carry_angles = None
+        if token_ids:
+            hidden_all = model.embed(torch.tensor(token_ids, device=device, dtype=torch.long))
+            angles_all = model.rope_angles(torch.tensor(positions, device=device, dtype=torch.long))
+            device_hidden, device_angles = hidden_all[:num_device], _rows(angles_all, slice(0, num_device))
+            carry_hidden, carry_angles = hidden_all[num_device:], _rows(angles_all, slice(num_device, None))
         carry_ids = [s.request_id for s in plan.offloaded_starts]  # offloaded rows entering the current layer
-        carry_hidden, carry_angles = hidden_all[num_device:], _rows(angles_all, slice(num_device, None))
 
-        results_back = self._results_to_device(returning)
-        sent_keys: list[tuple[str, int]] = []
-        sent_q, sent_k, sent_v = [], [], []
         for layer in range(model.config.num_layers):
-            rows_in = num_device + len(carry_ids)
             device_attn = None
-            if rows_in:
-                hidden_in = torch.cat([device_hidden, carry_hidden]) if carry_ids else device_hidden
-                angles = _cat_rows(device_angles, carry_angles) if carry_ids else device_angles
+            if num_device or carry_ids:
+                hidden_in = torch.cat([device_hidden, carry_hidden]) if num_device and carry_ids else (
+                    device_hidden if num_device else carry_hidden)
+                angles = _cat_rows(device_angles, carry_angles) if num_device and carry_ids else (
+                    device_angles if num_device else carry_angles)
                 q, k, v = model.pre_attention(layer, hidden_in, angles)
+                if carry_ids:  # to the CPU first, so that its attention overlaps the device's
+                    self._send(layer, carry_ids, carry_hidden, q[num_device:], k[num_device:], v[num_device:])
+                    layers.sent.update(carry_ids)
                 if num_device:
                     device_attn = self.attention(layer, q[:num_device], k[:num_device], v[:num_device], meta)
-                for row, request_id in enumerate(carry_ids):
-                    token = self._offloaded[request_id]
-                    token.layer, token.residual, token.result = layer, carry_hidden[row].clone(), None
-                    sent_keys.append((request_id, layer))
-                if carry_ids:
-                    sent_q.append(q[num_device:])
-                    sent_k.append(k[num_device:])
-                    sent_v.append(v[num_device:])
 
-            back_ids = returning.get(layer, [])
+            back_ids = self._joining(layer, returning.get(layer, []), layers)
+            layers.rows[layer] = max(len(carry_ids), len(back_ids))
             if not num_device and not back_ids:
                 carry_ids = []
                 continue
             attn_parts = [device_attn] if num_device else []
             residual_parts = [device_hidden] if num_device else []
             if back_ids:
-                attn_parts.append(results_back[layer])
+                attn_parts.append(self._results_to_device(back_ids))
                 residual_parts.append(torch.stack([self._offloaded[r].residual for r in back_ids]))
             out = model.post_attention(layer, torch.cat(attn_parts), torch.cat(residual_parts))
             device_hidden, carry_hidden = out[:num_device], out[num_device:]
@@ -194,20 +249,64 @@ class ModelRunner:
             if carry_ids:
                 back_positions = [self._offloaded[r].position for r in carry_ids]
                 carry_angles = model.rope_angles(torch.tensor(back_positions, device=device, dtype=torch.long))
+        device_final = device_hidden[sample_rows] if num_device else None
+        return self._sample(plan, device_final, carry_ids, carry_hidden)
 
-        if sent_keys:
-            self.cpu_pool.submit(sent_keys, torch.cat(sent_q), torch.cat(sent_k), torch.cat(sent_v))
-        return self._sample(plan, device_hidden[sample_rows], carry_ids, carry_hidden)
+    def _send(self, layer: int, request_ids: list[str], hidden, q, k, v) -> None:
+        """Rows entering `layer`: their q, k, v go to the CPU pool, their residual stays here until the result is
+        back."""
+        for row, request_id in enumerate(request_ids):
+            token = self._offloaded[request_id]
+            token.layer, token.residual, token.result = layer, hidden[row].clone(), None
+            self._out[layer].add(request_id)
+        self.cpu_pool.submit([(r, layer) for r in request_ids], q, k, v)
 
-    def _results_to_device(self, returning: dict[int, list[str]]) -> dict[int, torch.Tensor]:
-        """The CPU results admitted this iteration, per layer ([rows, num_heads, head_dim], in `returning`'s order),
-        moved to the device in one copy: a copy per row would cost a host-to-device round trip each on a GPU."""
-        if not returning:
-            return {}
-        layers = list(returning)
-        host = torch.stack([self._offloaded[r].result for layer in layers for r in returning[layer]])
-        moved = host.to(self.device, self.pool.k[0].dtype)
-        return dict(zip(layers, moved.split([len(returning[layer]) for layer in layers])))
+    def _joining(self, layer: int, planned: list[str], layers: _OffloadedLayers) -> list[str]:
+        """The offloaded rows that go through `layer`'s output projection now: the ones the plan admitted, then
+        (multi-layer) any other whose result for this layer is back, waiting for the rest while the plan's wait
+        lasts, up to the plan's row limit."""
+        joining = list(planned)
+        if layers.row_limit == 0 or self.cpu_pool is None:
+            for request_id in joining:
+                self._back[layer].pop(request_id, None)
+                self._ready.pop(request_id, None)
+            return joining
+        room = math.inf if layers.row_limit is None else layers.row_limit - len(joining)
+        self._take_results()
+        if layers.wait_left_s > 0:
+            self._wait_for_results(layer, len(joining) + room, layers)
+        taken = set(joining)
+        for request_id in self._back[layer]:
+            if len(joining) - len(planned) >= room:
+                break
+            if request_id not in taken:
+                joining.append(request_id)
+        for request_id in joining:
+            self._back[layer].pop(request_id, None)
+            self._ready.pop(request_id, None)
+        return joining
+
+    def _wait_for_results(self, layer: int, wanted: float, layers: _OffloadedLayers) -> None:
+        """Blocks until `wanted` results for `layer` are back, none is out, the plan's wait is used up, or a worker
+        or host has died (its rows will not come back: the next iteration rebuilds its requests)."""
+        started = time.perf_counter()
+        deadline = started + layers.wait_left_s
+        while self._out[layer] and len(self._back[layer]) < wanted:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                break
+            self.cpu_pool.wait(left)
+            if not self._take_results() and not self.cpu_pool.all_alive():
+                break
+        spent = time.perf_counter() - started
+        layers.waited_s += spent
+        layers.wait_left_s -= spent
+
+    def _results_to_device(self, request_ids: list[str]) -> torch.Tensor:
+        """The CPU results of rows joining a layer ([rows, num_heads, head_dim]), moved to the device in one copy:
+        a copy per row would cost a host-to-device round trip each on a GPU."""
+        host = torch.stack([self._offloaded[r].result for r in request_ids])
+        return host.to(self.device, self.pool.k[0].dtype)
 
     def _sample(self, plan, device_final, finished_ids: list[str], finished_hidden) -> dict[str, SampledToken]:
         """LM head + sampling for device chunks that reached their last token and offloaded tokens that finished
@@ -221,7 +320,8 @@ class ModelRunner:
             request_ids.append(request_id)
         if not rows:
             return {}
-        hidden = torch.cat([device_final, finished_hidden]) if finished_ids else device_final
+        hidden = torch.cat(([device_final] if device_final is not None else []) + (
+            [finished_hidden] if finished_ids else []))
         tokens = sample(self.model.compute_logits(hidden), rows, self.eos_token_ids)
         return dict(zip(request_ids, tokens))
 

@@ -8,7 +8,9 @@ simulator only:
   taken in turn. Llumnix's migration between instances is not modelled: a request stays where it was sent.
 - `neo-sync`: NEO's own pipeline. Any request may be offloaded when device pages run short (the `neo` policy), and an
   offloaded token runs every layer within one iteration, the device waiting on its CPU attention at each layer
-  (`Simulation(sync_cpu_attention=True)`); admission keeps that CPU time within the iteration's time budget.
+  (the `sync` offload pipeline); admission keeps that CPU time within the iteration's time budget. The device
+  overlaps only its own attention with the CPU's, as omniserve's runner does; NEO's two sub-batches, which also
+  overlap the dense work, are not modelled, so this is a lower bound of NEO when both devices are busy.
 
 `run(profile, config, workload, ...)` runs any policy: these two here, the others as a plain Simulation.
 """
@@ -33,8 +35,9 @@ def run(profile: SystemProfile, config: SimConfig, workload: list[SimRequest], u
                          f"baselines {', '.join(BASELINES)}")
     if config.policy == "llumnix-cpu":
         return _llumnix_cpu(profile, config, workload, until, progress, measure_from)
-    simulation = Simulation(profile, replace(config, policy="neo") if config.policy == "neo-sync" else config,
-                            sync_cpu_attention=config.policy == "neo-sync")
+    if config.policy == "neo-sync":
+        config = replace(config, policy="neo", offload_pipeline="sync")
+    simulation = Simulation(profile, config)
     return simulation.run(workload, until, progress, measure_from)
 
 

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import random
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Callable
 
 from omniserve.bench.metrics import Record
@@ -70,6 +71,7 @@ class SimConfig:
     iteration_budget_share: float = SchedulerConfig.iteration_budget_share
     ls_headroom: float = SchedulerConfig.ls_headroom
     be_decode_placement: str = SchedulerConfig.be_decode_placement
+    offload_pipeline: str = SchedulerConfig.offload_pipeline
     latency_noise: float = 0.0  # relative standard deviation of iteration times around the prediction
     seed: int = 0
 
@@ -78,20 +80,22 @@ class SimConfig:
         return SchedulerConfig(**{f.name: getattr(self, f.name) for f in fields(self) if f.name in shared})
 
 
-def iteration_outputs(plan: IterationPlan, num_layers: int, token: int) -> tuple[dict[str, SampledToken],
-                                                                                  list[tuple[str, int]]]:
-    """What executing a plan produces, times apart (the simulator's rules; the scheduler tests' fake runner uses them
-    too): a token for every chunk that samples and for every returning row that has passed the last layer; and the
-    rows whose CPU attention the iteration sends to the pool, (request id, layer): offloaded tokens starting at
-    layer 0, returning rows at their next layer."""
-    sampled = {chunk.request_id: SampledToken(token) for chunk in plan.chunks if chunk.sample}
-    cpu_rows = [(start.request_id, 0) for start in plan.offloaded_starts]
-    for request_id, layer in plan.returning:
-        if layer + 1 < num_layers:
-            cpu_rows.append((request_id, layer + 1))
-        else:
-            sampled[request_id] = SampledToken(token)
-    return sampled, cpu_rows
+_QKV_SHARE = 0.2  # of a layer's dense work, the part before attention (norm, QKV, RoPE): the rest is O and the MLP
+
+
+@dataclass
+class _LayersRun:
+    """What an iteration's layers did (Simulation._layers)."""
+
+    rows: list[int]
+    """Offloaded rows in each layer's dense work."""
+    waited: float = 0.0
+    end: float = 0.0
+    finished: list[str] = field(default_factory=list)
+    """Offloaded tokens that passed the last layer."""
+    sent: set[str] = field(default_factory=set)
+    advanced: dict[str, int] = field(default_factory=dict)
+    """Offloaded tokens sent to the pool and not finished: the layer each is out at."""
 
 
 @dataclass
@@ -224,11 +228,8 @@ class _UsageMeter:
 
 
 class Simulation:
-    def __init__(self, profile: SystemProfile, config: SimConfig, sync_cpu_attention: bool = False) -> None:
-        """sync_cpu_attention: NEO's pipeline instead of piggybacking (baselines.py): an offloaded token runs every
-        layer in one iteration, the device waiting on its CPU attention at each layer."""
+    def __init__(self, profile: SystemProfile, config: SimConfig) -> None:
         self.profile, self.config = profile, config
-        self.sync_cpu_attention = sync_cpu_attention
         self.now = 0.0
         self.rng = random.Random(config.seed)
         pages = PageTable(PageAllocator(max(1, profile.device_kv_tokens // config.page_size)), config.page_size)
@@ -237,14 +238,16 @@ class Simulation:
                                    latency_model=profile.latency, default_tpot_slo=config.ls_tpot_slo,
                                    clock=lambda: self.now,
                                    host_capacity=lambda: profile.host_kv_tokens * profile.num_cpu_hosts,
-                                   sync_cpu_workers=(profile.num_cpu_hosts * profile.cpu_workers_per_host
-                                                     if sync_cpu_attention else None))
+                                   cpu_workers=profile.num_cpu_hosts * profile.cpu_workers_per_host)
         workers = profile.cpu_workers_per_host
         self.hosts = [_Host(profile.host_kv_tokens, n > 0, [0.0] * workers) for n in range(profile.num_cpu_hosts)]
         # offloaded request -> (host, worker, KV tokens kept room for, KV tokens held)
         self.placement: dict[str, tuple[int, int, int, int]] = {}
         self.host_ready: dict[str, float] = {}  # offloaded request -> when its host has its KV (after a swap-out)
         self.cpu_results: list[tuple[float, int, str, int]] = []  # heap of (ready time, seq, request id, layer)
+        # Offloaded rows out on the CPU, by layer: request id -> when its result is back (until a layer takes it).
+        self.out_at: dict[int, dict[str, float]] = {}
+        self.out_layer: dict[str, int] = {}  # request id -> the layer its row is out at
         self.swaps: list[tuple[float, str, str]] = []  # (done time, "out" | "in", request id)
         self.records: dict[str, Record] = {}
         self.device_busy = 0.0
@@ -299,7 +302,10 @@ class Simulation:
         self.placement[request_id] = (host, worker, reserved, tokens + 1)
 
     def _release(self, request_id: str) -> None:
-        """Frees the host memory kept for a request."""
+        """Frees the host memory kept for a request (and forgets any row of it out on the CPU)."""
+        layer = self.out_layer.pop(request_id, None)
+        if layer is not None:
+            self.out_at[layer].pop(request_id, None)
         placed = self.placement.pop(request_id, None)
         self.host_ready.pop(request_id, None)
         if placed is not None:
@@ -326,17 +332,12 @@ class Simulation:
             if self.meter.start <= sent < self.meter.end:
                 self.meter.cpu_busy[host] += busy
             for request_id, layer, _ in batch:
-                heapq.heappush(self.cpu_results, (start + busy + transfer, next(self._seq), request_id, layer))
+                ready = start + busy + transfer
+                heapq.heappush(self.cpu_results, (ready, next(self._seq), request_id, layer))
+                self.out_at.setdefault(layer, {})[request_id] = ready
+                self.out_layer[request_id] = layer
 
     # ------------------------------------------------------------------------------------------------ iterations
-    def _duration(self, plan: IterationPlan) -> float:
-        predicted = plan.predicted_time
-        if predicted is None:  # policies plan without a prediction only without a model; keep the model's view
-            predicted = self.profile.latency.iteration_time(batch_shape_of_chunks(plan.chunks))
-        if self.config.latency_noise:
-            predicted *= max(0.2, self.rng.gauss(1.0, self.config.latency_noise))
-        return predicted
-
     def _copy_seconds(self, num_tokens: int, host: int) -> tuple[float, float]:
         """A swap's KV copy: over PCIe, and then over the network to or from a remote host."""
         nbytes = num_tokens * self.profile.kv_bytes_per_token
@@ -345,45 +346,11 @@ class Simulation:
             network = self.profile.network_latency_s + nbytes / self.profile.network_bytes_per_s
         return nbytes / self.profile.pcie_bytes_per_s, network
 
-    def _sync_cpu_seconds(self, plan: IterationPlan, start: float) -> float:
-        """NEO's iteration, CPU side: each worker attends to its offloaded rows at every layer, one layer after
-        another (the device overlaps its own work with it but waits for each layer's result); the slowest worker
-        decides. Remote hosts add the rows' network round trip per layer."""
-        batches: dict[tuple[int, int], list[int]] = {}
-        for token in plan.offloaded_starts:
-            host, worker, _, _ = self.placement[token.request_id]
-            batches.setdefault((host, worker), []).append(self.scheduler.requests[token.request_id].num_tokens)
-        profile, slowest = self.profile, 0.0
-        for (host, worker), contexts in batches.items():
-            per_layer = profile.latency.cpu_attention_time(sum(contexts), len(contexts))
-            busy = profile.num_layers * per_layer
-            if self.hosts[host].remote:
-                per_layer += 2 * profile.network_latency_s + len(contexts) * profile.row_bytes_per_layer / (
-                    profile.network_bytes_per_s)
-            slowest = max(slowest, profile.num_layers * per_layer)
-            self.cpu_busy[host] += busy
-            if self.meter.start <= start < self.meter.end:
-                self.meter.cpu_busy[host] += busy
-        return slowest
-
     def _run_iteration(self, plan: IterationPlan) -> None:
-        start, seconds = self.now, self._duration(plan)
-        layers = self.profile.num_layers
-        # An offloaded row's attention for layer L leaves by the end of layer L (the iteration spread evenly on layers).
-        at = {layer: start + seconds * (layer + 1) / layers for layer in range(layers)}
-        sampled, cpu_rows = iteration_outputs(plan, layers, _TOKEN)
+        start = self.now
+        noise = max(0.2, self.rng.gauss(1.0, self.config.latency_noise)) if self.config.latency_noise else 1.0
         for token in plan.offloaded_starts:
             self._grow(token.request_id)
-        if self.sync_cpu_attention and plan.offloaded_starts:  # every layer within this iteration: a token each
-            seconds = max(seconds, self._sync_cpu_seconds(plan, start))
-            sampled.update({token.request_id: SampledToken(_TOKEN) for token in plan.offloaded_starts})
-            cpu_rows = []
-            if self.meter.start <= start < self.meter.end:
-                self.meter.offloaded_tokens += len(plan.offloaded_starts)
-        if self.meter.start <= start < self.meter.end:
-            self.meter.offloaded_tokens += sum(1 for _, layer in plan.returning if layer + 1 >= layers)
-        requests = self.scheduler.requests
-        rows = [(rid, layer, requests[rid].num_tokens) for rid, layer in cpu_rows if rid in requests]
         for transfer in plan.swap_outs:
             host, _ = self._place(transfer.request_id, transfer.num_tokens, transfer.final_tokens)
             # The device's pages are free once the KV is in host memory; a remote host has it a network copy later
@@ -394,21 +361,71 @@ class Simulation:
         for transfer in plan.swap_ins:
             host = self.placement.get(transfer.request_id, (0,))[0]  # 0: local, whose copies take PCIe only
             self.swaps.append((start + sum(self._copy_seconds(transfer.num_tokens, host)), "in", transfer.request_id))
-        self._dispatch_cpu(rows, at)
+        sampled = {chunk.request_id: SampledToken(_TOKEN) for chunk in plan.chunks if chunk.sample}
+        ran = self._layers(plan, start, noise)
+        sampled.update({request_id: SampledToken(_TOKEN) for request_id in ran.finished})
+        if self.meter.start <= start < self.meter.end:
+            self.meter.offloaded_tokens += len(ran.finished)
+        self.now = ran.end
+        self.device_busy += ran.end - start
+        output = RunnerOutput(sampled, offload_layers=ran.advanced, offloaded_rows=tuple(ran.rows),
+                              cpu_wait_s=ran.waited)
+        self.scheduler.observe(plan, ran.end - start, output)
+        self._book(plan, output)
 
-        self.now = start + seconds
-        self.device_busy += seconds
-        self.scheduler.observe(plan, seconds)
-        self._book(plan, sampled)
+    def _layers(self, plan: IterationPlan, start: float, noise: float) -> _LayersRun:
+        """The iteration on the device, layer by layer, as the runner runs it: at layer l the rows entering it go to
+        the pool after the layer's QKV (_QKV_SHARE of its dense work), the device does its own attention, and then
+        the offloaded rows whose result for l is back join its output projection (the plan's `returning` first, then,
+        multi-layer, any other, the device waiting for the rest while the plan's wait lasts, up to its row limit)
+        and go on to layer l + 1. The iteration's time is the latency model's for the rows each layer ran, plus the
+        waits."""
+        model, layers, pipeline = self.profile.latency, self.profile.num_layers, plan.pipeline
+        shape = plan.shape or batch_shape_of_chunks(plan.chunks)
+        attention = noise * model.attention_time(shape)
+        limit = math.inf if pipeline.row_limit is None else pipeline.row_limit
+        returning: dict[int, list[str]] = {}
+        for request_id, layer in plan.returning:
+            returning.setdefault(layer, []).append(request_id)
+        run = _LayersRun(rows=[0] * layers)
+        carry, wait_left, now = [t.request_id for t in plan.offloaded_starts], pipeline.wait_s, start
+        requests = self.scheduler.requests
+        for layer in range(layers):
+            qkv_done = now + noise * _QKV_SHARE * model.dense_time(shape.num_rows + len(carry))
+            if carry:
+                self._dispatch_cpu([(r, layer, requests[r].num_tokens) for r in carry if r in requests],
+                                   {layer: qkv_done})
+                run.sent.update(carry)
+            out = self.out_at.setdefault(layer, {})
+            joining = list(returning.get(layer, []))
+            for request_id in joining:
+                out.pop(request_id, None)
+            waited, room = 0.0, limit - len(joining)
+            if pipeline.row_limit != 0 and room > 0 and out:
+                soonest = heapq.nsmallest(int(min(room, len(out))), out.items(), key=lambda item: item[1])
+                waited = min(wait_left, max(0.0, soonest[-1][1] - (qkv_done + attention)))
+                joining += [r for r, ready in soonest if ready <= qkv_done + attention + waited]
+            for request_id in joining:
+                out.pop(request_id, None)
+                self.out_layer.pop(request_id, None)
+            wait_left -= waited
+            run.waited += waited
+            run.rows[layer] = max(len(carry), len(joining))
+            now += noise * (model.dense_time(shape.num_rows + run.rows[layer])) + attention + waited
+            carry = joining
+        run.finished = carry
+        run.end = now + noise * model.head_time(shape.num_sampled) + plan.swap_seconds
+        run.advanced = {r: self.out_layer[r] for r in run.sent if r in self.out_layer}
+        return run
 
-    def _book(self, plan: IterationPlan, sampled: dict[str, SampledToken]) -> bool:
+    def _book(self, plan: IterationPlan, output: RunnerOutput) -> bool:
         """Tells the scheduler what the iteration produced and which copies have ended by now; whether any had."""
         done_out = [rid for t, kind, rid in self.swaps if kind == "out" and t <= self.now]
         done_in = [rid for t, kind, rid in self.swaps if kind == "in" and t <= self.now]
         self.swaps = [s for s in self.swaps if s[0] > self.now]
         for request_id in done_in:
             self._release(request_id)
-        for request in self.scheduler.update(plan, RunnerOutput(sampled, done_out, done_in)):
+        for request in self.scheduler.update(plan, replace(output, swapped_out=done_out, swapped_in=done_in)):
             self.records[request.request_id].token_times.append(self.now)
         return bool(done_out or done_in)
 
@@ -448,8 +465,9 @@ class Simulation:
                 next_arrival += 1
             ready = []
             while self.cpu_results and self.cpu_results[0][0] <= self.now:
-                _, _, request_id, layer = heapq.heappop(self.cpu_results)
-                ready.append((request_id, layer))
+                at, _, request_id, layer = heapq.heappop(self.cpu_results)
+                if self.out_at.get(layer, {}).get(request_id) == at:  # not taken by a layer meanwhile
+                    ready.append((request_id, layer))
             self.scheduler.results_ready(ready)
             if until is not None and self.now >= until:
                 break
@@ -461,7 +479,7 @@ class Simulation:
                 self._run_iteration(plan)
                 iterations += 1
             else:  # the device idles until something happens: an arrival, a CPU result, the end of a copy
-                copied = self._book(plan, {})  # a copy that ends now lets its request run in the next plan
+                copied = self._book(plan, RunnerOutput())  # a copy that ends now lets its request run in the next plan
                 wake = [t for t in (self.cpu_results[0][0] if self.cpu_results else None,
                                     min((s[0] for s in self.swaps), default=None),
                                     arrivals[next_arrival][1].arrival if next_arrival < len(arrivals) else None)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from omniserve.engine.scheduler.plan import IterationPlan, RunnerOutput
-from omniserve.engine.scheduler.request import Placement, Request, RequestStatus
+from omniserve.engine.scheduler.request import OffloadedTokenTiming, Placement, Request, RequestStatus
 
 
 class Booking:
@@ -24,13 +24,33 @@ class Booking:
         for request_id, sampled in output.sampled.items():
             request = self.requests.get(request_id)
             if request is not None and request.placement is Placement.HOST and request.token_in_flight:
+                self._time_offloaded_token(request)
                 request.token_in_flight = False
                 request.result_ready_since = self.iteration
                 request.num_computed_tokens += 1
                 self._append_token(request, sampled)
                 updated.append(request)
+        for request_id, layer in output.offload_layers.items():  # how far each offloaded token got this iteration
+            request = self.requests.get(request_id)
+            if request is not None and request.placement is Placement.HOST and request.token_in_flight:
+                request.offload_layer, request.result_ready_since = layer, None
         self._book_swaps(output)
         return updated
+
+    def _time_offloaded_token(self, request: Request) -> None:
+        if request.token_started is None:
+            return
+        iteration, started = request.token_started
+        iterations = self.iteration - iteration + 1
+        self.offloaded_token_timings.append(OffloadedTokenTiming(
+            request.params.service_class.value, iterations, self.clock() - started, self.num_layers / iterations))
+        request.token_started = None
+
+    def take_offloaded_token_timings(self) -> list[OffloadedTokenTiming]:
+        """How the offloaded tokens sampled since the last call went through the layers (for metrics)."""
+        timings = list(self.offloaded_token_timings)
+        self.offloaded_token_timings.clear()
+        return timings
 
     def _book_swaps(self, output: RunnerOutput) -> None:
         for request_id in output.swapped_out:

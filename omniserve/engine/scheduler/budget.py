@@ -37,9 +37,6 @@ class IterationBudget:
         self.shape = BatchShape()
         self.swap_seconds = 0.0
         """What this iteration's swap-outs cost the engine (gathering and handing over KV)."""
-        self.cpu_path = 0.0
-        """Synchronous CPU attention (the simulator's NEO): the pool's seconds for this iteration's offloaded rows,
-        which the device waits for (its own work overlaps them)."""
 
     @staticmethod
     def with_chunk(shape: BatchShape, start: int, count: int, sample: bool) -> BatchShape:
@@ -57,7 +54,7 @@ class IterationBudget:
     def time(self) -> float | None:
         if self.model is None:
             return None
-        return self.correction * (max(self.model.iteration_time(self.shape), self.cpu_path) + self.swap_seconds)
+        return self.correction * (self.model.iteration_time(self.shape) + self.swap_seconds)
 
     def fits(self, shape: BatchShape, reserve_rows: int = 0, extra_seconds: float = 0.0) -> bool:
         if self.time_budget is None:

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from omniserve.config import ConfigError
-from omniserve.engine.scheduler.policy import BE_DECODE_PLACEMENTS, POLICIES, OffloadMode, offload_mode
+from omniserve.engine.scheduler.policy import (
+    BE_DECODE_PLACEMENTS, OFFLOAD_PIPELINES, POLICIES, OffloadMode, offload_mode,
+)
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,11 @@ class SchedulerConfig:
     """`llumnix` policy: the share of device KV pages that BE requests may never hold."""
     iteration_budget_share: float = 0.85
     """The share of the TPOT SLO an iteration is planned to fill; the rest absorbs the latency model's error."""
+    offload_pipeline: str = "multi-layer"
+    """How far an offloaded token goes in one iteration (OffloadedPipeline): `multi-layer`, through every layer whose
+    CPU result is back in time, the device waiting for results within the iteration's slack; `one-layer`, one layer
+    per iteration and never waiting (the OmniServe paper's design); `sync`, every layer, the device waiting for each
+    (NEO's pipeline), with admission keeping the CPU's time within the budget."""
 
     def __post_init__(self) -> None:
         for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len"):
@@ -41,10 +48,12 @@ class SchedulerConfig:
             raise ConfigError(f"iteration_budget_share must be in (0, 1], got {self.iteration_budget_share}")
         if not 0.0 <= self.ls_headroom < 1.0:
             raise ConfigError(f"ls_headroom must be in [0, 1), got {self.ls_headroom}")
+        if self.offload_pipeline not in OFFLOAD_PIPELINES:
+            raise ConfigError(f"offload_pipeline must be one of {', '.join(OFFLOAD_PIPELINES)}, "
+                              f"got {self.offload_pipeline!r}")
         if self.be_decode_placement not in BE_DECODE_PLACEMENTS:
             raise ConfigError(f"be_decode_placement must be one of {', '.join(BE_DECODE_PLACEMENTS)}, "
                               f"got {self.be_decode_placement!r}")
-
 
     @cached_property  # read for every offload candidate of every plan; the config is frozen
     def offload_mode(self) -> OffloadMode:

@@ -1,14 +1,19 @@
 """Piggyback admission for the scheduler: offloaded rows (new tokens at layer 0, CPU attention results at their
-layer) that join the device batch, within each layer's share of the time budget."""
+layer) that join the device batch, within each layer's share of the time budget; and how far beyond them the
+iteration's offloaded rows may go (OffloadedPipeline: the row limit per layer and the time the device may wait for
+CPU results)."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import replace
 
-from omniserve.engine.scheduler.budget import IterationBudget
-from omniserve.engine.scheduler.plan import OffloadedToken
+from omniserve.engine.scheduler.budget import IterationBudget, largest_fitting
+from omniserve.engine.scheduler.plan import ONE_LAYER, OffloadedPipeline, OffloadedToken
 from omniserve.engine.scheduler.request import Placement
+
+
+_WAIT_MARGIN = 2.0  # the planned wait bound over the wait the latency model expects
 
 
 class Piggybacking:
@@ -18,10 +23,12 @@ class Piggybacking:
         """CPU attention results that came back: (request id, layer)."""
         for request_id, layer in keys:
             request = self.requests.get(request_id)
-            if request is not None and request.placement is Placement.HOST and request.offload_layer == layer:
+            if (request is not None and request.placement is Placement.HOST and request.token_in_flight
+                    and request.offload_layer == layer):
                 request.result_ready_since = self.iteration
 
-    def _admit_piggyback(self, batch: IterationBudget) -> tuple[list[OffloadedToken], list[tuple[str, int]]]:
+    def _admit_piggyback(self, batch: IterationBudget) -> tuple[list[OffloadedToken], list[tuple[str, int]],
+                                                                OffloadedPipeline]:
         """Offloaded rows that join the device batch: tokens starting at layer 0 and CPU results re-entering at their
         layer. Each layer stays within budget / layers; longest-waiting rows first, then the lowest layers."""
         candidates = []  # (waiting since, layer, request); a new token enters "before" layer 0
@@ -36,9 +43,10 @@ class Piggybacking:
         if batch.time_budget is not None:
             budget = batch.time_budget / batch.correction - batch.swap_seconds  # in the model's own units
             layer_budget = (budget - batch.model.head_time(shape.num_sampled)) / self.num_layers
+        sync = self.config.offload_pipeline == "sync"
         extra = [0] * self.num_layers
         starts, returning = [], []
-        cpu_rows = cpu_context = 0  # synchronous CPU attention (sync_cpu_workers): the new tokens' rows and context
+        cpu_rows = cpu_context = 0  # the sync pipeline: the new tokens' rows and context, all layers in this iteration
         # A layer's time is its dense work on its rows plus the device attention, which is the same at every layer.
         attention = batch.model.attention_time(shape) if layer_budget is not None else 0.0
         for _, layer, request in candidates:
@@ -47,9 +55,11 @@ class Piggybacking:
             # As in largest_chunk, an iteration never runs nothing: the first row goes in whatever the budget says.
             over = layer_budget is not None and (shape.num_rows or starts or returning) and (
                 batch.model.dense_time(shape.num_rows + extra[row_layer]) + attention > layer_budget)
-            if not over and self.sync_cpu_workers and layer < 0:
-                path = self._sync_cpu_path(cpu_rows + 1, cpu_context + request.num_tokens)
-                over = layer_budget is not None and (shape.num_rows or starts) and path > budget
+            if not over and sync and layer < 0 and layer_budget is not None and (shape.num_rows or starts):
+                # The device waits for the CPU at every layer, overlapping only its own attention: the CPU's time
+                # comes on top of the device's.
+                device = batch.model.iteration_time(replace(shape, extra_rows=(cpu_rows + 1,) * self.num_layers))
+                over = self._cpu_path(cpu_rows + 1, cpu_context + request.num_tokens) > budget - device
             if over:
                 extra[row_layer] -= 1
                 continue
@@ -57,6 +67,7 @@ class Piggybacking:
                 cpu_rows, cpu_context = cpu_rows + 1, cpu_context + request.num_tokens
                 request.token_in_flight = True
                 request.offload_layer, request.result_ready_since = 0, None
+                request.token_started = (self.iteration, self.clock())
                 starts.append(OffloadedToken(
                     request.request_id, request.token_ids[-1], request.num_tokens - 1, request.params,
                     request.num_output_tokens,
@@ -64,14 +75,65 @@ class Piggybacking:
             else:
                 returning.append((request.request_id, layer))
                 request.offload_layer, request.result_ready_since = layer + 1, None
-        if self.sync_cpu_workers:  # each new token's row runs at every layer, and the device waits on the CPU
-            extra = [len(starts)] * self.num_layers
-            batch.cpu_path = self._sync_cpu_path(cpu_rows, cpu_context) if cpu_rows else 0.0
+        if sync:  # each admitted row runs every layer from its own on, the device waiting on the CPU
+            entering = extra
+            extra = [sum(entering[: layer + 1]) for layer in range(self.num_layers)]
+            batch.shape = replace(shape, extra_rows=tuple(extra))
+            wait = self._cpu_path(cpu_rows + len(returning), cpu_context + sum(
+                self.requests[r].num_tokens for r, _ in returning))
+            return starts, returning, OffloadedPipeline(max(extra), wait)
         batch.shape = replace(shape, extra_rows=tuple(extra))
-        return starts, returning
+        return starts, returning, self._plan_pipeline(batch)
 
-    def _sync_cpu_path(self, rows: int, context: int) -> float:
-        """Synchronous CPU attention (NEO): the seconds the pool's workers take for `rows` new tokens of `context`
-        tokens in all at every layer, the rows spread evenly over the workers, one layer after another."""
-        workers = min(self.sync_cpu_workers, rows)
+    def _plan_pipeline(self, batch: IterationBudget) -> OffloadedPipeline:
+        """How far the offloaded rows may go beyond the admitted ones (multi-layer): the row limit per layer and the
+        wait that give the most tokens per second while the iteration, at that limit and wait, still fits the time
+        budget. A row advances a layer when its CPU result is back by the time the device has done that layer's
+        attention, so with `limit` rows a layer the device waits about cpu(limit) - attention per layer, and each
+        such wait buys a layer for `limit` rows; but it lengthens the iteration for every device row too, so a wait
+        that buys less than it costs is not taken. Without a budget, rows advance when back in time, and the device
+        waits for them only when no LS row runs (nobody's TPOT is at stake then)."""
+        in_flight = [r for r in self.offloaded if r.token_in_flight]
+        if self.config.offload_pipeline == "one-layer" or not in_flight:
+            return ONE_LAYER
+        if batch.model is None:
+            return OffloadedPipeline(None, 0.0)
+        mean_context = sum(r.num_tokens for r in in_flight) / len(in_flight)
+        shape, model, layers = batch.shape, batch.model, self.num_layers
+        attention = model.attention_time(shape)
+
+        def wait_per_layer(limit: int) -> float:
+            return max(0.0, self._cpu_path(limit, limit * mean_context) / layers - attention)
+
+        if batch.time_budget is None:
+            ls_running = any(self._is_ls(r) for r in self.running)
+            return OffloadedPipeline(None, 0.0 if ls_running else wait_per_layer(len(in_flight)) * layers)
+        admitted = max(shape.extra_rows, default=0)
+        budget = batch.time_budget / batch.correction - batch.swap_seconds
+
+        def time_at(limit: int) -> float:
+            return model.iteration_time(replace(shape, extra_rows=tuple(max(limit, e) for e in shape.extra_rows)))
+
+        fitting = max(admitted, largest_fitting(lambda k: time_at(k) <= budget, len(in_flight)))
+        best = (-1.0, admitted, 0.0)  # (tokens per second, limit, wait)
+        for limit in {admitted, fitting, *(fitting >> shift for shift in range(1, 8))}:
+            if limit < admitted:
+                continue
+            seconds, per_layer = time_at(limit), wait_per_layer(limit)
+            slack = max(0.0, budget - seconds)
+            for share in (0.0, 0.25, 0.5, 1.0):
+                expected = min(slack, per_layer * (layers - 1) * share)  # the wait the device is expected to spend
+                advanced = layers if per_layer == 0 else min(layers, 1 + expected / per_layer)
+                rate = (shape.num_sampled + limit * advanced / layers) / (seconds + expected)
+                # The bound leaves room for what the estimate misses (rows unevenly spread over the workers, the
+                # round trip's jitter): a row that runs out of wait at the last layers costs a whole iteration more.
+                best = max(best, (rate, limit, min(slack, _WAIT_MARGIN * expected)))
+        return OffloadedPipeline(best[1], best[2])
+
+    def _cpu_path(self, rows: int, context: int) -> float:
+        """The seconds the pool's workers take for `rows` rows of `context` tokens in all at every layer, the rows
+        spread evenly over the workers, one layer after another."""
+        if not rows or self.latency_model is None:
+            return 0.0
+        workers = min(self.cpu_workers, rows)
         return self.num_layers * self.latency_model.cpu_attention_time(context / workers, math.ceil(rows / workers))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from omniserve.engine.scheduler.latency_model import BatchShape
 from omniserve.sampling.params import SampledToken, SamplingParams
 
 
@@ -26,8 +27,8 @@ class ScheduledChunk:
 
 @dataclass(frozen=True)
 class OffloadedToken:
-    """An offloaded request's newest token, entering layer 0 this iteration; it then advances about one layer per
-    iteration as its CPU attention results come back."""
+    """An offloaded request's newest token, entering layer 0 this iteration; it then advances a layer each time its
+    CPU attention result comes back in time for that layer's output projection (see OffloadedPipeline)."""
 
     request_id: str
     token_id: int
@@ -49,6 +50,25 @@ class KVTransfer:
 
 
 @dataclass(frozen=True)
+class OffloadedPipeline:
+    """How far offloaded rows may go in one iteration beyond the rows the plan admits (`returning`,
+    `offloaded_starts`): at layer l, any offloaded row whose CPU result for layer l is back (sent at layer l earlier in
+    this iteration, or in an earlier one) joins layer l's output projection and goes on to layer l + 1, while at most
+    `row_limit` offloaded rows run a layer's dense work. The device may wait for results, `wait_s` in all."""
+
+    row_limit: int | None = None
+    """Most offloaded rows in one layer's dense work (None: no limit). 0: only the admitted rows join, one layer per
+    iteration (the OmniServe paper's pipeline)."""
+    wait_s: float = 0.0
+    """Seconds the device may spend, over the whole iteration, waiting at a layer for the CPU results of the rows
+    sent at that layer; spent greedily, layer by layer, until it is used up (NEO's synchronous pipeline: enough for
+    every row at every layer)."""
+
+
+ONE_LAYER = OffloadedPipeline(row_limit=0)
+
+
+@dataclass(frozen=True)
 class IterationPlan:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     """Device rows: prefill chunks and decode tokens whose attention runs on the device."""
@@ -66,6 +86,11 @@ class IterationPlan:
     """Seconds the latency model predicts for the iteration (None: no latency model)."""
     time_budget: float | None = None
     """Seconds the iteration was planned to fit in (None: no time budget)."""
+    pipeline: OffloadedPipeline = ONE_LAYER
+    shape: BatchShape | None = None
+    """What predicted_time was predicted from, the admitted offloaded rows included (with a latency model)."""
+    swap_seconds: float = 0.0
+    """Of predicted_time, the swap-outs' own cost to the engine (uncorrected)."""
 
     @property
     def num_tokens(self) -> int:
@@ -112,3 +137,10 @@ class RunnerOutput:
     """Swap-ins whose KV is now in their device pages."""
     lost: list[str] = field(default_factory=list)
     """Offloaded requests whose host KV was lost with a dead worker: rebuild them from their tokens."""
+    offload_layers: dict[str, int] = field(default_factory=dict)
+    """Offloaded tokens that ran this iteration and were not sampled: the layer whose CPU attention each now waits
+    for."""
+    offloaded_rows: tuple[int, ...] | None = None
+    """Offloaded rows in each layer's dense work as run (None: as planned)."""
+    cpu_wait_s: float = 0.0
+    """Seconds the device spent waiting for CPU results."""

@@ -11,8 +11,8 @@ model code, KV cache and sampler, and differs only in what the scheduler decides
 | neo       | LS, BE    | yes                                    | any request offloaded when pages run short |
 | fcfs      | none      | no (plain vLLM)                        | device only                           |
 
-`neo` runs offloaded attention through the same layer-wise piggybacking as omniserve (one layer per iteration), not
-NEO's own synchronous CPU-GPU pipeline, so an offloaded LS request there is slower than under NEO itself.
+`neo` runs offloaded attention through the same layer-wise piggybacking as omniserve (`offload_pipeline`), unless
+that is set to `sync`, NEO's own synchronous CPU-GPU pipeline (the simulator's `neo-sync` baseline does).
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ POLICY_TABLE = {
 }
 POLICIES = tuple(POLICY_TABLE)
 BE_DECODE_PLACEMENTS = ("auto", "cpu", "device")
+OFFLOAD_PIPELINES = ("multi-layer", "one-layer", "sync")
 
 
 class OffloadMode(enum.Enum):

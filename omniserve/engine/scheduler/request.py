@@ -24,6 +24,17 @@ class RequestStatus(enum.Enum):
         return self not in (RequestStatus.WAITING, RequestStatus.RUNNING)
 
 
+@dataclass(frozen=True)
+class OffloadedTokenTiming:
+    """How one offloaded token went through the layers: from the iteration it entered layer 0 to the one that sampled
+    it (both counted)."""
+
+    service_class: str
+    iterations: int
+    seconds: float
+    layers_per_iteration: float
+
+
 class Placement(enum.Enum):
     """Where a running request's KV lives."""
 
@@ -70,6 +81,8 @@ class Request:
     """Offloaded, token in flight: the layer whose attention is out on the CPU (or has come back)."""
     result_ready_since: int | None = None
     """Offloaded, token in flight: the iteration in which that layer's CPU result came back (None: not back yet)."""
+    token_started: tuple[int, float] | None = None
+    """Offloaded, token in flight: the iteration and clock() at which it entered layer 0."""
     num_swap_outs: int = 0
     num_swap_ins: int = 0
 

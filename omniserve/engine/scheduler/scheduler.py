@@ -13,7 +13,9 @@ Stages, in priority order (the `omniserve` policy; the others are settings of th
 5. Swap-in of an offloaded request when there is slack (pages and time, nothing waiting, no LS prefill running).
 6. Piggyback admission: offloaded rows whose CPU result is back (and offloaded requests starting a new token) join
    the device batch at their layer while each layer stays within its share of the budget (budget / layers); the
-   longest-waiting rows first, then the lowest layers, so no row starves.
+   longest-waiting rows first, then the lowest layers, so no row starves. Then the offloaded pipeline: how many
+   offloaded rows a layer may run and how long the device may wait for CPU results, so that rows whose results
+   come back in time advance several layers in the iteration, within the budget (piggyback.py).
 
 BE requests are never rejected: they wait. When a request needs a page and none is free, the newest device request
 that has not been scheduled this iteration is preempted (BE before LS): its pages are freed and it waits at the
@@ -32,6 +34,7 @@ import math
 import statistics
 import time
 from collections import deque
+from dataclasses import replace
 from typing import Callable
 
 from omniserve.engine.scheduler.booking import Booking
@@ -41,9 +44,9 @@ from omniserve.engine.scheduler.latency_model import LatencyModel, batch_shape_o
 from omniserve.engine.scheduler.offload import Offloading
 from omniserve.engine.scheduler.pages import PageRoom
 from omniserve.engine.scheduler.piggyback import Piggybacking
-from omniserve.engine.scheduler.plan import IterationPlan, ScheduledChunk
+from omniserve.engine.scheduler.plan import IterationPlan, RunnerOutput, ScheduledChunk
 from omniserve.engine.scheduler.policy import POLICY_TABLE
-from omniserve.engine.scheduler.request import Placement, Request, RequestStatus
+from omniserve.engine.scheduler.request import OffloadedTokenTiming, Placement, Request, RequestStatus
 from omniserve.kv_cache import PageTable
 
 logger = logging.getLogger(__name__)
@@ -68,7 +71,7 @@ class Scheduler(Booking, PageRoom, Offloading, Piggybacking):
         clock: Callable[[], float] = time.monotonic,
         calibrates: bool = False,
         host_capacity: Callable[[], int] | None = None,
-        sync_cpu_workers: int | None = None,
+        cpu_workers: int = 1,
     ) -> None:
         """default_tpot_slo bounds iterations even while no LS request runs, so that a new LS request never waits
         behind a long BE iteration. clock is injectable for the simulator. calibrates: the caller times scratch
@@ -85,7 +88,7 @@ class Scheduler(Booking, PageRoom, Offloading, Piggybacking):
         self.eos_token_ids = frozenset(eos_token_ids)
         self.num_layers = num_layers
         self.host_capacity = host_capacity
-        self.sync_cpu_workers = sync_cpu_workers
+        self.cpu_workers = max(1, cpu_workers)
         self.latency_model = latency_model
         self.default_tpot_slo = default_tpot_slo
         self.clock = clock
@@ -116,6 +119,8 @@ class Scheduler(Booking, PageRoom, Offloading, Piggybacking):
         self._preempted = False  # in the iteration being planned
         self._host_tokens_left: int | None = None  # host KV left for swap-outs in the plan (None: not counted yet)
         self._released: list[str] = []  # ended requests the runner and the CPU pool still hold state for
+        self.offloaded_token_timings: deque[OffloadedTokenTiming] = deque(maxlen=10_000)
+        """Offloaded tokens sampled and not yet taken (take_offloaded_token_timings); at most the last 10,000."""
 
     # ------------------------------------------------------------------------------------------------ intake
     def add_request(self, request: Request) -> None:
@@ -148,15 +153,24 @@ class Scheduler(Booking, PageRoom, Offloading, Piggybacking):
         released, self._released = self._released, []
         return released
 
-    def observe(self, plan: IterationPlan, seconds: float) -> None:
+    def observe(self, plan: IterationPlan, seconds: float, output: RunnerOutput | None = None) -> None:
         """How long a planned iteration really took. The latency model was profiled once; the machine drifts (other
         tenants, clocks, caches), so later plans follow the median ratio of measured to predicted time over the
         latest iterations: one odd iteration (a GC pause) moves it nothing, a lasting change within a few
         iterations, however far the profile was off. After a pause longer than _CORRECTION_FRESH_S the first new
-        measurements replace the old ones."""
-        if not plan.predicted_time or not (plan.chunks or plan.returning):
+        measurements replace the old ones. With the runner's `output`, the device's own speed is judged: on the
+        offloaded rows it ran, without the time it waited for the CPU."""
+        ran_offloaded = output is not None and output.offloaded_rows is not None and any(output.offloaded_rows)
+        if not plan.predicted_time or not (plan.chunks or plan.returning or ran_offloaded):
             return
-        ratio = seconds * self.time_correction / plan.predicted_time  # against the uncorrected prediction
+        predicted = plan.predicted_time / self.time_correction  # uncorrected
+        if output is not None and output.offloaded_rows is not None and plan.shape is not None:
+            ran = replace(plan.shape, extra_rows=output.offloaded_rows)
+            predicted = self.latency_model.iteration_time(ran) + plan.swap_seconds
+            seconds = max(0.0, seconds - output.cpu_wait_s)
+        if predicted <= 0:
+            return
+        ratio = seconds / predicted
         if not self._measurements_are_fresh():
             self._ratios.clear()  # old measurements describe the machine as it was: the new ones alone decide
         self._ratios.append(min(max(ratio, _CORRECTION_LIMITS[0]), _CORRECTION_LIMITS[1]))
@@ -239,11 +253,12 @@ class Scheduler(Booking, PageRoom, Offloading, Piggybacking):
         self._admit_waiting(batch, scheduled, rejected, ls=False, reserve_rows=reserve)
 
         swap_ins = self._plan_swap_ins(batch, reserve)
-        starts, returning = self._admit_piggyback(batch)
+        starts, returning, pipeline = self._admit_piggyback(batch)
         return IterationPlan(
             chunks=[self._chunk(self.requests[rid], count) for rid, count in scheduled.items()],
             offloaded_starts=starts, returning=returning, swap_outs=swap_outs, swap_ins=swap_ins, rejected=rejected,
-            predicted_time=batch.time(), time_budget=batch.time_budget,
+            predicted_time=batch.time(), time_budget=batch.time_budget, pipeline=pipeline, shape=batch.shape,
+            swap_seconds=batch.swap_seconds,
         )
 
     def _try_schedule(
