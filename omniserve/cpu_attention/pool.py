@@ -92,7 +92,7 @@ class _Inbox:
     def _send_all(self) -> None:
         try:
             while (message := self._pending.get()) is not _CLOSE:
-                if isinstance(message, _AfterCopy):  # rows still on their way from the GPU: wait here, not in the engine
+                if isinstance(message, _AfterCopy):  # rows on their way from the GPU: wait here, not in the engine
                     message.copied.synchronize()
                     message = message.build()
                 self._connection.send(message)
