@@ -81,7 +81,8 @@ class Piggybacking:
             batch.shape = replace(shape, extra_rows=tuple(extra))
             wait = self._cpu_path(cpu_rows + len(returning), cpu_context + sum(
                 self.requests[r].num_tokens for r, _ in returning))
-            return starts, returning, OffloadedPipeline(max(extra), wait)
+            planned = None if batch.model is None else batch.time() + batch.correction * wait
+            return starts, returning, OffloadedPipeline(max(extra), wait, planned)
         batch.shape = replace(shape, extra_rows=tuple(extra))
         return starts, returning, self._plan_pipeline(batch)
 
@@ -128,7 +129,9 @@ class Piggybacking:
                 # The bound leaves room for what the estimate misses (rows unevenly spread over the workers, the
                 # round trip's jitter): a row that runs out of wait at the last layers costs a whole iteration more.
                 best = max(best, (rate, limit, min(slack, _WAIT_MARGIN * expected)))
-        return OffloadedPipeline(best[1], best[2])
+        _, limit, wait = best
+        planned = batch.correction * (time_at(limit) + batch.swap_seconds + wait)
+        return OffloadedPipeline(limit, wait, planned)
 
     def _cpu_path(self, rows: int, context: int) -> float:
         """The seconds the pool's workers take for `rows` rows of `context` tokens in all at every layer, the rows

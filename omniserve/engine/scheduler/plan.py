@@ -63,6 +63,9 @@ class OffloadedPipeline:
     """Seconds the device may spend, over the whole iteration, waiting at a layer for the CPU results of the rows
     sent at that layer; spent greedily, layer by layer, until it is used up (NEO's synchronous pipeline: enough for
     every row at every layer)."""
+    planned_s: float | None = None
+    """The iteration's predicted seconds with `row_limit` rows at every layer and the whole wait spent, corrected
+    as the time budget is (None: no latency model): what the plan was checked against its budget with."""
 
 
 ONE_LAYER = OffloadedPipeline(row_limit=0)
