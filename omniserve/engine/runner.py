@@ -15,6 +15,14 @@ rows are sent to the pool right after their QKV, so the CPU's attention overlaps
 for the rest while the plan's wait lasts, at most `row_limit` rows a layer. A row that is not back in time waits for
 a later iteration at that layer. Rows that finish the last layer go through the LM head and the sampler like any
 device row.
+
+On CUDA the engine thread never waits for the GPU to send rows: their q, k, v are copied to pinned memory on the
+stream, and each worker's inbox thread waits for the copy's event before sending (pool.py). Whether a result is back
+is a look at the pool's pipes when the engine thread launches the layer's output projection, which does not wait
+for the GPU either. The engine thread runs ahead of the GPU, so without a planned wait the rows that join are the
+ones whose results came back from earlier iterations (the one-layer pipeline's rows, at no cost); rows sent in this
+iteration join its later layers only while the plan lets the engine thread wait, and that wait, during which the
+GPU drains the kernels already launched, is what the scheduler plans and charges to the iteration.
 """
 
 from __future__ import annotations
@@ -306,6 +314,8 @@ class ModelRunner:
         """The CPU results of rows joining a layer ([rows, num_heads, head_dim]), moved to the device in one copy:
         a copy per row would cost a host-to-device round trip each on a GPU."""
         host = torch.stack([self._offloaded[r].result for r in request_ids])
+        if self.device.type == "cuda":  # from pinned memory, so that the copy does not hold up the kernel launches
+            return host.pin_memory().to(self.device, self.pool.k[0].dtype, non_blocking=True)
         return host.to(self.device, self.pool.k[0].dtype)
 
     def _sample(self, plan, device_final, finished_ids: list[str], finished_hidden) -> dict[str, SampledToken]:

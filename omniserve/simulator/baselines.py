@@ -12,7 +12,10 @@ simulator only:
   overlaps only its own attention with the CPU's, as omniserve's runner does; NEO's two sub-batches, which also
   overlap the dense work, are not modelled, so this is a lower bound of NEO when both devices are busy.
 
-`run(profile, config, workload, ...)` runs any policy: these two here, the others as a plain Simulation.
+Beside them, `omniserve-one-layer`: omniserve with the paper's own pipeline (an offloaded token advances one layer per
+iteration), to measure what the multi-layer pipeline adds.
+
+`run(profile, config, workload, ...)` runs any policy: these here, the others as a plain Simulation.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from omniserve.engine.scheduler.policy import POLICIES
 from omniserve.simulator.profiles import DEFAULT_CPU_HOST, SystemProfile, cpu_instance_profile
 from omniserve.simulator.sim import SimConfig, SimRequest, SimResult, Simulation
 
-BASELINES = ("llumnix-cpu", "neo-sync")
+BASELINES = ("llumnix-cpu", "neo-sync", "omniserve-one-layer")
 
 
 def run(profile: SystemProfile, config: SimConfig, workload: list[SimRequest], until: float | None = None,
@@ -37,6 +40,8 @@ def run(profile: SystemProfile, config: SimConfig, workload: list[SimRequest], u
         return _llumnix_cpu(profile, config, workload, until, progress, measure_from)
     if config.policy == "neo-sync":
         config = replace(config, policy="neo", offload_pipeline="sync")
+    elif config.policy == "omniserve-one-layer":
+        config = replace(config, policy="omniserve", offload_pipeline="one-layer")
     simulation = Simulation(profile, config)
     return simulation.run(workload, until, progress, measure_from)
 

@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from omniserve.engine.scheduler.config import SchedulerConfig
+from omniserve.engine.scheduler.policy import OFFLOAD_PIPELINES
 
 EXAMPLES = """examples:
   # Llama-2-70B on 4 x A100 with 4 CPU-only hosts: each policy on the paper's kind of load, 30 simulated minutes
@@ -50,6 +51,9 @@ def add_simulate_command(commands) -> None:
     sim.add_argument("--policies", default="omniserve,sarathi,llumnix,neo,fcfs",
                      help="the scheduler's policies, and the paper's baselines as it ran them: llumnix-cpu (BE "
                           "overflow to whole-model CPU instances), neo-sync (NEO's synchronous CPU attention)")
+    sim.add_argument("--offload-pipeline", choices=OFFLOAD_PIPELINES, default=SchedulerConfig.offload_pipeline,
+                     help="how far an offloaded token goes per iteration, for every policy that offloads (the "
+                          "omniserve-one-layer policy is omniserve with one-layer)")
     sim.add_argument("--duration", type=float, default=None,
                      help="simulated seconds of arrivals (default 600; with --regime-map 200)")
     sim.add_argument("--drain", type=float, default=None,
@@ -194,7 +198,8 @@ def _policies_main(args: argparse.Namespace, bar) -> None:
                              max_input=max_input, max_output=max_output)}
     base = SimConfig(ls_ttft_slo=args.ttft_slo, ls_tpot_slo=args.tpot_slo, seed=args.seed,
                      max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-                     max_model_len=max_input + max_output, latency_noise=args.latency_noise)
+                     max_model_len=max_input + max_output, latency_noise=args.latency_noise,
+                     offload_pipeline=args.offload_pipeline)
     print(f"profile: {profile.name}", file=sys.stderr)
     for policy in args.policies.split(","):
         summary, result = experiment.simulate(profile, replace(base, policy=policy.strip()), loads, duration, drain,

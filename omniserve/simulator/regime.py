@@ -1,8 +1,9 @@
 """The regime map: where offloading BE decode attention to the CPU pays, and which resource binds where.
 
-One sweep over (device KV available per BE request x LS load x BE shape x CPU hosts) runs omniserve and sarathi
-(the strongest GPU-only LS-first baseline) on the same workload with the same SLOs in each cell, and reports BE
-throughput, both LS attainments and, for each policy, the resource that binds BE (`binding_resource`).
+One sweep over (device KV available per BE request x LS load x BE shape x CPU hosts) runs omniserve, sarathi (the
+strongest GPU-only LS-first baseline) and omniserve with the paper's one-layer pipeline on the same workload with the
+same SLOs in each cell, and reports BE throughput, the LS attainments and, for each policy, the resource that binds
+BE (`binding_resource`).
 
 The axes, from the profile and the length sources rather than in absolute numbers, so that one sweep means the same
 on any model and GPU:
@@ -108,8 +109,8 @@ def binding_resource(use: ResourceUse) -> str:
        device KV: BE waits, device KV is full, and nothing is offloaded (< OFFLOADED_MANY requests);
     4. CPU pool: the busiest host's workers are busy >= CPU_BUSY of the time;
     5. offloaded pipeline: requests are offloaded (>= OFFLOADED_MANY) and most of them (>= PIPELINE_SHARE) have
-       their row out on the CPU: each token advances about one layer per iteration, so offloaded BE throughput is
-       bounded by offloaded requests / (layers x iteration time);
+       their row out on the CPU: rows wait for the CPU (with the one-layer pipeline, offloaded BE throughput is
+       bounded by offloaded requests / (layers x iteration time));
     6. scheduler: BE waits but none of the above holds (the sequence limit, the swap-out budget, a wait rule);
     7. BE load: nothing waits; BE is served as it arrives.
     """
@@ -187,7 +188,9 @@ def saturation_rate(profile: SystemProfile, lengths: LengthStats, iteration_s: f
 TPOT_FACTOR, TTFT_FACTOR = 5.0, 3.0
 """Default LS SLOs from the profile (bench/slos.py): TPOT = 5 x a lone decode step at the longest LS prompt, TTFT =
 3 x that prompt's prefill in budget-sized chunks (llama-3-8b@h100: 37 ms and 0.39 s)."""
-POLICIES = ("omniserve", "sarathi")
+POLICIES = ("omniserve", "omniserve-one-layer", "sarathi")
+"""omniserve against sarathi (the strongest GPU-only LS-first baseline) and against itself with the paper's one-layer
+pipeline (what the multi-layer pipeline adds)."""
 LS_MAX = (4096, 2048)  # LS prompt and output caps, as in the paper preset
 
 
@@ -367,12 +370,15 @@ def _share(value: float | None) -> str:
 def regime_table(rows: list[dict]) -> str:
     """Markdown, one line per cell (see docs/simulator.md for the columns)."""
     lines = ["| BE shape | LS load | CPU hosts (KV tokens each) | device KV: BE requests (tokens) | BE tok/s omniserve "
-             "| sarathi | gain "
-             "| LS attainment omniserve / sarathi | binds: omniserve | binds: sarathi | recomputed omniserve / sarathi "
-             "| swap-outs / ins | offloaded: mean / tok/s / pipeline bound |", "|" + "---|" * 13]
+             "| sarathi | gain | one-layer | multi / one-layer "
+             "| LS attainment omniserve / sarathi / one-layer | binds: omniserve | binds: sarathi "
+             "| recomputed omniserve / sarathi | swap-outs / ins | offloaded: mean / tok/s / pipeline bound "
+             "| CPU busy omniserve / one-layer |", "|" + "---|" * 16]
     for row in rows:
         ours, theirs = row["policies"]["omniserve"], row["policies"]["sarathi"]
+        one = row["policies"].get("omniserve-one-layer")
         gain = f"{ours['be_tok_s'] / theirs['be_tok_s']:.2f}x" if theirs["be_tok_s"] else "-"
+        one_gain = f"{ours['be_tok_s'] / one['be_tok_s']:.2f}x" if one and one["be_tok_s"] else "-"
         load = f"{row['ls_rate']:.2f} req/s" if row["ls_load"] is None else (
             f"{row['ls_load']:g} ({row['ls_rate']:.2f} req/s)")
         offloaded = (f"{ours['use']['offloaded']:.1f} / {ours['offloaded_tok_s']:.0f} / "
@@ -381,9 +387,12 @@ def regime_table(rows: list[dict]) -> str:
             f"| {row['be_lengths']} | {load} | {row['cpu_hosts']} ({row['host_kv_tokens']:,}) "
             f"| {row['device_kv_requests']:g} "
             f"({row['device_kv_tokens']:,}) | {ours['be_tok_s']:.0f} | {theirs['be_tok_s']:.0f} | {gain} "
-            f"| {_share(ours['ls_attainment'])} / {_share(theirs['ls_attainment'])} | {ours['binds']} "
+            f"| {one['be_tok_s'] if one else float('nan'):.0f} | {one_gain} "
+            f"| {_share(ours['ls_attainment'])} / {_share(theirs['ls_attainment'])} / "
+            f"{_share(one['ls_attainment'] if one else None)} | {ours['binds']} "
             f"| {theirs['binds']} | {ours['use']['recompute_share']:.0%} / {theirs['use']['recompute_share']:.0%} "
-            f"| {ours['counters'].get('swap_outs', 0)} / {ours['counters'].get('swap_ins', 0)} | {offloaded} |")
+            f"| {ours['counters'].get('swap_outs', 0)} / {ours['counters'].get('swap_ins', 0)} | {offloaded} "
+            f"| {_share(ours['use']['cpu_pool'])} / {_share(one['use']['cpu_pool'] if one else None)} |")
     return "\n".join(lines)
 
 

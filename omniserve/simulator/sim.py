@@ -1,15 +1,18 @@
 """A discrete-event simulation of one engine: the real Scheduler (any policy) plans every iteration on a simulated
 clock, and a simulated executor stands in for the device, the CPU attention pool and the copies between them.
 
-- Device: an iteration takes the time the latency model predicts for the plan (optionally with noise); the scheduler
-  is told the "measured" time, as the engine tells it (Scheduler.observe).
+- Device: an iteration runs layer by layer as the runner does (`_layers`): each layer takes the latency model's time
+  for the rows it ran (optionally with noise), plus any wait for CPU results the plan allowed; offloaded rows join a
+  layer's output projection when their result is back by the time the device has done its own attention for that
+  layer (the plan's pipeline: row limit, wait). The scheduler is told the "measured" time, as the engine tells it
+  (Scheduler.observe).
 - CPU attention pool: `num_cpu_hosts` hosts (the first is the GPU server's own), each with `cpu_workers_per_host`
   workers. An offloaded request lives on one host (placed at swap-out by the pool's rule, placement.py: room kept for
   the KV it reaches when done, on the host with the largest share of its memory left) and one worker of it. An
-  offloaded row's attention for a layer is dispatched when the device reaches that layer in the iteration; a worker
-  runs the rows dispatched to it at once as one batch, in turn with its earlier batches, in the time the profile's
+  offloaded row's attention for a layer is dispatched when the device has done that layer's QKV; a worker runs the
+  rows dispatched to it at once as one batch, in turn with its earlier batches, in the time the profile's
   `cpu_attention` gives; a remote host adds the network's latency and the rows' bytes each way. The result is
-  reported to the scheduler once it is back.
+  reported to the scheduler once it is back, if no layer took it first.
 - Swaps: KV crosses PCIe at `pcie_bytes_per_s` (and the network once, to a remote host); the copy runs beside the
   device (async), and the scheduler learns it is done at the first iteration that ends after it. A swap-out frees
   the device pages once the KV is in host memory; a remote host attends to the request only once the network copy
