@@ -79,9 +79,8 @@ class Scheduler(Booking, PageRoom, Offloading, Piggybacking):
         latest measurements are old waits for fresh ones instead (the engine does; the simulator's device is its
         model). host_capacity: tokens of KV the CPU pool's hosts hold in all, now (None: no limit); a request is
         offloaded only while the offloaded ones, counted at the size they reach when done, leave it room.
-        sync_cpu_workers: the simulator's NEO baseline (simulator/baselines.py), not the engine: an offloaded token
-        runs every layer in one iteration on this many CPU workers, the device waiting on them, and admission keeps
-        that CPU time within the time budget (NEO's latency control)."""
+        cpu_workers: the CPU pool's workers, for predicting how long a layer's offloaded rows take there (the
+        offloaded pipeline's wait, piggyback.py)."""
         self.config = config
         self.policy = POLICY_TABLE[config.policy]
         self.page_table = page_table
@@ -252,8 +251,7 @@ class Scheduler(Booking, PageRoom, Offloading, Piggybacking):
                 self._try_schedule(request, batch.largest_chunk(request, reserve), batch, scheduled)
         self._admit_waiting(batch, scheduled, rejected, ls=False, reserve_rows=reserve)
 
-        swap_ins = self._plan_swap_ins(batch, reserve)
-        starts, returning, pipeline = self._admit_piggyback(batch)
+        swap_ins, (starts, returning, pipeline) = self._plan_swap_ins(batch, reserve), self._admit_piggyback(batch)
         return IterationPlan(
             chunks=[self._chunk(self.requests[rid], count) for rid, count in scheduled.items()],
             offloaded_starts=starts, returning=returning, swap_outs=swap_outs, swap_ins=swap_ins, rejected=rejected,
