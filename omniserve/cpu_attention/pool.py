@@ -284,7 +284,8 @@ class CPUAttentionPool:
         else:
             q, k, v = (_wire_format(t) for t in (q, k, v))
         for key, rows in rows_of.items():
-            build = functools.partial(_attend_batch, [keys[r] for r in rows], torch.tensor(rows), q, k, v)
+            picked = None if len(rows_of) == 1 else torch.tensor(rows)  # one target (one worker): all rows, no copy
+            build = functools.partial(_attend_batch, [keys[r] for r in rows], picked, q, k, v)
             if copied is not None and isinstance(targets[key], _Worker):
                 targets[key].send(_AfterCopy(copied, build))
             else:
@@ -325,10 +326,11 @@ class CPUAttentionPool:
 
     def _handle(self, target: _Target, message, results: list[AttentionResult]) -> None:
         if isinstance(message, AttendResult):
+            out = torch.from_numpy(message.out)
             for row, (request_id, layer) in enumerate(message.keys):
                 if self._in_flight.get(request_id) == layer:
                     del self._in_flight[request_id]
-                    results.append(AttentionResult(request_id, layer, torch.from_numpy(message.out[row])))
+                    results.append(AttentionResult(request_id, layer, out[row]))
         elif isinstance(message, Exported):
             self._exported.append(message)
         target.host_kv_bytes = message.host_kv_bytes
@@ -415,9 +417,9 @@ class CPUAttentionPool:
         return total
 
 
-def _attend_batch(keys: list[tuple[str, int]], rows: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+def _attend_batch(keys: list[tuple[str, int]], rows: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
                   v: torch.Tensor) -> AttendBatch:
-    return AttendBatch(keys, *(t.index_select(0, rows).numpy() for t in (q, k, v)))
+    return AttendBatch(keys, *((t if rows is None else t.index_select(0, rows)).numpy() for t in (q, k, v)))
 
 
 def _pinned_copy(t: torch.Tensor) -> torch.Tensor:

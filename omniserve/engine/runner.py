@@ -263,10 +263,12 @@ class ModelRunner:
     def _send(self, layer: int, request_ids: list[str], hidden, q, k, v) -> None:
         """Rows entering `layer`: their q, k, v go to the CPU pool, their residual stays here until the result is
         back."""
+        out = self._out[layer]
         for row, request_id in enumerate(request_ids):
             token = self._offloaded[request_id]
-            token.layer, token.residual, token.result = layer, hidden[row].clone(), None
-            self._out[layer].add(request_id)
+            # A view, not a copy: nothing writes to a layer's output in place (the model's halves return new tensors).
+            token.layer, token.residual, token.result = layer, hidden[row], None
+            out.add(request_id)
         self.cpu_pool.submit([(r, layer) for r in request_ids], q, k, v)
 
     def _joining(self, layer: int, planned: list[str], layers: _OffloadedLayers) -> list[str]:

@@ -5,6 +5,7 @@ CPU results)."""
 
 from __future__ import annotations
 
+import collections
 import math
 from dataclasses import replace
 
@@ -32,11 +33,14 @@ class Piggybacking:
         """Offloaded rows that join the device batch: tokens starting at layer 0 and CPU results re-entering at their
         layer. Each layer stays within budget / layers; longest-waiting rows first, then the lowest layers."""
         candidates = []  # (waiting since, layer, request); a new token enters "before" layer 0
+        in_flight = in_flight_context = 0  # tokens out in the layers (for the pipeline's plan)
         for request in self.offloaded:
             if not request.token_in_flight:
                 candidates.append((request.result_ready_since or 0, -1, request))
-            elif request.result_ready_since is not None:
-                candidates.append((request.result_ready_since, request.offload_layer, request))
+            else:
+                in_flight, in_flight_context = in_flight + 1, in_flight_context + request.num_tokens
+                if request.result_ready_since is not None:
+                    candidates.append((request.result_ready_since, request.offload_layer, request))
         candidates.sort(key=lambda c: (c[0], c[1]))
         shape = batch.shape
         layer_budget = None
@@ -47,14 +51,18 @@ class Piggybacking:
         extra = [0] * self.num_layers
         starts, returning = [], []
         cpu_rows = cpu_context = 0  # the sync pipeline: the new tokens' rows and context, all layers in this iteration
-        # A layer's time is its dense work on its rows plus the device attention, which is the same at every layer.
-        attention = batch.model.attention_time(shape) if layer_budget is not None else 0.0
+        # A layer's time is its dense work on its rows plus the device attention, which is the same at every layer:
+        # so every layer takes the same most offloaded rows (one bisection, not a prediction per candidate).
+        cap = len(candidates)
+        if layer_budget is not None:
+            attention = batch.model.attention_time(shape)
+            cap = largest_fitting(
+                lambda n: batch.model.dense_time(shape.num_rows + n) + attention <= layer_budget, len(candidates))
         for _, layer, request in candidates:
             row_layer = max(layer, 0)
             extra[row_layer] += 1
             # As in largest_chunk, an iteration never runs nothing: the first row goes in whatever the budget says.
-            over = layer_budget is not None and (shape.num_rows or starts or returning) and (
-                batch.model.dense_time(shape.num_rows + extra[row_layer]) + attention > layer_budget)
+            over = extra[row_layer] > cap and bool(shape.num_rows or starts or returning)
             if not over and sync and layer < 0 and layer_budget is not None and (shape.num_rows or starts):
                 # The device waits for the CPU at every layer, overlapping only its own attention: the CPU's time
                 # comes on top of the device's.
@@ -65,6 +73,7 @@ class Piggybacking:
                 continue
             if layer < 0:
                 cpu_rows, cpu_context = cpu_rows + 1, cpu_context + request.num_tokens
+                in_flight, in_flight_context = in_flight + 1, in_flight_context + request.num_tokens
                 request.token_in_flight = True
                 request.offload_layer, request.result_ready_since = 0, None
                 request.token_started = (self.iteration, self.clock())
@@ -84,22 +93,25 @@ class Piggybacking:
             planned = None if batch.model is None else batch.time() + batch.correction * wait
             return starts, returning, OffloadedPipeline(max(extra), wait, planned)
         batch.shape = replace(shape, extra_rows=tuple(extra))
-        return starts, returning, self._plan_pipeline(batch)
+        return starts, returning, self._plan_pipeline(batch, in_flight, in_flight_context)
 
-    def _plan_pipeline(self, batch: IterationBudget) -> OffloadedPipeline:
+    def _plan_pipeline(self, batch: IterationBudget, in_flight: int, context: int) -> OffloadedPipeline:
         """How far the offloaded rows may go beyond the admitted ones (multi-layer): the row limit per layer and the
         wait that give the most tokens per second while the iteration, at that limit and wait, still fits the time
         budget. A row advances a layer when its CPU result is back by the time the device has done that layer's
         attention, so with `limit` rows a layer the device waits about cpu(limit) - attention per layer, and each
         such wait buys a layer for `limit` rows; but it lengthens the iteration for every device row too, so a wait
-        that buys less than it costs is not taken. Without a budget, rows advance when back in time, and the device
-        waits for them only when no LS row runs (nobody's TPOT is at stake then)."""
-        in_flight = [r for r in self.offloaded if r.token_in_flight]
+        that buys fewer tokens than the sampled device rows lose is not taken. Prefill chunks count for nothing
+        here: valuing a prefill token as a sampled one was measured to cut the BE tokens/s of a decode-heavy L4
+        cell with 4 hosts from 1,169 to 911 (the offloaded pipeline binds there, not the prefills), at the cost of
+        BE prefills that run slower while offloaded rows are waited for (BENCHMARKS.md). Without a budget, rows advance when back in time, and the device
+        waits for them only when no LS row runs (nobody's TPOT is at stake then). `in_flight`: offloaded tokens out
+        in the layers, of `context` tokens in all."""
         if self.config.offload_pipeline == "one-layer" or not in_flight:
             return ONE_LAYER
         if batch.model is None:
             return OffloadedPipeline(None, 0.0)
-        mean_context = sum(r.num_tokens for r in in_flight) / len(in_flight)
+        mean_context = context / in_flight
         shape, model, layers = batch.shape, batch.model, self.num_layers
         attention = model.attention_time(shape)
 
@@ -108,14 +120,21 @@ class Piggybacking:
 
         if batch.time_budget is None:
             ls_running = any(self._is_ls(r) for r in self.running)
-            return OffloadedPipeline(None, 0.0 if ls_running else wait_per_layer(len(in_flight)) * layers)
+            return OffloadedPipeline(None, 0.0 if ls_running else wait_per_layer(in_flight) * layers)
         admitted = max(shape.extra_rows, default=0)
         budget = batch.time_budget / batch.correction - batch.swap_seconds
 
-        def time_at(limit: int) -> float:
-            return model.iteration_time(replace(shape, extra_rows=tuple(max(limit, e) for e in shape.extra_rows)))
+        # The iteration's time with at least `limit` offloaded rows at every layer: layers of equal rows cost the same.
+        layer_rows = collections.Counter(shape.extra_rows)
+        layer_rows[0] += layers - len(shape.extra_rows)
+        base = model.iteration_time(replace(shape, extra_rows=()))
+        bare = model.dense_time(shape.num_rows)
 
-        fitting = max(admitted, largest_fitting(lambda k: time_at(k) <= budget, len(in_flight)))
+        def time_at(limit: int) -> float:
+            return base + sum(count * (model.dense_time(shape.num_rows + max(limit, rows)) - bare)
+                              for rows, count in layer_rows.items())
+
+        fitting = max(admitted, largest_fitting(lambda k: time_at(k) <= budget, in_flight))
         best = (-1.0, admitted, 0.0)  # (tokens per second, limit, wait)
         for limit in {admitted, fitting, *(fitting >> shift for shift in range(1, 8))}:
             if limit < admitted:

@@ -159,8 +159,10 @@ class Scheduler(Booking, PageRoom, Offloading, Piggybacking):
         iterations, however far the profile was off. After a pause longer than _CORRECTION_FRESH_S the first new
         measurements replace the old ones. With the runner's `output`, the device's own speed is judged: on the
         offloaded rows it ran, without the time it waited for the CPU."""
-        ran_offloaded = output is not None and output.offloaded_rows is not None and any(output.offloaded_rows)
-        if not plan.predicted_time or not (plan.chunks or plan.returning or ran_offloaded):
+        if not plan.predicted_time or not plan.chunks:
+            # Offloaded rows alone say little about the device: a few rows a layer cost mostly per-layer overhead
+            # that the dense model, fitted on device batches, does not describe; following them pulled the
+            # correction to 0.2-0.5 on this machine, and the next LS prefill, so planned, ran 2-4x over.
             return
         predicted = plan.predicted_time / self.time_correction  # uncorrected
         if output is not None and output.offloaded_rows is not None and plan.shape is not None:
