@@ -84,16 +84,20 @@ class Piggybacking:
             else:
                 returning.append((request.request_id, layer))
                 request.offload_layer, request.result_ready_since = layer + 1, None
-        if sync:  # each admitted row runs every layer from its own on, the device waiting on the CPU
-            entering = extra
-            extra = [sum(entering[: layer + 1]) for layer in range(self.num_layers)]
-            batch.shape = replace(shape, extra_rows=tuple(extra))
-            wait = self._cpu_path(cpu_rows + len(returning), cpu_context + sum(
-                self.requests[r].num_tokens for r, _ in returning))
-            planned = None if batch.model is None else batch.time() + batch.correction * wait
-            return starts, returning, OffloadedPipeline(max(extra), wait, planned)
+        if sync:
+            context = cpu_context + sum(self.requests[r].num_tokens for r, _ in returning)
+            return starts, returning, self._plan_sync(batch, extra, cpu_rows + len(returning), context)
         batch.shape = replace(shape, extra_rows=tuple(extra))
         return starts, returning, self._plan_pipeline(batch, in_flight, in_flight_context)
+
+    def _plan_sync(self, batch: IterationBudget, entering: list[int], rows: int, context: int) -> OffloadedPipeline:
+        """NEO's pipeline: each admitted row (`entering` per layer) runs every layer from its own on, the device
+        waiting for the CPU's `rows` rows of `context` tokens at every layer."""
+        extra = [sum(entering[: layer + 1]) for layer in range(self.num_layers)]
+        batch.shape = replace(batch.shape, extra_rows=tuple(extra))
+        wait = self._cpu_path(rows, context)
+        planned = None if batch.model is None else batch.time() + batch.correction * wait
+        return OffloadedPipeline(max(extra), wait, planned)
 
     def _plan_pipeline(self, batch: IterationBudget, in_flight: int, context: int) -> OffloadedPipeline:
         """How far the offloaded rows may go beyond the admitted ones (multi-layer): the row limit per layer and the
@@ -104,9 +108,9 @@ class Piggybacking:
         that buys fewer tokens than the sampled device rows lose is not taken. Prefill chunks count for nothing
         here: valuing a prefill token as a sampled one was measured to cut the BE tokens/s of a decode-heavy L4
         cell with 4 hosts from 1,169 to 911 (the offloaded pipeline binds there, not the prefills), at the cost of
-        BE prefills that run slower while offloaded rows are waited for (BENCHMARKS.md). Without a budget, rows advance when back in time, and the device
-        waits for them only when no LS row runs (nobody's TPOT is at stake then). `in_flight`: offloaded tokens out
-        in the layers, of `context` tokens in all."""
+        BE prefills that run slower while offloaded rows are waited for (BENCHMARKS.md). Without a budget, rows
+        advance when back in time, and the device waits for them only when no LS row runs (nobody's TPOT is at
+        stake then). `in_flight`: offloaded tokens out in the layers, of `context` tokens in all."""
         if self.config.offload_pipeline == "one-layer" or not in_flight:
             return ONE_LAYER
         if batch.model is None:
