@@ -48,8 +48,7 @@ class Piggybacking:
             budget = batch.time_budget / batch.correction - batch.swap_seconds  # in the model's own units
             layer_budget = (budget - batch.model.head_time(shape.num_sampled)) / self.num_layers
         sync = self.config.offload_pipeline == "sync"
-        extra = [0] * self.num_layers
-        starts, returning = [], []
+        extra, starts, returning = [0] * self.num_layers, [], []
         cpu_rows = cpu_context = 0  # the sync pipeline: the new tokens' rows and context, all layers in this iteration
         # A layer's time is its dense work on its rows plus the device attention, which is the same at every layer:
         # so every layer takes the same most offloaded rows (one bisection, not a prediction per candidate).
