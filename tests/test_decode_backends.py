@@ -1,6 +1,6 @@
 """The device-side decode seam: backends chosen by what the device supports, each building its metadata on the host
 and moving it in one copy, all giving the same attention; the page pool's gather/scatter used by swaps; and the
-runner's returning CPU results moved to the device together. (The Triton backend is checked in
+CPU results joining a layer moved to the device together. (The Triton backend is checked in
 test_triton_decode.py, which runs Triton in its interpreter when there is no GPU.)"""
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def test_gather_copies_a_request_from_every_layer_and_scatter_puts_it_back():
 
 
 # ------------------------------------------------------------------------------------------------ CPU results
-def test_returning_cpu_results_reach_the_device_in_one_copy(tiny_model_dirs, make_llm):
+def test_the_cpu_results_joining_a_layer_reach_the_device_in_one_copy(tiny_model_dirs, make_llm):
     from omniserve.engine.runner import _OffloadedToken
     from omniserve.sampling.params import SamplingParams
 
@@ -138,11 +138,9 @@ def test_returning_cpu_results_reach_the_device_in_one_copy(tiny_model_dirs, mak
     for request_id, result in results.items():
         runner._offloaded[request_id] = _OffloadedToken(3, SamplingParams(), 0, result=result)
     try:
-        moved = runner._results_to_device({1: ["b"], 0: ["c", "a"]})
+        moved = runner._results_to_device(["c", "a"])
     finally:
         runner.release(list(results))
-    assert list(moved) == [1, 0] and [t.shape[0] for t in moved.values()] == [1, 2]
-    assert moved[0].dtype == torch.float64 and moved[0].device.type == runner.device.type  # the pool's
-    assert torch.equal(moved[0][0].cpu(), results["c"].double())
-    assert torch.equal(moved[1][0].cpu(), results["b"].double())
-    assert moved[0].untyped_storage().data_ptr() == moved[1].untyped_storage().data_ptr()
+    assert moved.shape == (2, heads, head_dim)
+    assert moved.dtype == torch.float64 and moved.device.type == runner.device.type  # the pool's
+    assert torch.equal(moved[0].cpu(), results["c"].double()) and torch.equal(moved[1].cpu(), results["a"].double())

@@ -240,7 +240,7 @@ def test_regime_map_command_writes_the_table_and_the_plot(tmp_path, capsys):
     assert [row["device_kv_requests"] for row in rows] == [1, 16]
     assert rows[0]["device_kv_tokens"] < rows[1]["device_kv_tokens"]
     for row in rows:
-        assert set(row["policies"]) == {"omniserve", "sarathi"}
+        assert set(row["policies"]) == {"omniserve", "omniserve-one-layer", "sarathi"}
         assert all(figures["binds"] in regime.RESOURCES for figures in row["policies"].values())
     table = (tmp_path / "regime.md").read_text()
     assert table.count("\n") == 2 + len(rows) and "binds: omniserve" in table
