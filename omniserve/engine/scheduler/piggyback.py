@@ -105,9 +105,9 @@ class Piggybacking:
         attention, so with `limit` rows a layer the device waits about cpu(limit) - attention per layer, and each
         such wait buys a layer for `limit` rows; but it lengthens the iteration for every device row too, so a wait
         that buys fewer tokens than the sampled device rows lose is not taken. Prefill chunks count for nothing
-        here: valuing a prefill token as a sampled one was measured to cut the BE tokens/s of a decode-heavy L4
-        cell with 4 hosts from 1,169 to 911 (the offloaded pipeline binds there, not the prefills), at the cost of
-        BE prefills that run slower while offloaded rows are waited for (BENCHMARKS.md). Without a budget, rows
+        here, so a wait may slow the prefills that share its iteration: valuing a prefill token as a sampled one
+        was measured to cut the BE tokens/s of a decode-heavy L4 cell with 4 hosts from 1,169 to 911 (the
+        offloaded pipeline binds there, not the prefills). Without a budget, rows
         advance when back in time, and the device waits for them only when no LS row runs (nobody's TPOT is at
         stake then). `in_flight`: offloaded tokens out in the layers, of `context` tokens in all."""
         if self.config.offload_pipeline == "one-layer" or not in_flight:
