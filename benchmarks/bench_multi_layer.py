@@ -34,7 +34,8 @@ Per pipeline (median [min-max] over --repeats runs each, interleaved), then mult
   rounding in other batch shapes: reported, not asserted).
 - Bookkeeping, apart from the runs. Scheduler: a Scheduler of --sched-requests offloaded requests (tokens in flight,
   CPU results ready at layers spread over all 30) beside 4 decoding LS requests, this machine's latency profile and
-  the SLOs, executed by the fake runner of tests/fakes.py (results back by the next iteration); schedule() +
+  the SLOs, executed by the one-layer fake runner the scheduler tests use (sim.one_layer_outputs: results back by
+  the next iteration); schedule() +
   update() + results_ready() per iteration, median over --sched-iterations (goal 0.5 ms). Runner: a fresh
   multi-layer engine holding --runner-requests short offloaded BE requests; its runner's methods wrapped on the
   instance with timers over --runner-steps steps: `_joining` less the wait in it, `_send` and `poll_cpu_results`
@@ -340,29 +341,15 @@ def prompts_and_reference(args: argparse.Namespace) -> tuple[list[list[int]], li
 
 
 # ------------------------------------------------------------------------------------------------- bookkeeping
-def fake_outputs(plan, num_layers: int, token: int):
-    """tests/fakes.py's iteration_outputs: a token for every sampling chunk and every row past the last layer; the
-    CPU rows the iteration sends (starts at layer 0, returning rows at their next layer), back by the next one."""
-    from omniserve.sampling.params import SampledToken
-
-    sampled = {chunk.request_id: SampledToken(token) for chunk in plan.chunks if chunk.sample}
-    cpu_rows = [(start.request_id, 0) for start in plan.offloaded_starts]
-    for request_id, layer in plan.returning:
-        if layer + 1 < num_layers:
-            cpu_rows.append((request_id, layer + 1))
-        else:
-            sampled[request_id] = SampledToken(token)
-    return sampled, cpu_rows
-
-
 def fake_step(scheduler, token: int = 7) -> tuple[float, float]:
     """One iteration with the fake runner; (seconds in schedule(), seconds in update() + results_ready())."""
     from omniserve.engine.scheduler.plan import RunnerOutput
+    from omniserve.simulator.sim import one_layer_outputs
 
     started = time.perf_counter()
     plan = scheduler.schedule()
     planned = time.perf_counter()
-    sampled, cpu_rows = fake_outputs(plan, scheduler.num_layers, token)
+    sampled, cpu_rows = one_layer_outputs(plan, scheduler.num_layers, token)
     output = RunnerOutput(sampled, [t.request_id for t in plan.swap_outs], [t.request_id for t in plan.swap_ins])
     booking = time.perf_counter()
     scheduler.update(plan, output)

@@ -83,6 +83,23 @@ class SimConfig:
         return SchedulerConfig(**{f.name: getattr(self, f.name) for f in fields(self) if f.name in shared})
 
 
+def one_layer_outputs(plan: IterationPlan, num_layers: int, token: int) -> tuple[dict[str, SampledToken],
+                                                                                 list[tuple[str, int]]]:
+    """What a plan produces under the paper's one-layer pipeline, times apart: a token for every chunk that samples
+    and for every returning row that has passed the last layer; and the rows whose CPU attention the iteration sends
+    to the pool, (request id, layer): offloaded tokens starting at layer 0, returning rows at their next layer. The
+    scheduler tests' fake runner and the bookkeeping benchmark drive the scheduler with it; the simulator itself
+    runs the plan's pipeline layer by layer (Simulation._layers)."""
+    sampled = {chunk.request_id: SampledToken(token) for chunk in plan.chunks if chunk.sample}
+    cpu_rows = [(start.request_id, 0) for start in plan.offloaded_starts]
+    for request_id, layer in plan.returning:
+        if layer + 1 < num_layers:
+            cpu_rows.append((request_id, layer + 1))
+        else:
+            sampled[request_id] = SampledToken(token)
+    return sampled, cpu_rows
+
+
 _QKV_SHARE = 0.2  # of a layer's dense work, the part before attention (norm, QKV, RoPE): the rest is O and the MLP
 
 
