@@ -35,8 +35,8 @@ Per pipeline (median [min-max] over --repeats runs each, interleaved), then mult
 - Bookkeeping, apart from the runs. Scheduler: a Scheduler of --sched-requests offloaded requests (tokens in flight,
   CPU results ready at layers spread over all 30) beside 4 decoding LS requests, this machine's latency profile and
   the SLOs, executed by the one-layer fake runner the scheduler tests use (sim.one_layer_outputs: results back by
-  the next iteration); schedule() +
-  update() + results_ready() per iteration, median over --sched-iterations (goal 0.5 ms). Runner: a fresh
+  the next iteration); schedule() + update() + results_ready() per iteration, median over --sched-iterations
+  (goal 0.5 ms). Runner: a fresh
   multi-layer engine holding --runner-requests short offloaded BE requests; its runner's methods wrapped on the
   instance with timers over --runner-steps steps: `_joining` less the wait in it, `_send` and `poll_cpu_results`
   (each with its `_take_results`), less the pool's own calls (submit; poll outside the waits), which are reported
