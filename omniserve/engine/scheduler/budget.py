@@ -71,8 +71,10 @@ class IterationBudget:
             lambda n: self.fits(self.with_chunk(self.shape, start, n, n == remaining), reserve_rows),
             min(remaining, self.tokens_left))
         # An iteration with nothing else to run takes at least one token, even under an SLO tighter than that takes:
-        # running nothing would not help any LS request, and the request would never progress.
-        return 1 if count == 0 and self.shape.num_rows == 0 and remaining > 0 and self.tokens_left > 0 else count
+        # running nothing would not help any LS request, and the request would never progress. (A swap-out is
+        # something to run: the token then waits for the next iteration rather than push this one over budget.)
+        alone = self.shape.num_rows == 0 and not self.swap_seconds
+        return 1 if count == 0 and alone and remaining > 0 and self.tokens_left > 0 else count
 
     def add(self, request: Request, count: int) -> None:
         start = request.num_computed_tokens
