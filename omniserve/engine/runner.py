@@ -282,7 +282,8 @@ class ModelRunner:
                 self._ready.pop(request_id, None)
             return joining
         room = math.inf if layers.row_limit is None else layers.row_limit - len(joining)
-        self._take_results()
+        if self._out[layer]:  # results for other layers can wait for their own layer (or the next poll)
+            self._take_results()
         if layers.wait_left_s > 0:
             self._wait_for_results(layer, len(joining) + room, layers)
         taken = set(joining)
