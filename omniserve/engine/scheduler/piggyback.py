@@ -107,9 +107,9 @@ class Piggybacking:
         that buys fewer tokens than the sampled device rows lose is not taken. Prefill chunks count for nothing
         here, so a wait may slow the prefills that share its iteration: valuing a prefill token as a sampled one
         was measured to cut the BE tokens/s of a decode-heavy L4 cell with 4 hosts from 1,169 to 911 (the
-        offloaded pipeline binds there, not the prefills). Without a budget, rows
-        advance when back in time, and the device waits for them only when no LS row runs (nobody's TPOT is at
-        stake then). `in_flight`: offloaded tokens out in the layers, of `context` tokens in all."""
+        offloaded pipeline binds there, not the prefills). Without a budget, rows advance when back in time, and
+        the device waits for them only when no LS row runs (nobody's TPOT is at stake then). `in_flight`: offloaded
+        tokens out in the layers, of `context` tokens in all."""
         if self.config.offload_pipeline == "one-layer" or not in_flight:
             return ONE_LAYER
         if batch.model is None:
@@ -147,7 +147,7 @@ class Piggybacking:
             for share in (0.0, 0.25, 0.5, 1.0):
                 expected = min(slack, per_layer * (layers - 1) * share)  # the wait the device is expected to spend
                 advanced = layers if per_layer == 0 else min(layers, 1 + expected / per_layer)
-                rate = (shape.num_sampled + limit * advanced / layers) / (seconds + expected)
+                rate = (shape.num_sampled + limit * advanced / layers) / max(seconds + expected, 1e-9)
                 # The bound leaves room for what the estimate misses (rows unevenly spread over the workers, the
                 # round trip's jitter): a row that runs out of wait at the last layers costs a whole iteration more.
                 best = max(best, (rate, limit, min(slack, _WAIT_MARGIN * expected)))
