@@ -140,3 +140,17 @@ def test_a_worker_that_dies_while_the_device_waits(deep, reference, make_llm):
     assert waited_through_the_death < 1.5  # it stopped waiting when the worker died, not at the 2 s deadline
     assert engine.scheduler.num_rebuilt >= 1
     assert [results[str(i)] for i in range(2)] == [ref[:4] for ref in reference[:2]]
+
+
+@pytest.mark.parametrize("pipeline", ["sync", "one-layer"])
+def test_the_pipeline_setting_gives_the_device_tokens(deep, reference, make_llm, pipeline):
+    """--offload-pipeline as a user sets it (no SLOs, so no latency model): `sync` waits for every layer's rows and
+    takes a whole token per iteration; `one-layer` never goes beyond a layer per iteration."""
+    llm = make_llm(deep, dtype="float64", block_size=4, be_decode_placement="cpu", offload_pipeline=pipeline)
+    assert tokens(llm.generate(PROMPTS, greedy("be"), use_tqdm=False)) == reference
+    timings = llm.engine.scheduler.take_offloaded_token_timings()
+    assert len(timings) == len(PROMPTS) * 11
+    if pipeline == "sync":
+        assert all(t.iterations == 1 for t in timings)
+    else:
+        assert all(t.iterations >= LAYERS for t in timings)

@@ -15,6 +15,7 @@ from omniserve.engine.scheduler.request import Placement
 
 
 _WAIT_MARGIN = 2.0  # the planned wait bound over the wait the latency model expects
+_SYNC_WAIT_WITHOUT_MODEL_S = 10.0
 
 
 class Piggybacking:
@@ -94,7 +95,9 @@ class Piggybacking:
         waiting for the CPU's `rows` rows of `context` tokens at every layer."""
         extra = [sum(entering[: layer + 1]) for layer in range(self.num_layers)]
         batch.shape = replace(batch.shape, extra_rows=tuple(extra))
-        wait = self._cpu_path(rows, context)
+        # Without a latency model nothing predicts the CPU's time: the device waits until the rows are back, up to a
+        # bound that only keeps a hung worker from stalling the engine.
+        wait = self._cpu_path(rows, context) if batch.model is not None else _SYNC_WAIT_WITHOUT_MODEL_S
         planned = None if batch.model is None else batch.time() + batch.correction * wait
         return OffloadedPipeline(max(extra), wait, planned)
 
