@@ -1,5 +1,5 @@
 """The CUDA paths end to end: bf16/fp32 engine on the GPU, the Triton decode kernel inside the engine, and
-piggybacking with the asynchronous swap-out (pinned buffers, side stream, events). Skipped without a GPU; the same
+piggybacking with the asynchronous swap-out and row sends (pinned buffers, side stream, events). Skipped without a GPU; the same
 behaviours are tested on the CPU elsewhere."""
 
 from __future__ import annotations
@@ -33,11 +33,15 @@ def test_cuda_engine_decodes_with_the_triton_backend(tiny_model_dirs, make_llm):
     assert isinstance(llm.engine.runner.attention.decode_backend, TritonDecode)
 
 
-def test_cuda_piggybacking_gives_device_tokens(tiny_model_dirs, make_llm):
+@pytest.mark.parametrize("pipeline", ["multi-layer", "one-layer", "sync"])
+def test_cuda_piggybacking_gives_device_tokens(tiny_model_dirs, make_llm, pipeline):
+    """`sync` makes the device wait for every layer's rows: the rows go to the pool through pinned copies that the
+    inbox threads wait for, and come back within the iteration."""
     folder = tiny_model_dirs["llama"][0]
     device = make_llm(folder, device="cuda", dtype="float32", be_decode_placement="device")
     expected = [o.outputs[0].token_ids for o in device.generate(PROMPTS, greedy(), use_tqdm=False)]
-    offloading = make_llm(folder, device="cuda", dtype="float32", be_decode_placement="cpu")
+    offloading = make_llm(folder, device="cuda", dtype="float32", be_decode_placement="cpu",
+                          offload_pipeline=pipeline)
     params = [greedy("be" if i % 2 == 0 else "ls") for i in range(len(PROMPTS))]
     assert [o.outputs[0].token_ids for o in offloading.generate(PROMPTS, params, use_tqdm=False)] == expected
     assert offloading.engine.scheduler.num_swap_outs == 3
