@@ -1,7 +1,6 @@
 """The CUDA paths end to end: bf16/fp32 engine on the GPU, the Triton decode kernel inside the engine, and
-piggybacking with the asynchronous swap-out and row sends (pinned buffers, side stream,
-events). Skipped without a GPU; the same
-behaviours are tested on the CPU elsewhere."""
+piggybacking with the asynchronous swap-out and row sends (pinned buffers, side stream, events). Skipped without
+a GPU; the same behaviours are tested on the CPU elsewhere."""
 
 from __future__ import annotations
 
