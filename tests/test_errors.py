@@ -92,6 +92,8 @@ def test_cpu_attention_pool_settings_are_validated(tiny_model_dirs, make_llm):
         make_llm(tiny_model_dirs["llama"][0], cpu_attention_workers=0)
     with pytest.raises(ConfigError, match="be_decode_placement"):
         make_llm(tiny_model_dirs["llama"][0], be_decode_placement="gpu")
+    with pytest.raises(ConfigError, match="offload_pipeline must be one of multi-layer, one-layer, sync"):
+        make_llm(tiny_model_dirs["llama"][0], offload_pipeline="two-layer")
 
 
 def test_failed_iteration_that_started_swap_outs_frees_them(tiny_model_dirs, make_llm, monkeypatch):

@@ -289,6 +289,31 @@ def test_an_slo_tighter_than_one_row_still_lets_be_work_progress():
     assert not scheduler.has_unfinished()
 
 
+def test_a_forced_token_does_not_join_an_iteration_that_swaps_out():
+    """An iteration with nothing else to run takes one token of a request whatever the budget says; one that swaps a
+    request out has something to run, and the token waits rather than push it over budget."""
+    from omniserve.engine.scheduler.budget import IterationBudget
+
+    request = Request("r", [5] * 20, SamplingParams(), 8)
+    tight = 2 * MS  # the head and one layer's dense work alone take more
+    assert IterationBudget(MODEL, LAYERS, tight, 512).largest_chunk(request) == 1
+    swapping = IterationBudget(MODEL, LAYERS, tight, 512)
+    swapping.swap_seconds = 0.1 * MS
+    assert swapping.largest_chunk(request) == 0
+
+
+def test_the_correction_ignores_iterations_of_offloaded_rows_alone():
+    """A few offloaded rows a layer cost mostly per-layer overhead that the dense model does not describe: an
+    iteration that ran nothing else says little about the device, and must not move the correction."""
+    from omniserve.engine.scheduler.plan import IterationPlan, RunnerOutput
+
+    scheduler = make()
+    plan = IterationPlan(returning=[("x", 0)], predicted_time=10 * MS, shape=BatchShape(extra_rows=(1,)))
+    for _ in range(20):
+        scheduler.observe(plan, 1 * MS, RunnerOutput(offloaded_rows=(1,) * LAYERS))
+    assert scheduler.time_correction == 1.0
+
+
 def test_iterations_are_planned_within_a_share_of_the_slo():
     scheduler = make(iteration_budget_share=0.8)
     add(scheduler, "long", 900)

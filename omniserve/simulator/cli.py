@@ -53,7 +53,8 @@ def add_simulate_command(commands) -> None:
                           "overflow to whole-model CPU instances), neo-sync (NEO's synchronous CPU attention)")
     sim.add_argument("--offload-pipeline", choices=OFFLOAD_PIPELINES, default=SchedulerConfig.offload_pipeline,
                      help="how far an offloaded token goes per iteration, for every policy that offloads (the "
-                          "omniserve-one-layer policy is omniserve with one-layer)")
+                          "omniserve-one-layer policy is omniserve with one-layer); not with --regime-map, which "
+                          "runs omniserve with both, nor --experiment paper")
     sim.add_argument("--duration", type=float, default=None,
                      help="simulated seconds of arrivals (default 600; with --regime-map 200)")
     sim.add_argument("--drain", type=float, default=None,
