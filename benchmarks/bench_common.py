@@ -234,3 +234,14 @@ def side_thread_cpu_seconds() -> float:
     except OSError:
         return 0.0
     return sum(proc_cpu_seconds(pid, tid) for tid in tids)
+
+
+def engine_integrity(engine, tag: str = "") -> str:
+    """The engine's integrity check (every page, host KV byte and offloaded row accounted for) as text for the
+    report: "ok", or "FAILED: ..." with a warning on stderr."""
+    try:
+        engine.check_integrity()
+    except AssertionError as error:
+        print(f"warning: {tag + ': ' if tag else ''}engine integrity check failed: {error}", file=sys.stderr)
+        return f"FAILED: {error}"
+    return "ok"

@@ -63,6 +63,7 @@ from bench_common import (
     SHAREGPT_2978,
     command_line,
     cpu_model,
+    engine_integrity,
     git_revision,
     load_prompts,
     percentile,
@@ -265,18 +266,9 @@ def timed_run(args: argparse.Namespace, pipeline: str, tag: str, ls_prompts, be_
                 raise SystemExit(f"{tag}: BE request {rid} ended {run.reasons.get(rid)!r} with "
                                  f"{len(run.tokens.get(rid, []))} tokens")
         ls_tokens = {i: run.tokens[rid] for i, rid in enumerate(run.ls_ids) if run.reasons.get(rid) == "length"}
-        return Result(figures, [run.tokens[rid] for rid in run.be_ids], ls_tokens, lone, integrity(engine))
+        return Result(figures, [run.tokens[rid] for rid in run.be_ids], ls_tokens, lone, engine_integrity(engine))
     finally:
         engine.shutdown()
-
-
-def integrity(engine) -> str:
-    try:
-        engine.check_integrity()
-    except AssertionError as error:
-        print(f"warning: engine integrity check failed: {error}", file=sys.stderr)
-        return f"FAILED: {error}"
-    return "ok"
 
 
 def run_figures(args: argparse.Namespace, run: Run, timings, num_layers: int) -> dict[str, float]:

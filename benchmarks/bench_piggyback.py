@@ -54,6 +54,7 @@ from bench_common import (
     OtherLoad,
     command_line,
     cpu_model,
+    engine_integrity,
     git_revision,
     percentile,
     print_report,
@@ -264,12 +265,7 @@ def check_run(engine, run: Run, ls_out: int, be_out: int) -> str:
         if len(run.tokens.get(rid, [])) != want or len(run.stamps[rid]) != want:
             raise SystemExit(f"{run.tag}: request {rid} returned {len(run.tokens.get(rid, []))} tokens "
                              f"({len(run.stamps[rid])} stamped), expected {want}")
-    try:
-        engine.check_integrity()
-    except AssertionError as error:
-        print(f"warning: {run.tag}: engine integrity check failed: {error}", file=sys.stderr)
-        return f"FAILED: {error}"
-    return "ok"
+    return engine_integrity(engine, run.tag)
 
 
 def run_once(llm, probe: Probe, ls_prompts, be_prompts, ls_out: int, be_out: int, ls_arrival: str, tag: str,

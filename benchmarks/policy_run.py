@@ -11,7 +11,7 @@ import time
 from collections import deque
 from dataclasses import astuple, dataclass, field
 
-from bench_common import core_busy_seconds, proc_cpu_seconds, side_thread_cpu_seconds
+from bench_common import core_busy_seconds, engine_integrity, proc_cpu_seconds, side_thread_cpu_seconds
 
 from omniserve.bench.metrics import Record, Slo
 
@@ -324,11 +324,7 @@ def close_run(engine, probe: ExecuteProbe, log: RequestLog, added: set[str], cut
     for rid in log.cancel_open():
         if rid in added:
             engine.abort_request(rid)
-    integrity = "ok"
-    try:
-        engine.check_integrity()
-    except AssertionError as exc:
-        integrity = f"FAILED: {exc}"
+    integrity = engine_integrity(engine)
     probe.remove()
     return integrity + ("; cut at the drain limit" if cut else "")
 
