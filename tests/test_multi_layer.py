@@ -92,22 +92,24 @@ def test_tokens_that_advance_several_layers_per_iteration_equal_the_device_path(
     assert max(t.layers_per_iteration for t in timings) == LAYERS  # some took all six layers in one iteration
 
 
-@pytest.mark.parametrize("pipeline", [OffloadedPipeline(None, 0.0), OffloadedPipeline(None, 0.05), ONE_LAYER],
-                         ids=["no-wait", "wait-50ms", "one-layer"])
-def test_a_planned_wait_is_never_exceeded(deep, reference, make_llm, pipeline):
-    """A slow pool (30 ms a batch): the device waits at most the plan's 50 ms, or not at all; without a wait, rows
-    still go on whenever their result is back in time; one layer per iteration at most with the one-layer plan. The
-    tokens are the device's in every case."""
+@pytest.mark.parametrize("pipeline, delay", [(OffloadedPipeline(None, 0.0), 0.03), (OffloadedPipeline(None, 0.05), 0.3),
+                                             (ONE_LAYER, 0.03)], ids=["no-wait", "wait-50ms", "one-layer"])
+def test_a_planned_wait_is_never_exceeded(deep, reference, make_llm, pipeline, delay):
+    """A slow pool: the device waits at most the plan's 50 ms for a pool that takes 300 ms a batch, or not at all;
+    without a wait, rows still go on whenever their result is back in time; one layer per iteration at most with the
+    one-layer plan. The tokens are the device's in every case."""
     llm = make_llm(deep, dtype="float64", block_size=4, be_decode_placement="cpu",
-                   pool_config=PoolConfig(simulated_delay_s=0.03))
+                   pool_config=PoolConfig(simulated_delay_s=delay))
     ran = force_pipeline(llm.engine, pipeline)
-    params = [greedy("be", 6) if i % 2 == 0 else greedy("ls", 6) for i in range(len(PROMPTS))]
-    expected = [ref[:6] for ref in reference]
+    params = [greedy("be", 4) if i % 2 == 0 else greedy("ls", 4) for i in range(len(PROMPTS))]
+    expected = [ref[:4] for ref in reference]
     assert tokens(llm.generate(PROMPTS, params, use_tqdm=False)) == expected
     waited = [output.cpu_wait_s for _, output, _ in ran]
-    assert max(waited) <= pipeline.wait_s + 0.02  # the deadline, plus one poll's overshoot
     if pipeline.wait_s:
-        assert max(waited) > 0.01  # it did wait for the slow pool
+        # Up to the deadline and one poll past it (generous for a busy machine), far short of the pool's 300 ms.
+        assert 0.04 < max(waited) <= pipeline.wait_s + 0.1
+    else:
+        assert max(waited) == 0.0
     timings = llm.engine.scheduler.take_offloaded_token_timings()
     if pipeline is ONE_LAYER:
         assert all(t.iterations >= LAYERS for t in timings)
