@@ -1,7 +1,8 @@
 """The `omniserve` command: `omniserve serve` (the OpenAI-compatible server), `omniserve router` (one endpoint in
 front of several servers), `omniserve generate "prompt"`, `omniserve chat`, `omniserve profile`, `omniserve bench`
 (the serving benchmark), `omniserve eval gsm8k` (the accuracy of a running OpenAI-compatible server) and
-`omniserve simulate` (the cluster-scale simulator); `omniserve build-kernel` is a set-up step."""
+`omniserve simulate` (the cluster-scale simulator); `omniserve run-batch` runs an OpenAI batch file offline;
+`omniserve build-kernel` is a set-up step."""
 
 from __future__ import annotations
 
@@ -124,6 +125,7 @@ def _serve(args: argparse.Namespace) -> None:
     from omniserve.entrypoints.openai.auth import APIKeys
     from omniserve.entrypoints.openai.served_models import default_served_name
     from omniserve.entrypoints.openai.serving import RequestLimits
+    from omniserve.profiler.profiler import cache_dir
 
     logging.getLogger("omniserve").setLevel(args.log_level.upper())
     if args.model_tag is not None:
@@ -146,9 +148,34 @@ def _serve(args: argparse.Namespace) -> None:
                                   args.shutdown_timeout)
         run_router(build_router_app(Router(urls)), args.host, args.port, log_level=args.log_level)
         return
+    batch_limits = _batch_limits(args, limits.max_body_bytes)
+    batch_db = args.batch_db or str(cache_dir() / "batches.db")
     engine = LLMEngine(EngineArgs.from_cli_args(args))
-    app = build_app(engine, names, api_keys, drain_grace_s=args.shutdown_timeout, limits=limits)
+    app = build_app(engine, names, api_keys, drain_grace_s=args.shutdown_timeout, limits=limits, batch_db=batch_db,
+                    batch_limits=batch_limits)
+    logging.getLogger(__name__).info("batches are kept in %s", batch_db)
     run_server(app, args.host, args.port, log_level=args.log_level)
+
+
+def _batch_limits(args: argparse.Namespace, max_line_bytes: int):
+    from omniserve.batch.service import BatchLimits
+
+    return BatchLimits(max_file_bytes=round(args.batch_max_file_mib * 2**20), max_lines=args.batch_max_lines,
+                       max_line_bytes=max_line_bytes, max_queued=args.batch_max_queued)
+
+
+def _run_batch(args: argparse.Namespace) -> None:
+    """A batch file through the engine, offline (see omniserve.entrypoints.openai.run_batch)."""
+    from omniserve.entrypoints.openai.run_batch import run_batch
+    from omniserve.entrypoints.openai.served_models import default_served_name
+
+    logging.getLogger("omniserve").setLevel(logging.WARNING)
+    engine = LLMEngine(EngineArgs.from_cli_args(args))
+    names = args.served_model_name or [default_served_name(args.model)]
+    counts = run_batch(engine, names, args.input_file, args.output_file,
+                       _batch_limits(args, round(args.max_request_body_mib * 2**20)))
+    print(f"{counts['completed']} of {counts['total']} lines answered, {counts['failed']} failed: {args.output_file}",
+          file=sys.stderr)
 
 
 def _build_kernel(args: argparse.Namespace) -> None:
@@ -226,14 +253,40 @@ def _add_serve_command(commands) -> None:
     serve.add_argument("--instances", type=int, default=1,
                        help="engine instances (Ray actors, a GPU each when the cluster has them) behind one endpoint "
                        "that routes LS requests by SLO headroom and BE requests by spare capacity")
+    _add_batch_args(serve)
+    serve.add_argument("--batch-db", default=None, help="SQLite database of the Batch API's files, batches and "
+                       "lines, kept across restarts (default: batches.db in $OMNISERVE_CACHE_DIR or "
+                       "~/.cache/omniserve)")
     EngineArgs.add_cli_args(serve)
     serve.set_defaults(handler=_serve)
+
+    run_batch = commands.add_parser("run-batch", help="run an OpenAI batch file (JSONL) offline: every line's answer "
+                                    "in the output file, in input order")
+    run_batch.add_argument("-i", "--input-file", required=True, help="the batch file: one request per line, as for "
+                           "the Batch API ({custom_id, method, url, body})")
+    run_batch.add_argument("-o", "--output-file", required=True, help="where the answers go (JSONL)")
+    run_batch.add_argument("--served-model-name", nargs="+", default=None, help="the model names the lines may use")
+    run_batch.add_argument("--max-request-body-mib", type=float, default=25.0, help="largest line, in MiB")
+    _add_batch_args(run_batch)
+    EngineArgs.add_cli_args(run_batch)
+    run_batch.set_defaults(handler=_run_batch)
 
     route = commands.add_parser("router", help="one OpenAI endpoint in front of running omniserve instances")
     route.add_argument("instance_urls", nargs="+", help="base URLs of the instances (http://host:port)")
     _add_listen_args(route)
     route.add_argument("--poll-interval", type=float, default=0.5, help="seconds between load polls of each instance")
     route.set_defaults(handler=_route)
+
+
+def _add_batch_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("batches")
+    group.add_argument("--batch-max-file-mib", type=float, default=200.0,
+                       help="largest batch file upload, in MiB (default: OpenAI's limit)")
+    group.add_argument("--batch-max-lines", type=int, default=50_000,
+                       help="most lines (requests) in one batch (default: OpenAI's limit)")
+    group.add_argument("--batch-max-queued", type=int, default=64,
+                       help="batch lines submitted to the engine and not started yet: the engine always has batch "
+                       "work to fit around live traffic, without holding whole batches")
 
 
 def build_parser() -> argparse.ArgumentParser:

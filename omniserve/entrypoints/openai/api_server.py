@@ -21,13 +21,17 @@ from __future__ import annotations
 
 import logging
 import math
+import hashlib
 import re
+import shutil
 import socket
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -38,10 +42,13 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import omniserve
+from omniserve.batch.service import BatchLimits, BatchService
+from omniserve.batch.store import BatchStore
 from omniserve.engine.async_engine import AsyncEngine, EngineDeadError
 from omniserve.engine.llm_engine import LLMEngine
 from omniserve.entrypoints.openai.auth import APIKeys
-from omniserve.entrypoints.openai.errors import APIError, error_response
+from omniserve.entrypoints.openai.batch_routes import BatchCollector, UploadTooLarge, add_batch_routes
+from omniserve.entrypoints.openai.errors import APIError, error_response, validation_message
 from omniserve.entrypoints.openai.metrics import ServerMetrics
 from omniserve.entrypoints.openai.protocol import (
     ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse, DetokenizeRequest,
@@ -49,6 +56,7 @@ from omniserve.entrypoints.openai.protocol import (
 )
 from omniserve.entrypoints.openai.served_models import ServedModels
 from omniserve.entrypoints.openai.serving import ClientDisconnected, RequestLimits, ServerState
+from omniserve.entrypoints.openai.serving_batch import ServingLineRunner
 from omniserve.entrypoints.openai.serving_chat import ChatServing
 from omniserve.entrypoints.openai.serving_completions import CompletionServing
 
@@ -62,11 +70,15 @@ _LOAD_REPORT_PERIOD_S = 0.05  # how fresh /load is while the engine runs
 # After a drain, how long uvicorn waits for connections to finish their last writes (the streams it ended write an
 # error event and [DONE] at once; only a client that stopped reading takes longer) before it cancels them.
 _CLOSE_TIMEOUT_S = 5
+_UPLOAD_PATH = "/v1/files"
+_MULTIPART_SLACK_BYTES = 1 << 16  # an upload's form fields and part headers, beyond the file itself
 
 
 def build_app(engine: LLMEngine, served_model_names: list[str], api_keys: APIKeys | None = None,
-              drain_grace_s: float = 30.0, limits: RequestLimits | None = None) -> FastAPI:
-    """The app for one engine; the engine thread starts and stops with the app (its lifespan)."""
+              drain_grace_s: float = 30.0, limits: RequestLimits | None = None, batch_db: str | Path | None = None,
+              batch_limits: BatchLimits | None = None) -> FastAPI:
+    """The app for one engine; the engine thread and the batch service start and stop with the app (its lifespan).
+    Batches are kept in the SQLite database `batch_db` (None: a temporary one, gone with the app)."""
     models = ServedModels(served_model_names, engine.services, str(engine.args.model or served_model_names[0]),
                           engine.scheduler_config.max_model_len)
     state = ServerState(engine, models, drain_grace_s, limits or RequestLimits())
@@ -77,16 +89,24 @@ def build_app(engine: LLMEngine, served_model_names: list[str], api_keys: APIKey
         metrics.on_iteration(engine, outputs)
         load.update(engine)
 
+    completions, chat = CompletionServing(state), ChatServing(state)
+    batch_limits = batch_limits or BatchLimits(max_line_bytes=state.limits.max_body_bytes)
+    temporary = tempfile.mkdtemp(prefix="omniserve-batches-") if batch_db is None else None
+    store = BatchStore(batch_db if temporary is None else Path(temporary) / "batches.db")
+    batches = BatchService(store, ServingLineRunner(state, completions, chat), batch_limits)
+    BatchCollector(batches, metrics.registry)
     app = _OpenAIApp(title="omniserve", summary="OpenAI-compatible LLM server with LS/BE service classes",
-                     lifespan=_lifespan(state, on_iteration))
+                     lifespan=_lifespan(state, on_iteration, batches, temporary))
     app.state.server = state
-    app.add_middleware(RequestContextMiddleware, state=state, api_keys=api_keys)
+    app.state.batches = batches
+    app.add_middleware(RequestContextMiddleware, state=state, api_keys=api_keys,
+                       upload_limit=batch_limits.max_file_bytes + _MULTIPART_SLACK_BYTES)
     _add_error_handlers(app)
     _add_status_routes(app, state, metrics, load)
     _add_model_routes(app, models)
-    completions, chat = CompletionServing(state), ChatServing(state)
     _add_generation_routes(app, completions, chat)
     _add_tokenizer_routes(app, engine, models, completions, chat)
+    add_batch_routes(app, batches)
     return app
 
 
@@ -105,16 +125,22 @@ class _LoadReport:
             self.report, self._at = engine.load_report(), now
 
 
-def _lifespan(state: ServerState, on_iteration: Callable[[LLMEngine, list], None]):
-    """The app's lifespan: the engine thread runs from the app's start to its end."""
+def _lifespan(state: ServerState, on_iteration: Callable[[LLMEngine, list], None], batches: BatchService,
+              temporary: str | None):
+    """The app's lifespan: the engine thread and the batch service run from the app's start to its end."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state.async_engine = AsyncEngine(state.engine, on_iteration=on_iteration)
         try:
+            await batches.start()
             yield
         finally:
+            await batches.stop()  # lines in flight end now, and stay pending for the next start
             state.async_engine.shutdown()
+            batches.store.close()
+            if temporary is not None:
+                shutil.rmtree(temporary, ignore_errors=True)
 
     return lifespan
 
@@ -259,15 +285,8 @@ def _add_error_handlers(app: FastAPI) -> None:
         if first.get("type") == "json_invalid":
             detail = first.get("ctx", {}).get("error", "")
             return error_response(400, f"the body is not valid JSON: {detail}".rstrip(": "), code="invalid_json")
-        parts, param = [], None
-        for error in errors:
-            field = ".".join(str(p) for p in error.get("loc", ())[1:])
-            param = param or field or None
-            if error.get("type") == "extra_forbidden":  # OpenAI's words for a field it does not know
-                parts.append(f"Unrecognized request argument supplied: {field}")
-            else:
-                parts.append(f"{field}: {error.get('msg')}" if field else str(error.get("msg")))
-        return error_response(400, "; ".join(parts) or "invalid request", param=param)
+        message, param = validation_message(errors, skip=1)  # loc[0] is "body"
+        return error_response(400, message, param=param)
 
     async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
         return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
@@ -296,10 +315,11 @@ class RequestContextMiddleware:
     the log line; the API key and the classes it may use; 503 for new generation requests while draining; 413 for a
     body over the size limit; and, when it ends however it ends, the end of the engine requests it started."""
 
-    def __init__(self, app: ASGIApp, state: ServerState, api_keys: APIKeys | None) -> None:
+    def __init__(self, app: ASGIApp, state: ServerState, api_keys: APIKeys | None, upload_limit: int) -> None:
         self.app = app
         self.state = state
         self.api_keys = api_keys
+        self.upload_limit = upload_limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -318,6 +338,7 @@ class RequestContextMiddleware:
         context = scope.setdefault("state", {})
         context["request_id"] = request_id
         context["service_classes"] = None  # no keys: every class
+        context["owner"] = None  # no keys: every file and batch is everyone's
         context["generations"] = []  # what this request runs in the engine (OpenAIServing.start adds to it)
         started = time.perf_counter()
         status = _STATUS_CLIENT_GONE
@@ -340,15 +361,17 @@ class RequestContextMiddleware:
                     await response(scope, receive, send_with_id)
                     return
                 context["service_classes"] = classes
+                context["owner"] = key_owner(authorization)
             if self.state.draining and path in _GENERATION_PATHS:
                 retry = str(max(1, math.ceil(self.state.drain_grace_s)))
                 response = error_response(503, "the server is shutting down", code="draining",
                                           headers={"Retry-After": retry})
                 await response(scope, receive, send_with_id)
                 return
-            limited_receive = await self._within_body_limit(receive, content_length)
+            upload = path == _UPLOAD_PATH and scope["method"] == "POST"
+            limit = self.upload_limit if upload else self.state.limits.max_body_bytes
+            limited_receive = await self._within_body_limit(receive, content_length, limit, upload)
             if limited_receive is None:
-                limit = self.state.limits.max_body_bytes
                 response = error_response(413, f"the request body is larger than this server's limit of {limit} "
                                           "bytes", code="request_too_large")
                 await response(scope, receive, send_with_id)
@@ -360,13 +383,17 @@ class RequestContextMiddleware:
             logger.info('%s "%s %s" %d %.1f ms', request_id, scope["method"], path, status,
                         (time.perf_counter() - started) * 1e3)
 
-    async def _within_body_limit(self, receive: Receive, content_length: int | None) -> Receive | None:
+    @staticmethod
+    async def _within_body_limit(receive: Receive, content_length: int | None, limit: int,
+                                 upload: bool) -> Receive | None:
         """`receive` for a body within the size limit; None for one beyond it, before it is parsed (or, with a
         Content-Length, read at all). A body of unknown length (chunked) is read here, up to the limit, and replayed
-        to the app."""
-        limit = self.state.limits.max_body_bytes
+        to the app; an upload's instead is counted as the app reads it (it may be 200 MiB), and UploadTooLarge
+        raised in the app past the limit."""
         if content_length is not None:
             return receive if content_length <= limit else None
+        if upload:
+            return _counting(receive, limit)
         messages: list[Message] = []
         size = 0
         while True:
@@ -384,6 +411,26 @@ class RequestContextMiddleware:
             return messages.pop(0) if messages else await receive()
 
         return replay
+
+
+def _counting(receive: Receive, limit: int) -> Receive:
+    size = 0
+
+    async def counted() -> Message:
+        nonlocal size
+        message = await receive()
+        size += len(message.get("body", b""))
+        if size > limit:
+            raise UploadTooLarge()
+        return message
+
+    return counted
+
+
+def key_owner(authorization: str) -> str:
+    """Who owns the files and batches made with this key: a digest of the key, so the store never holds keys."""
+    token = authorization.partition(" ")[2].strip()
+    return hashlib.sha256(token.encode()).hexdigest()[:32]
 
 
 # ------------------------------------------------------------------------------------------------------ running

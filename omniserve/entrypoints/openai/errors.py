@@ -42,3 +42,17 @@ def error_response(status: int, message: str, param: str | None = None, code: st
                    headers: dict[str, str] | None = None) -> Response:
     return Response(error_body(status, message, param, code), status_code=status, headers=headers,
                     media_type="application/json")
+
+
+def validation_message(errors: list[dict], skip: int = 0) -> tuple[str, str | None]:
+    """pydantic's errors as one message naming each field, and the first field (the error's `param`); `skip` drops
+    that many leading parts of each location."""
+    parts, param = [], None
+    for error in errors:
+        field = ".".join(str(p) for p in error.get("loc", ())[skip:])
+        param = param or field or None
+        if error.get("type") == "extra_forbidden":  # OpenAI's words for a field it does not know
+            parts.append(f"Unrecognized request argument supplied: {field}")
+        else:
+            parts.append(f"{field}: {error.get('msg')}" if field else str(error.get("msg")))
+    return "; ".join(parts) or "invalid request", param

@@ -86,6 +86,14 @@ class ServedModels:
                            "(service_tier 'flex' or priority > 0)", param="service_tier")
         return Resolved(model, model.service)
 
+    def resolve_best_effort(self, name: str | None) -> Resolved:
+        """Where a batch line goes: the best-effort service the name stands for, or else the model's built-in one
+        (a line for a latency-sensitive service runs as best effort, not as an error)."""
+        model = self.resolve(name, wants_best_effort=False).model
+        if model.service is not None and model.service.service_class is ServiceClass.BE:
+            return Resolved(model, model.service)
+        return Resolved(model, self.services.resolve(None, ServiceClass.BE))
+
     def cards(self) -> ModelList:
         data = []
         for model in self.by_name.values():

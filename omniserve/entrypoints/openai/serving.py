@@ -112,6 +112,31 @@ ChoiceDelta = Callable[[int, int, RequestOutput, CompletionOutput, list[SampledT
 choice's output, its logprobs not sent yet or None); None when it has nothing to say yet."""
 
 
+@dataclass
+class Call:
+    """One call of a generation endpoint: an HTTP request, or a batch line (omniserve.batch)."""
+
+    request_id: str
+    service_classes: frozenset[ServiceClass] | None
+    """The classes the caller's API key may use; None: every class."""
+    generations: list[Generation] = field(default_factory=list)
+    """What the call runs in the engine; whoever made the call closes them when it ends, however it ends."""
+    guard: Callable[[Awaitable[T]], Awaitable[T]] = lambda work: work
+    """Runs each wait of the call: an HTTP request's ends when its client disconnects."""
+    best_effort: bool = False
+    """Served by the best-effort service of the model the request names (a batch line)."""
+    drained: bool = True
+    """A drain waits for the call to finish (a batch line is not waited for: it resumes after a restart)."""
+    on_started: Callable[[], None] | None = None
+    """Called once the engine has produced the call's first outputs."""
+
+    @classmethod
+    def of(cls, raw_request: Request) -> Call:
+        state = raw_request.state
+        return cls(state.request_id, state.service_classes, state.generations,
+                   lambda work: until_disconnected(raw_request, work))
+
+
 class OpenAIServing:
     """A generation endpoint: the steps every request takes, and the hooks a handler fills in."""
 
@@ -130,22 +155,32 @@ class OpenAIServing:
     async def create(self, request: SamplingRequest, raw_request: Request) -> Response:
         """Checks the request, tokenizes its prompts, starts their engine requests, and answers: a stream of
         chunks, or the whole answer once every completion is done."""
-        resolved = self.resolve(request, raw_request.state.service_classes)
-        params = self.sampling_params(request, resolved)
-        prompts = await self.prompts(request)
-        response_id = f"{self.id_prefix}-{raw_request.state.request_id}"
-        ids = [response_id] if len(prompts) == 1 else [f"{response_id}-{i}" for i in range(len(prompts))]
-        generation = await self.start(raw_request, ids, prompts, params, resolved)
-        header = dict(response_id=response_id, created=now(), model=resolved.model.name,
-                      service_tier=resolved.service_tier)
+        call = Call.of(raw_request)
         if request.stream:
+            generation, header = await self._begin(request, call)
             return EventStreamResponse(self._stream(request, generation, header))
-        finals = await until_disconnected(raw_request, generation.finals())
+        body = await self.complete(request, call)
+        return Response(body.model_dump_json(), media_type="application/json")
+
+    async def complete(self, request: SamplingRequest, call: Call) -> BaseModel:
+        """The whole answer to a request that does not stream (a batch line runs this too)."""
+        generation, header = await self._begin(request, call)
+        finals = await call.guard(generation.finals())
         self.check_finished_well(finals)
-        body = self.response_type(id=response_id, created=header["created"], model=header["model"],
+        return self.response_type(id=header["response_id"], created=header["created"], model=header["model"],
                                   choices=self.choices(request, finals), service_tier=header["service_tier"],
                                   usage=self.usage(finals))
-        return Response(body.model_dump_json(), media_type="application/json")
+
+    async def _begin(self, request: SamplingRequest, call: Call) -> tuple[Generation, dict]:
+        resolved = self.resolve(request, call.service_classes, call.best_effort)
+        params = self.sampling_params(request, resolved)
+        prompts = await self.prompts(request)
+        response_id = f"{self.id_prefix}-{call.request_id}"
+        ids = [response_id] if len(prompts) == 1 else [f"{response_id}-{i}" for i in range(len(prompts))]
+        generation = await self.start(call, ids, prompts, params, resolved)
+        header = dict(response_id=response_id, created=now(), model=resolved.model.name,
+                      service_tier=resolved.service_tier)
+        return generation, header
 
     # ------------------------------------------------------------------------------------------ what handlers give
     async def prompts(self, request: SamplingRequest) -> list[list[int]]:
@@ -161,9 +196,14 @@ class OpenAIServing:
         raise NotImplementedError
 
     # -------------------------------------------------------------------------------------------- request -> params
-    def resolve(self, request: SamplingRequest, allowed: frozenset[ServiceClass] | None) -> Resolved:
-        """The request's model and service; 404 for an unknown model, 403 for a class its API key may not use."""
-        resolved = self.state.models.resolve(request.model, request.wants_best_effort)
+    def resolve(self, request: SamplingRequest, allowed: frozenset[ServiceClass] | None,
+                best_effort: bool = False) -> Resolved:
+        """The request's model and service (with best_effort: the best-effort service of the model it names); 404
+        for an unknown model, 403 for a class its API key may not use."""
+        if best_effort:
+            resolved = self.state.models.resolve_best_effort(request.model)
+        else:
+            resolved = self.state.models.resolve(request.model, request.wants_best_effort)
         if allowed is not None and resolved.service_class not in allowed:
             raise APIError(403, f"this API key may not use {resolved.service_class.value.upper()} service "
                            f"(`{resolved.model.name}`); send service_tier 'flex' or use a best-effort model name",
@@ -229,16 +269,16 @@ class OpenAIServing:
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
     # ----------------------------------------------------------------------------------------------- generation
-    async def start(self, raw_request: Request, request_ids: list[str], prompts: list[list[int]],
+    async def start(self, call: Call, request_ids: list[str], prompts: list[list[int]],
                     params: SamplingParams, resolved: Resolved) -> "Generation":
         """Submits one engine request per prompt and waits for their first outputs (see Generation.start).
         A request that reaches this point during a drain gets 503: it is not in flight yet."""
         if self.state.draining:
             raise APIError(503, "the server is shutting down", code="draining",
                            headers={"Retry-After": self.retry_after(resolved)})
-        generation = Generation(self.state, request_ids, prompts, params)
-        raw_request.state.generations.append(generation)  # the middleware ends it with the HTTP request
-        await until_disconnected(raw_request, generation.start())
+        generation = Generation(self.state, request_ids, prompts, params, drained=call.drained)
+        call.generations.append(generation)  # whoever made the call ends it when the call ends
+        await call.guard(generation.start())
         if generation.rejected:
             headers = {"Retry-After": self.retry_after(resolved)}
             if self.state.draining:
@@ -247,6 +287,8 @@ class OpenAIServing:
             raise APIError(429, "the server cannot meet this latency-sensitive request's time-to-first-token SLO now; "
                            "retry later, or ask for best effort (service_tier 'flex')", code="slo_rejected",
                            headers=headers)
+        if call.on_started is not None:
+            call.on_started()
         return generation
 
     async def _stream(self, request: SamplingRequest, generation: Generation, header: dict) -> AsyncIterator[str]:
@@ -327,7 +369,7 @@ class Generation:
     not the generation's place in the server's in-flight set."""
 
     def __init__(self, state: ServerState, request_ids: list[str], prompts: list[list[int]],
-                 params: SamplingParams) -> None:
+                 params: SamplingParams, drained: bool = True) -> None:
         self._state = state
         self._engine = state.engine_or_503()
         self.request_ids = request_ids
@@ -338,7 +380,8 @@ class Generation:
         self._running = set(range(len(request_ids)))  # engine requests that may still hold memory
         self._feeders = [asyncio.ensure_future(self._feed(i, self._engine.generate(r, p, params)))
                          for i, (r, p) in enumerate(zip(request_ids, prompts))]
-        state.in_flight.add(self)
+        if drained:
+            state.in_flight.add(self)
 
     async def _feed(self, index: int, stream: AsyncIterator[RequestOutput]) -> None:
         try:
