@@ -122,9 +122,11 @@ class RunningServer:
 
 
 @contextmanager
-def serving(model: str, names=("tiny",), api_keys=None, grace_s: float = 5, limits=None, **engine_args):
+def serving(model: str, names=("tiny",), api_keys=None, grace_s: float = 5, limits=None, batch_db=None,
+            batch_limits=None, **engine_args):
     engine = LLMEngine(model=model, block_size=4, **engine_args)
-    server = RunningServer(build_app(engine, list(names), api_keys, drain_grace_s=grace_s, limits=limits))
+    server = RunningServer(build_app(engine, list(names), api_keys, drain_grace_s=grace_s, limits=limits,
+                                     batch_db=batch_db, batch_limits=batch_limits))
     try:
         yield server
     finally:
