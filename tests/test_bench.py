@@ -14,11 +14,11 @@ from dataclasses import replace
 import pytest
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from test_server import RunningServer, serving, slo_server, tiny_chat_model  # noqa: F401 (fixtures)
+from test_server import RunningServer, serving, slo_server, slow_engine, tiny_chat_model  # noqa: F401 (fixtures)
 from test_slo_scheduler import MODEL
 
-from omniserve.bench import compare, metrics, runner, server_metrics, slos, workload
-from omniserve.bench.client import Stream, Target, run_streams
+from omniserve.bench import batch, compare, metrics, runner, server_metrics, slos, workload
+from omniserve.bench.client import Stream, Target, request_body, run_streams
 from omniserve.bench.metrics import Record, Slo
 from omniserve.bench.workload import Request, StreamSpec, WorkloadError
 from omniserve.engine.scheduler.latency_model import prefill_interactions
@@ -315,6 +315,77 @@ def test_compare_starts_a_server_per_policy_and_tabulates(tiny_chat_model, tmp_p
 def test_a_server_that_does_not_start_is_reported(tmp_path):
     with pytest.raises(compare.ServerError, match="exited"):
         compare.Server("omniserve", Slo(), ["--model", str(tmp_path / "nothing-here")], tmp_path / "log", 60)
+
+
+# ------------------------------------------------------------------------------------ the BE stream as a batch
+def test_batch_lines_carry_the_http_bodies_unstreamed():
+    target = Target("http://x", "m", "chat", "flex", extra_body={"priority": 1})
+    requests = [Request(0.0, "hello world", 2, 5), Request(3.0, [30, 31], 2, 7)]
+    lines = [json.loads(line) for line in batch.batch_file(target, requests, FakeTokenizer()).splitlines()]
+    assert [line["custom_id"] for line in lines] == ["be-0", "be-1"]
+    assert all(line["method"] == "POST" and line["url"] == "/v1/chat/completions" for line in lines)
+    for line, request in zip(lines, requests):
+        streamed = request_body(target, request, FakeTokenizer())
+        assert streamed.pop("stream") is True and "stream_options" in streamed
+        del streamed["stream_options"]
+        assert line["body"] == streamed  # the same request, whole answer instead of a stream
+    assert lines[1]["body"]["max_tokens"] == 7 and lines[1]["body"]["priority"] == 1
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_be_batch_run_answers_every_line_beside_ls(tiny_chat_model, tmp_path, capsys, endpoint):  # noqa: F811
+    with serving(tiny_chat_model) as server:
+        main(bench_args(server.url, tiny_chat_model, tmp_path, "--ttft-slo", "30", "--tpot-slo", "5",
+                        "--be-batch", "--endpoint", endpoint))
+        server.wait_idle()
+    out = capsys.readouterr()
+    result = json.loads(next(line for line in out.out.splitlines() if line.startswith("{")))
+    ls, be = result["summary"]["ls"], result["summary"]["be"]
+    assert ls["ok"] == ls["requests"] > 0 and ls["slo_attainment"] == 1.0, ls["errors"]
+    assert be["mode"] == "batch" and be["status"] == "completed" and be["batch_id"].startswith("batch_")
+    assert be["lines"] > 0 and be["completed"] == be["lines"] and be["failed"] == be["not_run"] == 0, be["errors"]
+    assert be["output_tokens"] == 12 * be["lines"]  # every line's usage, from the output file
+    assert be["wall_seconds"] > 0 and be["lines_per_second"] == pytest.approx(be["lines"] / be["wall_seconds"])
+    assert be["output_throughput"] == pytest.approx(be["output_tokens"] / be["wall_seconds"])
+    assert result["be_batch"] and "lines/s" in out.err and f"{be['lines']} completed" in out.err
+    saved = json.loads((tmp_path / "result.json").read_text())
+    assert {r["service_class"] for r in saved["records"]} == {"ls"}  # the lines are the batch's, not HTTP records
+
+
+def test_batch_answers_are_the_http_answers(tiny_chat_model):  # noqa: F811
+    requests = [Request(0.0, [30 + i, 31, 32, 33], 4, 5 + i) for i in range(4)]
+    with serving(tiny_chat_model) as server:
+        target = Target(server.url, "tiny", service_tier="flex")
+        records, _ = asyncio.run(run_streams([Stream("be", target, requests)], duration=0.1, drain_timeout=60.0,
+                                             request_timeout=60.0, keep_text=True))
+        _, _, outcome = asyncio.run(batch.run_beside([], batch.BatchJob(target, requests), 0.1, 60.0, 60.0))
+        server.wait_idle()
+    assert outcome.status == "completed" and [r.status for r in records] == ["ok"] * 4
+    for n, record in enumerate(records):
+        line = outcome.lines[batch.custom_id(n)]
+        assert line.status == "completed" and line.output_tokens == record.output_tokens == 5 + n
+        assert line.text and line.text == record.text  # greedy: the same tokens either way
+
+
+def test_a_batch_still_running_at_the_deadline_is_cancelled(tiny_chat_model):  # noqa: F811
+    """Each step lasts 0.5 s, so no 12-token line can end before the deadline (0.5 s after the start)."""
+    requests = [Request(0.0, [30, 31, 32], 3, 12) for _ in range(3)]
+    config = runner.BenchConfig(model="tiny", streams={"be": StreamSpec(rate=1.0)}, duration=0.2,
+                                drain_timeout=0.3, be_batch=True)
+    with serving(tiny_chat_model) as server, slow_engine(server, 0.5):
+        result, records = runner.run(replace(config, base_url=server.url), {"be": requests}, progress=False)
+        server.wait_idle(30)
+    be = result["summary"]["be"]
+    assert records == [] and be["status"] == "cancelled" and be["lines"] == 3
+    assert be["not_run"] == 3 and be["completed"] == be["failed"] == 0
+    assert result["run_seconds"] >= 0.5 and 0 < be["wall_seconds"] <= result["run_seconds"]  # waited for the deadline
+    assert be["lines_per_second"] == 0.0
+
+
+def test_a_closed_loop_cannot_be_a_batch():
+    config = runner.BenchConfig(model="m", streams={"be": StreamSpec(concurrency=2)}, be_batch=True)
+    with pytest.raises(WorkloadError, match="closed loop"):
+        runner.run(config, {"be": [Request(None, [1], 1, 1)]}, progress=False)
 
 
 # ------------------------------------------------------------------------------------------- a broken server

@@ -3,6 +3,7 @@ per-class SLO metrics, plots, and a comparison of scheduling policies.
 
     workload.py        arrival processes, traces and prompt lengths (seeded)
     client.py          the asynchronous load generator
+    batch.py           the BE stream as one OpenAI batch (--be-batch): its file, the batch, its polls and results
     metrics.py         each request's record; vLLM-style latency figures, SLO attainment, goodput, throughput, timeline
     plots.py           latency CDFs and the timeline, as PNG
     server_metrics.py  the server's offloaded-token histograms (/metrics), before and after a run

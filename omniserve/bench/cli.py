@@ -19,6 +19,9 @@ EXAMPLES = """examples:
   # the same workload against each policy of `omniserve serve`, SLOs set from the latency profile
   omniserve bench --compare --ls-rate 2 --be-trace azure-code --be-time-scale 10 --be-dataset trace \\
       --server-args "--max-model-len 4096" --output-dir results/compare
+  # the same LS traffic beside about 1,000 short BE requests sent as one batch (Batch API)
+  omniserve bench --ls-rate 1 --ls-max-input-len 256 --ttft-slo 2 --tpot-slo 0.1 --duration 100 \\
+      --be-rate 10 --be-max-input-len 32 --be-output-len 16:32 --be-batch --output-dir results/batch
 """
 
 
@@ -90,6 +93,12 @@ def add_bench_command(commands) -> None:
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_stream_args(bench, "ls", "latency-sensitive")
     _add_stream_args(bench, "be", "best-effort")
+    bench.add_argument("--be-batch", action="store_true",
+                       help="send the BE stream as one OpenAI batch (POST /v1/files, then /v1/batches) instead of "
+                       "HTTP requests: the requests its arrival source gives in the window become the lines (same "
+                       "bodies, not streamed); their arrival times do not apply: the batch is created when the run "
+                       "starts and polled until it ends or the drain timeout does (then cancelled). BE figures: "
+                       "lines completed/failed, the batch's wall time, lines/s and output tokens/s")
     group = bench.add_argument_group("policy comparison")
     group.add_argument("--compare", action="store_true",
                        help="start `omniserve serve` once per policy and run the workload against each")
@@ -130,7 +139,7 @@ def bench_main(args: argparse.Namespace) -> None:
         service_tiers={"ls": args.ls_service_tier or None, "be": args.be_service_tier or None},
         extra_bodies=extra_bodies,
         slo=Slo(args.ttft_slo, args.tpot_slo), duration=args.duration, drain_timeout=args.drain_timeout,
-        request_timeout=args.request_timeout, seed=args.seed)
+        request_timeout=args.request_timeout, seed=args.seed, be_batch=args.be_batch)
     try:
         if args.compare:
             _compare(args, config, tokenizer)

@@ -89,6 +89,8 @@ async def send(client: httpx.AsyncClient, target: Target, body: dict, record: Re
                     text = choice.get("text") if "text" in choice else (choice.get("delta") or {}).get("content")
                     if text:
                         record.token_times.append(now)
+                        if record.text is not None:
+                            record.text += text
                         chunks_with_text += 1
                         break
                 if chunk.get("usage"):
@@ -127,11 +129,13 @@ class Stream:
 
 
 async def run_streams(streams: list[Stream], duration: float, drain_timeout: float, request_timeout: float,
-                      tokenizer=None, on_done: Callable[[Record], None] | None = None) -> tuple[list[Record], float]:
+                      tokenizer=None, on_done: Callable[[Record], None] | None = None, keep_text: bool = False
+                      ) -> tuple[list[Record], float]:
     """Runs the streams together; returns every request's record and the run's length in seconds.
 
     Requests arrive during [0, duration). After that the run waits for the LS requests still open (or for all, when
-    there is no LS stream), at most `drain_timeout` seconds; anything still open then is cancelled."""
+    there is no LS stream), at most `drain_timeout` seconds; anything still open then is cancelled. With keep_text
+    each record keeps its answer's text."""
     start = time.perf_counter()
 
     def clock() -> float:
@@ -151,7 +155,8 @@ async def run_streams(streams: list[Stream], duration: float, drain_timeout: flo
     async def closed_loop(client: httpx.AsyncClient, stream: Stream, source: Iterator[Request]) -> None:
         while clock() < duration:
             request = next(source)
-            record = Record(stream.service_class, clock(), request.input_len, request.output_len)
+            record = Record(stream.service_class, clock(), request.input_len, request.output_len,
+                            text="" if keep_text else None)
             records.append(record)
             await send(client, stream.target, request_body(stream.target, request, tokenizer), record, clock)
             if on_done is not None and record.status != "cancelled":
@@ -165,7 +170,8 @@ async def run_streams(streams: list[Stream], duration: float, drain_timeout: flo
                 own += [asyncio.create_task(closed_loop(client, stream, source)) for _ in range(stream.concurrency)]
                 continue
             for request in stream.requests:
-                record = Record(stream.service_class, request.arrival, request.input_len, request.output_len)
+                record = Record(stream.service_class, request.arrival, request.input_len, request.output_len,
+                                text="" if keep_text else None)
                 records.append(record)
                 own.append(asyncio.create_task(timed(client, stream, request, record)))
         await asyncio.sleep(max(0.0, duration - clock()))

@@ -29,6 +29,7 @@ class Record:
     token_times: list[float] = field(default_factory=list)  # each chunk that carried text
     output_tokens: int = 0  # usage.completion_tokens when the server reports it, else the chunks with text
     end: float | None = None
+    text: str | None = None  # the answer's text, kept only when the run asks for it (run_streams' keep_text)
 
     @property
     def ttft(self) -> float | None:

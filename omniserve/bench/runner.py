@@ -12,10 +12,10 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
-from omniserve.bench import metrics, plots, server_metrics
+from omniserve.bench import batch, metrics, plots, server_metrics
 from omniserve.bench.client import Stream, Target, run_streams
 from omniserve.bench.metrics import Record, Slo
-from omniserve.bench.workload import PromptMaker, Request, StreamSpec, build_stream
+from omniserve.bench.workload import PromptMaker, Request, StreamSpec, WorkloadError, build_stream
 
 CLASSES = ("ls", "be")
 
@@ -37,6 +37,7 @@ class BenchConfig:
     seed: int = 0
     bin_s: float | None = None  # timeline bins; default: duration / 60, at least one second
     label: str = ""
+    be_batch: bool = False  # the BE stream as one OpenAI batch, not HTTP requests (omniserve.bench.batch)
 
 
 def build_workload(config: BenchConfig, tokenizer) -> dict[str, list[Request]]:
@@ -62,32 +63,36 @@ def served_model(base_url: str, api_key: str | None) -> str:
 
 def run(config: BenchConfig, workload: dict[str, list[Request]], tokenizer=None, progress: bool = True,
         position: int = 0) -> tuple[dict, list[Record]]:
-    """Runs the workload against config.base_url; returns the result (JSON-ready) and the records."""
+    """Runs the workload against config.base_url; returns the result (JSON-ready) and the records. With
+    config.be_batch the BE stream goes as one batch: its summary is the batch's (BatchOutcome.summary)."""
     model = config.model or served_model(config.base_url, config.api_key)
-    streams = []
-    for service_class, requests in workload.items():
-        target = Target(config.base_url, config.models.get(service_class) or model, config.endpoint,
-                        config.service_tiers.get(service_class), config.api_key,
-                        config.extra_bodies.get(service_class, {}))
-        streams.append(Stream(service_class, target, requests, config.streams[service_class].concurrency))
-    total = sum(len(s.requests) for s in streams if not s.concurrency) or None
+    streams = [_stream(config, service_class, requests, model) for service_class, requests in workload.items()]
+    job = None
+    if config.be_batch and "be" in workload:
+        be = next(s for s in streams if s.service_class == "be")
+        if be.concurrency:
+            raise WorkloadError("--be-batch sends the BE requests of a rate, rate steps or a trace as one batch; a "
+                                "closed loop (--be-concurrency) has no fixed set of requests to send")
+        streams.remove(be)
+        job = batch.BatchJob(be.target, be.requests)
+    total = sum(len(s.requests) for s in streams if not s.concurrency) + (len(job.requests) if job else 0) or None
     scraper = server_metrics.Scraper(config.base_url, config.api_key)
     before = scraper.snapshot()
     bar = tqdm(total=total, desc=config.label or "bench", unit="req", position=position, leave=True,
                disable=not progress, file=sys.stderr, dynamic_ncols=True)
     try:
-        records, run_seconds = asyncio.run(run_streams(
-            streams, config.duration, config.drain_timeout, config.request_timeout, tokenizer,
-            on_done=lambda record: bar.update(1)))
+        records, run_seconds, outcome = _send(config, streams, job, tokenizer, bar)
     finally:
         bar.close()
     after = scraper.snapshot() if before is not None else None  # without a baseline the totals say nothing
     slos = {"ls": config.slo}
     summary = metrics.summarize(records, config.duration, run_seconds, slos)
+    if outcome is not None:
+        summary["be"] = outcome.summary()
     bin_s = config.bin_s or max(1.0, config.duration / 60)
     result = {
         "label": config.label, "base_url": config.base_url, "model": model, "endpoint": config.endpoint,
-        "seed": config.seed, "duration": config.duration, "run_seconds": run_seconds,
+        "seed": config.seed, "duration": config.duration, "run_seconds": run_seconds, "be_batch": job is not None,
         "slo": {"ls": asdict(config.slo)},
         "streams": {c: asdict(config.streams[c]) for c in workload},
         "summary": summary,
@@ -95,6 +100,33 @@ def run(config: BenchConfig, workload: dict[str, list[Request]], tokenizer=None,
         "timeline": metrics.timeline(records, run_seconds, bin_s),
     }
     return result, records
+
+
+def _stream(config: BenchConfig, service_class: str, requests: list[Request], model: str) -> Stream:
+    target = Target(config.base_url, config.models.get(service_class) or model, config.endpoint,
+                    config.service_tiers.get(service_class), config.api_key,
+                    config.extra_bodies.get(service_class, {}))
+    return Stream(service_class, target, requests, config.streams[service_class].concurrency)
+
+
+def _send(config: BenchConfig, streams: list[Stream], job: batch.BatchJob | None, tokenizer, bar: tqdm
+          ) -> tuple[list[Record], float, batch.BatchOutcome | None]:
+    """The HTTP streams, and the batch beside them when there is one."""
+    def on_done(record: Record) -> None:
+        bar.update(1)
+
+    if job is None:
+        records, run_seconds = asyncio.run(run_streams(
+            streams, config.duration, config.drain_timeout, config.request_timeout, tokenizer, on_done=on_done))
+        return records, run_seconds, None
+    lines_seen = [0]
+
+    def on_lines(answered: int) -> None:  # the batch's answered lines, as its polls report them
+        bar.update(max(0, answered - lines_seen[0]))
+        lines_seen[0] = max(lines_seen[0], answered)
+
+    return asyncio.run(batch.run_beside(streams, job, config.duration, config.drain_timeout, config.request_timeout,
+                                        tokenizer, on_done=on_done, on_lines=on_lines))
 
 
 def write_outputs(result: dict, records: list[Record], output_dir: str | Path, slo: Slo) -> list[Path]:
@@ -124,6 +156,9 @@ def report(result: dict) -> str:
              f"arrival window, run {result['run_seconds']:.1f} s"]
     slo = result["slo"]["ls"]
     for c, s in result["summary"].items():
+        if s.get("mode") == "batch":
+            lines += _batch_lines(c, s)
+            continue
         lines.append(
             f"  {c.upper()}: {s['requests']} requests: {s['ok']} ok, {s['rejected']} rejected, {s['failed']} failed, "
             f"{s['cancelled']} cancelled; output {s['output_throughput']:.1f} tok/s in the window")
@@ -142,6 +177,16 @@ def report(result: dict) -> str:
         for error, count in s["errors"].items():
             lines.append(f"      {count} x {error}")
     return "\n".join(lines)
+
+
+def _batch_lines(service_class: str, s: dict) -> list[str]:
+    """A class sent as one batch: its lines and what the batch made of them per second of its wall time."""
+    wall = "-" if s["wall_seconds"] is None else f"{s['wall_seconds']:.1f} s"
+    lines = [f"  {service_class.upper()} (batch {s['batch_id'] or '-'}, {s['status']}): {s['lines']} lines: "
+             f"{s['completed']} completed, {s['failed']} failed, {s['not_run']} not run",
+             f"      wall {wall}: {s['lines_per_second']:.2f} lines/s, {s['output_throughput']:.1f} output tok/s "
+             f"({s['output_tokens']} tokens)"]
+    return lines + [f"      {count} x {error}" for error, count in s["errors"].items()]
 
 
 def _offloaded_line(offloaded: dict) -> str:
