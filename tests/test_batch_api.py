@@ -21,6 +21,7 @@ import pytest
 from test_server import (  # noqa: F401
     MESSAGES, PROMPT, metric_samples, server, serving, slow_engine, tiny_chat_model,
 )
+from test_slo_engine import tiny_profile  # noqa: F401
 
 from omniserve.batch.service import BatchLimits
 from omniserve.entrypoints.openai.auth import APIKeys
@@ -217,3 +218,124 @@ def test_metrics_count_batches_and_lines(server, client):
     assert samples[("omniserve:batches", (("status", "completed"),))] >= 1
     assert samples[("omniserve:batch_lines_total", (("outcome", "done"),))] >= 2
     assert batch.request_counts.failed == 1
+
+
+# --------------------------------------------------------------------------------------------------- restarts
+@contextmanager
+def server_process(model: str, db: str):
+    """`omniserve serve` in a subprocess on a free port, one request running at a time, so a batch takes a while."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "omniserve", "serve", model, "--port", "0", "--block-size", "4",
+         "--served-model-name", "tiny", "--batch-db", db, "--max-num-seqs", "1", "--be-decode-placement", "device"],
+        stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [*map(lines.put, process.stderr), lines.put(None)], daemon=True).start()
+    try:
+        log, url, deadline = [], None, time.monotonic() + DEADLINE_S
+        while url is None:
+            log.append(lines.get(timeout=max(0.1, deadline - time.monotonic())))
+            assert log[-1] is not None, "the server exited: " + "".join(log[:-1])
+            if log[-1].startswith("omniserve: serving"):
+                url = log[-1].split(" on ")[-1].strip()
+        yield process, openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0), url
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+
+
+def test_kill_9_mid_batch_then_restart_answers_every_line_once(tiny_chat_model, tmp_path):
+    db = str(tmp_path / "batches.db")
+    lines = [chat_line(f"q{i}", max_tokens=60, ignore_eos=True) for i in range(40)]
+    with server_process(tiny_chat_model, db) as (process, client, _):
+        batch = submit(client, lines)
+        before = wait_for(client, batch.id, lambda b: b.request_counts.completed >= 3).request_counts.completed
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    with server_process(tiny_chat_model, db) as (process, client, url):
+        batch = wait_for(client, batch.id)
+        done_here = next(s.value for f in _metrics(url) if f.name == "omniserve:batch_lines" for s in f.samples
+                         if s.labels.get("outcome") == "done" and s.name.endswith("_total"))
+        output = read_jsonl(client, batch.output_file_id)
+    assert batch.status == "completed" and batch.request_counts.completed == 40
+    assert [o["custom_id"] for o in output] == [f"q{i}" for i in range(40)]  # every line, once, in order
+    assert 40 - done_here >= before  # what was answered before the kill did not run again
+
+
+def _metrics(url: str):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return list(text_string_to_metric_families(httpx.get(url + "/metrics").text))
+
+
+def test_a_drained_server_leaves_its_batch_to_the_next_start(tiny_chat_model, tmp_path):
+    db = tmp_path / "batches.db"
+    lines = [chat_line(f"q{i}", max_tokens=5 + 5 * i, ignore_eos=True) for i in range(20)]
+    with serving(tiny_chat_model, batch_db=db) as running, slow_engine(running, 0.01):
+        client = running.client()
+        batch = submit(client, lines)
+        wait_for(client, batch.id, lambda b: b.request_counts.completed >= 1)
+        running.stop()  # a drain: lines in flight are not waited for, and stay pending
+    with serving(tiny_chat_model, batch_db=db) as running:
+        client = running.client()
+        batch = wait_for(client, batch.id)
+        assert batch.status == "completed" and batch.request_counts.completed == 20
+        assert [o["custom_id"] for o in read_jsonl(client, batch.output_file_id)] == [f"q{i}" for i in range(20)]
+        running.wait_idle()
+
+
+# ------------------------------------------------------------------------------------------------- run-batch
+def test_run_batch_writes_every_answer_in_input_order(tiny_chat_model, tmp_path, capsys):
+    from omniserve.entrypoints.cli import main
+
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_bytes(jsonl([chat_line("a"), chat_line("b", model="nope"), chat_line("c")]))
+    main(["run-batch", "-i", str(source), "-o", str(target), "--model", tiny_chat_model, "--served-model-name",
+          "tiny", "--block-size", "4"])
+    output = [json.loads(line) for line in target.read_text().splitlines()]
+    assert [o["custom_id"] for o in output] == ["a", "b", "c"]
+    assert output[0]["response"]["status_code"] == 200 and output[1]["error"]["code"] == "model_not_found"
+    assert "2 of 3 lines answered, 1 failed" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------- beside LS traffic
+def test_live_ls_requests_keep_their_slo_plans_during_a_large_batch(tiny_chat_model, tiny_profile):
+    """As test_slo_engine's scheduler test, with the BE load a batch: every iteration that runs LS rows with more
+    than their decodes is planned within the TPOT budget, and every LS request is served while the batch runs."""
+    from omniserve.engine.scheduler.latency_model import BatchShape
+
+    path, model = tiny_profile
+    budget = 3 * model.iteration_time(BatchShape(1, 0, 64, 1, 1))
+    with serving(tiny_chat_model, ls_tpot_slo=budget, profile_path=str(path), num_gpu_blocks_override=96) as running:
+        engine, plans = running.engine, []
+        step = engine.step
+
+        def recording_step():
+            outputs = step()
+            plans.append(engine.last_iteration.plan)
+            return outputs
+
+        engine.step = recording_step
+        client = running.client()
+        batch = submit(client, [chat_line(f"q{i}", max_tokens=24, ignore_eos=True) for i in range(80)])
+        wait_for(client, batch.id, lambda b: b.request_counts.completed >= 1)
+        for i in range(3):
+            answer = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, extra_body={
+                "ignore_eos": True}, extra_headers={"x-request-id": f"ls-{i}"})
+            assert answer.usage.completion_tokens == 12
+        batch = wait_for(client, batch.id)
+        del engine.step
+        running.wait_idle()
+    assert batch.status == "completed" and batch.request_counts.completed == 80
+    mixed, over = 0, []
+    for plan in plans:
+        ls = [c for c in plan.chunks if "ls-" in c.request_id]
+        if not ls:
+            continue
+        mixed += any("batch_req_" in c.request_id for c in plan.chunks) or bool(plan.offloaded_starts)
+        optional = any(len(c.token_ids) > 1 or "ls-" not in c.request_id for c in plan.chunks)
+        optional = optional or plan.offloaded_starts or plan.returning or plan.swap_outs
+        if optional and plan.predicted_time > plan.time_budget:
+            over.append(plan.summary())
+    assert mixed, "no iteration ran LS and batch rows together"
+    assert not over, over[:3]

@@ -9,8 +9,8 @@ and resuming after a restart.
 Feeding. Lines go to the engine as best-effort requests as it takes them, not all at once: at most `max_queued`
 lines are submitted and not yet started (no first output), so the engine's queue always has batch work to fit
 around live traffic without holding a whole 50,000-line batch in memory. The next line comes from the API keys in
-turn (one line each, round robin), and for one key from its oldest batch first, so a key with a huge batch does
-not starve another's small one.
+turn (one line each, the key fed longest ago first; a key new to the queue goes next), and for one key from its
+oldest batch first, so a key with a huge batch does not starve another's small one.
 
 Durability. Every state change is written to the store before it is acted on (store.py): a line's answer in the
 same statement that ends it, a batch's status before its work. A restart (after a crash or a drain) takes every
@@ -128,7 +128,8 @@ class BatchService:
         self.lines_answered: Counter = Counter()
         """Lines answered by this process, by outcome (done, failed, cancelled)."""
         self._active: dict[int, _Active] = {}
-        self._owners: deque[str] = deque()
+        self._last_fed: dict[str, int] = {}  # API key (owner) -> when it was last fed a line (0: never)
+        self._feeds = 0
         self._queued = 0
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
@@ -319,8 +320,7 @@ class BatchService:
     def _activate(self, seq: int, owner: str, obj: dict) -> _Active:
         active = _Active(seq, owner, obj, Counter(self.store.line_counts(seq)))
         self._active[seq] = active
-        if owner not in self._owners:
-            self._owners.append(owner)
+        self._last_fed.setdefault(owner, 0)
         self._wake.set()
         return active
 
@@ -339,10 +339,9 @@ class BatchService:
                 active.in_flight[line.idx] = asyncio.ensure_future(self._run_line(active, line))
 
     async def _next_line(self) -> tuple[_Active, Line] | None:
-        """The next line to run: the API keys in turn, each key's oldest batch first."""
-        for _ in range(len(self._owners)):
-            owner = self._owners[0]
-            self._owners.rotate(-1)
+        """The next line to run: from the API key fed longest ago (a key new to the queue first), from its oldest
+        batch."""
+        for owner in sorted(self._last_fed, key=self._last_fed.__getitem__):
             for active in sorted((a for a in self._active.values() if a.owner == owner), key=lambda a: a.seq):
                 if not active.buffer and not active.exhausted and not active.ended:
                     lines = await asyncio.to_thread(self.store.pending_lines, active.seq, active.next_idx, _REFILL)
@@ -350,6 +349,8 @@ class BatchService:
                     active.buffer.extend(lines)
                     active.next_idx = lines[-1].idx + 1 if lines else active.next_idx
                 if active.buffer and not active.ended:
+                    self._feeds += 1
+                    self._last_fed[owner] = self._feeds
                     return active, active.buffer.popleft()
         return None
 
@@ -421,7 +422,7 @@ class BatchService:
                 self.store.end_pending_lines, active.seq, "failed", expired)
         del self._active[active.seq]
         if not any(a.owner == active.owner for a in self._active.values()):
-            self._owners.remove(active.owner)
+            del self._last_fed[active.owner]
         await self._finalize(active.seq, active.owner, active.obj, status)
 
     async def _finalize(self, seq: int, owner: str, obj: dict, status: str) -> None:
