@@ -188,6 +188,26 @@ def test_size_limits_are_flags(tiny_chat_model):
         assert wait_for(client, submit(client, [chat_line(f"q{i}") for i in range(3)]).id).status == "completed"
 
 
+def test_a_chunked_upload_is_counted_as_it_is_read(tiny_chat_model):
+    """No Content-Length: the server counts the bytes as it reads them instead of holding the body to measure it."""
+    def multipart(content: bytes):
+        yield (b'--b\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n--b\r\n'
+               b'Content-Disposition: form-data; name="file"; filename="in.jsonl"\r\n'
+               b"Content-Type: application/jsonl\r\n\r\n")
+        for start in range(0, len(content), 1000):
+            yield content[start:start + 1000]
+        yield b"\r\n--b--\r\n"
+
+    headers = {"content-type": "multipart/form-data; boundary=b"}
+    with serving(tiny_chat_model, batch_limits=BatchLimits(max_file_bytes=20_000)) as running:
+        small, big = jsonl([chat_line("a")]), jsonl([chat_line(f"q{i}") for i in range(400)])
+        for content, status in ((small, 200), (big, 413)):
+            response = httpx.post(running.url + "/v1/files", content=multipart(content), headers=headers)
+            assert response.status_code == status, response.text
+        assert response.json()["error"]["code"] == "file_too_large"
+        assert [f.bytes for f in running.client().files.list()] == [len(small)]
+
+
 # ------------------------------------------------------------------------------------------------ ownership
 def test_a_key_sees_and_cancels_only_its_own_files_and_batches(tiny_chat_model):
     keys = APIKeys({"sk-a": frozenset(ServiceClass), "sk-be": frozenset({ServiceClass.BE}),

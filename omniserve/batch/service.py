@@ -277,6 +277,7 @@ class BatchService:
             obj.update(status="in_progress", in_progress_at=int(time.time()))
             self.store.update_batch(seq, obj)
         active = self._activate(seq, owner, obj)
+        self.lines_answered["failed"] += active.counts["failed"]  # the unreadable lines, in the error file
         logger.info("batch %s: %d lines, %d of them unreadable", obj["id"], total, active.counts["failed"])
         if row.status == "cancelling" or not active.counts["pending"]:
             self._end(active, "cancelled" if row.status == "cancelling" else "completed")
