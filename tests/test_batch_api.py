@@ -337,12 +337,16 @@ def test_live_ls_requests_keep_their_slo_plans_during_a_large_batch(tiny_chat_mo
 
         engine.step = recording_step
         client = running.client()
-        batch = submit(client, [chat_line(f"q{i}", max_tokens=24, ignore_eos=True) for i in range(80)])
+        # Short lines, and long ones (300 tokens: 300 iterations at least) that keep the batch running past the LS
+        # requests (a few dozen iterations).
+        lines = [chat_line(f"q{i}", max_tokens=300 if i % 10 == 0 else 24, ignore_eos=True) for i in range(80)]
+        batch = submit(client, lines)
         wait_for(client, batch.id, lambda b: b.request_counts.completed >= 1)
         for i in range(3):
             answer = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, extra_body={
                 "ignore_eos": True}, extra_headers={"x-request-id": f"ls-{i}"})
             assert answer.usage.completion_tokens == 12
+        assert client.batches.retrieve(batch.id).status == "in_progress"
         batch = wait_for(client, batch.id)
         del engine.step
         running.wait_idle()
@@ -352,7 +356,8 @@ def test_live_ls_requests_keep_their_slo_plans_during_a_large_batch(tiny_chat_mo
         ls = [c for c in plan.chunks if "ls-" in c.request_id]
         if not ls:
             continue
-        mixed += any("batch_req_" in c.request_id for c in plan.chunks) or bool(plan.offloaded_starts)
+        batch_rows = any("batch_req_" in c.request_id for c in plan.chunks) or plan.offloaded_starts
+        mixed += bool(batch_rows) or plan.pipeline.row_limit > 0  # batch rows on the device, or in the CPU pool
         optional = any(len(c.token_ids) > 1 or "ls-" not in c.request_id for c in plan.chunks)
         optional = optional or plan.offloaded_starts or plan.returning or plan.swap_outs
         if optional and plan.predicted_time > plan.time_budget:
