@@ -14,6 +14,7 @@ import pytest
 from omniserve.batch.protocol import TERMINAL, BatchCreateRequest
 from omniserve.batch.service import BatchLimits, BatchService
 from omniserve.batch.store import BatchStore
+from omniserve.config import ConfigError
 
 ENDPOINT = "/v1/completions"
 
@@ -94,6 +95,7 @@ def test_a_stop_mid_batch_then_a_new_service_answers_every_line_once(tmp_path):
         batch_id = await submit(service, "", "q", 30)
         await until(lambda: len(runner.answered) == 10 and len(runner.started) > 10)
         await service.stop()
+        service.store.close()
         return batch_id, list(runner.answered)
 
     async def second_life(batch_id: str) -> tuple[list[str], dict]:
@@ -140,3 +142,14 @@ def test_cancel_and_expiry_end_the_batch_with_what_finished(tmp_path, status):
         assert batch.request_counts.failed == 10 - answered and errors.count("batch_expired") == 10 - answered
     else:
         assert batch.request_counts.failed == 0 and batch.error_file_id is None
+
+
+def test_a_database_serves_one_server_at_a_time(tmp_path):
+    store = BatchStore(tmp_path / "b.db")
+    with pytest.raises(ConfigError, match="in use by another server"):
+        BatchStore(tmp_path / "b.db")
+    store.close()
+    BatchStore(tmp_path / "b.db").close()  # free again once closed (or once its process ends, however it ends)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="cannot open the batch database"):
+        BatchStore(tmp_path / "file" / "b.db")

@@ -16,6 +16,7 @@ One connection, serialised by a lock, is used from worker threads (never from th
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sqlite3
@@ -24,6 +25,9 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from omniserve.config import ConfigError
+
+_VERSION = 1  # of the schema below (PRAGMA user_version)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
     id TEXT PRIMARY KEY, owner TEXT NOT NULL, purpose TEXT NOT NULL, filename TEXT NOT NULL,
@@ -66,22 +70,33 @@ class Line:
 
 
 class BatchStore:
+    """One server's batches. The database is locked to the process that opened it (until it closes it or exits):
+    two servers on one database would both run its batches."""
+
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.files_dir = self.path.with_name(self.path.name + "-files")
-        self.files_dir.mkdir(exist_ok=True)
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._lock = threading.Lock()
-        with self._lock:
+        try:
+            self.files_dir.mkdir(parents=True, exist_ok=True)
+            self._owner_lock = _lock_exclusively(self.path.with_name(self.path.name + ".lock"))
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version not in (0, _VERSION):
+                raise ConfigError(f"batch database {self.path} has version {version}; this omniserve reads "
+                                  f"version {_VERSION}")
             self._db.executescript(_SCHEMA)
+            self._db.execute(f"PRAGMA user_version = {_VERSION}")
+        except (OSError, sqlite3.Error) as exc:
+            raise ConfigError(f"cannot open the batch database {self.path}: {exc}") from None
+        self._lock = threading.Lock()
         self._remove_orphan_files()
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+        self._owner_lock.close()
 
     def file_path(self, file_id: str) -> Path:
         return self.files_dir / file_id
@@ -223,6 +238,18 @@ class BatchStore:
             for _, result in rows:
                 yield result
             after = rows[-1][0]
+
+
+def _lock_exclusively(path: Path):
+    """An open file holding an exclusive lock, released when it is closed or the process ends (even by kill -9)."""
+    handle = open(path, "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise ConfigError(f"the batch database {path.with_suffix('')} is in use by another server; give each server "
+                          "its own --batch-db") from None
+    return handle
 
 
 def _batch(row: tuple) -> BatchRow:
