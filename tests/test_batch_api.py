@@ -75,6 +75,7 @@ def test_openai_client_end_to_end_matches_the_chat_route(client):
     assert batch.status == "completed" and batch.error_file_id is None
     assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == (12, 12, 0)
     assert batch.in_progress_at and batch.finalizing_at and batch.completed_at
+    assert batch.usage.output_tokens == sum(3 + i % 4 for i in range(12)) and batch.usage.input_tokens > 0
     output = read_jsonl(client, batch.output_file_id)
     assert [o["custom_id"] for o in output] == [f"q{i}" for i in range(12)]  # input order, each once
     for line, out in zip(lines, output):

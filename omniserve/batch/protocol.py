@@ -56,6 +56,14 @@ class BatchRequestCounts(BaseModel):
     failed: int = 0
 
 
+class BatchUsage(BaseModel):
+    input_tokens: int
+    input_tokens_details: dict[str, int]
+    output_tokens: int
+    output_tokens_details: dict[str, int]
+    total_tokens: int
+
+
 class BatchError(BaseModel):
     code: str
     message: str
@@ -89,6 +97,8 @@ class Batch(BaseModel):
     cancelled_at: int | None = None
     request_counts: BatchRequestCounts = Field(default_factory=BatchRequestCounts)
     metadata: dict[str, str] | None = None
+    usage: BatchUsage | None = None
+    """The tokens of the answered lines, once the batch has ended."""
 
 
 class BatchList(BaseModel):

@@ -432,29 +432,34 @@ class BatchService:
         if status == "completed" and obj["status"] != "finalizing":
             obj.update(status="finalizing", finalizing_at=int(time.time()))
             self.store.update_batch(seq, obj)
-        files = await asyncio.to_thread(self._write_results, seq, owner, obj["id"])
+        files, usage = await asyncio.to_thread(self._write_results, seq, owner, obj["id"])
         counts = self.store.line_counts(seq)
         obj.update(status=status, output_file_id=files["done"] and files["done"].id,
-                   error_file_id=files["failed"] and files["failed"].id,
+                   error_file_id=files["failed"] and files["failed"].id, usage=usage.as_batch_usage(),
                    request_counts={"total": sum(counts.values()), "completed": counts.get("done", 0),
                                    "failed": counts.get("failed", 0)})
         obj[f"{status}_at"] = int(time.time())
         self.store.finish_batch(seq, obj, [f for f in files.values() if f is not None])
         logger.info("batch %s %s: %s", obj["id"], status, obj["request_counts"])
 
-    def _write_results(self, seq: int, owner: str, batch_id: str) -> dict[str, FileRow | None]:
+    def _write_results(self, seq: int, owner: str, batch_id: str) -> tuple[dict[str, FileRow | None], _Usage]:
+        """The output and error files (a worker thread's job), and the tokens of the answered lines."""
         files: dict[str, FileRow | None] = {}
+        usage = _Usage()
         for state, name in (("done", "output"), ("failed", "error")):
             file_id = new_file_id()
             path = self.store.file_path(file_id)
-            size = write_file_atomically(path, (r.encode() + b"\n" for r in self.store.results(seq, state)))
+            results = self.store.results(seq, state)
+            if state == "done":
+                results = map(usage.add, results)
+            size = write_file_atomically(path, (r.encode() + b"\n" for r in results))
             if size == 0:
                 path.unlink()
                 files[state] = None
             else:
                 files[state] = FileRow(file_id, owner, "batch_output", f"{batch_id}_{name}.jsonl", size,
                                        int(time.time()))
-        return files
+        return files, usage
 
     # -------------------------------------------------------------------------------------------------- metrics
     def status_counts(self) -> dict[str, int]:
@@ -464,6 +469,25 @@ class BatchService:
         """Lines answered per second by this process, per batch in progress, since its first line was fed."""
         now = time.monotonic()
         return {a.id: a.answered / max(now - a.fed_at, 1e-3) for a in self._active.values() if a.fed_at is not None}
+
+
+@dataclass
+class _Usage:
+    """The tokens of a batch's answers, as OpenAI's batch `usage` reports them."""
+
+    prompt: int = 0
+    completion: int = 0
+
+    def add(self, result: str) -> str:
+        usage = json.loads(result)["response"]["body"].get("usage") or {}
+        self.prompt += usage.get("prompt_tokens", 0)
+        self.completion += usage.get("completion_tokens", 0)
+        return result
+
+    def as_batch_usage(self) -> dict:
+        return {"input_tokens": self.prompt, "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens": self.completion, "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": self.prompt + self.completion}
 
 
 def _sees(viewer: str | None, owner: str) -> bool:
