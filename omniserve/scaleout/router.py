@@ -180,6 +180,14 @@ def build_router_app(router: Router) -> FastAPI:
     async def metrics() -> Response:
         return Response(generate_latest(router.registry), media_type=CONTENT_TYPE_LATEST)
 
+    # Each instance keeps its own batches, and a batch's lines, polls and downloads must all reach the instance that
+    # has it: spreading them would lose batches. Until the router keeps batches itself, it says so.
+    @app.api_route("/v1/files{rest:path}", methods=["GET", "POST", "DELETE"])
+    @app.api_route("/v1/batches{rest:path}", methods=["GET", "POST"])
+    async def batch_api(rest: str) -> Response:
+        return error_response(501, "the Batch API is served by each `omniserve serve` instance, not by the router: "
+                              "send files and batches to one instance's URL", code="not_implemented")
+
     @app.api_route("/v1/{rest:path}", methods=["GET", "POST"])
     async def openai_api(rest: str, request: Request) -> Response:
         return await router.forward(request, f"/v1/{rest}")
