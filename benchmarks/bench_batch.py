@@ -342,6 +342,21 @@ def rows(figures: dict[str, list[dict]], columns: dict[str, str]) -> list[dict]:
     return out
 
 
+def repeat_rows(figures: dict[str, list[dict]]) -> list[dict]:
+    """Each repeat's phases on their own: what other processes took beside each (it varies on a shared machine)."""
+    out = []
+    for repeat in range(len(next(iter(figures.values())))):
+        for name, per_repeat in figures.items():
+            f = per_repeat[repeat]
+            out.append({"repeat": repeat + 1, "phase": name, "att": FORMATS["att"].format(f["att"]),
+                        "lps": spread([f["lps"]]), "others": spread([f["others_mean"]])})
+    return out
+
+
+REPEAT_COLUMNS = {"repeat": "repeat", "phase": "phase", "att": "LS SLO attainment", "lps": "BE lines/s",
+                  "others": "other processes, cores"}
+
+
 def ratio_rows(figures: dict[str, list[dict]], texts: tuple[int, int, str]) -> list[dict]:
     """The goals, from per-repeat pairs (a repeat's phases share the machine's conditions)."""
     alone, http, one = figures["ls alone"], figures["ls + http be"], figures["ls + batch"]
@@ -481,7 +496,8 @@ def main() -> None:
     figures = {name: [phase_figures(r[name], args) for r in repeats] for name in names}
     texts = same_texts(repeats)
     tables = [(PHASE_COLUMNS, rows(figures, PHASE_COLUMNS)), (RATIO_COLUMNS, ratio_rows(figures, texts)),
-              (CPU_COLUMNS, rows(figures, CPU_COLUMNS)), (MISS_COLUMNS, rows(figures, MISS_COLUMNS))]
+              (CPU_COLUMNS, rows(figures, CPU_COLUMNS)), (MISS_COLUMNS, rows(figures, MISS_COLUMNS)),
+              (REPEAT_COLUMNS, repeat_rows(figures))]
     info = info_lines(args, load, figures, texts, time.perf_counter() - started)
     print_report(info, tables)
     write_markdown(args.markdown, "Batch API beside live traffic", info, tables)
