@@ -12,8 +12,8 @@ Workload (fixed seed, the same requests in every phase):
 Phases, in this order within a repeat ((b) and (c) swap on odd repeats), each after the machine goes quiet:
   (a) the LS stream alone: the LS SLO attainment to keep;
   (b) the LS stream + every BE line as its own streaming HTTP request (service_tier flex), all sent at the start:
-      the natural HTTP baseline for "a batch of N requests" with no Batch API, and the strongest one for throughput
-      (the scheduler sees the whole backlog; a client-side concurrency cap only ever hides work from it);
+      the natural HTTP baseline for "a batch of N requests" with no Batch API, which hands the scheduler the whole
+      backlog at once (a client-side concurrency cap would hold part of it back);
   (c) the LS stream + the same lines as one batch (POST /v1/files, POST /v1/batches when the phase starts, polled
       every 0.25 s until it ends: omniserve.bench.batch, what `omniserve bench --be-batch` runs).
 BE lines/s = lines answered / time from the start to the last answer (HTTP) or to the poll that found the batch ended.
