@@ -382,6 +382,42 @@ def test_a_batch_still_running_at_the_deadline_is_cancelled(tiny_chat_model):  #
     assert be["lines_per_second"] == 0.0
 
 
+class FinishingBatches:
+    """The Batches calls of a batch still finalizing at the deadline: the cancel is refused (409), then it completes
+    with one of its two lines answered."""
+
+    def __init__(self) -> None:
+        self.cancel_tried = False
+
+    async def create(self, file_id: str, endpoint: str) -> dict:
+        return {"id": "batch_1", "status": "in_progress"}
+
+    async def retrieve(self, batch_id: str) -> dict:
+        if not self.cancel_tried:
+            return {"id": batch_id, "status": "finalizing"}
+        return {"id": batch_id, "status": "completed", "output_file_id": "file-out", "error_file_id": None}
+
+    async def cancel(self, batch_id: str) -> dict:
+        self.cancel_tried = True
+        raise batch.BatchError(f"POST /v1/batches/{batch_id}/cancel: HTTP 409: cannot cancel a batch that is finishing")
+
+    async def content(self, file_id: str) -> bytes:
+        body = {"choices": [{"index": 0, "text": "hi"}], "usage": {"completion_tokens": 3}}
+        return json.dumps({"custom_id": "be-0", "response": {"status_code": 200, "body": body}}).encode() + b"\n"
+
+
+def test_a_batch_finishing_at_the_deadline_keeps_its_answers():
+    ticks = iter(range(1000))
+    clock = lambda: next(ticks) * 0.01  # noqa: E731 (each look at the clock moves it on)
+    job = batch.BatchJob(Target("http://unused", "m"), [Request(0.0, [5], 1, 3), Request(0.0, [6], 1, 3)], poll_s=0.0)
+    batches = FinishingBatches()
+    outcome = asyncio.run(batch.run_batch(batches, "file-in", job, deadline=0.05, clock=clock))
+    assert batches.cancel_tried and outcome.status == "completed" and not outcome.error
+    assert outcome.lines["be-0"] == batch.LineOutcome("completed", 3, "hi")
+    summary = outcome.summary()
+    assert (summary["completed"], summary["not_run"], summary["output_tokens"]) == (1, 1, 3)
+
+
 def test_a_closed_loop_cannot_be_a_batch():
     config = runner.BenchConfig(model="m", streams={"be": StreamSpec(concurrency=2)}, be_batch=True)
     with pytest.raises(WorkloadError, match="closed loop"):

@@ -178,14 +178,16 @@ async def _poll(batches: BatchClient, batch: dict, deadline: float, clock: Calla
 
 
 async def _finish(batches: BatchClient, batch: dict, outcome: BatchOutcome, clock: Callable[[], float]) -> None:
-    """Cancels the batch if it is still running (its wall time ends there), waits for it to end, reads its files."""
+    """Cancels the batch if it is still running (its wall time ends there), waits for it to end, reads its files. A
+    cancel the server refuses (409: the batch is already finishing) leaves the batch to end on its own."""
+    outcome.ended = clock()
     if batch["status"] not in TERMINAL:
-        outcome.ended = clock()
-        if batch["status"] not in ("cancelling", "cancelled"):
-            batch = await batches.cancel(batch["id"])
+        if batch["status"] != "cancelling":
+            try:
+                batch = await batches.cancel(batch["id"])
+            except BatchError:
+                pass
         batch = await _poll(batches, batch, clock() + CANCEL_WAIT_S, clock, 0.1, None)
-    else:
-        outcome.ended = clock()
     outcome.status = batch["status"]
     output = await batches.content(batch["output_file_id"]) if batch.get("output_file_id") else b""
     errors = await batches.content(batch["error_file_id"]) if batch.get("error_file_id") else b""
