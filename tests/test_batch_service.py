@@ -153,3 +153,29 @@ def test_a_database_serves_one_server_at_a_time(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(ConfigError, match="cannot open the batch database"):
         BatchStore(tmp_path / "file" / "b.db")
+
+
+def test_feeding_goes_on_after_a_failure(tmp_path, caplog):
+    async def scenario():
+        runner = Runner()
+        runner.go.set()
+        store = BatchStore(tmp_path / "b.db")
+        service = BatchService(store, runner)
+        pending_lines, failures = store.pending_lines, []
+
+        def failing_once(*args):
+            if not failures:
+                failures.append(1)
+                raise OSError("disk I/O error")
+            return pending_lines(*args)
+
+        store.pending_lines = failing_once
+        await service.start()
+        batch_id = await submit(service, "", "q", 5)
+        await until(lambda: service.get(None, batch_id).status in TERMINAL)
+        await service.stop()
+        return service.get(None, batch_id)
+
+    batch = asyncio.run(scenario())
+    assert batch.status == "completed" and batch.request_counts.completed == 5
+    assert "batch feeding failed; retrying" in caplog.text

@@ -49,6 +49,7 @@ logger = logging.getLogger(__name__)
 _REFILL = 256  # pending lines read from the store at a time, per batch
 _ROWS_PER_WRITE = 1000  # lines written per transaction while validating
 _EXPIRY_CHECK_S = 1.0
+_RETRY_S = 1.0  # after a failure of the feeding or the expiry check
 
 
 class LineNotRun(Exception):
@@ -149,7 +150,8 @@ class BatchService:
                 active = self._activate(row.seq, row.owner, row.object)
                 if row.status == "cancelling" or not active.counts["pending"]:
                     self._end(active, "cancelled" if row.status == "cancelling" else "completed")
-        self._loops = [asyncio.ensure_future(self._feed()), asyncio.ensure_future(self._expire())]
+        self._loops = [asyncio.ensure_future(self._forever(self._feed, "feeding")),
+                       asyncio.ensure_future(self._forever(self._expire, "expiry check"))]
 
     async def stop(self) -> None:
         """Stops feeding and aborts the lines in flight (they stay pending); waits for writes under way."""
@@ -326,11 +328,21 @@ class BatchService:
         return active
 
     # -------------------------------------------------------------------------------------------------- feeding
-    async def _feed(self) -> None:
+    async def _forever(self, step, what: str) -> None:
+        """Runs `step` again and again. A failure (a full disk, say) is logged and retried after a pause, so that
+        batches go on once its cause is gone, instead of stopping without a word."""
         while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._queued < self.limits.max_queued and self.runner.accepting:
+            try:
+                await step()
+            except Exception:
+                logger.exception("batch %s failed; retrying in %.0f s", what, _RETRY_S)
+                await asyncio.sleep(_RETRY_S)
+                self._wake.set()
+
+    async def _feed(self) -> None:
+        await self._wake.wait()
+        self._wake.clear()
+        while self._queued < self.limits.max_queued and self.runner.accepting:
                 picked = await self._next_line()
                 if picked is None:
                     break
@@ -394,13 +406,12 @@ class BatchService:
 
     # --------------------------------------------------------------------------------------------------- ending
     async def _expire(self) -> None:
-        while True:
-            await asyncio.sleep(_EXPIRY_CHECK_S)
-            now = time.time()
-            for active in list(self._active.values()):
-                if not active.ended and now >= active.obj["expires_at"]:
-                    logger.warning("batch %s: past its completion window, expiring", active.id)
-                    self._end(active, "expired")
+        await asyncio.sleep(_EXPIRY_CHECK_S)
+        now = time.time()
+        for active in list(self._active.values()):
+            if not active.ended and now >= active.obj["expires_at"]:
+                logger.warning("batch %s: past its completion window, expiring", active.id)
+                self._end(active, "expired")
 
     def _end(self, active: _Active, status: str) -> None:
         active.ended = True
