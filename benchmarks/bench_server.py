@@ -40,6 +40,7 @@ import random
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -170,6 +171,7 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
                "--max-model-len", str(args.max_model_len), "--seed", str(args.seed), "--log-level", "warning"]
     if args.threads:
         command += ["--threads", str(args.threads)]
+    command += ["--batch-db", str(Path(tempfile.mkdtemp(prefix="bench-server-")) / "batches.db")]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in process.stderr], daemon=True).start()

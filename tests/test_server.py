@@ -596,11 +596,12 @@ def test_api_keys(tiny_chat_model, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- SIGTERM
-def test_sigterm_drains_in_flight_requests_and_exits_cleanly(tiny_chat_model):
+def test_sigterm_drains_in_flight_requests_and_exits_cleanly(tiny_chat_model, tmp_path):
     grace_s = 120  # far longer than the request needs, even on a loaded machine
     process = subprocess.Popen(
         [sys.executable, "-m", "omniserve", "serve", tiny_chat_model, "--port", "0", "--block-size", "4",
-         "--served-model-name", "tiny", "--shutdown-timeout", str(grace_s), "--be-decode-placement", "device"],
+         "--served-model-name", "tiny", "--shutdown-timeout", str(grace_s), "--be-decode-placement", "device",
+         "--batch-db", str(tmp_path / "batches.db")],
         stderr=subprocess.PIPE, text=True,
     )
     lines: queue.Queue = queue.Queue()

@@ -30,10 +30,13 @@ class ServerError(RuntimeError):
 
 
 class Server:
-    """`omniserve serve --policy P` in a process of its own, on a free port; its log goes to a file."""
+    """`omniserve serve --policy P` in a process of its own, on a free port; its log and its batch database go beside
+    each other."""
 
     def __init__(self, policy: str, slo: Slo, server_args: list[str], log_path: Path, start_timeout: float) -> None:
         command = [sys.executable, "-m", "omniserve", "serve", "--port", "0", "--policy", policy, *server_args]
+        if "--batch-db" not in server_args:  # its own: not the user's server's (which holds it), nor its batches
+            command += ["--batch-db", str(log_path.parent / "batches.db")]
         if slo.ttft is not None:
             command += ["--ls-ttft-slo", f"{slo.ttft:.6f}"]
         if slo.tpot is not None:
