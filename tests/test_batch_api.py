@@ -283,6 +283,19 @@ def test_kill_9_mid_batch_then_restart_answers_every_line_once(tiny_chat_model, 
     assert 40 - done_here >= before  # what was answered before the kill did not run again
 
 
+def test_a_second_server_on_a_database_in_use_stops_before_loading_its_model(tmp_path):
+    from omniserve.batch.store import BatchStore
+
+    held = BatchStore(tmp_path / "batches.db")
+    try:
+        finished = subprocess.run(
+            [sys.executable, "-m", "omniserve", "serve", "--model", str(tmp_path / "no-model-here"), "--batch-db",
+             str(tmp_path / "batches.db")], capture_output=True, text=True, timeout=DEADLINE_S)
+    finally:
+        held.close()
+    assert finished.returncode != 0 and "in use by another server" in finished.stderr, finished.stderr[-2000:]
+
+
 def _metrics(url: str):
     from prometheus_client.parser import text_string_to_metric_families
 

@@ -125,6 +125,7 @@ def _serve(args: argparse.Namespace) -> None:
     from omniserve.entrypoints.openai.auth import APIKeys
     from omniserve.entrypoints.openai.served_models import default_served_name
     from omniserve.entrypoints.openai.serving import RequestLimits
+    from omniserve.batch.store import BatchStore
     from omniserve.profiler.profiler import cache_dir
 
     logging.getLogger("omniserve").setLevel(args.log_level.upper())
@@ -149,11 +150,11 @@ def _serve(args: argparse.Namespace) -> None:
         run_router(build_router_app(Router(urls)), args.host, args.port, log_level=args.log_level)
         return
     batch_limits = _batch_limits(args, limits.max_body_bytes)
-    batch_db = args.batch_db or str(cache_dir() / "batches.db")
+    batch_store = BatchStore(args.batch_db or cache_dir() / "batches.db")  # in use elsewhere: fail before loading
+    logging.getLogger(__name__).info("batches are kept in %s", batch_store.path)
     engine = LLMEngine(EngineArgs.from_cli_args(args))
-    app = build_app(engine, names, api_keys, drain_grace_s=args.shutdown_timeout, limits=limits, batch_db=batch_db,
+    app = build_app(engine, names, api_keys, drain_grace_s=args.shutdown_timeout, limits=limits, batch_db=batch_store,
                     batch_limits=batch_limits)
-    logging.getLogger(__name__).info("batches are kept in %s", batch_db)
     run_server(app, args.host, args.port, log_level=args.log_level)
 
 

@@ -19,9 +19,9 @@ with status 1, so that a supervisor (systemd, Kubernetes) restarts it instead of
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
-import hashlib
 import re
 import shutil
 import socket
@@ -75,10 +75,11 @@ _MULTIPART_SLACK_BYTES = 1 << 16  # an upload's form fields and part headers, be
 
 
 def build_app(engine: LLMEngine, served_model_names: list[str], api_keys: APIKeys | None = None,
-              drain_grace_s: float = 30.0, limits: RequestLimits | None = None, batch_db: str | Path | None = None,
-              batch_limits: BatchLimits | None = None) -> FastAPI:
+              drain_grace_s: float = 30.0, limits: RequestLimits | None = None,
+              batch_db: str | Path | BatchStore | None = None, batch_limits: BatchLimits | None = None) -> FastAPI:
     """The app for one engine; the engine thread and the batch service start and stop with the app (its lifespan).
-    Batches are kept in the SQLite database `batch_db` (None: a temporary one, gone with the app)."""
+    Batches are kept in the SQLite database `batch_db` (a path, or a store opened already; None: a temporary one,
+    gone with the app)."""
     models = ServedModels(served_model_names, engine.services, str(engine.args.model or served_model_names[0]),
                           engine.scheduler_config.max_model_len)
     state = ServerState(engine, models, drain_grace_s, limits or RequestLimits())
@@ -92,7 +93,10 @@ def build_app(engine: LLMEngine, served_model_names: list[str], api_keys: APIKey
     completions, chat = CompletionServing(state), ChatServing(state)
     batch_limits = batch_limits or BatchLimits(max_line_bytes=state.limits.max_body_bytes)
     temporary = tempfile.mkdtemp(prefix="omniserve-batches-") if batch_db is None else None
-    store = BatchStore(batch_db if temporary is None else Path(temporary) / "batches.db")
+    if isinstance(batch_db, BatchStore):
+        store = batch_db
+    else:
+        store = BatchStore(batch_db if temporary is None else Path(temporary) / "batches.db")
     batches = BatchService(store, ServingLineRunner(state, completions, chat), batch_limits)
     BatchCollector(batches, metrics.registry)
     app = _OpenAIApp(title="omniserve", summary="OpenAI-compatible LLM server with LS/BE service classes",

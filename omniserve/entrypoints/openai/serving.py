@@ -172,6 +172,8 @@ class OpenAIServing:
                                   usage=self.usage(finals))
 
     async def _begin(self, request: SamplingRequest, call: Call) -> tuple[Generation, dict]:
+        """Checks the request, tokenizes its prompts and starts their engine requests; returns them with the fields
+        every answer and chunk carries."""
         resolved = self.resolve(request, call.service_classes, call.best_effort)
         params = self.sampling_params(request, resolved)
         prompts = await self.prompts(request)
