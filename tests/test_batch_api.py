@@ -177,7 +177,7 @@ def test_bad_batch_requests_get_openai_errors(client):
 
 
 def test_size_limits_are_flags(tiny_chat_model):
-    limits = BatchLimits(max_file_bytes=4096, max_lines=3)
+    limits = BatchLimits(max_file_bytes=4096, max_lines=3, max_line_bytes=400)
     with serving(tiny_chat_model, batch_limits=limits) as running:
         client = running.client()
         with pytest.raises(openai.APIStatusError) as info:
@@ -186,7 +186,9 @@ def test_size_limits_are_flags(tiny_chat_model):
         assert info.value.status_code == 413
         batch = wait_for(client, submit(client, [chat_line(f"q{i}") for i in range(4)]).id)
         assert batch.status == "failed" and batch.errors.data[0].code == "too_many_lines"
-        assert wait_for(client, submit(client, [chat_line(f"q{i}") for i in range(3)]).id).status == "completed"
+        batch = wait_for(client, submit(client, [chat_line("q0"), chat_line("long", stop=["x" * 300])]).id)
+        assert (batch.status, batch.request_counts.completed, batch.request_counts.failed) == ("completed", 1, 1)
+        assert read_jsonl(client, batch.error_file_id)[0]["error"]["code"] == "line_too_large"
 
 
 def test_a_chunked_upload_is_counted_as_it_is_read(tiny_chat_model):
