@@ -164,6 +164,13 @@ def test_a_file_that_is_not_a_batch_file_is_refused(client, content, purpose, me
         client.files.create(file=("in.jsonl", io.BytesIO(content)), purpose=purpose)
 
 
+def test_an_upload_without_its_form_fields_is_a_clear_error(server, client):
+    no_purpose = httpx.post(server.url + "/v1/files", files={"file": ("in.jsonl", jsonl([chat_line("a")]))})
+    not_a_form = httpx.post(server.url + "/v1/files", json={"file": "in.jsonl", "purpose": "batch"})
+    assert (no_purpose.status_code, no_purpose.json()["error"]["param"]) == (400, "purpose")
+    assert (not_a_form.status_code, not_a_form.json()["error"]["param"]) == (400, "file")
+
+
 def test_bad_batch_requests_get_openai_errors(client):
     uploaded = client.files.create(file=("in.jsonl", io.BytesIO(jsonl([chat_line("a")]))), purpose="batch")
     with pytest.raises(openai.BadRequestError, match="endpoint must be one of"):

@@ -186,6 +186,9 @@ def test_openapi_spec_declares_the_answers_the_server_gives(server):
         ("/tokenize", "post"): {"200", "400", "401", "404", "413"},
         ("/detokenize", "post"): {"200", "400", "401", "404", "413"},
         ("/health", "get"): {"200", "503"}, ("/metrics", "get"): {"200"},
+        ("/v1/files", "post"): {"200", "400", "401", "413"}, ("/v1/files/{file_id}", "delete"): {"200", "401", "404"},
+        ("/v1/batches", "post"): {"200", "400", "401", "403", "404"},
+        ("/v1/batches/{batch_id}/cancel", "post"): {"200", "401", "404", "409"},
     }
     for (path, method), codes in expected.items():
         responses = spec["paths"][path][method]["responses"]
