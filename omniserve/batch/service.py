@@ -189,6 +189,9 @@ class BatchService:
             raise APIError(404, f"No such File object: {file_id}", param="file_id", code="file_not_found")
         return row
 
+    def file_object(self, owner: str | None, file_id: str) -> FileObject:
+        return _file_object(self.file(owner, file_id))
+
     def file_path(self, owner: str | None, file_id: str) -> Path:
         return self.store.file_path(self.file(owner, file_id).id)
 

@@ -24,11 +24,11 @@ from typing import Callable
 
 import httpx
 
+from omniserve.batch.protocol import TERMINAL
 from omniserve.bench.client import Stream, Target, http_client, request_body, run_streams
 from omniserve.bench.metrics import Record
 from omniserve.bench.workload import Request
 
-TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 ENDPOINTS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 CANCEL_WAIT_S = 60.0  # how long a cancelled batch may take to end (its lines in flight are aborted at once)
 

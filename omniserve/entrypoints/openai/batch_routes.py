@@ -67,9 +67,7 @@ def _add_file_routes(app: FastAPI, service: BatchService) -> None:
 
     @app.get("/v1/files/{file_id}", responses={200: {"model": FileObject}, **_errors(401, 404)})
     async def retrieve_file(request: Request, file_id: str) -> Response:
-        row = service.file(_owner(request), file_id)
-        return _json(FileObject(id=row.id, bytes=row.bytes, created_at=row.created_at, filename=row.filename,
-                                purpose=row.purpose))
+        return _json(service.file_object(_owner(request), file_id))
 
     @app.get("/v1/files/{file_id}/content", response_class=FileResponse, responses=_errors(401, 404))
     async def file_content(request: Request, file_id: str) -> Response:
