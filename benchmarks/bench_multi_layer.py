@@ -76,7 +76,8 @@ from multi_layer_report import (
     BOOK_COLUMNS, LS_METRICS, METRICS, PIPELINES, TOKEN_COLUMNS, bookkeeping_rows, metric_rows,
     token_rows,
 )
-from policy_run import CpuMeter
+from policy_run import CpuMeter, drain
+from policy_run import params as greedy
 
 BLOCK = 16  # tokens per KV page
 MAX_MODEL_LEN = 2048  # with 512 batched tokens and 16-token pages: the profile bench_policies caches for this machine
@@ -102,27 +103,9 @@ def kv_pages(args: argparse.Namespace) -> int:
         args.ls_prompt_len, args.ls_output_len) + 64
 
 
-def greedy(max_tokens: int, service_class: str):
-    from omniserve import SamplingParams
-
-    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, service_class=service_class)
-
-
 def worker_cpu_seconds(engine) -> float:
     pool = engine.cpu_pool
     return 0.0 if pool is None else sum(proc_cpu_seconds(pid) for pid in pool.worker_pids() if pid is not None)
-
-
-def drain(engine, limit_s: float) -> list[float]:
-    """Steps until the engine is idle; returns each step's seconds."""
-    times, deadline = [], time.perf_counter() + limit_s
-    while engine.has_unfinished_requests():
-        started = time.perf_counter()
-        engine.step()
-        times.append(time.perf_counter() - started)
-        if time.perf_counter() > deadline:
-            raise SystemExit("a warm-up did not finish: the engine hangs")
-    return times
 
 
 def warm_up(engine, ls_prompt: list[int], be_prompts: list[list[int]], ls_out: int) -> float:
@@ -515,8 +498,8 @@ def parse_args() -> argparse.Namespace:
     add("--stall-timeout", type=float, default=60, help="seconds without any token: a hang")
     add("--markdown", type=Path, help="also write the results as a markdown section here")
     args = parser.parse_args()
-    if args.be_requests < 1 or args.ls_output_len < 2 or args.repeats < 1:
-        parser.error("need a BE request, 2 LS output tokens (for a TPOT) and a repeat")
+    if args.be_requests < 1 or args.ls_output_len < 2 or args.repeats < 1 or args.ls_interval <= 0:
+        parser.error("need a BE request, 2 LS output tokens (for a TPOT), a repeat and --ls-interval above 0")
     return args
 
 

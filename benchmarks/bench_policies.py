@@ -82,7 +82,7 @@ from bench_common import (
     wait_for_quiet,
     write_markdown,
 )
-from policy_run import Arrival, RunResult, drive, params
+from policy_run import Arrival, RunResult, drain, drive, params
 
 from omniserve.bench.metrics import Slo
 from omniserve.bench.slos import budgeted_prefill, iteration_time, latency_chunk
@@ -138,18 +138,6 @@ def build_engine(policy: str, args: argparse.Namespace, slo: Slo):
     )
     pool_config = PoolConfig(num_workers=1, threads_per_worker=1, worker_cores=((args.pool_core,),))
     return LLMEngine(engine_args, pool_config=pool_config)
-
-
-def drain(engine, limit_s: float = 120.0) -> list[float]:
-    """Steps until the engine is idle; returns each step's seconds."""
-    times, deadline = [], time.perf_counter() + limit_s
-    while engine.has_unfinished_requests():
-        start = time.perf_counter()
-        engine.step()
-        times.append(time.perf_counter() - start)
-        if time.perf_counter() > deadline:
-            raise SystemExit("warm-up did not finish: the engine hangs")
-    return times
 
 
 def start_pool(engine) -> None:

@@ -27,6 +27,18 @@ class Arrival:
     """`ls` or `be`."""
 
 
+def drain(engine, limit_s: float = 120.0) -> list[float]:
+    """Steps until the engine is idle (a warm-up); returns each step's seconds."""
+    times, deadline = [], time.perf_counter() + limit_s
+    while engine.has_unfinished_requests():
+        start = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - start)
+        if time.perf_counter() > deadline:
+            raise SystemExit("a warm-up did not finish: the engine hangs")
+    return times
+
+
 def params(max_tokens: int, service_class: str):
     """Greedy, exactly max_tokens tokens (EOS ignored)."""
     from omniserve import SamplingParams

@@ -424,6 +424,42 @@ def test_a_closed_loop_cannot_be_a_batch():
         runner.run(config, {"be": [Request(None, [1], 1, 1)]}, progress=False)
 
 
+@pytest.mark.parametrize("be_args, message", [([], "give it one"), (["--be-concurrency", "2"], "closed loop")])
+def test_be_batch_flag_errors_come_before_any_server_is_called(be_args, message):
+    with pytest.raises(SystemExit, match=message):  # port 9: nothing listens, and nothing is asked
+        main(["bench", "--base-url", "http://127.0.0.1:9", "--ls-rate", "1", "--be-batch", *be_args])
+
+
+def test_a_server_without_the_batch_api_leaves_the_batch_not_created_and_runs_ls():
+    server = RunningServer(stand_in_server(True))  # completions, no /v1/files
+    config = runner.BenchConfig(base_url=server.url, model="m", streams={"ls": StreamSpec(rate=1.0),
+                                                                         "be": StreamSpec(rate=1.0)},
+                                duration=0.3, be_batch=True)
+    try:
+        result, records = runner.run(config, {"ls": [Request(0.0, [5, 6], 2, 1)], "be": [Request(0.0, [7], 1, 1)]},
+                                     progress=False)
+    finally:
+        server.stop()
+    be = result["summary"]["be"]
+    assert [r.status for r in records] == ["ok"] and be["status"] == "not_created" and be["not_run"] == 1
+    assert any("upload: POST /v1/files: HTTP 404" in error for error in be["errors"])
+
+
+def test_failed_lines_are_read_from_the_error_file():
+    outcome = batch.BatchOutcome.pending(3)
+    answer = {"choices": [{"index": 0, "text": "hi"}], "usage": {"completion_tokens": 2}}
+    output = json.dumps({"custom_id": "be-0", "response": {"status_code": 200, "body": answer}}).encode()
+    errors = b"\n".join(json.dumps(line).encode() for line in (
+        {"custom_id": "be-1", "response": {"status_code": 400, "body": {"error": {"message": "too long"}}}},
+        {"custom_id": "be-2", "response": None, "error": {"code": "batch_expired", "message": "window ended"}}))
+    batch.read_results(outcome, output, errors)
+    assert outcome.lines["be-0"] == batch.LineOutcome("completed", 2, "hi")
+    assert outcome.lines["be-1"] == batch.LineOutcome("failed", error="HTTP 400: too long")
+    assert outcome.lines["be-2"] == batch.LineOutcome("failed", error="window ended")
+    summary = outcome.summary()
+    assert (summary["completed"], summary["failed"], summary["not_run"]) == (1, 2, 0)
+
+
 # ------------------------------------------------------------------------------------------- a broken server
 def broken_app() -> FastAPI:
     """Answers in turn: a 500, a stream cut before [DONE], a chunk that is not JSON, an error chunk, a stream

@@ -25,11 +25,10 @@ from typing import Callable
 import httpx
 
 from omniserve.batch.protocol import TERMINAL
-from omniserve.bench.client import Stream, Target, http_client, request_body, run_streams
+from omniserve.bench.client import ENDPOINTS, Stream, Target, auth_headers, http_client, request_body, run_streams
 from omniserve.bench.metrics import Record
 from omniserve.bench.workload import Request
 
-ENDPOINTS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 CANCEL_WAIT_S = 60.0  # how long a cancelled batch may take to end (its lines in flight are aborted at once)
 
 
@@ -66,6 +65,11 @@ class BatchOutcome:
     created: float | None = None
     ended: float | None = None
     lines: dict[str, LineOutcome] = field(default_factory=dict)  # custom_id -> outcome, in input order
+
+    @classmethod
+    def pending(cls, num_lines: int) -> BatchOutcome:
+        """A batch of this many lines, none of them run yet."""
+        return cls(lines={custom_id(n): LineOutcome("not_run") for n in range(num_lines)})
 
     def summary(self) -> dict:
         """The BE figures of a run in batch mode (see the module docstring)."""
@@ -109,7 +113,7 @@ class BatchClient:
     def __init__(self, client: httpx.AsyncClient, target: Target) -> None:
         self.client = client
         self.base = target.base_url.rstrip("/") + "/v1"
-        self.headers = {"Authorization": f"Bearer {target.api_key}"} if target.api_key else {}
+        self.headers = auth_headers(target.api_key)
 
     async def _call(self, method: str, path: str, **kwargs) -> httpx.Response:
         response = await self.client.request(method, self.base + path, headers=self.headers, **kwargs)
@@ -185,8 +189,8 @@ async def _finish(batches: BatchClient, batch: dict, outcome: BatchOutcome, cloc
         if batch["status"] != "cancelling":
             try:
                 batch = await batches.cancel(batch["id"])
-            except BatchError:
-                pass
+            except (BatchError, httpx.HTTPError):
+                pass  # polled below: the batch may end on its own
         batch = await _poll(batches, batch, clock() + CANCEL_WAIT_S, clock, 0.1, None)
     outcome.status = batch["status"]
     output = await batches.content(batch["output_file_id"]) if batch.get("output_file_id") else b""
@@ -198,7 +202,7 @@ async def run_batch(batches: BatchClient, file_id: str, job: BatchJob, deadline:
                     on_progress: Callable[[int], None] | None = None) -> BatchOutcome:
     """Creates the batch of the uploaded file, polls it until it ends or the deadline passes (then cancels it), and
     reads its results. Never raises for what the server answers: the outcome says it."""
-    outcome = BatchOutcome(lines={custom_id(n): LineOutcome("not_run") for n in range(len(job.requests))})
+    outcome = BatchOutcome.pending(len(job.requests))
     outcome.created = clock()
     try:
         batch = await batches.create(file_id, ENDPOINTS[job.target.endpoint])
@@ -225,8 +229,8 @@ async def run_beside(streams: list[Stream], job: BatchJob, duration: float, drai
         except (BatchError, httpx.HTTPError) as exc:
             records, seconds = await run_streams(streams, duration, drain_timeout, request_timeout, tokenizer,
                                                  on_done)
-            outcome = BatchOutcome(error=f"upload: {exc}"[:200],
-                                   lines={custom_id(n): LineOutcome("not_run") for n in range(len(job.requests))})
+            outcome = BatchOutcome.pending(len(job.requests))
+            outcome.error = f"upload: {exc}"[:200]
             return records, seconds, outcome
         start = time.perf_counter()
 

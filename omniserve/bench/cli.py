@@ -123,6 +123,12 @@ def bench_main(args: argparse.Namespace) -> None:
     if not any(s.enabled for s in streams.values()):
         sys.exit("omniserve bench: error: no stream: give --ls-rate, --be-rate, a --*-trace, --*-rate-steps or "
                  "--*-concurrency")
+    if args.be_batch and not streams["be"].enabled:
+        sys.exit("omniserve bench: error: --be-batch sends the BE stream as one batch: give it one (--be-rate, "
+                 "--be-trace or --be-rate-steps)")
+    if args.be_batch and streams["be"].concurrency:
+        sys.exit("omniserve bench: error: --be-batch needs a fixed set of BE requests (a rate, rate steps or a "
+                 "trace); a closed loop (--be-concurrency) has none")
     extra_bodies = {}
     for c in runner.CLASSES:
         text = getattr(args, f"{c}_extra_body")

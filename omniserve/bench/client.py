@@ -57,11 +57,20 @@ def _error_message(response_text: str) -> str:
         return response_text[:200]
 
 
+ENDPOINTS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
+"""--endpoint -> the route a request goes to."""
+
+
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    """The API key as the OpenAI client sends it (none: no header)."""
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
 async def send(client: httpx.AsyncClient, target: Target, body: dict, record: Record, clock: Callable[[], float]
                ) -> None:
     """Sends one request and fills its record; never raises except to be cancelled (then it says `cancelled`)."""
-    url = f"{target.base_url.rstrip('/')}/v1/{'chat/completions' if target.endpoint == 'chat' else 'completions'}"
-    headers = {"Authorization": f"Bearer {target.api_key}"} if target.api_key else {}
+    url = target.base_url.rstrip("/") + ENDPOINTS[target.endpoint]
+    headers = auth_headers(target.api_key)
     record.sent = clock()
     chunks_with_text, usage_tokens, done = 0, None, False
     try:

@@ -13,7 +13,7 @@ import httpx
 from tqdm import tqdm
 
 from omniserve.bench import batch, metrics, plots, server_metrics
-from omniserve.bench.client import Stream, Target, run_streams
+from omniserve.bench.client import Stream, Target, auth_headers, run_streams
 from omniserve.bench.metrics import Record, Slo
 from omniserve.bench.workload import PromptMaker, Request, StreamSpec, WorkloadError, build_stream
 
@@ -55,7 +55,7 @@ def build_workload(config: BenchConfig, tokenizer) -> dict[str, list[Request]]:
 
 def served_model(base_url: str, api_key: str | None) -> str:
     """The first model id of GET /v1/models."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    headers = auth_headers(api_key)
     response = httpx.get(f"{base_url.rstrip('/')}/v1/models", headers=headers, timeout=30)
     response.raise_for_status()
     return response.json()["data"][0]["id"]
@@ -156,8 +156,11 @@ def report(result: dict) -> str:
              f"arrival window, run {result['run_seconds']:.1f} s"]
     slo = result["slo"]["ls"]
     for c, s in result["summary"].items():
+        offloaded = result.get("offloaded_tokens", {}).get(c)
         if s.get("mode") == "batch":
             lines += _batch_lines(c, s)
+            if offloaded and offloaded["count"] > 0:
+                lines.append(_offloaded_line(offloaded))
             continue
         lines.append(
             f"  {c.upper()}: {s['requests']} requests: {s['ok']} ok, {s['rejected']} rejected, {s['failed']} failed, "
@@ -171,7 +174,6 @@ def report(result: dict) -> str:
             lines.append(f"      SLO (TTFT {_ms(slo['ttft'])} ms, TPOT {_ms(slo['tpot'])} ms) attainment "
                          f"{s['slo_attainment']:.1%} (TTFT alone {s['ttft_attainment']:.1%}), goodput "
                          f"{s['goodput']:.2f} req/s")
-        offloaded = result.get("offloaded_tokens", {}).get(c)
         if offloaded and offloaded["count"] > 0:
             lines.append(_offloaded_line(offloaded))
         for error, count in s["errors"].items():

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from omniserve.bench.client import auth_headers
+
 logger = logging.getLogger(__name__)
 
 FIGURES = {  # result key -> histogram name
@@ -102,7 +104,7 @@ class Scraper:
 
     def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 10.0) -> None:
         self.url = f"{base_url.rstrip('/')}/metrics"
-        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.headers = auth_headers(api_key)
         self.timeout = timeout
         self.warned = False
 
