@@ -116,6 +116,28 @@ def test_a_planned_wait_is_never_exceeded(deep, reference, make_llm, pipeline, d
         assert all(output.offloaded_rows is None for _, output, _ in ran)
 
 
+def test_a_waiting_row_keeps_only_the_sent_rows_alive(deep, make_llm):
+    """Rows wait at layers (a slow pool, no wait) while LS prefills of 29 and 41 tokens share the iterations: each
+    waiting row's residual holds no more memory than the rows sent with it, not the layer's whole output."""
+    llm = make_llm(deep, dtype="float64", block_size=4, be_decode_placement="cpu",
+                   pool_config=PoolConfig(simulated_delay_s=0.03))
+    force_pipeline(llm.engine, OffloadedPipeline(None, 0.0))
+    runner, largest = llm.engine.runner, []
+    execute = runner.execute
+
+    def checked(plan):
+        output = execute(plan)
+        waiting = [t.residual for t in runner._offloaded.values() if t.residual is not None]
+        row_bytes = 64 * 8  # hidden size, float64
+        largest.extend(r.untyped_storage().nbytes() // row_bytes for r in waiting)
+        return output
+
+    runner.execute = checked
+    params = [greedy("be", 6) if i % 2 == 0 else greedy("ls", 6) for i in range(len(PROMPTS))]
+    llm.generate(PROMPTS, params, use_tqdm=False)
+    assert largest and max(largest) <= 2  # the two BE requests' rows at most
+
+
 def test_a_worker_that_dies_while_the_device_waits(deep, reference, make_llm):
     """The device waits (up to 2 s) on a pool that takes 0.5 s a batch; the worker is killed meanwhile. The
     iteration ends well within its wait, and the offloaded requests are rebuilt and give the device's tokens."""

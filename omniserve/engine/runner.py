@@ -264,9 +264,11 @@ class ModelRunner:
         """Rows entering `layer`: their q, k, v go to the CPU pool, their residual stays here until the result is
         back."""
         out = self._out[layer]
+        # One copy of the sent rows, each residual a view of it: a view of `hidden` itself would keep the whole
+        # layer output alive (every device row, a prefill chunk's too) for as long as any token waits at the layer.
+        hidden = hidden.clone()
         for row, request_id in enumerate(request_ids):
             token = self._offloaded[request_id]
-            # A view, not a copy: nothing writes to a layer's output in place (the model's halves return new tensors).
             token.layer, token.residual, token.result = layer, hidden[row], None
             out.add(request_id)
         self.cpu_pool.submit([(r, layer) for r in request_ids], q, k, v)
