@@ -163,6 +163,8 @@ def test_simulate_command(tmp_path, capsys):
     (["--profile-path", "/nonexistent.json"], "No such file or directory: '/nonexistent.json'"),
     (["--regime-map", "--warmup", "5"], "the warm-up (5 s) must be shorter than the duration (1 s)"),
     (["--regime-map", "--warmup", "0", "--host-kv-requests", "0"], "host KV per host > 0"),
+    (["--regime-map", "--offload-pipeline", "sync"], "--offload-pipeline is for plain runs"),
+    (["--experiment", "paper", "--offload-pipeline", "one-layer"], "--offload-pipeline is for plain runs"),
 ])
 def test_simulate_bad_flags_are_clear_errors(flags, message):
     with pytest.raises(SystemExit) as info:

@@ -51,10 +51,10 @@ def add_simulate_command(commands) -> None:
     sim.add_argument("--policies", default="omniserve,sarathi,llumnix,neo,fcfs",
                      help="the scheduler's policies, and the paper's baselines as it ran them: llumnix-cpu (BE "
                           "overflow to whole-model CPU instances), neo-sync (NEO's synchronous CPU attention)")
-    sim.add_argument("--offload-pipeline", choices=OFFLOAD_PIPELINES, default=SchedulerConfig.offload_pipeline,
-                     help="how far an offloaded token goes per iteration, for every policy that offloads (the "
-                          "omniserve-one-layer policy is omniserve with one-layer); not with --regime-map, which "
-                          "runs omniserve with both, nor --experiment paper")
+    sim.add_argument("--offload-pipeline", choices=OFFLOAD_PIPELINES, default=None,
+                     help="how far an offloaded token goes per iteration, for every policy that offloads (default "
+                          f"{SchedulerConfig.offload_pipeline}; the omniserve-one-layer policy is omniserve with "
+                          "one-layer); not with --regime-map, which runs omniserve with both, nor --experiment paper")
     sim.add_argument("--duration", type=float, default=None,
                      help="simulated seconds of arrivals (default 600; with --regime-map 200)")
     sim.add_argument("--drain", type=float, default=None,
@@ -116,6 +116,9 @@ def simulate_main(args: argparse.Namespace) -> None:
 
     from omniserve.bench.workload import WorkloadError
 
+    if args.offload_pipeline is not None and (args.regime_map or args.experiment == "paper"):
+        sys.exit("omniserve simulate: error: --offload-pipeline is for plain runs: --regime-map runs omniserve with "
+                 "both pipelines (omniserve and omniserve-one-layer), and --experiment paper runs the paper's")
     bar = tqdm(desc="simulated requests", unit="req", file=sys.stderr, disable=args.no_progress, dynamic_ncols=True)
     try:
         if args.regime_map:
@@ -200,7 +203,7 @@ def _policies_main(args: argparse.Namespace, bar) -> None:
     base = SimConfig(ls_ttft_slo=args.ttft_slo, ls_tpot_slo=args.tpot_slo, seed=args.seed,
                      max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                      max_model_len=max_input + max_output, latency_noise=args.latency_noise,
-                     offload_pipeline=args.offload_pipeline)
+                     offload_pipeline=args.offload_pipeline or SchedulerConfig.offload_pipeline)
     print(f"profile: {profile.name}", file=sys.stderr)
     for policy in args.policies.split(","):
         summary, result = experiment.simulate(profile, replace(base, policy=policy.strip()), loads, duration, drain,
