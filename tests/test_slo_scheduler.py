@@ -208,6 +208,28 @@ def test_offloaded_rows_at_high_layers_do_not_starve():
         assert stalls <= 2 * len(requests) and request.num_output_tokens >= 3  # layer 0 takes starts and returns
 
 
+def test_the_offloaded_pipeline_is_planned_within_the_budget_and_waits_only_without_ls():
+    """The multi-layer plan's row limit and wait fit the TPOT budget beside an LS request (its `planned_s` counts
+    both); without a budget the device never waits while an LS request runs."""
+    for tpot in (0.01, None):
+        scheduler = make(be_decode_placement="cpu", tpot=None)
+        for i in range(12):
+            add(scheduler, f"be{i}", 40, service_class="be", max_tokens=100)
+        step(scheduler)
+        step(scheduler)  # swapped out: every BE request decodes in the pool
+        scheduler.default_tpot_slo = tpot
+        add(scheduler, "ls", 20, max_tokens=30, tpot=tpot)
+        plans = [step(scheduler) for _ in range(25)]
+        with_ls = [p for p in plans if any(c.request_id == "ls" for c in p.chunks)]
+        assert any(p.offloaded_starts or p.returning for p in with_ls)  # offloaded rows share those iterations
+        if tpot is not None:
+            planned = [p for p in with_ls if p.pipeline.planned_s is not None]
+            assert planned and all(p.pipeline.planned_s <= p.time_budget * (1 + 1e-9) for p in planned)
+            assert any(p.pipeline.wait_s > 0 for p in planned)  # the plan did use slack for a wait
+        else:
+            assert all(p.pipeline.wait_s == 0.0 for p in with_ls)
+
+
 def _runs(history):
     run = [history[0]]
     for item in history[1:]:
