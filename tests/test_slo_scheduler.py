@@ -230,6 +230,23 @@ def test_the_offloaded_pipeline_is_planned_within_the_budget_and_waits_only_with
             assert all(p.pipeline.wait_s == 0.0 for p in with_ls)
 
 
+def test_the_sync_pipeline_is_planned_within_the_budget_with_returning_rows():
+    """NEO's pipeline: the device waits for the CPU at every layer, so admission counts the CPU's time for every row
+    the iteration carries, those that return to a layer they had to stop at as well as the new tokens."""
+    scheduler = make(be_decode_placement="cpu", tpot=None, offload_pipeline="sync")
+    for i in range(12):
+        add(scheduler, f"be{i}", 40, service_class="be", max_tokens=100)
+    step(scheduler)
+    step(scheduler)
+    scheduler.default_tpot_slo = 0.01
+    add(scheduler, "ls", 20, max_tokens=30, tpot=0.01)
+    plans = [step(scheduler) for _ in range(25)]  # the fake pool returns a row one layer at a time: rows return
+    planned = [p for p in plans if p.pipeline.planned_s is not None and p.chunks]
+    assert any(p.returning for p in planned)
+    over = [(p.pipeline, p.time_budget) for p in planned if p.pipeline.planned_s > p.time_budget * (1 + 1e-9)]
+    assert planned and not over, over[:3]
+
+
 def _runs(history):
     run = [history[0]]
     for item in history[1:]:

@@ -6,6 +6,7 @@ CPU results)."""
 from __future__ import annotations
 
 import collections
+import itertools
 import math
 from dataclasses import replace
 
@@ -50,7 +51,7 @@ class Piggybacking:
             layer_budget = (budget - batch.model.head_time(shape.num_sampled)) / self.num_layers
         sync = self.config.offload_pipeline == "sync"
         extra, starts, returning = [0] * self.num_layers, [], []
-        cpu_rows = cpu_context = 0  # the sync pipeline: the new tokens' rows and context, all layers in this iteration
+        cpu_rows = cpu_context = 0  # rows admitted (new and returning) and their context: sync runs all their layers
         # A layer's time is its dense work on its rows plus the device attention, which is the same at every layer:
         # so every layer takes the same most offloaded rows (one bisection, not a prediction per candidate).
         cap = len(candidates)
@@ -63,16 +64,18 @@ class Piggybacking:
             extra[row_layer] += 1
             # As in largest_chunk, an iteration never runs nothing: the first row goes in whatever the budget says.
             over = extra[row_layer] > cap and bool(shape.num_rows or starts or returning)
-            if not over and sync and layer < 0 and layer_budget is not None and (shape.num_rows or starts):
+            if not over and sync and layer_budget is not None and (shape.num_rows or starts or returning):
                 # The device waits for the CPU at every layer, overlapping only its own attention: the CPU's time
-                # comes on top of the device's.
-                device = batch.model.iteration_time(replace(shape, extra_rows=(cpu_rows + 1,) * self.num_layers))
+                # for every row the iteration carries (new and returning) comes on top of the device's, as
+                # _plan_sync plans it.
+                carried = replace(shape, extra_rows=tuple(itertools.accumulate(extra)))
+                device = batch.model.iteration_time(carried)
                 over = self._cpu_path(cpu_rows + 1, cpu_context + request.num_tokens) > budget - device
             if over:
                 extra[row_layer] -= 1
                 continue
+            cpu_rows, cpu_context = cpu_rows + 1, cpu_context + request.num_tokens
             if layer < 0:
-                cpu_rows, cpu_context = cpu_rows + 1, cpu_context + request.num_tokens
                 in_flight, in_flight_context = in_flight + 1, in_flight_context + request.num_tokens
                 request.token_in_flight = True
                 request.offload_layer, request.result_ready_since = 0, None
@@ -85,15 +88,14 @@ class Piggybacking:
                 returning.append((request.request_id, layer))
                 request.offload_layer, request.result_ready_since = layer + 1, None
         if sync:
-            context = cpu_context + sum(self.requests[r].num_tokens for r, _ in returning)
-            return starts, returning, self._plan_sync(batch, extra, cpu_rows + len(returning), context)
+            return starts, returning, self._plan_sync(batch, extra, cpu_rows, cpu_context)
         batch.shape = replace(shape, extra_rows=tuple(extra))
         return starts, returning, self._plan_pipeline(batch, in_flight, in_flight_context)
 
     def _plan_sync(self, batch: IterationBudget, entering: list[int], rows: int, context: int) -> OffloadedPipeline:
         """NEO's pipeline: each admitted row (`entering` per layer) runs every layer from its own on, the device
         waiting for the CPU's `rows` rows of `context` tokens at every layer."""
-        extra = [sum(entering[: layer + 1]) for layer in range(self.num_layers)]
+        extra = list(itertools.accumulate(entering))
         batch.shape = replace(batch.shape, extra_rows=tuple(extra))
         # Without a latency model nothing predicts the CPU's time: the device waits until the rows are back, up to a
         # bound that only keeps a hung worker from stalling the engine.
