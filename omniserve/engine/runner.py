@@ -210,7 +210,7 @@ class ModelRunner:
 
     def _forward(self, plan: IterationPlan, returning: dict[int, list[str]],
                  layers: _OffloadedLayers) -> dict[str, SampledToken]:
-        model, device = self.model, self.device
+        model = self.model
         token_ids, positions, sample_rows, meta = self._device_inputs(plan)
         num_device = len(token_ids)
 
@@ -221,8 +221,8 @@ class ModelRunner:
             self._offloaded[start.request_id] = _OffloadedToken(start.position, start.params, start.num_generated)
         device_hidden = device_angles = carry_hidden = carry_angles = None
         if token_ids:
-            hidden_all = model.embed(torch.tensor(token_ids, device=device, dtype=torch.long))
-            angles_all = model.rope_angles(torch.tensor(positions, device=device, dtype=torch.long))
+            hidden_all = model.embed(self._ids_to_device(token_ids))
+            angles_all = model.rope_angles(self._ids_to_device(positions))
             device_hidden, device_angles = hidden_all[:num_device], _rows(angles_all, slice(0, num_device))
             carry_hidden, carry_angles = hidden_all[num_device:], _rows(angles_all, slice(num_device, None))
         carry_ids = [s.request_id for s in plan.offloaded_starts]  # offloaded rows entering the current layer
@@ -256,7 +256,7 @@ class ModelRunner:
             carry_ids = back_ids  # they finished this layer and go on to the next one in this iteration
             if carry_ids:
                 back_positions = [self._offloaded[r].position for r in carry_ids]
-                carry_angles = model.rope_angles(torch.tensor(back_positions, device=device, dtype=torch.long))
+                carry_angles = model.rope_angles(self._ids_to_device(back_positions))
         device_final = device_hidden[sample_rows] if num_device else None
         return self._sample(plan, device_final, carry_ids, carry_hidden)
 
@@ -314,6 +314,14 @@ class ModelRunner:
         spent = time.perf_counter() - started
         layers.waited_s += spent
         layers.wait_left_s -= spent
+
+    def _ids_to_device(self, values: list[int]) -> torch.Tensor:
+        """Token ids or positions on the device. On a GPU, from pinned memory: a copy from pageable memory waits for
+        every kernel queued before it, which at every layer would make the engine thread wait for the GPU."""
+        host = torch.tensor(values, dtype=torch.long)
+        if self.device.type == "cuda":
+            return host.pin_memory().to(self.device, non_blocking=True)
+        return host.to(self.device)
 
     def _results_to_device(self, request_ids: list[str]) -> torch.Tensor:
         """The CPU results of rows joining a layer ([rows, num_heads, head_dim]), moved to the device in one copy:

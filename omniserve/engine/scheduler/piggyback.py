@@ -53,7 +53,8 @@ class Piggybacking:
         extra, starts, returning = [0] * self.num_layers, [], []
         cpu_rows = cpu_context = 0  # rows admitted (new and returning) and their context: sync runs all their layers
         # A layer's time is its dense work on its rows plus the device attention, which is the same at every layer:
-        # so every layer takes the same most offloaded rows (one bisection, not a prediction per candidate).
+        # so every layer takes the same most offloaded rows (one bisection, not a prediction per candidate; only
+        # the sync pipeline, whose CPU time adds to the device's, predicts the iteration per candidate).
         cap = len(candidates)
         if layer_budget is not None:
             attention = batch.model.attention_time(shape)
