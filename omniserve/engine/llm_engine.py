@@ -11,12 +11,14 @@ import logging
 import time
 import weakref
 from dataclasses import dataclass, replace
+from types import MappingProxyType
 
 from omniserve.config import CacheConfig, ConfigError
 from omniserve.cpu_attention import CPUAttentionPool, PoolConfig
 from omniserve.cpu_attention.remote import RemoteHosts, RemoteHostsConfig, connect_ray
 from omniserve.engine.args import EngineArgs
 from omniserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from omniserve.engine.observer import IterationObserver, IterationRecord, RunnerTimings
 from omniserve.engine.runner import ModelRunner
 from omniserve.engine.scheduler import Scheduler, SchedulerConfig
 from omniserve.engine.scheduler.latency_model import LatencyModel
@@ -265,23 +267,17 @@ class LLMEngine:
     # -------------------------------------------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
         """Runs one iteration; returns an output for every request that made progress or ended."""
+        step_started = time.perf_counter()
+        if self._iteration_observers:
+            self.runner.take_timings()  # this step's timings only, not those of calls made between steps
         self.scheduler.results_ready(self.runner.poll_cpu_results())
         plan = self.scheduler.schedule()
         started = time.perf_counter()
-        try:
-            output = self.runner.execute(plan)
-        except Exception:  # a failed iteration fails its requests, never the engine
-            # The runner may have started the plan's swaps before it failed: their requests are in an unknown state
-            # (pages half copied, exports requested), so they fail too, and release frees whatever was started.
-            failed = plan.touched_request_ids
-            logger.exception("iteration failed; failing its %d requests", len(failed))
-            for request_id in failed:
-                self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ERROR)
-            output = RunnerOutput()
+        output, failed = self._execute(plan)
         self.last_iteration = IterationStats(plan, time.perf_counter() - started)
         self.scheduler.observe(plan, self.last_iteration.seconds, output)
         if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("iteration %d: %s; took %.1f ms", self.scheduler.iteration, plan.summary(),
+            logger.debug("iteration %d: %s; took %.1f ms", self.scheduler.state.iteration, plan.summary(),
                          self.last_iteration.seconds * 1e3)
         updated = self.scheduler.update(plan, output)
         if plan.empty and self.cpu_pool is not None:
@@ -298,9 +294,47 @@ class LLMEngine:
                 touched[group.request_id] = group
         outputs = [self._output(group) for group in touched.values()]
         self.runner.release(self.scheduler.take_released())
-        if self.scheduler.calibration_wanted:
+        if self.scheduler.admission.calibration_wanted:
             self.calibrate()
+        if self._iteration_observers:
+            self._notify_observers(plan, output, failed, step_started)
         return outputs
+
+    def _execute(self, plan: IterationPlan) -> tuple[RunnerOutput, bool]:
+        """The runner's output for the plan, and whether the iteration failed (then the output is empty)."""
+        try:
+            return self.runner.execute(plan), False
+        except Exception:  # a failed iteration fails its requests, never the engine
+            # The runner may have started the plan's swaps before it failed: their requests are in an unknown state
+            # (pages half copied, exports requested), so they fail too, and release frees whatever was started.
+            failed = plan.touched_request_ids
+            logger.exception("iteration failed; failing its %d requests", len(failed))
+            for request_id in failed:
+                self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ERROR)
+            return RunnerOutput(), True
+
+    # ------------------------------------------------------------------------------------------- observation
+    _iteration_observers: tuple[IterationObserver, ...] = ()
+
+    def add_iteration_observer(self, observer: IterationObserver) -> None:
+        """Calls `observer(record)` at the end of every step from now on, with an IterationRecord of the step's
+        iteration: its plan, the runner's output, and timings (the runner keeps its timings only while someone
+        observes). Observers run on the engine's thread: they should be quick."""
+        self._iteration_observers = (*self._iteration_observers, observer)
+        self.runner.keep_timings(True)
+
+    def remove_iteration_observer(self, observer: IterationObserver) -> None:
+        self._iteration_observers = tuple(o for o in self._iteration_observers if o != observer)
+        self.runner.keep_timings(bool(self._iteration_observers))
+
+    def _notify_observers(self, plan: IterationPlan, output: RunnerOutput, failed: bool, started: float) -> None:
+        timings = self.runner.take_timings() or RunnerTimings()
+        record = IterationRecord(
+            plan, output, self.last_iteration.seconds, time.perf_counter() - started, failed=failed,
+            idle_wait=plan.empty and self.cpu_pool is not None, swap_out_seconds=timings.swap_out_s,
+            offload_seconds=timings.offload_s, pool_seconds=MappingProxyType(timings.pool_s))
+        for observer in self._iteration_observers:
+            observer(record)
 
     @staticmethod
     def _index_in(group: _RequestGroup, request: Request) -> int:

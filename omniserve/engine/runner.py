@@ -28,6 +28,7 @@ GPU drains the kernels already launched, is what the scheduler plans and charges
 from __future__ import annotations
 
 import collections
+import functools
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -36,6 +37,7 @@ import torch
 
 from omniserve.attention import PagedAttention
 from omniserve.cpu_attention import CPUAttentionPool
+from omniserve.engine.observer import RunnerTimings, TimedPool
 from omniserve.engine.scheduler.plan import IterationPlan, KVTransfer, RunnerOutput
 from omniserve.kv_cache.page_pool import PagePool
 from omniserve.models.llama import LlamaForCausalLM
@@ -75,6 +77,22 @@ class _OffloadedLayers:
         self.rows = [0] * self.num_layers
 
 
+def _offload_timed(method):
+    """Adds the method's seconds to the step's offloaded-row bookkeeping while iterations are observed."""
+
+    @functools.wraps(method)
+    def timed(self, *args):
+        if self.timings is None:
+            return method(self, *args)
+        started = time.perf_counter()
+        try:
+            return method(self, *args)
+        finally:
+            self.timings.offload_s += time.perf_counter() - started
+
+    return timed
+
+
 @dataclass
 class _PendingCopy:
     """A swap-out whose device-to-host copy runs on the side stream (CUDA)."""
@@ -105,6 +123,22 @@ class ModelRunner:
         self._swapping_in: dict[str, KVTransfer] = {}
         self._copies: list[_PendingCopy] = []
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.timings: RunnerTimings | None = None
+        """Where this step's time went, kept only while iterations are observed (keep_timings)."""
+
+    # ------------------------------------------------------------------------------------------------ timings
+    def keep_timings(self, keep: bool) -> None:
+        """Starts or stops keeping RunnerTimings; while kept, the CPU pool is called through a timing proxy."""
+        pool = self.cpu_pool.pool if isinstance(self.cpu_pool, TimedPool) else self.cpu_pool
+        self.timings = RunnerTimings() if keep else None
+        self.cpu_pool = TimedPool(pool, self) if keep and pool is not None else pool
+
+    def take_timings(self) -> RunnerTimings | None:
+        """The timings kept since the last call (None when not kept), starting afresh."""
+        timings = self.timings
+        if timings is not None:
+            self.timings = RunnerTimings()
+        return timings
 
     # ------------------------------------------------------------------------------------------------ lifecycle
     def release(self, request_ids: list[str]) -> None:
@@ -132,6 +166,7 @@ class ModelRunner:
             map(len, self._back.values()))
 
     # ---------------------------------------------------------------------------------------------------- step
+    @_offload_timed
     def poll_cpu_results(self) -> list[tuple[str, int]]:
         """CPU attention results that came back and no iteration has used yet (each reported once), kept until the
         plan admits them or a later iteration's layer takes them; returns their (request id, layer)."""
@@ -164,7 +199,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, plan: IterationPlan) -> RunnerOutput:
         lost = self._check_pool()
-        swapped_out = self._swap_out(plan.swap_outs)
+        swapped_out = self._timed_swap_out(plan.swap_outs)
         for transfer in plan.swap_ins:
             self._swapping_in[transfer.request_id] = transfer
             self.cpu_pool.request_export(transfer.request_id)
@@ -230,17 +265,8 @@ class ModelRunner:
         for layer in range(model.config.num_layers):
             device_attn = None
             if num_device or carry_ids:
-                hidden_in = torch.cat([device_hidden, carry_hidden]) if num_device and carry_ids else (
-                    device_hidden if num_device else carry_hidden)
-                angles = _cat_rows(device_angles, carry_angles) if num_device and carry_ids else (
-                    device_angles if num_device else carry_angles)
-                q, k, v = model.pre_attention(layer, hidden_in, angles)
-                if carry_ids:  # to the CPU first, so that its attention overlaps the device's
-                    self._send(layer, carry_ids, carry_hidden, q[num_device:], k[num_device:], v[num_device:])
-                    layers.sent.update(carry_ids)
-                if num_device:
-                    device_attn = self.attention(layer, q[:num_device], k[:num_device], v[:num_device], meta)
-
+                device_attn = self._attention(layer, (device_hidden, device_angles, meta), carry_ids,
+                                              (carry_hidden, carry_angles), layers)
             back_ids = self._joining(layer, returning.get(layer, []), layers)
             layers.rows[layer] = max(len(carry_ids), len(back_ids))
             if not num_device and not back_ids:
@@ -260,6 +286,25 @@ class ModelRunner:
         device_final = device_hidden[sample_rows] if num_device else None
         return self._sample(plan, device_final, carry_ids, carry_hidden)
 
+    def _attention(self, layer: int, device: tuple, carry_ids: list[str], carry: tuple, layers: _OffloadedLayers):
+        """QKV of the device rows (hidden, angles, attention metadata) and of the offloaded rows entering `layer`
+        (hidden, angles); the offloaded rows' go to the CPU pool, the device rows' attention runs here (returned, or
+        None without device rows)."""
+        (device_hidden, device_angles, meta), (carry_hidden, carry_angles) = device, carry
+        num_device = 0 if device_hidden is None else len(device_hidden)
+        hidden_in = torch.cat([device_hidden, carry_hidden]) if num_device and carry_ids else (
+            device_hidden if num_device else carry_hidden)
+        angles = _cat_rows(device_angles, carry_angles) if num_device and carry_ids else (
+            device_angles if num_device else carry_angles)
+        q, k, v = self.model.pre_attention(layer, hidden_in, angles)
+        if carry_ids:  # to the CPU first, so that its attention overlaps the device's
+            self._send(layer, carry_ids, carry_hidden, q[num_device:], k[num_device:], v[num_device:])
+            layers.sent.update(carry_ids)
+        if not num_device:
+            return None
+        return self.attention(layer, q[:num_device], k[:num_device], v[:num_device], meta)
+
+    @_offload_timed
     def _send(self, layer: int, request_ids: list[str], hidden, q, k, v) -> None:
         """Rows entering `layer`: their q, k, v go to the CPU pool, their residual stays here until the result is
         back."""
@@ -273,6 +318,7 @@ class ModelRunner:
             out.add(request_id)
         self.cpu_pool.submit([(r, layer) for r in request_ids], q, k, v)
 
+    @_offload_timed
     def _joining(self, layer: int, planned: list[str], layers: _OffloadedLayers) -> list[str]:
         """The offloaded rows that go through `layer`'s output projection now: the ones the plan admitted, then
         (multi-layer) any other whose result for this layer is back, waiting for the rest while the plan's wait
@@ -304,6 +350,8 @@ class ModelRunner:
         or host has died (its rows will not come back: the next iteration rebuilds its requests)."""
         started = time.perf_counter()
         deadline = started + layers.wait_left_s
+        if self.timings is not None:  # the pool's calls during a wait are kept apart
+            self.timings.waiting = True
         while self._out[layer] and len(self._back[layer]) < wanted:
             left = deadline - time.perf_counter()
             if left <= 0:
@@ -311,6 +359,8 @@ class ModelRunner:
             self.cpu_pool.wait(left)
             if not self._take_results() and not self.cpu_pool.all_alive():
                 break
+        if self.timings is not None:
+            self.timings.waiting = False
         spent = time.perf_counter() - started
         layers.waited_s += spent
         layers.wait_left_s -= spent
@@ -349,6 +399,16 @@ class ModelRunner:
         return dict(zip(request_ids, tokens))
 
     # -------------------------------------------------------------------------------------------------- swaps
+    def _timed_swap_out(self, transfers: list[KVTransfer]) -> list[str]:
+        """_swap_out, its seconds kept in the timings when there are any and the iteration swaps out."""
+        if self.timings is None or not transfers:
+            return self._swap_out(transfers)
+        started = time.perf_counter()
+        try:
+            return self._swap_out(transfers)
+        finally:
+            self.timings.swap_out_s += time.perf_counter() - started
+
     def _swap_out(self, transfers: list[KVTransfer]) -> list[str]:
         """Copies device KV to the host pool. On the CPU the copy is immediate; on CUDA it runs on a side stream
         into pinned memory and the request is reported once its event has completed (a later iteration)."""
