@@ -45,24 +45,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import httpx
-from bench_common import (
-    command_line,
-    cpu_model,
-    git_revision,
-    machine_busy_seconds,
-    own_cpu_seconds,
-    print_report,
-    proc_cpu_seconds,
-    spread,
-    wait_for_quiet,
-    write_markdown,
-)
 from prometheus_client.parser import text_string_to_metric_families
 
 from omniserve.bench import batch, metrics, slos
 from omniserve.bench.client import Stream, Target, run_streams
 from omniserve.bench.compare import Server
+from omniserve.bench.machine import machine_busy_seconds, own_cpu_seconds, proc_cpu_seconds, wait_for_quiet
 from omniserve.bench.metrics import Record, Slo
+from omniserve.bench.report import command_line, cpu_model, git_revision, print_report, spread, write_markdown
 from omniserve.bench.workload import PromptMaker, Request, StreamSpec, build_stream
 
 SERVER_ARGS = ("--threads 1 --max-model-len 2048 --max-num-batched-tokens 512 --cpu-attention-workers 1 "

@@ -19,8 +19,9 @@ import time
 from pathlib import Path
 
 import torch
-from bench_common import command_line, print_report, read_bandwidth, write_markdown
 
+from omniserve.bench.machine import read_bandwidth
+from omniserve.bench.report import command_line, print_report, write_markdown
 from omniserve.cpu_attention.kernel import compiled_kernel, decode_attention_reference, tile_keys
 
 SHAPES = {"smollm2-135m": (9, 3, 64), "llama-3-8b": (32, 8, 128)}  # (heads, kv_heads, head_dim) per layer
@@ -47,14 +48,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="threads, as in one CPU attention worker")
     parser.add_argument("--max-kv-gib", type=float, default=3.0, help="skip configurations holding more KV")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--bandwidth-gib", type=float, default=1.0, help="size of the bandwidth test tensor")
     parser.add_argument("--markdown", type=Path)
+    parser.add_argument("--smoke", action="store_true", help="a tiny run that only checks that the script works")
     args = parser.parse_args()
+    if args.smoke:
+        args.contexts, args.requests, args.repeats, args.bandwidth_gib = [64], [1], 1, 0.01
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     kernel = compiled_kernel()
     if kernel is None:
         sys.exit("the compiled kernel is not available here (see the warning above)")
-    bandwidth = statistics.median(read_bandwidth(1.0, args.repeats))
+    bandwidth = statistics.median(read_bandwidth(args.bandwidth_gib, args.repeats))
 
     rows = []
     for shape in args.shapes:

@@ -29,18 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from bench_common import (
-    OtherLoad,
-    command_line,
-    cpu_model,
-    load_prompts,
-    print_report,
-    read_bandwidth,
-    spread,
-    write_markdown,
-)
 
 from omniserve import LLM, SamplingParams
+from omniserve.bench.machine import OtherLoad, read_bandwidth
+from omniserve.bench.report import command_line, cpu_model, print_report, spread, write_markdown
+from omniserve.bench.workload import load_prompts
+from omniserve.engine.observer import IterationRecord
 from omniserve.models.linear import linear
 from omniserve.models.loader import default_model_path
 
@@ -63,28 +57,15 @@ def gemv_ms(model: torch.nn.Module, repeats: int) -> list[float]:
 
 
 class StepRecorder:
-    """Wraps one engine's `step` and `runner.execute` to time every iteration and note what it ran."""
+    """Every engine step that ran device chunks, from the engine's iteration records: its time and what it ran."""
 
     def __init__(self, engine) -> None:
         self.steps: list[tuple[float, int, bool]] = []  # (seconds, requests in the batch, every request decoding)
-        self._plan = None
-        step, execute = engine.step, engine.runner.execute
+        engine.add_iteration_observer(self.note)
 
-        def timed_execute(plan):
-            self._plan = plan
-            return execute(plan)
-
-        def timed_step():
-            self._plan = None
-            start = time.perf_counter()
-            outputs = step()
-            elapsed = time.perf_counter() - start
-            if self._plan is not None and self._plan.chunks:
-                chunks = self._plan.chunks
-                self.steps.append((elapsed, len(chunks), self._plan.num_tokens == len(chunks)))
-            return outputs
-
-        engine.runner.execute, engine.step = timed_execute, timed_step
+    def note(self, record: IterationRecord) -> None:
+        if record.plan.chunks:
+            self.steps.append((record.step_seconds, record.num_chunks, record.num_rows == record.num_chunks))
 
     def decode_times(self, batch: int) -> list[float]:
         return [t for t, size, decode in self.steps if decode and size == batch]
@@ -102,7 +83,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-hf", action="store_true", help="no transformers baseline")
     parser.add_argument("--markdown", type=Path, help="also write the results as a markdown section here")
-    return parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="a tiny run that only checks that the script works")
+    args = parser.parse_args()
+    if args.smoke:  # no transformers baseline: loading it alone takes longer than the whole run
+        args.concurrency, args.repeats, args.prompt_len, args.output_len = [1, 2], 1, 8, 4
+        args.warmup_len, args.bandwidth_gib, args.skip_hf = 2, 0.01, True
+    return args
 
 
 def load_hf_model():

@@ -40,7 +40,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--smoke", action="store_true", help="a tiny run that only checks that the script works")
     args = parser.parse_args()
+    if args.smoke:
+        args.max_rows, args.steps, args.repeats = 8, 2, 1
     if not onednn_supports(torch.float32):
         raise SystemExit("oneDNN has no fp32 GEMM on this CPU: nothing is padded here")
     torch.set_num_threads(1)

@@ -12,7 +12,7 @@ Prompts are ShareGPT first turns repeated or cut to length; greedy, EOS ignored.
 --ls-tpot-slo: the scheduler plans every iteration within iteration_budget_share x the TPOT SLO. Every run gets a
 fresh engine and a short warm-up: a lone LS request, whose decode step is reported against the TPOT SLO, then a
 small mixed run that starts the pool's worker. The script drives `engine.step()` itself, stamps every token when its
-step returns and keeps every iteration's plan and runner output (runner.execute wrapped on the instance). Before each
+step returns and keeps every iteration's plan and runner output (the engine's iteration records). Before each
 run it waits up to --quiet-wait s for other processes to go quiet, and reports the share of the engine's core and of
 the pool's core that they took during it (others edit and test on this machine).
 
@@ -37,10 +37,11 @@ Per pipeline (median [min-max] over --repeats runs each, interleaved), then mult
   the SLOs, executed by the one-layer fake runner the scheduler tests use (sim.one_layer_outputs: results back by
   the next iteration); schedule() + update() + results_ready() per iteration, median over --sched-iterations
   (goal 0.5 ms). Runner: a fresh
-  multi-layer engine holding --runner-requests short offloaded BE requests; its runner's methods wrapped on the
-  instance with timers over --runner-steps steps: `_joining` less the wait in it, `_send` and `poll_cpu_results`
-  (each with its `_take_results`), less the pool's own calls (submit; poll outside the waits), which are reported
-  apart; the runner's tensor work for offloaded rows (stacking residuals and results) is not counted.
+  multi-layer engine holding --runner-requests short offloaded BE requests, timed over --runner-steps steps from
+  the engine's iteration records: the offloaded rows' bookkeeping in the runner (sending rows, taking results,
+  choosing the rows that join a layer) less the waits for results and the pool's own calls (submit; poll outside
+  the waits), which are reported apart; the runner's tensor work for offloaded rows (stacking residuals and results)
+  is not counted.
 
     python benchmarks/bench_multi_layer.py --markdown multi_layer.md
 """
@@ -59,25 +60,25 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench_common import (
-    SHAREGPT_2978,
-    command_line,
-    cpu_model,
-    engine_integrity,
-    git_revision,
-    load_prompts,
-    percentile,
-    print_report,
-    proc_cpu_seconds,
-    wait_for_quiet,
-    write_markdown,
-)
 from multi_layer_report import (
     BOOK_COLUMNS, LS_METRICS, METRICS, PIPELINES, TOKEN_COLUMNS, bookkeeping_rows, metric_rows,
     token_rows,
 )
-from policy_run import CpuMeter, drain
-from policy_run import params as greedy
+
+from omniserve.bench.engine_run import StepRecords, drain
+from omniserve.bench.engine_run import params as greedy
+from omniserve.bench.machine import CpuMeter, proc_cpu_seconds, wait_for_quiet
+from omniserve.bench.report import (
+    command_line,
+    cpu_model,
+    engine_integrity,
+    git_revision,
+    percentile,
+    print_report,
+    write_markdown,
+)
+from omniserve.bench.workload import SHAREGPT, load_prompts
+from omniserve.engine.observer import IterationRecord
 
 BLOCK = 16  # tokens per KV page
 MAX_MODEL_LEN = 2048  # with 512 batched tokens and 16-token pages: the profile bench_policies caches for this machine
@@ -135,29 +136,12 @@ class Step:
     idle: bool  # nothing planned: the engine waited for the pool
 
 
-def step_of(plan, output, seconds: float) -> Step:
-    ran = bool(plan.offloaded_starts or plan.returning) or bool(output.offloaded_rows and any(output.offloaded_rows))
+def step_of(record: IterationRecord, seconds: float) -> Step:
+    plan = record.plan
     planned = plan.pipeline.planned_s if plan.pipeline.planned_s is not None else plan.predicted_time
     over = plan.time_budget is not None and planned is not None and planned > plan.time_budget * (1 + 1e-9)
     ls = any(chunk.params.service_class.value == "ls" for chunk in plan.chunks)
-    return Step(seconds, ran, ls, over, output.cpu_wait_s, plan.empty)
-
-
-class Recorder:
-    """Keeps the plan and output of each step's own iteration: runner.execute is wrapped on the instance, and only
-    its first call in a step counts (a calibration later in the step runs scratch iterations through it)."""
-
-    def __init__(self, engine) -> None:
-        self.current = None
-        execute = engine.runner.execute
-
-        def recorded(plan):
-            output = execute(plan)
-            if self.current is None:
-                self.current = (plan, output)
-            return output
-
-        engine.runner.execute = recorded
+    return Step(seconds, record.ran_offloaded, ls, over, record.cpu_wait_seconds, plan.empty)
 
 
 @dataclass
@@ -194,7 +178,7 @@ class Run:
 def drive(engine, run: Run, ls_prompts: list[list[int]], ls_params, timeout_s: float, stall_s: float) -> float:
     """Submits LS requests as they come due while any BE request is unfinished and steps the engine until every
     request ended; a run without a token for stall_s, or longer than timeout_s, is a hang. Returns its end."""
-    recorder = Recorder(engine)
+    records = StepRecords(engine)
     last_progress = run.start
     while True:
         now = time.perf_counter()
@@ -205,11 +189,11 @@ def drive(engine, run: Run, ls_prompts: list[list[int]], ls_params, timeout_s: f
             run.ls_ids.append(rid)
         if not engine.has_unfinished_requests():
             return time.perf_counter()
-        recorder.current = None
         outputs = engine.step()
         end = time.perf_counter()
-        if recorder.current is not None:  # None: the iteration failed (its requests fail: checked afterwards)
-            run.steps.append(step_of(*recorder.current, end - now))
+        record = records.take()
+        if not record.failed:  # a failed iteration's requests fail: checked afterwards
+            run.steps.append(step_of(record, end - now))
         if run.note(outputs, end):
             last_progress = end
         if end - last_progress > stall_s or end - run.start > timeout_s:
@@ -305,11 +289,11 @@ def prompts_and_reference(args: argparse.Namespace) -> tuple[list[list[int]], li
         num_ls = math.ceil(args.duration / args.ls_interval)
         length = max(args.be_prompt_len, args.ls_prompt_len)
         prompts = load_prompts(llm.tokenizer, args.be_requests + num_ls, length,
-                               llm.engine.model_config.vocab_size, args.seed, SHAREGPT_2978)
+                               llm.engine.model_config.vocab_size, args.seed, SHAREGPT)
         be = [p[:args.be_prompt_len] for p in prompts[:args.be_requests]]
         ls = [p[:args.ls_prompt_len] for p in prompts[args.be_requests:]]
         outputs = llm.generate(be, greedy(args.be_output_len, "be"), use_tqdm=False)
-        source = "ShareGPT first turns" if SHAREGPT_2978.is_file() and llm.tokenizer is not None else "random ids"
+        source = "ShareGPT first turns" if SHAREGPT.is_file() and llm.tokenizer is not None else "random ids"
         return be, ls, [list(out.outputs[0].token_ids) for out in outputs], source
     finally:
         llm.engine.shutdown()
@@ -324,7 +308,7 @@ def fake_step(scheduler, token: int = 7) -> tuple[float, float]:
     started = time.perf_counter()
     plan = scheduler.schedule()
     planned = time.perf_counter()
-    sampled, cpu_rows = one_layer_outputs(plan, scheduler.num_layers, token)
+    sampled, cpu_rows = one_layer_outputs(plan, scheduler.state.num_layers, token)
     output = RunnerOutput(sampled, [t.request_id for t in plan.swap_outs], [t.request_id for t in plan.swap_ins])
     booking = time.perf_counter()
     scheduler.update(plan, output)
@@ -357,8 +341,8 @@ def loaded_scheduler(args: argparse.Namespace, latency_model, pipeline: str):
         request.token_ids.append(7)
         request.num_computed_tokens = request.num_tokens - 1
         request.status, request.placement, request.token_in_flight = RequestStatus.RUNNING, Placement.HOST, True
-        request.offload_layer, request.result_ready_since = index % layers, scheduler.iteration
-        request.token_started = (scheduler.iteration, scheduler.clock())
+        request.offload_layer, request.result_ready_since = index % layers, scheduler.state.iteration
+        request.token_started = (scheduler.state.iteration, scheduler.state.clock())
         scheduler.requests[request.request_id] = request
         scheduler.offloaded.append(request)
     return scheduler
@@ -379,28 +363,6 @@ def scheduler_bookkeeping(args: argparse.Namespace, latency_model) -> dict[str, 
     return figures
 
 
-class Timers:
-    """Inclusive seconds per wrapped method (wrapped on the instance: the engine's calls go through the wrapper)."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
-
-    def wrap(self, owner, name: str, inner: str | None = None) -> None:
-        """`inner`: also keeps, as "inner in name", the seconds of that wrapped method spent inside this one."""
-        method = getattr(owner, name)
-
-        def timed(*args, **kwargs):
-            started, inner_before = time.perf_counter(), self.seconds[inner] if inner else 0.0
-            try:
-                return method(*args, **kwargs)
-            finally:
-                self.seconds[name] += time.perf_counter() - started
-                if inner:
-                    self.seconds[f"{inner} in {name}"] += self.seconds[inner] - inner_before
-
-        setattr(owner, name, timed)
-
-
 def offload_all(engine, args: argparse.Namespace, be_prompts) -> list[str]:
     """Queues --runner-requests BE requests of 32-token prompts and steps until every one is offloaded."""
     ids = [f"bk{i}" for i in range(args.runner_requests)]
@@ -419,26 +381,18 @@ def runner_bookkeeping(args: argparse.Namespace, be_prompts) -> tuple[dict[str, 
     runner's bookkeeping (see the module docstring) less the pool's submit and its polls outside the waits, which
     are reported apart. Returns the figures (medians per step, ms) and the engine's latency model."""
     llm = build_llm(args, "cpu", "multi-layer")
-    engine, runner = llm.engine, llm.engine.runner
+    engine = llm.engine
     try:
         ids = offload_all(engine, args, be_prompts)
-        timers, recorder = Timers(), Recorder(engine)
-        for owner, name in [(runner, "_joining"), (runner, "_send"), (runner, "poll_cpu_results"),
-                            (runner.cpu_pool, "submit"), (runner.cpu_pool, "poll")]:
-            timers.wrap(owner, name)
-        timers.wrap(runner, "_wait_for_results", inner="poll")
+        records = StepRecords(engine)
         own, pool, rows, started = [], [], 0, time.perf_counter()
         for _ in range(args.runner_steps):
-            timers.seconds.clear()
-            recorder.current = None
             engine.step()
-            s = timers.seconds
-            polls = s["poll"] - s["poll in _wait_for_results"]  # the polls in a wait are part of the wait
-            own.append(s["_joining"] - s["_wait_for_results"] + s["_send"] - s["submit"] + s["poll_cpu_results"]
-                       - polls)
-            pool.append(s["submit"] + polls)
-            plan, output = recorder.current
-            rows += sum(output.offloaded_rows or ()) or len(plan.returning) + len(plan.offloaded_starts)
+            record = records.take()
+            calls = record.pool_seconds.get("submit", 0.0) + record.pool_seconds.get("poll", 0.0)  # outside waits
+            own.append(record.offload_seconds - record.cpu_wait_seconds - calls)
+            pool.append(calls)
+            rows += record.num_offloaded_rows
         step_ms = (time.perf_counter() - started) / args.runner_steps * 1e3
         for rid in ids:
             engine.abort_request(rid)

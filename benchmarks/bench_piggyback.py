@@ -24,9 +24,9 @@ median). Greedy LS tokens must be the same under both placements ("LS tokens ide
 length of the BE prefill phase, iterations, iterations that ended in the engine's idle wait on the pool (it waits
 when an iteration ran nothing at all, i.e. only CPU attention was in flight),
 swap-outs, preemptions, and the engine side of the piggyback bookkeeping: time spent in the CPU pool's methods
-(submit, poll, load, free, ...; wrapped on the instance) per iteration, as the median over iterations that sent
+(submit, poll, load, free, ...; from the engine's iteration records) per iteration, as the median over iterations that sent
 offloaded rows and the mean over all iterations with offloaded requests; the gathering of swapped-out KV
-(`runner._swap_out`) in total; the CPU time of the engine's non-main threads per iteration (the queues' feeder
+(the runner's swap-out copies) in total; the CPU time of the engine's non-main threads per iteration (the queues' feeder
 threads, which pickle tensors into shared memory); and how busy the pool's core was. Not counted: the runner's own
 extra tensor work for offloaded rows (concatenations, residual copies) inside the forward pass.
 
@@ -49,21 +49,19 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench_common import (
-    SHAREGPT_2978,
-    OtherLoad,
+from omniserve.bench.machine import OtherLoad, proc_cpu_seconds, side_thread_cpu_seconds
+from omniserve.bench.report import (
     command_line,
     cpu_model,
     engine_integrity,
     git_revision,
     percentile,
     print_report,
-    proc_cpu_seconds,
-    shuffled_texts,
-    side_thread_cpu_seconds,
     spread,
     write_markdown,
 )
+from omniserve.bench.workload import SHAREGPT, shuffled_texts
+from omniserve.engine.observer import IterationRecord
 
 PLACEMENTS = ("device", "cpu")
 BLOCK = 16  # tokens per KV page
@@ -80,7 +78,7 @@ def make_prompts(tokenizer, texts, lengths: list[int], vocab: int, seed: int) ->
     (repeated to length when short); random ids if the data set or the tokenizer is missing."""
     rng = random.Random(seed)
     if tokenizer is None or texts is None:
-        print(f"note: {SHAREGPT_2978} or tokenizer missing, using random token ids", file=sys.stderr)
+        print(f"note: {SHAREGPT} or tokenizer missing, using random token ids", file=sys.stderr)
         return [[rng.randrange(1000, vocab) for _ in range(n)] for n in lengths]
     prompts: list[list[int]] = []
     source = iter(texts)
@@ -91,60 +89,33 @@ def make_prompts(tokenizer, texts, lengths: list[int], vocab: int, seed: int) ->
                 prompts.append((ids * (length // len(ids) + 1))[:length])
                 break
         else:
-            raise SystemExit(f"{SHAREGPT_2978} has fewer than {len(lengths)} usable prompts")
+            raise SystemExit(f"{SHAREGPT} has fewer than {len(lengths)} usable prompts")
     return prompts
 
 
 # ------------------------------------------------------------------------------------------------ instrumentation
 class Probe:
-    """Wraps one engine's `runner.execute` and the CPU pool's methods (on the instances) to time, per iteration,
-    what the engine spends in the pool's methods, and to note iterations that ran nothing but an idle wait."""
+    """One engine's iteration records (an observer), per step: the seconds the engine spent in the CPU pool's methods
+    (POOL_METHODS, waits on results included), whether it sent offloaded rows, whether it ended in the idle wait; and
+    over a run, the seconds per pool method and in the swap-outs' copies."""
 
     def __init__(self, engine) -> None:
         self.engine = engine
         self.pool_s = 0.0  # pool time in the current step
         self.submitted = False  # the current step sent offloaded rows to the pool
+        self.idle = False
         self.per_method: dict[str, float] = {}
         self.swap_out_s = 0.0
-        runner = engine.runner
-        execute = runner.execute
-        self.idle = False
+        engine.add_iteration_observer(self.note)
 
-        def timed_execute(plan):
-            output = execute(plan)
-            self.idle = plan.empty and engine.cpu_pool is not None  # the engine's own test for its idle wait
-            return output
-
-        runner.execute = timed_execute
-        pool = runner.cpu_pool
-        if pool is not None:
-            for name in POOL_METHODS:
-                if hasattr(pool, name):
-                    setattr(pool, name, self._timed(name, getattr(pool, name)))
-        if hasattr(runner, "_swap_out"):  # device-side gather of the KV that leaves, plus `load`
-            swap_out = runner._swap_out
-
-            def timed_swap_out(transfers):
-                start = time.perf_counter()
-                try:
-                    return swap_out(transfers)
-                finally:
-                    if transfers:
-                        self.swap_out_s += time.perf_counter() - start
-
-            runner._swap_out = timed_swap_out
-
-    def _timed(self, name, method):
-        def wrapper(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return method(*args, **kwargs)
-            finally:
-                elapsed = time.perf_counter() - start
-                self.pool_s += elapsed
-                self.per_method[name] = self.per_method.get(name, 0.0) + elapsed
-                self.submitted |= name == "submit"
-        return wrapper
+    def note(self, record: IterationRecord) -> None:
+        self.pool_s, self.submitted, self.idle = 0.0, "submit" in record.pool_seconds, record.idle_wait
+        for key, seconds in record.pool_seconds.items():
+            name = key.removesuffix(" while waiting")
+            if name in POOL_METHODS:
+                self.pool_s += seconds
+                self.per_method[name] = self.per_method.get(name, 0.0) + seconds
+        self.swap_out_s += record.swap_out_seconds
 
     def worker_cpu_seconds(self) -> float:
         pool = self.engine.cpu_pool
@@ -284,7 +255,7 @@ def run_once(llm, probe: Probe, ls_prompts, be_prompts, ls_out: int, be_out: int
             run.submitted[rid] = now
 
     scheduler = engine.scheduler
-    preemptions0, swap_outs0 = scheduler.num_preemptions, scheduler.num_swap_outs
+    preemptions0, swap_outs0 = scheduler.stats.num_preemptions, scheduler.stats.num_swap_outs
     side0, worker0 = side_thread_cpu_seconds(), probe.worker_cpu_seconds()
     probe.per_method.clear()
     probe.swap_out_s = 0.0
@@ -297,8 +268,8 @@ def run_once(llm, probe: Probe, ls_prompts, be_prompts, ls_out: int, be_out: int
     return RunResult(
         **run_figures(run, be_out), ls_tokens=[run.tokens[rid][:] for rid in run.ls_ids],
         be_tokens=[run.tokens[rid][:] for rid in run.be_ids], iterations=run.iterations,
-        idle_iterations=run.idle_iterations, swap_outs=scheduler.num_swap_outs - swap_outs0,
-        preemptions=scheduler.num_preemptions - preemptions0,
+        idle_iterations=run.idle_iterations, swap_outs=scheduler.stats.num_swap_outs - swap_outs0,
+        preemptions=scheduler.stats.num_preemptions - preemptions0,
         pool_ms_per_iter=median_or_nan(run.pool_per_submit_iter) * 1e3,
         pool_ms_per_iter_mean=(statistics.fmean(run.pool_per_iter) * 1e3) if run.pool_per_iter else float("nan"),
         offloaded_iterations=len(run.pool_per_iter), per_method_ms={k: v * 1e3 for k, v in probe.per_method.items()},
@@ -389,7 +360,7 @@ class Bench:
             )
             self.probes[placement] = Probe(self.llms[placement].engine)
         llm0 = self.llms[PLACEMENTS[0]]
-        texts = shuffled_texts(SHAREGPT_2978, args.seed)
+        texts = shuffled_texts(SHAREGPT, args.seed)
         self.source = "ShareGPT first turns" if texts is not None and llm0.tokenizer is not None else "random token ids"
         prompts = make_prompts(llm0.tokenizer, texts, [args.ls_prompt_len] * args.ls_requests
                                + [args.be_prompt_len] * args.be_requests, llm0.engine.model_config.vocab_size,

@@ -19,7 +19,7 @@ engine's tokenizer and cut to at most --ls-max-prompt tokens, output lengths uni
 as a burst of --be-burst at t=0 plus a Poisson process of --be-rate per second, prompts of uniform length in
 --be-prompt tokens made of ShareGPT text, --be-output-len output tokens. Greedy, EOS ignored. The script sleeps until
 each arrival, adds the request, and calls engine.step() back to back while anything is unfinished; every token is
-stamped when its step returns, and every step is timed (policy_run.py: one such run).
+stamped when its step returns, and every step is timed (omniserve.bench.engine_run: one such run).
 
 A run ends once the arrival window is over and every LS request has ended; BE requests still running then are
 aborted. A run that reaches --duration + --drain seconds is cut: every request still open is aborted (an LS request
@@ -35,7 +35,7 @@ Per policy:
   bound) and mean-TPOT p50/p99 (LS requests with >= 2 tokens), as ratios to their SLO.
 - BE output tokens/s over the arrival window [0, --duration] (the same window for every policy), and its ratio to
   fcfs in the same repeat; BE requests finished within the window.
-- Scheduler counters over the timed run: preemptions, swap-outs, swap-ins, rejections (engine.scheduler.num_*), and
+- Scheduler counters over the timed run: preemptions, swap-outs, swap-ins, rejections (engine.scheduler.stats), and
   the prefill tokens computed again after a preemption (the work preemption threw away).
 - Steps while some LS request was decoding (it had its first token and had not finished), and how many of those
   took longer than the TPOT SLO (the iteration budget); the slowest such step as a ratio to the SLO; measured step
@@ -70,23 +70,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench_common import (
-    SHAREGPT_500,
+from omniserve.bench.engine_run import Arrival, RunResult, drain, drive, params
+from omniserve.bench.machine import wait_for_quiet
+from omniserve.bench.metrics import Slo
+from omniserve.bench.report import (
     command_line,
     cpu_model,
     git_revision,
     percentile,
     print_report,
-    shuffled_texts,
     spread,
-    wait_for_quiet,
     write_markdown,
 )
-from policy_run import Arrival, RunResult, drain, drive, params
-
-from omniserve.bench.metrics import Slo
-from omniserve.bench.slos import budgeted_prefill, iteration_time, latency_chunk
-from omniserve.bench.workload import gamma_arrivals
+from omniserve.bench.slos import budgeted_ls_prefill, iteration_time, latency_chunk
+from omniserve.bench.workload import SHAREGPT_500, gamma_arrivals, shuffled_texts
 from omniserve.engine.scheduler.policy import POLICIES as ENGINE_POLICIES
 
 # fcfs first (the baseline of the BE ratio), omniserve last, the others in the engine's order.
@@ -129,6 +126,7 @@ def build_engine(policy: str, args: argparse.Namespace, slo: Slo):
     from omniserve.cpu_attention import PoolConfig
     from omniserve.engine.args import EngineArgs
     from omniserve.engine.llm_engine import LLMEngine
+    from omniserve.profiler import profiled_latency_model
 
     engine_args = EngineArgs(
         model=args.model, device="cpu", dtype="float32", threads=1, max_model_len=MAX_MODEL_LEN,
@@ -137,7 +135,7 @@ def build_engine(policy: str, args: argparse.Namespace, slo: Slo):
         profile_path=args.profile, seed=args.seed,
     )
     pool_config = PoolConfig(num_workers=1, threads_per_worker=1, worker_cores=((args.pool_core,),))
-    return LLMEngine(engine_args, pool_config=pool_config)
+    return LLMEngine(engine_args, pool_config=pool_config, latency_model=profiled_latency_model)
 
 
 def start_pool(engine) -> None:
@@ -205,19 +203,6 @@ def measure_lone_request(engine, prompt: list[int], out_len: int) -> tuple[float
             prefill_s.append(sum(times[:-(out_len - 1)]))
             decode_s += times[-(out_len - 1):][2:]
     return statistics.median(prefill_s), statistics.median(decode_s)
-
-
-def budgeted_ls_prefill(latency, prompt_len: int, context: int, scale: float, max_chunk: int, tpot: float
-                        ) -> list[tuple[int, float]]:
-    """The longest LS prompt's prefill next to one LS decode, each chunk the largest that fits the TPOT SLO, with the
-    latency model scaled to this machine's present speed, as the scheduler's own running correction scales it."""
-    decode = latency_chunk(1, context - 1, True)
-
-    def chunk_time(start: int, count: int) -> float:
-        chunk = latency_chunk(count, start, start + count == prompt_len)
-        return scale * iteration_time(latency, [decode, chunk])
-
-    return budgeted_prefill(chunk_time, prompt_len, max_chunk, tpot, shrink=lambda count: count - 1)
 
 
 def calibrate(args: argparse.Namespace, texts: list[str]):

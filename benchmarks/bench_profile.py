@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from bench_common import percentile
 
+from omniserve.bench.report import percentile
 from omniserve.cpu_attention import PoolConfig
 from omniserve.engine.runner import ModelRunner
 from omniserve.engine.scheduler.latency_model import LatencyModel, batch_shape_of_chunks

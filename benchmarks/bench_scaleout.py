@@ -27,9 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_common import git_revision, load_prompts, spread  # noqa: E402
+from omniserve.bench.report import git_revision, spread
+from omniserve.bench.workload import load_prompts
 
 
 def run_once(llm, prompts: list[list[int]], output_len: int) -> dict:

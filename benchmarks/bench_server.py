@@ -47,19 +47,10 @@ from pathlib import Path
 
 import httpx
 import torch
-from bench_common import (
-    OtherLoad,
-    command_line,
-    cpu_model,
-    load_prompts,
-    own_cpu_seconds,
-    print_report,
-    proc_cpu_seconds,
-    spread,
-    wait_for_quiet,
-    write_markdown,
-)
 
+from omniserve.bench.machine import OtherLoad, own_cpu_seconds, proc_cpu_seconds, wait_for_quiet
+from omniserve.bench.report import command_line, cpu_model, print_report, spread, write_markdown
+from omniserve.bench.workload import load_prompts
 from omniserve.engine.async_engine import AsyncEngine
 from omniserve.engine.llm_engine import LLMEngine
 from omniserve.sampling.params import SamplingParams

@@ -41,17 +41,11 @@ from pathlib import Path
 import httpx
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_common import cpu_model, git_revision  # noqa: E402
-
-from omniserve.bench.client import Target, http_client, request_body, send  # noqa: E402
-from omniserve.bench.compare import Server  # noqa: E402
-from omniserve.bench.metrics import (
-    Record,
-    Slo,  # noqa: E402
-)
-from omniserve.bench.workload import PromptMaker, StreamSpec, build_stream  # noqa: E402
+from omniserve.bench.client import Target, http_client, request_body, send
+from omniserve.bench.compare import Server
+from omniserve.bench.metrics import Record, Slo
+from omniserve.bench.report import cpu_model, git_revision
+from omniserve.bench.workload import PromptMaker, StreamSpec, build_stream
 
 DEFAULT_SERVER_ARGS = "--max-model-len 2048 --num-gpu-blocks-override 512"
 GAUGES = {  # what must be back at 0 once the server is idle

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import math
 
-from bench_common import spread
+from omniserve.bench.report import spread
+
 
 PIPELINES = ("one-layer", "multi-layer")  # the first is the baseline of the ratios
 GOAL_TOKEN_SHARE = 0.25

@@ -72,7 +72,6 @@ async def send(client: httpx.AsyncClient, target: Target, body: dict, record: Re
     url = target.base_url.rstrip("/") + ENDPOINTS[target.endpoint]
     headers = auth_headers(target.api_key)
     record.sent = clock()
-    chunks_with_text, usage_tokens, done = 0, None, False
     try:
         async with client.stream("POST", url, json=body, headers=headers) as response:
             if response.status_code != 200:
@@ -80,30 +79,10 @@ async def send(client: httpx.AsyncClient, target: Target, body: dict, record: Re
                 record.status = "rejected" if response.status_code == 429 else "failed"
                 record.error = f"HTTP {response.status_code}: {_error_message(text)}"
                 return
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    done = True
-                    break
-                chunk = json.loads(data)
-                if not isinstance(chunk, dict):
-                    raise ValueError(f"a chunk is {type(chunk).__name__}, not an object")
-                if "error" in chunk:
-                    record.status, record.error = "failed", f"error chunk: {_error_message(data)}"
-                    return
-                now = clock()
-                for choice in chunk.get("choices") or ():
-                    text = choice.get("text") if "text" in choice else (choice.get("delta") or {}).get("content")
-                    if text:
-                        record.token_times.append(now)
-                        if record.text is not None:
-                            record.text += text
-                        chunks_with_text += 1
-                        break
-                if chunk.get("usage"):
-                    usage_tokens = int(chunk["usage"].get("completion_tokens") or 0)
+            read = await _read_events(response, record, clock)
+            if read is None:
+                return
+            done, usage_tokens, chunks_with_text = read
         record.end = clock()
         if not done:
             record.status, record.error = "failed", "the stream ended before [DONE]"
@@ -118,6 +97,38 @@ async def send(client: httpx.AsyncClient, target: Target, body: dict, record: Re
     except httpx.HTTPError as exc:
         record.status, record.error = "failed", f"{type(exc).__name__}: {exc}"[:200]
         record.end = clock()
+
+
+async def _read_events(response: httpx.Response, record: Record, clock: Callable[[], float]
+                       ) -> tuple[bool, int | None, int] | None:
+    """Reads the answer's server-sent events into the record (each chunk with text stamps a token); returns whether
+    [DONE] came, the completion tokens of the usage chunk (None without one) and the chunks with text, or None after
+    an error chunk (the record then says so). Raises ValueError for a chunk that is not a JSON object."""
+    chunks_with_text, usage_tokens = 0, None
+    async for line in response.aiter_lines():
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return True, usage_tokens, chunks_with_text
+        chunk = json.loads(data)
+        if not isinstance(chunk, dict):
+            raise ValueError(f"a chunk is {type(chunk).__name__}, not an object")
+        if "error" in chunk:
+            record.status, record.error = "failed", f"error chunk: {_error_message(data)}"
+            return None
+        now = clock()
+        for choice in chunk.get("choices") or ():
+            text = choice.get("text") if "text" in choice else (choice.get("delta") or {}).get("content")
+            if text:
+                record.token_times.append(now)
+                if record.text is not None:
+                    record.text += text
+                chunks_with_text += 1
+                break
+        if chunk.get("usage"):
+            usage_tokens = int(chunk["usage"].get("completion_tokens") or 0)
+    return False, usage_tokens, chunks_with_text
 
 
 def http_client(request_timeout: float) -> httpx.AsyncClient:
@@ -142,9 +153,8 @@ async def run_streams(streams: list[Stream], duration: float, drain_timeout: flo
                       ) -> tuple[list[Record], float]:
     """Runs the streams together; returns every request's record and the run's length in seconds.
 
-    Requests arrive during [0, duration). After that the run waits for the LS requests still open (or for all, when
-    there is no LS stream), at most `drain_timeout` seconds; anything still open then is cancelled. With keep_text
-    each record keeps its answer's text."""
+    Requests arrive during [0, duration); then the run drains (_drain). With keep_text each record keeps its
+    answer's text."""
     start = time.perf_counter()
 
     def clock() -> float:
@@ -183,15 +193,22 @@ async def run_streams(streams: list[Stream], duration: float, drain_timeout: flo
                                 text="" if keep_text else None)
                 records.append(record)
                 own.append(asyncio.create_task(timed(client, stream, request, record)))
-        await asyncio.sleep(max(0.0, duration - clock()))
-        awaited = tasks.get("ls") or [t for own in tasks.values() for t in own]
-        if awaited:
-            await asyncio.wait(awaited, timeout=max(0.0, duration + drain_timeout - clock()))
-        leftover = [t for own in tasks.values() for t in own if not t.done()]
-        for task in leftover:
-            task.cancel()
-        await asyncio.gather(*leftover, return_exceptions=True)
+        await _drain(tasks, duration, drain_timeout, clock)
     for record in records:
         if record.status == "pending":  # a closed-loop slot cancelled before it sent, or an arrival never reached
             record.status, record.error = "cancelled", "never sent"
     return records, clock()
+
+
+async def _drain(tasks: dict[str, list[asyncio.Task]], duration: float, drain_timeout: float,
+                 clock: Callable[[], float]) -> None:
+    """Waits out the arrival window, then for the LS requests still open (or for all, without an LS stream) at most
+    `drain_timeout` seconds, and cancels what is still open then."""
+    await asyncio.sleep(max(0.0, duration - clock()))
+    awaited = tasks.get("ls") or [t for own in tasks.values() for t in own]
+    if awaited:
+        await asyncio.wait(awaited, timeout=max(0.0, duration + drain_timeout - clock()))
+    leftover = [t for own in tasks.values() for t in own if not t.done()]
+    for task in leftover:
+        task.cancel()
+    await asyncio.gather(*leftover, return_exceptions=True)

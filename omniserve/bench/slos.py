@@ -4,8 +4,8 @@ TPOT SLO = a factor x a lone LS decode step. TTFT SLO = a factor x the time to p
 one LS decode, in chunks that each fit an iteration budget (what the SLO-aware scheduler does): `budgeted_prefill`.
 
 The latency model comes from the profile cache, under the key the servers will look up: `latency_model_for` loads
-the model and calls load_or_profile with the settings an engine of the same EngineArgs would use
-(EngineArgs.profile_settings), without building an engine.
+the model and calls omniserve.profiler.profiled_latency_model, what the servers hand their engines, without building
+an engine.
 """
 
 from __future__ import annotations
@@ -66,16 +66,28 @@ def slos_from_latency(latency: LatencyModel, max_prompt: int, max_num_batched_to
     return Slo(ttft=ttft_factor * sum(seconds for _, seconds in prefill), tpot=tpot)
 
 
+def budgeted_ls_prefill(latency: LatencyModel, prompt_len: int, context: int, scale: float, max_chunk: int,
+                        limit: float) -> list[tuple[int, float]]:
+    """(tokens, seconds) of each chunk of a `prompt_len`-token LS prefill next to one LS decode at `context`, each
+    chunk the largest that fits `limit`, with the latency model scaled by `scale` (a machine's present speed against
+    the profile's, as the scheduler's own running correction scales it)."""
+    decode = latency_chunk(1, context - 1, True)
+
+    def chunk_time(start: int, count: int) -> float:
+        chunk = latency_chunk(count, start, start + count == prompt_len)
+        return scale * iteration_time(latency, [decode, chunk])
+
+    return budgeted_prefill(chunk_time, prompt_len, max_chunk, limit, shrink=lambda count: count - 1)
+
+
 # ------------------------------------------------------------------------------------------ the servers' profile
 def latency_model_for(args: EngineArgs) -> LatencyModel:
     """The latency model an engine of these args loads: from args.profile_path or the profile cache, profiled (and
     cached, where a server then finds it) when missing."""
-    from omniserve.profiler.profiler import load_or_profile
+    from omniserve.profiler import profiled_latency_model
 
     loaded, device, dtype = args.load_model()
-    return load_or_profile(loaded.model, device, dtype, model_name=str(loaded.path or args.model),
-                           path=args.profile_path,
-                           **args.profile_settings(loaded.config.max_context, args.pool_config()))
+    return profiled_latency_model(args, loaded, device, dtype, args.pool_config())
 
 
 def server_engine_args(server_args: list[str]) -> EngineArgs:

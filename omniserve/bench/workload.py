@@ -15,6 +15,7 @@ import csv
 import json
 import os
 import random
+import sys
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -22,6 +23,7 @@ from pathlib import Path
 # The project's shared workload data: `shared/data` beside the checkout, unless $OMNISERVE_DATA_DIR says elsewhere.
 DATA_DIR = Path(os.environ.get("OMNISERVE_DATA_DIR") or Path(__file__).resolve().parents[2].parent / "shared" / "data")
 SHAREGPT = DATA_DIR / "sharegpt" / "prompts_2978.json"
+SHAREGPT_500 = DATA_DIR / "sharegpt" / "prompts_500.json"
 TRACES = {
     "azure-code": DATA_DIR / "azure-llm-2023" / "code.csv",
     "azure-conv": DATA_DIR / "azure-llm-2023" / "conv.csv",
@@ -223,3 +225,32 @@ def build_stream(spec: StreamSpec, duration: float, maker: PromptMaker, rng: ran
             raise WorkloadError(f"unknown dataset {dataset!r}: sharegpt, random or trace")
         requests.append(Request(arrival, prompt, input_len, output_len))
     return requests
+
+
+# ------------------------------------------------------------------------------- prompts of the offline benchmarks
+def shuffled_texts(path: Path, seed: int) -> list[str] | None:
+    """The file's ShareGPT first human turns in a seeded order; None if the file is missing."""
+    if not path.is_file():
+        return None
+    texts = [t for t in sharegpt_texts(path) if t.strip()]
+    random.Random(seed).shuffle(texts)
+    return texts
+
+
+def load_prompts(tokenizer, count: int, length: int, vocab: int, seed: int, path: Path = SHAREGPT_500
+                 ) -> list[list[int]]:
+    """`count` prompts of exactly `length` ids: ShareGPT first human turns, truncated (or repeated to length when
+    short); random ids if the data set or the tokenizer is missing."""
+    texts = shuffled_texts(path, seed) if tokenizer is not None else None
+    if texts is None:
+        print(f"note: {path} or tokenizer missing, using random token ids", file=sys.stderr)
+        rng = random.Random(seed)
+        return [[rng.randrange(1000, vocab) for _ in range(length)] for _ in range(count)]
+    prompts = []
+    for text in texts:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        if ids:
+            prompts.append((ids * (length // len(ids) + 1))[:length])
+        if len(prompts) == count:
+            return prompts
+    raise SystemExit(f"{path} has fewer than {count} usable prompts")

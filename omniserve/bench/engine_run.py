@@ -1,19 +1,20 @@
-"""One timed run of a policy for bench_policies.py: requests added at their arrival times, the engine stepped back to
-back while anything is unfinished, every token stamped when its step returns, every step timed (with the latency
-model's prediction), then the LS requests judged against the SLOs (see bench_policies.py for the figures)."""
+"""Offline engine runs for the benchmarks that drive an LLMEngine themselves: requests added at their arrival times,
+the engine stepped back to back while anything is unfinished, every token stamped when its step returns, every step
+timed (with the latency model's prediction, from the engine's iteration records), then the LS requests judged against
+the SLOs; and the pieces other such loops share (warm-up drains, greedy parameters, the scheduler's counters)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from collections import deque
 from dataclasses import astuple, dataclass, field
 
-from bench_common import core_busy_seconds, engine_integrity, proc_cpu_seconds, side_thread_cpu_seconds
-
+from omniserve.bench.machine import CpuMeter, proc_cpu_seconds, side_thread_cpu_seconds
 from omniserve.bench.metrics import Record, Slo
+from omniserve.bench.report import engine_integrity
+from omniserve.engine.observer import IterationRecord
 
 
 @dataclass(frozen=True)
@@ -46,53 +47,47 @@ def params(max_tokens: int, service_class: str):
     return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, service_class=service_class)
 
 
-class CpuMeter:
-    """Load that other processes put on the engine's core and on the pool's core: each core's busy time minus what
-    this process (pinned to the engine core) and the pool workers (pinned to the pool core) used there."""
-
-    def __init__(self, engine_core: int, pool_core: int, worker_pids: list[int]) -> None:
-        self.cores, self.pids = (engine_core, pool_core), worker_pids
-        self.start = self._sample()
-
-    def _sample(self) -> tuple[float, dict[int, float], float, float]:
-        workers = sum(proc_cpu_seconds(pid) for pid in self.pids)
-        return time.perf_counter(), core_busy_seconds(), proc_cpu_seconds(os.getpid()), workers
-
-    def shares(self) -> tuple[float, float, float]:
-        """Shares of the time since the start: other processes on the engine core, other processes on the pool core,
-        the pool workers."""
-        (t0, busy0, own0, workers0), (t1, busy1, own1, workers1) = self.start, self._sample()
-        engine_core, pool_core = self.cores
-        wall = max(t1 - t0, 1e-9)
-        engine = (busy1[engine_core] - busy0[engine_core]) - (own1 - own0)
-        pool = (busy1[pool_core] - busy0[pool_core]) - (workers1 - workers0)
-        return max(0.0, engine) / wall, max(0.0, pool) / wall, (workers1 - workers0) / wall
-
-
-class ExecuteProbe:
-    """Wraps an engine's runner.execute (on the instance) to keep each step's plan and predicted time, and to count
-    the prefill tokens computed again after a preemption (the work preemption throws away)."""
+class StepRecords:
+    """The engine's record of each step (an iteration observer), kept until taken: what a loop that calls
+    `engine.step()` itself needs to know of the step it just ran."""
 
     def __init__(self, engine) -> None:
-        self.runner, self.execute = engine.runner, engine.runner.execute
+        self.engine = engine
+        self.last: IterationRecord | None = None
+        engine.add_iteration_observer(self.note)
+
+    def note(self, record: IterationRecord) -> None:
+        self.last = record
+
+    def take(self) -> IterationRecord | None:
+        """The latest step's record (None if no step ran since the last take)."""
+        record, self.last = self.last, None
+        return record
+
+    def remove(self) -> None:
+        self.engine.remove_iteration_observer(self.note)
+
+
+class PlanProbe(StepRecords):
+    """Keeps each step's plan and predicted time, and counts the prefill tokens computed again after a preemption
+    (the work preemption throws away)."""
+
+    def __init__(self, engine) -> None:
         self.plan = None
         self.predicted: float | None = None
         self.computed: dict[str, int] = {}  # request id -> the furthest position ever in its KV
         self.recomputed = 0
-        self.runner.execute = self._execute
+        super().__init__(engine)
 
-    def _execute(self, plan):
+    def note(self, record: IterationRecord) -> None:
+        super().note(record)
+        plan = self.plan = record.plan
         self.predicted = plan.predicted_time if plan.chunks or plan.offloaded_starts or plan.returning else None
-        self.plan = plan
         for chunk in plan.chunks:
             start, end = chunk.start_position, chunk.start_position + len(chunk.token_ids)
             furthest = self.computed.get(chunk.request_id, 0)
             self.recomputed += max(0, min(end, furthest) - start)
             self.computed[chunk.request_id] = max(furthest, end)
-        return self.execute(plan)
-
-    def remove(self) -> None:
-        self.runner.execute = self.execute
 
 
 class RequestLog:
@@ -191,7 +186,7 @@ class StepTrace:
 
 @dataclass(frozen=True)
 class Counters:
-    """The scheduler's counters (engine.scheduler.num_*)."""
+    """The scheduler's counters (engine.scheduler.stats)."""
 
     preemptions: int
     swap_outs: int
@@ -200,7 +195,8 @@ class Counters:
 
     @classmethod
     def of(cls, scheduler) -> Counters:
-        return cls(scheduler.num_preemptions, scheduler.num_swap_outs, scheduler.num_swap_ins, scheduler.num_rejected)
+        stats = scheduler.stats
+        return cls(stats.num_preemptions, stats.num_swap_outs, stats.num_swap_ins, stats.num_rejected)
 
     def __sub__(self, other: Counters) -> Counters:
         return Counters(*(a - b for a, b in zip(astuple(self), astuple(other))))
@@ -276,7 +272,7 @@ def drive(engine, policy: str, workload: list[Arrival], args: argparse.Namespace
     """Adds each request at its arrival and steps the engine while anything is unfinished. The run ends once the
     arrival window (--duration) is over and every LS request has ended, BE requests still running then aborted, or
     is cut at --duration + --drain seconds. `trace`: a file for --trace's lines, or None."""
-    counters0, probe = Counters.of(engine.scheduler), ExecuteProbe(engine)
+    counters0, probe = Counters.of(engine.scheduler), PlanProbe(engine)
     log, stats = RequestLog(workload, args.duration), StepStats(slo.tpot)
     pids = [pid for pid in engine.cpu_pool.worker_pids() if pid] if engine.cpu_pool is not None else []
     tracer = None if trace is None else StepTrace(trace, policy, pids)
@@ -316,7 +312,7 @@ def drive(engine, policy: str, workload: list[Arrival], args: argparse.Namespace
     )
 
 
-def timed_step(engine, probe: ExecuteProbe, log: RequestLog, stats: StepStats, start: float,
+def timed_step(engine, probe: PlanProbe, log: RequestLog, stats: StepStats, start: float,
                tracer: StepTrace | None) -> None:
     ls_was_decoding = bool(log.decoding_ls)
     probe.plan = probe.predicted = None
@@ -331,8 +327,8 @@ def timed_step(engine, probe: ExecuteProbe, log: RequestLog, stats: StepStats, s
     log.note(outputs, t1 - start)
 
 
-def close_run(engine, probe: ExecuteProbe, log: RequestLog, added: set[str], cut: bool) -> str:
-    """Aborts what is still open, checks the engine's integrity (returned as text) and unwraps the runner."""
+def close_run(engine, probe: PlanProbe, log: RequestLog, added: set[str], cut: bool) -> str:
+    """Aborts what is still open, checks the engine's integrity (returned as text) and stops observing."""
     for rid in log.cancel_open():
         if rid in added:
             engine.abort_request(rid)
