@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,13 @@ if TYPE_CHECKING:
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message says which and why."""
+
+
+def cache_dir() -> Path:
+    """Where omniserve keeps what it measures or derives once: latency profiles, workload lengths, batches
+    ($OMNISERVE_CACHE_DIR, default ~/.cache/omniserve). Here, not in the profiler: the simulator reads it, and
+    runs without torch."""
+    return Path(os.environ.get("OMNISERVE_CACHE_DIR") or Path.home() / ".cache" / "omniserve")
 
 
 def load_config_table(path: str | Path, table: str, what: str) -> dict:

@@ -1,14 +1,18 @@
-"""Shared factories: tiny random models saved as real Hugging Face folders, and engines that check their pages."""
+"""Shared factories: tiny random models saved as real Hugging Face folders, and engines that check their pages.
+
+torch and the engine are imported inside the fixtures that need them: the scheduler's and the simulator's tests run
+where torch is not installed (tests/test_torch_free.py runs them so)."""
 
 from __future__ import annotations
 
 import importlib.util
 import warnings
+from typing import TYPE_CHECKING
 
 import pytest
-import torch
 
-from omniserve import LLM
+if TYPE_CHECKING:
+    from omniserve import LLM
 
 warnings.filterwarnings("ignore", message=".*NumPy array is not writable.*")
 
@@ -36,6 +40,7 @@ def _tiny_hf_config(arch: str):
 
 
 def make_hf_model(arch: str, seed: int = 0):
+    import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -62,6 +67,8 @@ def tiny_model_dirs(tmp_path_factory) -> dict[str, tuple[str, object]]:
 @pytest.fixture
 def make_llm():
     """Builds LLMs and, after the test, checks that every KV page is accounted for and free."""
+    from omniserve import LLM
+
     built: list[LLM] = []
 
     def factory(model=None, **kwargs) -> LLM:
@@ -89,6 +96,8 @@ def default_gguf() -> str:
 @pytest.fixture(scope="session")
 def default_llm() -> LLM:
     """The built-in default model, loaded once for the session (fp32, CPU)."""
+    from omniserve import LLM
+
     return LLM(max_model_len=2048)
 
 

@@ -10,14 +10,17 @@ import argparse
 import logging
 import sys
 import uuid
+from typing import TYPE_CHECKING
 
+# Only torch-free modules at the top: `omniserve simulate` (and --help) run where torch is not installed. The commands
+# that build an engine import it when they run.
 from omniserve.config import ConfigError
-from omniserve.cpu_attention.kernel import BUILD_TIMEOUT_S
 from omniserve.engine.args import EngineArgs
-from omniserve.engine.llm_engine import LLMEngine
-from omniserve.entrypoints.llm import LLM
-from omniserve.models.loader import ModelLoadError
+from omniserve.models.hf_config import ModelLoadError
 from omniserve.sampling.params import InvalidRequestError, SamplingParams
+
+if TYPE_CHECKING:
+    from omniserve.engine.llm_engine import LLMEngine
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -60,6 +63,8 @@ def _stream(engine: LLMEngine, prompt: str | list[int], params: SamplingParams) 
 
 
 def _generate(args: argparse.Namespace) -> None:
+    from omniserve.entrypoints.llm import LLM
+
     llm = LLM(**vars(EngineArgs.from_cli_args(args)))
     if args.n == 1 and not args.no_stream:
         _stream(llm.engine, args.prompt, _sampling_params(args))
@@ -71,6 +76,8 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _chat(args: argparse.Namespace) -> None:
+    from omniserve.entrypoints.llm import LLM
+
     llm = LLM(**vars(EngineArgs.from_cli_args(args)))
     conversation = [{"role": "system", "content": args.system}] if args.system else []
     print("omniserve chat: type a message, /reset to start over, Ctrl-D to quit.", file=sys.stderr)
@@ -126,7 +133,8 @@ def _serve(args: argparse.Namespace) -> None:
     from omniserve.entrypoints.openai.served_models import default_served_name
     from omniserve.entrypoints.openai.serving import RequestLimits
     from omniserve.batch.store import BatchStore
-    from omniserve.profiler.profiler import cache_dir
+    from omniserve.config import cache_dir
+    from omniserve.engine.llm_engine import LLMEngine
 
     logging.getLogger("omniserve").setLevel(args.log_level.upper())
     if args.model_tag is not None:
@@ -167,6 +175,7 @@ def _batch_limits(args: argparse.Namespace, max_line_bytes: int):
 
 def _run_batch(args: argparse.Namespace) -> None:
     """A batch file through the engine, offline (see omniserve.entrypoints.openai.run_batch)."""
+    from omniserve.engine.llm_engine import LLMEngine
     from omniserve.entrypoints.openai.run_batch import run_batch
     from omniserve.entrypoints.openai.served_models import default_served_name
 
@@ -184,7 +193,7 @@ def _build_kernel(args: argparse.Namespace) -> None:
     from omniserve.cpu_attention.kernel import build_kernel
 
     logging.getLogger("omniserve").setLevel(logging.INFO)  # say that it is building, and for how long
-    target = build_kernel(timeout_s=args.timeout)
+    target = build_kernel(**({} if args.timeout is None else {"timeout_s": args.timeout}))
     if target is None:
         sys.exit("omniserve: error: the CPU decode-attention kernel could not be built (see the warning above); "
                  "the slower torch path will be used")
@@ -297,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve_command(commands)
 
     build_kernel = commands.add_parser("build-kernel", help="build the CPU decode-attention kernel (a set-up step)")
-    build_kernel.add_argument("--timeout", type=float, default=BUILD_TIMEOUT_S,
+    build_kernel.add_argument("--timeout", type=float, default=None,
                               help="seconds the build may take before giving up (the torch path is used then)")
     build_kernel.set_defaults(handler=_build_kernel)
 

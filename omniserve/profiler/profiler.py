@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from omniserve.config import ConfigError
+from omniserve.config import ConfigError, cache_dir
 from omniserve.cpu_attention import PoolConfig
 from omniserve.engine.scheduler.latency_model import LatencyModel
 from omniserve.models.llama import LlamaForCausalLM
@@ -89,10 +89,6 @@ def device_name(device: torch.device) -> str:
     except OSError:
         pass
     return f"{platform.processor() or platform.machine()} x{os.cpu_count()}"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("OMNISERVE_CACHE_DIR") or Path.home() / ".cache" / "omniserve")
 
 
 _PROFILE_FORMAT = 3  # bumped when the models' features change, so that older cached profiles are not reused

@@ -256,7 +256,7 @@ def newest_cached_profile(prefix: str = _MEASURED_MODEL_PREFIX) -> Path:
     """The newest profile in the engine's cache whose file name starts with `prefix` (case-insensitive). Profiles
     whose CPU attention was timed through a real pool come first: the others only time the kernel in-process, a
     lower bound without the pool's round trip."""
-    from omniserve.profiler.profiler import cache_dir
+    from omniserve.config import cache_dir
 
     folder = cache_dir() / "profiles"
     candidates = []

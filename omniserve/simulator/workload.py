@@ -23,6 +23,7 @@ import json
 import math
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 from omniserve.bench import workload as bench_workload
 from omniserve.bench.workload import WorkloadError
@@ -81,22 +82,34 @@ def length_sources() -> list[str]:
     return ["sharegpt", *bench_workload.TRACES, *SYNTHETIC, "fixed:IN:OUT"]
 
 
-@functools.lru_cache(maxsize=1)
-def sharegpt_prompt_lengths() -> tuple[int, ...]:
-    """Token counts of the ShareGPT prompts (built-in tokenizer), cached beside the latency profiles: loading the
-    tokenizer takes seconds, and a simulation should not."""
-    from omniserve.profiler.profiler import cache_dir
+def sharegpt_lengths_cache_path() -> Path:
+    """Where the ShareGPT prompts' token counts are cached: named by the prompts file's size and time, so that a new
+    file is counted again."""
+    from omniserve.config import cache_dir
 
     source = bench_workload.SHAREGPT
     try:
         stat = source.stat()
     except OSError as exc:
         raise WorkloadError(f"no ShareGPT prompts at {source}: {exc}") from exc
-    cached = cache_dir() / f"sharegpt-lengths-{stat.st_size}-{int(stat.st_mtime)}.json"
+    return cache_dir() / f"sharegpt-lengths-{stat.st_size}-{int(stat.st_mtime)}.json"
+
+
+@functools.lru_cache(maxsize=1)
+def sharegpt_prompt_lengths() -> tuple[int, ...]:
+    """Token counts of the ShareGPT prompts (built-in tokenizer), cached beside the latency profiles: loading the
+    tokenizer takes seconds, and a simulation should not. Computing them needs torch (the model's tokenizer comes
+    from its GGUF file); reading them back does not."""
+    source, cached = bench_workload.SHAREGPT, sharegpt_lengths_cache_path()
     if cached.is_file():
         return tuple(json.loads(cached.read_text()))
-    from omniserve.models.loader import resolve_model
-    from omniserve.tokenizer import load_tokenizer
+    try:
+        from omniserve.models.loader import resolve_model
+        from omniserve.tokenizer import load_tokenizer
+    except ImportError as exc:
+        raise WorkloadError(f"the ShareGPT prompt lengths are not cached ({cached}) and counting them needs the "
+                            f"built-in tokenizer, which needs torch ({exc}): run once where torch is installed, or "
+                            "choose other lengths (fixed:IN:OUT, a trace's)") from exc
 
     tokenizer = load_tokenizer(*resolve_model(None, "auto"))
     texts = bench_workload.sharegpt_texts(source)
