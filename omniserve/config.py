@@ -182,6 +182,10 @@ class CacheConfig:
     """Exact number of pages; overrides the memory-based sizing (vLLM's --num-gpu-blocks-override)."""
     kv_cache_memory_bytes: int | None = None
     """Bytes for the KV cache; default: 90% of free GPU memory on CUDA, 2 GiB on the CPU."""
+    gpu_memory_utilization: float | None = None
+    """Share of the memory budget (the GPU's memory; on the CPU, the memory available at start-up) that the weights,
+    the activations and the KV cache may take together; the KV cache gets what the others leave. Used when neither
+    num_pages nor kv_cache_memory_bytes is given (as in vLLM)."""
 
     def __post_init__(self) -> None:
         if self.page_size <= 0:
@@ -190,3 +194,5 @@ class CacheConfig:
             raise ConfigError(f"num_pages must be positive, got {self.num_pages}")
         if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
             raise ConfigError(f"kv_cache_memory_bytes must be positive, got {self.kv_cache_memory_bytes}")
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")

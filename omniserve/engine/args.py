@@ -37,6 +37,11 @@ class EngineArgs:
     num_gpu_blocks_override: int | None = _arg(None, "exact number of KV pages, instead of sizing by memory")
     kv_cache_memory_bytes: int | None = _arg(
         None, "KV cache size in bytes; default: 90%% of free GPU memory, or 2 GiB on the CPU")
+    gpu_memory_utilization: float | None = _arg(
+        None, "share of the memory the engine may use for weights, activations and KV cache together, in (0, 1]: "
+        "of the GPU's memory, or on the CPU of the memory available at start-up; the KV cache gets what the weights "
+        "and the activation peak leave (--kv-cache-memory-bytes and --num-gpu-blocks-override win); default: the KV "
+        "cache as --kv-cache-memory-bytes says")
     be_decode_placement: str = _arg(
         SchedulerConfig.be_decode_placement, "where best-effort requests decode under the omniserve policy: auto (in "
         "the CPU attention pool when device KV pages or iteration time run short, back on the device when both are "

@@ -27,7 +27,8 @@ from omniserve.engine.scheduler.policy import POLICY_TABLE
 from omniserve.engine.scheduler.request import Request, RequestStatus
 from omniserve.engine.services import ServiceRegistry
 from omniserve.kv_cache import PageAllocator, PageTable
-from omniserve.kv_cache.page_pool import PagePool, pages_for_memory
+from omniserve.kv_cache.page_pool import PagePool, activation_peak_bytes, pages_for_memory, weight_bytes
+from omniserve.models.loader import LoadedModel
 from omniserve.sampling.params import InvalidRequestError, SamplingParams
 from omniserve.tokenizer import IncrementalDetokenizer, load_tokenizer
 
@@ -82,6 +83,8 @@ class LLMEngine:
         """pool_config overrides the CPU attention pool settings derived from args (tests inject faults this way)."""
         args = EngineArgs(**overrides) if args is None else args
         self.args = args
+        cache = CacheConfig(args.block_size, args.num_gpu_blocks_override, args.kv_cache_memory_bytes,
+                            args.gpu_memory_utilization)  # a bad value fails before the model loads
         loaded, self.device, self.dtype = args.load_model()
         self.model_config = loaded.config
         limit = loaded.config.max_context
@@ -100,8 +103,7 @@ class LLMEngine:
         self.services = ServiceRegistry.build(args.ls_ttft_slo, args.ls_tpot_slo, args.services)
         self.tokenizer = load_tokenizer(loaded.kind, loaded.path)
 
-        cache = CacheConfig(args.block_size, args.num_gpu_blocks_override, args.kv_cache_memory_bytes)
-        num_pages = pages_for_memory(loaded.config, cache, self.device, self.dtype)
+        num_pages = self._kv_pages(loaded, cache)
         self.pool = PagePool(loaded.config, num_pages, cache.page_size, self.device, self.dtype)
         self.allocator = PageAllocator(num_pages)
         self.page_table = PageTable(self.allocator, cache.page_size)
@@ -130,6 +132,14 @@ class LLMEngine:
             loaded.path or args.model, self.device, self.dtype, num_pages, cache.page_size,
             self.scheduler_config.max_model_len,
         )
+
+    def _kv_pages(self, loaded: LoadedModel, cache: CacheConfig) -> int:
+        """How many KV pages the memory settings give (pages_for_memory): a memory utilization's share must also hold
+        the weights and the activation peak of the largest iteration the scheduler plans."""
+        config = self.scheduler_config
+        activations = activation_peak_bytes(loaded.config, self.dtype, config.max_num_batched_tokens,
+                                            config.max_num_seqs, config.max_model_len)
+        return pages_for_memory(loaded.config, cache, self.device, self.dtype, weight_bytes(loaded.model), activations)
 
     def _host_capacity_tokens(self) -> int:
         """Tokens of KV the CPU pool's hosts hold in all, as its placement counts them (remote hosts come and go)."""

@@ -142,10 +142,6 @@ def _serve(args: argparse.Namespace) -> None:
     api_keys = APIKeys.build(args.api_key, args.api_keys_file)  # a bad keys file fails before the model loads
     limits = RequestLimits(max_body_bytes=round(args.max_request_body_mib * 2**20), max_n=args.max_n,
                            max_stop=args.max_stop_sequences)
-    if args.gpu_memory_utilization is not None:
-        logging.getLogger(__name__).warning(
-            "--gpu-memory-utilization is not applied yet: size the KV cache with --kv-cache-memory-bytes or "
-            "--num-gpu-blocks-override")
     names = args.served_model_name or [default_served_name(args.model)]
     if args.instances > 1:  # engine instances as Ray actors, and a router in this process
         from omniserve.cpu_attention.remote import connect_ray
@@ -258,8 +254,6 @@ def _add_serve_command(commands) -> None:
                        help="most completions one request may ask for (n; default: OpenAI's limit)")
     serve.add_argument("--max-stop-sequences", type=int, default=16,
                        help="most stop strings one request may give (OpenAI allows 4, vLLM any number)")
-    serve.add_argument("--gpu-memory-utilization", type=float, default=None,
-                       help="accepted for vLLM compatibility; not applied yet (use --kv-cache-memory-bytes)")
     serve.add_argument("--instances", type=int, default=1,
                        help="engine instances (Ray actors, a GPU each when the cluster has them) behind one endpoint "
                        "that routes LS requests by SLO headroom and BE requests by spare capacity")

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
+import logging
 from collections.abc import Sequence
 
 import torch
 
-from omniserve.config import CPU_DEFAULT_KV_BYTES, CacheConfig, ModelConfig
+from omniserve.config import CPU_DEFAULT_KV_BYTES, CacheConfig, ConfigError, ModelConfig
+
+logger = logging.getLogger(__name__)
 
 _CUDA_FREE_MEMORY_FRACTION = 0.9
+_GIB = 2**30
 
 
 class PagePool:
@@ -59,11 +64,17 @@ def bytes_per_page(model: ModelConfig, page_size: int, dtype: torch.dtype) -> in
     return 2 * model.num_layers * page_size * model.kv_size * torch.empty((), dtype=dtype).element_size()
 
 
-def pages_for_memory(model: ModelConfig, cache: CacheConfig, device: torch.device, dtype: torch.dtype) -> int:
-    """How many pages the configured (or default) KV memory holds."""
+def pages_for_memory(model: ModelConfig, cache: CacheConfig, device: torch.device, dtype: torch.dtype,
+                     weights: int = 0, activations: int = 0) -> int:
+    """How many pages the configured (or default) KV memory holds. An exact page count wins, then a KV size in bytes,
+    then a memory utilization: the KV cache gets what its share of the memory budget leaves beside the loaded
+    `weights` and the `activations` peak (bytes: weight_bytes, activation_peak_bytes)."""
     if cache.num_pages is not None:
         return cache.num_pages
     budget = cache.kv_cache_memory_bytes
+    if budget is None and cache.gpu_memory_utilization is not None:
+        budget = _kv_bytes_for_utilization(cache.gpu_memory_utilization, device, weights, activations,
+                                           bytes_per_page(model, cache.page_size, dtype))
     if budget is None:
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
@@ -71,3 +82,52 @@ def pages_for_memory(model: ModelConfig, cache: CacheConfig, device: torch.devic
         else:
             budget = CPU_DEFAULT_KV_BYTES
     return max(1, budget // bytes_per_page(model, cache.page_size, dtype))
+
+
+def memory_budget_bytes(device: torch.device, weights: int) -> tuple[int, str]:
+    """(bytes, what they are) that --gpu-memory-utilization takes its share of: the device's whole memory on CUDA
+    (as in vLLM); on the CPU, the memory available to the engine at start-up: what the system has available now
+    (MemAvailable) and what the engine's loaded `weights` took of it."""
+    if device.type == "cuda":
+        _, total = torch.cuda.mem_get_info(device)
+        return total, f"the memory of {torch.cuda.get_device_name(device)}"
+    from omniserve.cpu_attention.remote import available_memory_bytes
+
+    return available_memory_bytes() + weights, "the memory available at start-up"
+
+
+def _kv_bytes_for_utilization(utilization: float, device: torch.device, weights: int, activations: int,
+                              page_bytes: int) -> int:
+    """The KV cache's bytes: `utilization` of the memory budget, less the weights and the activation peak; a
+    ConfigError, with the numbers, when that leaves no room for a page."""
+    total, what = memory_budget_bytes(device, weights)
+    share = int(total * utilization)
+    kv_bytes = share - weights - activations
+    if kv_bytes < page_bytes:
+        raise ConfigError(
+            f"gpu_memory_utilization {utilization} leaves no room for the KV cache: {utilization} of {what} "
+            f"({total / _GIB:.2f} GiB) is {share / _GIB:.2f} GiB, and the weights take {weights / _GIB:.2f} GiB "
+            f"and the activation peak {activations / _GIB:.2f} GiB of it (a KV page needs {page_bytes} bytes); "
+            "raise it, or size the KV cache with kv_cache_memory_bytes or num_gpu_blocks_override")
+    logger.info("KV cache: %.2f GiB, what %s of %s (%.2f GiB) leaves beside %.2f GiB of weights and a %.2f GiB "
+                "activation peak", kv_bytes / _GIB, utilization, what, total / _GIB, weights / _GIB,
+                activations / _GIB)
+    return kv_bytes
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """What the model's weights (and buffers) take, as loaded."""
+    return sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+def activation_peak_bytes(config: ModelConfig, dtype: torch.dtype, max_num_batched_tokens: int, max_num_seqs: int,
+                          max_model_len: int) -> int:
+    """An upper estimate of one iteration's activation peak. Layers run one at a time, so the peak is one layer's:
+    the batch's hidden states and residual, QKV, attention output and MLP (gate, up, their product), a prefill
+    chunk's attention scores over the longest context with that context's K and V gathered; and then the sampled
+    rows' fp32 logits, with a copy for sampling."""
+    rows, element = max_num_batched_tokens, torch.empty((), dtype=dtype).element_size()
+    layer = rows * (2 * config.hidden_size + 2 * config.q_size + 2 * config.kv_size + 3 * config.intermediate_size)
+    scores = config.num_heads * rows * max_model_len + 2 * max_model_len * config.kv_size
+    logits = 2 * max_num_seqs * config.vocab_size * 4
+    return (layer + scores) * element + logits
