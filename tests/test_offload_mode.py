@@ -11,10 +11,11 @@ from test_slo_scheduler import MODEL  # a latency model of chosen numbers
 
 from omniserve.engine.llm_engine import LLMEngine
 from omniserve.engine.scheduler import OffloadMode, SchedulerConfig
-from omniserve.engine.scheduler.policy import BE_DECODE_PLACEMENTS, POLICIES
+from omniserve.engine.scheduler.policy import POLICIES, BeDecodePlacement
 from omniserve.entrypoints import cli
 from omniserve.profiler import profiler
 
+BE_DECODE_PLACEMENTS = tuple(placement.value for placement in BeDecodePlacement)
 EXPECTED = {
     ("omniserve", "auto"): OffloadMode.BE_WHEN_SHORT,
     ("omniserve", "cpu"): OffloadMode.BE_ALWAYS,

@@ -144,7 +144,7 @@ def test_paper_preset_runs_on_a_reduced_duration():
 
 
 def test_simulate_command(tmp_path, capsys):
-    main(["simulate", "--profile", "llama-3-8b@h100", "--policies", "omniserve,sarathi", "--duration", "5",
+    main(["simulate", "run", "--profile", "llama-3-8b@h100", "--policies", "omniserve,sarathi", "--duration", "5",
           "--drain", "30", "--ls-rate", "2", "--ls-lengths", "fixed:200:20", "--be-trace", "", "--be-rate", "1",
           "--be-lengths", "fixed:1000:50", "--ttft-slo", "1", "--tpot-slo", "0.05", "--no-progress",
           "--output-dir", str(tmp_path)])
@@ -155,22 +155,47 @@ def test_simulate_command(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--profile", "gpt-9@tpu"], "unknown profile"),
-    (["--ls-rate-steps", "1:8"], "LOW:HIGH:PERIOD"),
-    (["--ls-lengths", "novels"], "unknown length source"),
-    (["--policies", "nope"], "the paper's baselines llumnix-cpu, neo-sync"),
-    (["--profile-path", "/nonexistent.json", "--profile", "llama-3-8b@h100"], "--profile-path is a measured"),
-    (["--profile-path", "/nonexistent.json"], "No such file or directory: '/nonexistent.json'"),
-    (["--regime-map", "--warmup", "5"], "the warm-up (5 s) must be shorter than the duration (1 s)"),
-    (["--regime-map", "--warmup", "0", "--host-kv-requests", "0"], "host KV per host > 0"),
-    (["--regime-map", "--offload-pipeline", "sync"], "--offload-pipeline is for plain runs"),
-    (["--experiment", "paper", "--offload-pipeline", "one-layer"], "--offload-pipeline is for plain runs"),
+    (["run", "--profile", "gpt-9@tpu"], "unknown profile"),
+    (["run", "--ls-rate-steps", "1:8"], "LOW:HIGH:PERIOD"),
+    (["run", "--ls-lengths", "novels"], "unknown length source"),
+    (["run", "--policies", "nope"], "the paper's baselines llumnix-cpu, neo-sync"),
+    (["run", "--profile-path", "/nonexistent.json", "--profile", "llama-3-8b@h100"], "--profile-path is a measured"),
+    (["run", "--profile-path", "/nonexistent.json"], "No such file or directory: '/nonexistent.json'"),
+    (["regime-map", "--warmup", "5"], "the warm-up (5 s) must be shorter than the duration (1 s)"),
+    (["regime-map", "--warmup", "0", "--host-kv-requests", "0"], "host KV per host > 0"),
 ])
 def test_simulate_bad_flags_are_clear_errors(flags, message):
+    run_flags = ["--policies", "fcfs", "--be-trace", "", "--be-rate", "0"] if flags[0] == "run" else []
     with pytest.raises(SystemExit) as info:
-        main(["simulate", "--duration", "1", "--policies", "fcfs", "--ls-lengths", "fixed:10:2", "--be-trace", "",
-              "--be-rate", "0", "--no-progress", *flags])
+        main(["simulate", flags[0], "--duration", "1", "--ls-lengths", "fixed:10:2", "--no-progress", *run_flags,
+              *flags[1:]])
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["regime-map", "--offload-pipeline", "sync"], "unrecognized arguments: --offload-pipeline"),
+    (["paper", "--ls-rate", "2"], "unrecognized arguments: --ls-rate"),
+    (["run", "--cpu-hosts", "0,4"], "argument --cpu-hosts: invalid int value"),
+    (["run", "--offload-pipeline", "two-layer"], "invalid choice: 'two-layer'"),
+    (["--profile", "llama-3-8b@h100"], "(choose from 'run', 'regime-map', 'paper')"),
+])
+def test_simulate_subcommands_take_only_their_own_flags(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        main(["simulate", *flags])
+    assert message in capsys.readouterr().err
+
+
+def test_simulate_subcommands_have_their_own_defaults():
+    from omniserve.entrypoints.cli import build_parser
+
+    parser = build_parser()
+    run, regime_map, paper = (parser.parse_args(["simulate", mode]) for mode in ("run", "regime-map", "paper"))
+    assert (run.duration, run.drain, run.cpu_hosts, run.max_output_len) == (600.0, 600.0, 0, 2048)
+    spec = regime.RegimeSpec()
+    assert (regime_map.duration, regime_map.drain, regime_map.cpu_hosts) == (spec.duration, spec.drain, spec.cpu_hosts)
+    assert (regime_map.profile, regime_map.be_lengths, regime_map.max_output_len) == (spec.profile, spec.be_lengths,
+                                                                                      spec.be_max[1])
+    assert (paper.duration, paper.drain) == (600.0, 600.0) and not hasattr(paper, "profile")
 
 
 def test_placement_rule_shared_by_the_pool_and_the_simulator():
@@ -235,7 +260,7 @@ def test_usage_is_measured_over_the_arrivals(profile):
 
 
 def test_regime_map_command_writes_the_table_and_the_plot(tmp_path, capsys):
-    main(["simulate", "--regime-map", "--profile", "llama-3-8b@h100", "--be-lengths", "fixed:2000:100",
+    main(["simulate", "regime-map", "--profile", "llama-3-8b@h100", "--be-lengths", "fixed:2000:100",
           "--ls-lengths", "fixed:200:50", "--ls-loads", "0.25", "--device-kv-requests", "1,16", "--cpu-hosts", "0",
           "--duration", "5", "--warmup", "2", "--drain", "20", "--no-progress", "--output-dir", str(tmp_path)])
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]

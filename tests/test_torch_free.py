@@ -68,7 +68,7 @@ def cached_sharegpt_lengths(tmp_path, monkeypatch) -> Path:
     return tmp_path
 
 
-SIMULATE = ["simulate", "--duration", "10", "--drain", "10", "--policies", "omniserve", "--no-progress"]
+SIMULATE = ["simulate", "run", "--duration", "10", "--drain", "10", "--policies", "omniserve", "--no-progress"]
 """A short simulation with the default profile and workload (LS lengths from ShareGPT): seconds of wall time."""
 
 

@@ -1,5 +1,6 @@
-"""Everything a user can set on an engine, flat (CLI flags and LLM(...) keywords), with vLLM's names. Defaults that
-the scheduler and the KV cache also have are read from their config classes, so that they are written once."""
+"""Everything a user can set on an engine, flat (CLI flags and LLM(...) keywords), with vLLM's names. The scheduler's
+settings are inherited from their one declaration (SchedulerSettings); the KV cache's defaults are read from
+CacheConfig, so that they are written once."""
 
 from __future__ import annotations
 
@@ -8,31 +9,29 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
 from omniserve.config import CacheConfig
-from omniserve.engine.scheduler.config import SchedulerConfig
-from omniserve.engine.scheduler.policy import (
-    BE_DECODE_PLACEMENTS, OFFLOAD_PIPELINES, POLICIES, OffloadMode, offload_mode,
-)
+from omniserve.engine.scheduler.config import SCHEDULER_SETTINGS, SchedulerSettings, add_flags
+from omniserve.engine.scheduler.policy import OffloadMode, offload_mode
 
 if TYPE_CHECKING:
     from omniserve.cpu_attention import PoolConfig
 
 
-def _arg(default, help: str, choices: tuple[str, ...] | None = None):
-    return field(default=default, metadata={"help": help, "choices": choices})
+def _arg(default, help: str):
+    return field(default=default, metadata={"help": help, "choices": None})
 
 
 @dataclass(frozen=True)
-class EngineArgs:
+class EngineArgs(SchedulerSettings):
+    """The engine's own settings, and the scheduler's (inherited: max_num_seqs, policy, ...)."""
+
     model: str | None = _arg(
         None, "Hugging Face folder, GGUF file, or (with --load-format dummy) a known model name such as llama-3-8b; "
         "default: the built-in SmolLM2-135M-Instruct")
     load_format: str = _arg("auto", "`auto` loads the weights; `dummy` makes random weights of the model's shapes")
     device: str | None = _arg(None, "cuda or cpu; default: CUDA when present")
     dtype: str | None = _arg(None, "float32, bfloat16, float16 or float64; default: bf16 on CUDA, fp32 on the CPU")
+    # The scheduler's setting, but unknown until the model is loaded.
     max_model_len: int | None = _arg(None, "longest prompt + output in tokens; default: the model's own limit")
-    max_num_seqs: int = _arg(SchedulerConfig.max_num_seqs, "most requests running at once")
-    max_num_batched_tokens: int = _arg(
-        SchedulerConfig.max_num_batched_tokens, "token budget of one iteration; longer prefills are chunked")
     block_size: int = _arg(CacheConfig.page_size, "tokens per KV page")
     num_gpu_blocks_override: int | None = _arg(None, "exact number of KV pages, instead of sizing by memory")
     kv_cache_memory_bytes: int | None = _arg(
@@ -42,15 +41,6 @@ class EngineArgs:
         "of the GPU's memory, or on the CPU of the memory available at start-up; the KV cache gets what the weights "
         "and the activation peak leave (--kv-cache-memory-bytes and --num-gpu-blocks-override win); default: the KV "
         "cache as --kv-cache-memory-bytes says")
-    be_decode_placement: str = _arg(
-        SchedulerConfig.be_decode_placement, "where best-effort requests decode under the omniserve policy: auto (in "
-        "the CPU attention pool when device KV pages or iteration time run short, back on the device when both are "
-        "plentiful), cpu (in the pool from the first token on), device (never offload: no CPU pool); neo offloads any "
-        "request, whatever this says",
-        choices=BE_DECODE_PLACEMENTS)
-    policy: str = _arg(
-        SchedulerConfig.policy, "scheduling policy: omniserve, or a competitor's on the same engine for comparison "
-        "(sarathi, llumnix, neo, fcfs)", choices=POLICIES)
     ls_ttft_slo: float | None = _arg(
         None, "seconds to first token promised to latency-sensitive requests; those that cannot make it are rejected")
     ls_tpot_slo: float | None = _arg(
@@ -60,16 +50,6 @@ class EngineArgs:
     profile_path: str | None = _arg(
         None, "latency profile (JSON) for the SLO scheduler; default: cached per model, device and dtype, and "
         "profiled at start-up when missing")
-    iteration_budget_share: float = _arg(
-        SchedulerConfig.iteration_budget_share,
-        "share of the TPOT SLO an iteration is planned to fill (the rest absorbs prediction error)")
-    offload_pipeline: str = _arg(
-        SchedulerConfig.offload_pipeline, "how far an offloaded token goes per iteration: multi-layer (every layer "
-        "whose CPU result is back in time; the device may wait for results within the iteration's slack under the "
-        "TPOT budget), one-layer (one layer per iteration, the device never waits: the OmniServe paper's design), "
-        "sync (every layer, the device waiting for each: NEO's pipeline)", choices=OFFLOAD_PIPELINES)
-    ls_headroom: float = _arg(
-        SchedulerConfig.ls_headroom, "llumnix policy: share of device KV pages reserved for latency-sensitive requests")
     cpu_attention_workers: int = _arg(1, "CPU attention worker processes (started on first offload)")
     cpu_attention_threads: int = _arg(1, "torch threads in each CPU attention worker")
     cpu_attention_memory_gib: float | None = _arg(
@@ -89,12 +69,8 @@ class EngineArgs:
 
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
-        for f in fields(cls):
-            kind = {"int": int, "int | None": int, "float": float, "float | None": float}.get(f.type, str)
-            parser.add_argument(
-                "--" + f.name.replace("_", "-"), type=kind, default=f.default, help=f.metadata["help"],
-                choices=f.metadata["choices"],
-            )
+        add_flags(parser, [f for f in fields(cls) if f.name not in SCHEDULER_SETTINGS])
+        add_flags(parser.add_argument_group("scheduler"), [f for f in fields(cls) if f.name in SCHEDULER_SETTINGS])
 
     @classmethod
     def from_cli_args(cls, namespace: argparse.Namespace) -> "EngineArgs":

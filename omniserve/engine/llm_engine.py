@@ -90,16 +90,7 @@ class LLMEngine:
         limit = loaded.config.max_context
         if args.max_model_len is not None and args.max_model_len > limit:
             raise ConfigError(f"max_model_len {args.max_model_len} exceeds the model's limit of {limit} tokens")
-        self.scheduler_config = SchedulerConfig(
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            max_num_seqs=args.max_num_seqs,
-            max_model_len=args.max_model_len or limit,
-            be_decode_placement=args.be_decode_placement,
-            policy=args.policy,
-            ls_headroom=args.ls_headroom,
-            iteration_budget_share=args.iteration_budget_share,
-            offload_pipeline=args.offload_pipeline,
-        )
+        self.scheduler_config = SchedulerConfig.of(args, max_model_len=args.max_model_len or limit)
         self.services = ServiceRegistry.build(args.ls_ttft_slo, args.ls_tpot_slo, args.services)
         self.tokenizer = load_tokenizer(loaded.kind, loaded.path)
 

@@ -76,8 +76,8 @@ def _llumnix_cpu(profile: SystemProfile, config: SimConfig, workload: list[SimRe
     result = gpu.run(workload, until, progress, measure_from)  # the CPU instances never feed back to the GPU
     host_name = profile.latency.metadata.get("cpu_host", "").split(" ")[0]  # "xeon-gold-6342 (its description)"
     instance = cpu_instance_profile(model, host_name or DEFAULT_CPU_HOST)
-    plain = SimConfig(policy="fcfs", page_size=config.page_size, max_num_batched_tokens=config.max_num_batched_tokens,
-                      max_num_seqs=config.max_num_seqs, max_model_len=config.max_model_len, seed=config.seed)
+    limits = ("page_size", "max_num_batched_tokens", "max_num_seqs", "max_model_len", "seed")  # the rest: defaults
+    plain = SimConfig(policy="fcfs", **{name: getattr(config, name) for name in limits})
     records, seconds, cpu_busy = list(result.records), result.seconds, list(result.cpu_busy)
     for host in range(profile.num_cpu_hosts):
         share = overflow[host::profile.num_cpu_hosts]

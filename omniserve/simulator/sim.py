@@ -31,14 +31,14 @@ import heapq
 import itertools
 import math
 import random
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from omniserve.bench.metrics import Record
 from omniserve.config import CacheConfig
 from omniserve.cpu_attention.placement import LOCAL, HostRoom, choose_host, least_loaded
 from omniserve.engine.scheduler import Scheduler
-from omniserve.engine.scheduler.config import SchedulerConfig
+from omniserve.engine.scheduler.config import SchedulerConfig, SchedulerSettings
 from omniserve.engine.scheduler.latency_model import batch_shape_of_chunks
 from omniserve.engine.scheduler.plan import IterationPlan, RunnerOutput
 from omniserve.engine.scheduler.request import Placement, Request, RequestStatus
@@ -61,26 +61,18 @@ class SimRequest:
 
 
 @dataclass(frozen=True)
-class SimConfig:
-    """The simulated engine's settings. Scheduler settings take SchedulerConfig's defaults (read, not copied)."""
+class SimConfig(SchedulerSettings):
+    """The simulated engine's settings: the scheduler's (inherited from their one declaration, with the engine's
+    defaults) and the simulator's own. `policy` also takes the paper's baselines (baselines.py)."""
 
-    policy: str = SchedulerConfig.policy
     ls_ttft_slo: float | None = None
     ls_tpot_slo: float | None = None
     page_size: int = CacheConfig.page_size
-    max_num_batched_tokens: int = SchedulerConfig.max_num_batched_tokens
-    max_num_seqs: int = SchedulerConfig.max_num_seqs
-    max_model_len: int = SchedulerConfig.max_model_len
-    iteration_budget_share: float = SchedulerConfig.iteration_budget_share
-    ls_headroom: float = SchedulerConfig.ls_headroom
-    be_decode_placement: str = SchedulerConfig.be_decode_placement
-    offload_pipeline: str = SchedulerConfig.offload_pipeline
     latency_noise: float = 0.0  # relative standard deviation of iteration times around the prediction
     seed: int = 0
 
     def scheduler_config(self) -> SchedulerConfig:
-        shared = {f.name for f in fields(SchedulerConfig)}
-        return SchedulerConfig(**{f.name: getattr(self, f.name) for f in fields(self) if f.name in shared})
+        return SchedulerConfig.of(self)
 
 
 def one_layer_outputs(plan: IterationPlan, num_layers: int, token: int) -> tuple[dict[str, SampledToken],
@@ -483,12 +475,7 @@ class Simulation:
                 if self._add(f"r{index}", request):
                     pending.add(f"r{index}")
                 next_arrival += 1
-            ready = []
-            while self.cpu_results and self.cpu_results[0][0] <= self.now:
-                at, _, request_id, layer = heapq.heappop(self.cpu_results)
-                if self.out_at.get(layer, {}).get(request_id) == at:  # not taken by a layer meanwhile
-                    ready.append((request_id, layer))
-            self.scheduler.results_ready(ready)
+            self.scheduler.results_ready(self._cpu_results_back())
             if until is not None and self.now >= until:
                 break
             plan = self.scheduler.schedule() if self.scheduler.has_unfinished() else IterationPlan()
@@ -498,16 +485,8 @@ class Simulation:
             if busy:
                 self._run_iteration(plan)
                 iterations += 1
-            else:  # the device idles until something happens: an arrival, a CPU result, the end of a copy
-                copied = self._book(plan, RunnerOutput())  # a copy that ends now lets its request run in the next plan
-                wake = [t for t in (self.cpu_results[0][0] if self.cpu_results else None,
-                                    min((s[0] for s in self.swaps), default=None),
-                                    arrivals[next_arrival][1].arrival if next_arrival < len(arrivals) else None)
-                        if t is not None]
-                if wake:
-                    self.now = max(self.now, min(wake))
-                elif self.scheduler.has_unfinished() and not plan.rejected and not copied:
-                    raise RuntimeError("the simulation is stuck: requests wait but nothing can run")
+            else:
+                self._idle(plan, arrivals[next_arrival][1].arrival if next_arrival < len(arrivals) else None)
             self.meter.weigh(before, self.now, busy)
             count = len(pending)
             pending = self._end_requests(pending)
@@ -515,6 +494,29 @@ class Simulation:
                 progress(count - len(pending))
             if not pending and next_arrival >= len(arrivals):
                 break
+        return self._result(iterations)
+
+    def _cpu_results_back(self) -> list[tuple[str, int]]:
+        """The CPU results back by now that no layer took meanwhile: (request id, layer)."""
+        ready = []
+        while self.cpu_results and self.cpu_results[0][0] <= self.now:
+            at, _, request_id, layer = heapq.heappop(self.cpu_results)
+            if self.out_at.get(layer, {}).get(request_id) == at:  # not taken by a layer meanwhile
+                ready.append((request_id, layer))
+        return ready
+
+    def _idle(self, plan: IterationPlan, next_arrival: float | None) -> None:
+        """The device idles until something happens: an arrival, a CPU result, the end of a copy."""
+        copied = self._book(plan, RunnerOutput())  # a copy that ends now lets its request run in the next plan
+        wake = [t for t in (self.cpu_results[0][0] if self.cpu_results else None,
+                            min((s[0] for s in self.swaps), default=None), next_arrival) if t is not None]
+        if wake:
+            self.now = max(self.now, min(wake))
+        elif self.scheduler.has_unfinished() and not plan.rejected and not copied:
+            raise RuntimeError("the simulation is stuck: requests wait but nothing can run")
+
+    def _result(self, iterations: int) -> SimResult:
+        """The run's result, the requests still open counted as cancelled."""
         for record in self.records.values():
             if record.status == "pending":
                 record.status, record.error, record.end = "cancelled", "still open at the end", self.now

@@ -45,8 +45,30 @@ POLICY_TABLE = {
     "fcfs": Policy("fcfs", classes=False, time_budget=False, reject_late=False, offload="none"),
 }
 POLICIES = tuple(POLICY_TABLE)
-BE_DECODE_PLACEMENTS = ("auto", "cpu", "device")
-OFFLOAD_PIPELINES = ("multi-layer", "one-layer", "sync")
+
+
+class BeDecodePlacement(enum.StrEnum):
+    """Where BE requests decode under the `omniserve` policy (SchedulerSettings.be_decode_placement). A str, so that
+    it compares equal to its plain name (and prints as it)."""
+
+    AUTO = "auto"
+    """In the CPU pool when device pages or iteration time run short, back on the device when both are plentiful."""
+    CPU = "cpu"
+    """In the CPU pool once the prefill is done."""
+    DEVICE = "device"
+    """Never offloaded: no CPU pool."""
+
+
+class OffloadPipeline(enum.StrEnum):
+    """How far an offloaded token goes in one iteration (SchedulerSettings.offload_pipeline). A str, so that it
+    compares equal to its plain name (and prints as it)."""
+
+    MULTI_LAYER = "multi-layer"
+    """Through every layer whose CPU result is back in time, the device waiting within the iteration's slack."""
+    ONE_LAYER = "one-layer"
+    """One layer per iteration, the device never waiting (the OmniServe paper's design)."""
+    SYNC = "sync"
+    """Every layer, the device waiting for each (NEO's pipeline)."""
 
 
 class OffloadMode(enum.Enum):
@@ -78,10 +100,10 @@ class OffloadMode(enum.Enum):
         return self in (OffloadMode.BE_WHEN_SHORT, OffloadMode.ANY_WHEN_SHORT)
 
 
-def offload_mode(policy: str, be_decode_placement: str) -> OffloadMode:
+def offload_mode(policy: str, be_decode_placement: BeDecodePlacement | str) -> OffloadMode:
     offload = POLICY_TABLE[policy].offload
     if offload == "all":
         return OffloadMode.ANY_WHEN_SHORT
-    if offload == "none" or be_decode_placement == "device":
+    if offload == "none" or be_decode_placement == BeDecodePlacement.DEVICE:
         return OffloadMode.NONE
-    return OffloadMode.BE_ALWAYS if be_decode_placement == "cpu" else OffloadMode.BE_WHEN_SHORT
+    return OffloadMode.BE_ALWAYS if be_decode_placement == BeDecodePlacement.CPU else OffloadMode.BE_WHEN_SHORT
