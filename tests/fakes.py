@@ -12,7 +12,7 @@ from omniserve.simulator.sim import one_layer_outputs
 def step(scheduler: Scheduler, token: int = 7) -> IterationPlan:
     """Plans one iteration, 'runs' it and books its outputs; every sampled token is `token`."""
     plan = scheduler.schedule()
-    sampled, cpu_rows = one_layer_outputs(plan, scheduler.num_layers, token)
+    sampled, cpu_rows = one_layer_outputs(plan, scheduler.state.num_layers, token)
     swapped_out = [t.request_id for t in plan.swap_outs]
     swapped_in = [t.request_id for t in plan.swap_ins]
     scheduler.update(plan, RunnerOutput(sampled, swapped_out, swapped_in))

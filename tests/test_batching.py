@@ -35,7 +35,7 @@ def test_batch_gives_same_tokens_as_alone(settings, reference, tiny_model_dirs, 
     llm = make_llm(tiny_model_dirs["llama"][0], dtype="float64", block_size=4, **settings)
     assert tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == reference
     if "num_gpu_blocks_override" in settings:
-        assert llm.engine.scheduler.num_preemptions > 0
+        assert llm.engine.scheduler.stats.num_preemptions > 0
 
 
 def test_requests_arriving_mid_flight(reference, tiny_model_dirs, make_llm):

@@ -226,7 +226,7 @@ def test_a_run_reports_the_tokens_the_server_offloaded(tiny_chat_model):  # noqa
         config = runner.BenchConfig(base_url=server.url, model="tiny", streams={"be": StreamSpec(rate=1.0)},
                                     duration=0.3)
         result, records = runner.run(config, {"be": requests}, progress=False)
-        layers = server.engine.scheduler.num_layers
+        layers = server.engine.scheduler.state.num_layers
         server.wait_idle()
     assert all(r.status == "ok" for r in records)
     be = result["offloaded_tokens"]["be"]

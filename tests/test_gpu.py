@@ -44,7 +44,7 @@ def test_cuda_piggybacking_gives_device_tokens(tiny_model_dirs, make_llm, pipeli
                           offload_pipeline=pipeline)
     params = [greedy("be" if i % 2 == 0 else "ls") for i in range(len(PROMPTS))]
     assert [o.outputs[0].token_ids for o in offloading.generate(PROMPTS, params, use_tqdm=False)] == expected
-    assert offloading.engine.scheduler.num_swap_outs == 3
+    assert offloading.engine.scheduler.stats.num_swap_outs == 3
 
 
 def test_bf16_default_model_on_cuda(make_llm):

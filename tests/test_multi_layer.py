@@ -75,7 +75,7 @@ def test_tokens_that_advance_several_layers_per_iteration_equal_the_device_path(
     room for it."""
     llm = make_llm(deep, dtype="float64", block_size=4, be_decode_placement="cpu")
     scheduler = llm.engine.scheduler
-    scheduler.latency_model = LatencyModel(
+    scheduler.state.latency_model = LatencyModel(
         num_layers=LAYERS, dense=PiecewiseLinear((0.0, 1000.0), (50e-3, 51e-3)),
         prefill_attention=LinearModel(0.0, (0.0, 0.0)), decode_attention=LinearModel(0.0, (0.0, 0.0)),
         head=LinearModel(1e-3, (0.0,)), cpu_attention=LinearModel(20e-3, (0.0, 0.0)))
@@ -162,7 +162,7 @@ def test_a_worker_that_dies_while_the_device_waits(deep, reference, make_llm):
             waited_through_the_death = ran[-1][2]
     killer.join()
     assert waited_through_the_death < 1.5  # it stopped waiting when the worker died, not at the 2 s deadline
-    assert engine.scheduler.num_rebuilt >= 1
+    assert engine.scheduler.stats.num_rebuilt >= 1
     assert [results[str(i)] for i in range(2)] == [ref[:4] for ref in reference[:2]]
 
 

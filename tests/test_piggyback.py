@@ -51,7 +51,7 @@ def test_offloaded_right_after_prefill_gives_device_tokens(tiny, reference, make
     llm = make_llm(tiny, dtype="float64", block_size=4, be_decode_placement="cpu")
     assert tokens(llm.generate(PROMPTS, mixed_params(), use_tqdm=False)) == reference
     scheduler = llm.engine.scheduler
-    assert scheduler.num_swap_outs == 3 and scheduler.num_swap_ins == 0
+    assert scheduler.stats.num_swap_outs == 3 and scheduler.stats.num_swap_ins == 0
 
 
 def test_swapped_out_mid_decode_and_back_in_gives_device_tokens(tiny, reference, make_llm):
@@ -68,7 +68,7 @@ def test_swapped_out_mid_decode_and_back_in_gives_device_tokens(tiny, reference,
     device = make_llm(tiny, dtype="float64", block_size=4, be_decode_placement="device")
     expected = tokens(device.generate(PROMPTS, [greedy(max_tokens=p.max_tokens) for p in params], use_tqdm=False))
     assert tokens(outputs) == expected
-    assert engine.scheduler.num_swap_outs >= 1 and engine.scheduler.num_swap_ins >= 1
+    assert engine.scheduler.stats.num_swap_outs >= 1 and engine.scheduler.stats.num_swap_ins >= 1
 
 
 def test_piggyback_admission_caps_still_give_device_tokens(tiny, reference, make_llm):
@@ -76,7 +76,7 @@ def test_piggyback_admission_caps_still_give_device_tokens(tiny, reference, make
     0.1 ms per row, head 1 ms, budget 3.3 ms): rows wait their turn, and the tokens do not change."""
     llm = make_llm(tiny, dtype="float64", block_size=4, be_decode_placement="cpu")
     scheduler = llm.engine.scheduler
-    scheduler.latency_model = LatencyModel(
+    scheduler.state.latency_model = LatencyModel(
         num_layers=2, dense=PiecewiseLinear((0.0, 1000.0), (1e-3, 101e-3)), prefill_attention=LinearModel(0.0, (0.0, 0.0)),
         decode_attention=LinearModel(0.0, (0.0, 0.0)), head=LinearModel(1e-3, (0.0,)),
         cpu_attention=LinearModel(0.0, (0.0, 0.0)),
@@ -104,7 +104,7 @@ def test_default_model_offloaded_in_float32(default_gguf, default_llm, make_llm)
     expected = tokens(default_llm.generate(prompts, greedy(max_tokens=24), use_tqdm=False))
     offloading = make_llm(default_gguf, max_model_len=2048, be_decode_placement="cpu")
     got = tokens(offloading.generate(prompts, [greedy("be", 24), greedy("ls", 24)], use_tqdm=False))
-    assert got == expected and offloading.engine.scheduler.num_swap_outs == 1
+    assert got == expected and offloading.engine.scheduler.stats.num_swap_outs == 1
 
 
 def test_device_does_not_wait_for_a_slow_pool(tiny, make_llm):
@@ -140,7 +140,7 @@ def test_killed_worker_loses_no_request(tiny, reference, make_llm):
         if not killed and engine.scheduler.offloaded and engine.runner.num_offloaded_in_flight:
             os.kill(engine.cpu_pool.worker_pids()[0], signal.SIGKILL)
             killed = True
-    assert killed and engine.scheduler.num_rebuilt >= 1
+    assert killed and engine.scheduler.stats.num_rebuilt >= 1
     assert [results[str(i)] for i in range(len(PROMPTS))] == reference
 
 
@@ -173,7 +173,7 @@ def test_half_precision_engine_offloads(tiny, make_llm):
     llm = make_llm(tiny, dtype="bfloat16", be_decode_placement="cpu")
     outputs = llm.generate(PROMPTS[:2], [greedy("be", 8), greedy("ls", 8)], use_tqdm=False)
     assert [len(o.outputs[0].token_ids) for o in outputs] == [8, 8]
-    assert llm.engine.scheduler.num_swap_outs == 1
+    assert llm.engine.scheduler.stats.num_swap_outs == 1
 
 
 _BF16_ENGINE = """
@@ -190,7 +190,7 @@ except RuntimeError:
 llm = LLM(sys.argv[1], dtype="bfloat16", be_decode_placement="cpu")
 params = [SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, service_class=c) for c in ("be", "ls")]
 outputs = llm.generate(json.loads(sys.argv[2]), params, use_tqdm=False)
-print(json.dumps({"onednn_bf16": onednn_bf16, "swap_outs": llm.engine.scheduler.num_swap_outs,
+print(json.dumps({"onednn_bf16": onednn_bf16, "swap_outs": llm.engine.scheduler.stats.num_swap_outs,
                   "lengths": [len(o.outputs[0].token_ids) for o in outputs]}))
 llm.engine.shutdown()
 """

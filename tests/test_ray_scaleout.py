@@ -83,7 +83,7 @@ def test_killed_host_loses_no_request(ray_cluster, tiny, reference, make_llm):
             ray.kill(busy[0].actor)
 
     results = run_all(engine, kill_a_busy_host)
-    assert killed and engine.scheduler.num_rebuilt >= 1
+    assert killed and engine.scheduler.stats.num_rebuilt >= 1
     assert [results[str(i)] for i in range(len(PROMPTS))] == reference
     assert [h.name for h in pool.remote_hosts] != [] and killed[0] not in {h.name for h in pool.remote_hosts}
     assert pool.num_requests == 0 and pool.host_kv_bytes() == 0

@@ -71,7 +71,7 @@ def test_preemption_frees_the_newest_and_requeues_it_first():
     step(scheduler)  # both decode their 8th token, still within 2 pages
     step(scheduler)  # a's 9th token needs a third page: b, the newest, is preempted
     assert b.status is RequestStatus.WAITING and b.num_computed_tokens == 0 and scheduler.waiting[0] is b
-    assert a.status is RequestStatus.RUNNING and scheduler.num_preemptions == 1
+    assert a.status is RequestStatus.RUNNING and scheduler.stats.num_preemptions == 1
     scheduler.page_table.allocator.check_integrity()
     while scheduler.has_unfinished():
         step(scheduler)
@@ -89,7 +89,7 @@ def test_be_prefill_starts_only_with_room_for_its_whole_prompt():
     assert [c.request_id for c in plan.chunks] == ["first"] and second.status is RequestStatus.WAITING
     while scheduler.has_unfinished():
         step(scheduler)
-    assert scheduler.num_preemptions == 0 and second.output_token_ids == [7] * 4
+    assert scheduler.stats.num_preemptions == 0 and second.output_token_ids == [7] * 4
 
 
 def test_stop_conditions():
@@ -184,7 +184,7 @@ def test_be_flows_through_host_memory_while_ls_holds_the_device():
         held = sum(r.num_tokens - 1 + r.max_tokens - r.num_output_tokens for r in scheduler.offloaded)
         assert held <= capacity
     assert ls.num_output_tokens == 20 and all(r.num_output_tokens == 10 for r in be)
-    assert not preempted_midway and scheduler.num_swap_outs >= 3
+    assert not preempted_midway and scheduler.stats.num_swap_outs >= 3
     assert scheduler.page_table.allocator.num_used == 0
     assert not scheduler.requests and not scheduler.offloaded and not scheduler.running
 

@@ -340,7 +340,7 @@ def test_offloaded_tokens_are_timed_per_class(tiny_chat_model):
     for name in names:
         assert samples[(name + "_count", be)] == 5
     assert samples[(names[0] + "_sum", be)] >= 5  # at least an iteration each
-    assert 0 < samples[(names[2] + "_sum", be)] / 5 <= running.engine.scheduler.num_layers
+    assert 0 < samples[(names[2] + "_sum", be)] / 5 <= running.engine.scheduler.state.num_layers
 
 
 def test_request_id_is_honoured_and_logged(server, caplog):

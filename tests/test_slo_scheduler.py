@@ -51,7 +51,7 @@ def add(scheduler, request_id, prompt_len, max_tokens=8, service_class="ls", ttf
     ls = service_class == "ls"
     request = Request(
         request_id, list(range(10, 10 + prompt_len)), SamplingParams(service_class=service_class), max_tokens,
-        arrival_time=scheduler.clock(), ttft_slo=ttft if ls else None, tpot_slo=tpot if ls else None,
+        arrival_time=scheduler.state.clock(), ttft_slo=ttft if ls else None, tpot_slo=tpot if ls else None,
     )
     scheduler.add_request(request)
     return request
@@ -84,7 +84,7 @@ def test_ls_admission_at_the_ttft_boundary(margin, admitted):
     assert (request.status is RequestStatus.RUNNING) is admitted
     assert plan.rejected == ([] if admitted else ["ls"])
     if not admitted:
-        assert request.status is RequestStatus.REJECTED and scheduler.num_rejected == 1
+        assert request.status is RequestStatus.REJECTED and scheduler.stats.num_rejected == 1
         assert "ls" not in scheduler.requests and scheduler.page_table.allocator.num_used == 0
 
 
@@ -350,7 +350,7 @@ def test_the_correction_ignores_iterations_of_offloaded_rows_alone():
     plan = IterationPlan(returning=[("x", 0)], predicted_time=10 * MS, shape=BatchShape(extra_rows=(1,)))
     for _ in range(20):
         scheduler.observe(plan, 1 * MS, RunnerOutput(offloaded_rows=(1,) * LAYERS))
-    assert scheduler.time_correction == 1.0
+    assert scheduler.correction.value == 1.0
 
 
 def test_iterations_are_planned_within_a_share_of_the_slo():
@@ -363,7 +363,7 @@ def test_iterations_are_planned_within_a_share_of_the_slo():
 def test_a_swap_out_that_does_not_fit_the_budget_waits_while_ls_runs():
     slow_swaps = LatencyModel(**(vars(MODEL) | {"swap_out": LinearModel(0.0, (1e-3,))}))  # 1 ms per token
     scheduler = make(num_pages=1024)
-    scheduler.latency_model = slow_swaps
+    scheduler.state.latency_model = slow_swaps
     be = add(scheduler, "be", 60, service_class="be", max_tokens=30)
     step(scheduler)
     add(scheduler, "ls", 2000, max_tokens=2)  # the budget goes to the LS prefill: no room for a 60 ms swap-out
@@ -388,7 +388,7 @@ def test_an_over_budget_swap_out_waits_while_an_ls_request_waits():
     chunk in an iteration that an over-budget swap-out has already filled."""
     slow_swaps = LatencyModel(**(vars(MODEL) | {"swap_out": LinearModel(0.0, (1e-3,))}))  # 1 ms per token
     scheduler = make(num_pages=1024, be_decode_placement="cpu")
-    scheduler.latency_model = slow_swaps
+    scheduler.state.latency_model = slow_swaps
     be = add(scheduler, "be", 60, service_class="be", max_tokens=30)
     step(scheduler)  # BE prefill: now at a token boundary, due to go to the CPU pool (a 60 ms swap-out)
     add(scheduler, "ls", 20, max_tokens=4)
@@ -402,11 +402,11 @@ def test_measured_iteration_times_correct_later_plans():
     add(scheduler, "long", 900)
     plan = step(scheduler)
     for _ in range(100):  # the machine turns out 1.5x slower than profiled
-        scheduler.observe(plan, 1.5 * plan.predicted_time / scheduler.time_correction)
-    assert scheduler.time_correction == pytest.approx(1.5, rel=0.01)
+        scheduler.observe(plan, 1.5 * plan.predicted_time / scheduler.correction.value)
+    assert scheduler.correction.value == pytest.approx(1.5, rel=0.01)
     plan = step(scheduler)
     assert plan.predicted_time <= plan.time_budget  # the corrected prediction is what must fit
-    uncorrected = plan.predicted_time / scheduler.time_correction
+    uncorrected = plan.predicted_time / scheduler.correction.value
     assert uncorrected <= plan.time_budget / 1.5 * 1.01
 
 
@@ -416,11 +416,11 @@ def test_admission_that_rejects_everything_says_so(caplog):
         for i in range(12):
             add(scheduler, f"hopeless{i}", 10, ttft=1e-6)
             step(scheduler)
-    assert scheduler.ls_rejected_in_a_row == 12 == scheduler.num_rejected
+    assert scheduler.admission.ls_rejected_in_a_row == 12 == scheduler.stats.num_rejected
     assert "rejected the last 10 LS requests and admitted none" in caplog.text
     add(scheduler, "fine", 10, ttft=1.0)
     step(scheduler)
-    assert scheduler.ls_rejected_in_a_row == 0
+    assert scheduler.admission.ls_rejected_in_a_row == 0
 
 
 def test_the_correction_follows_a_profile_far_off_and_ignores_one_odd_iteration():
@@ -429,12 +429,12 @@ def test_the_correction_follows_a_profile_far_off_and_ignores_one_odd_iteration(
     add(scheduler, "long", 900, max_tokens=100)
     for _ in range(10):  # the device is 20x faster than profiled (the profile was taken on a busy machine)
         plan = step(scheduler)
-        scheduler.observe(plan, plan.predicted_time / scheduler.time_correction / 20)
-    assert scheduler.time_correction == pytest.approx(1 / 20)
+        scheduler.observe(plan, plan.predicted_time / scheduler.correction.value / 20)
+    assert scheduler.correction.value == pytest.approx(1 / 20)
     plan = step(scheduler)
     scheduler.observe(plan, 100 * plan.predicted_time)  # a GC pause
-    assert scheduler.time_correction == pytest.approx(1 / 20)
+    assert scheduler.correction.value == pytest.approx(1 / 20)
     clock.now += 60  # a minute later the old measurements no longer vote: the first new one decides
     plan = step(scheduler)
-    scheduler.observe(plan, 2 * plan.predicted_time / scheduler.time_correction)
-    assert scheduler.time_correction == pytest.approx(2.0)
+    scheduler.observe(plan, 2 * plan.predicted_time / scheduler.correction.value)
+    assert scheduler.correction.value == pytest.approx(2.0)

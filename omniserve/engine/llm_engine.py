@@ -155,7 +155,7 @@ class LLMEngine:
         scheduler's correction, so that admission judges by how fast the device is now, not only by the profile
         (which may be old, or taken while the machine was busier). Runs at start, and when the scheduler asks:
         an LS request that would be rejected on an idle device whose measurements are old."""
-        self.scheduler.calibration_wanted = False
+        self.scheduler.admission.calibration_wanted = False
         if self.latency_model is None:
             return
         scratch, length = "calibration", max(1, min(16, self.scheduler_config.max_model_len - 4))
@@ -179,7 +179,7 @@ class LLMEngine:
         finally:
             self.page_table.release(scratch)
         logger.info("latency model calibrated on %d scratch iterations: this device runs at %.2fx the profile's "
-                    "times", len(steps) - 1, self.scheduler.time_correction)
+                    "times", len(steps) - 1, self.scheduler.correction.value)
 
     # ------------------------------------------------------------------------------------------------ intake
     def tokenize(self, prompt: str | list[int]) -> list[int]:

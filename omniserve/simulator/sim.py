@@ -195,7 +195,7 @@ class _UsageMeter:
         ls_waiting = sum(1 for rid in ls_open  # a rejected one has left the scheduler already
                          if (r := scheduler.requests.get(rid)) is not None and r.status is RequestStatus.WAITING)
         allocator = scheduler.page_table.allocator
-        self.reading = {"device_kv": scheduler.pages_committed() / allocator.num_pages,
+        self.reading = {"device_kv": scheduler.pages.committed() / allocator.num_pages,
                         "offloaded": len(scheduler.offloaded), "offloaded_waiting_cpu": len(pending),
                         "offloaded_ready": len(scheduler.offloaded) - len(pending),
                         "be_waiting": len(scheduler.waiting) - ls_waiting, "be_stalled": stalled}
@@ -520,7 +520,7 @@ class Simulation:
         for record in self.records.values():
             if record.status == "pending":
                 record.status, record.error, record.end = "cancelled", "still open at the end", self.now
-        counters = {"preemptions": self.scheduler.num_preemptions, "swap_outs": self.scheduler.num_swap_outs,
-                    "swap_ins": self.scheduler.num_swap_ins, "rejected": self.scheduler.num_rejected}
+        counters = {"preemptions": self.scheduler.stats.num_preemptions, "swap_outs": self.scheduler.stats.num_swap_outs,
+                    "swap_ins": self.scheduler.stats.num_swap_ins, "rejected": self.scheduler.stats.num_rejected}
         return SimResult(list(self.records.values()), self.now, iterations, self.device_busy, self.cpu_busy, counters,
                          self.meter.usage())

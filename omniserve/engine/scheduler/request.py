@@ -110,6 +110,11 @@ class Request:
         return self.params.service_class is ServiceClass.BE
 
     @property
+    def is_decoding(self) -> bool:
+        """Past its prompt, with only its newest (sampled) token left to compute."""
+        return self.num_tokens - self.num_computed_tokens == 1 and self.num_output_tokens > 0
+
+    @property
     def at_token_boundary(self) -> bool:
         """Decoding, with every token but the newest (sampled, not yet fed back) in the KV cache."""
         return self.num_output_tokens >= 1 and self.num_computed_tokens == self.num_tokens - 1

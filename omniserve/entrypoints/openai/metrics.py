@@ -99,10 +99,10 @@ class ServerMetrics:
         self.offloaded.labels(model).set(len(scheduler.offloaded))
         self.host_kv.labels(model).set(len(scheduler.offloaded))
         self.kv_usage.labels(model).set(engine.allocator.num_used / engine.allocator.num_pages)
-        self.preemptions.labels(model).set(scheduler.num_preemptions)
-        self.rejections.labels(model).set(scheduler.num_rejected)
-        self.rejected_in_a_row.labels(model).set(scheduler.ls_rejected_in_a_row)
-        self.time_correction.labels(model).set(scheduler.time_correction)
+        self.preemptions.labels(model).set(scheduler.stats.num_preemptions)
+        self.rejections.labels(model).set(scheduler.stats.num_rejected)
+        self.rejected_in_a_row.labels(model).set(scheduler.admission.ls_rejected_in_a_row)
+        self.time_correction.labels(model).set(scheduler.correction.value)
         in_flight = engine.runner.num_offloaded_in_flight
         self.pool_depth.labels(model).set(in_flight)
         # An exponential average over about 100 iterations of "was the pool working for us": cheap, and it needs no

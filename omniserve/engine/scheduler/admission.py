@@ -1,0 +1,107 @@
+"""Admission: which waiting requests start this iteration, with how large a first chunk, and which LS requests are
+rejected at once because their predicted TTFT misses their SLO (never a silently late answer)."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from omniserve.engine.scheduler.budget import IterationBudget
+from omniserve.engine.scheduler.correction import TimeCorrection
+from omniserve.engine.scheduler.pages import PageManager
+from omniserve.engine.scheduler.request import Placement, Request, RequestStatus
+from omniserve.engine.scheduler.state import SchedulerState
+
+logger = logging.getLogger(__name__)
+
+_REJECTING_ALL_AFTER = 10  # LS rejections in a row, none admitted, before it is logged as rejecting everything
+
+
+class Admission:
+    """Admits waiting requests of one class at a time, in arrival order."""
+
+    def __init__(self, state: SchedulerState, pages: PageManager, correction: TimeCorrection,
+                 calibrates: bool = False) -> None:
+        """calibrates: the caller times scratch iterations when asked (calibration_wanted), so an LS request about to
+        be rejected on an idle device whose latest measurements are old waits for fresh ones instead (the engine
+        does; the simulator's device is its model)."""
+        self.state = state
+        self.pages = pages
+        self.correction = correction
+        self.calibrates = calibrates
+        self.calibration_wanted = False
+        """Set when an admission decision waits for fresh measurements (see calibrates); the caller clears it."""
+        self.ls_rejected_in_a_row = 0
+        """LS requests rejected at admission since the last one admitted."""
+
+    def admit(self, batch: IterationBudget, scheduled: dict[str, int], rejected: list[str], ls: bool,
+              reserve_rows: int = 0) -> None:
+        """Admits waiting requests of one class (LS or BE) in arrival order into the iteration (`scheduled`: request
+        id -> tokens); for LS, rejects those that would be late (their ids go to `rejected`)."""
+        state = self.state
+        ahead = self._ls_prefill_ahead(scheduled) if ls else 0
+        blocked = False  # once one request cannot start, later ones of its class wait too (arrival order)
+        for request in (r for r in tuple(state.waiting) if state.is_ls(r) == ls):  # a snapshot: admission removes
+            if blocked and not ls:
+                break  # nothing more can happen to waiting BE requests (LS ones may still be rejected)
+            if ls and self._is_late(request, batch, ahead):
+                if self._wants_calibration(ahead):
+                    self.calibration_wanted = blocked = True
+                else:
+                    self._reject(request, rejected)
+                continue
+            ahead += request.num_tokens - request.num_computed_tokens
+            # New requests wait while anything is being preempted: admitting them would only preempt again.
+            if blocked or self.pages.preempted or len(state.running) >= state.config.max_num_seqs:
+                blocked = True
+                continue
+            count = batch.largest_chunk(request, reserve_rows)
+            if count <= 0 or not self.pages.has_room(request, request.num_computed_tokens + count) or not (
+                    ls or self.pages.room_for_whole_prompt(request)):
+                blocked = True
+                continue
+            self._start(request, count, batch, scheduled, ls)
+
+    def _ls_prefill_ahead(self, scheduled: dict[str, int]) -> int:
+        """LS prefill tokens that will run before a waiting LS request's."""
+        return sum(
+            r.num_tokens - r.num_computed_tokens - scheduled.get(r.request_id, 0) for r in self.state.running
+            if r.placement is Placement.DEVICE and self.state.is_ls(r) and not r.num_output_tokens)
+
+    def _is_late(self, request: Request, batch: IterationBudget, ahead: int) -> bool:
+        if not self.state.policy.reject_late:
+            return False
+        ttft = batch.predicted_ttft(request, ahead, self.state.config.max_num_batched_tokens, self.state.clock())
+        return ttft > (request.ttft_slo or math.inf)
+
+    def _wants_calibration(self, ahead: int) -> bool:
+        """A late LS request would run alone on an idle device, and nothing measured lately backs the prediction: it
+        waits one iteration for the caller to measure the device, then is decided."""
+        state = self.state
+        return self.calibrates and not (state.running or state.offloaded or ahead) and not self.correction.is_fresh()
+
+    def _start(self, request: Request, count: int, batch: IterationBudget, scheduled: dict[str, int],
+               ls: bool) -> None:
+        state = self.state
+        state.waiting.remove(request)
+        request.status = RequestStatus.RUNNING
+        if ls:
+            self.ls_rejected_in_a_row = 0
+        if request.first_scheduled_time is None:
+            request.first_scheduled_time = state.clock()
+        state.running.append(request)
+        state.page_table.grow(request.request_id, request.num_computed_tokens + count)
+        batch.add(request, count)
+        scheduled[request.request_id] = count
+
+    def _reject(self, request: Request, rejected: list[str]) -> None:
+        self.state.finish(request.request_id, RequestStatus.REJECTED)
+        self.state.stats.num_rejected += 1
+        self.ls_rejected_in_a_row += 1
+        rejected.append(request.request_id)
+        if self.ls_rejected_in_a_row % (10 * _REJECTING_ALL_AFTER) == _REJECTING_ALL_AFTER:
+            logger.warning(
+                "admission has rejected the last %d LS requests and admitted none: their predicted TTFT exceeds "
+                "the SLO (%.3f s) even alone; the profile's times are scaled by %.2f from measured iterations. "
+                "Check the SLOs against `omniserve profile` on this machine.", self.ls_rejected_in_a_row,
+                request.ttft_slo or 0.0, self.correction.value)

@@ -1,0 +1,57 @@
+"""How far the machine has drifted from its profile: the ratio of measured to predicted iteration time lately, which
+scales every prediction the scheduler makes."""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+from dataclasses import replace
+from typing import Callable
+
+from omniserve.engine.scheduler.latency_model import LatencyModel
+from omniserve.engine.scheduler.plan import IterationPlan, RunnerOutput
+
+_WINDOW = 16  # the correction is the median measured/predicted ratio of this many latest iterations
+_LIMITS = (1e-3, 1e3)  # a ratio beyond these is a broken clock or profile, not a drift to follow
+_FRESH_S = 30.0  # measurements older than this may no longer describe the machine (other tenants come, go)
+
+
+class TimeCorrection:
+    """The latency model was profiled once; the machine drifts (other tenants, clocks, caches), so plans follow the
+    median ratio of measured to predicted time over the latest iterations: one odd iteration (a GC pause) moves it
+    nothing, a lasting change within a few iterations, however far the profile was off. After a pause longer than
+    _FRESH_S the first new measurements replace the old ones."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.value = 1.0
+        """Measured / predicted iteration time lately: scales every prediction."""
+        self.ratios: deque[float] = deque(maxlen=_WINDOW)
+        self.last_observed: float | None = None
+        """clock() of the latest measured iteration."""
+
+    def observe(self, model: LatencyModel | None, plan: IterationPlan, seconds: float,
+                output: RunnerOutput | None = None) -> None:
+        """How long a planned iteration really took. With the runner's `output`, the device's own speed is judged:
+        on the offloaded rows it ran, without the time it waited for the CPU."""
+        if not plan.predicted_time or not plan.chunks:
+            # Offloaded rows alone say little about the device: a few rows a layer cost mostly per-layer overhead
+            # that the dense model, fitted on device batches, does not describe; following them pulled the
+            # correction to 0.2-0.5 on this machine, and the next LS prefill, so planned, ran 2-4x over.
+            return
+        predicted = plan.predicted_time / self.value  # uncorrected
+        if output is not None and output.offloaded_rows is not None and plan.shape is not None:
+            ran = replace(plan.shape, extra_rows=output.offloaded_rows)
+            predicted = model.iteration_time(ran) + plan.swap_seconds
+            seconds = max(0.0, seconds - output.cpu_wait_s)
+        if predicted <= 0:
+            return
+        if not self.is_fresh():
+            self.ratios.clear()  # old measurements describe the machine as it was: the new ones alone decide
+        self.ratios.append(min(max(seconds / predicted, _LIMITS[0]), _LIMITS[1]))
+        self.value = statistics.median(self.ratios)
+        self.last_observed = self.clock()
+
+    def is_fresh(self) -> bool:
+        """Whether the latest measurement is recent enough to describe the machine as it is."""
+        return self.last_observed is not None and self.clock() - self.last_observed <= _FRESH_S
