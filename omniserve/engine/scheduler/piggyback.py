@@ -42,7 +42,7 @@ class PiggybackManager:
         """cpu_workers: the CPU pool's workers, for predicting how long a layer's offloaded rows take there."""
         self.state = state
         self.cpu_workers = max(1, cpu_workers)
-        self.pipeline = OffloadPipeline(state.config.offload_pipeline)
+        self.pipeline = state.config.offload_pipeline
 
     def results_ready(self, keys: list[tuple[str, int]]) -> None:
         """CPU attention results that came back: (request id, layer)."""
