@@ -591,7 +591,7 @@ def test_slos_look_up_the_profile_an_engine_of_the_server_args_would(tiny_chat_m
     try:
         slos.slos_from_profile(server_args, max_prompt=50, tpot_factor=3.0, ttft_factor=2.0)
         engine_args = replace(slos.server_engine_args(server_args), ls_ttft_slo=5.0, ls_tpot_slo=1.0)
-        LLMEngine(engine_args).shutdown()
+        LLMEngine(engine_args, latency_model=profiler.profiled_latency_model).shutdown()
     finally:
         torch.set_num_threads(threads)
     assert len(lookups) == 2 and lookups[0] == lookups[1]

@@ -49,7 +49,7 @@ def test_profile_command_and_engine_profile_the_same_setup(policy, placement, ti
     common = ["--model", tiny_model_dirs["llama"][0], "--policy", policy, "--be-decode-placement", placement]
     cli.main(["profile", *common, "--output", str(tmp_path / "profile.json")])
     engine = LLMEngine(model=tiny_model_dirs["llama"][0], policy=policy, be_decode_placement=placement,
-                       ls_ttft_slo=10.0, ls_tpot_slo=1.0)
+                       ls_ttft_slo=10.0, ls_tpot_slo=1.0, latency_model=profiler.profiled_latency_model)
     try:
         uses_pool = EXPECTED[(policy, placement)].uses_pool
         assert [config is not None for config in asked] == [uses_pool, uses_pool]

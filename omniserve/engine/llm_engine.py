@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 
@@ -78,9 +79,18 @@ def _remote_hosts(args: EngineArgs) -> RemoteHosts | None:
     return RemoteHosts(RemoteHostsConfig(count, args.cpu_attention_threads, memory))
 
 
+LatencyModelSource = Callable[[EngineArgs, LoadedModel, "torch.device", "torch.dtype", PoolConfig | None], LatencyModel]
+"""Makes an engine's latency model from its args, loaded model, device, dtype and CPU pool settings (such as
+omniserve.profiler.profiled_latency_model: the cached profile, or one measured now)."""
+
+
 class LLMEngine:
-    def __init__(self, args: EngineArgs | None = None, pool_config: PoolConfig | None = None, **overrides) -> None:
-        """pool_config overrides the CPU attention pool settings derived from args (tests inject faults this way)."""
+    def __init__(self, args: EngineArgs | None = None, pool_config: PoolConfig | None = None,
+                 latency_model: LatencyModel | LatencyModelSource | None = None, **overrides) -> None:
+        """pool_config overrides the CPU attention pool settings derived from args (tests inject faults this way).
+        latency_model is what the SLO-aware scheduler plans with, or what makes it once the model is loaded: used
+        only when the policy and the SLOs need one (a source is then called, and profiling may take minutes). None:
+        no latency model, so no time budget and no TTFT admission, whatever the SLOs."""
         args = EngineArgs(**overrides) if args is None else args
         self.args = args
         cache = CacheConfig(args.block_size, args.num_gpu_blocks_override, args.kv_cache_memory_bytes,
@@ -102,7 +112,7 @@ class LLMEngine:
             pool_config = pool_config or args.pool_config()
         else:
             pool_config = None  # this engine never offloads
-        self.latency_model = self._latency_model(loaded, pool_config)
+        self.latency_model = self._latency_model(latency_model, loaded, pool_config)
         self.scheduler = Scheduler(
             self.scheduler_config, self.page_table, loaded.config.eos_token_ids, loaded.config.num_layers,
             self.latency_model, default_tpot_slo=self.services.tightest_tpot_slo, calibrates=True,
@@ -138,17 +148,20 @@ class LLMEngine:
         per_token = CPUAttentionPool.host_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
         return self.cpu_pool.host_capacity_bytes() // per_token
 
-    def _latency_model(self, loaded, pool_config: PoolConfig | None) -> LatencyModel | None:
-        """The profiled latency model, when the policy and the SLOs need one (profiled now if not cached)."""
+    def _latency_model(self, given: LatencyModel | LatencyModelSource | None, loaded: LoadedModel,
+                       pool_config: PoolConfig | None) -> LatencyModel | None:
+        """The latency model given, made now if a source was given, when the policy and the SLOs need one."""
         policy = POLICY_TABLE[self.args.policy]
         has_slo = any(s.ttft_slo or s.tpot_slo for s in self.services.services.values())
         if not (has_slo and (policy.time_budget or policy.reject_late)):
             return None
-        from omniserve.profiler.profiler import load_or_profile
-
-        return load_or_profile(
-            loaded.model, self.device, self.dtype, model_name=str(loaded.path or self.args.model),
-            path=self.args.profile_path, **self.args.profile_settings(loaded.config.max_context, pool_config))
+        if given is None:
+            logger.warning("no latency model was given: the %s policy runs without a time budget or TTFT admission",
+                           self.args.policy)
+            return None
+        if isinstance(given, LatencyModel):
+            return given
+        return given(self.args, loaded, self.device, self.dtype, pool_config)
 
     def calibrate(self) -> None:
         """Times a few scratch iterations (a short prefill, then decodes) on the device and gives them to the

@@ -135,6 +135,7 @@ def _serve(args: argparse.Namespace) -> None:
     from omniserve.batch.store import BatchStore
     from omniserve.config import cache_dir
     from omniserve.engine.llm_engine import LLMEngine
+    from omniserve.profiler import profiled_latency_model
 
     logging.getLogger("omniserve").setLevel(args.log_level.upper())
     if args.model_tag is not None:
@@ -156,7 +157,7 @@ def _serve(args: argparse.Namespace) -> None:
     batch_limits = _batch_limits(args, limits.max_body_bytes)
     batch_store = BatchStore(args.batch_db or cache_dir() / "batches.db")  # in use elsewhere: fail before loading
     logging.getLogger(__name__).info("batches are kept in %s", batch_store.path)
-    engine = LLMEngine(EngineArgs.from_cli_args(args))
+    engine = LLMEngine(EngineArgs.from_cli_args(args), latency_model=profiled_latency_model)
     app = build_app(engine, names, api_keys, drain_grace_s=args.shutdown_timeout, limits=limits, batch_db=batch_store,
                     batch_limits=batch_limits)
     run_server(app, args.host, args.port, log_level=args.log_level)
@@ -174,9 +175,10 @@ def _run_batch(args: argparse.Namespace) -> None:
     from omniserve.engine.llm_engine import LLMEngine
     from omniserve.entrypoints.openai.run_batch import run_batch
     from omniserve.entrypoints.openai.served_models import default_served_name
+    from omniserve.profiler import profiled_latency_model
 
     logging.getLogger("omniserve").setLevel(logging.WARNING)
-    engine = LLMEngine(EngineArgs.from_cli_args(args))
+    engine = LLMEngine(EngineArgs.from_cli_args(args), latency_model=profiled_latency_model)
     names = args.served_model_name or [default_served_name(args.model)]
     counts = run_batch(engine, names, args.input_file, args.output_file,
                        _batch_limits(args, round(args.max_request_body_mib * 2**20)))

@@ -11,6 +11,7 @@ from omniserve.cpu_attention import PoolConfig
 from omniserve.engine.args import EngineArgs
 from omniserve.engine.llm_engine import LLMEngine
 from omniserve.engine.outputs import RequestOutput
+from omniserve.profiler import profiled_latency_model
 from omniserve.sampling.params import InvalidRequestError, SamplingParams
 
 Prompt = str | list[int]
@@ -21,7 +22,8 @@ class LLM:
     """Runs a batch of prompts to completion with continuous batching. Keywords are EngineArgs fields."""
 
     def __init__(self, model: str | None = None, pool_config: PoolConfig | None = None, **kwargs) -> None:
-        self.engine = LLMEngine(EngineArgs(model=model, **kwargs), pool_config=pool_config)
+        self.engine = LLMEngine(EngineArgs(model=model, **kwargs), pool_config=pool_config,
+                                latency_model=profiled_latency_model)
         self._ids = itertools.count()
 
     @property

@@ -1,6 +1,7 @@
 """The profiler's entry points: profile_model measures every latency model (the measurements are in measure.py,
 the fits in fitting.py); load_or_profile keeps the result in a cache keyed by everything that changes it, and
-measures again when a profile's own held-out error says it was taken on a busy machine."""
+measures again when a profile's own held-out error says it was taken on a busy machine; profiled_latency_model is
+what an engine's builders hand it as its latency model."""
 
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ from tqdm.auto import tqdm
 
 from omniserve.config import ConfigError, cache_dir
 from omniserve.cpu_attention import PoolConfig
+from omniserve.engine.args import EngineArgs
 from omniserve.engine.scheduler.latency_model import LatencyModel
 from omniserve.models.llama import LlamaForCausalLM
+from omniserve.models.loader import LoadedModel
 from omniserve.profiler.fitting import accuracy_summary, bisect_piecewise, nondecreasing, relative_errors
 from omniserve.profiler.measure import ModelProfiler
 
@@ -147,6 +150,17 @@ def load_or_profile(
     partial.replace(target)  # never leave half a file where the next start would load it
     logger.info("latency model written to %s (%s)", target, format_accuracy(latency))
     return latency
+
+
+def profiled_latency_model(args: EngineArgs, loaded: LoadedModel, device: torch.device, dtype: torch.dtype,
+                           pool_config: PoolConfig | None) -> LatencyModel:
+    """The latency model an engine of `args` schedules with (what LLM, `omniserve serve` and the scale-out instances
+    hand LLMEngine as its `latency_model`): the profile at args.profile_path, or the one cached for this model,
+    device, dtype and setup, measured now when there is none. The engine calls it only when its policy and SLOs
+    need a latency model."""
+    return load_or_profile(
+        loaded.model, device, dtype, model_name=str(loaded.path or args.model), path=args.profile_path,
+        **args.profile_settings(loaded.config.max_context, pool_config))
 
 
 def implausible_models(latency: LatencyModel) -> list[str]:
