@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from typing import BinaryIO
 
 from omniserve.batch.store import BatchStore, FileRow, write_file_atomically
-from omniserve.entrypoints.openai.errors import APIError
+from omniserve.errors import APIError
 
 _CHUNK = 1 << 20
 

@@ -41,7 +41,7 @@ from omniserve.batch.protocol import (
 )
 from omniserve.batch.store import BatchRow, BatchStore, FileRow, Line, write_file_atomically
 from omniserve.config import ConfigError
-from omniserve.entrypoints.openai.errors import APIError
+from omniserve.errors import APIError
 from omniserve.sampling.params import ServiceClass
 
 logger = logging.getLogger(__name__)

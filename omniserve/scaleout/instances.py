@@ -13,7 +13,7 @@ from dataclasses import asdict
 
 from omniserve.config import ConfigError
 from omniserve.cpu_attention.remote import import_ray
-from omniserve.engine.args import EngineArgs
+from omniserve.engine import EngineArgs
 
 logger = logging.getLogger(__name__)
 
@@ -24,11 +24,12 @@ class EngineServer:
     def __init__(self, args: dict, served_names: list[str], api_keys=None, drain_grace_s: float = 30.0) -> None:
         import uvicorn
 
-        from omniserve.engine.llm_engine import LLMEngine
-        from omniserve.entrypoints.openai.api_server import build_app, listen_socket
+        from omniserve.engine import LLMEngine
+        from omniserve.entrypoints.openai import build_app, listen_socket
+        from omniserve.profiler import profiled_latency_model
 
         ray = import_ray()
-        engine = LLMEngine(EngineArgs(**args))
+        engine = LLMEngine(EngineArgs(**args), latency_model=profiled_latency_model)
         app = build_app(engine, served_names, api_keys, drain_grace_s=drain_grace_s)
         sock = listen_socket("0.0.0.0", 0)
         self.url = f"http://{ray.util.get_node_ip_address()}:{sock.getsockname()[1]}"

@@ -4,8 +4,8 @@ Each instance reports its own load at `/load` (LLMEngine.load_report), which the
 `poll_interval_s`. A latency-sensitive request goes to the instance with the most SLO headroom, a best-effort one to
 the instance with the most spare KV capacity (device and host); between two reports, the requests the router has
 sent an instance count against it, so that a burst does not all land on the instance that looked best. The request's
-class is read as the instances read it: `service_tier: "flex"`, vLLM's `priority` > 0, or a model name that stands for
-a best-effort service.
+class is read by the rule the instances serve it by (omniserve.entrypoints.openai.request_class): `service_tier:
+"flex"`, vLLM's `priority` > 0, or a model name that stands for a best-effort service.
 
 An instance that fails a poll, or refuses a connection, is taken out until a poll succeeds again; a request whose
 connection was refused is sent to the next instance. Bodies and responses (streams too) pass through unchanged.
@@ -25,7 +25,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from starlette.background import BackgroundTask
 from starlette.responses import Response, StreamingResponse
 
-from omniserve.entrypoints.openai.errors import error_response
+from omniserve.entrypoints.openai import request_class
+from omniserve.errors import error_response
+from omniserve.sampling.params import ServiceClass
 
 logger = logging.getLogger(__name__)
 
@@ -50,11 +52,13 @@ class Instance:
         return self.report.get("be_spare_tokens", 0) - self.sent_be_tokens
 
 
-def request_class(payload: dict, model_classes: dict[str, str | None]) -> str:
-    """"be" or "ls", as the instances will classify the request."""
-    if payload.get("service_tier") == "flex" or (isinstance(payload.get("priority"), int) and payload["priority"] > 0):
-        return "be"
-    return "be" if model_classes.get(payload.get("model")) == "be" else "ls"
+def classify(payload: dict, model_classes: dict[str, str | None]) -> ServiceClass:
+    """The request's class, by the rule the instances serve it by; `model_classes`: each served name's class, as the
+    instances report it ("ls", "be", or None for a plain model name)."""
+    model = payload.get("model")
+    reported = model_classes.get(model) if isinstance(model, str) else None  # a bad one: the instance answers 400
+    model_class = next((c for c in ServiceClass if c.value == reported), None)
+    return request_class(payload.get("service_tier"), payload.get("priority"), model_class)
 
 
 def request_tokens(payload: dict) -> int:
@@ -113,11 +117,11 @@ class Router:
             classes.update(instance.report.get("models", {}))
         return classes
 
-    def pick(self, service_class: str, exclude: set[str] = frozenset()) -> Instance | None:
+    def pick(self, service_class: ServiceClass, exclude: set[str] = frozenset()) -> Instance | None:
         candidates = [i for i in self.instances if i.alive and i.url not in exclude]
         if not candidates:
             return None
-        score = Instance.ls_score if service_class == "ls" else Instance.be_score
+        score = Instance.ls_score if service_class is ServiceClass.LS else Instance.be_score
         return max(candidates, key=score)
 
     async def forward(self, request: Request, path: str) -> Response:
@@ -127,7 +131,7 @@ class Router:
         except ValueError:
             payload = {}  # the instance answers with the proper 400
         payload = payload if isinstance(payload, dict) else {}
-        service_class = request_class(payload, self.model_classes())
+        service_class = classify(payload, self.model_classes())
         headers = {k: v for k, v in request.headers.items() if k.lower() in _FORWARDED_REQUEST_HEADERS}
         tried: set[str] = set()
         while (instance := self.pick(service_class, tried)) is not None:
@@ -139,11 +143,11 @@ class Router:
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 self._take_out(instance, f"connection failed: {exc!r}")
                 continue
-            if service_class == "ls":
+            if service_class is ServiceClass.LS:
                 instance.sent_ls += 1
             else:
                 instance.sent_be_tokens += request_tokens(payload)
-            self.routed.labels(instance.url, service_class).inc()
+            self.routed.labels(instance.url, service_class.value).inc()
             return StreamingResponse(
                 upstream.aiter_bytes(), status_code=upstream.status_code,
                 headers={k: v for k, v in upstream.headers.items() if k.lower() in _FORWARDED_RESPONSE_HEADERS},
@@ -209,7 +213,7 @@ def run_router(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_leve
 
     import uvicorn
 
-    from omniserve.entrypoints.openai.api_server import listen_socket
+    from omniserve.entrypoints.openai import listen_socket
 
     sock = listen_socket(host, port)
     bound_host, bound_port = sock.getsockname()[:2]

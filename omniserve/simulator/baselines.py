@@ -24,6 +24,7 @@ import math
 from dataclasses import replace
 
 from omniserve.engine.scheduler.policy import POLICIES
+from omniserve.sampling.params import ServiceClass
 from omniserve.simulator.profiles import DEFAULT_CPU_HOST, SystemProfile, cpu_instance_profile
 from omniserve.simulator.sim import SimConfig, SimRequest, SimResult, Simulation
 
@@ -67,7 +68,7 @@ def _llumnix_cpu(profile: SystemProfile, config: SimConfig, workload: list[SimRe
     overflow: list[SimRequest] = []
 
     def divert(simulation: Simulation, request: SimRequest) -> bool:
-        if request.service_class != "be" or _gpu_takes(simulation, request):
+        if request.service_class is not ServiceClass.BE or _gpu_takes(simulation, request):
             return False
         overflow.append(request)
         return True

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from omniserve.bench import metrics, plots
 from omniserve.bench.metrics import Slo
+from omniserve.sampling.params import ServiceClass
 from omniserve.simulator import baselines
 from omniserve.simulator.profiles import SystemProfile, get_profile
 from omniserve.simulator.sim import SimConfig, SimRequest, SimResult
@@ -40,7 +41,7 @@ def one_line(summary: dict) -> str:
             f"{max(summary['cpu_pool_utilisation'], default=0):.0%} (busiest host)")
 
 
-def simulate(profile: SystemProfile, config: SimConfig, loads: dict[str, ClassLoad], duration: float,
+def simulate(profile: SystemProfile, config: SimConfig, loads: dict[ServiceClass, ClassLoad], duration: float,
              drain: float = 600.0, progress=None, backlog: tuple[SimRequest, ...] = (),
              measure_from: float = 0.0) -> tuple[dict, SimResult]:
     """One simulated run; requests still open `drain` seconds after the arrivals end are cancelled. `backlog`:
@@ -109,10 +110,10 @@ def paper_cases(ls_rates: tuple[float, ...] = PAPER_LS_RATES) -> list[PaperCase]
     return cases
 
 
-def _paper_loads(ls_rate: float, be_lengths: str) -> dict[str, ClassLoad]:
-    return {"ls": ClassLoad(rate=ls_rate, lengths="sharegpt", max_input=4096, max_output=2048),
-            "be": ClassLoad(trace="azure-code", rate=PAPER_BE_RATE, lengths=be_lengths, max_input=16384,
-                            max_output=2048)}
+def _paper_loads(ls_rate: float, be_lengths: str) -> dict[ServiceClass, ClassLoad]:
+    return {ServiceClass.LS: ClassLoad(rate=ls_rate, lengths="sharegpt", max_input=4096, max_output=2048),
+            ServiceClass.BE: ClassLoad(trace="azure-code", rate=PAPER_BE_RATE, lengths=be_lengths, max_input=16384,
+                                       max_output=2048)}
 
 
 def run_paper(duration: float, seed: int = 0, cases: list[PaperCase] | None = None, progress=None,

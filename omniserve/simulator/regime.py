@@ -33,6 +33,7 @@ from omniserve.bench.metrics import Slo
 from omniserve.bench.slos import slos_from_latency
 from omniserve.engine.scheduler.config import SchedulerConfig
 from omniserve.engine.scheduler.latency_model import BatchShape, prefill_interactions
+from omniserve.sampling.params import ServiceClass
 from omniserve.simulator.profiles import SystemProfile, get_profile
 from omniserve.simulator.sim import SimConfig, SimRequest, SimResult, Usage
 from omniserve.simulator.workload import ClassLoad, draw_lengths
@@ -253,7 +254,7 @@ def ls_attainment(records: list[metrics.Record], slo: Slo) -> tuple[float | None
     counts as met if it is on track: its first token within the TTFT SLO, its tokens since at most the TPOT SLO
     apart on average. (A policy whose iterations are slower but within the SLO leaves more LS requests open at the
     cut; counting those as misses would charge it for the length of the drain, not for its latency.)"""
-    ls = [r for r in records if r.service_class == "ls"]
+    ls = [r for r in records if r.service_class == ServiceClass.LS]
     if not ls:
         return None, 0
     open_ = [r for r in ls if r.status == "cancelled"]
@@ -275,7 +276,7 @@ def _policy_figures(result: SimResult, profile: SystemProfile, be_request_kv: fl
     usage = result.usage
     use = ResourceUse.of(usage, profile.device_kv_tokens, be_request_kv)
     iteration_s = usage.iteration_seconds
-    be_records = [r for r in result.records if r.service_class == "be"]
+    be_records = [r for r in result.records if r.service_class == ServiceClass.BE]
     attainment, ls_open = ls_attainment(result.records, slo)
     return {
         "be_tok_s": metrics.tokens_in(be_records, *window) / (window[1] - window[0]),
@@ -302,10 +303,10 @@ def be_backlog(spec: RegimeSpec, source: str, profile: SystemProfile, be_request
     room = profile.device_kv_tokens + profile.num_cpu_hosts * profile.host_kv_tokens
     count = math.ceil(spec.be_backlog * room / be_request_kv)
     rng = random.Random(f"{spec.seed}-be-backlog")
-    return tuple(SimRequest(0.0, "be", *draw_lengths(source, rng, *spec.be_max)) for _ in range(count))
+    return tuple(SimRequest(0.0, ServiceClass.BE, *draw_lengths(source, rng, *spec.be_max)) for _ in range(count))
 
 
-def _run_cell(spec: RegimeSpec, config: SimConfig, loads: dict[str, ClassLoad], kv_tokens: int, cell: dict,
+def _run_cell(spec: RegimeSpec, config: SimConfig, loads: dict[ServiceClass, ClassLoad], kv_tokens: int, cell: dict,
               progress=None) -> list[dict]:
     """One (BE shape, LS load, device KV) cell at every CPU host count: omniserve at each, sarathi once (it has no
     CPU pool, so hosts change nothing for it). Every run gets the backlog of the most hosts."""
@@ -349,10 +350,10 @@ def run_regime_map(spec: RegimeSpec, progress=None) -> list[dict]:
         be_stats = LengthStats.of(be_source, *spec.be_max)
         be_rate = spec.be_load * saturation_rate(base, be_stats, iteration_s)
         for ls_load, ls_rate in ls_cells:
-            loads = {"ls": ClassLoad(rate=ls_rate, lengths=spec.ls_lengths, max_input=LS_MAX[0],
-                                     max_output=LS_MAX[1]),
-                     "be": ClassLoad(rate=be_rate, lengths=be_source, max_input=spec.be_max[0],
-                                     max_output=spec.be_max[1])}
+            loads = {ServiceClass.LS: ClassLoad(rate=ls_rate, lengths=spec.ls_lengths, max_input=LS_MAX[0],
+                                                max_output=LS_MAX[1]),
+                     ServiceClass.BE: ClassLoad(rate=be_rate, lengths=be_source, max_input=spec.be_max[0],
+                                                max_output=spec.be_max[1])}
             ls_kv = ls_rate * iteration_s * ls_stats.resident  # Little's law: the LS load's mean KV in use
             for n in spec.device_kv_requests:
                 kv_tokens = max(1, min(base.device_kv_tokens, round(ls_kv + n * be_stats.request_kv)))

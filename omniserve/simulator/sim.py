@@ -43,7 +43,7 @@ from omniserve.engine.scheduler.latency_model import batch_shape_of_chunks
 from omniserve.engine.scheduler.plan import IterationPlan, RunnerOutput
 from omniserve.engine.scheduler.request import Placement, Request, RequestStatus
 from omniserve.kv_cache import PageAllocator, PageTable
-from omniserve.sampling.params import SampledToken, SamplingParams
+from omniserve.sampling.params import SampledToken, SamplingParams, ServiceClass
 from omniserve.simulator.profiles import SystemProfile
 
 _TOKEN = 7  # every simulated token; EOS is ignored, so outputs are exactly max_tokens long
@@ -55,9 +55,12 @@ class SimRequest:
     """One request of a simulated workload."""
 
     arrival: float
-    service_class: str  # "ls" | "be"
+    service_class: ServiceClass  # "ls" or "be" is taken too
     input_len: int
     output_len: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "service_class", ServiceClass(self.service_class))
 
 
 @dataclass(frozen=True)
@@ -276,13 +279,13 @@ class Simulation:
         whether the scheduler has it."""
         if self.divert is not None and self.divert(self, request):
             return False
-        ls = request.service_class == "ls"
+        ls = request.service_class is ServiceClass.LS
         params = SamplingParams(max_tokens=request.output_len, ignore_eos=True, temperature=0.0,
                                 service_class=request.service_class)
         self.scheduler.add_request(Request(
             request_id, [_TOKEN] * request.input_len, params, request.output_len, arrival_time=request.arrival,
             ttft_slo=self.config.ls_ttft_slo if ls else None, tpot_slo=self.config.ls_tpot_slo if ls else None))
-        self.records[request_id] = Record(request.service_class, request.arrival, request.input_len,
+        self.records[request_id] = Record(request.service_class.value, request.arrival, request.input_len,
                                           request.output_len, sent=request.arrival)
         if ls:
             self._ls_open.add(request_id)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from omniserve.bench import workload as bench_workload
 from omniserve.bench.workload import WorkloadError
+from omniserve.sampling.params import ServiceClass
 from omniserve.simulator.sim import SimRequest
 
 _SHAPE = 4.0  # gamma shape of the synthetic lengths: coefficient of variation 0.5
@@ -191,11 +192,12 @@ def arrivals(load: ClassLoad, duration: float, rng: random.Random) -> list[float
     return []
 
 
-def build_workload(loads: dict[str, ClassLoad], duration: float, seed: int) -> list[SimRequest]:
+def build_workload(loads: dict[ServiceClass, ClassLoad], duration: float, seed: int) -> list[SimRequest]:
     """Both classes' requests, sorted by arrival; each class draws from its own seeded generator."""
     requests = []
     for service_class, load in loads.items():
-        rng = random.Random(f"{seed}-{service_class}")
+        service_class = ServiceClass(service_class)
+        rng = random.Random(f"{seed}-{service_class.value}")
         for t in arrivals(load, duration, rng):
             input_len, output_len = draw_lengths(load.lengths, rng, load.max_input, load.max_output)
             requests.append(SimRequest(t, service_class, input_len, output_len))

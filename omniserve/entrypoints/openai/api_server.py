@@ -48,7 +48,7 @@ from omniserve.engine.async_engine import AsyncEngine, EngineDeadError
 from omniserve.engine.llm_engine import LLMEngine
 from omniserve.entrypoints.openai.auth import APIKeys
 from omniserve.entrypoints.openai.batch_routes import BatchCollector, UploadTooLarge, add_batch_routes
-from omniserve.entrypoints.openai.errors import APIError, error_response, validation_message
+from omniserve.entrypoints.openai.errors import validation_message
 from omniserve.entrypoints.openai.metrics import ServerMetrics
 from omniserve.entrypoints.openai.protocol import (
     ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse, DetokenizeRequest,
@@ -59,6 +59,7 @@ from omniserve.entrypoints.openai.serving import ClientDisconnected, RequestLimi
 from omniserve.entrypoints.openai.serving_batch import ServingLineRunner
 from omniserve.entrypoints.openai.serving_chat import ChatServing
 from omniserve.entrypoints.openai.serving_completions import CompletionServing
+from omniserve.errors import APIError, error_response
 
 logger = logging.getLogger(__name__)
 
@@ -210,7 +211,7 @@ def _add_tokenizer_routes(app: FastAPI, engine: LLMEngine, models: ServedModels,
 
     @app.post("/tokenize", responses={200: {"model": TokenizeResponse}, **_errors(400, 401, 404, 413)})
     async def tokenize(request: TokenizeRequest) -> Response:
-        models.resolve(request.model, wants_best_effort=False)
+        models.resolve(request.model)
         if request.messages is not None:
             tokens = await chat.render(request.messages, request.add_generation_prompt)
         elif request.prompt is not None:
@@ -221,7 +222,7 @@ def _add_tokenizer_routes(app: FastAPI, engine: LLMEngine, models: ServedModels,
 
     @app.post("/detokenize", responses={200: {"model": DetokenizeResponse}, **_errors(400, 401, 404, 413)})
     async def detokenize(request: DetokenizeRequest) -> Response:
-        models.resolve(request.model, wants_best_effort=False)
+        models.resolve(request.model)
         tokenizer = _tokenizer(engine)
         vocab = engine.model_config.vocab_size
         if any(not 0 <= t < vocab for t in request.tokens):

@@ -15,8 +15,8 @@ from omniserve.batch.protocol import (
     Batch, BatchCreateRequest, BatchList, BatchStatus, FileDeleted, FileList, FileObject,
 )
 from omniserve.batch.service import BatchService
-from omniserve.entrypoints.openai.errors import APIError
 from omniserve.entrypoints.openai.protocol import ErrorResponse
+from omniserve.errors import APIError
 
 
 class UploadTooLarge(Exception):

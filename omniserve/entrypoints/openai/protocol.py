@@ -84,10 +84,6 @@ class SamplingRequest(RequestModel):
     prompt_cache_key: str | None = None
 
     @property
-    def wants_best_effort(self) -> bool:
-        return self.service_tier == "flex" or self.priority > 0
-
-    @property
     def max_new_tokens(self) -> int | None:
         """The most tokens to generate for each completion; None: up to the context limit."""
         raise NotImplementedError

@@ -18,12 +18,12 @@ from omniserve.batch.store import BatchStore, write_file_atomically
 from omniserve.config import ConfigError
 from omniserve.engine.async_engine import AsyncEngine
 from omniserve.engine.llm_engine import LLMEngine
-from omniserve.entrypoints.openai.errors import APIError
 from omniserve.entrypoints.openai.served_models import ServedModels
 from omniserve.entrypoints.openai.serving import ServerState
 from omniserve.entrypoints.openai.serving_batch import ServingLineRunner
 from omniserve.entrypoints.openai.serving_chat import ChatServing
 from omniserve.entrypoints.openai.serving_completions import CompletionServing
+from omniserve.errors import APIError
 
 _POLL_S = 0.2
 _WINDOW = "3650d"  # offline, nothing expires

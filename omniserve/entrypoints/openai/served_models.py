@@ -17,8 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from omniserve.engine.services import Service, ServiceRegistry
-from omniserve.entrypoints.openai.errors import APIError
 from omniserve.entrypoints.openai.protocol import ModelCard, ModelList
+from omniserve.entrypoints.openai.service_classes import asks_best_effort, request_class, service_tier
+from omniserve.errors import APIError
 from omniserve.sampling.params import ServiceClass
 
 DEFAULT_MODEL_NAME = "smollm2"
@@ -53,7 +54,7 @@ class Resolved:
     @property
     def service_tier(self) -> str:
         """What the response's `service_tier` says: OpenAI's "flex" for best effort, "default" otherwise."""
-        return "flex" if self.service_class is ServiceClass.BE else "default"
+        return service_tier(self.service_class)
 
 
 class ServedModels:
@@ -72,16 +73,16 @@ class ServedModels:
                     self.by_name[f"{name}-{suffix}"] = ServedModel(f"{name}-{suffix}", service)
         self.default_name = served_names[0]
 
-    def resolve(self, name: str | None, wants_best_effort: bool) -> Resolved:
-        """The served model and service for a request's `model` (None: the default name). Unknown: 404."""
+    def resolve(self, name: str | None, tier: str | None = None, priority: int = 0) -> Resolved:
+        """The served model and service for a request's `model` (None: the default name), `service_tier` and
+        `priority` (service_classes.py's rule). Unknown: 404."""
         model = self.by_name.get(self.default_name if name is None else name)
         if model is None:
             raise APIError(404, f"The model `{name}` does not exist; this server has: {', '.join(self.by_name)}",
                            param="model", code="model_not_found")
         if model.service is None:
-            wanted = ServiceClass.BE if wants_best_effort else ServiceClass.LS
-            return Resolved(model, self.services.resolve(None, wanted))
-        if wants_best_effort and model.service.service_class is ServiceClass.LS:
+            return Resolved(model, self.services.resolve(None, request_class(tier, priority, None)))
+        if asks_best_effort(tier, priority) and model.service.service_class is ServiceClass.LS:
             raise APIError(400, f"`{model.name}` is a latency-sensitive service, but the request asks for best effort "
                            "(service_tier 'flex' or priority > 0)", param="service_tier")
         return Resolved(model, model.service)
@@ -89,7 +90,7 @@ class ServedModels:
     def resolve_best_effort(self, name: str | None) -> Resolved:
         """Where a batch line goes: the best-effort service the name stands for, or else the model's built-in one
         (a line for a latency-sensitive service runs as best effort, not as an error)."""
-        model = self.resolve(name, wants_best_effort=False).model
+        model = self.resolve(name).model
         if model.service is not None and model.service.service_class is ServiceClass.BE:
             return Resolved(model, model.service)
         return Resolved(model, self.services.resolve(None, ServiceClass.BE))

@@ -34,9 +34,9 @@ from omniserve.config import ConfigError
 from omniserve.engine.async_engine import AsyncEngine, EngineDeadError
 from omniserve.engine.llm_engine import LLMEngine
 from omniserve.engine.outputs import CompletionOutput, RequestOutput
-from omniserve.entrypoints.openai.errors import APIError, error_body
 from omniserve.entrypoints.openai.protocol import SamplingRequest, UsageInfo, now
 from omniserve.entrypoints.openai.served_models import Resolved, ServedModels
+from omniserve.errors import APIError, error_body
 from omniserve.sampling.params import InvalidRequestError, SampledToken, SamplingParams, ServiceClass
 
 logger = logging.getLogger(__name__)
@@ -205,7 +205,7 @@ class OpenAIServing:
         if best_effort:
             resolved = self.state.models.resolve_best_effort(request.model)
         else:
-            resolved = self.state.models.resolve(request.model, request.wants_best_effort)
+            resolved = self.state.models.resolve(request.model, request.service_tier, request.priority)
         if allowed is not None and resolved.service_class not in allowed:
             raise APIError(403, f"this API key may not use {resolved.service_class.value.upper()} service "
                            f"(`{resolved.model.name}`); send service_tier 'flex' or use a best-effort model name",

@@ -11,9 +11,10 @@ from pydantic import ValidationError
 
 from omniserve.batch.service import LineNotRun
 from omniserve.engine.async_engine import EngineDeadError
-from omniserve.entrypoints.openai.errors import APIError, error_body, validation_message
+from omniserve.entrypoints.openai.errors import validation_message
 from omniserve.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
 from omniserve.entrypoints.openai.serving import Call, OpenAIServing, ServerState
+from omniserve.errors import APIError, error_body
 
 
 class ServingLineRunner:

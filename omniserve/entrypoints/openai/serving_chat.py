@@ -8,12 +8,12 @@ import jinja2
 from starlette.concurrency import run_in_threadpool
 
 from omniserve.engine.outputs import CompletionOutput, RequestOutput
-from omniserve.entrypoints.openai.errors import APIError
 from omniserve.entrypoints.openai.protocol import (
     ChatCompletionChoice, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs, ChatMessage,
     ChatResponseMessage, TokenLogprob, TopLogprob,
 )
 from omniserve.entrypoints.openai.serving import ChoiceDelta, OpenAIServing, finite
+from omniserve.errors import APIError
 from omniserve.sampling.params import SampledToken
 
 # Keywords of apply_chat_template that decide what it returns: chat_template_kwargs may not change them.
