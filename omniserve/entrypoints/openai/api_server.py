@@ -330,16 +330,7 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = authorization = content_length = None
-        for name, value in scope["headers"]:
-            if name == b"x-request-id":
-                request_id = value.decode("latin-1")
-            elif name == b"authorization":
-                authorization = value.decode("latin-1")
-            elif name == b"content-length":
-                content_length = int(value) if value.isdigit() else None
-        if request_id is None or not _REQUEST_ID.fullmatch(request_id):
-            request_id = uuid.uuid4().hex
+        request_id, authorization, content_length = _request_headers(scope)
         context = scope.setdefault("state", {})
         context["request_id"] = request_id
         context["service_classes"] = None  # no keys: every class
@@ -358,28 +349,16 @@ class RequestContextMiddleware:
 
         path = scope["path"]
         try:
-            if self.api_keys is not None and path.startswith(_KEYED_PATHS):
-                classes = self.api_keys.classes_for(authorization)
-                if classes is None:
-                    response = error_response(401, "a valid API key is needed (Authorization: Bearer KEY)",
-                                              code="invalid_api_key")
-                    await response(scope, receive, send_with_id)
-                    return
-                context["service_classes"] = classes
-                context["owner"] = key_owner(authorization)
-            if self.state.draining and path in _GENERATION_PATHS:
-                retry = str(max(1, math.ceil(self.state.drain_grace_s)))
-                response = error_response(503, "the server is shutting down", code="draining",
-                                          headers={"Retry-After": retry})
-                await response(scope, receive, send_with_id)
-                return
-            upload = path == _UPLOAD_PATH and scope["method"] == "POST"
-            limit = self.upload_limit if upload else self.state.limits.max_body_bytes
-            limited_receive = await self._within_body_limit(receive, content_length, limit, upload)
-            if limited_receive is None:
-                response = error_response(413, f"the request body is larger than this server's limit of {limit} "
-                                          "bytes", code="request_too_large")
-                await response(scope, receive, send_with_id)
+            refusal = self._refusal(path, authorization, context)
+            if refusal is None:
+                upload = path == _UPLOAD_PATH and scope["method"] == "POST"
+                limit = self.upload_limit if upload else self.state.limits.max_body_bytes
+                limited_receive = await self._within_body_limit(receive, content_length, limit, upload)
+                if limited_receive is None:
+                    refusal = error_response(413, f"the request body is larger than this server's limit of {limit} "
+                                             "bytes", code="request_too_large")
+            if refusal is not None:
+                await refusal(scope, receive, send_with_id)
                 return
             await self.app(scope, limited_receive, send_with_id)
         finally:
@@ -387,6 +366,21 @@ class RequestContextMiddleware:
                 generation.close()
             logger.info('%s "%s %s" %d %.1f ms', request_id, scope["method"], path, status,
                         (time.perf_counter() - started) * 1e3)
+
+    def _refusal(self, path: str, authorization: str | None, context: dict) -> Response | None:
+        """The answer to a request refused before it reaches the app (401: no valid API key; 503: draining), or None;
+        a valid key's classes and owner go into the request's `context`."""
+        if self.api_keys is not None and path.startswith(_KEYED_PATHS):
+            classes = self.api_keys.classes_for(authorization)
+            if classes is None:
+                return error_response(401, "a valid API key is needed (Authorization: Bearer KEY)",
+                                      code="invalid_api_key")
+            context["service_classes"] = classes
+            context["owner"] = key_owner(authorization)
+        if self.state.draining and path in _GENERATION_PATHS:
+            retry = str(max(1, math.ceil(self.state.drain_grace_s)))
+            return error_response(503, "the server is shutting down", code="draining", headers={"Retry-After": retry})
+        return None
 
     @staticmethod
     async def _within_body_limit(receive: Receive, content_length: int | None, limit: int,
@@ -416,6 +410,22 @@ class RequestContextMiddleware:
             return messages.pop(0) if messages else await receive()
 
         return replay
+
+
+def _request_headers(scope: Scope) -> tuple[str, str | None, int | None]:
+    """The request's id (the client's x-request-id when it is sane, else a new one), its Authorization header and
+    its Content-Length (None when absent or not a number)."""
+    request_id = authorization = content_length = None
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            request_id = value.decode("latin-1")
+        elif name == b"authorization":
+            authorization = value.decode("latin-1")
+        elif name == b"content-length":
+            content_length = int(value) if value.isdigit() else None
+    if request_id is None or not _REQUEST_ID.fullmatch(request_id):
+        request_id = uuid.uuid4().hex
+    return request_id, authorization, content_length
 
 
 def _counting(receive: Receive, limit: int) -> Receive:

@@ -23,8 +23,16 @@ _LAYERS_PER_ITERATION_BUCKETS = (0.5, 1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48,
 class ServerMetrics:
     def __init__(self, model_name: str) -> None:
         self.model_name = model_name
-        self.registry = registry = CollectorRegistry()
-        per_request = ["model_name", "service_class"]
+        self.registry = CollectorRegistry()
+        self._add_request_metrics()
+        self._add_engine_gauges()
+        self._last_token: dict[str, float] = {}  # request id -> time of its previous token, for inter-token latency
+        self._busy_share = 0.0
+        self._slo_counts: dict[tuple[str, str], list[int]] = {}  # labels -> [requests with SLOs, attained]
+
+    def _add_request_metrics(self) -> None:
+        """Per request, labelled with its model name and service class: latencies, tokens, ends, SLOs met."""
+        registry, per_request = self.registry, ["model_name", "service_class"]
 
         def histogram(name: str, doc: str, buckets=_LATENCY_BUCKETS) -> Histogram:
             return Histogram(name, doc, per_request, buckets=buckets, registry=registry)
@@ -45,7 +53,10 @@ class ServerMetrics:
                                     per_request, registry=registry)
         self.slo_attainment = Gauge("omniserve:slo_attainment", "slo_attained / slo_requests so far", per_request,
                                     registry=registry)
-        gauge_labels = ["model_name"]
+
+    def _add_engine_gauges(self) -> None:
+        """The engine's state after each iteration: queues, KV use, admission, the latency model, the CPU pool."""
+        registry, gauge_labels = self.registry, ["model_name"]
         self.running = Gauge("vllm:num_requests_running", "Requests on the device", gauge_labels, registry=registry)
         self.waiting = Gauge("vllm:num_requests_waiting", "Requests queued", gauge_labels, registry=registry)
         self.offloaded = Gauge("omniserve:num_requests_offloaded", "Requests decoding in the CPU attention pool",
@@ -69,9 +80,6 @@ class ServerMetrics:
         self.pool_utilization = Gauge(
             "omniserve:cpu_pool_utilization", "Share of the last iterations with offloaded rows in flight",
             gauge_labels, registry=registry)
-        self._last_token: dict[str, float] = {}  # request id -> time of its previous token, for inter-token latency
-        self._busy_share = 0.0
-        self._slo_counts: dict[tuple[str, str], list[int]] = {}  # labels -> [requests with SLOs, attained]
 
     def _add_offloaded_token_histograms(self, histogram) -> None:
         # Per offloaded (CPU-attention) token: how the piggybacking pipeline carried it through the layers.
