@@ -6,6 +6,9 @@ where torch is not installed (tests/test_torch_free.py runs them so)."""
 from __future__ import annotations
 
 import importlib.util
+import math
+import os
+import shutil
 import warnings
 from typing import TYPE_CHECKING
 
@@ -108,3 +111,77 @@ def _default_llm_stays_clean(request):
         engine = request.getfixturevalue("default_llm").engine
         engine.check_integrity()
         assert engine.allocator.num_used == 0 and not engine.has_unfinished_requests()
+
+
+# ---------------------------------------------------------------------- fixtures that several test modules share
+@pytest.fixture
+def tiny(tiny_model_dirs) -> str:
+    """The tiny llama's folder."""
+    return tiny_model_dirs["llama"][0]
+
+
+@pytest.fixture
+def reference(tiny, make_llm) -> list[list[int]]:
+    """The tokens of fakes.PROMPTS, greedy, decoded on the device only: what offloading must reproduce."""
+    from fakes import PROMPTS, greedy, tokens
+
+    llm = make_llm(tiny, dtype="float64", block_size=4, be_decode_placement="device")
+    return tokens(llm.generate(PROMPTS, greedy(), use_tqdm=False))
+
+
+@pytest.fixture(scope="module")
+def tiny_profile(tiny_model_dirs, tmp_path_factory):
+    """(the path, the latency model) of a profile of the tiny llama measured on this machine."""
+    from omniserve import LLM
+    from omniserve.profiler import profiler
+
+    path = tmp_path_factory.mktemp("profile") / "tiny.json"
+    with pytest.MonkeyPatch.context() as patch:  # the machine may be busy: these tests take whatever it measures
+        patch.setattr(profiler, "_IMPLAUSIBLE_MEDIAN_ERROR", math.inf)
+        llm = LLM(tiny_model_dirs["llama"][0], ls_tpot_slo=1.0, profile_path=str(path), block_size=4)
+    llm.engine.shutdown()
+    return path, llm.engine.latency_model
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_model(tiny_model_dirs, tmp_path_factory) -> str:
+    """The tiny llama, in a folder of its own, with servers.py's word-level tokenizer and chat template."""
+    from servers import save_tiny_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-chat")
+    source = tiny_model_dirs["llama"][0]
+    for name in os.listdir(source):
+        shutil.copy(os.path.join(source, name), folder)
+    save_tiny_tokenizer(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_chat_model):
+    """A running server of the tiny chat model, shared by a module's tests."""
+    from servers import serving
+
+    with serving(tiny_chat_model) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def slo_server(tiny_chat_model, tmp_path_factory):
+    """A chat service whose TTFT SLO (10 us) no device meets, and a batch service: every chat request is rejected at
+    admission (once the engine has measured the device: the profile, 10 s per layer, is far off), batch requests
+    run."""
+    from dataclasses import replace
+
+    from fakes import MODEL
+    from servers import serving
+
+    from omniserve.engine.scheduler.latency_model import PiecewiseLinear
+
+    folder = tmp_path_factory.mktemp("slo")
+    profile = replace(MODEL, dense=PiecewiseLinear((0.0, 1000.0), (10.0, 20.0)))  # 10 s per layer: measured away
+    (folder / "profile.json").write_text(profile.to_json())
+    (folder / "services.toml").write_text('[services.chat]\nclass = "ls"\nttft_slo = 0.00001\n\n'
+                                          '[services.batch]\nclass = "be"\n')
+    with serving(tiny_chat_model, services=str(folder / "services.toml"), profile_path=str(folder / "profile.json"),
+                 be_decode_placement="device") as running:
+        yield running

@@ -1,8 +1,10 @@
-"""The engine behind the server: concurrent streams, bad input, abandoned streams, and the metrics it records."""
+"""The engine behind the server: concurrent streams, bad input, abandoned streams, and the metrics it records.
+Tests wait for what the engine thread did (an event, or a generous deadline), never for a fixed time."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -71,9 +73,8 @@ def test_bad_input_raises_and_an_abandoned_stream_frees_its_memory(served):
         async for _ in stream:
             break
         await stream.aclose()  # what a disconnecting client's handler does
-        for _ in range(100):
-            if not engine.has_unfinished_requests():
-                break
+        deadline = time.monotonic() + 30  # the abort lands at the engine thread's next turn
+        while engine.has_unfinished_requests() and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
 
     asyncio.run(main())
@@ -96,28 +97,38 @@ def test_a_shut_down_engine_refuses_requests(served):
 def test_arrival_is_stamped_when_a_request_comes_in_not_after_the_running_iteration(served):
     """TTFT (and TTFT admission) count from the request's arrival, even while the engine thread is mid-iteration."""
     engine, async_engine, _ = served
-    step = engine.step
+    step, held, released_steps = engine.step, threading.Event(), threading.Event()
 
-    def slow_step():
-        time.sleep(0.3)
+    def held_step():  # the first iteration lasts until the test lets it go on
+        held.set()
+        assert released_steps.wait(60)
         return step()
 
-    engine.step = slow_step
+    engine.step = held_step
+
+    async def last_output(request_id: str, prompt: list[int], max_tokens: int):
+        async for out in async_engine.generate(request_id, prompt, SamplingParams(max_tokens=max_tokens,
+                                                                                  ignore_eos=True)):
+            last = out
+        return last
 
     async def main():
-        busy = async_engine.generate("busy", [5, 6, 7], SamplingParams(max_tokens=4, ignore_eos=True))
-        await busy.__anext__()  # the engine thread is now in 0.3 s iterations
+        busy = asyncio.ensure_future(last_output("busy", [5, 6, 7], 4))
+        assert await asyncio.to_thread(held.wait, 60)  # the engine thread is now mid-iteration, and stays there
         posted = time.monotonic()
-        async for out in async_engine.generate("late", [5], SamplingParams(max_tokens=1)):
-            last = out
-        async for _ in busy:
-            pass
-        return posted, last
+        late = asyncio.ensure_future(last_output("late", [5], 1))
+        for _ in range(3):  # the request is posted (and stamped) at its task's first step
+            await asyncio.sleep(0)
+        released = time.monotonic()
+        released_steps.set()
+        last = await late
+        await busy
+        return posted, released, last
 
-    posted, last = asyncio.run(main())
+    posted, released, last = asyncio.run(main())
     del engine.step
-    assert posted <= last.metrics.arrival_time <= posted + 0.05  # not when the engine thread got round to it
-    assert last.metrics.first_token_time - last.metrics.arrival_time > 0.3
+    assert posted <= last.metrics.arrival_time <= released  # not when the engine thread got round to it
+    assert last.metrics.first_token_time > released
 
 
 def test_an_engine_that_goes_idle_gives_freed_memory_back_once(served, monkeypatch):
@@ -126,7 +137,19 @@ def test_an_engine_that_goes_idle_gives_freed_memory_back_once(served, monkeypat
     trims = []
     monkeypatch.setattr(module, "trim_heap", lambda: trims.append(time.monotonic()))
     engine, async_engine, _ = served
-    time.sleep(1.5)
+    idle_polls = []
+    wait = async_engine._wakeup.wait
+    async_engine._wakeup.wait = lambda timeout=None: idle_polls.append(time.monotonic()) or wait(timeout)
+
+    def idle_past(moment: float) -> None:
+        """Until the engine thread has looked whether to trim, idle, after `moment` (two idle polls after it: the
+        look before the second came after the first)."""
+        deadline = time.monotonic() + 30
+        while sum(t >= moment for t in idle_polls) < 2:
+            assert time.monotonic() < deadline, "the engine thread does not poll"
+            time.sleep(0.01)
+
+    idle_past(time.monotonic() + module._TRIM_AFTER_IDLE_S + 0.1)
     assert not trims  # nothing ran yet: nothing to give back
 
     async def run_one():
@@ -138,5 +161,6 @@ def test_an_engine_that_goes_idle_gives_freed_memory_back_once(served, monkeypat
     deadline = time.monotonic() + 30
     while not trims and time.monotonic() < deadline:
         time.sleep(0.05)
-    time.sleep(1.5)
+    assert trims
+    idle_past(trims[0] + module._TRIM_AFTER_IDLE_S + 0.1)  # idle long enough for a second trim, were there one
     assert len(trims) == 1 and trims[0] - finished_at >= 0.9  # after a second idle, once

@@ -18,10 +18,7 @@ from contextlib import contextmanager
 import httpx
 import openai
 import pytest
-from test_server import (  # noqa: F401
-    MESSAGES, PROMPT, metric_samples, server, serving, slow_engine, tiny_chat_model,
-)
-from test_slo_engine import tiny_profile  # noqa: F401
+from servers import MESSAGES, PROMPT, metric_samples, serving, slow_engine
 
 from omniserve.batch.protocol import TERMINAL
 from omniserve.batch.service import BatchLimits

@@ -14,8 +14,8 @@ from dataclasses import replace
 import pytest
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from test_server import RunningServer, serving, slo_server, slow_engine, tiny_chat_model  # noqa: F401 (fixtures)
-from test_slo_scheduler import MODEL
+from fakes import MODEL
+from servers import RunningServer, serving, slow_engine
 
 from omniserve.bench import batch, compare, metrics, runner, server_metrics, slos, workload
 from omniserve.bench.client import Stream, Target, request_body, run_streams
@@ -220,7 +220,7 @@ def test_a_server_without_offloaded_token_histograms_runs_with_one_warning(with_
     assert "offloaded" not in runner.report(result)
 
 
-def test_a_run_reports_the_tokens_the_server_offloaded(tiny_chat_model):  # noqa: F811
+def test_a_run_reports_the_tokens_the_server_offloaded(tiny_chat_model):
     requests = [Request(0.0, [30, 31, 32], 3, 6), Request(0.2, [40, 41], 2, 6)]
     with serving(tiny_chat_model, be_decode_placement="cpu") as server:
         config = runner.BenchConfig(base_url=server.url, model="tiny", streams={"be": StreamSpec(rate=1.0)},
@@ -251,7 +251,7 @@ def run_cli(argv: list[str], capsys) -> dict:
     return json.loads(lines[0])
 
 
-def test_end_to_end_both_classes_complete_and_outputs_are_written(tiny_chat_model, tmp_path, capsys):  # noqa: F811
+def test_end_to_end_both_classes_complete_and_outputs_are_written(tiny_chat_model, tmp_path, capsys):
     with serving(tiny_chat_model) as server:
         result = run_cli(bench_args(server.url, tiny_chat_model, tmp_path, "--ttft-slo", "30", "--tpot-slo", "5"),
                          capsys)
@@ -267,7 +267,7 @@ def test_end_to_end_both_classes_complete_and_outputs_are_written(tiny_chat_mode
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_chat_endpoint_streams_text_prompts_and_token_prompts(tiny_chat_model):  # noqa: F811
+def test_chat_endpoint_streams_text_prompts_and_token_prompts(tiny_chat_model):
     from omniserve.models.loader import resolve_model
     from omniserve.tokenizer import load_tokenizer
 
@@ -282,7 +282,7 @@ def test_chat_endpoint_streams_text_prompts_and_token_prompts(tiny_chat_model): 
     assert all(r.token_times and r.ttft > 0 for r in records)
 
 
-def test_rejected_ls_requests_are_counted_apart_from_failures(slo_server, tiny_chat_model, tmp_path,  # noqa: F811
+def test_rejected_ls_requests_are_counted_apart_from_failures(slo_server, tiny_chat_model, tmp_path,
                                                              capsys):
     """slo_server rejects every LS request at admission (429); BE requests run."""
     result = run_cli(bench_args(slo_server.url, tiny_chat_model, tmp_path, "--ttft-slo", "0.5"), capsys)
@@ -292,7 +292,7 @@ def test_rejected_ls_requests_are_counted_apart_from_failures(slo_server, tiny_c
     slo_server.wait_idle()
 
 
-def test_compare_starts_a_server_per_policy_and_tabulates(tiny_chat_model, tmp_path, capsys):  # noqa: F811
+def test_compare_starts_a_server_per_policy_and_tabulates(tiny_chat_model, tmp_path, capsys):
     profile = tmp_path / "profile.json"
     profile.write_text(MODEL.to_json())
     server_args = f"--model {tiny_chat_model} --block-size 4 --profile-path {profile} --max-num-seqs 8"
@@ -333,7 +333,7 @@ def test_batch_lines_carry_the_http_bodies_unstreamed():
 
 
 @pytest.mark.parametrize("endpoint", ["completions", "chat"])
-def test_be_batch_run_answers_every_line_beside_ls(tiny_chat_model, tmp_path, capsys, endpoint):  # noqa: F811
+def test_be_batch_run_answers_every_line_beside_ls(tiny_chat_model, tmp_path, capsys, endpoint):
     with serving(tiny_chat_model) as server:
         main(bench_args(server.url, tiny_chat_model, tmp_path, "--ttft-slo", "30", "--tpot-slo", "5",
                         "--be-batch", "--endpoint", endpoint))
@@ -352,7 +352,7 @@ def test_be_batch_run_answers_every_line_beside_ls(tiny_chat_model, tmp_path, ca
     assert {r["service_class"] for r in saved["records"]} == {"ls"}  # the lines are the batch's, not HTTP records
 
 
-def test_batch_answers_are_the_http_answers(tiny_chat_model):  # noqa: F811
+def test_batch_answers_are_the_http_answers(tiny_chat_model):
     requests = [Request(0.0, [30 + i, 31, 32, 33], 4, 5 + i) for i in range(4)]
     with serving(tiny_chat_model) as server:
         target = Target(server.url, "tiny", service_tier="flex")
@@ -367,7 +367,7 @@ def test_batch_answers_are_the_http_answers(tiny_chat_model):  # noqa: F811
         assert line.text and line.text == record.text  # greedy: the same tokens either way
 
 
-def test_a_batch_still_running_at_the_deadline_is_cancelled(tiny_chat_model):  # noqa: F811
+def test_a_batch_still_running_at_the_deadline_is_cancelled(tiny_chat_model):
     """Each step lasts 0.5 s, so no 12-token line can end before the deadline (0.5 s after the start)."""
     requests = [Request(0.0, [30, 31, 32], 3, 12) for _ in range(3)]
     config = runner.BenchConfig(model="tiny", streams={"be": StreamSpec(rate=1.0)}, duration=0.2,
@@ -537,7 +537,7 @@ def test_requests_still_open_at_the_end_are_cancelled_and_counted():
     (["--ls-input-len", "0"], "0 < LOW <= HIGH"),
     (["--compare", "--policies", "omniserve,best"], "unknown policies"),
 ])
-def test_bad_flags_are_clear_errors_before_anything_runs(tiny_chat_model, flags, message):  # noqa: F811
+def test_bad_flags_are_clear_errors_before_anything_runs(tiny_chat_model, flags, message):
     argv = ["bench", "--base-url", "http://127.0.0.1:9", "--tokenizer", tiny_chat_model, "--ls-rate", "1",
             "--ls-dataset", "random", "--no-progress", *flags]
     with pytest.raises(SystemExit) as info:
@@ -545,7 +545,7 @@ def test_bad_flags_are_clear_errors_before_anything_runs(tiny_chat_model, flags,
     assert message in str(info.value)
 
 
-def test_slos_from_the_profile_follow_the_latency_model(tiny_chat_model, tmp_path):  # noqa: F811
+def test_slos_from_the_profile_follow_the_latency_model(tiny_chat_model, tmp_path):
     from omniserve.engine.scheduler.latency_model import BatchShape
 
     profile = tmp_path / "profile.json"
@@ -571,7 +571,7 @@ def test_budgeted_prefill_shrinks_each_chunk_until_it_fits():
 
 
 @pytest.mark.parametrize("policy", ["omniserve", "sarathi"])
-def test_slos_look_up_the_profile_an_engine_of_the_server_args_would(tiny_chat_model, policy, monkeypatch):  # noqa: F811
+def test_slos_look_up_the_profile_an_engine_of_the_server_args_would(tiny_chat_model, policy, monkeypatch):
     """The cache key must match what the servers look up, or each would profile again at start-up."""
     import torch
 
@@ -598,7 +598,7 @@ def test_slos_look_up_the_profile_an_engine_of_the_server_args_would(tiny_chat_m
     assert (lookups[0][3]["pool_config"] is None) == (policy == "sarathi")
 
 
-def test_closed_loop_keeps_n_in_flight_and_cycles_its_pool(tiny_chat_model):  # noqa: F811
+def test_closed_loop_keeps_n_in_flight_and_cycles_its_pool(tiny_chat_model):
     pool = [Request(None, [30 + i, 31, 32], 3, 4) for i in range(3)]
     with serving(tiny_chat_model) as server:
         records, _ = asyncio.run(run_streams([Stream("ls", Target(server.url, "tiny"), pool, concurrency=2)],

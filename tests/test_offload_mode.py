@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-from test_slo_scheduler import MODEL  # a latency model of chosen numbers
+from fakes import MODEL  # a latency model of chosen numbers
 
 from omniserve.engine.llm_engine import LLMEngine
 from omniserve.engine.scheduler import OffloadMode, SchedulerConfig

@@ -15,31 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from fakes import PROMPTS, greedy, tokens
 
 from omniserve.cpu_attention import CPUAttentionPool, PoolConfig
 from omniserve.engine.scheduler.latency_model import LatencyModel, LinearModel, PiecewiseLinear
 from omniserve.sampling.params import SamplingParams
 
-PROMPTS = [[7, 8, 9], list(range(100, 141)), [500 + i for i in range(17)], [3] * 29, [42, 43]]
-
-
-def greedy(service_class: str = "ls", max_tokens: int = 16) -> SamplingParams:
-    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, service_class=service_class)
-
-
-def tokens(outputs):
-    return [o.outputs[0].token_ids for o in outputs]
-
-
-@pytest.fixture
-def tiny(tiny_model_dirs):
-    return tiny_model_dirs["llama"][0]
-
-
-@pytest.fixture
-def reference(tiny, make_llm):
-    llm = make_llm(tiny, dtype="float64", block_size=4, be_decode_placement="device")
-    return tokens(llm.generate(PROMPTS, greedy(), use_tqdm=False))
+# `tiny` and `reference` (the device-only tokens of PROMPTS) are conftest.py's fixtures.
 
 
 def mixed_params():

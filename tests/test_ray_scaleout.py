@@ -7,8 +7,9 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="scale-out needs Ray (pip install 'omniserve[ray]')")
 
-# The workload and the device-only reference of the piggybacking tests: remote hosts must give the same tokens.
-from test_piggyback import PROMPTS, greedy, reference, tiny, tokens  # noqa: E402, F401 (fixtures)
+# The workload of the piggybacking tests, and (conftest's `reference`) its device-only tokens: remote hosts must give
+# the same tokens.
+from fakes import PROMPTS, greedy  # noqa: E402
 
 
 @pytest.fixture(scope="session")

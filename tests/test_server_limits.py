@@ -1,6 +1,6 @@
 """What one request may make the server do: bounded bodies, prompts and sampling fields, refused fields, no prompt
 tokenized where it stalls others, nothing left in flight after a refusal, and an OpenAPI spec that says what the
-server answers. The server and its tiny model come from test_server."""
+server answers. The server and its tiny model are conftest.py's fixtures (served by servers.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import time
 
 import httpx
 import pytest
-from test_server import MESSAGES, PROMPT, assert_serves, server, serving, slow_engine, tiny_chat_model  # noqa: F401
+from servers import MESSAGES, PROMPT, assert_serves, serving, slow_engine
 
 from omniserve.config import ConfigError
 from omniserve.entrypoints.openai.serving import RequestLimits

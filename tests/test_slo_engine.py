@@ -4,26 +4,10 @@ the measured times follow the predictions is a benchmark's question: benchmarks/
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
-import pytest
-
 from omniserve.engine.scheduler.latency_model import BatchShape, PiecewiseLinear, prefill_interactions
-from omniserve.profiler import profiler
 from omniserve.sampling.params import SamplingParams
-
-
-@pytest.fixture(scope="module")
-def tiny_profile(tiny_model_dirs, tmp_path_factory):
-    from omniserve import LLM
-
-    path = tmp_path_factory.mktemp("profile") / "tiny.json"
-    with pytest.MonkeyPatch.context() as patch:  # the machine may be busy: these tests take whatever it measures
-        patch.setattr(profiler, "_IMPLAUSIBLE_MEDIAN_ERROR", math.inf)
-        llm = LLM(tiny_model_dirs["llama"][0], ls_tpot_slo=1.0, profile_path=str(path), block_size=4)
-    llm.engine.shutdown()
-    return path, llm.engine.latency_model
 
 
 def test_tight_tpot_slo_under_heavy_be_load(tiny_model_dirs, tiny_profile, make_llm):
@@ -70,7 +54,7 @@ def _lone_ls_request(llm) -> str:
 def flat_profile(tmp_path, dense_s_per_layer: float):
     """A profile of chosen numbers for the tiny model (2 layers): dense work takes `dense_s_per_layer` whatever the
     rows, the rest next to nothing; written where --profile-path can name it."""
-    from test_slo_scheduler import MODEL  # the scheduler tests' latency model of chosen numbers
+    from fakes import MODEL  # the scheduler tests' latency model of chosen numbers
 
     model = replace(MODEL, num_layers=2, dense=PiecewiseLinear((0.0, 1000.0), (dense_s_per_layer, dense_s_per_layer)))
     path = tmp_path / "profile.json"

@@ -7,28 +7,19 @@ import logging
 import math
 
 import pytest
-from fakes import step
+from fakes import LAYERS, MODEL, MS, step
 
 from omniserve.engine.scheduler import Scheduler
 from omniserve.engine.scheduler.config import SchedulerConfig
 from omniserve.engine.scheduler.latency_model import (
-    BatchShape, LatencyModel, LinearModel, PiecewiseLinear, prefill_interactions,
+    BatchShape, LatencyModel, LinearModel, prefill_interactions,
 )
 from omniserve.engine.scheduler.request import Placement, Request, RequestStatus
 from omniserve.kv_cache import PageAllocator, PageTable
 from omniserve.sampling.params import SamplingParams
 
-LAYERS = 4
-MS = 1e-3
-# One layer's dense work: 1 ms + 0.1 ms per row; the head: 1 ms + 0.1 ms per sampled row; attention is cheap.
-MODEL = LatencyModel(
-    num_layers=LAYERS,
-    dense=PiecewiseLinear((0.0, 1000.0), (1 * MS, 101 * MS)),
-    prefill_attention=LinearModel(0.0, (1e-7, 0.0)),
-    decode_attention=LinearModel(0.0, (1e-6, 0.0)),
-    head=LinearModel(1 * MS, (0.1 * MS,)),
-    cpu_attention=LinearModel(0.0, (1e-6, 0.0)),
-)
+# MODEL (fakes.py): one layer's dense work takes 1 ms + 0.1 ms per row; the head 1 ms + 0.1 ms per sampled row;
+# attention is cheap.
 
 
 class Clock:
