@@ -513,7 +513,8 @@ def test_a_broken_server_gives_counted_failures_not_a_hang():
     errors = " | ".join(r.error for r in by_status["failed"])
     for expected in ("HTTP 500: boom", "HTTP 503: overloaded", "malformed chunk", "error chunk", "ReadTimeout"):
         assert expected in errors
-    assert "before [DONE]" in errors or "RemoteProtocolError" in errors
+    # A stream cut mid-body shows as one of these, by how the closed connection reaches the client (a reset: ReadError).
+    assert any(cut in errors for cut in ("before [DONE]", "RemoteProtocolError", "ReadError"))
     summary = metrics.summarize(records, 1.0, 2.0, {"ls": Slo(ttft=1.0)})["ls"]
     assert summary["failed"] == 12 and summary["slo_attainment"] == pytest.approx(2 / 14)
 
