@@ -519,6 +519,7 @@ def test_a_failed_engine_stops_the_server_with_status_1(tiny_chat_model, capsys)
         time.sleep(0.05)
     url = err.split(" on ")[-1].strip()
     while app.state.server.async_engine is None:
+        assert time.monotonic() < deadline, "the server never started its engine"
         time.sleep(0.01)
     response = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": PROMPT, "max_tokens": 4},
                           timeout=30)
