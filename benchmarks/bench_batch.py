@@ -57,6 +57,8 @@ from omniserve.bench.workload import PromptMaker, Request, StreamSpec, build_str
 
 SERVER_ARGS = ("--threads 1 --max-model-len 2048 --max-num-batched-tokens 512 --cpu-attention-workers 1 "
                "--cpu-attention-threads 1")
+SMOKE_SERVER_ARGS = ("--threads 1 --max-model-len 512 --max-num-batched-tokens 64 --cpu-attention-workers 1 "
+                     "--cpu-attention-threads 1")  # the other --smoke scripts' settings (one latency profile)
 MODEL = "smollm2"
 GAUGES = {"vllm:num_requests_running": "running", "vllm:num_requests_waiting": "waiting",
           "omniserve:num_requests_offloaded": "offloaded"}
@@ -441,7 +443,12 @@ def parse_args() -> argparse.Namespace:
     add("--seed", type=int, default=0)
     add("--output-dir", type=Path, default=Path("bench-batch"), help="the server's log goes here")
     add("--markdown", type=Path, help="also write the results as a markdown section here")
+    add("--smoke", action="store_true", help="a tiny run that only checks that the script works")
     args = parser.parse_args()
+    if args.smoke:
+        args.lines, args.be_max_input_len, args.be_output_len, args.duration = 4, 16, "4", 3.0
+        args.ls_max_input_len, args.ls_output_len, args.repeats = 32, "4:8", 1
+        args.be_timeout, args.quiet_wait, args.server_args = 300.0, 0.0, SMOKE_SERVER_ARGS
     args.lines = args.lines or (200 if args.quick else 1000)
     args.duration = args.duration or (30.0 if args.quick else 120.0)
     if args.lines < 1 or args.repeats < 1 or args.duration <= 0:

@@ -82,6 +82,7 @@ from omniserve.engine.observer import IterationRecord
 
 BLOCK = 16  # tokens per KV page
 MAX_MODEL_LEN = 2048  # with 512 batched tokens and 16-token pages: the profile bench_policies caches for this machine
+SMOKE_MAX_MODEL_LEN = 512  # with 64 batched tokens: the other --smoke scripts' settings (one latency profile)
 
 
 # ------------------------------------------------------------------------------------------------------ engines
@@ -91,7 +92,7 @@ def build_llm(args: argparse.Namespace, placement: str, pipeline: str = "multi-l
 
     pool = PoolConfig(num_workers=1, threads_per_worker=1, worker_cores=((args.pool_core,),))
     extra = dict(ls_ttft_slo=args.ls_ttft_slo, ls_tpot_slo=args.ls_tpot_slo) if slos else {}
-    return LLM(seed=args.seed, dtype="float32", device="cpu", threads=1, max_model_len=MAX_MODEL_LEN,
+    return LLM(seed=args.seed, dtype="float32", device="cpu", threads=1, max_model_len=args.max_model_len,
                max_num_batched_tokens=args.max_num_batched_tokens, block_size=BLOCK,
                num_gpu_blocks_override=kv_pages(args), be_decode_placement=placement, offload_pipeline=pipeline,
                pool_config=pool, **extra)
@@ -414,7 +415,7 @@ def info_lines(args: argparse.Namespace, results, lone: list[float], total_s: fl
         f"({args.be_prompt_len}-token prompts, {args.be_output_len} output tokens) queued at the start, LS requests "
         f"({args.ls_prompt_len}-token prompts, {args.ls_output_len} output tokens) one every {args.ls_interval:g} s "
         f"from the start while BE requests run (at most {args.duration:g} s); greedy, EOS ignored, prompts from "
-        f"{source}; max_num_batched_tokens {args.max_num_batched_tokens}, max_model_len {MAX_MODEL_LEN}, "
+        f"{source}; max_num_batched_tokens {args.max_num_batched_tokens}, max_model_len {args.max_model_len}, "
         f"{kv_pages(args)} KV pages of {BLOCK} tokens",
         f"LS SLOs: TTFT {args.ls_ttft_slo:g} s, TPOT {args.ls_tpot_slo * 1e3:.0f} ms (a lone LS decode step measured "
         f"{statistics.median(lone) * 1e3:.1f} ms in the warm-ups = TPOT SLO / "
@@ -451,7 +452,15 @@ def parse_args() -> argparse.Namespace:
     add("--timeout", type=float, default=900, help="seconds one run may take before it is a hang")
     add("--stall-timeout", type=float, default=60, help="seconds without any token: a hang")
     add("--markdown", type=Path, help="also write the results as a markdown section here")
+    add("--smoke", action="store_true", help="a tiny run that only checks that the script works")
     args = parser.parse_args()
+    args.max_model_len = MAX_MODEL_LEN
+    if args.smoke:
+        args.be_requests, args.be_prompt_len, args.be_output_len, args.duration = 2, 32, 8, 3.0
+        args.ls_interval, args.ls_prompt_len, args.ls_output_len, args.max_num_batched_tokens = 1.0, 16, 4, 64
+        args.sched_requests, args.sched_iterations, args.runner_requests, args.runner_steps = 20, 5, 4, 3
+        args.quiet_wait, args.timeout, args.max_model_len = 0.0, 300.0, SMOKE_MAX_MODEL_LEN
+        args.ls_ttft_slo, args.ls_tpot_slo = 10.0, 1.0  # LS requests admitted on a busy machine too
     if args.be_requests < 1 or args.ls_output_len < 2 or args.repeats < 1 or args.ls_interval <= 0:
         parser.error("need a BE request, 2 LS output tokens (for a TPOT), a repeat and --ls-interval above 0")
     return args

@@ -329,7 +329,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=1800, help="seconds one run may take before it is a hang")
     parser.add_argument("--stall-timeout", type=float, default=120, help="seconds without any token: a hang")
     parser.add_argument("--markdown", type=Path, help="also write the results as a markdown section here")
+    parser.add_argument("--smoke", action="store_true", help="a tiny run that only checks that the script works")
     args = parser.parse_args()
+    if args.smoke:
+        args.ls_requests, args.ls_prompt_len, args.output_len, args.repeats = 1, 16, 4, 1
+        args.be_requests, args.be_prompt_len, args.be_output_len = 2, 32, 4
+        args.max_model_len, args.max_num_batched_tokens, args.timeout = 256, 64, 300
     if args.ls_requests < 1 or args.be_requests < 1 or args.output_len < 2 or args.be_output_len < 1:
         parser.error("need at least one LS and one BE request, and at least 2 LS output tokens (for a TPOT)")
     return args

@@ -90,6 +90,7 @@ from omniserve.engine.scheduler.policy import POLICIES as ENGINE_POLICIES
 POLICIES = ("fcfs", *(p for p in ENGINE_POLICIES if p not in ("fcfs", "omniserve")), "omniserve")
 BLOCK_SIZE = 16
 MAX_MODEL_LEN = 2048
+SMOKE_MAX_MODEL_LEN = 512  # with 64 batched tokens: the other --smoke scripts' settings (one latency profile)
 
 
 # ------------------------------------------------------------------------------------------------------ workload
@@ -129,7 +130,7 @@ def build_engine(policy: str, args: argparse.Namespace, slo: Slo):
     from omniserve.profiler import profiled_latency_model
 
     engine_args = EngineArgs(
-        model=args.model, device="cpu", dtype="float32", threads=1, max_model_len=MAX_MODEL_LEN,
+        model=args.model, device="cpu", dtype="float32", threads=1, max_model_len=args.max_model_len,
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=BLOCK_SIZE,
         num_gpu_blocks_override=args.kv_pages, policy=policy, ls_ttft_slo=slo.ttft, ls_tpot_slo=slo.tpot,
         profile_path=args.profile, seed=args.seed,
@@ -397,11 +398,19 @@ def parse_args() -> argparse.Namespace:
                         "engine's cache")
     parser.add_argument("--markdown", type=Path, help="also write the results as a markdown section here")
     parser.add_argument("--trace", type=Path, help="append one JSON line per timed step here (plan, times, queues)")
+    parser.add_argument("--smoke", action="store_true", help="a tiny run that only checks that the script works "
+                        "(fcfs and omniserve, seconds of short requests, no wait for quiet)")
     args = parser.parse_args()
+    args.max_model_len = MAX_MODEL_LEN
+    if args.smoke:
+        args.policies, args.duration, args.drain, args.quiet_wait = ["fcfs", "omniserve"], 4.0, 20.0, 0.0
+        args.ls_rate, args.ls_max_prompt, args.ls_output, args.be_burst, args.be_prompt = 1.0, 32, (4, 8), 3, (32, 64)
+        args.be_output_len, args.kv_pages, args.max_num_batched_tokens = 8, 8, 64  # BE work runs out of pages
+        args.max_model_len = SMOKE_MAX_MODEL_LEN
     if args.ls_output[0] < 2 or args.ls_output[0] > args.ls_output[1] or args.be_prompt[0] > args.be_prompt[1]:
         parser.error("need 2 <= --ls-output MIN <= MAX and --be-prompt MIN <= MAX")
-    if args.be_prompt[1] + args.be_output_len > MAX_MODEL_LEN:
-        parser.error(f"a BE request must fit max_model_len {MAX_MODEL_LEN}")
+    if args.be_prompt[1] + args.be_output_len > args.max_model_len:
+        parser.error(f"a BE request must fit max_model_len {args.max_model_len}")
     if math.ceil((args.be_prompt[1] + args.be_output_len) / BLOCK_SIZE) > args.kv_pages:
         parser.error("the longest BE request does not fit --kv-pages")
     return args
@@ -437,7 +446,7 @@ def workload_line(args: argparse.Namespace, workload: list[Arrival]) -> str:
         f"{len(be)} BE requests ({args.be_burst} at t=0"
         + (f", then Poisson {args.be_rate:g}/s" if args.be_rate else "")
         + f"), {args.be_prompt[0]}-{args.be_prompt[1]}-token prompts of ShareGPT text, {args.be_output_len} output "
-        f"tokens; greedy, EOS ignored; SmolLM2-135M-Instruct fp32, max_model_len {MAX_MODEL_LEN}, "
+        f"tokens; greedy, EOS ignored; SmolLM2-135M-Instruct fp32, max_model_len {args.max_model_len}, "
         f"max_num_batched_tokens {args.max_num_batched_tokens}, {args.kv_pages} device KV pages of {BLOCK_SIZE} tokens "
         f"(the BE requests alone need {be_pages}: {be_pages / args.kv_pages:.1f}x the cache); a run ends when every "
         f"LS request has ended after the window (BE aborted), or is cut at {args.duration + args.drain:g} s"

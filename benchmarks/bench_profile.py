@@ -132,7 +132,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", type=Path, default=None, help="also write the profile here")
     parser.add_argument("--quiet", action="store_true", help="no per-plan lines")
-    return parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="a tiny run that only checks that the script works")
+    args = parser.parse_args()
+    if args.smoke:  # one plan of each kind
+        args.max_num_tokens, args.max_context, args.max_kv_tokens, args.plans, args.repeats = 32, 128, 1024, 4, 1
+    return args
 
 
 def build_runner(config, model, device: torch.device, dtype: torch.dtype, max_kv_tokens: int

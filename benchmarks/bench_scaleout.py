@@ -70,7 +70,10 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--markdown", type=Path, default=None, help="also write the table here")
+    parser.add_argument("--smoke", action="store_true", help="a tiny run that only checks that the script works")
     args = parser.parse_args()
+    if args.smoke:
+        args.requests, args.prompt_len, args.output_len, args.repeats = 2, 16, 4, 1
 
     import ray
 

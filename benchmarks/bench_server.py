@@ -188,7 +188,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="engine CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--markdown", type=Path, help="also write the results as a markdown section here")
-    return parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="a tiny run that only checks that the script works "
+                        "(its one pair kept whatever else runs on the machine)")
+    args = parser.parse_args()
+    if args.smoke:
+        args.clients, args.requests, args.prompt_len, args.output_len, args.repeats = 2, 4, 16, 4, 1
+        args.lone_requests, args.quiet_wait, args.max_interference, args.max_model_len = 2, 0.0, 1.0, 256
+    return args
 
 
 class Pairs:

@@ -22,6 +22,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+# Engine settings of every server (besides --kv-pages) and the workload's lengths, at full size and at --smoke's.
+ENGINE = "--max-model-len 2048 --max-num-batched-tokens 512"
+LENGTHS = {"ls_max_input": "256", "ls_output": "32:64", "be_input": "512:1024", "be_output": "128:256"}
+SMOKE_ENGINE = "--max-model-len 512 --max-num-batched-tokens 64"  # the other --smoke scripts' (one latency profile)
+SMOKE_LENGTHS = {"ls_max_input": "32", "ls_output": "4:8", "be_input": "32:64", "be_output": "4:8"}
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -33,17 +39,23 @@ def main() -> None:
     parser.add_argument("--policies", default="omniserve,sarathi,llumnix,neo,fcfs")
     parser.add_argument("--output-dir", type=Path, default=Path("bench-serving"))
     parser.add_argument("--markdown", type=Path, help="also write the section for BENCHMARKS.md here")
+    parser.add_argument("--smoke", action="store_true", help="a tiny run that only checks that the script works "
+                        "(seconds of load, short requests, omniserve and sarathi)")
     args = parser.parse_args()
+    engine, lengths = ENGINE, LENGTHS
+    if args.smoke:
+        args.duration, args.kv_pages, args.policies = 5.0, 16, "omniserve,sarathi"
+        engine, lengths = SMOKE_ENGINE, SMOKE_LENGTHS
 
-    server_args = (f"--threads 1 --max-model-len 2048 --max-num-batched-tokens 512 --num-gpu-blocks-override "
-                   f"{args.kv_pages} --cpu-attention-workers 1 --cpu-attention-threads 1")
+    server_args = (f"--threads 1 {engine} --num-gpu-blocks-override {args.kv_pages} --cpu-attention-workers 1 "
+                   "--cpu-attention-threads 1")
     command = [
         sys.executable, "-m", "omniserve", "bench", "--compare", "--policies", args.policies,
         "--duration", str(args.duration), "--drain-timeout", "60", "--seed", str(args.seed),
-        "--ls-rate", str(args.ls_rate), "--ls-max-input-len", "256", "--ls-output-len", "32:64",
-        "--be-trace", "azure-code", "--be-time-scale", str(args.be_time_scale), "--be-dataset", "random",
-        "--be-input-len", "512:1024", "--be-output-len", "128:256", "--server-args", server_args,
-        "--output-dir", str(args.output_dir),
+        "--ls-rate", str(args.ls_rate), "--ls-max-input-len", lengths["ls_max_input"],
+        "--ls-output-len", lengths["ls_output"], "--be-trace", "azure-code", "--be-time-scale", str(args.be_time_scale),
+        "--be-dataset", "random", "--be-input-len", lengths["be_input"], "--be-output-len", lengths["be_output"],
+        "--server-args", server_args, "--output-dir", str(args.output_dir),
     ]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     results = json.loads((args.output_dir / "comparison.json").read_text())

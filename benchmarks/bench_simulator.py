@@ -48,7 +48,7 @@ def speed(duration: float, policies: list[str]) -> list[str]:
     return lines
 
 
-def hosts_scaling(duration: float) -> list[str]:
+def hosts_scaling(duration: float, max_hosts: int, drain: float) -> list[str]:
     loads = {"ls": ClassLoad(rate=2.0, lengths="sharegpt", max_input=4096, max_output=2048),
              "be": ClassLoad(trace="azure-code", rate=experiment.PAPER_BE_RATE, lengths="cnn", max_input=16384,
                              max_output=2048)}
@@ -56,11 +56,11 @@ def hosts_scaling(duration: float) -> list[str]:
              "busiest host's CPU pool |", "|---|---|---|---|---|---|---|"]
     for placement in ("auto", "cpu"):
         base_tok_s = None
-        for hosts in range(5):
+        for hosts in range(max_hosts + 1):
             profile = get_profile("llama-2-70b@a100x4", num_cpu_hosts=1 + hosts)
             config = SimConfig(ls_ttft_slo=3.0, ls_tpot_slo=0.25, max_model_len=20000, be_decode_placement=placement,
                                max_num_seqs=4096)
-            summary, _ = experiment.simulate(profile, config, loads, duration, drain=300.0)
+            summary, _ = experiment.simulate(profile, config, loads, duration, drain=drain)
             be = summary["summary"].get("be", {}).get("output_throughput", 0.0)
             ls = summary["summary"].get("ls", {}).get("slo_attainment") or 0.0
             base_tok_s = be if base_tok_s is None else base_tok_s
@@ -111,7 +111,12 @@ def main() -> None:
     parser.add_argument("--hosts", action="store_true", help="BE throughput vs CPU hosts (0-4)")
     parser.add_argument("--no-speed", action="store_true", help="skip the speed experiment")
     parser.add_argument("--markdown", type=Path, default=None)
+    parser.add_argument("--smoke", action="store_true", help="a tiny run that only checks that the script works "
+                        "(speed and hosts, a few simulated seconds each; --validate as given)")
     args = parser.parse_args()
+    args.max_hosts, args.drain = 4, 300.0  # the hosts experiment's: 0-4 CPU hosts, 300 simulated s to drain
+    if args.smoke:
+        args.duration, args.no_speed, args.hosts, args.max_hosts, args.drain = 5.0, False, True, 1, 5.0
     started = time.perf_counter()
     lines = []
     if not args.no_speed:
@@ -119,7 +124,7 @@ def main() -> None:
         lines += speed(args.duration, args.policies.split(","))
     if args.hosts:
         lines += ["", f"BE throughput vs CPU hosts, omniserve, {args.duration:.0f} simulated s:", ""]
-        lines += hosts_scaling(args.duration)
+        lines += hosts_scaling(args.duration, args.max_hosts, args.drain)
     if args.validate:
         lines += ["", f"Validation against the real runs in {args.validate}, simulated / real:", ""]
         lines += validate(args.validate, args.profile_path)
