@@ -21,8 +21,10 @@ def load_tokenizer(kind: str, path: Path | None):
         return None
     from transformers import AutoTokenizer
 
-    if kind == "gguf":
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    if kind == "gguf":  # converted once, then read back from the cache
+        from omniserve.models.gguf_cache import load_tokenizer as load_gguf_tokenizer
+
+        return load_gguf_tokenizer(path)
     if not any((path / name).is_file() for name in _TOKENIZER_FILES):
         logger.warning("%s has no tokenizer files: prompts must be token ids and outputs carry no text", path)
         return None

@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from omniserve.config import ConfigError, ModelConfig
+from omniserve.models.gguf_cache import GGUFIndex, GGUFTensorEntry, load_index
 from omniserve.models.hf_config import ModelLoadError, config_from_hf
 from omniserve.models.llama import LlamaForCausalLM, RotaryEmbedding
 from omniserve.models.presets import PRESETS
@@ -64,36 +65,32 @@ def resolve_model(model: str | os.PathLike | None, load_format: str) -> tuple[st
 # ---------------------------------------------------------------------------------------------------------- config
 
 
-def _gguf_value(reader, key: str, default=None):
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
-
-
-def config_from_gguf(reader) -> ModelConfig:
-    arch = _gguf_value(reader, "general.architecture")
+def config_from_gguf(index: GGUFIndex) -> ModelConfig:
+    """The model's shape from a GGUF file's metadata (its index: parsed, or read from the cache)."""
+    arch = index.value("general.architecture")
     if arch not in ("llama", "qwen2"):
         raise ModelLoadError(f"GGUF architecture {arch!r} is not supported (supported: llama, qwen2)")
-    if any(t.name == "rope_freqs.weight" for t in reader.tensors):
+    names = {t.name for t in index.tensors}
+    if "rope_freqs.weight" in names:
         raise ModelLoadError("GGUF files with precomputed rope_freqs are not supported; load the Hugging Face folder")
-    names = {t.name for t in reader.tensors}
-    heads = _gguf_value(reader, f"{arch}.attention.head_count")
-    hidden = _gguf_value(reader, f"{arch}.embedding_length")
-    eos_ids = [_gguf_value(reader, "tokenizer.ggml.eos_token_id"), _gguf_value(reader, "tokenizer.ggml.eot_token_id")]
+    heads = index.value(f"{arch}.attention.head_count")
+    hidden = index.value(f"{arch}.embedding_length")
+    eos_ids = [index.value("tokenizer.ggml.eos_token_id"), index.value("tokenizer.ggml.eot_token_id")]
     return ModelConfig(
         architecture="Qwen2ForCausalLM" if arch == "qwen2" else "LlamaForCausalLM",
         hidden_size=hidden,
-        intermediate_size=_gguf_value(reader, f"{arch}.feed_forward_length"),
-        num_layers=_gguf_value(reader, f"{arch}.block_count"),
+        intermediate_size=index.value(f"{arch}.feed_forward_length"),
+        num_layers=index.value(f"{arch}.block_count"),
         num_heads=heads,
-        num_kv_heads=_gguf_value(reader, f"{arch}.attention.head_count_kv", heads),
-        vocab_size=_gguf_value(reader, f"{arch}.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data),
-        head_dim=_gguf_value(reader, f"{arch}.attention.key_length") or hidden // heads,
-        rms_norm_eps=_gguf_value(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6),
-        rope_theta=float(_gguf_value(reader, f"{arch}.rope.freq_base", 10000.0)),
-        max_position_embeddings=_gguf_value(reader, f"{arch}.context_length", 4096),
+        num_kv_heads=index.value(f"{arch}.attention.head_count_kv", heads),
+        vocab_size=index.value(f"{arch}.vocab_size") or index.array_lengths["tokenizer.ggml.tokens"],
+        head_dim=index.value(f"{arch}.attention.key_length") or hidden // heads,
+        rms_norm_eps=index.value(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6),
+        rope_theta=float(index.value(f"{arch}.rope.freq_base", 10000.0)),
+        max_position_embeddings=index.value(f"{arch}.context_length", 4096),
         tie_word_embeddings="output.weight" not in names,
         qkv_bias="blk.0.attn_q.bias" in names,
-        bos_token_id=_gguf_value(reader, "tokenizer.ggml.bos_token_id"),
+        bos_token_id=index.value("tokenizer.ggml.bos_token_id"),
         eos_token_ids=tuple(dict.fromkeys(i for i in eos_ids if i is not None)),
     )
 
@@ -127,17 +124,19 @@ def _unpermute_rope_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
     return weight.reshape(num_heads, shape[0] // num_heads // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
-def _gguf_tensors(reader, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    from gguf import dequantize
+def _gguf_tensors(
+    raw_tensors: Iterator[tuple[GGUFTensorEntry, np.ndarray]], config: ModelConfig
+) -> Iterator[tuple[str, torch.Tensor]]:
+    from gguf import GGMLQuantizationType, dequantize
 
     permute = config.architecture != "Qwen2ForCausalLM"  # llama.cpp reorders Q/K rows of `llama` models only
-    for tensor in reader.tensors:
+    for tensor, raw in raw_tensors:
         parts = tensor.name.split(".")
         if parts[0] == "blk":
             name = f"model.layers.{parts[1]}.{_GGUF_TO_HF[parts[2]]}.{parts[3]}"
         else:
             name = f"{_GGUF_TOP[parts[0]]}.{parts[1]}"
-        array = dequantize(tensor.data, tensor.tensor_type).reshape(tuple(reversed(tensor.shape.tolist())))
+        array = dequantize(raw, GGMLQuantizationType(tensor.tensor_type)).reshape(tuple(reversed(tensor.dims)))
         if permute and parts[-2] == "attn_q":
             array = _unpermute_rope_rows(array, config.num_heads)
         elif permute and parts[-2] == "attn_k":
@@ -232,7 +231,7 @@ def load_model(
     if load_format not in ("auto", "dummy"):
         raise ConfigError(f"unknown load_format {load_format!r} (choose auto or dummy)")
     kind, path = resolve_model(model, load_format)
-    reader = None
+    index = None
     if kind == "preset":
         config = config_from_hf(PRESETS[str(model).lower()])
     elif kind == "hf":
@@ -242,10 +241,8 @@ def load_model(
             json.loads(generation.read_text()) if generation.is_file() else None,
         )
     else:
-        from gguf import GGUFReader
-
-        reader = GGUFReader(path)
-        config = config_from_gguf(reader)
+        index = load_index(path)
+        config = config_from_gguf(index)
     positions = min(max_positions or config.max_context, config.max_context)
     module = build_model(config, positions, device, dtype)
     if load_format == "dummy":
@@ -253,5 +250,6 @@ def load_model(
     elif kind == "hf":
         _load_weights(module, _hf_tensors(path), total=None, desc="Loading safetensors")
     else:
-        _load_weights(module, _gguf_tensors(reader, config), total=len(reader.tensors), desc="Loading GGUF")
+        tensors = _gguf_tensors(index.raw_tensors(path), config)
+        _load_weights(module, tensors, total=len(index.tensors), desc="Loading GGUF")
     return LoadedModel(config=config, model=module, kind=kind, path=path)
