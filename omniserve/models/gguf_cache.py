@@ -127,7 +127,8 @@ def _read_index(folder: Path, file_size: int) -> GGUFIndex:
     )
     if any(t.data_offset < 0 or t.data_offset + t.nbytes > file_size for t in tensors):
         raise ValueError("a tensor lies outside the file")  # a damaged entry must not memory-map past the end
-    return GGUFIndex(metadata=dict(document["metadata"]), array_lengths=dict(document["array_lengths"]), tensors=tensors)
+    metadata, array_lengths = dict(document["metadata"]), dict(document["array_lengths"])
+    return GGUFIndex(metadata=metadata, array_lengths=array_lengths, tensors=tensors)
 
 
 def _write_index(index: GGUFIndex, folder: Path) -> None:
