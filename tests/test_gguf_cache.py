@@ -152,6 +152,21 @@ def test_a_failed_write_leaves_nothing_behind(tiny_gguf, monkeypatch, caplog):
     assert load_index(tiny_gguf) == index
 
 
+def test_an_entry_another_process_wrote_meanwhile_is_kept(tiny_gguf, monkeypatch):
+    theirs = entry_folder(tiny_gguf) / "index"
+    write = gguf_cache._write_index
+
+    def racing_write(index, folder):  # another start publishes its entry while this one writes
+        theirs.mkdir(parents=True)
+        (theirs / "index.json").write_text("theirs")
+        write(index, folder)
+
+    monkeypatch.setattr(gguf_cache, "_write_index", racing_write)
+    load_index(tiny_gguf)
+    assert (theirs / "index.json").read_text() == "theirs"
+    assert [p.name for p in theirs.parent.iterdir()] == ["index"]
+
+
 # ------------------------------------------------------------------ the default model: weights, config, tokenizer
 
 

@@ -141,15 +141,18 @@ def _write_index(index: GGUFIndex, folder: Path) -> None:
     (folder / _INDEX_FILE).write_text(json.dumps(document))
 
 
-def _publish(target: Path, write: Callable[[Path], None]) -> bool:
+def _publish(target: Path, write: Callable[[Path], None], replace: bool) -> bool:
     """Runs `write` into a temporary folder beside `target`, then renames it into place, so that no reader ever
-    sees a part-written entry. False (and a warning) when that fails: the caller already has what it loaded."""
+    sees a part-written entry; `replace`: `target` was found but failed to load. False (and a warning) when that
+    fails: the caller already has what it loaded."""
     staging = trash = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         write(staging)
-        if target.exists():  # an entry that failed to load: move it aside, as rename will not replace a folder
+        if target.exists() and not replace:  # another process wrote it meanwhile: keep theirs, which may be in use
+            return True
+        if target.exists():  # move the damaged entry aside, as rename will not replace a folder
             trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
             os.replace(target, trash / target.name)
         os.replace(staging, target)
@@ -170,7 +173,8 @@ def load_index(path: Path) -> GGUFIndex:
     """The index of a GGUF file: from the cache when it holds this version of the file, else parsed (and cached)."""
     folder = entry_folder(path)
     index_folder = folder / "index" if folder else None
-    if index_folder is not None and index_folder.is_dir():
+    found = index_folder is not None and index_folder.is_dir()
+    if found:
         try:
             return _read_index(index_folder, path.stat().st_size)
         except Exception as exc:  # damaged or foreign: parse the file and write the entry again
@@ -178,7 +182,7 @@ def load_index(path: Path) -> GGUFIndex:
     from gguf import GGUFReader
 
     index = index_from_reader(GGUFReader(path))
-    if index_folder is not None and _publish(index_folder, lambda staging: _write_index(index, staging)):
+    if index_folder is not None and _publish(index_folder, lambda staging: _write_index(index, staging), found):
         logger.info("cached the GGUF index of %s in %s: later starts skip parsing", path, index_folder)
     return index
 
@@ -191,12 +195,13 @@ def load_tokenizer(path: Path):
     folder = entry_folder(path)
     # The conversion is transformers' own: another version may convert differently, so it gets its own entry.
     saved = folder / f"tokenizer-{transformers.__version__}" if folder else None
-    if saved is not None and saved.is_dir():
+    found = saved is not None and saved.is_dir()
+    if found:
         try:
             return AutoTokenizer.from_pretrained(str(saved))
         except Exception as exc:
             logger.warning("ignoring the unreadable tokenizer cache entry %s (%s)", saved, exc)
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    if saved is not None and _publish(saved, tokenizer.save_pretrained):
+    if saved is not None and _publish(saved, tokenizer.save_pretrained, found):
         logger.info("cached the tokenizer of %s in %s: later starts skip converting it", path, saved)
     return tokenizer
