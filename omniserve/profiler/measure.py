@@ -179,9 +179,11 @@ class ModelProfiler:
         ordered = sorted(xs)
         # More rows never take less time: a dip between knots is noise (or a kernel choice not to count on).
         knots = PiecewiseLinear(tuple(ordered), nondecreasing([measured[int(x)] for x in ordered]))
-        # Held out: points between the knots, log-spaced so that small batches (decode) are checked too.
+        # Held out: points between the knots, log-spaced so that small batches (decode) are checked too. On a noisy
+        # machine bisection measures many sizes, so a drawn size already measured moves to the nearest one that is not
+        # (skipping them left no held-out point at all on a busy machine: an accuracy of NaN).
         candidates = {round(math.exp(self.rng.uniform(0, math.log(self.max_num_tokens)))) for _ in range(8)}
-        held_out = sorted(n for n in candidates if n not in measured)
+        held_out = sorted({n for n in (_nearest_unmeasured(c, measured, self.max_num_tokens) for c in candidates) if n})
         times = [measure(n) for n in held_out]
         self.accuracy["dense"] = accuracy_summary([knots(n) for n in held_out], times)
         return knots
@@ -421,3 +423,11 @@ class _InProcessKernel(_CPUAttentionTarget):
     def close(self) -> None:
         self.store = {}
 
+
+def _nearest_unmeasured(n: int, measured: dict[int, float], high: int) -> int | None:
+    """The size in [1, high] nearest to n that has not been measured (None: every size has)."""
+    for distance in range(high):
+        for size in (n - distance, n + distance):
+            if 1 <= size <= high and size not in measured:
+                return size
+    return None
