@@ -53,12 +53,12 @@ from omniserve.bench.compare import Server
 from omniserve.bench.machine import machine_busy_seconds, own_cpu_seconds, proc_cpu_seconds, wait_for_quiet
 from omniserve.bench.metrics import Record, Slo
 from omniserve.bench.report import command_line, cpu_model, git_revision, print_report, spread, write_markdown
+from omniserve.bench.smoke import SMOKE_ENGINE_FLAGS
 from omniserve.bench.workload import PromptMaker, Request, StreamSpec, build_stream
 
 SERVER_ARGS = ("--threads 1 --max-model-len 2048 --max-num-batched-tokens 512 --cpu-attention-workers 1 "
                "--cpu-attention-threads 1")
-SMOKE_SERVER_ARGS = ("--threads 1 --max-model-len 512 --max-num-batched-tokens 64 --cpu-attention-workers 1 "
-                     "--cpu-attention-threads 1")  # the other --smoke scripts' settings (one latency profile)
+SMOKE_SERVER_ARGS = f"--threads 1 {SMOKE_ENGINE_FLAGS} --cpu-attention-workers 1 --cpu-attention-threads 1"
 MODEL = "smollm2"
 GAUGES = {"vllm:num_requests_running": "running", "vllm:num_requests_waiting": "waiting",
           "omniserve:num_requests_offloaded": "offloaded"}

@@ -77,12 +77,12 @@ from omniserve.bench.report import (
     print_report,
     write_markdown,
 )
+from omniserve.bench.smoke import SMOKE_MAX_MODEL_LEN, SMOKE_MAX_NUM_BATCHED_TOKENS
 from omniserve.bench.workload import SHAREGPT, load_prompts
 from omniserve.engine.observer import IterationRecord
 
 BLOCK = 16  # tokens per KV page
 MAX_MODEL_LEN = 2048  # with 512 batched tokens and 16-token pages: the profile bench_policies caches for this machine
-SMOKE_MAX_MODEL_LEN = 512  # with 64 batched tokens: the other --smoke scripts' settings (one latency profile)
 
 
 # ------------------------------------------------------------------------------------------------------ engines
@@ -457,7 +457,8 @@ def parse_args() -> argparse.Namespace:
     args.max_model_len = MAX_MODEL_LEN
     if args.smoke:
         args.be_requests, args.be_prompt_len, args.be_output_len, args.duration = 2, 32, 8, 3.0
-        args.ls_interval, args.ls_prompt_len, args.ls_output_len, args.max_num_batched_tokens = 1.0, 16, 4, 64
+        args.ls_interval, args.ls_prompt_len, args.ls_output_len = 1.0, 16, 4
+        args.max_num_batched_tokens = SMOKE_MAX_NUM_BATCHED_TOKENS
         args.sched_requests, args.sched_iterations, args.runner_requests, args.runner_steps = 20, 5, 4, 3
         args.quiet_wait, args.timeout, args.max_model_len = 0.0, 300.0, SMOKE_MAX_MODEL_LEN
         args.ls_ttft_slo, args.ls_tpot_slo = 10.0, 1.0  # LS requests admitted on a busy machine too

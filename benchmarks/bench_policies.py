@@ -82,6 +82,7 @@ from omniserve.bench.report import (
     spread,
     write_markdown,
 )
+from omniserve.bench.smoke import SMOKE_MAX_MODEL_LEN, SMOKE_MAX_NUM_BATCHED_TOKENS
 from omniserve.bench.slos import budgeted_ls_prefill, iteration_time, latency_chunk
 from omniserve.bench.workload import SHAREGPT_500, gamma_arrivals, shuffled_texts
 from omniserve.engine.scheduler.policy import POLICIES as ENGINE_POLICIES
@@ -90,7 +91,6 @@ from omniserve.engine.scheduler.policy import POLICIES as ENGINE_POLICIES
 POLICIES = ("fcfs", *(p for p in ENGINE_POLICIES if p not in ("fcfs", "omniserve")), "omniserve")
 BLOCK_SIZE = 16
 MAX_MODEL_LEN = 2048
-SMOKE_MAX_MODEL_LEN = 512  # with 64 batched tokens: the other --smoke scripts' settings (one latency profile)
 
 
 # ------------------------------------------------------------------------------------------------------ workload
@@ -405,7 +405,8 @@ def parse_args() -> argparse.Namespace:
     if args.smoke:
         args.policies, args.duration, args.drain, args.quiet_wait = ["fcfs", "omniserve"], 4.0, 20.0, 0.0
         args.ls_rate, args.ls_max_prompt, args.ls_output, args.be_burst, args.be_prompt = 1.0, 32, (4, 8), 3, (32, 64)
-        args.be_output_len, args.kv_pages, args.max_num_batched_tokens = 8, 8, 64  # BE work runs out of pages
+        args.be_output_len, args.kv_pages = 8, 8  # BE work runs out of pages
+        args.max_num_batched_tokens = SMOKE_MAX_NUM_BATCHED_TOKENS
         args.max_model_len = SMOKE_MAX_MODEL_LEN
     if args.ls_output[0] < 2 or args.ls_output[0] > args.ls_output[1] or args.be_prompt[0] > args.be_prompt[1]:
         parser.error("need 2 <= --ls-output MIN <= MAX and --be-prompt MIN <= MAX")

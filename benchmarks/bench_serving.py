@@ -22,10 +22,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from omniserve.bench.smoke import SMOKE_ENGINE_FLAGS
+
 # Engine settings of every server (besides --kv-pages) and the workload's lengths, at full size and at --smoke's.
 ENGINE = "--max-model-len 2048 --max-num-batched-tokens 512"
 LENGTHS = {"ls_max_input": "256", "ls_output": "32:64", "be_input": "512:1024", "be_output": "128:256"}
-SMOKE_ENGINE = "--max-model-len 512 --max-num-batched-tokens 64"  # the other --smoke scripts' (one latency profile)
 SMOKE_LENGTHS = {"ls_max_input": "32", "ls_output": "4:8", "be_input": "32:64", "be_output": "4:8"}
 
 
@@ -45,7 +46,7 @@ def main() -> None:
     engine, lengths = ENGINE, LENGTHS
     if args.smoke:
         args.duration, args.kv_pages, args.policies = 5.0, 16, "omniserve,sarathi"
-        engine, lengths = SMOKE_ENGINE, SMOKE_LENGTHS
+        engine, lengths = SMOKE_ENGINE_FLAGS, SMOKE_LENGTHS
 
     server_args = (f"--threads 1 {engine} --num-gpu-blocks-override {args.kv_pages} --cpu-attention-workers 1 "
                    "--cpu-attention-threads 1")
