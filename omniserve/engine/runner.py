@@ -77,20 +77,26 @@ class _OffloadedLayers:
         self.rows = [0] * self.num_layers
 
 
-def _offload_timed(method):
-    """Adds the method's seconds to the step's offloaded-row bookkeeping while iterations are observed."""
+def _timed(timing: str):
+    """Adds the method's seconds to the step's RunnerTimings field `timing` while iterations are observed."""
 
-    @functools.wraps(method)
-    def timed(self, *args):
-        if self.timings is None:
-            return method(self, *args)
-        started = time.perf_counter()
-        try:
-            return method(self, *args)
-        finally:
-            self.timings.offload_s += time.perf_counter() - started
+    def decorate(method):
+        @functools.wraps(method)
+        def timed(self, *args):
+            if self.timings is None:
+                return method(self, *args)
+            started = time.perf_counter()
+            try:
+                return method(self, *args)
+            finally:
+                setattr(self.timings, timing, getattr(self.timings, timing) + time.perf_counter() - started)
 
-    return timed
+        return timed
+
+    return decorate
+
+
+_offload_timed = _timed("offload_s")
 
 
 @dataclass
@@ -199,7 +205,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, plan: IterationPlan) -> RunnerOutput:
         lost = self._check_pool()
-        swapped_out = self._timed_swap_out(plan.swap_outs)
+        swapped_out = self._swap_out(plan.swap_outs)
         for transfer in plan.swap_ins:
             self._swapping_in[transfer.request_id] = transfer
             self.cpu_pool.request_export(transfer.request_id)
@@ -399,16 +405,7 @@ class ModelRunner:
         return dict(zip(request_ids, tokens))
 
     # -------------------------------------------------------------------------------------------------- swaps
-    def _timed_swap_out(self, transfers: list[KVTransfer]) -> list[str]:
-        """_swap_out, its seconds kept in the timings when there are any and the iteration swaps out."""
-        if self.timings is None or not transfers:
-            return self._swap_out(transfers)
-        started = time.perf_counter()
-        try:
-            return self._swap_out(transfers)
-        finally:
-            self.timings.swap_out_s += time.perf_counter() - started
-
+    @_timed("swap_out_s")
     def _swap_out(self, transfers: list[KVTransfer]) -> list[str]:
         """Copies device KV to the host pool. On the CPU the copy is immediate; on CUDA it runs on a side stream
         into pinned memory and the request is reported once its event has completed (a later iteration)."""
