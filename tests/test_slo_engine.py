@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
+
 from omniserve.engine.scheduler.latency_model import BatchShape, PiecewiseLinear, prefill_interactions
 from omniserve.sampling.params import SamplingParams
 
@@ -99,3 +101,14 @@ def test_fresh_measurements_back_a_rejection(tiny_model_dirs, make_llm, tmp_path
     llm = make_llm(tiny_model_dirs["llama"][0], ls_ttft_slo=1e-5, ls_tpot_slo=1.0, profile_path=path, block_size=4)
     assert _lone_ls_request(llm) == "rejected"
     assert llm.engine.scheduler.stats.num_rejected == 1 and llm.engine.scheduler.admission.ls_rejected_in_a_row == 1
+
+
+def test_slos_without_a_latency_model_are_a_clear_error(tiny_model_dirs):
+    """An engine built directly with SLOs that its policy holds with a latency model, but given none, refuses to
+    start: running it without a time budget would leave the SLOs silently unheld."""
+    from omniserve.config import ConfigError
+    from omniserve.engine import LLMEngine
+
+    with pytest.raises(ConfigError, match="latency_model=omniserve.profiler.profiled_latency_model"):
+        LLMEngine(model=tiny_model_dirs["llama"][0], ls_tpot_slo=1.0, block_size=4)
+    LLMEngine(model=tiny_model_dirs["llama"][0], ls_tpot_slo=1.0, policy="llumnix", block_size=4).shutdown()

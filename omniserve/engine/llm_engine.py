@@ -89,8 +89,8 @@ class LLMEngine:
                  latency_model: LatencyModel | LatencyModelSource | None = None, **overrides) -> None:
         """pool_config overrides the CPU attention pool settings derived from args (tests inject faults this way).
         latency_model is what the SLO-aware scheduler plans with, or what makes it once the model is loaded: used
-        only when the policy and the SLOs need one (a source is then called, and profiling may take minutes). None:
-        no latency model, so no time budget and no TTFT admission, whatever the SLOs."""
+        only when the policy and the SLOs need one (a source is then called, and profiling may take minutes); SLOs
+        that need one without it are a ConfigError, never SLOs silently not held."""
         args = EngineArgs(**overrides) if args is None else args
         self.args = args
         cache = CacheConfig(args.block_size, args.num_gpu_blocks_override, args.kv_cache_memory_bytes,
@@ -156,9 +156,10 @@ class LLMEngine:
         if not (has_slo and (policy.time_budget or policy.reject_late)):
             return None
         if given is None:
-            logger.warning("no latency model was given: the %s policy runs without a time budget or TTFT admission",
-                           self.args.policy)
-            return None
+            raise ConfigError(
+                f"the {self.args.policy} policy holds the SLOs set with a latency model, and none was given: pass "
+                "latency_model=omniserve.profiler.profiled_latency_model (as LLM and `omniserve serve` do), or a "
+                "LatencyModel")
         if isinstance(given, LatencyModel):
             return given
         return given(self.args, loaded, self.device, self.dtype, pool_config)
