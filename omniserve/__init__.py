@@ -1,6 +1,6 @@
 """omniserve: serving LLMs to latency-sensitive and best-effort traffic on one set of GPUs."""
 
-import importlib
+from omniserve.lazy import lazy_exports
 
 # Imported on first use, so that the torch-free parts (the scheduler, the simulator, the benchmark client) load
 # without torch and the models.
@@ -16,8 +16,4 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 __version__ = "0.1.0"
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'omniserve' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -3,14 +3,10 @@
 The pool's names are imported on first use, so that the placement rule (placement.py) loads without torch (the
 simulator uses it)."""
 
-import importlib
+from omniserve.lazy import lazy_exports
 
 _EXPORTS = {"AttentionResult": "omniserve.cpu_attention.pool", "CPUAttentionPool": "omniserve.cpu_attention.pool",
             "PoolConfig": "omniserve.cpu_attention.pool"}
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'omniserve.cpu_attention' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

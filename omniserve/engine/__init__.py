@@ -7,7 +7,7 @@ drives them. What other parts of omniserve use of it:
 
 Imported on first use, so that the scheduler and the simulator load without torch and the models."""
 
-import importlib
+from omniserve.lazy import lazy_exports
 
 _EXPORTS = {
     "LLMEngine": "omniserve.engine.llm_engine",
@@ -16,8 +16,4 @@ _EXPORTS = {
 }
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'omniserve.engine' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

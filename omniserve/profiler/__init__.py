@@ -7,14 +7,10 @@
 
 Imported on first use: the package itself loads without torch."""
 
-import importlib
+from omniserve.lazy import lazy_exports
 
 _EXPORTS = {name: "omniserve.profiler.profiler"
             for name in ("profiled_latency_model", "load_or_profile", "profile_model", "cache_dir")}
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'omniserve.profiler' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -7,7 +7,7 @@
 
 Imported on first use, so that the router loads without torch and the models."""
 
-import importlib
+from omniserve.lazy import lazy_exports
 
 _EXPORTS = {
     "build_app": "omniserve.entrypoints.openai.api_server",
@@ -19,8 +19,4 @@ _EXPORTS = {
 }
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'omniserve.entrypoints.openai' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
