@@ -204,7 +204,7 @@ def test_a_build_past_its_time_limit_is_ended_and_falls_back(tmp_path, monkeypat
 
 
 def test_kernel_key_changes_with_source_flags_torch_and_cpu(monkeypatch):
-    source = kernel._SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in kernel._SOURCES)
     key = kernel.kernel_key(source, isa="fpu sse2 avx2")
     assert key == kernel.kernel_key(source, isa="fpu sse2 avx2")  # same source, flags, CPU: one shared build
     assert key != kernel.kernel_key(source + b"\n// changed", isa="fpu sse2 avx2")

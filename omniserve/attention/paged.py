@@ -35,8 +35,9 @@ class PrefillSpan:
 
 @dataclass(frozen=True)
 class DecodeBatch:
-    rows: torch.Tensor
-    """[num_decode] batch rows that decode one token."""
+    rows: torch.Tensor | None
+    """[num_decode] batch rows that decode one token; None when they are all the batch's rows (a decode step: the
+    kernel's output is the layer's, with no gather or scatter around it)."""
     metadata: object
     """What the decode backend that built it reads (backends/: page tables, flat slot lists or padded slots)."""
 
@@ -114,13 +115,16 @@ class PagedAttention:
             prefills.append(PrefillSpan(rows, context, key_positions.unsqueeze(0) <= query_positions.unsqueeze(1)))
         decode = None
         if host.decode_rows:
-            decode = DecodeBatch(decode_rows, self.decode_backend.build_metadata(host.decode_pages, host.decode_lens))
+            decode = DecodeBatch(None if not prefills else decode_rows,
+                                 self.decode_backend.build_metadata(host.decode_pages, host.decode_lens))
         return AttentionMetadata(write_slots, decode, prefills)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata):
         """Stores this iteration's k, v in the pool, then attends. q: [num_tokens, num_heads, head_dim]."""
         self.pool.write(layer, meta.write_slots, k, v)
         k_cache, v_cache = self.pool.k[layer], self.pool.v[layer]
+        if meta.decode is not None and meta.decode.rows is None:
+            return self.decode_backend.attend(q, k_cache, v_cache, meta.decode.metadata)
         out = torch.empty_like(q)
         if meta.decode is not None:
             rows = meta.decode.rows

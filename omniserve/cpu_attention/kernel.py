@@ -40,7 +40,9 @@ logger = logging.getLogger(__name__)
 
 TILE = 16
 _NAME = "omniserve_cpu_decode_attention"
-_SOURCE = Path(__file__).parent / "csrc" / "decode_attention.cpp"
+_SOURCES = (Path(__file__).parent / "csrc" / "decode_attention.cpp",
+            Path(__file__).parents[1] / "ops" / "csrc" / "dense_ops.cpp")
+"""The project's C++ extension: the decode-attention kernels, and the fused dense operators (ops/)."""
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffast-math")
 BUILD_TIMEOUT_S = 300.0
 """Longest a build (waiting for another process's build included) may take before the torch fallback is used."""
@@ -66,8 +68,8 @@ def cpu_isa() -> str:
 
 
 def kernel_key(source: bytes | None = None, flags: tuple[str, ...] = _FLAGS, isa: str | None = None) -> str:
-    """A hash of everything the compiled binary depends on (defaults: this source, flags and CPU)."""
-    source = _SOURCE.read_bytes() if source is None else source
+    """A hash of everything the compiled binary depends on (defaults: these sources, flags and CPU)."""
+    source = b"".join(path.read_bytes() for path in _SOURCES) if source is None else source
     parts = [hashlib.sha256(source).hexdigest(), " ".join(flags), torch.__version__,
              sysconfig.get_config_var("EXT_SUFFIX") or sys.implementation.cache_tag, isa or cpu_isa()]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
@@ -81,8 +83,8 @@ def kernel_dir(root: Path | None = None) -> Path:
 def _build_command(build_dir: Path) -> list[str]:
     """Compiles the extension into build_dir (torch's tooling, in a fresh process so that it can be timed out)."""
     code = ("import sys; from torch.utils.cpp_extension import load; "
-            "load(sys.argv[1], [sys.argv[2]], extra_cflags=sys.argv[4:], build_directory=sys.argv[3])")
-    return [sys.executable, "-c", code, _NAME, str(_SOURCE), str(build_dir), *_FLAGS]
+            "load(sys.argv[1], sys.argv[2].split('\\n'), extra_cflags=sys.argv[4:], build_directory=sys.argv[3])")
+    return [sys.executable, "-c", code, _NAME, "\n".join(map(str, _SOURCES)), str(build_dir), *_FLAGS]
 
 
 def _compile(build_dir: Path, timeout_s: float) -> None:

@@ -41,6 +41,7 @@ from omniserve.engine.observer import RunnerTimings, TimedPool
 from omniserve.engine.scheduler.plan import IterationPlan, KVTransfer, RunnerOutput
 from omniserve.kv_cache.page_pool import PagePool
 from omniserve.models.llama import LlamaForCausalLM
+from omniserve.ops.transfer import to_device
 from omniserve.sampling.params import SampledToken, SamplingParams
 from omniserve.sampling.sampler import SamplingRow, sample
 
@@ -106,8 +107,11 @@ class _PendingCopy:
     request_id: str
     k: torch.Tensor
     v: torch.Tensor
+    """The host copies [num_layers, num_tokens, num_kv_heads, head_dim] (pinned), whole once `done` has completed."""
     done: torch.cuda.Event
     final_tokens: int
+    sources: tuple[torch.Tensor, torch.Tensor]
+    """The device tensors being read, held until `done`: see ModelRunner._start_host_copy."""
 
 
 class ModelRunner:
@@ -262,8 +266,8 @@ class ModelRunner:
             self._offloaded[start.request_id] = _OffloadedToken(start.position, start.params, start.num_generated)
         device_hidden = device_angles = carry_hidden = carry_angles = None
         if token_ids:
-            hidden_all = model.embed(self._ids_to_device(token_ids))
-            angles_all = model.rope_angles(self._ids_to_device(positions))
+            hidden_all = model.embed(to_device(token_ids, self.device))
+            angles_all = model.rope_angles(to_device(positions, self.device))
             device_hidden, device_angles = hidden_all[:num_device], _rows(angles_all, slice(0, num_device))
             carry_hidden, carry_angles = hidden_all[num_device:], _rows(angles_all, slice(num_device, None))
         carry_ids = [s.request_id for s in plan.offloaded_starts]  # offloaded rows entering the current layer
@@ -288,7 +292,7 @@ class ModelRunner:
             carry_ids = back_ids  # they finished this layer and go on to the next one in this iteration
             if carry_ids:
                 back_positions = [self._offloaded[r].position for r in carry_ids]
-                carry_angles = model.rope_angles(self._ids_to_device(back_positions))
+                carry_angles = model.rope_angles(to_device(back_positions, self.device))
         device_final = device_hidden[sample_rows] if num_device else None
         return self._sample(plan, device_final, carry_ids, carry_hidden)
 
@@ -371,14 +375,6 @@ class ModelRunner:
         layers.waited_s += spent
         layers.wait_left_s -= spent
 
-    def _ids_to_device(self, values: list[int]) -> torch.Tensor:
-        """Token ids or positions on the device. On a GPU, from pinned memory: a copy from pageable memory waits for
-        every kernel queued before it, which at every layer would make the engine thread wait for the GPU."""
-        host = torch.tensor(values, dtype=torch.long)
-        if self.device.type == "cuda":
-            return host.pin_memory().to(self.device, non_blocking=True)
-        return host.to(self.device)
-
     def _results_to_device(self, request_ids: list[str]) -> torch.Tensor:
         """The CPU results of rows joining a layer ([rows, num_heads, head_dim]), moved to the device in one copy:
         a copy per row would cost a host-to-device round trip each on a GPU."""
@@ -416,13 +412,8 @@ class ModelRunner:
                 self.cpu_pool.load(transfer.request_id, k, v, transfer.final_tokens)
                 finished.append(transfer.request_id)
                 continue
-            self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self._copy_stream):
-                k_host = torch.empty(k.shape, dtype=k.dtype, pin_memory=True).copy_(k, non_blocking=True)
-                v_host = torch.empty(v.shape, dtype=v.dtype, pin_memory=True).copy_(v, non_blocking=True)
-                done = torch.cuda.Event()
-                done.record()
-            self._copies.append(_PendingCopy(transfer.request_id, k_host, v_host, done, transfer.final_tokens))
+            k_host, v_host, done = self._start_host_copy(k, v)
+            self._copies.append(_PendingCopy(transfer.request_id, k_host, v_host, done, transfer.final_tokens, (k, v)))
         still_copying = []
         for copy in self._copies:
             if copy.done.query():
@@ -432,6 +423,22 @@ class ModelRunner:
                 still_copying.append(copy)
         self._copies = still_copying
         return finished
+
+    def _start_host_copy(self, k: torch.Tensor, v: torch.Tensor):
+        """Starts copying k, v (device) into pinned host memory on the side stream; returns the copies and the event
+        that completes with them. The ordering, both ways: the side stream first waits for the compute stream (k and
+        v are a gather queued there), and k and v are marked as in use by the side stream, so that the caching
+        allocator does not hand their memory to a later kernel of the compute stream while the copy still reads it
+        (their Python references end long before the copy does)."""
+        self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._copy_stream):
+            k_host = torch.empty(k.shape, dtype=k.dtype, pin_memory=True).copy_(k, non_blocking=True)
+            v_host = torch.empty(v.shape, dtype=v.dtype, pin_memory=True).copy_(v, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        k.record_stream(self._copy_stream)
+        v.record_stream(self._copy_stream)
+        return k_host, v_host, done
 
     def _finish_swap_ins(self) -> list[str]:
         if self.cpu_pool is None:

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
+from omniserve import ops
 from omniserve.config import CPU_DEFAULT_KV_BYTES, CacheConfig, ConfigError, ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -20,7 +21,7 @@ class PagePool:
     """K and V pages for every layer.
 
     Per layer, k[layer] and v[layer] are [num_pages * page_size, num_kv_heads, head_dim]: token slot
-    `page * page_size + offset` holds one token's key (or value). Flat slots make writes a single index_copy_.
+    `page * page_size + offset` holds one token's key (or value). Flat slots make a write one indexed copy.
     """
 
     def __init__(self, model: ModelConfig, num_pages: int, page_size: int, device: torch.device, dtype: torch.dtype):
@@ -32,9 +33,9 @@ class PagePool:
         self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(model.num_layers)]
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Stores k, v [num_tokens, num_kv_heads, head_dim] at `slots` [num_tokens]."""
-        self.k[layer].index_copy_(0, slots, k)
-        self.v[layer].index_copy_(0, slots, v)
+        """Stores k, v [num_tokens, num_kv_heads, head_dim] at `slots` [num_tokens] (int64; a negative slot: that row
+        is not stored). One operator for both (ops.store_kv)."""
+        ops.store_kv(k, v, self.k[layer], self.v[layer], slots)
 
     def gather(self, page_ids: Sequence[int], num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A copy of the first num_tokens tokens' K and V of the request whose pages are page_ids, from every layer:

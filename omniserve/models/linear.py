@@ -63,15 +63,25 @@ def padded_rows(rows: int) -> int:
     return -(-rows // step) * step
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T + bias, for x [rows, in] and weight [out, in]."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T + bias (+ residual), for x [rows, in], weight [out, in] and residual [rows, out]. The residual is
+    added by the GEMM itself (oneDNN's binary post-op on the CPU, addmm's accumulate elsewhere): a decoder layer's
+    residual additions cost no op of their own."""
     if x.device.type == "cpu" and x.dim() == 2 and onednn_supports(x.dtype):
         rows = x.shape[0]
         padded = padded_rows(rows)
-        if padded == rows:
-            return _onednn_linear(x, weight, bias)
-        return _onednn_linear(F.pad(x, (0, 0, 0, padded - rows)), weight, bias)[:rows]
-    return F.linear(x, weight, bias)
+        if padded != rows:
+            x = F.pad(x, (0, 0, 0, padded - rows))
+            residual = None if residual is None else F.pad(residual, (0, 0, 0, padded - rows))
+        out = (_onednn_linear(x, weight, bias) if residual is None
+               else torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add"))
+        return out if padded == rows else out[:rows]
+    if residual is None:
+        return F.linear(x, weight, bias)
+    if bias is None:
+        return torch.addmm(residual, x, weight.t())
+    return torch.addmm(residual + bias, x, weight.t())
 
 
 class Linear(nn.Linear):

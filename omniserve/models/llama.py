@@ -16,9 +16,9 @@ import math
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from omniserve import ops
 from omniserve.config import ModelConfig, RopeScaling
 from omniserve.models.linear import Linear, linear
 
@@ -30,11 +30,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 whatever the model dtype, as the reference implementations do.
-        dtype = x.dtype
-        x32 = x.float() if dtype != torch.float64 else x
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        # Normalised in fp32 whatever the model dtype, as the reference implementations do (ops/reference.py).
+        return ops.rms_norm(x, self.weight, self.eps)
 
 
 def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
@@ -61,25 +58,15 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: RopeScaling) -> None:
         super().__init__()
         inv_freq = rope_inverse_frequencies(head_dim, theta, scaling)
-        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
-        angles = torch.cat([freqs, freqs], dim=-1)
-        # Kept in fp32 and cast per call: the reference computes the angles in fp32, then casts cos/sin.
-        self.register_buffer("cos", angles.cos(), persistent=False)  # [max_positions, head_dim]
+        angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+        # fp32, as the reference computes the angles; the rotation is computed in fp32 too (fp64 for fp64 models).
+        self.register_buffer("cos", angles.cos(), persistent=False)  # [max_positions, head_dim // 2]
         self.register_buffer("sin", angles.sin(), persistent=False)
 
     def angles(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) [num_tokens, 1, head_dim] for these positions: computed once per batch, used by every layer."""
-        return self.cos[positions].to(dtype).unsqueeze(1), self.sin[positions].to(dtype).unsqueeze(1)
-
-    @staticmethod
-    def apply(angles: tuple[torch.Tensor, torch.Tensor], q: torch.Tensor, k: torch.Tensor):
-        cos, sin = angles
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        """(cos, sin) [num_tokens, head_dim // 2] for these positions: computed once per batch, used by every layer."""
+        angle_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        return self.cos[positions].to(angle_dtype), self.sin[positions].to(angle_dtype)
 
 
 class DecoderLayer(nn.Module):
@@ -100,18 +87,17 @@ class DecoderLayer(nn.Module):
         """Norm + QKV projection + RoPE. `hidden` itself is the residual that post_attention needs."""
         c = self.config
         qkv = self.qkv_proj(self.input_layernorm(hidden))
+        ops.rope_(qkv, *rope_angles, c.num_heads, c.num_kv_heads, c.head_dim)
         q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
-        q = q.view(-1, c.num_heads, c.head_dim)
-        k = k.view(-1, c.num_kv_heads, c.head_dim)
-        v = v.view(-1, c.num_kv_heads, c.head_dim)
-        q, k = RotaryEmbedding.apply(rope_angles, q, k)
-        return q, k, v
+        return (q.view(-1, c.num_heads, c.head_dim), k.view(-1, c.num_kv_heads, c.head_dim),
+                v.view(-1, c.num_kv_heads, c.head_dim))
 
     def post_attention(self, attn_out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """Output projection + residual, then norm + SwiGLU MLP + residual. attn_out: [num_tokens, num_heads, head_dim]."""
-        hidden = residual + self.o_proj(attn_out.reshape(attn_out.shape[0], -1))
-        gate, up = self.gate_up_proj(self.post_attention_layernorm(hidden)).chunk(2, dim=-1)
-        return hidden + self.down_proj(F.silu(gate) * up)
+        """Output projection + residual, then norm + SwiGLU MLP + residual. attn_out: [num_tokens, num_heads, head_dim].
+        Five ops: the residual additions ride on the projections' GEMMs."""
+        hidden = linear(attn_out.reshape(attn_out.shape[0], -1), self.o_proj.weight, residual=residual)
+        activated = ops.silu_and_mul(self.gate_up_proj(self.post_attention_layernorm(hidden)))
+        return linear(activated, self.down_proj.weight, residual=hidden)
 
 
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

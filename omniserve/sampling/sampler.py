@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from omniserve.ops import transfer
 from omniserve.sampling.params import SampledToken, SamplingParams
 
 
@@ -25,59 +26,79 @@ def _step_seed(seed: int, step: int) -> int:
 
 
 def sample(logits: torch.Tensor, rows: list[SamplingRow], eos_token_ids: tuple[int, ...]) -> list[SampledToken]:
-    """logits: [len(rows), vocab], fp32 or fp64. Returns one token per row."""
-    logits = logits.clone()
+    """logits: [len(rows), vocab], fp32 or fp64. Returns one token per row.
+
+    Everything runs on the logits' device, decided from the rows' parameters on the host (never from a device value),
+    and what comes back (token ids, and log-probabilities where asked for) comes back in one copy: on a GPU, the
+    step's only wait for the device."""
+    logits = _ban_until_min_tokens(logits, rows, eos_token_ids)
+    token_ids = logits.argmax(dim=-1)
+    random_rows = [i for i, row in enumerate(rows) if not row.params.greedy]
+    if random_rows and len(random_rows) == len(rows):
+        token_ids = _sample_random(logits, rows)
+    elif random_rows:
+        index = transfer.to_device(random_rows, logits.device)
+        drawn = _sample_random(logits.index_select(0, index), [rows[i] for i in random_rows])
+        token_ids = token_ids.index_copy(0, index, drawn)
+
+    top = max((row.params.logprobs or 0 for row in rows if row.params.logprobs is not None), default=None)
+    if top is None:
+        return [SampledToken(int(t)) for t in transfer.to_host(token_ids)]
+    logprobs = torch.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
+    chosen = logprobs.gather(1, token_ids.unsqueeze(1))
+    best = torch.topk(logprobs, top) if top else None
+    parts = [token_ids, chosen] + ([best.indices, best.values] if best is not None else [])
+    values = transfer.to_host(torch.cat([part.reshape(len(rows), -1).double() for part in parts], dim=1))
+    out = []
+    for row, (token, logprob, *rest) in zip(rows, values):
+        wanted = row.params.logprobs
+        if wanted is None:
+            out.append(SampledToken(int(token)))
+            continue
+        pairs = tuple((int(i), v) for i, v in zip(rest[:top][:wanted], rest[top:][:wanted]))
+        out.append(SampledToken(int(token), logprob, pairs))
+    return out
+
+
+def _ban_until_min_tokens(logits: torch.Tensor, rows: list[SamplingRow], eos_token_ids: tuple[int, ...]):
+    """Rows short of their min_tokens cannot draw their stop tokens (nor EOS, unless ignored): one indexed write."""
+    banned_rows, banned_tokens = [], []
     for i, row in enumerate(rows):
         if row.num_generated < row.params.min_tokens:
             banned = list(row.params.stop_token_ids) + ([] if row.params.ignore_eos else list(eos_token_ids))
-            if banned:
-                logits[i, banned] = float("-inf")
-
-    token_ids = logits.argmax(dim=-1)
-    random_rows = [i for i, row in enumerate(rows) if not row.params.greedy]
-    if random_rows:
-        token_ids[random_rows] = _sample_random(logits[random_rows], [rows[i] for i in random_rows])
-
-    want_logprobs = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
-    if not want_logprobs:
-        return [SampledToken(int(t)) for t in token_ids.tolist()]
-    logprobs = torch.log_softmax(logits.float() if logits.dtype != torch.float64 else logits, dim=-1)
-    token_list = token_ids.tolist()
-    out = []
-    for i, row in enumerate(rows):
-        if row.params.logprobs is None:
-            out.append(SampledToken(token_list[i]))
-            continue
-        top = torch.topk(logprobs[i], row.params.logprobs) if row.params.logprobs else None
-        top_pairs = tuple(zip(top.indices.tolist(), top.values.tolist())) if top is not None else ()
-        out.append(SampledToken(token_list[i], float(logprobs[i, token_list[i]]), top_pairs))
-    return out
+            banned_rows += [i] * len(banned)
+            banned_tokens += banned
+    if not banned_rows:
+        return logits
+    index = transfer.to_device([banned_rows, banned_tokens], logits.device)
+    return logits.index_put((index[0], index[1]), torch.tensor(float("-inf"), dtype=logits.dtype,
+                                                                device=logits.device))
 
 
 def _sample_random(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     device = logits.device
-    temperature = torch.tensor([r.params.temperature for r in rows], device=device, dtype=logits.dtype)
-    logits = logits / temperature.unsqueeze(1)
-    top_k = [r.params.top_k for r in rows]
-    top_p = [r.params.top_p for r in rows]
     vocab = logits.shape[1]
+    top_k = [r.params.top_k if 0 < r.params.top_k < vocab else vocab for r in rows]
+    top_p = [r.params.top_p for r in rows]
+    min_p = [r.params.min_p for r in rows]
+    # The rows' settings in one copy: [4, rows] of temperature, top-k, top-p, min-p.
+    settings = transfer.to_device([[r.params.temperature for r in rows], top_k, top_p, min_p], device, logits.dtype)
+    logits = logits / settings[0].unsqueeze(1)
 
     order = None
-    if any(0 < k < vocab for k in top_k) or any(p < 1.0 for p in top_p):
+    if any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p):
         # Truncate in descending order: top-k keeps a prefix, top-p the prefix whose mass reaches p.
         logits, order = logits.sort(dim=-1, descending=True)
         ranks = torch.arange(vocab, device=device).unsqueeze(0)
-        k = torch.tensor([k if 0 < k < vocab else vocab for k in top_k], device=device).unsqueeze(1)
-        logits = logits.masked_fill(ranks >= k, float("-inf"))
+        logits = logits.masked_fill(ranks >= settings[1].unsqueeze(1), float("-inf"))
         probs = logits.softmax(dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs
-        p = torch.tensor(top_p, device=device, dtype=probs.dtype).unsqueeze(1)
-        logits = logits.masked_fill(mass_before >= p, float("-inf"))  # the first token always stays
+        logits = logits.masked_fill(mass_before >= settings[2].unsqueeze(1), float("-inf"))  # the first token stays
 
-    min_p = torch.tensor([r.params.min_p for r in rows], device=device, dtype=logits.dtype).unsqueeze(1)
     probs = logits.softmax(dim=-1)
-    if bool((min_p > 0).any()):
-        probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
+    if any(p > 0 for p in min_p):
+        floor = settings[3].unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
+        probs = probs.masked_fill(probs < floor, 0.0)
 
     # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p. Seeded rows draw E from their own generator.
     noise = torch.empty_like(probs).exponential_()

@@ -1,4 +1,6 @@
-"""Decode on CUDA: the Triton kernel (attention/triton_decode.py) walks each row's page table in place."""
+"""Decode on CUDA: the Triton kernel (attention/triton_decode.py) walks each row's page table in place. It is the
+operator omniserve::paged_decode (ops/), which also runs on the meta device: a step of the CUDA path can be run there,
+shapes only, to count its ops and check it never waits for the device."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from omniserve import ops
 from omniserve.attention.backends.base import DecodeBackend, move_together, padded_page_table
 
 
@@ -23,13 +26,7 @@ class TritonDecode(DecodeBackend[PageTableMetadata]):
 
     @classmethod
     def supports(cls, device: torch.device, dtype: torch.dtype) -> bool:
-        return device.type == "cuda"
-
-    def __init__(self, page_size: int, device: torch.device) -> None:
-        super().__init__(page_size, device)
-        from omniserve.attention.triton_decode import paged_decode_attention  # triton is imported only when used
-
-        self._kernel = paged_decode_attention
+        return device.type in ("cuda", "meta")
 
     def build_metadata(self, page_ids: Sequence[Sequence[int]], context_lens: Sequence[int]) -> PageTableMetadata:
         table = padded_page_table(page_ids, torch.int32)
@@ -38,4 +35,4 @@ class TritonDecode(DecodeBackend[PageTableMetadata]):
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, metadata: PageTableMetadata
                ) -> torch.Tensor:
-        return self._kernel(q, k_cache, v_cache, metadata.page_table, metadata.context_lens, self.page_size)
+        return ops.paged_decode(q, k_cache, v_cache, metadata.page_table, metadata.context_lens, self.page_size)

@@ -1,0 +1,100 @@
+"""The fused dense operators of a decoder layer, as torch operators (`torch.ops.omniserve.*`) with a kernel per
+device:
+
+    operator        meaning (reference.py)                                  CPU                CUDA
+    rms_norm        RMSNorm of each row                                     C++ (csrc/)        Triton
+    silu_and_mul    silu(gate) * up of the fused gate-up projection         C++                Triton
+    rope_           RoPE, in place, on the q and k heads of the fused QKV   C++                Triton
+    store_kv        k and v rows into the page pool (negative slot: skip)   C++                Triton
+    paged_decode    decode attention over page tables (attention/)          -                  Triton
+
+Each is one kernel where plain torch runs 3 to 10 (RMSNorm alone is 8): on a GPU every op is a launch that the host
+pays for, and on the CPU a dispatch and a pass over memory. As registered operators they are one op each to a
+dispatch mode (how the ops of a step are counted), to the meta device (shapes only) and to graph capture.
+
+The CPU kernels are the project's C++ extension (cpu_attention/kernel.py builds it at set-up). Where it could not be
+built, the CPU runs the reference (plain torch, slower, same results). The CUDA kernels import Triton on first use.
+The residual additions of a layer are not operators here: they ride on the GEMMs before them (models/linear.py).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from omniserve.ops import reference
+
+logger = logging.getLogger(__name__)
+
+_LIBRARY = torch.library.Library("omniserve", "DEF")
+_SCHEMAS = {
+    "rms_norm": "rms_norm(Tensor x, Tensor weight, float eps) -> Tensor",
+    "silu_and_mul": "silu_and_mul(Tensor gate_up) -> Tensor",
+    "rope_": "rope_(Tensor(a!) qkv, Tensor cos, Tensor sin, int num_heads, int num_kv_heads, int head_dim) -> ()",
+    "store_kv": "store_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots) -> ()",
+    "paged_decode": "paged_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor page_table, Tensor context_lens, "
+                    "int page_size) -> Tensor",
+}
+for _schema in _SCHEMAS.values():
+    _LIBRARY.define(_schema)
+
+
+def _meta_rms_norm(x, weight, eps):
+    return x.new_empty(x.shape)
+
+
+def _meta_silu_and_mul(gate_up):
+    return gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
+
+
+def _meta_in_place(*args):
+    return None
+
+
+def _meta_paged_decode(q, *args):
+    return q.new_empty(q.shape)
+
+
+for _name, _meta in (("rms_norm", _meta_rms_norm), ("silu_and_mul", _meta_silu_and_mul), ("rope_", _meta_in_place),
+                     ("store_kv", _meta_in_place), ("paged_decode", _meta_paged_decode)):
+    _LIBRARY.impl(_name, _meta, "Meta")
+
+
+def _cuda_kernel(module: str, name: str):
+    def run(*args):
+        import importlib  # Triton is imported only where a GPU runs these
+
+        return getattr(importlib.import_module(module), name)(*args)
+
+    return run
+
+
+_FUSED = ("rms_norm", "silu_and_mul", "rope_", "store_kv")
+for _name in _FUSED:
+    _LIBRARY.impl(_name, _cuda_kernel("omniserve.ops.triton_ops", _name), "CUDA")
+for _device in ("CUDA", "CPU"):  # on the CPU through Triton's interpreter only: how it is tested without a GPU
+    _LIBRARY.impl("paged_decode", _cuda_kernel("omniserve.attention.triton_decode", "paged_decode_attention"), _device)
+
+
+def _register_cpu_kernels() -> bool:
+    """The C++ kernels register themselves when the extension loads; without it, the reference runs on the CPU."""
+    from omniserve.cpu_attention.kernel import compiled_kernel
+
+    if compiled_kernel() is not None:
+        return True
+    logger.warning("the fused CPU operators are not built: the CPU runs them as plain torch (slower)")
+    for name in _FUSED:
+        _LIBRARY.impl(name, getattr(reference, name), "CPU")
+    return False
+
+
+CPU_KERNELS_BUILT = _register_cpu_kernels()
+
+rms_norm = torch.ops.omniserve.rms_norm
+silu_and_mul = torch.ops.omniserve.silu_and_mul
+rope_ = torch.ops.omniserve.rope_
+store_kv = torch.ops.omniserve.store_kv
+paged_decode = torch.ops.omniserve.paged_decode
+
+__all__ = ["CPU_KERNELS_BUILT", "paged_decode", "reference", "rms_norm", "rope_", "silu_and_mul", "store_kv"]

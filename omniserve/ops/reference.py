@@ -1,0 +1,49 @@
+"""The fused operators' meaning, in plain torch: what every kernel for them (ops/) must compute.
+
+Each function here is several eager torch ops; a kernel does the same in one pass over its input. They are also the
+fallback where no kernel runs. Shapes are flat token rows, as in models/llama.py.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [rows, hidden] normalised in fp32 (fp64 stays fp64), cast back to x's dtype, then scaled by weight
+    (the order of the reference Llama implementation)."""
+    x32 = x if x.dtype == torch.float64 else x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [rows, 2 * intermediate] (gate first) -> silu(gate) * up, [rows, intermediate]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def rope_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, num_kv_heads: int,
+          head_dim: int) -> None:
+    """Rotate-half RoPE, in place, on the query and key heads of qkv [rows, (num_heads + 2 * num_kv_heads) *
+    head_dim] (the fused QKV projection's output: query heads, key heads, value heads). cos, sin: [rows, head_dim // 2]
+    per row's position; the rotation is computed in cos's dtype and stored in qkv's."""
+    rows = qkv.shape[0]
+    half = head_dim // 2
+    heads = qkv[:, : (num_heads + num_kv_heads) * head_dim].view(rows, num_heads + num_kv_heads, head_dim)
+    x1, x2 = heads[..., :half].to(cos.dtype), heads[..., half:].to(cos.dtype)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    heads.copy_(rotated.to(qkv.dtype))
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slots: torch.Tensor) -> None:
+    """k, v [rows, num_kv_heads, head_dim] stored at slots [rows] of k_cache, v_cache [num_slots, num_kv_heads,
+    head_dim]; a row whose slot is negative is not stored (a padding row, or a row whose KV lives elsewhere)."""
+    keep = slots >= 0
+    if not bool(keep.all()):
+        k, v, slots = k[keep], v[keep], slots[keep]
+    k_cache.index_copy_(0, slots, k)
+    v_cache.index_copy_(0, slots, v)
