@@ -287,13 +287,15 @@ class ModelRunner:
             if back_ids:
                 attn_parts.append(self._results_to_device(back_ids))
                 residual_parts.append(torch.stack([self._offloaded[r].residual for r in back_ids]))
-            out = model.post_attention(layer, torch.cat(attn_parts), torch.cat(residual_parts))
+            out = model.post_attention(layer, _cat(attn_parts), _cat(residual_parts))
             device_hidden, carry_hidden = out[:num_device], out[num_device:]
             carry_ids = back_ids  # they finished this layer and go on to the next one in this iteration
             if carry_ids:
                 back_positions = [self._offloaded[r].position for r in carry_ids]
                 carry_angles = model.rope_angles(to_device(back_positions, self.device))
-        device_final = device_hidden[sample_rows] if num_device else None
+        device_final = None
+        if num_device:  # a decode step samples every row: no gather
+            device_final = device_hidden if len(sample_rows) == num_device else device_hidden[sample_rows]
         return self._sample(plan, device_final, carry_ids, carry_hidden)
 
     def _attention(self, layer: int, device: tuple, carry_ids: list[str], carry: tuple, layers: _OffloadedLayers):
@@ -395,8 +397,7 @@ class ModelRunner:
             request_ids.append(request_id)
         if not rows:
             return {}
-        hidden = torch.cat(([device_final] if device_final is not None else []) + (
-            [finished_hidden] if finished_ids else []))
+        hidden = _cat(([device_final] if device_final is not None else []) + ([finished_hidden] if finished_ids else []))
         tokens = sample(self.model.compute_logits(hidden), rows, self.eos_token_ids)
         return dict(zip(request_ids, tokens))
 
@@ -451,6 +452,11 @@ class ModelRunner:
             self.pool.scatter(transfer.page_ids, transfer.num_tokens, exported.k, exported.v)
             done.append(exported.request_id)
         return done
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The parts as one tensor; a lone part as it is (a copy of it would be a kernel launch per layer on a GPU)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _rows(angles: tuple[torch.Tensor, torch.Tensor], rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
