@@ -62,7 +62,8 @@ def test_matches_reference_attention(kernel, heads, kv_heads, head_dim, lens):
 
 def test_triton_backend_inside_paged_attention_matches_the_torch_backend():
     """The backend seam on the device: page tables built on the host and moved in one copy, decode rows among
-    prefill spans, against the torch backend on the CPU."""
+    prefill spans, against the torch backend on the CPU. Without a GPU, the operator's CPU kernel (its page-table
+    meaning, ops/reference.py) stands in for the Triton kernel, which the tests above check directly."""
     from omniserve.attention import PagedAttention
     from omniserve.attention.backends import TorchGatherDecode, TritonDecode
     from omniserve.config import ModelConfig

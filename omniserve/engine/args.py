@@ -64,6 +64,9 @@ class EngineArgs(SchedulerSettings):
     ray_address: str | None = _arg(
         None, "Ray cluster to join (`auto`, or the head's host:port); default: a Ray instance of this process's own, "
         "started when scale-out needs one")
+    enforce_eager: bool = _arg(
+        False, "run every iteration eagerly: no CUDA graphs (by default, decode iterations without offloaded rows "
+        "replay graphs captured at start-up, one per padded batch size)")
     seed: int = _arg(0, "seed for random weights and for requests without a seed of their own")
     threads: int | None = _arg(None, "CPU threads for the model when the device is the CPU; default: torch's choice")
 

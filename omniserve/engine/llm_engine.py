@@ -18,6 +18,7 @@ from omniserve.config import CacheConfig, ConfigError
 from omniserve.cpu_attention import CPUAttentionPool, PoolConfig
 from omniserve.cpu_attention.remote import RemoteHosts, RemoteHostsConfig, connect_ray
 from omniserve.engine.args import EngineArgs
+from omniserve.engine.graphs import DecodeGraphs
 from omniserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from omniserve.engine.observer import IterationObserver, IterationRecord, RunnerTimings
 from omniserve.engine.runner import ModelRunner
@@ -123,7 +124,7 @@ class LLMEngine:
         if pool_config is not None:
             self.cpu_pool = CPUAttentionPool(pool_config, _remote_hosts(args))  # local workers start on first offload
             weakref.finalize(self, self.cpu_pool.shutdown)  # workers end with the engine, not only with the process
-        self.runner = ModelRunner(loaded.model, self.pool, self.device, self.cpu_pool)
+        self.runner = self._runner(loaded, args.enforce_eager)
         self.calibrate()
         self.last_iteration: IterationStats | None = None
         self._groups: dict[str, _RequestGroup] = {}
@@ -133,6 +134,16 @@ class LLMEngine:
             loaded.path or args.model, self.device, self.dtype, num_pages, cache.page_size,
             self.scheduler_config.max_model_len,
         )
+
+    def _runner(self, loaded: LoadedModel, enforce_eager: bool) -> ModelRunner:
+        """The model runner; on CUDA unless enforce_eager, with decode graphs captured now. Their memory is counted
+        in the activation peak that sized the KV pages: a decode batch of max_num_seqs rows needs no more than a
+        chunk of max_num_batched_tokens (the capture logs what it took)."""
+        graphs = None
+        if self.device.type == "cuda" and not enforce_eager:
+            graphs = DecodeGraphs(loaded.model, self.pool, self.device, self.scheduler_config.max_num_seqs,
+                                  self.scheduler_config.max_model_len, capture=True)
+        return ModelRunner(loaded.model, self.pool, self.device, self.cpu_pool, graphs)
 
     def _kv_pages(self, loaded: LoadedModel, cache: CacheConfig) -> int:
         """How many KV pages the memory settings give (pages_for_memory): a memory utilization's share must also hold

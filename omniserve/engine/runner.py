@@ -37,6 +37,7 @@ import torch
 
 from omniserve.attention import PagedAttention
 from omniserve.cpu_attention import CPUAttentionPool
+from omniserve.engine.graphs import DecodeGraphs
 from omniserve.engine.observer import RunnerTimings, TimedPool
 from omniserve.engine.scheduler.plan import IterationPlan, KVTransfer, RunnerOutput
 from omniserve.kv_cache.page_pool import PagePool
@@ -116,9 +117,12 @@ class _PendingCopy:
 
 class ModelRunner:
     def __init__(
-        self, model: LlamaForCausalLM, pool: PagePool, device: torch.device, cpu_pool: CPUAttentionPool | None = None
+        self, model: LlamaForCausalLM, pool: PagePool, device: torch.device, cpu_pool: CPUAttentionPool | None = None,
+        graphs: DecodeGraphs | None = None,
     ) -> None:
         self.model = model
+        self.graphs = graphs
+        """Decode iterations without offloaded rows run there (replayed CUDA graphs), when given."""
         self.pool = pool
         self.device = device
         self.attention = PagedAttention(pool, device)
@@ -222,6 +226,10 @@ class ModelRunner:
         chasing = plan.pipeline.row_limit != 0 and bool(self._offloaded or plan.offloaded_starts)
         if not (plan.chunks or plan.offloaded_starts or returning or chasing):
             return RunnerOutput({}, swapped_out, self._finish_swap_ins(), lost)
+        if self.graphs is not None and not (plan.offloaded_starts or returning or chasing) and self.graphs.fits(
+                plan.chunks):
+            sampled = self._sample(plan, self.graphs.run(plan.chunks), [], None)
+            return RunnerOutput(sampled, swapped_out, self._finish_swap_ins(), lost)
         layers = _OffloadedLayers(plan.pipeline.row_limit, plan.pipeline.wait_s, self.model.config.num_layers)
         sampled = self._forward(plan, returning, layers)
         advanced = {r: self._offloaded[r].layer for r in layers.sent if r in self._offloaded}

@@ -6,7 +6,7 @@ device:
     silu_and_mul    silu(gate) * up of the fused gate-up projection         C++                Triton
     rope_           RoPE, in place, on the q and k heads of the fused QKV   C++                Triton
     store_kv        k and v rows into the page pool (negative slot: skip)   C++                Triton
-    paged_decode    decode attention over page tables (attention/)          -                  Triton
+    paged_decode    decode attention over page tables (attention/)          reference          Triton
 
 Each is one kernel where plain torch runs 3 to 10 (RMSNorm alone is 8): on a GPU every op is a launch that the host
 pays for, and on the CPU a dispatch and a pass over memory. As registered operators they are one op each to a
@@ -73,8 +73,10 @@ def _cuda_kernel(module: str, name: str):
 _FUSED = ("rms_norm", "silu_and_mul", "rope_", "store_kv")
 for _name in _FUSED:
     _LIBRARY.impl(_name, _cuda_kernel("omniserve.ops.triton_ops", _name), "CUDA")
-for _device in ("CUDA", "CPU"):  # on the CPU through Triton's interpreter only: how it is tested without a GPU
-    _LIBRARY.impl("paged_decode", _cuda_kernel("omniserve.attention.triton_decode", "paged_decode_attention"), _device)
+_LIBRARY.impl("paged_decode", _cuda_kernel("omniserve.attention.triton_decode", "paged_decode_attention"), "CUDA")
+# On the CPU, its plain-torch meaning: the CPU decodes with its own kernel (flat slot lists, attention/backends), and
+# runs this only where the GPU path is checked without a GPU (engine/graphs.py run eagerly).
+_LIBRARY.impl("paged_decode", reference.paged_decode, "CPU")
 
 
 def _register_cpu_kernels() -> bool:

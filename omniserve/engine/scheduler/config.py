@@ -33,7 +33,11 @@ def add_flags(parser: argparse.ArgumentParser, settings: Iterable[Field]) -> Non
     default, type, help and choices. The type is read from the annotation's text (every module declaring settings
     defers its annotations)."""
     for f in settings:
-        parser.add_argument("--" + f.name.replace("_", "-"), type=_FLAG_TYPES.get(f.type, str), default=f.default,
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":  # --flag / --no-flag
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+            continue
+        parser.add_argument(flag, type=_FLAG_TYPES.get(f.type, str), default=f.default,
                             help=f.metadata["help"], choices=f.metadata["choices"])
 
 

@@ -1,0 +1,130 @@
+"""Decode iterations replayed from CUDA graphs, one per padded batch size.
+
+A decode iteration with no prefill chunk and no offloaded row has the same ops every time, only the batch size
+changes: so the forward pass of each padded batch size ("bucket": 1, 2, 4, 8, then every 8 up to max_num_seqs) is
+captured once at start-up and replayed, one launch for the whole model instead of ~10 per layer from the host. Its
+inputs live in static buffers, all views of one flat device tensor, filled each iteration with one copy from a
+pinned staging twin:
+
+    token_ids [max_batch]  positions [max_batch]  write_slots [max_batch]  context_lens [max_batch]
+    page_table [max_batch, max_pages]
+
+A batch of n rows runs in the smallest bucket b >= n; rows n..b-1 are padding: token 0 at position 0, write slot -1
+(ops.store_kv skips it, so a padding row writes no KV), context 1 (it reads page 0's first slot, whatever it
+holds: its output is dropped). Every op is row-wise, so padding never changes a real row.
+
+Iterations with prefill chunks or offloaded rows run eagerly (runner.py): their shapes and the CPU pool's results
+change within the iteration. Where graphs are not captured (the CPU, --enforce-eager), the same static-buffer
+forward can run eagerly: that is how the bookkeeping is tested without a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from omniserve import ops
+from omniserve.engine.scheduler.plan import ScheduledChunk
+from omniserve.kv_cache.page_pool import PagePool
+from omniserve.models.llama import LlamaForCausalLM
+
+logger = logging.getLogger(__name__)
+
+_FIELDS = 4  # token ids, positions, write slots, context lengths; then the page table
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """The padded batch sizes captured: 1, 2, 4, 8, then every 8, the last being max_batch."""
+    buckets = [b for b in (1, 2, 4) if b < max_batch] + list(range(8, max_batch, 8))
+    return buckets + [max_batch]
+
+
+class DecodeGraphs:
+    def __init__(self, model: LlamaForCausalLM, pool: PagePool, device: torch.device, max_batch: int,
+                 max_context: int, capture: bool) -> None:
+        self.model, self.pool, self.device = model, pool, device
+        self.buckets = batch_buckets(max_batch)
+        self.max_batch = max_batch
+        self.max_pages = -(-max_context // pool.page_size)
+        size = max_batch * (_FIELDS + self.max_pages)
+        self._inputs = torch.zeros(size, dtype=torch.long, device=device)
+        self._staging = self._inputs if device.type != "cuda" else torch.zeros(size, dtype=torch.long,
+                                                                               pin_memory=True)
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._outputs: dict[int, torch.Tensor] = {}
+        if capture:
+            self._capture()
+
+    def fits(self, chunks: list[ScheduledChunk]) -> bool:
+        """Whether these chunks are a decode batch that a bucket holds."""
+        return (0 < len(chunks) <= self.max_batch
+                and all(len(c.token_ids) == 1 and c.sample and len(c.page_ids) <= self.max_pages for c in chunks))
+
+    def _views(self, buffer: torch.Tensor, bucket: int):
+        """(token_ids, positions, write_slots, context_lens, page_table) of the first `bucket` rows."""
+        rows = self.max_batch
+        fields = [buffer[i * rows: i * rows + bucket] for i in range(_FIELDS)]
+        table = buffer[_FIELDS * rows:].view(rows, self.max_pages)[:bucket]
+        return (*fields, table)
+
+    def _fill(self, chunks: list[ScheduledChunk], bucket: int) -> None:
+        """Writes the batch into the staging buffer (padding rows as the module docstring says), then copies it to
+        the device's static inputs in one asynchronous copy."""
+        token_ids, positions, write_slots, context_lens, table = self._views(self._staging, bucket)
+        page_size, n = self.pool.page_size, len(chunks)
+        if n:
+            token_ids[:n] = torch.tensor([c.token_ids[0] for c in chunks])
+            positions[:n] = torch.tensor([c.start_position for c in chunks])
+            write_slots[:n] = torch.tensor([c.page_ids[c.start_position // page_size] * page_size
+                                            + c.start_position % page_size for c in chunks])
+            context_lens[:n] = positions[:n] + 1
+            table[:n] = torch.tensor([c.page_ids + [0] * (self.max_pages - len(c.page_ids)) for c in chunks])
+        token_ids[n:], positions[n:], write_slots[n:], context_lens[n:], table[n:] = 0, 0, -1, 1, 0
+        if self._staging is not self._inputs:
+            self._inputs.copy_(self._staging, non_blocking=True)
+
+    def forward(self, bucket: int) -> torch.Tensor:
+        """The model over the static inputs of `bucket` rows: their last hidden states [bucket, hidden_size]. What
+        a graph captures, and what runs eagerly where there is none."""
+        model, pool = self.model, self.pool
+        token_ids, positions, write_slots, context_lens, table = self._views(self._inputs, bucket)
+        hidden = model.embed(token_ids)
+        angles = model.rope_angles(positions)
+        for layer in range(model.config.num_layers):
+            q, k, v = model.pre_attention(layer, hidden, angles)
+            pool.write(layer, write_slots, k, v)
+            attended = ops.paged_decode(q, pool.k[layer], pool.v[layer], table, context_lens, pool.page_size)
+            hidden = model.post_attention(layer, attended, hidden)
+        return hidden
+
+    def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """The decode batch's last hidden states [len(chunks), hidden_size], replayed (or run eagerly)."""
+        bucket = next(b for b in self.buckets if b >= len(chunks))
+        self._fill(chunks, bucket)
+        graph = self._graphs.get(bucket)
+        if graph is None:
+            return self.forward(bucket)[: len(chunks)]
+        graph.replay()
+        return self._outputs[bucket][: len(chunks)]
+
+    def _capture(self) -> None:
+        """One graph per bucket, largest first so that the smaller ones reuse its memory (one shared pool)."""
+        started = time.perf_counter()
+        free_before = torch.cuda.mem_get_info(self.device)[0]
+        memory_pool = torch.cuda.graph_pool_handle()
+        self._fill([], self.max_batch)  # every row padding: the captures write no KV
+        for bucket in reversed(self.buckets):
+            self.forward(bucket)  # warm-up: kernels compiled and tuned outside the capture
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=memory_pool):
+                self._outputs[bucket] = self.forward(bucket)
+            self._graphs[bucket] = graph
+            logger.info("captured the decode graph of %d rows (%d of %d)", bucket, len(self._graphs),
+                        len(self.buckets))
+        torch.cuda.synchronize(self.device)
+        used = free_before - torch.cuda.mem_get_info(self.device)[0]
+        logger.info("captured %d decode graphs in %.1f s, using %.0f MiB of device memory", len(self._graphs),
+                    time.perf_counter() - started, used / 2**20)
