@@ -7,6 +7,7 @@ device:
     rope_           RoPE, in place, on the q and k heads of the fused QKV   C++                Triton
     store_kv        k and v rows into the page pool (negative slot: skip)   C++                Triton
     paged_decode    decode attention over page tables (attention/)          reference          Triton
+    paged_prefill   causal attention of all prefill spans, over page tables C++                Triton
 
 Each is one kernel where plain torch runs 3 to 10 (RMSNorm alone is 8): on a GPU every op is a launch that the host
 pays for, and on the CPU a dispatch and a pass over memory. As registered operators they are one op each to a
@@ -35,6 +36,8 @@ _SCHEMAS = {
     "store_kv": "store_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots) -> ()",
     "paged_decode": "paged_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor page_table, Tensor context_lens, "
                     "int page_size) -> Tensor",
+    "paged_prefill": "paged_prefill(Tensor q, Tensor k_cache, Tensor v_cache, Tensor page_table, Tensor query_starts, "
+                     "Tensor context_lens, int page_size) -> Tensor",
 }
 for _schema in _SCHEMAS.values():
     _LIBRARY.define(_schema)
@@ -57,7 +60,8 @@ def _meta_paged_decode(q, *args):
 
 
 for _name, _meta in (("rms_norm", _meta_rms_norm), ("silu_and_mul", _meta_silu_and_mul), ("rope_", _meta_in_place),
-                     ("store_kv", _meta_in_place), ("paged_decode", _meta_paged_decode)):
+                     ("store_kv", _meta_in_place), ("paged_decode", _meta_paged_decode),
+                     ("paged_prefill", _meta_paged_decode)):
     _LIBRARY.impl(_name, _meta, "Meta")
 
 
@@ -74,21 +78,22 @@ _FUSED = ("rms_norm", "silu_and_mul", "rope_", "store_kv")
 for _name in _FUSED:
     _LIBRARY.impl(_name, _cuda_kernel("omniserve.ops.triton_ops", _name), "CUDA")
 _LIBRARY.impl("paged_decode", _cuda_kernel("omniserve.attention.triton_decode", "paged_decode_attention"), "CUDA")
-# On the CPU, its plain-torch meaning: the CPU decodes with its own kernel (flat slot lists, attention/backends), and
-# runs this only where the GPU path is checked without a GPU (engine/graphs.py run eagerly).
-_LIBRARY.impl("paged_decode", reference.paged_decode, "CPU")
+_LIBRARY.impl("paged_prefill", _cuda_kernel("omniserve.attention.triton_prefill", "paged_prefill"), "CUDA")
 
 
 def _register_cpu_kernels() -> bool:
-    """The C++ kernels register themselves when the extension loads; without it, the reference runs on the CPU."""
+    """The C++ kernels register themselves when the extension loads; an operator it has no kernel for (no
+    extension here, or paged_decode, which the CPU path does not use) runs its reference on the CPU."""
     from omniserve.cpu_attention.kernel import compiled_kernel
 
-    if compiled_kernel() is not None:
-        return True
-    logger.warning("the fused CPU operators are not built: the CPU runs them as plain torch (slower)")
-    for name in _FUSED:
+    built = compiled_kernel() is not None
+    missing = [name for name in _SCHEMAS if not torch._C._dispatch_has_kernel_for_dispatch_key(
+        f"omniserve::{name}", "CPU")]
+    if not built:
+        logger.warning("the fused CPU operators are not built: the CPU runs them as plain torch (slower)")
+    for name in missing:
         _LIBRARY.impl(name, getattr(reference, name), "CPU")
-    return False
+    return built
 
 
 CPU_KERNELS_BUILT = _register_cpu_kernels()
@@ -98,5 +103,6 @@ silu_and_mul = torch.ops.omniserve.silu_and_mul
 rope_ = torch.ops.omniserve.rope_
 store_kv = torch.ops.omniserve.store_kv
 paged_decode = torch.ops.omniserve.paged_decode
+paged_prefill = torch.ops.omniserve.paged_prefill
 
-__all__ = ["CPU_KERNELS_BUILT", "paged_decode", "reference", "rms_norm", "rope_", "silu_and_mul", "store_kv"]
+__all__ = ["CPU_KERNELS_BUILT", "paged_decode", "paged_prefill", "reference", "rms_norm", "rope_", "silu_and_mul", "store_kv"]

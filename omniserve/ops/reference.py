@@ -66,3 +66,27 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     grouped_q = q.reshape(rows, kv_heads, heads // kv_heads, head_dim)
     attended = F.scaled_dot_product_attention(grouped_q, keys, values, attn_mask=valid.view(rows, 1, 1, -1))
     return attended.reshape(rows, heads, head_dim)
+
+
+def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
+                  query_starts: torch.Tensor, context_lens: torch.Tensor, page_size: int) -> torch.Tensor:
+    """Causal attention of several prefill spans at once, over their KV in the page pool (their own new tokens'
+    KV already stored there): q [rows, heads, head_dim], the spans' rows back to back; k_cache, v_cache [slots,
+    kv_heads, head_dim]; page_table [spans, max_pages]; query_starts [spans + 1]: span s is q's rows
+    query_starts[s] .. query_starts[s + 1] - 1; context_lens [spans]: the positions span s reaches (earlier chunks'
+    and its own), so its last row is at position context_lens[s] - 1 and its rows are the context's last ones.
+    Each row attends to every position up to its own. Returns [rows, heads, head_dim]."""
+    out = torch.empty_like(q)
+    heads, kv_heads = q.shape[1], k_cache.shape[1]
+    for span, (first, end) in enumerate(zip(query_starts[:-1].tolist(), query_starts[1:].tolist())):
+        length = int(context_lens[span])
+        positions = torch.arange(length, device=q.device)
+        slots = page_table[span].long()[positions // page_size] * page_size + positions % page_size
+        keys, values = k_cache.index_select(0, slots), v_cache.index_select(0, slots)
+        query_positions = torch.arange(length - (end - first), length, device=q.device)
+        mask = positions.unsqueeze(0) <= query_positions.unsqueeze(1)
+        attended = F.scaled_dot_product_attention(
+            q[first:end].transpose(0, 1).unsqueeze(0), keys.transpose(0, 1).unsqueeze(0),
+            values.transpose(0, 1).unsqueeze(0), attn_mask=mask, enable_gqa=heads != kv_heads)
+        out[first:end] = attended.squeeze(0).transpose(0, 1)
+    return out
