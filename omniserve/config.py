@@ -160,13 +160,18 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """`None`/`auto` means bf16 on CUDA and fp32 on the CPU."""
+    """`None`/`auto` means bf16 on CUDA; on the CPU, bf16 where the CPU runs it faster (AMX or AVX-512 BF16, checked by
+    a measurement at start-up: models.linear.preferred_cpu_dtype), else fp32."""
     import torch
 
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda":
+            return torch.bfloat16
+        from omniserve.models.linear import preferred_cpu_dtype
+
+        return preferred_cpu_dtype()
     if dtype not in _DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r} (choose from {', '.join(_DTYPES)})")
     return getattr(torch, dtype)

@@ -42,3 +42,20 @@ def test_padding_changes_no_result(rows):
     assert out.shape == (rows, 48) and out.is_contiguous()
     torch.testing.assert_close(out, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(linear(x[-1:], weight, bias)[0], out[-1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("flags, speedup, expected", [
+    ("fpu sse2 avx2 fma", 2.0, torch.float32),  # no bf16 instructions: never measured, fp32
+    ("avx2 avx512f avx512_bf16", 2.0, torch.bfloat16),
+    ("avx2 avx512f amx_bf16 amx_tile", 1.1, torch.float32),  # has them, but not faster enough here
+])
+def test_the_cpu_default_dtype_is_bf16_only_where_the_cpu_runs_it_faster(monkeypatch, flags, speedup, expected):
+    from omniserve.cpu_attention import kernel
+
+    monkeypatch.setattr(kernel, "cpu_isa", lambda: flags)
+    monkeypatch.setattr(linear_module, "onednn_supports", lambda dtype: True)
+    measured = []
+    monkeypatch.setattr(linear_module, "_gemv_seconds",
+                        lambda dtype: measured.append(dtype) or (1.0 if dtype == torch.float32 else 1.0 / speedup))
+    assert linear_module.preferred_cpu_dtype.__wrapped__() == expected
+    assert bool(measured) == ("bf16" in flags)
