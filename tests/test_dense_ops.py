@@ -101,8 +101,8 @@ def test_a_decoder_layer_equals_its_unfused_form(dtype):
     from omniserve.config import ModelConfig
     from omniserve.models.llama import DecoderLayer
 
-    config = ModelConfig(architecture="LlamaForCausalLM", vocab_size=64, hidden_size=96, intermediate_size=160, num_layers=1, num_heads=6,
-                         num_kv_heads=2, head_dim=16)
+    config = ModelConfig(architecture="LlamaForCausalLM", vocab_size=64, hidden_size=96, intermediate_size=160,
+                         num_layers=1, num_heads=6, num_kv_heads=2, head_dim=16)
     torch.manual_seed(0)
     layer = DecoderLayer(config).to(dtype)
     for parameter in layer.parameters():

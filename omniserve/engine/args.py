@@ -29,8 +29,9 @@ class EngineArgs(SchedulerSettings):
         "default: the built-in SmolLM2-135M-Instruct")
     load_format: str = _arg("auto", "`auto` loads the weights; `dummy` makes random weights of the model's shapes")
     device: str | None = _arg(None, "cuda or cpu; default: CUDA when present")
-    dtype: str | None = _arg(None, "float32, bfloat16, float16 or float64; default: bf16 on CUDA; on the CPU, bf16 where it has "
-                               "AMX or AVX-512 BF16 and a bf16 GEMV measured at start-up is faster, else fp32")
+    dtype: str | None = _arg(
+        None, "float32, bfloat16, float16 or float64; default: bf16 on CUDA; on the CPU, bf16 where it has AMX or "
+        "AVX-512 BF16 and a bf16 GEMV measured at start-up is faster, else fp32")
     # The scheduler's setting, but unknown until the model is loaded.
     max_model_len: int | None = _arg(None, "longest prompt + output in tokens; default: the model's own limit")
     block_size: int = _arg(CacheConfig.page_size, "tokens per KV page")

@@ -405,7 +405,8 @@ class ModelRunner:
             request_ids.append(request_id)
         if not rows:
             return {}
-        hidden = _cat(([device_final] if device_final is not None else []) + ([finished_hidden] if finished_ids else []))
+        hidden = _cat(([device_final] if device_final is not None else [])
+                      + ([finished_hidden] if finished_ids else []))
         tokens = sample(self.model.compute_logits(hidden), rows, self.eos_token_ids)
         return dict(zip(request_ids, tokens))
 

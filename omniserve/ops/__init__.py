@@ -105,4 +105,5 @@ store_kv = torch.ops.omniserve.store_kv
 paged_decode = torch.ops.omniserve.paged_decode
 paged_prefill = torch.ops.omniserve.paged_prefill
 
-__all__ = ["CPU_KERNELS_BUILT", "paged_decode", "paged_prefill", "reference", "rms_norm", "rope_", "silu_and_mul", "store_kv"]
+__all__ = ["CPU_KERNELS_BUILT", "paged_decode", "paged_prefill", "reference", "rms_norm", "rope_", "silu_and_mul",
+           "store_kv"]
