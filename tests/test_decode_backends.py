@@ -78,12 +78,13 @@ def test_iteration_indexes_arrive_in_one_buffer_and_match_the_pages():
     expected = torch.cat([token_slots(pages, start, count, PAGE_SIZE) for start, count, pages in spans])
     assert torch.equal(meta.write_slots, expected)
     assert meta.decode.rows.tolist() == [0, 1, 8, 14]
-    later = [span for span in meta.prefills if span.context_slots is not None]
-    assert len(meta.prefills) == 2 and len(later) == 1
-    assert torch.equal(later[0].context_slots, token_slots(spans[4][2], 0, 13, PAGE_SIZE))
+    prefill = meta.prefill  # the first chunk (rows 2-7) and the later one (rows 9-13), in one batch
+    assert prefill.rows.tolist() == [2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13]
+    assert prefill.query_starts.tolist() == [0, 6, 11] and prefill.context_lens.tolist() == [6, 13]
+    assert prefill.page_table.tolist() == [spans[2][2] + [0, 0], spans[4][2]]  # padded with page 0
     storage = meta.write_slots.untyped_storage().data_ptr()
-    assert meta.decode.rows.untyped_storage().data_ptr() == storage  # one copy for all of them
-    assert later[0].context_slots.untyped_storage().data_ptr() == storage
+    for index in (meta.decode.rows, prefill.rows, prefill.query_starts, prefill.context_lens, prefill.page_table):
+        assert index.untyped_storage().data_ptr() == storage  # one copy for all of them
     padded = meta.decode.metadata
     assert padded.mask.shape == (4, 1, 1, 120) and padded.mask.sum().item() == 1 + 5 + 37 + 120
 
