@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from omniserve import ops
 from omniserve.config import ConfigError, cache_dir
 from omniserve.cpu_attention import PoolConfig
 from omniserve.engine.args import EngineArgs
@@ -94,7 +95,9 @@ def device_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} x{os.cpu_count()}"
 
 
-_PROFILE_FORMAT = 3  # bumped when the models' features change, so that older cached profiles are not reused
+_PROFILE_FORMAT = 4
+"""Bumped when the models' features or the runner's kernels change (4: fused operators, one prefill call), so that
+older cached profiles, measured on other code, are not reused."""
 
 
 def profile_cache_path(model_name: str, model: LlamaForCausalLM, device: torch.device, dtype: torch.dtype, *,
@@ -103,7 +106,7 @@ def profile_cache_path(model_name: str, model: LlamaForCausalLM, device: torch.d
     """Where load_or_profile keeps this setup's profile: a readable prefix and a hash of everything that changes it."""
     pool = None if pool_config is None else (pool_config.threads_per_worker, pool_config.simulated_delay_s)
     key = repr((_PROFILE_FORMAT, model_name, model.config, device_name(device), device.type, str(dtype),
-                torch.get_num_threads(), max_num_tokens, max_context, page_size, pool))
+                torch.get_num_threads(), max_num_tokens, max_context, page_size, pool, ops.CPU_KERNELS_BUILT))
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     readable = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in Path(model_name).name)[:40] or "model"
     prefix = f"{readable}-{device.type}-{str(dtype).removeprefix('torch.')}"
