@@ -74,12 +74,13 @@ def _host_indexes(spans: Sequence[tuple[int, int, Sequence[int]]], page_size: in
     host = _HostIndexes()
     row = 0
     for start, count, page_ids in spans:
-        host.write_slots.extend(token_slots(page_ids, start, count, page_size).tolist())
-        if count == 1:
+        if count == 1:  # plain arithmetic: a tensor per decode row would cost the host more than the row
+            host.write_slots.append(page_ids[start // page_size] * page_size + start % page_size)
             host.decode_rows.append(row)
             host.decode_pages.append(page_ids)
             host.decode_lens.append(start + 1)
         else:
+            host.write_slots.extend(token_slots(page_ids, start, count, page_size).tolist())
             host.prefill_rows.extend(range(row, row + count))
             host.prefill_pages.append(page_ids)
             host.prefill_starts.append(host.prefill_starts[-1] + count)
