@@ -117,17 +117,17 @@ def serving(model: str, names=("tiny",), api_keys=None, grace_s: float = 5, limi
 def slow_engine(server: RunningServer, seconds_per_step: float = 0.01):
     """Makes every engine iteration last at least this long, so that a request is still running when the test acts."""
     engine = server.engine
-    step = engine.step
+    step = engine.run_iteration
 
     def slow_step():
         time.sleep(seconds_per_step)
         return step()
 
-    engine.step = slow_step
+    engine.run_iteration = slow_step
     try:
         yield
     finally:
-        del engine.step
+        del engine.run_iteration
 
 
 def metric_samples(server: RunningServer) -> dict[tuple[str, tuple], float]:

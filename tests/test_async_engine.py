@@ -55,8 +55,13 @@ def test_concurrent_streams_match_the_offline_engine(served, tiny_model_dirs):
         for out in offline.step():
             expected[out.request_id] = out.outputs[0].token_ids
     assert got == [expected[str(i)] for i in range(4)]
-    values = samples(metrics)
     ls = (("model_name", "tiny"), ("service_class", "ls"))
+    success = ("vllm:request_success_total", (("finished_reason", "length"),) + ls)
+    deadline = time.monotonic() + 30  # recorded on the engine thread once the outputs have gone out
+    while samples(metrics).get(success) != 2:
+        assert time.monotonic() < deadline, "the finished requests were not counted"
+        time.sleep(0.01)
+    values = samples(metrics)
     assert values[("vllm:generation_tokens_total", ls)] == 12
     assert values[("vllm:time_to_first_token_seconds_count", ls)] == 2
     assert values[("vllm:request_success_total", (("finished_reason", "length"),) + ls)] == 2
@@ -97,14 +102,14 @@ def test_a_shut_down_engine_refuses_requests(served):
 def test_arrival_is_stamped_when_a_request_comes_in_not_after_the_running_iteration(served):
     """TTFT (and TTFT admission) count from the request's arrival, even while the engine thread is mid-iteration."""
     engine, async_engine, _ = served
-    step, held, released_steps = engine.step, threading.Event(), threading.Event()
+    step, held, released_steps = engine.run_iteration, threading.Event(), threading.Event()
 
     def held_step():  # the first iteration lasts until the test lets it go on
         held.set()
         assert released_steps.wait(60)
         return step()
 
-    engine.step = held_step
+    engine.run_iteration = held_step
 
     async def last_output(request_id: str, prompt: list[int], max_tokens: int):
         async for out in async_engine.generate(request_id, prompt, SamplingParams(max_tokens=max_tokens,
@@ -126,7 +131,7 @@ def test_arrival_is_stamped_when_a_request_comes_in_not_after_the_running_iterat
         return posted, released, last
 
     posted, released, last = asyncio.run(main())
-    del engine.step
+    del engine.run_iteration
     assert posted <= last.metrics.arrival_time <= released  # not when the engine thread got round to it
     assert last.metrics.first_token_time > released
 

@@ -350,14 +350,14 @@ def test_live_ls_requests_keep_their_slo_plans_during_a_large_batch(tiny_chat_mo
     budget = 3 * model.iteration_time(BatchShape(1, 0, 64, 1, 1))
     with serving(tiny_chat_model, ls_tpot_slo=budget, profile_path=str(path), num_gpu_blocks_override=96) as running:
         engine, plans = running.engine, []
-        step = engine.step
+        step = engine.run_iteration
 
         def recording_step():
             outputs = step()
             plans.append(engine.last_iteration.plan)
             return outputs
 
-        engine.step = recording_step
+        engine.run_iteration = recording_step
         client = running.client()
         # Short lines, and long ones (300 tokens: 300 iterations at least) that keep the batch running past the LS
         # requests (a few dozen iterations).
@@ -369,7 +369,7 @@ def test_live_ls_requests_keep_their_slo_plans_during_a_large_batch(tiny_chat_mo
                 "ignore_eos": True}, extra_headers={"x-request-id": f"ls-{i}"})
             assert answer.usage.completion_tokens == 12
         batch = wait_for(client, batch.id)
-        del engine.step
+        del engine.run_iteration
         running.wait_idle()
     assert batch.status == "completed" and batch.request_counts.completed == 80
     mixed, over = 0, []

@@ -502,7 +502,7 @@ def test_a_failed_engine_stops_the_server_with_status_1(tiny_chat_model, capsys)
     def broken_step():
         raise RuntimeError("device lost")
 
-    engine.step = broken_step
+    engine.run_iteration = broken_step
     app = build_app(engine, ["tiny"])
     exit_status = []
 

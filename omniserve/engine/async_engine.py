@@ -2,7 +2,12 @@
 
 The event loop never runs model code, and the engine never waits on a client: each request's outputs go into its own
 asyncio queue, so one slow reader delays nobody else. All calls into the LLMEngine happen on the engine thread; the
-event loop only posts commands (add, abort) to an inbox, and reads the outputs the thread posts back.
+event loop only posts commands (add, abort) to an inbox.
+
+The engine thread only schedules and runs iterations: it hands each iteration's raw updates (plain data) to an output
+thread and goes on to the next. The output thread owns an OutputProcessor (text, stop strings, RequestOutputs) and puts
+the outputs into the streams. A stop string it finds ends the request at once for the caller, and is posted to the
+engine's inbox (as an abort is) to finish the request there; tokens made meanwhile are dropped.
 """
 
 from __future__ import annotations
@@ -12,10 +17,12 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from omniserve.engine.llm_engine import LLMEngine
+from omniserve.engine.output_processor import OutputProcessor
 from omniserve.engine.outputs import RequestOutput
 from omniserve.malloc import trim_heap
 from omniserve.sampling.params import SamplingParams
@@ -36,26 +43,35 @@ class _Stream:
     queue: asyncio.Queue
 
     def put(self, item: RequestOutput | BaseException) -> None:
-        """From the engine thread."""
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        """From the engine's threads."""
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the caller's event loop has closed: nobody reads this stream any more
+            pass
 
 
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, on_iteration: Callable[[LLMEngine, list[RequestOutput]], None] | None = None):
-        """on_iteration runs on the engine thread after every step, with that step's outputs (metrics hook)."""
+        """on_iteration runs on the engine thread after every step (metrics hook), with the outputs the output thread
+        has delivered since the previous call; and when the engine is idle, as soon as it delivers some."""
         self.engine = engine
         self.on_iteration = on_iteration
+        self.processor = OutputProcessor(engine.tokenizer, self._post_stop)  # output thread only
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._handoff: queue.SimpleQueue = queue.SimpleQueue()  # engine thread -> output thread, in order
+        self._delivered: deque[RequestOutput] = deque()  # output thread -> on_iteration on the engine thread
         self._wakeup = threading.Event()
-        self._streams: dict[str, _Stream] = {}  # engine thread only
+        self._streams: dict[str, _Stream] = {}  # output thread only
         self._stopping = threading.Event()
+        self._output_thread = threading.Thread(target=self._deliver, name="omniserve-outputs", daemon=True)
         self._thread = threading.Thread(target=self._run, name="omniserve-engine", daemon=True)
+        self._output_thread.start()
         self._thread.start()
 
     # ------------------------------------------------------------------------------------------ event-loop side
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return self._thread.is_alive() and self._output_thread.is_alive()
 
     async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams
                        ) -> AsyncIterator[RequestOutput]:
@@ -88,42 +104,50 @@ class AsyncEngine:
         self._stopping.set()
         self._wakeup.set()
         self._thread.join(timeout_s)
+        self._output_thread.join(timeout_s)
         self.engine.shutdown()
 
     def _post(self, command: tuple) -> None:
         self._inbox.put(command)
         self._wakeup.set()
 
+    def _post_stop(self, request_id: str, index: int, stop: str) -> None:
+        """From the output thread: a stop string ended a completion; the engine finishes it at its next turn."""
+        self._post(("stop", request_id, index, stop))
+
     # ---------------------------------------------------------------------------------------------- engine thread
     def _run(self) -> None:
         last_step: float | None = None  # when the engine last ran an iteration; None: idle and trimmed since
         try:
             while not self._stopping.is_set():
-                if self._take_commands() and self.on_iteration is not None:
-                    self.on_iteration(self.engine, [])  # aborts change the gauges even when nothing else runs
+                commands = self._take_commands()
                 if not self.engine.has_unfinished_requests():
+                    self._report(commands > 0)  # aborts change the gauges even when nothing else runs
                     if last_step is not None and time.monotonic() - last_step >= _TRIM_AFTER_IDLE_S:
                         trim_heap()  # what the load freed, back to the OS (see omniserve/malloc.py)
                         last_step = None
                     self._wakeup.wait(_IDLE_POLL_S)
                     self._wakeup.clear()
                     continue
-                outputs = self.engine.step()
+                self._handoff.put(("step", self.engine.run_iteration()))
                 last_step = time.monotonic()
-                for output in outputs:
-                    stream = self._streams.get(output.request_id)
-                    if stream is not None:
-                        stream.put(output)
-                        if output.finished:
-                            del self._streams[output.request_id]
-                if self.on_iteration is not None:
-                    self.on_iteration(self.engine, outputs)
-        except BaseException as exc:  # the engine itself broke (step() already contains per-request failures)
+                self._report(True)
+        except BaseException as exc:  # the engine itself broke (a step already contains per-request failures)
             logger.exception("the engine thread failed")
             self._fail_all(EngineDeadError(f"the engine failed: {exc}"))
             raise
         self._take_commands()
         self._fail_all(EngineDeadError("the engine was shut down"))
+
+    def _report(self, always: bool) -> None:
+        """Calls on_iteration with the outputs delivered since its previous call (if any, or if `always`)."""
+        if self.on_iteration is None:
+            return
+        outputs = []
+        while self._delivered:
+            outputs.append(self._delivered.popleft())
+        if outputs or always:
+            self.on_iteration(self.engine, outputs)
 
     def _take_commands(self) -> int:
         """Runs the commands posted so far; returns how many."""
@@ -137,18 +161,85 @@ class AsyncEngine:
             if command[0] == "add":
                 _, request_id, prompt, params, stream, arrival_time = command
                 try:
-                    self.engine.add_request(request_id, prompt, params, arrival_time)
+                    new = self.engine.enqueue_request(request_id, prompt, params, arrival_time)
                 except Exception as exc:  # bad input: the caller gets the error, nothing is queued
                     stream.put(exc)
                     continue
-                self._streams[request_id] = stream
+                self._handoff.put(("add", new, stream))
+            elif command[0] == "stop":
+                self.engine.stop_completion(*command[1:])
             else:
                 _, request_id = command
-                self.engine.abort_request(request_id)
-                self._streams.pop(request_id, None)
+                self.engine.cancel_request(request_id)
+                self._handoff.put(("abort", request_id))
 
     def _fail_all(self, error: BaseException) -> None:
-        for request_id, stream in list(self._streams.items()):
-            self.engine.abort_request(request_id)
+        for request_id in list(self.engine.unfinished_request_ids):
+            self.engine.cancel_request(request_id)
+        self._handoff.put(("end", error))
+
+    # ---------------------------------------------------------------------------------------------- output thread
+    def _deliver(self) -> None:
+        """Takes what the engine thread hands over, in order, until it ends; a failure here fails every stream."""
+        broken: EngineDeadError | None = None
+        while True:
+            item = self._handoff.get()
+            if item[0] == "end":
+                self._end_streams(broken or item[1])
+                return
+            if broken is not None:  # the engine thread is stopping: requests it still took get the error
+                if item[0] == "add":
+                    item[2].put(broken)
+                continue
+            try:
+                self._take(item)
+            except Exception as exc:
+                logger.exception("the output thread failed")
+                broken = EngineDeadError(f"the engine's outputs failed: {exc}")
+                self._end_streams(broken)
+                self._stopping.set()
+                self._wakeup.set()
+
+    def _take(self, item: tuple) -> None:
+        kind = item[0]
+        if kind == "step":
+            self._publish(self.processor.process(item[1]))
+        elif kind == "add":
+            _, new, stream = item
+            self.processor.add_request(new)
+            self._streams[new.request_id] = stream
+        else:
+            _, request_id = item
+            self.processor.abort_request(request_id)
+            self._streams.pop(request_id, None)
+
+    def _publish(self, outputs: list[RequestOutput]) -> None:
+        """Puts a step's outputs into their streams: one wake-up per event loop, not one per stream."""
+        if outputs and self.on_iteration is not None:
+            self._delivered.extend(outputs)
+            self._wakeup.set()  # an idle engine thread records them now
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is None:
+                continue
+            batches.setdefault(stream.loop, []).append((stream.queue, output))
+            if output.finished:
+                del self._streams[output.request_id]
+        for loop, items in batches.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that event loop has closed: nobody reads these streams any more
+                pass
+
+    def _end_streams(self, error: BaseException) -> None:
+        for request_id, stream in self._streams.items():
+            self.processor.abort_request(request_id)
             stream.put(error)
         self._streams.clear()
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    """On the streams' event loop."""
+    for stream_queue, output in items:
+        stream_queue.put_nowait(output)

@@ -2,7 +2,8 @@
 
     plan = scheduler.schedule(); output = runner.execute(plan); scheduler.update(plan, output)
 
-plus what sits around that loop: input validation, n-way fan-out, detokenisation and stop strings.
+plus what sits around that loop: input validation and n-way fan-out. Text, stop strings and RequestOutputs are the
+output processor's (omniserve/engine/output_processor.py): step() runs it inline, AsyncEngine on a thread of its own.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from omniserve.cpu_attention import CPUAttentionPool, PoolConfig
 from omniserve.cpu_attention.remote import RemoteHosts, RemoteHostsConfig, connect_ray
 from omniserve.engine.args import EngineArgs
 from omniserve.engine.graphs import DecodeGraphs
-from omniserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from omniserve.engine.output_processor import CompletionUpdate, NewRequest, OutputProcessor
+from omniserve.engine.outputs import RequestOutput
 from omniserve.engine.observer import IterationObserver, IterationRecord, RunnerTimings
 from omniserve.engine.runner import ModelRunner
 from omniserve.engine.scheduler import Scheduler, SchedulerConfig
@@ -32,32 +34,11 @@ from omniserve.kv_cache import PageAllocator, PageTable
 from omniserve.kv_cache.page_pool import PagePool, activation_peak_bytes, pages_for_memory, weight_bytes
 from omniserve.models.loader import LoadedModel
 from omniserve.sampling.params import InvalidRequestError, SamplingParams
-from omniserve.tokenizer import IncrementalDetokenizer, load_tokenizer
+from omniserve.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
 _IDLE_WAIT_S = 0.01
-
-
-@dataclass
-class _Completion:
-    """One of a request's n completions: the scheduler's request plus its text state."""
-
-    request: Request
-    detokenizer: IncrementalDetokenizer | None
-    output: CompletionOutput
-
-
-@dataclass
-class _RequestGroup:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    completions: list[_Completion]
-
-    @property
-    def finished(self) -> bool:
-        return all(c.request.status.finished for c in self.completions)
 
 
 @dataclass(frozen=True)
@@ -127,8 +108,10 @@ class LLMEngine:
         self.runner = self._runner(loaded, args.enforce_eager)
         self.calibrate()
         self.last_iteration: IterationStats | None = None
-        self._groups: dict[str, _RequestGroup] = {}
-        self._group_of: dict[str, _RequestGroup] = {}  # scheduler request id -> its group
+        self._groups: dict[str, list[Request]] = {}  # the caller's request id -> its n scheduler requests
+        self._group_of: dict[str, str] = {}  # scheduler request id -> the caller's request id
+        self.output_processor = OutputProcessor(self.tokenizer, self.stop_completion)
+        """What step() turns its iteration's updates into RequestOutputs with (AsyncEngine has its own)."""
         logger.info(
             "engine ready: %s on %s (%s), %d KV pages of %d tokens, max_model_len %d",
             loaded.path or args.model, self.device, self.dtype, num_pages, cache.page_size,
@@ -218,6 +201,12 @@ class LLMEngine:
                     arrival_time: float | None = None) -> None:
         """Queues a request. Raises InvalidRequestError (nothing queued) if it can never be served. `arrival_time`
         (time.monotonic) is when the request reached the server, if earlier than now: TTFT counts from then."""
+        self.output_processor.add_request(self.enqueue_request(request_id, prompt, params, arrival_time))
+
+    def enqueue_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                        arrival_time: float | None = None) -> NewRequest:
+        """add_request's part on the engine: validates and queues the request; returns what the output processor
+        must be given of it."""
         params = params or SamplingParams()
         if request_id in self._groups:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
@@ -225,7 +214,7 @@ class LLMEngine:
         params = replace(params, service=service.name, service_class=service.service_class)
         token_ids = self.tokenize(prompt)
         max_tokens = self._validate(token_ids, params)
-        completions = []
+        children = []
         arrival = time.monotonic() if arrival_time is None else arrival_time
         for index in range(params.n):
             child_params = params
@@ -233,19 +222,16 @@ class LLMEngine:
                 seed = None if params.seed is None else params.seed + index
                 child_params = replace(params, n=1, seed=seed)
             child_id = request_id if params.n == 1 else f"{index}_{request_id}"
-            request = Request(
+            children.append(Request(
                 child_id, token_ids, child_params, max_tokens, arrival_time=arrival,
                 ttft_slo=service.ttft_slo, tpot_slo=service.tpot_slo, service=service.name,
-            )
-            detokenizer = None
-            if self.tokenizer is not None:
-                detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.stop, params.skip_special_tokens)
-            completions.append(_Completion(request, detokenizer, CompletionOutput(index)))
-        group = _RequestGroup(request_id, prompt if isinstance(prompt, str) else None, token_ids, completions)
-        self._groups[request_id] = group
-        for completion in completions:
-            self._group_of[completion.request.request_id] = group
-            self.scheduler.add_request(completion.request)
+            ))
+        self._groups[request_id] = children
+        for request in children:
+            self._group_of[request.request_id] = request_id
+            self.scheduler.add_request(request)
+        return NewRequest(request_id, prompt if isinstance(prompt, str) else None, token_ids, params, arrival,
+                          service.ttft_slo, service.tpot_slo)
 
     def _validate(self, token_ids: list[int], params: SamplingParams) -> int:
         """Returns max_tokens resolved against the context limit."""
@@ -274,13 +260,33 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> None:
         """Ends a request and frees everything it holds; unknown or finished ids are ignored."""
-        group = self._groups.pop(request_id, None)
-        if group is None:
+        self.cancel_request(request_id)
+        self.output_processor.abort_request(request_id)
+
+    def cancel_request(self, request_id: str) -> None:
+        """abort_request's part on the engine: the scheduler's requests and what they hold."""
+        children = self._groups.get(request_id)
+        if children is None:
             return
-        for completion in group.completions:
-            self.scheduler.finish_request(completion.request.request_id, RequestStatus.FINISHED_ABORTED)
-            self._group_of.pop(completion.request.request_id, None)
+        for request in children:
+            self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_ABORTED)
+        self._forget(request_id)
         self.runner.release(self.scheduler.take_released())
+
+    def stop_completion(self, request_id: str, index: int, stop: str) -> None:
+        """Finishes completion `index` of a request, which the output processor found a stop string in (ignored if it
+        ended meanwhile)."""
+        children = self._groups.get(request_id)
+        if children is None:
+            return
+        self.scheduler.finish_request(children[index].request_id, RequestStatus.FINISHED_STOPPED, stop_reason=stop)
+        if all(r.status.finished for r in children):
+            self._forget(request_id)
+        self.runner.release(self.scheduler.take_released())
+
+    def _forget(self, request_id: str) -> None:
+        for request in self._groups.pop(request_id):
+            del self._group_of[request.request_id]
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._groups)
@@ -292,7 +298,13 @@ class LLMEngine:
 
     # -------------------------------------------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
-        """Runs one iteration; returns an output for every request that made progress or ended."""
+        """Runs one iteration; returns an output for every request that made progress or ended (the iteration, then
+        the output processor on its updates, inline)."""
+        return self.output_processor.process(self.run_iteration())
+
+    def run_iteration(self) -> list[CompletionUpdate]:
+        """step()'s part on the engine: runs one iteration; returns an update for each completion of every request
+        that made progress or ended (plain data, for an output processor)."""
         step_started = time.perf_counter()
         if self._iteration_observers:
             self.runner.take_timings()  # this step's timings only, not those of calls made between steps
@@ -309,22 +321,30 @@ class LLMEngine:
         if plan.empty and self.cpu_pool is not None:
             self.cpu_pool.wait(_IDLE_WAIT_S)  # nothing ran: only CPU attention is in flight, so wait for its results
 
-        touched: dict[str, _RequestGroup] = {}
-        for request in updated:
-            group = self._group_of[request.request_id]
-            self._emit_tokens(group.completions[self._index_in(group, request)])
-            touched[group.request_id] = group
-        for request_id in plan.touched_request_ids + plan.rejected:
-            group = self._group_of.get(request_id)  # requests that ended without a token (errors, rejections)
-            if group is not None and group.finished:
-                touched[group.request_id] = group
-        outputs = [self._output(group) for group in touched.values()]
+        updates = self._updates(plan, updated)
         self.runner.release(self.scheduler.take_released())
         if self.scheduler.admission.calibration_wanted:
             self.calibrate()
         if self._iteration_observers:
             self._notify_observers(plan, output, failed, step_started)
-        return outputs
+        return updates
+
+    def _updates(self, plan: IterationPlan, updated: list[Request]) -> list[CompletionUpdate]:
+        """Every completion of the requests that got a token, or that ended without one (errors, rejections), in that
+        order; requests whose completions have all ended are forgotten."""
+        touched = dict.fromkeys(self._group_of[r.request_id] for r in updated)
+        for child_id in plan.touched_request_ids + plan.rejected:
+            request_id = self._group_of.get(child_id)
+            if request_id is not None and all(r.status.finished for r in self._groups[request_id]):
+                touched[request_id] = None
+        fresh = set(updated)
+        updates = []
+        for request_id in touched:
+            children = self._groups[request_id]
+            updates += [CompletionUpdate.of(request_id, i, r, r in fresh) for i, r in enumerate(children)]
+            if all(r.status.finished for r in children):
+                self._forget(request_id)
+        return updates
 
     def _execute(self, plan: IterationPlan) -> tuple[RunnerOutput, bool]:
         """The runner's output for the plan, and whether the iteration failed (then the output is empty)."""
@@ -361,48 +381,6 @@ class LLMEngine:
             offload_seconds=timings.offload_s, pool_seconds=MappingProxyType(timings.pool_s))
         for observer in self._iteration_observers:
             observer(record)
-
-    @staticmethod
-    def _index_in(group: _RequestGroup, request: Request) -> int:
-        return next(i for i, c in enumerate(group.completions) if c.request is request)
-
-    def _emit_tokens(self, completion: _Completion) -> None:
-        request, out = completion.request, completion.output
-        new_token = request.token_ids[-1]
-        out.token_ids.append(new_token)
-        out.delta_token_ids.append(new_token)
-        if completion.detokenizer is not None:
-            completion.detokenizer.add_tokens([new_token])
-            stop = completion.detokenizer.stopped_by
-            if stop is not None and not request.status.finished:
-                self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED, stop_reason=stop)
-
-    def _output(self, group: _RequestGroup) -> RequestOutput:
-        for completion in group.completions:
-            request, out = completion.request, completion.output
-            if completion.detokenizer is not None:
-                out.delta_text = completion.detokenizer.take_delta(request.status.finished)
-                out.text += out.delta_text
-            out.finish_reason = request.finish_reason
-            out.stop_reason = request.stop_reason
-            if request.params.logprobs is not None:
-                out.logprobs = list(request.logprobs)
-        result = RequestOutput(
-            request_id=group.request_id,
-            prompt=group.prompt,
-            prompt_token_ids=group.prompt_token_ids,
-            outputs=[_snapshot(c.output) for c in group.completions],
-            finished=group.finished,
-            metrics=_metrics(group),
-        )
-        for completion in group.completions:
-            completion.output.delta_text = ""
-            completion.output.delta_token_ids = []
-        if group.finished:
-            self._groups.pop(group.request_id, None)
-            for completion in group.completions:
-                self._group_of.pop(completion.request.request_id, None)
-        return result
 
     # ----------------------------------------------------------------------------------------------- health
     def load_report(self) -> dict:
@@ -453,35 +431,3 @@ class LLMEngine:
         """Stops the CPU attention workers (they are daemons, so they also end with this process)."""
         if self.cpu_pool is not None:
             self.cpu_pool.shutdown()
-
-
-def _metrics(group: _RequestGroup) -> RequestMetrics:
-    """One request's times; for n > 1 completions, the first of each event and the last token of all."""
-    requests = [c.request for c in group.completions]
-
-    def first(times):
-        known = [t for t in times if t is not None]
-        return min(known) if known else None
-
-    head = requests[0]
-    last_tokens = [r.last_token_time for r in requests if r.last_token_time is not None]
-    return RequestMetrics(
-        arrival_time=head.arrival_time,
-        first_scheduled_time=first(r.first_scheduled_time for r in requests),
-        first_token_time=first(r.first_token_time for r in requests),
-        last_token_time=max(last_tokens) if last_tokens else None,
-        service=head.service,
-        service_class=head.params.service_class.value,
-        ttft_slo=head.ttft_slo,
-        tpot_slo=head.tpot_slo,
-        num_preemptions=sum(r.num_preemptions for r in requests),
-        num_swap_outs=sum(r.num_swap_outs for r in requests),
-    )
-
-
-def _snapshot(out: CompletionOutput) -> CompletionOutput:
-    return CompletionOutput(
-        index=out.index, text=out.text, token_ids=list(out.token_ids), finish_reason=out.finish_reason,
-        stop_reason=out.stop_reason, logprobs=None if out.logprobs is None else list(out.logprobs),
-        delta_text=out.delta_text, delta_token_ids=list(out.delta_token_ids),
-    )

@@ -68,7 +68,8 @@ class IterationRecord:
     seconds: float
     """The runner's execution of the plan (what the scheduler's correction is given)."""
     step_seconds: float
-    """The whole step: scheduling, execution, bookkeeping, outputs, and the idle wait on the pool if there was one."""
+    """The whole step on the engine: scheduling, execution, bookkeeping, its plain per-completion updates, and the idle
+    wait on the pool if there was one (text and RequestOutputs are the output processor's, after)."""
     failed: bool = False
     """The iteration raised: its requests failed."""
     idle_wait: bool = False
