@@ -2,12 +2,13 @@
 // 3 to 10 ops (and as many passes over memory and dispatches). Their meaning is omniserve/ops/reference.py; they are
 // registered as the CPU kernels of the omniserve:: operators that omniserve/ops/__init__.py declares.
 //
-// Math in fp32 for fp32, bf16 and fp16 data (fp64 in fp64), as the reference does. Rows are parallel for large
-// batches (prefill); a decode batch of a few rows stays on the calling thread, where a fork would cost more than the
-// row.
+// Math in fp32 for fp32, bf16 and fp16 data (fp64 in fp64), as the reference does. Rows are split over threads only
+// in tasks of at least kElementsPerTask elements: a decode batch stays on the calling thread, where waking the other
+// threads would cost more than the rows (and, on a loaded machine, waiting for a descheduled one costs milliseconds).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
@@ -17,7 +18,10 @@ namespace {
 template <typename scalar_t>
 using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
-constexpr int64_t kRowsPerTask = 16;
+constexpr int64_t kElementsPerTask = 1 << 16;
+
+// Rows per parallel task, for rows of `width` elements.
+int64_t grain(int64_t width) { return std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(width, 1)); }
 
 void check_rows(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, name, " must be [rows, width] with contiguous rows");
@@ -83,7 +87,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* wp = weight.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, x.size(0), kRowsPerTask, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, x.size(0), grain(width), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) rms_norm_row(xp + r * x.stride(0), wp, op + r * width, width, eps);
     });
   });
@@ -97,7 +101,7 @@ at::Tensor silu_and_mul(const at::Tensor& gate_up) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate_up.scalar_type(), "silu_and_mul", [&] {
     const scalar_t* ip = gate_up.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, gate_up.size(0), kRowsPerTask, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, gate_up.size(0), grain(2 * width), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* gate = ip + r * gate_up.stride(0);
         silu_and_mul_row(gate, gate + width, op + r * width, width);
@@ -123,7 +127,7 @@ void rope_(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, 
     scalar_t* base = qkv.data_ptr<scalar_t>();
     const angle_t* cp = cos.data_ptr<angle_t>();
     const angle_t* sp = sin.data_ptr<angle_t>();
-    at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, rows, grain(rotated_heads * head_dim), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r)
         rope_row(base + r * qkv.stride(0), cp + r * half, sp + r * half, rotated_heads, head_dim);
     });
@@ -151,7 +155,7 @@ void store_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cach
   auto* kc = static_cast<char*>(k_cache.data_ptr());
   auto* vc = static_cast<char*>(v_cache.data_ptr());
   for (int64_t r = 0; r < rows; ++r) TORCH_CHECK(sp[r] < num_slots, "slot ", sp[r], " is outside the pool");
-  at::parallel_for(0, rows, 4 * kRowsPerTask, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, grain(2 * k.size(1) * k.size(2)), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       if (sp[r] < 0) continue;  // a row whose KV is not kept here
       std::memcpy(kc + sp[r] * bytes, kp + r * k.stride(0) * element, bytes);
