@@ -437,9 +437,9 @@ class ModelRunner:
     def _start_host_copy(self, k: torch.Tensor, v: torch.Tensor):
         """Starts copying k, v (device) into pinned host memory on the side stream; returns the copies and the event
         that completes with them. The ordering, both ways: the side stream first waits for the compute stream (k and
-        v are a gather queued there), and k and v are marked as in use by the side stream, so that the caching
-        allocator does not hand their memory to a later kernel of the compute stream while the copy still reads it
-        (their Python references end long before the copy does)."""
+        v are a gather queued there); and k and v are marked as in use by the side stream (and held by the pending
+        copy until its event completes), so that the caching allocator never hands their memory to a later kernel of
+        the compute stream while the copy still reads it."""
         self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._copy_stream):
             k_host = torch.empty(k.shape, dtype=k.dtype, pin_memory=True).copy_(k, non_blocking=True)
