@@ -116,14 +116,21 @@ def _hold_lock_then_die(lock_path) -> None:
     holder.wait()
 
 
-def _check_kernel(module) -> None:
-    q, k, v = torch.randn(4, 32), torch.randn(2, 20, 32), torch.randn(2, 20, 32)
-    torch.testing.assert_close(module.decode_attention(q, tile_keys(k), v), naive(q, k, v), atol=1e-5, rtol=1e-5)
+TINY_EXTENSION = """#include <Python.h>
+static PyModuleDef module = {PyModuleDef_HEAD_INIT, "omniserve_cpu_decode_attention", nullptr, -1, nullptr};
+PyMODINIT_FUNC PyInit_omniserve_cpu_decode_attention() { return PyModule_Create(&module); }
+"""
+"""An extension of the kernel's name that compiles in a second: the build machinery under test is the same (the
+real kernel's build is test_kernel_is_built_here's, and set-up's)."""
 
 
 def test_stale_locks_do_not_block_the_build(tmp_path, monkeypatch, caplog):
     """A start killed while compiling left torch's lock and ours: the next start builds (or falls back) all the
     same, says so in the log, and later starts load that build without compiling again."""
+    source = tmp_path / "src" / "tiny.cpp"
+    source.parent.mkdir()
+    source.write_text(TINY_EXTENSION)
+    monkeypatch.setattr(kernel, "_SOURCES", (source,))
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # torch's own build folder: here, with a stale lock
     (tmp_path / "omniserve_cpu_decode_attention").mkdir()
     (tmp_path / "omniserve_cpu_decode_attention" / "lock").touch()
@@ -132,17 +139,15 @@ def test_stale_locks_do_not_block_the_build(tmp_path, monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger=kernel.__name__)
     module = kernel.load_kernel()
     assert "building the CPU decode-attention kernel" in caplog.text
-    if module is None:  # a machine too slow to build within the limit falls back, and says why
-        assert "longer than" in caplog.text
-        return
-    _check_kernel(module)
+    assert module is not None, caplog.text
+    assert module.__file__ == str(target / "omniserve_cpu_decode_attention.so")
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(f".{target.name}.build")) == []
 
     def no_compiling(build_dir, timeout_s):
         raise AssertionError("rebuilt a kernel that was built already")
 
     monkeypatch.setattr(kernel, "_compile", no_compiling)
-    _check_kernel(kernel.load_kernel())
+    assert kernel.load_kernel().__file__ == module.__file__
 
 
 def test_a_live_builder_is_waited_for_only_until_the_timeout(tmp_path, caplog):
