@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 
 def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -12,17 +14,26 @@ def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess
     )
 
 
+def at_once(*calls):
+    """The calls' results, the calls made at the same time: each mostly waits on its command, whose start (imports,
+    loading the model) leaves the other core idle."""
+    with ThreadPoolExecutor(max_workers=len(calls)) as pool:
+        return [future.result() for future in [pool.submit(call) for call in calls]]
+
+
 def test_generate_and_chat_with_the_default_model():
-    done = run_cli("generate", "The capital of France is", "--temperature", "0", "--max-tokens", "8")
+    done, chat = at_once(
+        partial(run_cli, "generate", "The capital of France is", "--temperature", "0", "--max-tokens", "8"),
+        partial(run_cli, "chat", "--temperature", "0", "--max-tokens", "16", stdin="What is the capital of France?\n"))
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip()
-    chat = run_cli("chat", "--temperature", "0", "--max-tokens", "16", stdin="What is the capital of France?\n")
     assert chat.returncode == 0, chat.stderr
     assert "Paris" in chat.stdout
 
 
 def test_bad_arguments_exit_with_a_clear_message(tiny_model_dirs):
-    done = run_cli("generate", "hi", "--model", "/no/such/model")
-    assert done.returncode != 0 and "neither a Hugging Face folder" in done.stderr
-    done = run_cli("generate", "hi", "--model", tiny_model_dirs["llama"][0], "--top-p", "0")
-    assert done.returncode != 0 and "top_p must be in (0, 1]" in done.stderr
+    missing, bad_top_p = at_once(
+        partial(run_cli, "generate", "hi", "--model", "/no/such/model"),
+        partial(run_cli, "generate", "hi", "--model", tiny_model_dirs["llama"][0], "--top-p", "0"))
+    assert missing.returncode != 0 and "neither a Hugging Face folder" in missing.stderr
+    assert bad_top_p.returncode != 0 and "top_p must be in (0, 1]" in bad_top_p.stderr
