@@ -129,9 +129,10 @@ def reference(tiny, make_llm) -> list[list[int]]:
     return tokens(llm.generate(PROMPTS, greedy(), use_tqdm=False))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_profile(tiny_model_dirs, tmp_path_factory):
-    """(the path, the latency model) of a profile of the tiny llama measured on this machine."""
+    """(the path, the latency model) of a profile of the tiny llama measured on this machine (once: the tests only
+    read it)."""
     from omniserve import LLM
     from omniserve.profiler import profiler
 
