@@ -45,7 +45,7 @@ def main() -> None:
     args = parser.parse_args()
     engine, lengths = ENGINE, LENGTHS
     if args.smoke:
-        args.duration, args.kv_pages, args.policies = 5.0, 16, "omniserve,sarathi"
+        args.duration, args.kv_pages, args.policies = 3.0, 16, "omniserve,sarathi"
         engine, lengths = SMOKE_ENGINE_FLAGS, SMOKE_LENGTHS
 
     server_args = (f"--threads 1 {engine} --num-gpu-blocks-override {args.kv_pages} --cpu-attention-workers 1 "

@@ -380,9 +380,9 @@ def parse_args() -> argparse.Namespace:
                         "(seconds of load, a worker killed, the server's log in the working directory)")
     args = parser.parse_args()
     if args.smoke:
-        args.duration, args.sample_every, args.ls_clients, args.be_clients = 0.25, 3.0, 1, 2
+        args.duration, args.sample_every, args.ls_clients, args.be_clients = 0.15, 3.0, 1, 2
         args.max_input_len, args.ls_output_len, args.be_output_len = 32, "4:8", "8:16"
-        args.disconnect_share, args.kill_every, args.drain_timeout, args.idle_sample_after = 0.3, 5.0, 120.0, 1.0
+        args.disconnect_share, args.kill_every, args.drain_timeout, args.idle_sample_after = 0.3, 4.0, 120.0, 1.0
         args.server_args = "--max-model-len 256 --num-gpu-blocks-override 16 --be-decode-placement cpu"
         args.log = Path("soak-server.log")
     return args

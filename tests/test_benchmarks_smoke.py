@@ -6,10 +6,11 @@ profile they need is measured once (two: with and without the CPU attention pool
 engine start would, and found there afterwards. Most of the time goes into loading the built-in model, which every
 script does at least once.
 
-The smoke runs go two at a time (the machine's two cores; CI runs the suite on such a machine), except the scripts
-that measure latency profiles, which run first and alone so that what they measure is the machine, not the other
-script: `bench_serving` (its omniserve and sarathi servers measure the two profiles the others then find cached)
-and `bench_profile` (the profile's accuracy is what it reports)."""
+The smoke runs go two at a time (the machine's two cores; CI runs the suite on such a machine), the slowest first so
+that both lanes end together, except `bench_serving`, which runs first and alone: its omniserve and sarathi servers
+measure the two profiles the others then find cached, and a profile measured beside another script would measure
+that script (implausible, measured again, or wrong for every later run). `bench_profile` measures a profile too,
+but only reports its accuracy, which a smoke run does not check: it goes two at a time with the rest."""
 
 from __future__ import annotations
 
@@ -28,7 +29,12 @@ SCRIPTS = sorted(p.name for p in BENCHMARKS.glob("bench_*.py"))
 NEEDS_GPU = {"bench_cuda_decode.py": "compares two checkouts on a CUDA device"}
 NEEDS_PACKAGE = {"bench_scaleout.py": ("ray", "scale-out needs Ray (pip install 'omniserve[ray]')")}
 NO_SMOKE_SIZE: dict[str, str] = {}  # script -> why it has no --smoke size
-MEASURE_ALONE = ("bench_serving.py", "bench_profile.py")  # run first, one at a time (see the docstring)
+MEASURE_ALONE = ("bench_serving.py",)  # run first, alone (see the docstring)
+SLOWEST_FIRST = ("bench_batch.py", "bench_policies.py", "bench_multi_layer.py", "bench_soak.py", "bench_profile.py",
+                 "bench_server.py", "bench_scaleout.py", "bench_piggyback.py", "bench_worker_memory.py",
+                 "bench_generate.py")
+"""The order the others start in (their smoke runs' times on two cores, longest first); a script not named here
+starts after these."""
 SMOKE_TIMEOUT_S = 300
 
 
@@ -39,6 +45,7 @@ def run(script: str, *args: str, cwd: Path, timeout: float) -> subprocess.Comple
 
 def test_the_scripts_are_found():
     assert "bench_generate.py" in SCRIPTS
+    assert set(MEASURE_ALONE + SLOWEST_FIRST) <= set(SCRIPTS), "a script named above is gone"
 
 
 def test_helper_modules_are_used_by_a_script():
@@ -50,8 +57,8 @@ def test_helper_modules_are_used_by_a_script():
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_help_parses(script, tmp_path):
-    result = run(script, "--help", cwd=tmp_path, timeout=120)
+def test_help_parses(script, script_runs):
+    result = script_runs[script, "--help"]
     assert result.returncode == 0, result.stderr[-2000:]
     if script not in NEEDS_GPU and script not in NO_SMOKE_SIZE:
         assert "--smoke" in result.stdout, f"{script} has no --smoke size"
@@ -69,31 +76,39 @@ def _skip_reason(script: str) -> str | None:
 
 
 @pytest.fixture(scope="module")
-def smoke_runs(request, tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
-    """Runs every selected script at its smoke size, each in a scratch folder of its own; checks afterwards that
-    none wrote into the checkout."""
-    selected = [item.callspec.params["script"] for item in request.session.items
-                if item.originalname == "test_runs_at_its_smoke_size" and _skip_reason(item.callspec.params["script"])
-                is None]
+def script_runs(request, tmp_path_factory) -> dict[tuple[str, str], subprocess.CompletedProcess]:
+    """(script, flag) -> its run with --help or --smoke, for every selected test, each in a scratch folder of its
+    own; checks afterwards that none wrote into the checkout. The --help runs (an import each) go last, two at a
+    time beside the slowest smoke runs' ends."""
+    selected = [(item.originalname, item.callspec.params["script"]) for item in request.session.items
+                if item.module is request.module and hasattr(item, "callspec")]
+    smoke = [script for test, script in selected if test == "test_runs_at_its_smoke_size" and
+             _skip_reason(script) is None]
+    helps = [(script, "--help") for test, script in selected if test == "test_help_parses"]
 
-    def smoke(script: str) -> tuple[str, subprocess.CompletedProcess]:
+    def execute(key: tuple[str, str]) -> tuple[tuple[str, str], subprocess.CompletedProcess]:
+        script, flag = key
         cwd = tmp_path_factory.mktemp(script.removesuffix(".py"))
-        return script, run(script, "--smoke", cwd=cwd, timeout=SMOKE_TIMEOUT_S)
+        return key, run(script, flag, cwd=cwd, timeout=SMOKE_TIMEOUT_S if flag == "--smoke" else 120)
+
+    def start_order(script: str) -> tuple[int, str]:
+        return (SLOWEST_FIRST.index(script) if script in SLOWEST_FIRST else len(SLOWEST_FIRST), script)
 
     before = checkout_state()
-    results = dict(smoke(script) for script in selected if script in MEASURE_ALONE)
+    results = dict(execute((script, "--smoke")) for script in smoke if script in MEASURE_ALONE)
+    rest = [(script, "--smoke") for script in sorted(set(smoke) - set(MEASURE_ALONE), key=start_order)]
     with ThreadPoolExecutor(max_workers=2) as pool:
-        results.update(pool.map(smoke, [script for script in selected if script not in MEASURE_ALONE]))
+        results.update(pool.map(execute, rest + helps))
     assert checkout_state() == before, "a smoke run wrote into benchmarks/ or BENCHMARKS.md"
     return results
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_runs_at_its_smoke_size(script, smoke_runs):
+def test_runs_at_its_smoke_size(script, script_runs):
     reason = _skip_reason(script)
     if reason is not None:
         pytest.skip(reason)
-    result = smoke_runs[script]
+    result = script_runs[script, "--smoke"]
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip(), "a smoke run printed no figures"
 
