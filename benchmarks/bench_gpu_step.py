@@ -19,6 +19,7 @@ import gc
 import statistics
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -121,7 +122,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=48)
-    parser.add_argument("--markdown", type=str, default=None)
+    parser.add_argument("--markdown", type=Path, default=None)
     parser.add_argument("--smoke", action="store_true", help="a tiny run on the CPU (the test suite's)")
     args = parser.parse_args()
     if args.smoke:

@@ -2,7 +2,7 @@
 
 On the CPU, fp32 and bf16 GEMMs go through oneDNN (the kernels torch.compile's CPU backend uses) rather than the
 default BLAS: on the machines we measured it is about twice as fast for every batch size from 1 row to 2,048
-(BENCHMARKS.md). Anything else (CUDA, fp64, a torch build without oneDNN) takes F.linear.
+(BENCHMARKS.md). Anything else (CUDA, fp64, a torch build without oneDNN, weights under 64K elements) takes F.linear.
 
 Whether oneDNN has a kernel for a dtype depends on the CPU, not on torch: its bf16 inner product needs AVX-512
 (an AVX2-only CPU has none, and every call would fail). So each dtype is tried once on a tiny GEMM, and where oneDNN
@@ -51,6 +51,9 @@ def onednn_supports(dtype: torch.dtype) -> bool:
     return True
 
 
+_ONEDNN_MIN_WEIGHT = 1 << 16
+"""Smaller weights (tiny models) take torch's GEMM: oneDNN's fixed cost per call (about 40 us here, its threads
+woken) is then most of the call, against about 9 us."""
 _EXACT_ROWS = 16  # row counts up to this run as they are
 _SIZES_PER_DOUBLING = 8  # above it, padded to one of this many sizes per power of two
 
@@ -69,7 +72,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """x @ weight.T + bias (+ residual), for x [rows, in], weight [out, in] and residual [rows, out]. The residual is
     added by the GEMM itself (oneDNN's binary post-op on the CPU, addmm's accumulate elsewhere): a decoder layer's
     residual additions cost no op of their own."""
-    if x.device.type == "cpu" and x.dim() == 2 and onednn_supports(x.dtype):
+    if x.device.type == "cpu" and x.dim() == 2 and weight.numel() >= _ONEDNN_MIN_WEIGHT and onednn_supports(x.dtype):
         rows = x.shape[0]
         padded = padded_rows(rows)
         if padded != rows:
