@@ -148,7 +148,7 @@ def cpu_step_rows(batches: list[int], steps: int, repeats: int) -> tuple[list[di
                          fused_over_eager=spread([f / e for f, e in zip(fused, eager)]),
                          floor_ms=f"{floor:.1f} ({'read' if read_floor >= compute_floor else 'compute'})",
                          step_over_floor=f"{statistics.median(fused) / floor:.2f}", goal="<= 1.3"))
-        info.append(f"- batch {batch}: weights {weight_bytes / 1e6:.0f} MB read at {bandwidth:.1f} GB/s -> "
+        info.append(f"batch {batch}: weights {weight_bytes / 1e6:.0f} MB read at {bandwidth:.1f} GB/s -> "
                     f"{read_floor:.1f} ms; {2 * batch * gemm_params / 1e9:.2f} GFLOP at a GEMM peak of "
                     f"{peak:.0f} GFLOP/s -> {compute_floor:.1f} ms")
         del llm, engine
