@@ -1,5 +1,5 @@
-"""The fused dense operators of a decoder layer, as torch operators (`torch.ops.omniserve.*`) with a kernel per
-device:
+"""The operators of a decoder layer (fused dense pieces, the KV store, paged attention) as torch operators
+(`torch.ops.omniserve.*`) with a kernel per device:
 
     operator        meaning (reference.py)                                  CPU                CUDA
     rms_norm        RMSNorm of each row                                     C++ (csrc/)        Triton
