@@ -71,7 +71,8 @@ class DecodeGraphs:
 
     def _fill(self, chunks: list[ScheduledChunk], bucket: int) -> None:
         """Writes the batch into the staging buffer (padding rows as the module docstring says), then copies it to
-        the device's static inputs in one asynchronous copy."""
+        the device's static inputs in one asynchronous copy. The previous step's copy out of the staging buffer is
+        over: that step waited for its sampled ids, which come after it on the stream."""
         token_ids, positions, write_slots, context_lens, table = self._views(self._staging, bucket)
         page_size, n = self.pool.page_size, len(chunks)
         if n:
