@@ -255,3 +255,26 @@ def test_a_damaged_tokenizer_entry_is_converted_again(default_loads, monkeypatch
     assert "ignoring the unreadable tokenizer cache entry" in caplog.text
     assert tokenizer.encode(TEXTS[1]) == default_loads["cold"][1].encode(TEXTS[1])
     json.loads((saved / "tokenizer.json").read_text())  # written whole again
+
+
+def test_dequantized_weights_are_kept_and_read_back_bit_identical(tiny_gguf, monkeypatch, caplog):
+    from omniserve.models.gguf_cache import load_weights
+
+    calls = []
+
+    def dequantize():
+        calls.append(1)
+        yield "a", torch.arange(6, dtype=torch.float32).view(2, 3) / 7
+        yield "b", torch.full((4,), 0.1)
+
+    with caplog.at_level(logging.INFO, logger="omniserve.models.gguf_cache"):
+        cold = dict(load_weights(tiny_gguf, dequantize))
+    assert "cached the dequantized weights" in caplog.text
+    warm = dict(load_weights(tiny_gguf, dequantize))
+    assert len(calls) == 1  # the second load read the entry
+    assert cold.keys() == warm.keys() and all(torch.equal(cold[n], warm[n]) for n in cold)
+
+    (entry_folder(tiny_gguf) / "weights" / "weights.safetensors").write_bytes(b"not a safetensors file")
+    again = dict(load_weights(tiny_gguf, dequantize))  # damaged: dequantized again (and written again)
+    assert len(calls) == 2 and all(torch.equal(again[n], cold[n]) for n in cold)
+    assert dict(load_weights(tiny_gguf, dequantize)).keys() == cold.keys() and len(calls) == 2

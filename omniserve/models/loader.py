@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from omniserve.config import ConfigError, ModelConfig
-from omniserve.models.gguf_cache import GGUFIndex, GGUFTensorEntry, load_index
+from omniserve.models.gguf_cache import GGUFIndex, GGUFTensorEntry, load_index, load_weights
 from omniserve.models.hf_config import ModelLoadError, config_from_hf
 from omniserve.models.llama import LlamaForCausalLM, RotaryEmbedding
 from omniserve.models.presets import PRESETS
@@ -250,6 +250,6 @@ def load_model(
     elif kind == "hf":
         _load_weights(module, _hf_tensors(path), total=None, desc="Loading safetensors")
     else:
-        tensors = _gguf_tensors(index.raw_tensors(path), config)
+        tensors = load_weights(path, lambda: _gguf_tensors(index.raw_tensors(path), config))
         _load_weights(module, tensors, total=len(index.tensors), desc="Loading GGUF")
     return LoadedModel(config=config, model=module, kind=kind, path=path)
