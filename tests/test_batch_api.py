@@ -377,7 +377,8 @@ def test_live_ls_requests_keep_their_slo_plans_during_a_large_batch(tiny_chat_mo
         ls = [c for c in plan.chunks if "ls-" in c.request_id]
         if not ls:
             continue
-        batch_rows = any("batch_req_" in c.request_id for c in plan.chunks) or plan.offloaded_starts
+        # Batch rows on the device, entering the CPU pool, or coming back from it at their layer.
+        batch_rows = any("batch_req_" in c.request_id for c in plan.chunks) or plan.offloaded_starts or plan.returning
         mixed += bool(batch_rows) or plan.pipeline.row_limit > 0  # batch rows on the device, or in the CPU pool
         optional = any(len(c.token_ids) > 1 or "ls-" not in c.request_id for c in plan.chunks)
         optional = optional or plan.offloaded_starts or plan.returning or plan.swap_outs
