@@ -13,6 +13,8 @@ mkdir -p "$LOGS"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi -L
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+# The C++ extension (CPU kernels) is built first, with its own limit, so that no test waits on the build.
+timeout 180 $PY -c "from omniserve.cpu_attention.kernel import build_kernel; build_kernel()" 2>&1 | tail -2
 timeout 240 $PY -m pytest -q -x -p no:cacheprovider -k "not default_model" tests/test_gpu.py tests/test_triton_decode.py \
     tests/test_triton_ops.py tests/test_triton_prefill.py tests/test_graphs.py tests/test_decode_step.py \
     2>&1 | tee "$LOGS/tests.log"
