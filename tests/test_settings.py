@@ -109,3 +109,15 @@ def test_choices_become_enums_that_compare_as_their_names():
         SchedulerConfig(offload_pipeline="two")
     with pytest.raises(ConfigError, match="be_decode_placement must be one of auto, cpu, device, got 'gpu'"):
         SchedulerConfig(be_decode_placement="gpu")
+
+
+def test_a_bool_setting_is_a_flag_and_its_negation():
+    import argparse
+
+    from omniserve.engine.args import EngineArgs
+
+    parser = argparse.ArgumentParser()
+    EngineArgs.add_cli_args(parser)
+    assert EngineArgs.from_cli_args(parser.parse_args([])).enforce_eager is False
+    assert EngineArgs.from_cli_args(parser.parse_args(["--enforce-eager"])).enforce_eager is True
+    assert EngineArgs.from_cli_args(parser.parse_args(["--no-enforce-eager"])).enforce_eager is False

@@ -54,17 +54,26 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     """Decode attention over page tables, every shape static (no wait for the device): q [rows, heads, head_dim];
     k_cache, v_cache [slots, kv_heads, head_dim]; page_table [rows, max_pages]; context_lens [rows]. Row r attends to
     the first context_lens[r] tokens of its pages. Returns [rows, heads, head_dim]."""
-    rows, heads, head_dim = q.shape
-    kv_heads = k_cache.shape[1]
     positions = torch.arange(page_table.shape[1] * page_size, device=q.device)
     slots = page_table.long()[:, positions // page_size] * page_size + positions % page_size
     valid = positions.unsqueeze(0) < context_lens.unsqueeze(1)
     # Past a row's end, its first slot: a never-written slot may hold NaN, which a zero weight does not cancel.
-    slots = torch.where(valid, slots, slots[:, :1]).reshape(-1)
-    keys = k_cache.index_select(0, slots).view(rows, -1, kv_heads, head_dim).transpose(1, 2)
-    values = v_cache.index_select(0, slots).view(rows, -1, kv_heads, head_dim).transpose(1, 2)
+    slots = torch.where(valid, slots, slots[:, :1])
+    return attend_slots(q, k_cache, v_cache, slots, valid.view(q.shape[0], 1, 1, -1))
+
+
+def attend_slots(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                 mask: torch.Tensor) -> torch.Tensor:
+    """Each row of q [rows, heads, head_dim] attends to the KV at its slots [rows, context] (gathered), where mask
+    [rows, 1, 1, context] is True. Returns [rows, heads, head_dim]."""
+    rows, heads, head_dim = q.shape
+    kv_heads = k_cache.shape[1]
+    # GQA without copies: the query heads sharing a KV head take the place of SDPA's query-length axis.
     grouped_q = q.reshape(rows, kv_heads, heads // kv_heads, head_dim)
-    attended = F.scaled_dot_product_attention(grouped_q, keys, values, attn_mask=valid.view(rows, 1, 1, -1))
+    flat = slots.reshape(-1)  # index_select: several times faster than advanced indexing on the CPU
+    keys = k_cache.index_select(0, flat).view(rows, -1, kv_heads, head_dim).transpose(1, 2)
+    values = v_cache.index_select(0, flat).view(rows, -1, kv_heads, head_dim).transpose(1, 2)
+    attended = F.scaled_dot_product_attention(grouped_q, keys, values, attn_mask=mask)
     return attended.reshape(rows, heads, head_dim)
 
 

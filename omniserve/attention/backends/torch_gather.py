@@ -7,9 +7,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from omniserve.attention.backends.base import DecodeBackend, move_together, padded_slots
+from omniserve.ops.reference import attend_slots
 
 
 @dataclass(frozen=True)
@@ -38,12 +38,4 @@ class TorchGatherDecode(DecodeBackend[PaddedSlotsMetadata]):
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, metadata: PaddedSlotsMetadata
                ) -> torch.Tensor:
-        rows, heads, head_dim = q.shape
-        kv_heads = k_cache.shape[1]
-        # GQA without copies: the query heads sharing a KV head take the place of SDPA's query-length axis.
-        grouped_q = q.view(rows, kv_heads, heads // kv_heads, head_dim)
-        slots = metadata.slots.view(-1)  # index_select: several times faster than advanced indexing on the CPU
-        keys = k_cache.index_select(0, slots).view(rows, -1, kv_heads, head_dim).transpose(1, 2)
-        values = v_cache.index_select(0, slots).view(rows, -1, kv_heads, head_dim).transpose(1, 2)
-        attended = F.scaled_dot_product_attention(grouped_q, keys, values, attn_mask=metadata.mask)
-        return attended.reshape(rows, heads, head_dim)
+        return attend_slots(q, k_cache, v_cache, metadata.slots, metadata.mask)
