@@ -1,12 +1,15 @@
-"""The CPU GEMM path: oneDNN sees only a bounded set of row counts (each one a compiled kernel it keeps in memory),
-and padding rows changes no result."""
+"""The CPU GEMM paths: decode batches take the project's kernel (ops.skinny_linear), equal to its meaning; oneDNN
+sees only a bounded set of row counts (each one a compiled kernel it keeps in memory), and padding rows changes no
+result."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from omniserve import ops
 from omniserve.models import linear as linear_module
 from omniserve.models.linear import linear, onednn_supports, padded_rows
+from omniserve.ops import reference
 
 
 def test_padded_rows_are_few_and_close():
@@ -59,3 +62,50 @@ def test_the_cpu_default_dtype_is_bf16_only_where_the_cpu_runs_it_faster(monkeyp
                         lambda dtype: measured.append(dtype) or (1.0 if dtype == torch.float32 else 1.0 / speedup))
     assert linear_module.preferred_cpu_dtype.__wrapped__() == expected
     assert bool(measured) == ("bf16" in flags)
+
+
+def _skinny_problem(rows, n, k, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=generator) for shape in ((rows, k), (n, k), (n,), (rows, n))]
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 16])
+@pytest.mark.parametrize("n, k", [(960, 576), (13, 67), (1, 8), (5, 3)], ids=["qkv", "ragged", "one row", "short"])
+def test_the_decode_gemm_kernel_equals_its_meaning(rows, n, k):
+    """ops.skinny_linear (weight-row tiles of 4, input-row tiles of 3, vector lanes across K) against fp64, with and
+    without bias and residual: every tile shape and every tail."""
+    x, weight, bias, residual = _skinny_problem(rows, n, k)
+    exact = (x.double() @ weight.double().T)
+    torch.testing.assert_close(ops.skinny_linear(x, weight, None, None).double(), exact, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ops.skinny_linear(x, weight, bias, residual).double(),
+                               exact + bias.double() + residual.double(), atol=1e-4, rtol=1e-4)
+
+
+def test_the_decode_gemm_kernel_reads_strided_rows_and_other_dtypes():
+    x, weight, bias, residual = _skinny_problem(5, 40, 64)
+    wide = torch.randn(5, 100)
+    wide[:, 10:74] = x
+    view = wide[:, 10:74]  # rows 100 apart, as a slice of a fused projection's output
+    residual_view = torch.randn(40, 5).T  # columns contiguous: the kernel copies it
+    residual_view.copy_(residual)
+    torch.testing.assert_close(ops.skinny_linear(view, weight, bias, residual_view), x @ weight.T + bias + residual,
+                               atol=1e-4, rtol=1e-4)
+    x64, w64 = x.double(), weight.double()  # no fp64 kernel: torch's GEMM
+    torch.testing.assert_close(ops.skinny_linear(x64, w64, None, residual.double()), x64 @ w64.T + residual.double())
+    assert ops.skinny_linear(x.to("meta"), weight.to("meta"), None, None).shape == (5, 40)
+
+
+def test_decode_batches_take_the_decode_gemm_kernel(monkeypatch):
+    if not ops.CPU_KERNELS_BUILT:
+        pytest.skip("the project's extension is not built here")
+    calls = []
+    monkeypatch.setattr(linear_module.ops, "skinny_linear",
+                        lambda *args: calls.append(args[0].shape[0]) or reference.skinny_linear(*args))
+    weight = torch.randn(300, 256)  # above oneDNN's minimum weight
+    for rows in (1, 16, 17, 64):
+        assert linear(torch.randn(rows, 256), weight).shape == (rows, 300)
+    assert linear(torch.randn(4, 256, dtype=torch.float64), weight.double()).shape == (4, 300)
+    assert calls == [1, 16]  # fp32 up to SKINNY_MAX_ROWS rows; more rows, and other dtypes, take the GEMMs
+    cpu_kernel = [line for line in torch._C._dispatch_dump("omniserve::skinny_linear").splitlines()
+                  if line.startswith("CPU:")]
+    assert cpu_kernel and "skinny_linear.cpp" in cpu_kernel[0]

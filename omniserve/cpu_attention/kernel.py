@@ -42,9 +42,10 @@ TILE = 16
 _NAME = "omniserve_cpu_decode_attention"
 _SOURCES = (Path(__file__).parent / "csrc" / "decode_attention.cpp",
             Path(__file__).parents[1] / "ops" / "csrc" / "dense_ops.cpp",
-            Path(__file__).parents[1] / "ops" / "csrc" / "prefill_attention.cpp")
-"""The project's C++ extension: the decode-attention kernels, the fused dense operators and the paged prefill
-attention (ops/)."""
+            Path(__file__).parents[1] / "ops" / "csrc" / "prefill_attention.cpp",
+            Path(__file__).parents[1] / "ops" / "csrc" / "skinny_linear.cpp")
+"""The project's C++ extension: the decode-attention kernels, the fused dense operators, the paged prefill
+attention and the decode batch's GEMM (ops/)."""
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffast-math")
 BUILD_TIMEOUT_S = 300.0
 """Longest a build (waiting for another process's build included) may take before the torch fallback is used."""

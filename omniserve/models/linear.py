@@ -1,6 +1,10 @@
-"""The dense layers' GEMM, with a faster CPU path.
+"""The dense layers' GEMM, with faster CPU paths.
 
-On the CPU, fp32 and bf16 GEMMs go through oneDNN (the kernels torch.compile's CPU backend uses) rather than the
+On the CPU, an fp32 GEMM of up to 16 rows (a decode batch) is the project's own kernel (ops.skinny_linear): at
+those row counts the work is reading the weight once, and that kernel streams it at about the machine's read
+bandwidth, where oneDNN and torch's BLAS read at half of it (BENCHMARKS.md). Above 16 rows oneDNN's blocked GEMM wins.
+
+Other CPU GEMMs (fp32 above 16 rows, bf16) go through oneDNN (the kernels torch.compile's CPU backend uses) rather than the
 default BLAS: on the machines we measured it is about twice as fast for every batch size from 1 row to 2,048
 (BENCHMARKS.md). Anything else (CUDA, fp64, a torch build without oneDNN, weights under 64K elements) takes F.linear.
 
@@ -15,6 +19,8 @@ evictions and ~1 ms compilations that fragments the heap, so that a server's RSS
 (BENCHMARKS.md, soak). Rows are therefore padded to a few sizes: exact up to 16, then 8 sizes per power of two
 (at most 1/8 more rows). That bounds the kernels to about 70 per weight shape for 2,048 rows, which the cache
 keeps for good.
+
+Where the project's extension is not built, the small fp32 GEMMs go to oneDNN as well.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from omniserve import ops
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +62,9 @@ def onednn_supports(dtype: torch.dtype) -> bool:
 _ONEDNN_MIN_WEIGHT = 1 << 16
 """Smaller weights (tiny models) take torch's GEMM: oneDNN's fixed cost per call (about 40 us here, its threads
 woken) is then most of the call, against about 9 us."""
+SKINNY_MAX_ROWS = 16
+"""fp32 GEMMs of up to this many rows run ops.skinny_linear on the CPU. Measured (benchmarks/bench_linear.py): at 16
+rows it was 1.7x oneDNN over a decode step's weights, at 32 rows 0.85x."""
 _EXACT_ROWS = 16  # row counts up to this run as they are
 _SIZES_PER_DOUBLING = 8  # above it, padded to one of this many sizes per power of two
 
@@ -72,6 +83,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """x @ weight.T + bias (+ residual), for x [rows, in], weight [out, in] and residual [rows, out]. The residual is
     added by the GEMM itself (oneDNN's binary post-op on the CPU, addmm's accumulate elsewhere): a decoder layer's
     residual additions cost no op of their own."""
+    if (x.device.type == "cpu" and x.dim() == 2 and x.shape[0] <= SKINNY_MAX_ROWS and x.dtype == torch.float32
+            and ops.CPU_KERNELS_BUILT):
+        return ops.skinny_linear(x, weight, bias, residual)
     if x.device.type == "cpu" and x.dim() == 2 and weight.numel() >= _ONEDNN_MIN_WEIGHT and onednn_supports(x.dtype):
         rows = x.shape[0]
         padded = padded_rows(rows)

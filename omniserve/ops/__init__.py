@@ -8,6 +8,7 @@
     store_kv        k and v rows into the page pool (negative slot: skip)   C++                Triton
     paged_decode    decode attention over page tables (attention/)          reference          Triton
     paged_prefill   causal attention of all prefill spans, over page tables C++                Triton
+    skinny_linear   x @ weight.T (+ bias, + residual) for a decode batch   C++ (fp32)         (not used: addmm)
 
 Each is one kernel where plain torch runs 3 to 10 (RMSNorm alone is 8): on a GPU every op is a launch that the host
 pays for, and on the CPU a dispatch and a pass over memory. As registered operators they are one op each to a
@@ -15,7 +16,8 @@ dispatch mode (how the ops of a step are counted), to the meta device (shapes on
 
 The CPU kernels are the project's C++ extension (cpu_attention/kernel.py builds it at set-up). Where it could not be
 built, the CPU runs the reference (plain torch, slower, same results). The CUDA kernels import Triton on first use.
-The residual additions of a layer are not operators here: they ride on the GEMMs before them (models/linear.py).
+The residual additions of a layer are not operators here: they ride on the GEMMs before them (models/linear.py,
+which also decides when a CPU GEMM is skinny_linear's).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ _SCHEMAS = {
                     "int page_size) -> Tensor",
     "paged_prefill": "paged_prefill(Tensor q, Tensor k_cache, Tensor v_cache, Tensor page_table, Tensor query_starts, "
                      "Tensor context_lens, int page_size) -> Tensor",
+    "skinny_linear": "skinny_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? residual) -> Tensor",
 }
 for _schema in _SCHEMAS.values():
     _LIBRARY.define(_schema)
@@ -51,6 +54,10 @@ def _meta_silu_and_mul(gate_up):
     return gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
 
 
+def _meta_skinny_linear(x, weight, bias, residual):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
 def _meta_in_place(*args):
     return None
 
@@ -61,7 +68,7 @@ def _meta_paged_decode(q, *args):
 
 for _name, _meta in (("rms_norm", _meta_rms_norm), ("silu_and_mul", _meta_silu_and_mul), ("rope_", _meta_in_place),
                      ("store_kv", _meta_in_place), ("paged_decode", _meta_paged_decode),
-                     ("paged_prefill", _meta_paged_decode)):
+                     ("paged_prefill", _meta_paged_decode), ("skinny_linear", _meta_skinny_linear)):
     _LIBRARY.impl(_name, _meta, "Meta")
 
 
@@ -104,6 +111,7 @@ rope_ = torch.ops.omniserve.rope_
 store_kv = torch.ops.omniserve.store_kv
 paged_decode = torch.ops.omniserve.paged_decode
 paged_prefill = torch.ops.omniserve.paged_prefill
+skinny_linear = torch.ops.omniserve.skinny_linear
 
 __all__ = ["CPU_KERNELS_BUILT", "paged_decode", "paged_prefill", "reference", "rms_norm", "rope_", "silu_and_mul",
-           "store_kv"]
+           "skinny_linear", "store_kv"]

@@ -24,6 +24,13 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  residual: torch.Tensor | None) -> torch.Tensor:
+    """x [rows, K] @ weight [N, K].T, plus bias [N] and residual [rows, N] where given."""
+    out = F.linear(x, weight, bias)
+    return out if residual is None else out + residual
+
+
 def rope_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, num_kv_heads: int,
           head_dim: int) -> None:
     """Rotate-half RoPE, in place, on the query and key heads of qkv [rows, (num_heads + 2 * num_kv_heads) *
