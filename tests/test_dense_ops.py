@@ -83,6 +83,27 @@ def test_store_kv_refuses_a_slot_outside_the_pool():
         ops.store_kv(k, k, torch.zeros(4, 1, 8), torch.zeros(4, 1, 8), torch.tensor([4]))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_paged_decode_reads_each_row_through_its_page_table(dtype, page_size):
+    """The CPU decode kernel's page-table entry point: rows of different lengths (one a padding row reading one slot),
+    pages out of order, stale table entries past a row's end (never read), GQA."""
+    generator = torch.Generator().manual_seed(page_size)
+    num_pages, heads, kv_heads, dim = 64 // page_size + 8, 9, 3, 64
+    k_cache = torch.randn(num_pages * page_size, kv_heads, dim, generator=generator).to(dtype)
+    v_cache = torch.randn(num_pages * page_size, kv_heads, dim, generator=generator).to(dtype)
+    context_lens = torch.tensor([1, 37, 64])
+    max_pages = 64 // page_size
+    table = torch.stack([torch.randperm(num_pages, generator=generator)[:max_pages] for _ in range(3)])
+    q = torch.randn(3, heads, dim, generator=generator).to(dtype)
+    expected = reference.paged_decode(q, k_cache, v_cache, table, context_lens, page_size)
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(ops.paged_decode(q, k_cache, v_cache, table, context_lens, page_size), expected,
+                               atol=max(atol, 1e-5), rtol=max(rtol, 1e-5))
+    with pytest.raises(RuntimeError, match="does not fit its page table"):
+        ops.paged_decode(q, k_cache, v_cache, table[:, :1], context_lens, page_size)
+
+
 def test_every_operator_runs_on_the_meta_device():
     meta = torch.device("meta")
     x = torch.empty(5, 576, device=meta)

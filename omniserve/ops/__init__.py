@@ -6,7 +6,7 @@
     silu_and_mul    silu(gate) * up of the fused gate-up projection         C++                Triton
     rope_           RoPE, in place, on the q and k heads of the fused QKV   C++                Triton
     store_kv        k and v rows into the page pool (negative slot: skip)   C++                Triton
-    paged_decode    decode attention over page tables (attention/)          reference          Triton
+    paged_decode    decode attention over page tables (attention/)          C++ (fp32, fp64)   Triton
     paged_prefill   causal attention of all prefill spans, over page tables C++                Triton
     skinny_linear   x @ weight.T (+ bias, + residual) for a decode batch   C++ (fp32)         (not used: addmm)
 
@@ -90,7 +90,7 @@ _LIBRARY.impl("paged_prefill", _cuda_kernel("omniserve.attention.triton_prefill"
 
 def _register_cpu_kernels() -> bool:
     """The C++ kernels register themselves when the extension loads; an operator it has no kernel for (no
-    extension here, or paged_decode, which the CPU path does not use) runs its reference on the CPU."""
+    extension here) runs its reference on the CPU."""
     from omniserve.cpu_attention.kernel import compiled_kernel
 
     built = compiled_kernel() is not None

@@ -22,6 +22,7 @@ namespace {
 
 constexpr int64_t kLanes = 16;     // positions per key tile: one 512-bit register of fp32 per query head
 constexpr int64_t kMaxDim = 256;    // largest head_dim the fused kernel takes
+constexpr int64_t kParallelElements = 1 << 16;  // KV elements a batch reads before it is split over threads
 
 // Where one KV head's context lies. The pass over it (attend below) is the same for both layouts; only the scoring
 // of a tile of 16 positions and the address of a position's value row differ.
@@ -234,7 +235,11 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k, torch::Te
     const int64_t* op = offsets.data_ptr<int64_t>();
     scalar_t* outp = out.data_ptr<scalar_t>();
     const int64_t slot_stride = kv_heads * head_dim;
-    at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    // One task per (row, KV head) only where the batch's context is long enough to pay for waking the other
+    // threads: a short decode batch stays on the calling thread.
+    const int64_t context = op[rows] - op[0];
+    const int64_t grain = context * kv_heads * head_dim >= kParallelElements ? 1 : rows * kv_heads;
+    at::parallel_for(0, rows * kv_heads, grain, [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {
         const int64_t r = item / kv_heads, h = item % kv_heads;
         const int64_t length = op[r + 1] - op[r];
@@ -246,6 +251,47 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k, torch::Te
   });
   return out;
 }
+
+// The omniserve::paged_decode operator on the CPU (its meaning: omniserve/ops/reference.py): the same pass, each
+// row's slots read from its page table.
+//
+//   page_table   [rows, max_pages] int64 or int32      a row's pages; only the first ceil(context / page_size) are read
+//   context_lens [rows] int64 or int32                 at least 1
+at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                        const at::Tensor& page_table, const at::Tensor& context_lens, int64_t page_size) {
+  TORCH_CHECK(page_table.dim() == 2 && context_lens.dim() == 1 && page_table.size(0) == context_lens.size(0) &&
+                  context_lens.size(0) == q.size(0),
+              "page_table [rows, max_pages] and context_lens [rows] for q's rows");
+  const auto table = page_table.to(torch::kLong).contiguous();
+  const auto lens = context_lens.to(torch::kLong).contiguous();
+  const int64_t rows = q.size(0), max_pages = table.size(1), num_slots = k_cache.size(0);
+  const int64_t* tp = table.data_ptr<int64_t>();
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  auto offsets = torch::empty({rows + 1}, torch::kLong);
+  int64_t* op = offsets.data_ptr<int64_t>();
+  op[0] = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    TORCH_CHECK(lp[r] >= 1 && lp[r] <= max_pages * page_size, "row ", r, "'s context does not fit its page table");
+    op[r + 1] = op[r] + lp[r];
+  }
+  auto slots = torch::empty({op[rows]}, torch::kLong);
+  int64_t* sp = slots.data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t i = 0; i < lp[r]; ++i) {
+      const int64_t slot = tp[r * max_pages + i / page_size] * page_size + i % page_size;
+      TORCH_CHECK(slot >= 0 && slot < num_slots, "row ", r, " reads slot ", slot, ", outside the pool");
+      sp[op[r] + i] = slot;
+    }
+  }
+  if (q.scalar_type() == torch::kFloat || q.scalar_type() == torch::kDouble)
+    return paged_decode_attention(q, k_cache, v_cache, slots, offsets);
+  // Other dtypes (bf16, fp16): the batch's context gathered and computed in fp32.
+  const auto k = k_cache.index_select(0, slots).to(torch::kFloat), v = v_cache.index_select(0, slots).to(torch::kFloat);
+  return paged_decode_attention(q.to(torch::kFloat), k, v, torch::arange(op[rows], torch::kLong), offsets)
+      .to(q.scalar_type());
+}
+
+TORCH_LIBRARY_IMPL(omniserve, CPU, m) { m.impl("paged_decode", &paged_decode); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "GQA decode attention over one request's host KV");
