@@ -1,6 +1,7 @@
 """The decode graphs' bookkeeping (engine/graphs.py) on the CPU: the static-buffer forward that a GPU captures, run
-eagerly, in place of the engine's eager decode. Buckets, padding rows and the static inputs must leave every token
-as the eager engine's, and padding rows must write no KV."""
+eagerly, in place of the engine's eager decode (--enforce-eager). Buckets, padding rows and the static inputs must
+leave every token as the eager engine's, and padding rows must write no KV. Without padding, the same forward is the
+CPU engine's decode path."""
 
 from __future__ import annotations
 
@@ -39,12 +40,17 @@ def test_tokens_equal_the_eager_engines(tiny_model_dirs, make_llm, placement):
     folder = tiny_model_dirs["llama"][0]
     params = [SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True,
                              service_class="be" if i % 2 == 0 else "ls") for i in range(len(PROMPTS))]
-    eager = make_llm(folder, dtype="float32", max_num_seqs=6, be_decode_placement=placement)
+    eager = make_llm(folder, dtype="float32", max_num_seqs=6, be_decode_placement=placement, enforce_eager=True)
+    assert eager.engine.runner.graphs is None
     expected = [o.outputs[0].token_ids for o in eager.generate(PROMPTS, params, use_tqdm=False)]
     replayed = make_llm(folder, dtype="float32", max_num_seqs=6, be_decode_placement=placement)
     batches = _with_eager_graphs(replayed)
     assert [o.outputs[0].token_ids for o in replayed.generate(PROMPTS, params, use_tqdm=False)] == expected
     assert batches and (placement == "cpu" or max(batches) == len(PROMPTS))
+
+    cpu_path = make_llm(folder, dtype="float32", max_num_seqs=6, be_decode_placement=placement)
+    assert cpu_path.engine.runner.graphs is not None and not cpu_path.engine.runner.graphs.pad
+    assert [o.outputs[0].token_ids for o in cpu_path.generate(PROMPTS, params, use_tqdm=False)] == expected
 
 
 @torch.inference_mode()

@@ -14,8 +14,12 @@ A batch of n rows runs in the smallest bucket b >= n; rows n..b-1 are padding: t
 holds: its output is dropped). Every op is row-wise, so padding never changes a real row.
 
 Iterations with prefill chunks or offloaded rows run eagerly (runner.py): their shapes and the CPU pool's results
-change within the iteration. Where graphs are not captured (the CPU, --enforce-eager), the same static-buffer
-forward can run eagerly: that is how the bookkeeping is tested without a GPU.
+change within the iteration.
+
+On the CPU nothing is captured: the same static-buffer forward runs eagerly, on exactly the batch's rows (padding
+would only add GEMM rows), and it is the CPU's decode path, because it is the leanest: each layer's tensors fetched
+once (llama.LayerWeights), one operator call after another with no per-layer bookkeeping for offloaded rows. With
+padding kept, the same eager run is how the GPU's bookkeeping is tested without a GPU.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import torch
 from omniserve import ops
 from omniserve.engine.scheduler.plan import ScheduledChunk
 from omniserve.kv_cache.page_pool import PagePool
-from omniserve.models.llama import LlamaForCausalLM
+from omniserve.models.llama import LlamaForCausalLM, layer_post_attention, layer_pre_attention
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +47,12 @@ def batch_buckets(max_batch: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model: LlamaForCausalLM, pool: PagePool, device: torch.device, max_batch: int,
-                 max_context: int, capture: bool) -> None:
+                 max_context: int, capture: bool, pad: bool = True) -> None:
+        """`capture`: capture CUDA graphs now; `pad`: run a batch in its bucket (what a captured graph needs), else
+        in exactly its rows. The model's weights must be loaded: each layer's tensors are fetched here, once."""
         self.model, self.pool, self.device = model, pool, device
+        self.layers = [layer.weights() for layer in model.layers]
+        self.pad = pad or capture
         self.buckets = batch_buckets(max_batch)
         self.max_batch = max_batch
         self.max_pages = -(-max_context // pool.page_size)
@@ -81,28 +89,31 @@ class DecodeGraphs:
             write_slots[:n] = torch.tensor([c.page_ids[c.start_position // page_size] * page_size
                                             + c.start_position % page_size for c in chunks])
             context_lens[:n] = positions[:n] + 1
-            table[:n] = torch.tensor([c.page_ids + [0] * (self.max_pages - len(c.page_ids)) for c in chunks])
-        token_ids[n:], positions[n:], write_slots[n:], context_lens[n:], table[n:] = 0, 0, -1, 1, 0
+            # Only as wide as this batch's longest page list: entries past a row's context are never read, so
+            # stale ones from earlier steps stay (they are page ids of this pool all the same).
+            width = max(len(c.page_ids) for c in chunks)
+            table[:n, :width] = torch.tensor([c.page_ids + [0] * (width - len(c.page_ids)) for c in chunks])
+        token_ids[n:], positions[n:], write_slots[n:], context_lens[n:], table[n:, 0] = 0, 0, -1, 1, 0
         if self._staging is not self._inputs:
             self._inputs.copy_(self._staging, non_blocking=True)
 
     def forward(self, bucket: int) -> torch.Tensor:
         """The model over the static inputs of `bucket` rows: their last hidden states [bucket, hidden_size]. What
         a graph captures, and what runs eagerly where there is none."""
-        model, pool = self.model, self.pool
+        model, pool, config = self.model, self.pool, self.model.config
         token_ids, positions, write_slots, context_lens, table = self._views(self._inputs, bucket)
         hidden = model.embed(token_ids)
         angles = model.rope_angles(positions)
-        for layer in range(model.config.num_layers):
-            q, k, v = model.pre_attention(layer, hidden, angles)
-            pool.write(layer, write_slots, k, v)
-            attended = ops.paged_decode(q, pool.k[layer], pool.v[layer], table, context_lens, pool.page_size)
-            hidden = model.post_attention(layer, attended, hidden)
+        for k_cache, v_cache, weights in zip(pool.k, pool.v, self.layers):
+            q, k, v = layer_pre_attention(config, weights, hidden, angles)
+            ops.store_kv(k, v, k_cache, v_cache, write_slots)
+            attended = ops.paged_decode(q, k_cache, v_cache, table, context_lens, pool.page_size)
+            hidden = layer_post_attention(config, weights, attended, hidden)
         return hidden
 
     def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """The decode batch's last hidden states [len(chunks), hidden_size], replayed (or run eagerly)."""
-        bucket = next(b for b in self.buckets if b >= len(chunks))
+        bucket = next(b for b in self.buckets if b >= len(chunks)) if self.pad else len(chunks)
         self._fill(chunks, bucket)
         graph = self._graphs.get(bucket)
         if graph is None:

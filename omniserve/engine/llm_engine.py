@@ -119,13 +119,14 @@ class LLMEngine:
         )
 
     def _runner(self, loaded: LoadedModel, enforce_eager: bool) -> ModelRunner:
-        """The model runner; on CUDA unless enforce_eager, with decode graphs captured now. Their memory is counted
-        in the activation peak that sized the KV pages: a decode batch of max_num_seqs rows needs no more than a
-        chunk of max_num_batched_tokens (the capture logs what it took)."""
+        """The model runner, with its decode path unless enforce_eager: on CUDA decode graphs captured now (their
+        memory is counted in the activation peak that sized the KV pages: a decode batch of max_num_seqs rows needs
+        no more than a chunk of max_num_batched_tokens; the capture logs what it took), on the CPU the same forward
+        run eagerly (engine/graphs.py)."""
         graphs = None
-        if self.device.type == "cuda" and not enforce_eager:
+        if self.device.type in ("cuda", "cpu") and not enforce_eager:
             graphs = DecodeGraphs(loaded.model, self.pool, self.device, self.scheduler_config.max_num_seqs,
-                                  self.scheduler_config.max_model_len, capture=True)
+                                  self.scheduler_config.max_model_len, capture=self.device.type == "cuda")
         return ModelRunner(loaded.model, self.pool, self.device, self.cpu_pool, graphs)
 
     def _kv_pages(self, loaded: LoadedModel, cache: CacheConfig) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -69,6 +70,40 @@ class RotaryEmbedding(nn.Module):
         return self.cos[positions].to(angle_dtype), self.sin[positions].to(angle_dtype)
 
 
+class LayerWeights(NamedTuple):
+    """A decoder layer's tensors, as the layer functions below take them. A caller that runs the layers every step
+    (engine/graphs.py) fetches them once: looking them up through the modules costs more than a decode step's
+    small ops do."""
+
+    input_norm: torch.Tensor
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor
+    down: torch.Tensor
+
+
+def layer_pre_attention(c: ModelConfig, w: LayerWeights, hidden: torch.Tensor,
+                        rope_angles: tuple[torch.Tensor, torch.Tensor]
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Norm + QKV projection + RoPE. `hidden` itself is the residual that layer_post_attention needs."""
+    qkv = linear(ops.rms_norm(hidden, w.input_norm, c.rms_norm_eps), w.qkv, w.qkv_bias)
+    ops.rope_(qkv, *rope_angles, c.num_heads, c.num_kv_heads, c.head_dim)
+    q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
+    return (q.view(-1, c.num_heads, c.head_dim), k.view(-1, c.num_kv_heads, c.head_dim),
+            v.view(-1, c.num_kv_heads, c.head_dim))
+
+
+def layer_post_attention(c: ModelConfig, w: LayerWeights, attn_out: torch.Tensor, residual: torch.Tensor
+                         ) -> torch.Tensor:
+    """Output projection + residual, then norm + SwiGLU MLP + residual. attn_out: [num_tokens, num_heads, head_dim].
+    Five ops: the residual additions ride on the projections' GEMMs."""
+    hidden = linear(attn_out.reshape(attn_out.shape[0], -1), w.o, residual=residual)
+    activated = ops.silu_and_mul(linear(ops.rms_norm(hidden, w.post_norm, c.rms_norm_eps), w.gate_up))
+    return linear(activated, w.down, residual=hidden)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -81,23 +116,16 @@ class DecoderLayer(nn.Module):
         self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def pre_attention(
-        self, hidden: torch.Tensor, rope_angles: tuple[torch.Tensor, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Norm + QKV projection + RoPE. `hidden` itself is the residual that post_attention needs."""
-        c = self.config
-        qkv = self.qkv_proj(self.input_layernorm(hidden))
-        ops.rope_(qkv, *rope_angles, c.num_heads, c.num_kv_heads, c.head_dim)
-        q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
-        return (q.view(-1, c.num_heads, c.head_dim), k.view(-1, c.num_kv_heads, c.head_dim),
-                v.view(-1, c.num_kv_heads, c.head_dim))
+    def weights(self) -> LayerWeights:
+        return LayerWeights(self.input_layernorm.weight, self.qkv_proj.weight, self.qkv_proj.bias, self.o_proj.weight,
+                            self.post_attention_layernorm.weight, self.gate_up_proj.weight, self.down_proj.weight)
+
+    def pre_attention(self, hidden: torch.Tensor, rope_angles: tuple[torch.Tensor, torch.Tensor]
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return layer_pre_attention(self.config, self.weights(), hidden, rope_angles)
 
     def post_attention(self, attn_out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """Output projection + residual, then norm + SwiGLU MLP + residual. attn_out: [num_tokens, num_heads, head_dim].
-        Five ops: the residual additions ride on the projections' GEMMs."""
-        hidden = linear(attn_out.reshape(attn_out.shape[0], -1), self.o_proj.weight, residual=residual)
-        activated = ops.silu_and_mul(self.gate_up_proj(self.post_attention_layernorm(hidden)))
-        return linear(activated, self.down_proj.weight, residual=hidden)
+        return layer_post_attention(self.config, self.weights(), attn_out, residual)
 
 
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
