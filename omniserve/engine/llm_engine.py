@@ -126,7 +126,7 @@ class LLMEngine:
         graphs = None
         if self.device.type in ("cuda", "cpu") and not enforce_eager:
             graphs = DecodeGraphs(loaded.model, self.pool, self.device, self.scheduler_config.max_num_seqs,
-                                  self.scheduler_config.max_model_len, capture=self.device.type == "cuda")
+                                  self.scheduler_config.max_model_len, capture=self.device.type == "cuda", pad=False)
         return ModelRunner(loaded.model, self.pool, self.device, self.cpu_pool, graphs)
 
     def _kv_pages(self, loaded: LoadedModel, cache: CacheConfig) -> int:
