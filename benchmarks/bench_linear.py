@@ -5,7 +5,8 @@ Two cases, each on the default model's dense shapes (SmolLM2-135M: 576 -> 576, 5
   path compiles a kernel for each new count and the padded one reuses a few;
 - fixed rows: the same count every step, just past a padding boundary (the worst case for padding: up to 1/8 more
   rows and nothing to compile either way).
-Prints each case's median seconds per step over --repeats runs and the padded/exact ratio.
+Prints each case's median seconds per step over --repeats runs and the padded/exact ratio. Decode batches (up to
+16 fp32 rows) take the project's own kernel in the engine (bench_decode_gemm.py); here every row count takes oneDNN.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 
 import torch
 
+from omniserve.models import linear as linear_module
 from omniserve.models.linear import _onednn_linear, linear, onednn_supports, padded_rows
 
 SHAPES = [(576, 576), (1536, 576), (576, 1536)]  # (out, in) of q/o, gate/up, down
@@ -47,6 +49,7 @@ def main() -> None:
     if not onednn_supports(torch.float32):
         raise SystemExit("oneDNN has no fp32 GEMM on this CPU: nothing is padded here")
     torch.set_num_threads(1)
+    linear_module.SKINNY_MAX_ROWS = 0  # oneDNN padded against oneDNN exact, at every row count
     weights = [torch.randn(out, inp) for out, inp in SHAPES]
     rng = random.Random(args.seed)
     cases = {"varying 1..%d" % args.max_rows: lambda: [rng.randint(1, args.max_rows) for _ in range(args.steps)]}

@@ -5,9 +5,11 @@
 2. Host time per step: a 32-layer model of tiny width on the CPU, where the arithmetic is nothing and the step is
    the dispatch and Python overhead a GPU step pays on its host: fused operators against the same model with the
    operators' plain-torch meaning (ops/reference.py) and the residual added after each GEMM (the eager path); and
-   the host work around a decode graph's replay (its inputs filled, its rows sampled), the replay itself being one
-   launch on a GPU, which cannot be timed here.
-3. This machine, the default model (SmolLM2-135M, fp32): engine decode steps at --batches, fused and eager
+   the graph's forward run eagerly (the CPU engine's decode path: each layer's tensors fetched once, no per-layer
+   bookkeeping); and the host work around a decode graph's replay (its inputs filled, its rows sampled), the replay
+   itself being one launch on a GPU, which cannot be timed here.
+3. This machine, the default model (SmolLM2-135M, fp32): engine decode steps at --batches, the engine's decode
+   path (fused operators, engine/graphs.py's forward) and eager (plain-torch operators, --enforce-eager)
    interleaved, against the weight-read floor (weight bytes / read bandwidth measured here) and, where larger, the
    compute floor (the step's GEMM FLOPs / the GEMM peak measured here with the engine's GEMM).
 
@@ -41,8 +43,9 @@ TENTHS = "{:.1f}"
 
 
 @contextlib.contextmanager
-def eager_path():
-    """The model with each fused operator as its plain-torch meaning and each residual added after its GEMM."""
+def eager_path(runner: ModelRunner | None = None):
+    """The model with each fused operator as its plain-torch meaning and each residual added after its GEMM; with a
+    runner, also without its decode path (as --enforce-eager runs)."""
     eager = SimpleNamespace(**{name: getattr(reference, name) for name in
                                ("rms_norm", "rope_", "silu_and_mul", "store_kv")})
 
@@ -50,9 +53,16 @@ def eager_path():
         out = linear(x, weight, bias)
         return out if residual is None else out + residual
 
+    graphs = None if runner is None else runner.graphs
     with mock.patch.object(llama, "ops", eager), mock.patch.object(page_pool, "ops", eager), \
             mock.patch.object(llama, "linear", linear_then_add):
-        yield
+        if runner is not None:
+            runner.graphs = None
+        try:
+            yield
+        finally:
+            if runner is not None:
+                runner.graphs = graphs
 
 
 def gpu_path_rows(batches: list[int], context: int) -> list[dict]:
@@ -86,17 +96,25 @@ def host_time_rows(batch: int, steps: int, repeats: int) -> list[dict]:
     runner = ModelRunner(model, pool, torch.device("cpu"))
     plan = decode_plan(batch, context, page_size)
     graphs = DecodeGraphs(model, pool, torch.device("cpu"), batch, context + 1, capture=False)
-    fused, eager, around_replay = [], [], []
+    decode_path = DecodeGraphs(model, pool, torch.device("cpu"), batch, context + 1, capture=False, pad=False)
+    fused, eager, around_replay, eager_forward = [], [], [], []
     for _ in range(repeats):  # interleaved, so that a change in the machine's load reaches both alike
         fused.append(statistics.median(_timed_steps(lambda: runner.execute(plan), steps)))
         with eager_path():
             eager.append(statistics.median(_timed_steps(lambda: runner.execute(plan), steps)))
         # A replayed step's host work: its inputs filled (one copy) and its rows sampled; the replay is one launch.
+        graphs._fill(plan.chunks, batch)
         hidden = graphs.forward(batch)
         around_replay.append(statistics.median(_timed_steps(
             lambda: (graphs._fill(plan.chunks, batch), runner._sample(plan, hidden, [], None)), steps)))
+        # The graph's forward run eagerly (the CPU's decode path; a GPU with --enforce-eager runs the runner's).
+        eager_forward.append(statistics.median(_timed_steps(
+            lambda: runner._sample(plan, decode_path.run(plan.chunks), [], None), steps)))
     return [dict(batch=batch, path="fused, eager", ms=spread(fused, "{:.2f}"), eager_ms=spread(eager, "{:.2f}"),
                  over_eager=spread([f / e for f, e in zip(fused, eager)]), goal="<= 0.33"),
+            dict(batch=batch, path="graph's forward, eager", ms=spread(eager_forward, "{:.2f}"),
+                 eager_ms=spread(eager, "{:.2f}"), over_eager=spread([f / e for f, e in zip(eager_forward, eager)]),
+                 goal="<= 0.33"),
             dict(batch=batch, path="around a graph replay", ms=spread(around_replay, "{:.2f}"),
                  eager_ms=spread(eager, "{:.2f}"), over_eager=spread([a / e for a, e in zip(around_replay, eager)]),
                  goal="<= 0.33")]
@@ -142,7 +160,7 @@ def cpu_step_rows(batches: list[int], steps: int, repeats: int) -> tuple[list[di
         fused, eager = [], []
         for _ in range(repeats):
             fused.append(statistics.median(_timed_steps(engine.step, steps)))
-            with eager_path():
+            with eager_path(engine.runner):
                 eager.append(statistics.median(_timed_steps(engine.step, steps)))
         rows.append(dict(batch=batch, step_ms=spread(fused, TENTHS), eager_ms=spread(eager, TENTHS),
                          fused_over_eager=spread([f / e for f, e in zip(fused, eager)]),
