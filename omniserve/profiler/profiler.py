@@ -95,9 +95,9 @@ def device_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} x{os.cpu_count()}"
 
 
-_PROFILE_FORMAT = 4
-"""Bumped when the models' features or the runner's kernels change (4: fused operators, one prefill call), so that
-older cached profiles, measured on other code, are not reused."""
+_PROFILE_FORMAT = 5
+"""Bumped when the models' features or the runner's kernels change (4: fused operators, one prefill call; 5: the
+CPU's decode GEMM and decode path), so that older cached profiles, measured on other code, are not reused."""
 
 
 def profile_cache_path(model_name: str, model: LlamaForCausalLM, device: torch.device, dtype: torch.dtype, *,
