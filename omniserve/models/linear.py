@@ -1,11 +1,12 @@
 """The dense layers' GEMM, with faster CPU paths.
 
 On the CPU, an fp32 GEMM of up to 16 rows (a decode batch) is the project's own kernel (ops.skinny_linear): at
-those row counts the work is reading the weight once, and that kernel streams it at about the machine's read
-bandwidth, where oneDNN and torch's BLAS read at half of it (BENCHMARKS.md). Above 16 rows oneDNN's blocked GEMM wins.
+those row counts the work is reading the weight once, and that kernel streams it at 0.7-0.8 of the machine's read
+bandwidth at one row, 1.3-1.9x as fast as oneDNN from 1 to 16 rows (BENCHMARKS.md). Above 16 rows oneDNN's blocked
+GEMM is as fast or faster.
 
-Other CPU GEMMs (fp32 above 16 rows, bf16) go through oneDNN (the kernels torch.compile's CPU backend uses) rather than the
-default BLAS: on the machines we measured it is about twice as fast for every batch size from 1 row to 2,048
+Other CPU GEMMs (fp32 above 16 rows, bf16) go through oneDNN (the kernels torch.compile's CPU backend uses) rather
+than the default BLAS: on the machines we measured it is about twice as fast for every batch size from 1 row to 2,048
 (BENCHMARKS.md). Anything else (CUDA, fp64, a torch build without oneDNN, weights under 64K elements) takes F.linear.
 
 Whether oneDNN has a kernel for a dtype depends on the CPU, not on torch: its bf16 inner product needs AVX-512
@@ -63,8 +64,8 @@ _ONEDNN_MIN_WEIGHT = 1 << 16
 """Smaller weights (tiny models) take torch's GEMM: oneDNN's fixed cost per call (about 40 us here, its threads
 woken) is then most of the call, against about 9 us."""
 SKINNY_MAX_ROWS = 16
-"""fp32 GEMMs of up to this many rows run ops.skinny_linear on the CPU. Measured (benchmarks/bench_linear.py): at 16
-rows it was 1.7x oneDNN over a decode step's weights, at 32 rows 0.85x."""
+"""fp32 GEMMs of up to this many rows run ops.skinny_linear on the CPU. Measured over a decode step's weights
+(benchmarks/bench_decode_gemm.py): 1.27-1.33x oneDNN at 16 rows, 0.93-0.94x at 32."""
 _EXACT_ROWS = 16  # row counts up to this run as they are
 _SIZES_PER_DOUBLING = 8  # above it, padded to one of this many sizes per power of two
 
