@@ -41,7 +41,7 @@ from omniserve.engine.graphs import DecodeGraphs
 from omniserve.engine.observer import RunnerTimings, TimedPool
 from omniserve.engine.scheduler.plan import IterationPlan, KVTransfer, RunnerOutput
 from omniserve.kv_cache.page_pool import PagePool
-from omniserve.models.llama import LlamaForCausalLM
+from omniserve.models.llama import LlamaForCausalLM, layer_post_attention, layer_pre_attention
 from omniserve.ops.transfer import to_device
 from omniserve.sampling.params import SampledToken, SamplingParams
 from omniserve.sampling.sampler import SamplingRow, sample
@@ -121,6 +121,8 @@ class ModelRunner:
         graphs: DecodeGraphs | None = None,
     ) -> None:
         self.model = model
+        self.layers = [layer.weights() for layer in model.layers]
+        """Each layer's tensors, fetched once (the model's weights are loaded, and reloading copies in place)."""
         self.graphs = graphs
         """Decode iterations without offloaded rows run there (replayed CUDA graphs), when given."""
         self.pool = pool
@@ -295,7 +297,7 @@ class ModelRunner:
             if back_ids:
                 attn_parts.append(self._results_to_device(back_ids))
                 residual_parts.append(torch.stack([self._offloaded[r].residual for r in back_ids]))
-            out = model.post_attention(layer, _cat(attn_parts), _cat(residual_parts))
+            out = layer_post_attention(model.config, self.layers[layer], _cat(attn_parts), _cat(residual_parts))
             device_hidden, carry_hidden = out[:num_device], out[num_device:]
             carry_ids = back_ids  # they finished this layer and go on to the next one in this iteration
             if carry_ids:
@@ -316,7 +318,7 @@ class ModelRunner:
             device_hidden if num_device else carry_hidden)
         angles = _cat_rows(device_angles, carry_angles) if num_device and carry_ids else (
             device_angles if num_device else carry_angles)
-        q, k, v = self.model.pre_attention(layer, hidden_in, angles)
+        q, k, v = layer_pre_attention(self.model.config, self.layers[layer], hidden_in, angles)
         if carry_ids:  # to the CPU first, so that its attention overlaps the device's
             self._send(layer, carry_ids, carry_hidden, q[num_device:], k[num_device:], v[num_device:])
             layers.sent.update(carry_ids)

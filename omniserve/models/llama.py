@@ -90,7 +90,7 @@ def layer_pre_attention(c: ModelConfig, w: LayerWeights, hidden: torch.Tensor,
     """Norm + QKV projection + RoPE. `hidden` itself is the residual that layer_post_attention needs."""
     qkv = linear(ops.rms_norm(hidden, w.input_norm, c.rms_norm_eps), w.qkv, w.qkv_bias)
     ops.rope_(qkv, *rope_angles, c.num_heads, c.num_kv_heads, c.head_dim)
-    q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
+    q, k, v = qkv.split_with_sizes((c.q_size, c.kv_size, c.kv_size), dim=-1)
     return (q.view(-1, c.num_heads, c.head_dim), k.view(-1, c.num_kv_heads, c.head_dim),
             v.view(-1, c.num_kv_heads, c.head_dim))
 
