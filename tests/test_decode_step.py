@@ -1,5 +1,5 @@
 """A decode step of the GPU code path, run on the meta device at Llama-3-8B's shapes (omniserve.bench.step_ops):
-the kernels it launches per layer, and its waits for the device: exactly one, the sampled ids. On meta tensors any
+the kernels it launches per layer, its copies in, and its waits for the device: exactly one, the sampled ids. On meta tensors any
 other wait (.item(), .tolist(), a branch on a device value) cannot run, so a new one fails these tests."""
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ def test_a_decode_layer_launches_at_most_twelve_ops(batch):
     per_layer, step = ops_per_layer(preset_config("llama-3-8b"), batch, context=1024)
     assert per_layer <= LAYER_OPS_LIMIT, step.names
     assert step.device_waits == 1
+    # In: the token ids, positions and attention indexes together; the decode kernel's page tables.
+    assert step.host_copies == 2
 
 
 def test_the_only_wait_for_the_device_is_the_sampled_ids_also_with_logprobs_and_random_rows():

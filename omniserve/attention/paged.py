@@ -98,15 +98,20 @@ class PagedAttention:
         self.device = device
         self.decode_backend = decode_backend or select_decode_backend(device, pool.k[0].dtype, pool.page_size)
 
-    def build_metadata(self, spans: Sequence[tuple[int, int, Sequence[int]]]) -> AttentionMetadata:
-        """spans: per request in batch order, (start_position, num_new_tokens, page_ids)."""
+    def build_metadata(self, spans: Sequence[tuple[int, int, Sequence[int]]], *riders: list[int]
+                       ) -> AttentionMetadata | tuple[AttentionMetadata, ...]:
+        """spans: per request in batch order, (start_position, num_new_tokens, page_ids). `riders`: other int64 lists
+        of the iteration (the runner's token ids and positions) moved in the same copy; with any, returns
+        (metadata, *riders on the device)."""
         host = _host_indexes(spans, self.pool.page_size)
         every_row = not (host.decode_rows and host.prefill_rows)  # one kind only: no gather or scatter of rows
         indexes = [host.write_slots, host.decode_rows, host.prefill_rows, host.prefill_starts, host.prefill_lens]
-        tensors = [torch.tensor(values, dtype=torch.long) for values in indexes]
+        tensors = [torch.tensor(values, dtype=torch.long) for values in (*riders, *indexes)]
         if host.prefill_pages:
             tensors.append(padded_page_table(host.prefill_pages, torch.long))
-        write_slots, decode_rows, prefill_rows, starts, lens, *table = move_together(tensors, self.device)
+        moved = move_together(tensors, self.device)
+        riders_moved, moved = moved[:len(riders)], moved[len(riders):]
+        write_slots, decode_rows, prefill_rows, starts, lens, *table = moved
         prefill = None
         if host.prefill_rows:
             prefill = PrefillBatch(None if every_row else prefill_rows, table[0], starts, lens)
@@ -114,7 +119,8 @@ class PagedAttention:
         if host.decode_rows:
             decode = DecodeBatch(None if every_row else decode_rows,
                                  self.decode_backend.build_metadata(host.decode_pages, host.decode_lens))
-        return AttentionMetadata(write_slots, decode, prefill)
+        meta = AttentionMetadata(write_slots, decode, prefill)
+        return (meta, *riders_moved) if riders else meta
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata):
         """Stores this iteration's k, v in the pool, then attends. q: [num_tokens, num_heads, head_dim]."""

@@ -248,7 +248,8 @@ class ModelRunner:
         return lost
 
     def _device_inputs(self, plan: IterationPlan):
-        """Token ids, positions, rows to sample and attention metadata of the device chunks."""
+        """Token ids and positions (the device chunks', then the offloaded rows' starting at layer 0) on the device,
+        the number of device rows, the rows to sample and the device chunks' attention metadata: one copy in."""
         token_ids: list[int] = []
         positions: list[int] = []
         sample_rows: list[int] = []
@@ -257,27 +258,30 @@ class ModelRunner:
             positions.extend(range(chunk.start_position, chunk.start_position + len(chunk.token_ids)))
             if chunk.sample:
                 sample_rows.append(len(token_ids) - 1)
-        meta = None
-        if plan.chunks:
-            spans = [(c.start_position, len(c.token_ids), c.page_ids) for c in plan.chunks]
-            meta = self.attention.build_metadata(spans)
-        return token_ids, positions, sample_rows, meta
+        num_device = len(token_ids)
+        for start in plan.offloaded_starts:
+            token_ids.append(start.token_id)
+            positions.append(start.position)
+        if not plan.chunks:
+            ids_and_positions = to_device([token_ids, positions], self.device) if token_ids else torch.empty(
+                2, 0, dtype=torch.long, device=self.device)
+            return ids_and_positions, num_device, sample_rows, None
+        spans = [(c.start_position, len(c.token_ids), c.page_ids) for c in plan.chunks]
+        meta, ids_and_positions = self.attention.build_metadata(spans, token_ids + positions)
+        return ids_and_positions.view(2, -1), num_device, sample_rows, meta
 
     def _forward(self, plan: IterationPlan, returning: dict[int, list[str]],
                  layers: _OffloadedLayers) -> dict[str, SampledToken]:
         model = self.model
-        token_ids, positions, sample_rows, meta = self._device_inputs(plan)
-        num_device = len(token_ids)
+        ids_and_positions, num_device, sample_rows, meta = self._device_inputs(plan)
 
         # Offloaded tokens starting at layer 0 join the device tokens' embedding.
         for start in plan.offloaded_starts:
-            token_ids.append(start.token_id)
-            positions.append(start.position)
             self._offloaded[start.request_id] = _OffloadedToken(start.position, start.params, start.num_generated)
         device_hidden = device_angles = carry_hidden = carry_angles = None
-        if token_ids:
-            hidden_all = model.embed(to_device(token_ids, self.device))
-            angles_all = model.rope_angles(to_device(positions, self.device))
+        if ids_and_positions.shape[1]:
+            hidden_all = model.embed(ids_and_positions[0])
+            angles_all = model.rope_angles(ids_and_positions[1])
             device_hidden, device_angles = hidden_all[:num_device], _rows(angles_all, slice(0, num_device))
             carry_hidden, carry_angles = hidden_all[num_device:], _rows(angles_all, slice(num_device, None))
         carry_ids = [s.request_id for s in plan.offloaded_starts]  # offloaded rows entering the current layer
