@@ -109,16 +109,18 @@ class PagedAttention:
         tensors = [torch.tensor(values, dtype=torch.long) for values in (*riders, *indexes)]
         if host.prefill_pages:
             tensors.append(padded_page_table(host.prefill_pages, torch.long))
+        own = len(tensors)
+        if host.decode_rows:  # the decode kernel's metadata rides in the same copy
+            tensors += self.decode_backend.host_metadata(host.decode_pages, host.decode_lens)
         moved = move_together(tensors, self.device)
-        riders_moved, moved = moved[:len(riders)], moved[len(riders):]
-        write_slots, decode_rows, prefill_rows, starts, lens, *table = moved
+        riders_moved, decode_moved = moved[:len(riders)], moved[own:]
+        write_slots, decode_rows, prefill_rows, starts, lens, *table = moved[len(riders):own]
         prefill = None
         if host.prefill_rows:
             prefill = PrefillBatch(None if every_row else prefill_rows, table[0], starts, lens)
         decode = None
         if host.decode_rows:
-            decode = DecodeBatch(None if every_row else decode_rows,
-                                 self.decode_backend.build_metadata(host.decode_pages, host.decode_lens))
+            decode = DecodeBatch(None if every_row else decode_rows, self.decode_backend.metadata(decode_moved))
         meta = AttentionMetadata(write_slots, decode, prefill)
         return (meta, *riders_moved) if riders else meta
 

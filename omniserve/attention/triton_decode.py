@@ -68,8 +68,8 @@ def paged_decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
     context_lens: torch.Tensor, page_size: int, block: int = 32,
 ) -> torch.Tensor:
-    """q: [rows, heads, head_dim]; k_cache/v_cache: [slots, kv_heads, head_dim]; page_table: [rows, max_pages] int32;
-    context_lens: [rows] int32. Returns [rows, heads, head_dim]."""
+    """q: [rows, heads, head_dim]; k_cache/v_cache: [slots, kv_heads, head_dim]; page_table: [rows, max_pages] and
+    context_lens: [rows], int32 or int64. Returns [rows, heads, head_dim]."""
     rows, heads, head_dim = q.shape
     kv_heads = k_cache.shape[1]
     q = q.contiguous()

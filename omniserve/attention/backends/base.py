@@ -2,8 +2,9 @@
 
 A decode backend is one kernel for the decode rows of an iteration (one new token per request, attending to the
 request's KV in the page pool) together with the metadata that kernel reads. The metadata is built once per
-iteration on the host from plain lists, and moved to the device in one copy: a copy per request would cost a
-host-to-device round trip each on a GPU.
+iteration on the host from plain lists (host_metadata: int64 tensors), and moved to the device in the iteration's
+one copy, beside the runner's other inputs (attention/paged.py); a copy per request would cost a host-to-device
+round trip each on a GPU.
 """
 
 from __future__ import annotations
@@ -33,9 +34,17 @@ class DecodeBackend(ABC, Generic[Metadata]):
         """Whether this kernel runs on `device` over KV of `dtype` (imports nothing the device lacks)."""
 
     @abstractmethod
+    def host_metadata(self, page_ids: Sequence[Sequence[int]], context_lens: Sequence[int]) -> list[torch.Tensor]:
+        """The metadata of the decode rows as int64 host tensors: row r attends to the first context_lens[r] tokens
+        (its new one included) of the request whose pages are page_ids[r]."""
+
+    @abstractmethod
+    def metadata(self, moved: list[torch.Tensor]) -> Metadata:
+        """The metadata from host_metadata's tensors, now on the device."""
+
     def build_metadata(self, page_ids: Sequence[Sequence[int]], context_lens: Sequence[int]) -> Metadata:
-        """The metadata of the decode rows, on the device: row r attends to the first context_lens[r] tokens (its
-        new one included) of the request whose pages are page_ids[r]."""
+        """host_metadata, then metadata, with a copy of its own."""
+        return self.metadata(move_together(self.host_metadata(page_ids, context_lens), self.device))
 
     @abstractmethod
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, metadata: Metadata

@@ -31,11 +31,14 @@ class CompiledCPUDecode(DecodeBackend[FlatSlotsMetadata]):
         super().__init__(page_size, device)
         self.kernel = compiled_kernel()
 
-    def build_metadata(self, page_ids: Sequence[Sequence[int]], context_lens: Sequence[int]) -> FlatSlotsMetadata:
+    def host_metadata(self, page_ids: Sequence[Sequence[int]], context_lens: Sequence[int]) -> list[torch.Tensor]:
         slots, valid = padded_slots(page_ids, context_lens, self.page_size)
         offsets = torch.zeros(len(context_lens) + 1, dtype=torch.long)
         offsets[1:] = torch.cumsum(torch.tensor(context_lens, dtype=torch.long), 0)
-        return FlatSlotsMetadata(slots[valid], offsets)  # the device is the host: nothing to move
+        return [slots[valid], offsets]
+
+    def metadata(self, moved: list[torch.Tensor]) -> FlatSlotsMetadata:
+        return FlatSlotsMetadata(*moved)  # the device is the host: the "copy" moved nothing
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, metadata: FlatSlotsMetadata
                ) -> torch.Tensor:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from omniserve.attention.backends.base import DecodeBackend, move_together, padded_slots
+from omniserve.attention.backends.base import DecodeBackend, padded_slots
 from omniserve.ops.reference import attend_slots
 
 
@@ -27,14 +27,17 @@ class TorchGatherDecode(DecodeBackend[PaddedSlotsMetadata]):
     def supports(cls, device: torch.device, dtype: torch.dtype) -> bool:
         return True
 
-    def build_metadata(self, page_ids: Sequence[Sequence[int]], context_lens: Sequence[int]) -> PaddedSlotsMetadata:
+    def host_metadata(self, page_ids: Sequence[Sequence[int]], context_lens: Sequence[int]) -> list[torch.Tensor]:
         slots, valid = padded_slots(page_ids, context_lens, self.page_size)
         # Padding must point at written KV: masked scores still see the keys, and a never-written slot may hold
         # NaN bit patterns that survive the mask (NaN + -inf is NaN). Each row's position 0 is always written.
         slots = torch.where(valid, slots, slots[:, :1])
-        slots, lens = move_together([slots, torch.tensor(context_lens, dtype=torch.long)], self.device)
-        mask = torch.arange(slots.shape[1], device=self.device).unsqueeze(0) < lens.unsqueeze(1)
-        return PaddedSlotsMetadata(slots, mask.view(len(context_lens), 1, 1, -1))
+        return [slots, torch.tensor(context_lens, dtype=torch.long)]
+
+    def metadata(self, moved: list[torch.Tensor]) -> PaddedSlotsMetadata:
+        slots, lens = moved
+        mask = torch.arange(slots.shape[1], device=slots.device).unsqueeze(0) < lens.unsqueeze(1)
+        return PaddedSlotsMetadata(slots, mask.view(len(lens), 1, 1, -1))
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, metadata: PaddedSlotsMetadata
                ) -> torch.Tensor:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from omniserve import ops
-from omniserve.attention.backends.base import DecodeBackend, move_together, padded_page_table
+from omniserve.attention.backends.base import DecodeBackend, padded_page_table
 
 
 @dataclass(frozen=True)
@@ -28,10 +28,11 @@ class TritonDecode(DecodeBackend[PageTableMetadata]):
     def supports(cls, device: torch.device, dtype: torch.dtype) -> bool:
         return device.type in ("cuda", "meta")
 
-    def build_metadata(self, page_ids: Sequence[Sequence[int]], context_lens: Sequence[int]) -> PageTableMetadata:
-        table = padded_page_table(page_ids, torch.int32)
-        lens = torch.tensor(context_lens, dtype=torch.int32)
-        return PageTableMetadata(*move_together([table, lens], self.device))
+    def host_metadata(self, page_ids: Sequence[Sequence[int]], context_lens: Sequence[int]) -> list[torch.Tensor]:
+        return [padded_page_table(page_ids, torch.long), torch.tensor(context_lens, dtype=torch.long)]
+
+    def metadata(self, moved: list[torch.Tensor]) -> PageTableMetadata:
+        return PageTableMetadata(*moved)
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, metadata: PageTableMetadata
                ) -> torch.Tensor:
