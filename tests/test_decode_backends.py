@@ -145,3 +145,12 @@ def test_the_cpu_results_joining_a_layer_reach_the_device_in_one_copy(tiny_model
     assert moved.shape == (2, heads, head_dim)
     assert moved.dtype == torch.float64 and moved.device.type == runner.device.type  # the pool's
     assert torch.equal(moved[0].cpu(), results["c"].double()) and torch.equal(moved[1].cpu(), results["a"].double())
+
+
+def test_host_lists_become_int64_tensors():
+    from omniserve.attention.backends.base import padded_page_table
+    from omniserve.ops.transfer import long_tensor
+
+    assert long_tensor([3, -1, 2**40]).tolist() == [3, -1, 2**40] and long_tensor([]).shape == (0,)
+    assert long_tensor(x * 2 for x in range(3)).dtype == torch.long
+    assert padded_page_table([[4, 5, 6], [7], []], torch.int32).tolist() == [[4, 5, 6], [7, 0, 0], [0, 0, 0]]

@@ -68,3 +68,36 @@ def test_padding_rows_write_no_kv(tiny_model_dirs, make_llm):
         slots = [c.page_ids[10 // engine.pool.page_size] * engine.pool.page_size + 10 % engine.pool.page_size
                  for c in plan.chunks]
         assert set(changed) <= set(slots)
+
+
+def _chunks(batch: dict[str, list[int]], page_size: int) -> list:
+    from omniserve.engine.scheduler.plan import ScheduledChunk
+
+    return [ScheduledChunk(request_id, [5], len(pages) * page_size - 1, list(pages), True, SamplingParams(), 1)
+            for request_id, pages in batch.items()]
+
+
+@pytest.mark.parametrize("pad", [True, False])
+def test_page_tables_are_updated_in_place_and_stay_right(tiny_model_dirs, make_llm, pad):
+    """Page tables are written incrementally (a request's new pages only, its row moved when rows shift): after
+    every step, each row holds exactly its request's pages, however the batch changed."""
+    llm = make_llm(tiny_model_dirs["llama"][0], dtype="float32", max_num_seqs=8)
+    engine = llm.engine
+    page_size = engine.pool.page_size
+    graphs = DecodeGraphs(engine.runner.model, engine.pool, engine.device, 6, 8 * page_size, capture=False, pad=pad)
+    steps = [
+        {"a": [1, 2], "b": [3], "c": [4, 5, 6]},
+        {"a": [1, 2, 7], "b": [3], "c": [4, 5, 6]},  # a gained a page
+        {"b": [3, 8], "c": [4, 5, 6]},  # a finished: b and c move up a row; b gained a page
+        {"d": [9], "b": [3, 8], "c": [4, 5, 6, 10]},  # a new request in front: the others move down
+        {"d": [9], "b": [11, 12], "c": [4, 5, 6, 10]},  # b swapped out and back in: other pages, same count
+        {"c": [4, 5, 6, 10], "d": [9, 13]},  # rows swap places
+        {},  # an empty batch: every row padding, nothing remembered
+        {"c": [4, 5, 6, 10], "d": [9, 13]},
+    ]
+    for batch in steps:
+        chunks = _chunks(batch, page_size)
+        graphs._fill(chunks, len(chunks) if chunks else 1)
+        table = graphs._views(graphs._staging, graphs.max_batch)[4]
+        for row, pages in enumerate(batch.values()):
+            assert table[row, :len(pages)].tolist() == pages, (batch, row)

@@ -23,6 +23,7 @@ from omniserve import ops
 from omniserve.attention.backends import DecodeBackend, select_decode_backend
 from omniserve.attention.backends.base import move_together, padded_page_table
 from omniserve.kv_cache.page_pool import PagePool, token_slots
+from omniserve.ops.transfer import long_tensor
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ class PagedAttention:
         host = _host_indexes(spans, self.pool.page_size)
         every_row = not (host.decode_rows and host.prefill_rows)  # one kind only: no gather or scatter of rows
         indexes = [host.write_slots, host.decode_rows, host.prefill_rows, host.prefill_starts, host.prefill_lens]
-        tensors = [torch.tensor(values, dtype=torch.long) for values in (*riders, *indexes)]
+        tensors = [long_tensor(values) for values in (*riders, *indexes)]
         if host.prefill_pages:
             tensors.append(padded_page_table(host.prefill_pages, torch.long))
         own = len(tensors)

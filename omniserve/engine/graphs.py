@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
+from array import array
 
 import torch
 
@@ -33,6 +34,7 @@ from omniserve import ops
 from omniserve.engine.scheduler.plan import ScheduledChunk
 from omniserve.kv_cache.page_pool import PagePool
 from omniserve.models.llama import LlamaForCausalLM, layer_post_attention, layer_pre_attention
+from omniserve.ops.transfer import long_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +62,10 @@ class DecodeGraphs:
         self._inputs = torch.zeros(size, dtype=torch.long, device=device)
         self._staging = self._inputs if device.type != "cuda" else torch.zeros(size, dtype=torch.long,
                                                                                pin_memory=True)
+        self._placed: dict[str, tuple[int, list[int]]] = {}
+        """The last batch's requests: the staging page-table row each was in, and the pages written there. A request
+        that only gained pages since gets only the new entries (moved with its row if the row changed): the table
+        is updated, not rebuilt, each step."""
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._outputs: dict[int, torch.Tensor] = {}
         if capture:
@@ -78,24 +84,66 @@ class DecodeGraphs:
         return (*fields, table)
 
     def _fill(self, chunks: list[ScheduledChunk], bucket: int) -> None:
-        """Writes the batch into the staging buffer (padding rows as the module docstring says), then copies it to
-        the device's static inputs in one asynchronous copy. The previous step's copy out of the staging buffer is
-        over: that step waited for its sampled ids, which come after it on the stream."""
+        """Writes the batch into the staging buffer (padding rows as the module docstring says), then copies the
+        part that this bucket reads to the device's static inputs in one asynchronous copy. The previous step's copy
+        out of the staging buffer is over: that step waited for its sampled ids, which come after it on the
+        stream."""
         token_ids, positions, write_slots, context_lens, table = self._views(self._staging, bucket)
         page_size, n = self.pool.page_size, len(chunks)
         if n:
-            token_ids[:n] = torch.tensor([c.token_ids[0] for c in chunks])
-            positions[:n] = torch.tensor([c.start_position for c in chunks])
-            write_slots[:n] = torch.tensor([c.page_ids[c.start_position // page_size] * page_size
-                                            + c.start_position % page_size for c in chunks])
+            token_ids[:n] = long_tensor(c.token_ids[0] for c in chunks)
+            positions[:n] = long_tensor(c.start_position for c in chunks)
+            write_slots[:n] = long_tensor(c.page_ids[c.start_position // page_size] * page_size
+                                          + c.start_position % page_size for c in chunks)
             context_lens[:n] = positions[:n] + 1
-            # Only as wide as this batch's longest page list: entries past a row's context are never read, so
-            # stale ones from earlier steps stay (they are page ids of this pool all the same).
-            width = max(len(c.page_ids) for c in chunks)
-            table[:n, :width] = torch.tensor([c.page_ids + [0] * (width - len(c.page_ids)) for c in chunks])
+            self._write_page_tables(chunks)
+        else:
+            self._placed = {}  # every row becomes padding
         token_ids[n:], positions[n:], write_slots[n:], context_lens[n:], table[n:, 0] = 0, 0, -1, 1, 0
         if self._staging is not self._inputs:
-            self._inputs.copy_(self._staging, non_blocking=True)
+            # Rows past the bucket are as they were when last copied: only the fields and the bucket's rows go.
+            used = _FIELDS * self.max_batch + bucket * self.max_pages
+            self._inputs[:used].copy_(self._staging[:used], non_blocking=True)
+
+    def _write_page_tables(self, chunks: list[ScheduledChunk]) -> None:
+        """Each row's pages into the staging page table. A request that was in the last batch with a prefix of these
+        pages has its row moved (all such moves in one indexed copy) and only its new pages written (all in one
+        indexed write; a decode row gains one every page_size steps); any other row is written whole. Entries past
+        a row's pages are never read (its context ends before them), so stale ones stay: they are page ids of this
+        pool all the same."""
+        table = self._staging[_FIELDS * self.max_batch:].view(self.max_batch, self.max_pages)
+        moved_from: list[int] = []
+        moved_to: list[int] = []
+        moved_width = 0
+        appended = array("q")  # flat indexes into the table
+        values = array("q")
+        whole: list[tuple[int, list[int]]] = []
+        placed: dict[str, tuple[int, list[int]]] = {}
+        for row, chunk in enumerate(chunks):
+            pages = chunk.page_ids
+            before, old = self._placed.get(chunk.request_id, (row, None))
+            if old is not None and old == pages:  # most rows, most steps: nothing new
+                placed[chunk.request_id] = (row, old)
+            elif old is not None and len(old) < len(pages) and pages[:len(old)] == old:
+                base = row * self.max_pages
+                appended.extend(range(base + len(old), base + len(pages)))
+                values.extend(pages[len(old):])
+                placed[chunk.request_id] = (row, list(pages))  # a copy: the chunk's list is not ours to keep
+            else:
+                whole.append((row, pages))
+                placed[chunk.request_id] = (row, list(pages))
+                continue
+            if before != row:
+                moved_from.append(before)
+                moved_to.append(row)
+                moved_width = max(moved_width, len(old))
+        if moved_to:  # the right side is gathered before any row is written: rows may move onto each other's
+            table[moved_to, :moved_width] = table[moved_from, :moved_width]
+        if appended:
+            table.view(-1)[long_tensor(appended)] = long_tensor(values)
+        for row, pages in whole:
+            table[row, :len(pages)] = long_tensor(pages)
+        self._placed = placed
 
     def forward(self, bucket: int) -> torch.Tensor:
         """The model over the static inputs of `bucket` rows: their last hidden states [bucket, hidden_size]. What

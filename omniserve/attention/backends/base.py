@@ -15,6 +15,8 @@ from typing import ClassVar, Generic, TypeVar
 
 import torch
 
+from omniserve.ops.transfer import padded_rows
+
 Metadata = TypeVar("Metadata")
 
 
@@ -64,8 +66,7 @@ def move_together(tensors: Sequence[torch.Tensor], device: torch.device) -> list
 
 def padded_page_table(page_ids: Sequence[Sequence[int]], dtype: torch.dtype) -> torch.Tensor:
     """[rows, most_pages] page ids on the host, padded with page 0."""
-    most_pages = max(len(pages) for pages in page_ids)
-    return torch.tensor([list(pages) + [0] * (most_pages - len(pages)) for pages in page_ids], dtype=dtype)
+    return padded_rows(page_ids).to(dtype)
 
 
 def padded_slots(page_ids: Sequence[Sequence[int]], context_lens: Sequence[int], page_size: int

@@ -11,6 +11,7 @@ import torch
 
 from omniserve import ops
 from omniserve.attention.backends.base import DecodeBackend, padded_page_table
+from omniserve.ops.transfer import long_tensor
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class TritonDecode(DecodeBackend[PageTableMetadata]):
         return device.type in ("cuda", "meta")
 
     def host_metadata(self, page_ids: Sequence[Sequence[int]], context_lens: Sequence[int]) -> list[torch.Tensor]:
-        return [padded_page_table(page_ids, torch.long), torch.tensor(context_lens, dtype=torch.long)]
+        return [padded_page_table(page_ids, torch.long), long_tensor(context_lens)]
 
     def metadata(self, moved: list[torch.Tensor]) -> PageTableMetadata:
         return PageTableMetadata(*moved)
