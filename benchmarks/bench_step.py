@@ -8,7 +8,9 @@
    the graph's forward run eagerly (the CPU engine's decode path: each layer's tensors fetched once, no per-layer
    bookkeeping); and the host work around a decode graph's replay (its inputs filled, its rows sampled), the replay
    itself being one launch on a GPU, which cannot be timed here.
-3. This machine, the default model (SmolLM2-135M, fp32): engine decode steps at --batches, the engine's decode
+3. A decode graph's inputs at batch 16, 64 and 256 of 2k tokens each: every row written whole, the steady state
+   (page tables updated in place) and one request finished (later rows moved).
+4. This machine, the default model (SmolLM2-135M, fp32): engine decode steps at --batches, the engine's decode
    path (fused operators, engine/graphs.py's forward) and eager (plain-torch operators, --enforce-eager)
    interleaved, against the weight-read floor (weight bytes / read bandwidth measured here) and, where larger, the
    compute floor (the step's GEMM FLOPs / the GEMM peak measured here with the engine's GEMM).
@@ -120,6 +122,36 @@ def host_time_rows(batch: int, steps: int, repeats: int) -> list[dict]:
                  goal="<= 0.33")]
 
 
+@torch.inference_mode()
+def input_fill_rows(batches: list[int], context: int, repeats: int) -> list[dict]:
+    """Host time of a decode graph's inputs (token ids, positions, slots, page tables) for a batch at `context`
+    tokens each: every row written whole (a new batch) against the steady state (rows unchanged or one page more)
+    and one request finished (every later row moves up)."""
+    config = ModelConfig(architecture="LlamaForCausalLM", hidden_size=64, intermediate_size=128, num_layers=1,
+                         num_heads=4, num_kv_heads=2, head_dim=16, vocab_size=256)
+    page_size, rows = 16, []
+    for batch in batches:
+        model = llama.LlamaForCausalLM(config, max_positions=context + 1)
+        pool = page_pool.PagePool(config, batch * (context // page_size + 1), page_size, torch.device("cpu"),
+                                  torch.float32)
+        graphs = DecodeGraphs(model, pool, torch.device("cpu"), batch, context + 1, capture=False, pad=False)
+        chunks = decode_plan(batch, context, page_size).chunks
+        whole, steady, moved = [], [], []
+        for _ in range(repeats):
+            whole.append(statistics.median(_timed_steps(
+                lambda: (graphs.__setattr__("_placed", {}), graphs._fill(chunks, batch)), 5)))
+            steady.append(statistics.median(_timed_steps(lambda: graphs._fill(chunks, batch), 20)))
+            times = []
+            for _ in range(5):
+                graphs._fill(chunks, batch)
+                times += _timed_steps(lambda: graphs._fill(chunks[1:], batch), 1)
+            moved.append(statistics.median(times))
+        rows.append(dict(batch=batch, context=context, whole=spread(whole, "{:.2f}"),
+                         steady=spread(steady, "{:.2f}"), moved=spread(moved, "{:.2f}"),
+                         ratio=spread([st / w for st, w in zip(steady, whole)])))
+    return rows
+
+
 def _engine_with_decodes(batch: int, prompt_len: int, output_len: int):
     from omniserve import LLM, SamplingParams
 
@@ -186,6 +218,7 @@ def main() -> None:
         args.batches, args.steps, args.repeats = [1], 2, 1
     gpu_rows = gpu_path_rows([1, 16, 64], args.context)
     host_rows = host_time_rows(1, args.steps * 5, args.repeats)
+    fill_rows = input_fill_rows([16] if args.smoke else [16, 64, 256], 2048, args.repeats)
     cpu_rows, info = cpu_step_rows(args.batches, args.steps, args.repeats)
     info = [f"command: {command_line()}", f"CPU: {cpu_model()}, torch threads {torch.get_num_threads()}", *info]
     tables = [
@@ -193,6 +226,8 @@ def main() -> None:
               copies_in="copies in", waits="waits for device"), gpu_rows),
         (dict(batch="batch", path="host work of a step", ms="ms", eager_ms="eager ms", over_eager="/ eager",
               goal="goal"), host_rows),
+        (dict(batch="batch", context="context", whole="every row whole ms", steady="steady ms",
+              moved="one finished ms", ratio="steady / whole"), fill_rows),
         (dict(batch="batch", step_ms="step ms", eager_ms="eager ms", fused_over_eager="fused/eager",
               floor_ms="floor ms", step_over_floor="step/floor", goal="goal"), cpu_rows),
     ]
