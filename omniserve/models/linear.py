@@ -84,8 +84,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """x @ weight.T + bias (+ residual), for x [rows, in], weight [out, in] and residual [rows, out]. The residual is
     added by the GEMM itself (oneDNN's binary post-op on the CPU, addmm's accumulate elsewhere): a decoder layer's
     residual additions cost no op of their own."""
-    if (x.device.type == "cpu" and x.dim() == 2 and x.shape[0] <= SKINNY_MAX_ROWS and x.dtype == torch.float32
-            and ops.CPU_KERNELS_BUILT):
+    if x.is_cpu and x.dtype is torch.float32 and x.dim() == 2 and x.shape[0] <= SKINNY_MAX_ROWS and \
+            ops.CPU_KERNELS_BUILT:  # the decode step's GEMMs: checked first and cheaply, 4 per layer
         return ops.skinny_linear(x, weight, bias, residual)
     if x.device.type == "cpu" and x.dim() == 2 and weight.numel() >= _ONEDNN_MIN_WEIGHT and onednn_supports(x.dtype):
         rows = x.shape[0]

@@ -105,13 +105,14 @@ def _register_cpu_kernels() -> bool:
 
 CPU_KERNELS_BUILT = _register_cpu_kernels()
 
-rms_norm = torch.ops.omniserve.rms_norm
-silu_and_mul = torch.ops.omniserve.silu_and_mul
-rope_ = torch.ops.omniserve.rope_
-store_kv = torch.ops.omniserve.store_kv
-paged_decode = torch.ops.omniserve.paged_decode
-paged_prefill = torch.ops.omniserve.paged_prefill
-skinny_linear = torch.ops.omniserve.skinny_linear
+# The overloads themselves: calling them skips the overload packet's Python dispatch, about 1 us an op.
+rms_norm = torch.ops.omniserve.rms_norm.default
+silu_and_mul = torch.ops.omniserve.silu_and_mul.default
+rope_ = torch.ops.omniserve.rope_.default
+store_kv = torch.ops.omniserve.store_kv.default
+paged_decode = torch.ops.omniserve.paged_decode.default
+paged_prefill = torch.ops.omniserve.paged_prefill.default
+skinny_linear = torch.ops.omniserve.skinny_linear.default
 
 __all__ = ["CPU_KERNELS_BUILT", "paged_decode", "paged_prefill", "reference", "rms_norm", "rope_", "silu_and_mul",
            "skinny_linear", "store_kv"]
