@@ -275,7 +275,8 @@ class ModelRunner:
         model = self.model
         ids_and_positions, num_device, sample_rows, meta = self._device_inputs(plan)
 
-        # Offloaded tokens starting at layer 0 join the device tokens' embedding.
+        # Offloaded tokens starting at layer 0 join the device tokens' embedding (their ids and positions follow the
+        # device rows' in ids_and_positions).
         for start in plan.offloaded_starts:
             self._offloaded[start.request_id] = _OffloadedToken(start.position, start.params, start.num_generated)
         device_hidden = device_angles = carry_hidden = carry_angles = None
