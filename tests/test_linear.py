@@ -109,3 +109,13 @@ def test_decode_batches_take_the_decode_gemm_kernel(monkeypatch):
     cpu_kernel = [line for line in torch._C._dispatch_dump("omniserve::skinny_linear").splitlines()
                   if line.startswith("CPU:")]
     assert cpu_kernel and "skinny_linear.cpp" in cpu_kernel[0]
+
+
+def test_the_decode_gemm_kernel_refuses_shapes_that_do_not_match():
+    x, weight, bias, residual = _skinny_problem(3, 8, 16)
+    with pytest.raises(RuntimeError, match=r"x \[rows, K\], weight \[N, K\]"):
+        ops.skinny_linear(x, weight[:, :8], None, None)
+    with pytest.raises(RuntimeError, match="residual must be"):
+        ops.skinny_linear(x, weight, None, residual[:2])
+    with pytest.raises(RuntimeError, match="bias must be"):
+        ops.skinny_linear(x, weight, bias[:3], None)

@@ -99,11 +99,14 @@ class PagedAttention:
         self.device = device
         self.decode_backend = decode_backend or select_decode_backend(device, pool.k[0].dtype, pool.page_size)
 
-    def build_metadata(self, spans: Sequence[tuple[int, int, Sequence[int]]], *riders: list[int]
-                       ) -> AttentionMetadata | tuple[AttentionMetadata, ...]:
-        """spans: per request in batch order, (start_position, num_new_tokens, page_ids). `riders`: other int64 lists
-        of the iteration (the runner's token ids and positions) moved in the same copy; with any, returns
-        (metadata, *riders on the device)."""
+    def build_metadata(self, spans: Sequence[tuple[int, int, Sequence[int]]]) -> AttentionMetadata:
+        """spans: per request in batch order, (start_position, num_new_tokens, page_ids)."""
+        return self.build_inputs(spans)[0]
+
+    def build_inputs(self, spans: Sequence[tuple[int, int, Sequence[int]]], *riders: Sequence[int]
+                     ) -> tuple[AttentionMetadata, list[torch.Tensor]]:
+        """The metadata of `spans` (as build_metadata) and `riders`, other int64 lists of the iteration (the
+        runner's token ids and positions), on the device: everything in one copy."""
         host = _host_indexes(spans, self.pool.page_size)
         every_row = not (host.decode_rows and host.prefill_rows)  # one kind only: no gather or scatter of rows
         indexes = [host.write_slots, host.decode_rows, host.prefill_rows, host.prefill_starts, host.prefill_lens]
@@ -122,8 +125,7 @@ class PagedAttention:
         decode = None
         if host.decode_rows:
             decode = DecodeBatch(None if every_row else decode_rows, self.decode_backend.metadata(decode_moved))
-        meta = AttentionMetadata(write_slots, decode, prefill)
-        return (meta, *riders_moved) if riders else meta
+        return AttentionMetadata(write_slots, decode, prefill), riders_moved
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata):
         """Stores this iteration's k, v in the pool, then attends. q: [num_tokens, num_heads, head_dim]."""

@@ -33,7 +33,7 @@ import torch
 from omniserve import ops
 from omniserve.engine.scheduler.plan import ScheduledChunk
 from omniserve.kv_cache.page_pool import PagePool
-from omniserve.models.llama import LlamaForCausalLM, layer_post_attention, layer_pre_attention
+from omniserve.models.llama import LlamaForCausalLM
 from omniserve.ops.transfer import long_tensor
 
 logger = logging.getLogger(__name__)
@@ -148,16 +148,14 @@ class DecodeGraphs:
     def forward(self, bucket: int) -> torch.Tensor:
         """The model over the static inputs of `bucket` rows: their last hidden states [bucket, hidden_size]. What
         a graph captures, and what runs eagerly where there is none."""
-        model, pool, config = self.model, self.pool, self.model.config
+        model, pool = self.model, self.pool
         token_ids, positions, write_slots, context_lens, table = self._views(self._inputs, bucket)
-        hidden = model.embed(token_ids)
-        angles = model.rope_angles(positions)
-        for k_cache, v_cache, weights in zip(pool.k, pool.v, self.layers):
-            q, k, v = layer_pre_attention(config, weights, hidden, angles)
-            ops.store_kv(k, v, k_cache, v_cache, write_slots)
-            attended = ops.paged_decode(q, k_cache, v_cache, table, context_lens, pool.page_size)
-            hidden = layer_post_attention(config, weights, attended, hidden)
-        return hidden
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            ops.store_kv(k, v, pool.k[layer], pool.v[layer], write_slots)
+            return ops.paged_decode(q, pool.k[layer], pool.v[layer], table, context_lens, pool.page_size)
+
+        return model.run_layers(model.embed(token_ids), model.rope_angles(positions), attend, self.layers)
 
     def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """The decode batch's last hidden states [len(chunks), hidden_size], replayed (or run eagerly)."""

@@ -267,7 +267,7 @@ class ModelRunner:
                 2, 0, dtype=torch.long, device=self.device)
             return ids_and_positions, num_device, sample_rows, None
         spans = [(c.start_position, len(c.token_ids), c.page_ids) for c in plan.chunks]
-        meta, ids_and_positions = self.attention.build_metadata(spans, token_ids + positions)
+        meta, (ids_and_positions,) = self.attention.build_inputs(spans, token_ids + positions)
         return ids_and_positions.view(2, -1), num_device, sample_rows, meta
 
     def _forward(self, plan: IterationPlan, returning: dict[int, list[str]],
@@ -287,8 +287,12 @@ class ModelRunner:
             carry_hidden, carry_angles = hidden_all[num_device:], _rows(angles_all, slice(num_device, None))
         carry_ids = [s.request_id for s in plan.offloaded_starts]  # offloaded rows entering the current layer
         if num_device and not carry_ids and not returning and (layers.row_limit == 0 or not self._offloaded):
-            return self._sample(plan, self._device_rows_only(device_hidden, device_angles, meta, sample_rows), [],
-                                None)
+            # No offloaded row can join (none starts, none is planned back, none may chase): the layers without
+            # the per-layer bookkeeping below.
+            device_hidden = model.run_layers(device_hidden, device_angles,
+                                             lambda layer, q, k, v: self.attention(layer, q, k, v, meta), self.layers)
+            return self._sample(plan, device_hidden if len(sample_rows) == num_device else device_hidden[sample_rows],
+                                [], None)
 
         for layer in range(model.config.num_layers):
             device_attn = None
@@ -315,15 +319,6 @@ class ModelRunner:
         if num_device:  # a decode step samples every row: no gather
             device_final = device_hidden if len(sample_rows) == num_device else device_hidden[sample_rows]
         return self._sample(plan, device_final, carry_ids, carry_hidden)
-
-    def _device_rows_only(self, hidden: torch.Tensor, angles: tuple, meta, sample_rows: list[int]) -> torch.Tensor:
-        """An iteration no offloaded row can join (none starts, none is planned back, none may chase): the layers
-        without the per-layer bookkeeping for offloaded rows. The rows that sample, their last hidden states."""
-        config = self.model.config
-        for layer, weights in enumerate(self.layers):
-            q, k, v = layer_pre_attention(config, weights, hidden, angles)
-            hidden = layer_post_attention(config, weights, self.attention(layer, q, k, v, meta), hidden)
-        return hidden if len(sample_rows) == len(hidden) else hidden[sample_rows]
 
     def _attention(self, layer: int, device: tuple, carry_ids: list[str], carry: tuple, layers: _OffloadedLayers):
         """QKV of the device rows (hidden, angles, attention metadata) and of the offloaded rows entering `layer`

@@ -13,7 +13,7 @@ hidden [num_tokens, hidden_size], q [num_tokens, num_heads, head_dim], k/v [num_
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -164,11 +164,16 @@ class LlamaForCausalLM(nn.Module):
         logits = linear(self.norm(hidden), weight)
         return logits if logits.dtype == torch.float64 else logits.float()
 
+    def run_layers(self, hidden: torch.Tensor, rope_angles: tuple[torch.Tensor, torch.Tensor], attend: Attend,
+                   layers: Sequence[LayerWeights] | None = None) -> torch.Tensor:
+        """Every row of `hidden` through every layer, `attend` giving each layer's attention (the all-device path).
+        `layers`: the layers' tensors, fetched once by a caller that runs them every step (else fetched now)."""
+        config = self.config
+        for index, weights in enumerate(layers or [layer.weights() for layer in self.layers]):
+            q, k, v = layer_pre_attention(config, weights, hidden, rope_angles)
+            hidden = layer_post_attention(config, weights, attend(index, q, k, v), hidden)
+        return hidden
+
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
         """Every row through every layer (the all-device path). Returns the last hidden states."""
-        hidden = self.embed(token_ids)
-        rope_angles = self.rope_angles(positions)
-        for index in range(self.config.num_layers):
-            q, k, v = self.pre_attention(index, hidden, rope_angles)
-            hidden = self.post_attention(index, attend(index, q, k, v), hidden)
-        return hidden
+        return self.run_layers(self.embed(token_ids), self.rope_angles(positions), attend)

@@ -8,7 +8,7 @@ fails if another appears.
 from __future__ import annotations
 
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import torch
 
@@ -18,16 +18,6 @@ def long_tensor(values: Iterable[int]) -> torch.Tensor:
     0.4 us an element there), which a step's page tables would otherwise pay per entry."""
     buffer = array("q", values)
     return torch.frombuffer(buffer, dtype=torch.long) if buffer else torch.empty(0, dtype=torch.long)
-
-
-def padded_rows(rows: Sequence[Sequence[int]], pad: int = 0) -> torch.Tensor:
-    """[len(rows), longest row] int64 on the host, shorter rows padded with `pad`."""
-    width = max((len(row) for row in rows), default=0)
-    buffer = array("q")
-    for row in rows:
-        buffer.extend(row)
-        buffer.extend([pad] * (width - len(row)))
-    return long_tensor(buffer).view(len(rows), width)
 
 
 def to_device(values: list, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:

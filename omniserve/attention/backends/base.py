@@ -10,12 +10,13 @@ round trip each on a GPU.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from array import array
 from collections.abc import Sequence
 from typing import ClassVar, Generic, TypeVar
 
 import torch
 
-from omniserve.ops.transfer import padded_rows
+from omniserve.ops.transfer import long_tensor
 
 Metadata = TypeVar("Metadata")
 
@@ -65,8 +66,13 @@ def move_together(tensors: Sequence[torch.Tensor], device: torch.device) -> list
 
 
 def padded_page_table(page_ids: Sequence[Sequence[int]], dtype: torch.dtype) -> torch.Tensor:
-    """[rows, most_pages] page ids on the host, padded with page 0."""
-    return padded_rows(page_ids).to(dtype)
+    """[rows, most_pages] page ids on the host, padded with page 0 (built in an array: see long_tensor)."""
+    most_pages = max((len(pages) for pages in page_ids), default=0)
+    flat = array("q")
+    for pages in page_ids:
+        flat.extend(pages)
+        flat.extend([0] * (most_pages - len(pages)))
+    return long_tensor(flat).view(len(page_ids), most_pages).to(dtype)
 
 
 def padded_slots(page_ids: Sequence[Sequence[int]], context_lens: Sequence[int], page_size: int

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from omniserve.attention.backends.base import DecodeBackend, padded_slots
+from omniserve.ops.transfer import long_tensor
 from omniserve.cpu_attention.kernel import compiled_kernel
 
 
@@ -34,7 +35,7 @@ class CompiledCPUDecode(DecodeBackend[FlatSlotsMetadata]):
     def host_metadata(self, page_ids: Sequence[Sequence[int]], context_lens: Sequence[int]) -> list[torch.Tensor]:
         slots, valid = padded_slots(page_ids, context_lens, self.page_size)
         offsets = torch.zeros(len(context_lens) + 1, dtype=torch.long)
-        offsets[1:] = torch.cumsum(torch.tensor(context_lens, dtype=torch.long), 0)
+        offsets[1:] = torch.cumsum(long_tensor(context_lens), 0)
         return [slots[valid], offsets]
 
     def metadata(self, moved: list[torch.Tensor]) -> FlatSlotsMetadata:

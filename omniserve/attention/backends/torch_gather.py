@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from omniserve.attention.backends.base import DecodeBackend, padded_slots
+from omniserve.ops.transfer import long_tensor
 from omniserve.ops.reference import attend_slots
 
 
@@ -32,7 +33,7 @@ class TorchGatherDecode(DecodeBackend[PaddedSlotsMetadata]):
         # Padding must point at written KV: masked scores still see the keys, and a never-written slot may hold
         # NaN bit patterns that survive the mask (NaN + -inf is NaN). Each row's position 0 is always written.
         slots = torch.where(valid, slots, slots[:, :1])
-        return [slots, torch.tensor(context_lens, dtype=torch.long)]
+        return [slots, long_tensor(context_lens)]
 
     def metadata(self, moved: list[torch.Tensor]) -> PaddedSlotsMetadata:
         slots, lens = moved
