@@ -82,7 +82,9 @@ def test_openai_client_end_to_end_matches_the_chat_route(client):
         answer = out["response"]["body"]
         assert out["response"]["status_code"] == 200 and out["error"] is None
         assert answer["choices"][0]["message"]["content"] == direct.choices[0].message.content
-        assert answer["usage"] == direct.usage.model_dump(exclude_none=True)
+        usage = direct.usage.model_dump(exclude_none=True)
+        for name in ("prompt_tokens", "completion_tokens", "total_tokens"):  # the cached tokens differ: the line ran
+            assert answer["usage"][name] == usage[name]                       # first and left its prompt cached
         assert answer["service_tier"] == "flex" and answer["model"] == "tiny"  # served as best effort
     assert batch.id in [b.id for b in client.batches.list()]
     assert batch.output_file_id in [f.id for f in client.files.list(purpose="batch_output")]

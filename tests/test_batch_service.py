@@ -35,7 +35,7 @@ class Runner:
     def check(self, endpoint: str, body: dict):
         return None
 
-    async def run(self, endpoint: str, body: dict, request_id: str, on_started):
+    async def run(self, endpoint: str, body: dict, request_id: str, on_started, owner=None):
         self.waiting += 1
         self.most_waiting = max(self.most_waiting, self.waiting)
         await self.go.wait()

@@ -133,7 +133,7 @@ def test_tokens_after_a_stop_string_are_dropped(tiny_chat_model):
     words = tokenizer.convert_tokens_to_ids(["paris", "hello", "world", "sea", "hello"])
 
     def update(token_id, finish_reason=None):
-        return CompletionUpdate("r", 0, token_id, None, finish_reason, None, 0.0, 1.0, 2.0, 0, 0)
+        return CompletionUpdate("r", 0, token_id, None, finish_reason, None, 0.0, 1.0, 2.0, 0, 0, None)
 
     outputs = [processor.process([update(t)]) for t in words[:3]]
     assert [len(o) for o in outputs] == [1, 1, 1] and stops == [("r", 0, "hello world")]

@@ -65,9 +65,10 @@ class LineRunner(Protocol):
 
     check: BodyCheck
 
-    async def run(self, endpoint: str, body: dict, request_id: str, on_started: Callable[[], None]
-                  ) -> tuple[int, dict]:
-        """(HTTP status, response body); raises LineNotRun."""
+    async def run(self, endpoint: str, body: dict, request_id: str, on_started: Callable[[], None],
+                  owner: str | None = None) -> tuple[int, dict]:
+        """(HTTP status, response body); raises LineNotRun. `owner`: the batch's API key owner (its lines share
+        cached prompt prefixes only with that key's requests)."""
 
 
 @dataclass(frozen=True)
@@ -384,7 +385,7 @@ class BatchService:
         try:
             try:
                 status, body = await self.runner.run(active.obj["endpoint"], json.loads(line.request), request_id,
-                                                     on_started)
+                                                     on_started, active.owner or None)
             except LineNotRun:
                 active.buffer.appendleft(line)  # runs when lines may start again, or after the restart
                 return
@@ -490,16 +491,18 @@ class _Usage:
     """The tokens of a batch's answers, as OpenAI's batch `usage` reports them."""
 
     prompt: int = 0
+    cached: int = 0
     completion: int = 0
 
     def add(self, result: str) -> str:
         usage = json.loads(result)["response"]["body"].get("usage") or {}
         self.prompt += usage.get("prompt_tokens", 0)
+        self.cached += (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
         self.completion += usage.get("completion_tokens", 0)
         return result
 
     def as_batch_usage(self) -> dict:
-        return {"input_tokens": self.prompt, "input_tokens_details": {"cached_tokens": 0},
+        return {"input_tokens": self.prompt, "input_tokens_details": {"cached_tokens": self.cached},
                 "output_tokens": self.completion, "output_tokens_details": {"reasoning_tokens": 0},
                 "total_tokens": self.prompt + self.completion}
 

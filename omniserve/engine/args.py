@@ -35,6 +35,9 @@ class EngineArgs(SchedulerSettings):
     # The scheduler's setting, but unknown until the model is loaded.
     max_model_len: int | None = _arg(None, "longest prompt + output in tokens; default: the model's own limit")
     block_size: int = _arg(CacheConfig.page_size, "tokens per KV page")
+    enable_prefix_caching: bool = _arg(
+        True, "reuse the KV of prompt prefixes that earlier requests computed (full pages, found by the hash of "
+        "their tokens; requests of different API keys or cache salts share none)")
     num_gpu_blocks_override: int | None = _arg(None, "exact number of KV pages, instead of sizing by memory")
     kv_cache_memory_bytes: int | None = _arg(
         None, "KV cache size in bytes; default: 90%% of free GPU memory, or 2 GiB on the CPU")

@@ -30,7 +30,7 @@ from omniserve.engine.scheduler.plan import IterationPlan, RunnerOutput, Schedul
 from omniserve.engine.scheduler.policy import POLICY_TABLE
 from omniserve.engine.scheduler.request import Request, RequestStatus
 from omniserve.engine.services import ServiceRegistry
-from omniserve.kv_cache import PageAllocator, PageTable
+from omniserve.kv_cache import PageAllocator, PageTable, PrefixCache
 from omniserve.kv_cache.page_pool import PagePool, activation_peak_bytes, pages_for_memory, weight_bytes
 from omniserve.models.loader import LoadedModel
 from omniserve.sampling.params import InvalidRequestError, SamplingParams
@@ -88,7 +88,7 @@ class LLMEngine:
 
         num_pages = self._kv_pages(loaded, cache)
         self.pool = PagePool(loaded.config, num_pages, cache.page_size, self.device, self.dtype)
-        self.allocator = PageAllocator(num_pages)
+        self.allocator = PageAllocator(num_pages, PrefixCache() if args.enable_prefix_caching else None)
         self.page_table = PageTable(self.allocator, cache.page_size)
         if self.scheduler_config.offload_mode.uses_pool:
             pool_config = pool_config or args.pool_config()
@@ -417,8 +417,9 @@ class LLMEngine:
         self.allocator.check_integrity()
         if self.scheduler.has_unfinished():
             return
-        if self.allocator.num_used or self.page_table.num_requests:
-            raise AssertionError(f"idle engine holds {self.allocator.num_used} KV pages")
+        if self.allocator.num_used or self.page_table.num_requests or self.page_table.num_remembered:
+            raise AssertionError(f"idle engine holds {self.allocator.num_used} KV pages, page keys of "
+                                 f"{self.page_table.num_remembered} requests")
         if self.runner.num_offloaded_entries:
             raise AssertionError(f"idle engine holds {self.runner.num_offloaded_entries} offloaded residuals or rows")
         if self.cpu_pool is not None:

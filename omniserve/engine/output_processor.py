@@ -55,6 +55,7 @@ class CompletionUpdate:
     last_token_time: float | None
     num_preemptions: int
     num_swap_outs: int
+    num_cached_tokens: int | None
 
     @classmethod
     def of(cls, request_id: str, index: int, request: Request, new_token: bool) -> CompletionUpdate:
@@ -63,7 +64,7 @@ class CompletionUpdate:
         logprob = request.logprobs[-1] if new_token and request.params.logprobs is not None else None
         return cls(request_id, index, token_id, logprob, request.finish_reason, request.stop_reason,
                    request.first_scheduled_time, request.first_token_time, request.last_token_time,
-                   request.num_preemptions, request.num_swap_outs)
+                   request.num_preemptions, request.num_swap_outs, request.num_cached_tokens)
 
 
 StopCallback = Callable[[str, int, str], None]
@@ -163,6 +164,7 @@ class OutputProcessor:
         result = RequestOutput(
             request_id=new.request_id, prompt=new.prompt, prompt_token_ids=new.prompt_token_ids,
             outputs=[_snapshot(c.output) for c in state.completions], finished=finished, metrics=_metrics(state),
+            num_cached_tokens=_cached_tokens(state),
         )
         for completion in state.completions:
             completion.output.delta_text = ""
@@ -192,6 +194,12 @@ def _metrics(state: _RequestState) -> RequestMetrics:
         num_preemptions=sum(u.num_preemptions for u in latest),
         num_swap_outs=sum(u.num_swap_outs for u in latest),
     )
+
+
+def _cached_tokens(state: _RequestState) -> int | None:
+    """Prompt tokens found in the prefix cache: the most any of the n completions found (None: none started)."""
+    return max((c.latest.num_cached_tokens for c in state.completions
+                if c.latest is not None and c.latest.num_cached_tokens is not None), default=None)
 
 
 def _snapshot(out: CompletionOutput) -> CompletionOutput:

@@ -54,3 +54,5 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = False
     metrics: RequestMetrics | None = None
+    num_cached_tokens: int | None = None
+    """Prompt tokens whose KV was found in the prefix cache, not computed (None: not started yet)."""

@@ -1,6 +1,8 @@
-"""Free list of KV pages."""
+"""KV pages: a free list, reference counts, and (with prefix caching) the idle cached pages to take back."""
 
 from __future__ import annotations
+
+from omniserve.kv_cache.prefix_cache import PrefixCache
 
 
 class OutOfPagesError(RuntimeError):
@@ -8,41 +10,73 @@ class OutOfPagesError(RuntimeError):
 
 
 class PageAllocator:
-    """Hands out page ids from a free list. Knows nothing of requests."""
+    """Hands out page ids and counts who holds each. Knows nothing of requests.
 
-    def __init__(self, num_pages: int) -> None:
+    With a prefix cache, a page whose last holder lets it go stays cached (idle) if it was cached, and counts as
+    free: it is handed out again, and forgotten by the cache, only when no never-used or evicted page is left."""
+
+    def __init__(self, num_pages: int, cache: PrefixCache | None = None) -> None:
         self.num_pages = num_pages
+        self.cache = cache
         self._free: list[int] = list(range(num_pages - 1, -1, -1))  # pop() hands out low ids first
-        self._used: set[int] = set()
+        self._holders: dict[int, int] = {}
+        """Pages in use -> how many requests hold each (more than one only for cached pages)."""
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Pages that can be handed out: never used, or cached and idle."""
+        return len(self._free) + (self.cache.num_idle if self.cache is not None else 0)
 
     @property
     def num_used(self) -> int:
-        return len(self._used)
+        """Pages some request holds."""
+        return len(self._holders)
 
     def allocate(self, count: int) -> list[int]:
-        if count > len(self._free):
-            raise OutOfPagesError(f"asked for {count} pages, {len(self._free)} free")
-        pages = [self._free.pop() for _ in range(count)]
-        self._used.update(pages)
+        if count > self.num_free:
+            raise OutOfPagesError(f"asked for {count} pages, {self.num_free} free")
+        pages = []
+        for _ in range(count):
+            page = self._free.pop() if self._free else self.cache.evict()
+            self._holders[page] = 1
+            pages.append(page)
         return pages
 
+    def share(self, page: int) -> None:
+        """One more holder for a cached page (in use by others, or idle)."""
+        if page in self._holders:
+            self._holders[page] += 1
+        else:
+            self.cache.unpark(page)
+            self._holders[page] = 1
+
     def free(self, pages: list[int]) -> None:
+        """One holder fewer for each page; a page nobody holds becomes free (idle, if it is cached)."""
         for page in pages:
-            if page not in self._used:
+            holders = self._holders.get(page)
+            if holders is None:
                 raise RuntimeError(f"page {page} freed twice or never allocated")
-            self._used.remove(page)
-            self._free.append(page)
+            if holders > 1:
+                self._holders[page] = holders - 1
+                continue
+            del self._holders[page]
+            if self.cache is not None and self.cache.is_cached(page):
+                self.cache.park(page)
+            else:
+                self._free.append(page)
 
     def check_integrity(self) -> None:
-        """Every page is either free or used, exactly once."""
+        """Every page is exactly one of: free, held, cached and idle."""
         free = set(self._free)
         if len(free) != len(self._free):
             raise AssertionError("a page is on the free list twice")
-        if free & self._used:
-            raise AssertionError(f"pages both free and used: {sorted(free & self._used)[:8]}")
-        if len(free) + len(self._used) != self.num_pages:
-            raise AssertionError(f"free {len(free)} + used {len(self._used)} != total {self.num_pages}")
+        idle = set(self.cache.idle_pages()) if self.cache is not None else set()
+        for name, pages in (("free and held", free & self._holders.keys()), ("free and idle", free & idle),
+                            ("held and idle", idle & self._holders.keys())):
+            if pages:
+                raise AssertionError(f"pages both {name}: {sorted(pages)[:8]}")
+        if len(free) + len(self._holders) + len(idle) != self.num_pages:
+            raise AssertionError(f"free {len(free)} + held {len(self._holders)} + idle {len(idle)} "
+                                 f"!= total {self.num_pages}")
+        if self.cache is not None and any(not self.cache.is_cached(p) for p in idle):
+            raise AssertionError("an idle page is not cached")

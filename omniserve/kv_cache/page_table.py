@@ -1,17 +1,33 @@
-"""Per-request page tables on top of the allocator."""
+"""Per-request page tables on top of the allocator, and the prefix cache's lookups and inserts."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from omniserve.kv_cache.page_allocator import PageAllocator
+from omniserve.kv_cache.prefix_cache import page_hash, salt_digest
 
 
 class PageTable:
-    """Which pages hold each request's KV. A request with n tokens cached owns ceil(n / page_size) pages, in order."""
+    """Which pages hold each request's KV. A request with n tokens cached owns ceil(n / page_size) pages, in order.
+
+    With prefix caching (the allocator has a cache), a request starts on the cached pages that hold the longest
+    prefix of its tokens (`attach_cached_prefix`), and each of its pages is cached once full (`cache_full_pages`)."""
 
     def __init__(self, allocator: PageAllocator, page_size: int) -> None:
         self.allocator = allocator
         self.page_size = page_size
+        self.cache = allocator.cache
         self._pages: dict[str, list[int]] = {}
+        self._num_cached: dict[str, int] = {}
+        """Per request: how many of its first pages are in the cache (hit, or cached when they filled)."""
+        self._hashes: dict[str, list[bytes]] = {}
+        """Per request: the keys of its full pages so far, kept until it ends (`forget`): a request preempted and
+        started again, or looked up on each admission attempt, hashes its tokens once."""
+
+    @property
+    def caching(self) -> bool:
+        return self.cache is not None
 
     def pages(self, request_id: str) -> list[int]:
         return self._pages.get(request_id, [])
@@ -34,11 +50,68 @@ class PageTable:
             self._pages.setdefault(request_id, []).extend(self.allocator.allocate(extra))
 
     def release(self, request_id: str) -> None:
-        """Frees all of the request's pages; a no-op for a request that holds none."""
+        """Lets go of all the request's pages (cached ones stay cached); a no-op for a request that holds none."""
+        self._num_cached.pop(request_id, None)
         pages = self._pages.pop(request_id, None)
         if pages:
             self.allocator.free(pages)
 
+    def forget(self, request_id: str) -> None:
+        """Releases an ended request's pages and drops what was kept of it."""
+        self.release(request_id)
+        self._hashes.pop(request_id, None)
+
     @property
     def num_requests(self) -> int:
         return len(self._pages)
+
+    @property
+    def num_remembered(self) -> int:
+        """Requests whose page keys are kept (until `forget`)."""
+        return len(self._hashes)
+
+    # ------------------------------------------------------------------------------------------- prefix caching
+    def attach_cached_prefix(self, request_id: str, token_ids: Sequence[int], salt: str | None) -> int:
+        """Gives a request that holds no page the cached pages of its longest cached prefix of full pages, short of
+        its last token (which must be computed to sample from). Returns the tokens they hold (0: no hit)."""
+        if self.cache is None or request_id in self._pages:
+            return 0
+        hashes = self._page_hashes(request_id, token_ids, salt, (len(token_ids) - 1) // self.page_size)
+        hits = []
+        for key in hashes:
+            page = self.cache.lookup(key)
+            if page is None:
+                break
+            hits.append(page)
+        if not hits:
+            return 0
+        for page in hits:
+            self.allocator.share(page)
+        self._pages[request_id] = hits
+        self._num_cached[request_id] = len(hits)
+        return len(hits) * self.page_size
+
+    def cache_full_pages(self, request_id: str, token_ids: Sequence[int], num_computed: int,
+                         salt: str | None) -> None:
+        """Caches the request's pages that its computed tokens (the first `num_computed`) have filled since."""
+        if self.cache is None:
+            return
+        pages = self._pages.get(request_id)
+        full = min(num_computed // self.page_size, len(pages) if pages else 0)
+        done = self._num_cached.get(request_id, 0)
+        if full <= done:
+            return
+        hashes = self._page_hashes(request_id, token_ids, salt, full)
+        for index in range(done, full):
+            self.cache.insert(hashes[index], pages[index])
+        self._num_cached[request_id] = full
+
+    def _page_hashes(self, request_id: str, token_ids: Sequence[int], salt: str | None, count: int) -> list[bytes]:
+        """The keys of the request's first `count` full pages, extending those kept."""
+        hashes = self._hashes.setdefault(request_id, [])
+        size = self.page_size
+        previous = hashes[-1] if hashes else salt_digest(salt)
+        for index in range(len(hashes), count):
+            previous = page_hash(previous, token_ids[index * size:(index + 1) * size])
+            hashes.append(previous)
+        return hashes[:count] if len(hashes) > count else hashes

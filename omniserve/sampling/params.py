@@ -54,6 +54,9 @@ class SamplingParams:
     service: str | None = None
     """A named service (see omniserve.engine.services); it decides the class and the SLOs. None: the first
     service of `service_class`."""
+    cache_salt: str | None = None
+    """Requests reuse each other's cached prompt prefixes only when their salts are equal (the server salts each
+    request with its API key and the request's own `cache_salt`)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -44,9 +44,12 @@ class Admission:
         for request in (r for r in tuple(state.waiting) if state.is_ls(r) == ls):  # a snapshot: admission removes
             if blocked and not ls:
                 break  # nothing more can happen to waiting BE requests (LS ones may still be rejected)
+            # What the prefix cache holds of its tokens is not computed again: the checks below count the rest.
+            self._attach_cached_prefix(request)
             if ls and self._is_late(request, batch, ahead):
                 if self._wants_calibration(ahead):
                     self.calibration_wanted = blocked = True
+                    self._detach(request)
                 else:
                     self._reject(request, rejected)
                 continue
@@ -54,13 +57,25 @@ class Admission:
             # New requests wait while anything is being preempted: admitting them would only preempt again.
             if blocked or self.pages.preempted or len(state.running) >= state.config.max_num_seqs:
                 blocked = True
+                self._detach(request)
                 continue
             count = batch.largest_chunk(request, reserve_rows)
             if count <= 0 or not self.pages.has_room(request, request.num_computed_tokens + count) or not (
                     ls or self.pages.room_for_whole_prompt(request)):
                 blocked = True
+                self._detach(request)
                 continue
             self._start(request, count, batch, scheduled, ls)
+
+    def _attach_cached_prefix(self, request: Request) -> None:
+        request.num_computed_tokens = self.state.page_table.attach_cached_prefix(
+            request.request_id, request.token_ids, request.params.cache_salt)
+
+    def _detach(self, request: Request) -> None:
+        """A waiting request that does not start now lets go of the cached pages it was given: they stay cached,
+        and it looks them up again when it next may start."""
+        self.state.page_table.release(request.request_id)
+        request.num_computed_tokens = 0
 
     def _ls_prefill_ahead(self, scheduled: dict[str, int]) -> int:
         """LS prefill tokens that will run before a waiting LS request's."""
@@ -89,6 +104,10 @@ class Admission:
             self.ls_rejected_in_a_row = 0
         if request.first_scheduled_time is None:
             request.first_scheduled_time = state.clock()
+        if request.num_cached_tokens is None:
+            request.num_cached_tokens = min(request.num_computed_tokens, request.num_prompt_tokens)
+            state.stats.prefix_cache_queries += request.num_tokens
+            state.stats.prefix_cache_hits += request.num_computed_tokens
         state.running.append(request)
         state.page_table.grow(request.request_id, request.num_computed_tokens + count)
         batch.add(request, count)

@@ -27,6 +27,8 @@ class ResultBooker:
             if request is None:  # ended while the iteration ran
                 continue
             request.num_computed_tokens += len(chunk.token_ids)
+            self.state.page_table.cache_full_pages(request.request_id, request.token_ids,
+                                                   request.num_computed_tokens, request.params.cache_salt)
             sampled = output.sampled.get(chunk.request_id)
             if chunk.sample and sampled is not None:
                 self._append_token(request, sampled)

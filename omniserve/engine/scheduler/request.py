@@ -64,6 +64,8 @@ class Request:
     """Prompt followed by every generated token."""
     num_computed_tokens: int = 0
     """Tokens whose KV is in the cache."""
+    num_cached_tokens: int | None = None
+    """Prompt tokens whose KV it found in the prefix cache when it first started (None: not started yet)."""
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
     """The stop token id or stop string that ended the request."""

@@ -26,6 +26,10 @@ class SchedulerStats:
     num_rebuilt: int = 0
     """Offloaded requests recomputed on the device after their worker died."""
     num_rejected: int = 0
+    prefix_cache_queries: int = 0
+    """Tokens of the requests started, looked up in the prefix cache (each request once, when it first starts)."""
+    prefix_cache_hits: int = 0
+    """Of those, the tokens found there."""
 
 
 class SchedulerState:
@@ -77,7 +81,7 @@ class SchedulerState:
             self.released.append(request_id)
         request.status = status
         request.stop_reason = stop_reason
-        self.page_table.release(request_id)
+        self.page_table.forget(request_id)
 
     def requeue(self, request: Request) -> None:
         """Sends a request back to the front of the queue, to be recomputed from its tokens (preempted, or its host

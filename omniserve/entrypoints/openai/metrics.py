@@ -66,6 +66,13 @@ class ServerMetrics:
         self.host_kv = Gauge("omniserve:host_kv_cache_requests", "Requests whose KV cache is in host memory",
                              gauge_labels, registry=registry)
         self.preemptions = Gauge("vllm:num_preemptions", "Preemptions so far", gauge_labels, registry=registry)
+        self.prefix_queries = Counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache "
+                                      "(each request once, when it starts)", gauge_labels, registry=registry)
+        self.prefix_hits = Counter("vllm:prefix_cache_hits", "... of them, tokens found there (not computed)",
+                                   gauge_labels, registry=registry)
+        self.prefix_pages = Gauge("omniserve:prefix_cache_pages", "Device KV pages in the prefix cache (held by "
+                                  "requests or idle; idle ones count as free)", gauge_labels, registry=registry)
+        self._prefix_counted = (0, 0)  # the scheduler's queries and hits already added to the counters
         self.rejections = Gauge("omniserve:num_rejections", "LS requests rejected at admission so far", gauge_labels,
                                 registry=registry)
         self.rejected_in_a_row = Gauge(
@@ -108,6 +115,7 @@ class ServerMetrics:
         self.host_kv.labels(model).set(len(scheduler.offloaded))
         self.kv_usage.labels(model).set(engine.allocator.num_used / engine.allocator.num_pages)
         self.preemptions.labels(model).set(scheduler.stats.num_preemptions)
+        self._count_prefix_cache(engine)
         self.rejections.labels(model).set(scheduler.stats.num_rejected)
         self.rejected_in_a_row.labels(model).set(scheduler.admission.ls_rejected_in_a_row)
         self.time_correction.labels(model).set(scheduler.correction.value)
@@ -122,6 +130,16 @@ class ServerMetrics:
             self.offloaded_iterations.labels(*labels).observe(timing.iterations)
             self.offloaded_seconds.labels(*labels).observe(timing.seconds)
             self.offloaded_layers.labels(*labels).observe(timing.layers_per_iteration)
+
+    def _count_prefix_cache(self, engine: LLMEngine) -> None:
+        stats, model = engine.scheduler.stats, self.model_name
+        queries, hits = stats.prefix_cache_queries, stats.prefix_cache_hits
+        if (queries, hits) != self._prefix_counted:
+            self.prefix_queries.labels(model).inc(queries - self._prefix_counted[0])
+            self.prefix_hits.labels(model).inc(hits - self._prefix_counted[1])
+            self._prefix_counted = (queries, hits)
+        cache = engine.allocator.cache
+        self.prefix_pages.labels(model).set(0 if cache is None else len(cache))
 
     def _record_request(self, output: RequestOutput, now: float) -> None:
         metrics = output.metrics

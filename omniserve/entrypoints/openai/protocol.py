@@ -82,6 +82,8 @@ class SamplingRequest(RequestModel):
     store: bool | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
+    cache_salt: str | None = None
+    """vLLM's: requests share cached prompt prefixes only with requests of the same salt (and API key)."""
 
     @property
     def max_new_tokens(self) -> int | None:
@@ -213,10 +215,16 @@ def now() -> int:
     return int(time.time())
 
 
+class PromptTokensDetails(OpenAIBaseModel):
+    cached_tokens: int = 0
+    """Prompt tokens whose KV was found in the prefix cache."""
+
+
 class UsageInfo(OpenAIBaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
 
 
 class CompletionLogprobs(OpenAIBaseModel):

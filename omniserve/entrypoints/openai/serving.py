@@ -21,7 +21,7 @@ import json
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 from pydantic import BaseModel
@@ -34,7 +34,7 @@ from omniserve.config import ConfigError
 from omniserve.engine.async_engine import AsyncEngine, EngineDeadError
 from omniserve.engine.llm_engine import LLMEngine
 from omniserve.engine.outputs import CompletionOutput, RequestOutput
-from omniserve.entrypoints.openai.protocol import SamplingRequest, UsageInfo, now
+from omniserve.entrypoints.openai.protocol import PromptTokensDetails, SamplingRequest, UsageInfo, now
 from omniserve.entrypoints.openai.served_models import Resolved, ServedModels
 from omniserve.errors import APIError, error_body
 from omniserve.sampling.params import InvalidRequestError, SampledToken, SamplingParams, ServiceClass
@@ -129,12 +129,21 @@ class Call:
     """A drain waits for the call to finish (a batch line is not waited for: it resumes after a restart)."""
     on_started: Callable[[], None] | None = None
     """Called once the engine has produced the call's first outputs."""
+    owner: str | None = None
+    """Who the caller's API key stands for (None: the server has no keys): its requests share cached prompt
+    prefixes with this owner's only."""
 
     @classmethod
     def of(cls, raw_request: Request) -> Call:
         state = raw_request.state
         return cls(state.request_id, state.service_classes, state.generations,
-                   lambda work: until_disconnected(raw_request, work))
+                   lambda work: until_disconnected(raw_request, work), owner=state.owner)
+
+    def cache_salt(self, request_salt: str | None) -> str | None:
+        """The prefix cache's salt of the call's requests: its owner's and the request's own."""
+        if self.owner is None and request_salt is None:
+            return None
+        return f"{self.owner or ''}\0{request_salt or ''}"
 
 
 class OpenAIServing:
@@ -175,7 +184,7 @@ class OpenAIServing:
         """Checks the request, tokenizes its prompts and starts their engine requests; returns them with the fields
         every answer and chunk carries."""
         resolved = self.resolve(request, call.service_classes, call.best_effort)
-        params = self.sampling_params(request, resolved)
+        params = replace(self.sampling_params(request, resolved), cache_salt=call.cache_salt(request.cache_salt))
         prompts = await self.prompts(request)
         response_id = f"{self.id_prefix}-{call.request_id}"
         ids = [response_id] if len(prompts) == 1 else [f"{response_id}-{i}" for i in range(len(prompts))]
@@ -354,7 +363,9 @@ class OpenAIServing:
     def usage(outputs: list[RequestOutput]) -> UsageInfo:
         prompt = sum(len(o.prompt_token_ids) for o in outputs)
         completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
-        return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+        cached = sum(o.num_cached_tokens or 0 for o in outputs)
+        return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                         prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
     def check_finished_well(self, outputs: list[RequestOutput]) -> None:
         """A completion the engine failed (a failed iteration) is a 500, not a short answer."""

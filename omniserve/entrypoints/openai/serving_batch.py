@@ -44,10 +44,10 @@ class ServingLineRunner:
             return exc.code or "invalid_request", exc.message
         return None
 
-    async def run(self, endpoint: str, body: dict, request_id: str, on_started: Callable[[], None]
-                  ) -> tuple[int, dict]:
+    async def run(self, endpoint: str, body: dict, request_id: str, on_started: Callable[[], None],
+                  owner: str | None = None) -> tuple[int, dict]:
         request_type, handler = self._routes[endpoint]
-        call = Call(request_id, None, best_effort=True, drained=False, on_started=on_started)
+        call = Call(request_id, None, best_effort=True, drained=False, on_started=on_started, owner=owner)
         try:
             answer = await handler.complete(request_type.model_validate(body), call)
         except ValidationError as exc:

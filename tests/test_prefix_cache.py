@@ -1,0 +1,207 @@
+"""Automatic prefix caching: full pages found again by their tokens, shared with reference counts, kept idle and
+evicted least recently used; never shared across salts; every page back however a request ends; and the same tokens
+with the cache as without it."""
+
+from __future__ import annotations
+
+import pytest
+
+from omniserve.kv_cache import PageAllocator, PageTable, PrefixCache
+from omniserve.sampling.params import SamplingParams
+
+PAGE = 4
+
+
+def cached_table(num_pages: int = 16) -> PageTable:
+    return PageTable(PageAllocator(num_pages, PrefixCache()), PAGE)
+
+
+def compute(table: PageTable, request_id: str, tokens: list[int], salt: str | None = None) -> int:
+    """Starts a request as admission does (its cached prefix, then pages for the rest), 'computes' all its tokens
+    and caches its full pages; returns the tokens it found cached."""
+    hit = table.attach_cached_prefix(request_id, tokens, salt)
+    table.grow(request_id, len(tokens))
+    table.cache_full_pages(request_id, tokens, len(tokens), salt)
+    return hit
+
+
+def test_hits_partial_hits_and_the_last_token_is_always_computed():
+    table = cached_table()
+    prompt = list(range(10))  # two full pages and two tokens
+    assert compute(table, "a", prompt) == 0
+    a_pages = table.pages("a")
+    assert compute(table, "same prefix, longer", prompt[:8] + [99, 98, 97]) == 8
+    assert table.pages("same prefix, longer")[:2] == a_pages[:2]
+    assert compute(table, "first page only", prompt[:5] + [77] * 6) == 4
+    assert compute(table, "differs in page 0", [55] + prompt[1:]) == 0
+    # A prompt that is all cached pages still computes its last token (its logits are needed): that page is its own.
+    assert compute(table, "whole pages", prompt[:8]) == 4
+    assert table.pages("whole pages")[1] != a_pages[1]
+    table.allocator.check_integrity()
+
+
+def test_a_page_is_keyed_by_every_token_before_it():
+    table = cached_table()
+    compute(table, "a", [1, 2, 3, 4, 5, 6, 7, 8, 9])
+    # Page 1 holds the same tokens, after a different page 0: its KV differs, so it is not found.
+    assert compute(table, "b", [0, 2, 3, 4, 5, 6, 7, 8, 9]) == 0
+
+
+def test_salts_never_share_pages():
+    table = cached_table()
+    prompt = list(range(9))
+    compute(table, "key a", prompt, salt="a")
+    assert compute(table, "key b", prompt, salt="b") == 0
+    assert compute(table, "no salt", prompt) == 0
+    assert compute(table, "key a again", prompt, salt="a") == 8
+    shared = set(table.pages("key a")) & (set(table.pages("key b")) | set(table.pages("no salt")))
+    assert not shared
+
+
+def test_reference_counts_and_idle_pages():
+    table = cached_table(num_pages=8)
+    allocator = table.allocator
+    prompt = list(range(9))  # 3 pages, 2 of them full
+    compute(table, "a", prompt)
+    compute(table, "b", prompt)  # shares a's two full pages, has its own third
+    assert allocator.num_used == 4 and allocator.num_free == 4
+    table.forget("a")
+    assert allocator.num_used == 3  # the shared pages are still b's; a's last (not full) page is free
+    table.forget("b")
+    assert allocator.num_used == 0 and allocator.num_free == 8 and len(allocator.cache) == 2  # kept, idle
+    allocator.check_integrity()
+    assert compute(table, "c", prompt) == 8  # taken back from the idle pages
+    table.forget("c")
+    allocator.check_integrity()
+
+
+def test_idle_pages_are_evicted_least_recently_used_first():
+    table = cached_table(num_pages=6)
+    cache = table.allocator.cache
+    old, new = [1] * 4 + [2], [3] * 4 + [4]  # one full page each, and one not full
+    compute(table, "old", old)
+    compute(table, "new", new)
+    table.forget("old")
+    table.forget("new")
+    assert compute(table, "old again", old) == 4  # a hit makes old's page the most recently used
+    table.forget("old again")
+    assert cache.num_idle == 2
+    table.grow("filler", 5 * PAGE)  # 4 free pages, then the least recently used idle page: new's
+    assert cache.num_evicted == 1
+    table.forget("filler")
+    assert compute(table, "new again", new) == 0
+    assert compute(table, "old third time", old) == 4
+    table.allocator.check_integrity()
+
+
+def test_a_key_computed_twice_keeps_its_first_page():
+    """Two requests with the same prompt computed at once: the first page cached stays; the other copy is freed
+    with its request."""
+    table = cached_table()
+    prompt = list(range(9))
+    for request_id in ("a", "b"):
+        table.attach_cached_prefix(request_id, prompt, None)
+        table.grow(request_id, len(prompt))
+    for request_id in ("a", "b"):
+        table.cache_full_pages(request_id, prompt, len(prompt), None)
+    assert len(table.allocator.cache) == 2
+    table.forget("b")
+    assert table.allocator.num_free == 16 - 3  # b's copies went back to the free list, not to the cache
+    assert compute(table, "c", prompt) == 8 and table.pages("c")[:2] == table.pages("a")[:2]
+
+
+def test_without_a_cache_nothing_is_found():
+    table = PageTable(PageAllocator(8), PAGE)
+    prompt = list(range(9))
+    compute(table, "a", prompt)
+    table.forget("a")
+    assert compute(table, "b", prompt) == 0 and table.num_remembered == 0  # nothing hashed, nothing kept
+
+
+# ------------------------------------------------------------------------------------------------- the engine
+SYSTEM = list(range(200, 237))  # a shared prefix of 9 full pages and a token
+PROMPTS = [SYSTEM + [5, 6, 7], SYSTEM + [8], SYSTEM + list(range(300, 311)), SYSTEM[:20], [9, 9, 9]]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+
+def run_one_by_one(llm, prompts, params=GREEDY):
+    return [llm.generate([p], params, use_tqdm=False)[0] for p in prompts]
+
+
+@pytest.fixture
+def uncached(tiny, make_llm):
+    llm = make_llm(tiny, dtype="float64", block_size=PAGE, enable_prefix_caching=False)
+    return [o.outputs[0].token_ids for o in run_one_by_one(llm, PROMPTS)]
+
+
+@pytest.mark.parametrize("settings", [dict(), dict(max_num_batched_tokens=8), dict(num_gpu_blocks_override=24)],
+                         ids=["whole", "chunked", "preempted"])
+def test_same_tokens_with_the_cache_and_prompts_are_not_computed_again(settings, uncached, tiny, make_llm):
+    llm = make_llm(tiny, dtype="float64", block_size=PAGE, **settings)
+    first = llm.generate([PROMPTS[0]], GREEDY, use_tqdm=False)[0]
+    assert first.num_cached_tokens == 0
+    outputs = [first] + run_one_by_one(llm, PROMPTS[1:])
+    assert [o.outputs[0].token_ids for o in outputs] == uncached
+    assert [o.num_cached_tokens for o in outputs[1:]] == [36, 36, 16, 0]
+    # All at once (the cache holds them all now), and under preemption: the same tokens again.
+    batched = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in batched] == uncached
+    stats = llm.engine.scheduler.stats
+    assert stats.prefix_cache_hits > 0 and stats.prefix_cache_queries > stats.prefix_cache_hits
+    if "num_gpu_blocks_override" in settings:
+        assert stats.num_preemptions > 0
+
+
+def test_every_page_comes_back_however_requests_end(tiny, make_llm):
+    """Finished, aborted while prefilling, aborted while decoding, preempted: make_llm checks, after the test, that
+    no page is held and the page accounting holds; idle cached pages stay cached."""
+    llm = make_llm(tiny, dtype="float64", block_size=PAGE, num_gpu_blocks_override=40, max_num_batched_tokens=8)
+    engine = llm.engine
+    long = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    for index, prompt in enumerate(PROMPTS * 2):
+        engine.add_request(str(index), prompt, long)
+    engine.step()
+    engine.abort_request("0")  # mid-prefill
+    for _ in range(12):
+        engine.step()
+    engine.abort_request("1")
+    while engine.has_unfinished_requests():
+        engine.step()
+    engine.check_integrity()
+    assert engine.allocator.num_used == 0 and len(engine.allocator.cache) > 0
+
+
+def test_n_completions_share_the_prompt(uncached, tiny, make_llm):
+    llm = make_llm(tiny, dtype="float64", block_size=PAGE)
+    llm.generate([PROMPTS[0]], GREEDY, use_tqdm=False)
+    [output] = llm.generate([PROMPTS[0]], SamplingParams(n=3, temperature=0.0, max_tokens=12, ignore_eos=True),
+                            use_tqdm=False)
+    assert [c.token_ids for c in output.outputs] == [uncached[0]] * 3
+    assert output.num_cached_tokens == 36
+
+
+def test_server_reports_cached_tokens_and_isolates_api_keys(tiny_chat_model):
+    from servers import metric_samples, serving
+
+    from omniserve.entrypoints.openai.auth import APIKeys
+
+    prompt = SYSTEM + [5, 6, 7]
+
+    def cached_tokens(key: str, **extra) -> int:
+        response = running.post("/v1/completions", dict(model="tiny", prompt=prompt, max_tokens=2, **extra),
+                                headers={"Authorization": f"Bearer {key}"})
+        assert response.status_code == 200, response.text
+        usage = response.json()["usage"]
+        assert usage["prompt_tokens"] == len(prompt)
+        return usage["prompt_tokens_details"]["cached_tokens"]
+
+    with serving(tiny_chat_model, api_keys=APIKeys.build(["sk-a", "sk-b"])) as running:
+        assert cached_tokens("sk-a") == 0
+        assert cached_tokens("sk-a") == 36
+        assert cached_tokens("sk-b") == 0  # another key's requests never see sk-a's pages
+        assert cached_tokens("sk-a", cache_salt="tenant-1") == 0  # nor another salt's
+        assert cached_tokens("sk-a", cache_salt="tenant-1") == 36
+        running.wait_idle()
+        samples = metric_samples(running)
+        assert samples[("vllm:prefix_cache_hits_total", (("model_name", "tiny"),))] == 72
+        assert samples[("vllm:prefix_cache_queries_total", (("model_name", "tiny"),))] == 5 * len(prompt)
