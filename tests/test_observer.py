@@ -24,7 +24,8 @@ def tokens(outputs) -> list[list[int]]:
 
 def test_a_record_per_step_with_the_plan_output_and_times(tiny_model_dirs, make_llm):
     tiny = tiny_model_dirs["llama"][0]
-    llm = make_llm(tiny, dtype="float64", block_size=4)
+    # The same prompts run three times: without the prefix cache, each time computes every prompt token.
+    llm = make_llm(tiny, dtype="float64", block_size=4, enable_prefix_caching=False)
     reference = tokens(llm.generate(PROMPTS, greedy("ls"), use_tqdm=False))
     records: list[IterationRecord] = []
     llm.engine.add_iteration_observer(records.append)

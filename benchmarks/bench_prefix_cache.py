@@ -1,0 +1,365 @@
+"""Prefix caching off against on, in one run: the built-in SmolLM2-135M-Instruct, fp32 on this CPU.
+
+1. Mooncake replay. ../shared/data/mooncake/conversation_trace.jsonl marks each request's 512-token prompt blocks by
+   a hash (equal hashes: equal text). Requests are sampled by whole conversation (requests linked by a block they
+   share, past the first block that nearly all share), so that the sample keeps the trace's reuse, which a window of
+   consecutive requests does not (the trace's repeats are spread over its hour). Each block becomes --block-tokens
+   fixed random tokens (a hash always the same ones), input lengths are scaled by block_tokens / 512, outputs cut to
+   --output-len, and arrivals keep the trace's order and gaps, compressed to --rate requests/s. An offline engine is
+   stepped back to back; a request's TTFT runs from its arrival to the return of the step that gave its first token.
+   Figures: TTFT p50, prompt tokens computed (every chunk of a request that has no output yet), greedy tokens equal.
+2. Multi-turn chat: --conversations conversations of --turns turns; each turn resends the conversation (a system
+   prompt, the earlier user messages and the answers the engine gave) and a new user message, once the previous
+   answer is done. Figure: TTFT p50 of turns 2 and later.
+3. Batch API: --lines lines sharing a --system-tokens system prompt (each with its own --suffix-tokens), one batch on
+   `omniserve serve` with and without --no-enable-prefix-caching (a process each). Figure: lines/s.
+4. Bookkeeping: the scheduler alone (no model; every chunk's token made up) with --running decoding requests: ms per
+   iteration (plan + booking) with the cache against without.
+
+    python benchmarks/bench_prefix_cache.py --markdown prefix.md
+    python benchmarks/bench_prefix_cache.py --parts bookkeeping multi_turn
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from omniserve.bench.report import command_line, cpu_model, print_report, write_markdown
+
+MOONCAKE = Path(__file__).resolve().parents[2] / "shared" / "data" / "mooncake" / "conversation_trace.jsonl"
+TRACE_BLOCK = 512
+PARTS = ("mooncake", "multi_turn", "batch", "bookkeeping")
+
+
+@dataclass
+class Arrival:
+    at: float
+    """Seconds after the run starts."""
+    request_id: str
+    prompt: list[int]
+    max_tokens: int
+
+
+@dataclass
+class Run:
+    ttft: dict[str, float]
+    tokens: dict[str, list[int]]
+    prompt_tokens_computed: int
+    cached_tokens: int
+    seconds: float
+
+
+def engine(caching: bool, **settings):
+    from omniserve.engine.llm_engine import LLMEngine
+
+    return LLMEngine(enable_prefix_caching=caching, **settings)
+
+
+def drive(llm_engine, arrivals: list[Arrival], next_turn=None) -> Run:
+    """Adds each request at its time and steps the engine while anything is unfinished. next_turn(request_id,
+    tokens, now) may return a later Arrival (a conversation's next turn)."""
+    from omniserve.sampling.params import SamplingParams
+
+    pending = sorted(arrivals, key=lambda a: a.at)
+    due: dict[str, float] = {}
+    ttft, tokens, computed = {}, {}, [0]
+
+    def count(record) -> None:
+        computed[0] += sum(len(c.token_ids) for c in record.plan.chunks if c.num_generated == 0)
+
+    llm_engine.add_iteration_observer(count)
+    cached = 0
+    start = time.perf_counter()
+    while pending or llm_engine.has_unfinished_requests():
+        now = time.perf_counter() - start
+        while pending and pending[0].at <= now:
+            arrival = pending.pop(0)
+            due[arrival.request_id] = arrival.at
+            llm_engine.add_request(arrival.request_id, arrival.prompt, SamplingParams(
+                temperature=0.0, max_tokens=arrival.max_tokens, ignore_eos=True))
+        if not llm_engine.has_unfinished_requests():
+            time.sleep(min(0.05, max(0.0, pending[0].at - now)))
+            continue
+        for output in llm_engine.step():
+            now = time.perf_counter() - start
+            if output.request_id not in ttft and output.outputs[0].token_ids:
+                ttft[output.request_id] = now - due[output.request_id]
+            if output.finished:
+                tokens[output.request_id] = output.outputs[0].token_ids
+                cached += output.num_cached_tokens or 0
+                follow = next_turn(output.request_id, output.outputs[0].token_ids, now) if next_turn else None
+                if follow is not None:
+                    pending.append(follow)
+                    pending.sort(key=lambda a: a.at)
+    llm_engine.remove_iteration_observer(count)
+    return Run(ttft, tokens, computed[0], cached, time.perf_counter() - start)
+
+
+# ------------------------------------------------------------------------------------------------ 1. Mooncake
+def mooncake_sample(path: Path, requests: int, seed: int) -> tuple[list[dict], float]:
+    """Whole conversations of the trace, drawn at random until `requests` requests, in trace order; and the share of
+    their blocks that repeat an earlier one."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    parent = list(range(len(rows)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first_seen: dict[int, int] = {}
+    for index, row in enumerate(rows):
+        for block in row["hash_ids"][1:]:
+            if block in first_seen:
+                parent[root(index)] = root(first_seen[block])
+            else:
+                first_seen[block] = index
+    conversations: dict[int, list[int]] = {}
+    for index in range(len(rows)):
+        conversations.setdefault(root(index), []).append(index)
+    order = list(conversations.values())
+    random.Random(seed).shuffle(order)
+    picked: list[int] = []
+    for conversation in order:
+        if len(picked) >= requests:
+            break
+        picked += conversation
+    sample = [rows[i] for i in sorted(picked)]
+    seen, repeats, blocks = set(), 0, 0
+    for row in sample:
+        for block in row["hash_ids"]:
+            repeats += block in seen
+            blocks += 1
+            seen.add(block)
+    return sample, repeats / blocks
+
+
+def mooncake_arrivals(sample: list[dict], args: argparse.Namespace, vocab: int) -> list[Arrival]:
+    scale = args.block_tokens / TRACE_BLOCK
+    block_tokens: dict[int, list[int]] = {}
+
+    def tokens_of(block: int) -> list[int]:
+        if block not in block_tokens:
+            rng = random.Random(block * 1_000_003 + args.seed)
+            block_tokens[block] = [rng.randrange(100, vocab - 100) for _ in range(args.block_tokens)]
+        return block_tokens[block]
+
+    first, last = sample[0]["timestamp"], sample[-1]["timestamp"]
+    squeeze = (len(sample) / args.rate) / max(1.0, (last - first) / 1000)
+    arrivals = []
+    for index, row in enumerate(sample):
+        length = max(1, min(args.max_input_len, round(row["input_length"] * scale)))
+        prompt = [t for block in row["hash_ids"] for t in tokens_of(block)][:length]
+        arrivals.append(Arrival((row["timestamp"] - first) / 1000 * squeeze, f"m{index}", prompt,
+                                min(args.output_len, max(1, row["output_length"]))))
+    return arrivals
+
+
+def mooncake_rows(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
+    sample, reuse = mooncake_sample(MOONCAKE, args.requests, args.seed)
+    runs = {}
+    for caching in (False, True):
+        llm_engine = engine(caching, max_model_len=args.max_input_len + args.output_len)
+        arrivals = mooncake_arrivals(sample, args, llm_engine.model_config.vocab_size)
+        runs[caching] = drive(llm_engine, arrivals)
+        llm_engine.shutdown()
+    off, on = runs[False], runs[True]
+    same = sum(off.tokens[r] == on.tokens[r] for r in off.tokens)
+    prompt_tokens = sum(len(a.prompt) for a in arrivals)
+    rows = [dict(figure="TTFT p50 (s)", off=f"{statistics.median(off.ttft.values()):.2f}",
+                 on=f"{statistics.median(on.ttft.values()):.2f}",
+                 ratio=f"{statistics.median(on.ttft.values()) / statistics.median(off.ttft.values()):.2f}",
+                 goal="<= 0.5"),
+            dict(figure="prompt tokens computed", off=str(off.prompt_tokens_computed), on=str(on.prompt_tokens_computed),
+                 ratio=f"{on.prompt_tokens_computed / off.prompt_tokens_computed:.2f}", goal="<= 0.7"),
+            dict(figure="run seconds", off=f"{off.seconds:.0f}", on=f"{on.seconds:.0f}",
+                 ratio=f"{on.seconds / off.seconds:.2f}", goal=""),
+            dict(figure="greedy tokens equal", off="", on=f"{same}/{len(off.tokens)}", ratio="", goal="all")]
+    info = [f"Mooncake: {len(sample)} requests in whole conversations (seed {args.seed}), {reuse:.0%} of their "
+            f"blocks repeat an earlier one (37% over the whole trace); blocks of {args.block_tokens} tokens, "
+            f"{prompt_tokens} prompt tokens, outputs cut to {args.output_len}, {args.rate} requests/s; "
+            f"cached tokens reported: {on.cached_tokens}"]
+    return rows, info
+
+
+# ---------------------------------------------------------------------------------------------- 2. multi-turn
+def multi_turn_rows(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
+    runs = {}
+    for caching in (False, True):
+        llm_engine = engine(caching, max_model_len=4096)
+        vocab = llm_engine.model_config.vocab_size
+        rng = random.Random(args.seed)
+        system = [rng.randrange(100, vocab - 100) for _ in range(args.system_tokens)]
+        users = {(c, t): [rng.randrange(100, vocab - 100) for _ in range(args.user_tokens)]
+                 for c in range(args.conversations) for t in range(args.turns)}
+        history = {c: list(system) for c in range(args.conversations)}
+
+        def turn(conversation: int, index: int, at: float) -> Arrival:
+            history[conversation] += users[conversation, index]
+            return Arrival(at, f"c{conversation}t{index}", list(history[conversation]), args.answer_tokens)
+
+        def next_turn(request_id: str, answer: list[int], now: float) -> Arrival | None:
+            conversation, index = (int(x) for x in request_id[1:].split("t"))
+            history[conversation] += answer
+            return turn(conversation, index + 1, now) if index + 1 < args.turns else None
+
+        arrivals = [turn(c, 0, c * args.stagger) for c in range(args.conversations)]
+        runs[caching] = drive(llm_engine, arrivals, next_turn)
+        llm_engine.shutdown()
+    later = {caching: [t for r, t in run.ttft.items() if not r.endswith("t0")] for caching, run in runs.items()}
+    first = {caching: [t for r, t in run.ttft.items() if r.endswith("t0")] for caching, run in runs.items()}
+    same = sum(runs[False].tokens[r] == runs[True].tokens[r] for r in runs[False].tokens)
+    rows = [dict(figure="TTFT p50, turns 2+ (s)", off=f"{statistics.median(later[False]):.3f}",
+                 on=f"{statistics.median(later[True]):.3f}",
+                 ratio=f"{statistics.median(later[True]) / statistics.median(later[False]):.2f}", goal="<= 0.3"),
+            dict(figure="TTFT p50, turn 1 (s)", off=f"{statistics.median(first[False]):.3f}",
+                 on=f"{statistics.median(first[True]):.3f}",
+                 ratio=f"{statistics.median(first[True]) / statistics.median(first[False]):.2f}", goal=""),
+            dict(figure="greedy tokens equal", off="", on=f"{same}/{len(runs[False].tokens)}", ratio="", goal="all")]
+    info = [f"multi-turn: {args.conversations} conversations x {args.turns} turns, system prompt "
+            f"{args.system_tokens} tokens, user messages {args.user_tokens}, answers {args.answer_tokens}, starts "
+            f"{args.stagger} s apart"]
+    return rows, info
+
+
+# ------------------------------------------------------------------------------------------------- 3. batch
+def batch_rows(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
+    import openai
+
+    from omniserve.bench.compare import Server
+    from omniserve.bench.metrics import Slo
+
+    rng = random.Random(args.seed)
+    system = [rng.randrange(100, 40000) for _ in range(args.system_tokens)]
+    lines = [{"custom_id": f"line-{i}", "method": "POST", "url": "/v1/completions",
+              "body": {"prompt": system + [rng.randrange(100, 40000) for _ in range(args.suffix_tokens)],
+                       "max_tokens": args.batch_output_len, "temperature": 0, "ignore_eos": True}}
+             for i in range(args.lines)]
+    results = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for caching in (False, True):
+            flags = [] if caching else ["--no-enable-prefix-caching"]
+            log = Path(folder) / f"server-{caching}.log"
+            server = Server("omniserve", Slo(None, None), flags + ["--batch-db", str(Path(folder) / f"b{caching}.db")],
+                            log, start_timeout=600)
+            try:
+                client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=2, timeout=120)
+                model = client.models.list().data[0].id
+                content = "".join(json.dumps({**line, "body": {**line["body"], "model": model}}) + "\n"
+                                  for line in lines).encode()
+                upload = client.files.create(file=("lines.jsonl", content), purpose="batch")
+                started = time.perf_counter()
+                batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/completions",
+                                              completion_window="24h")
+                while batch.status not in ("completed", "failed", "cancelled", "expired"):
+                    time.sleep(0.25)
+                    batch = client.batches.retrieve(batch.id)
+                seconds = time.perf_counter() - started
+                output = client.files.content(batch.output_file_id).text if batch.output_file_id else ""
+                answers = {json.loads(line)["custom_id"]: json.loads(line)["response"]["body"]
+                           for line in output.splitlines()}
+                results[caching] = (seconds, answers, batch.status)
+            finally:
+                server.stop()
+    (off_s, off, _), (on_s, on, status) = results[False], results[True]
+    same = sum(off[k]["choices"][0]["text"] == on.get(k, {}).get("choices", [{}])[0].get("text") for k in off)
+    cached = sum(a["usage"]["prompt_tokens_details"]["cached_tokens"] for a in on.values())
+    rows = [dict(figure="lines/s", off=f"{len(off) / off_s:.2f}", on=f"{len(on) / on_s:.2f}",
+                 ratio=f"{(len(on) / on_s) / (len(off) / off_s):.2f}", goal=">= 2"),
+            dict(figure="texts equal", off="", on=f"{same}/{len(off)}", ratio="", goal="all")]
+    info = [f"batch: {args.lines} lines, a {args.system_tokens}-token system prompt + {args.suffix_tokens} tokens "
+            f"each, {args.batch_output_len} output tokens; cached tokens reported with caching: {cached}"]
+    return rows, info
+
+
+# -------------------------------------------------------------------------------------------- 4. bookkeeping
+def bookkeeping_rows(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
+    from omniserve.engine.scheduler import Scheduler, SchedulerConfig
+    from omniserve.engine.scheduler.plan import RunnerOutput
+    from omniserve.engine.scheduler.request import Request
+    from omniserve.kv_cache import PageAllocator, PageTable, PrefixCache
+    from omniserve.sampling.params import SamplingParams
+    from omniserve.simulator.sim import one_layer_outputs
+
+    page, prompt_len, steps = 16, 512, 200
+    per_iteration = {}
+    for caching in (False, True):
+        pages = args.running * (prompt_len + steps * 2) // page + 64
+        table = PageTable(PageAllocator(pages, PrefixCache() if caching else None), page)
+        scheduler = Scheduler(SchedulerConfig(max_num_seqs=args.running, max_num_batched_tokens=1 << 20), table,
+                              eos_token_ids=(2,))
+        shared = list(range(1000, 1000 + prompt_len // 2))
+        for i in range(args.running):
+            prompt = shared + [2000 + i] * (prompt_len // 2)
+            scheduler.add_request(Request(f"r{i}", prompt, SamplingParams(max_tokens=10_000, ignore_eos=True),
+                                          10_000))
+
+        def iteration() -> None:
+            plan = scheduler.schedule()
+            sampled, _ = one_layer_outputs(plan, 1, 7)
+            scheduler.update(plan, RunnerOutput(sampled, [], []))
+
+        while any(not r.is_decoding for r in scheduler.running) or scheduler.waiting:
+            iteration()
+        times = []
+        for _ in range(steps):
+            started = time.perf_counter()
+            iteration()
+            times.append(time.perf_counter() - started)
+        per_iteration[caching] = statistics.median(times) * 1e3
+    rows = [dict(figure=f"ms per iteration, {args.running} decoding", off=f"{per_iteration[False]:.3f}",
+                 on=f"{per_iteration[True]:.3f}", ratio=f"{per_iteration[True] - per_iteration[False]:+.3f} ms",
+                 goal="<= +0.2 ms")]
+    return rows, [f"bookkeeping: {args.running} requests of {prompt_len} tokens decoding, pages of {page}, "
+                  f"median of {steps} iterations"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--requests", type=int, default=120, help="Mooncake: requests sampled")
+    parser.add_argument("--block-tokens", type=int, default=16, help="Mooncake: tokens per trace block")
+    parser.add_argument("--max-input-len", type=int, default=2048)
+    parser.add_argument("--output-len", type=int, default=8, help="Mooncake: most output tokens")
+    parser.add_argument("--rate", type=float, default=1.0, help="Mooncake: requests/s")
+    parser.add_argument("--conversations", type=int, default=6)
+    parser.add_argument("--turns", type=int, default=4)
+    parser.add_argument("--system-tokens", type=int, default=1024)
+    parser.add_argument("--user-tokens", type=int, default=64)
+    parser.add_argument("--answer-tokens", type=int, default=32)
+    parser.add_argument("--stagger", type=float, default=1.0, help="multi-turn: seconds between conversation starts")
+    parser.add_argument("--lines", type=int, default=200)
+    parser.add_argument("--suffix-tokens", type=int, default=32)
+    parser.add_argument("--batch-output-len", type=int, default=8)
+    parser.add_argument("--running", type=int, default=400, help="bookkeeping: decoding requests")
+    parser.add_argument("--markdown", type=Path, default=None)
+    parser.add_argument("--smoke", action="store_true", help="a tiny run (the test suite's)")
+    args = parser.parse_args()
+    if args.smoke:
+        args.parts, args.running, args.requests, args.conversations, args.turns = (
+            ["bookkeeping", "mooncake"], 16, 3, 1, 2)
+    rows, info = [], [f"command: {command_line()}", f"CPU: {cpu_model()}"]
+    makers = dict(mooncake=mooncake_rows, multi_turn=multi_turn_rows, batch=batch_rows,
+                  bookkeeping=bookkeeping_rows)
+    for part in args.parts:
+        part_rows, part_info = makers[part](args)
+        rows += [dict(part=part, **row) for row in part_rows]
+        info += part_info
+        print(f"{part}: done", flush=True)
+    tables = [(dict(part="part", figure="figure", off="caching off", on="caching on", ratio="on / off", goal="goal"),
+               rows)]
+    print_report(info, tables)
+    write_markdown(args.markdown, "Prefix caching, off against on", info, tables)
+
+
+if __name__ == "__main__":
+    main()
