@@ -14,7 +14,7 @@ from omniserve.engine.scheduler.latency_model import BatchShape, prefill_interac
 from omniserve.entrypoints.cli import main
 from omniserve.simulator import baselines, experiment, regime
 from omniserve.simulator.profiles import analytic_profile
-from omniserve.simulator.sim import SimConfig, SimRequest, Simulation
+from omniserve.simulator.sim import SimConfig, SimRequest, Simulation, block_prompt
 from omniserve.simulator.workload import ClassLoad, build_workload, draw_lengths
 
 
@@ -125,6 +125,37 @@ def test_lengths_come_from_the_shared_data_or_the_published_means():
     assert sum(i for i, _ in cnn) / len(cnn) == pytest.approx(1964, rel=0.05)
     assert sum(o for _, o in cnn) / len(cnn) == pytest.approx(397, rel=0.05)
     assert draw_lengths("fixed:10:20", rng, 5, 100) == (5, 20)
+
+
+def test_shared_prompt_blocks_are_found_in_the_prefix_cache(profile):
+    """Requests whose prompts share blocks compute them once; a request that shares nothing, or a run without the
+    cache, computes every prompt token; prompts spell their blocks, so only equal blocks give equal tokens."""
+    assert block_prompt((1, 2), 600)[:512] == block_prompt((1, 3), 600)[:512]
+    assert block_prompt((1, 2), 600)[512:] != block_prompt((1, 3), 600)[512:]
+    assert len(block_prompt((1,), 700)) == 700
+    workload = [SimRequest(2.0 * i, "be", 1500, 4, blocks=(7, 8, 100 + i)) for i in range(4)]
+    workload.append(SimRequest(9.0, "be", 1500, 4))  # no blocks: shares nothing, even with its equal tokens
+    cached = Simulation(profile, SimConfig(policy="omniserve")).run(workload)
+    plain = Simulation(profile, SimConfig(policy="omniserve", prefix_caching=False)).run(workload)
+    assert cached.counters["prefix_cache_hits"] == 3 * 1024  # the two shared blocks, for each later request
+    assert plain.counters["prefix_cache_hits"] == 0
+    ttft = lambda result: [r.ttft for r in result.records]  # noqa: E731
+    assert all(c < p for c, p in zip(ttft(cached)[1:4], ttft(plain)[1:4]))
+    assert ttft(cached)[4] == pytest.approx(ttft(plain)[4], rel=1e-6)
+
+
+@pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"no shared workload data at {DATA_DIR} (OMNISERVE_DATA_DIR)")
+def test_a_trace_replayed_with_its_own_lengths_keeps_each_requests_blocks():
+    from omniserve.bench.workload import load_trace
+
+    trace = load_trace("mooncake")
+    replay = build_workload({"be": ClassLoad(trace="mooncake", lengths="mooncake", time_scale=0.01)}, 5.0, 0)
+    assert len(replay) > 10
+    for request, i in zip(replay, range(len(replay))):
+        assert (request.input_len, request.output_len) == (trace.input_lens[i], trace.output_lens[i])
+        assert request.blocks == trace.blocks[i]
+    drawn = build_workload({"be": ClassLoad(trace="mooncake", lengths="azure-code")}, 60.0, 0)
+    assert drawn and not any(r.blocks for r in drawn)
 
 
 @pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"no shared workload data at {DATA_DIR} (OMNISERVE_DATA_DIR)")

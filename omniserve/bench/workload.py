@@ -52,6 +52,13 @@ class Trace:
     times: list[float]
     input_lens: list[int]
     output_lens: list[int]
+    blocks: list[tuple[int, ...]] | None = None
+    """Per request, the hashes of its prompt's blocks of BLOCK_TOKENS tokens (equal hashes: equal text, and every
+    block before them equal too), where the trace has them (Mooncake's `hash_ids`)."""
+
+
+BLOCK_TOKENS = 512
+"""Tokens per hashed prompt block in a trace that has them (Mooncake's)."""
 
 
 # ------------------------------------------------------------------------------------------------------ arrivals
@@ -84,7 +91,8 @@ def rate_step_arrivals(rng: random.Random, low: float, high: float, period: floa
 
 def load_trace(path: str | Path) -> Trace:
     """An Azure LLM inference 2023 CSV (TIMESTAMP, ContextTokens, GeneratedTokens) or a Mooncake JSONL (timestamp in
-    ms, input_length, output_length), by suffix; also a name of TRACES (`azure-code`, `azure-conv`, `mooncake`)."""
+    ms, input_length, output_length, hash_ids), by suffix; also a name of TRACES (`azure-code`, `azure-conv`,
+    `mooncake`)."""
     path = TRACES.get(str(path), Path(path))
     try:
         with open(path) as f:
@@ -92,15 +100,17 @@ def load_trace(path: str | Path) -> Trace:
                 rows = [(datetime.fromisoformat(r["TIMESTAMP"]).timestamp(), int(r["ContextTokens"]),
                          int(r["GeneratedTokens"])) for r in csv.DictReader(f)]
             else:
-                rows = [(r["timestamp"] / 1000.0, int(r["input_length"]), int(r["output_length"]))
+                rows = [(r["timestamp"] / 1000.0, int(r["input_length"]), int(r["output_length"]),
+                         tuple(map(int, r["hash_ids"])) if "hash_ids" in r else None)
                         for r in map(json.loads, filter(str.strip, f))]
     except (OSError, KeyError, ValueError, TypeError) as exc:
         raise WorkloadError(f"cannot read the trace {path}: {exc}") from exc
     if not rows:
         raise WorkloadError(f"the trace {path} has no requests")
-    rows.sort()
+    rows.sort(key=lambda row: row[:3])
     first = rows[0][0]
-    return Trace([t - first for t, _, _ in rows], [i for _, i, _ in rows], [o for _, _, o in rows])
+    blocks = [row[3] for row in rows] if all(len(row) > 3 and row[3] is not None for row in rows) else None
+    return Trace([row[0] - first for row in rows], [row[1] for row in rows], [row[2] for row in rows], blocks)
 
 
 def trace_arrivals(trace: Trace, duration: float, time_scale: float = 1.0, offset: float = 0.0) -> list[int]:

@@ -37,6 +37,8 @@ def run(profile: SystemProfile, config: SimConfig, workload: list[SimRequest], u
     if config.policy not in POLICIES + BASELINES:
         raise ValueError(f"unknown policy {config.policy!r}: the scheduler's {', '.join(POLICIES)}, or the paper's "
                          f"baselines {', '.join(BASELINES)}")
+    if config.prefix_caching and not any(r.blocks for r in workload):
+        config = replace(config, prefix_caching=False)  # no prompt shares anything: nothing to hash
     if config.policy == "llumnix-cpu":
         return _llumnix_cpu(profile, config, workload, until, progress, measure_from)
     if config.policy == "neo-sync":

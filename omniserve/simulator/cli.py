@@ -21,6 +21,10 @@ EXAMPLES = """examples:
   # where offloading pays: omniserve vs sarathi over device KV per BE request x LS load x BE shape x CPU hosts
   omniserve simulate regime-map --profile llama-3-8b@h100 --be-lengths longbench,fixed:1000:4000 \\
       --ls-loads 0.25,0.5 --device-kv-requests 1,2,4,8 --cpu-hosts 0,4 --duration 300 --output-dir sim/regime
+  # the Mooncake trace replayed with its prompts' shared blocks: prefix caching on against off
+  omniserve simulate run --profile llama-3-8b@h100 --policies omniserve --ls-rate 0 --be-trace mooncake \
+      --be-lengths mooncake --be-rate 0 --duration 600
+  omniserve simulate run ... --no-enable-prefix-caching
   # the OmniServe paper's main comparisons, one table
   omniserve simulate paper
 """
@@ -93,6 +97,9 @@ def _add_run_command(modes) -> None:
     run.add_argument("--max-output-len", type=int, default=2048, help="output length cap")
     run.add_argument("--latency-noise", type=float, default=0.0,
                      help="relative spread of iteration times around the prediction (0.05: 5%%)")
+    run.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                     help="reuse the KV of prompt blocks an earlier request computed, where the workload has them "
+                          "(a trace replayed with its own lengths: --be-trace mooncake --be-lengths mooncake)")
     scheduler = run.add_argument_group("scheduler")
     add_flags(scheduler, [f for f in fields(SchedulerSettings) if f.name not in RUN_SETS])
     _add_common_flags(run, duration=600.0, drain=600.0)
@@ -222,7 +229,8 @@ def run_config(args: argparse.Namespace):
     settings = {name: getattr(args, name) for name in SCHEDULER_SETTINGS if name not in RUN_SETS}
     return SimConfig(**settings, policy=args.policies.split(",")[0].strip(),
                      max_model_len=args.max_input_len + args.max_output_len, ls_ttft_slo=args.ttft_slo,
-                     ls_tpot_slo=args.tpot_slo, latency_noise=args.latency_noise, seed=args.seed)
+                     ls_tpot_slo=args.tpot_slo, latency_noise=args.latency_noise, seed=args.seed,
+                     prefix_caching=args.enable_prefix_caching)
 
 
 def _run_profile(args: argparse.Namespace):

@@ -38,7 +38,13 @@ def one_line(summary: dict) -> str:
             f"({ls.get('requests', 0)} requests, {ls.get('rejected', 0)} rejected), LS TPOT p99 "
             f"{((ls.get('tpot') or {}).get('p99') or 0) * 1e3:.0f} ms, BE {be.get('output_throughput', 0.0):.1f} "
             f"tok/s; device {summary['device_utilisation']:.0%} busy, CPU pool "
-            f"{max(summary['cpu_pool_utilisation'], default=0):.0%} (busiest host)")
+            f"{max(summary['cpu_pool_utilisation'], default=0):.0%} (busiest host)" + _prefix_hits(summary))
+
+
+def _prefix_hits(summary: dict) -> str:
+    queries = summary["counters"].get("prefix_cache_queries", 0)
+    hits = summary["counters"].get("prefix_cache_hits", 0)
+    return f"; prefix cache {hits / queries:.0%} of prompt tokens" if hits else ""
 
 
 def simulate(profile: SystemProfile, config: SimConfig, loads: dict[ServiceClass, ClassLoad], duration: float,

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from omniserve.bench.metrics import Record
+from omniserve.bench.workload import BLOCK_TOKENS
 from omniserve.config import CacheConfig
 from omniserve.cpu_attention.placement import LOCAL, HostRoom, choose_host, least_loaded
 from omniserve.engine.scheduler import Scheduler
@@ -42,7 +43,7 @@ from omniserve.engine.scheduler.config import SchedulerConfig, SchedulerSettings
 from omniserve.engine.scheduler.latency_model import batch_shape_of_chunks
 from omniserve.engine.scheduler.plan import IterationPlan, RunnerOutput
 from omniserve.engine.scheduler.request import Placement, Request, RequestStatus
-from omniserve.kv_cache import PageAllocator, PageTable
+from omniserve.kv_cache import PageAllocator, PageTable, PrefixCache
 from omniserve.sampling.params import SampledToken, SamplingParams, ServiceClass
 from omniserve.simulator.profiles import SystemProfile
 
@@ -58,6 +59,9 @@ class SimRequest:
     service_class: ServiceClass  # "ls" or "be" is taken too
     input_len: int
     output_len: int
+    blocks: tuple[int, ...] = ()
+    """Hashes of the prompt's blocks of BLOCK_TOKENS tokens, from a trace that has them (equal hashes: equal text);
+    empty: a prompt that shares nothing with any other."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "service_class", ServiceClass(self.service_class))
@@ -73,6 +77,9 @@ class SimConfig(SchedulerSettings):
     page_size: int = CacheConfig.page_size
     latency_noise: float = 0.0  # relative standard deviation of iteration times around the prediction
     seed: int = 0
+    prefix_caching: bool = True
+    """Requests reuse the KV of prompt blocks an earlier one computed (as the engine's --enable-prefix-caching);
+    only requests with blocks share any."""
 
     def scheduler_config(self) -> SchedulerConfig:
         return SchedulerConfig.of(self)
@@ -93,6 +100,19 @@ def one_layer_outputs(plan: IterationPlan, num_layers: int, token: int) -> tuple
         else:
             sampled[request_id] = SampledToken(token)
     return sampled, cpu_rows
+
+
+def block_prompt(blocks: tuple[int, ...], length: int) -> list[int]:
+    """Prompt tokens for a trace's block hashes: each block's first tokens spell its hash (so equal prefixes of
+    blocks give equal tokens, and nothing else does), the rest is one token; small ints, which Python shares, so a
+    long prompt costs a pointer per token."""
+    tokens: list[int] = []
+    for block in blocks:
+        spelled = [(block >> shift) & 255 for shift in range(0, 48, 8)]
+        tokens += spelled + [_TOKEN] * (BLOCK_TOKENS - len(spelled))
+        if len(tokens) >= length:
+            break
+    return (tokens + [_TOKEN] * max(0, length - len(tokens)))[:length]
 
 
 _QKV_SHARE = 0.2  # of a layer's dense work, the part before attention (norm, QKV, RoPE): the rest is O and the MLP
@@ -247,7 +267,9 @@ class Simulation:
         self.profile, self.config = profile, config
         self.now = 0.0
         self.rng = random.Random(config.seed)
-        pages = PageTable(PageAllocator(max(1, profile.device_kv_tokens // config.page_size)), config.page_size)
+        cache = PrefixCache() if config.prefix_caching else None
+        pages = PageTable(PageAllocator(max(1, profile.device_kv_tokens // config.page_size), cache),
+                          config.page_size)
         self.scheduler = Scheduler(config.scheduler_config(), pages, eos_token_ids=(_EOS,),
                                    num_layers=profile.num_layers,
                                    latency_model=profile.latency, default_tpot_slo=config.ls_tpot_slo,
@@ -280,10 +302,12 @@ class Simulation:
         if self.divert is not None and self.divert(self, request):
             return False
         ls = request.service_class is ServiceClass.LS
+        # Without blocks, every simulated prompt is the same tokens: a salt of its own keeps it from sharing.
         params = SamplingParams(max_tokens=request.output_len, ignore_eos=True, temperature=0.0,
-                                service_class=request.service_class)
+                                service_class=request.service_class, cache_salt=None if request.blocks else request_id)
+        prompt = block_prompt(request.blocks, request.input_len) if request.blocks else [_TOKEN] * request.input_len
         self.scheduler.add_request(Request(
-            request_id, [_TOKEN] * request.input_len, params, request.output_len, arrival_time=request.arrival,
+            request_id, prompt, params, request.output_len, arrival_time=request.arrival,
             ttft_slo=self.config.ls_ttft_slo if ls else None, tpot_slo=self.config.ls_tpot_slo if ls else None))
         self.records[request_id] = Record(request.service_class.value, request.arrival, request.input_len,
                                           request.output_len, sent=request.arrival)
@@ -523,7 +547,9 @@ class Simulation:
         for record in self.records.values():
             if record.status == "pending":
                 record.status, record.error, record.end = "cancelled", "still open at the end", self.now
-        counters = {"preemptions": self.scheduler.stats.num_preemptions, "swap_outs": self.scheduler.stats.num_swap_outs,
-                    "swap_ins": self.scheduler.stats.num_swap_ins, "rejected": self.scheduler.stats.num_rejected}
+        stats = self.scheduler.stats
+        counters = {"preemptions": stats.num_preemptions, "swap_outs": stats.num_swap_outs,
+                    "swap_ins": stats.num_swap_ins, "rejected": stats.num_rejected,
+                    "prefix_cache_queries": stats.prefix_cache_queries, "prefix_cache_hits": stats.prefix_cache_hits}
         return SimResult(list(self.records.values()), self.now, iterations, self.device_busy, self.cpu_busy, counters,
                          self.meter.usage())

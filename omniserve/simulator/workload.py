@@ -4,7 +4,9 @@ lengths drawn from real data where the project has it.
 Length sources:
 - `sharegpt`: LS chat. Prompt lengths of the ShareGPT first turns in shared/data (tokenized with the built-in
   tokenizer); output lengths of the Azure conversation trace (real chat answers; ShareGPT's replies are not shipped).
-- `azure-code`, `azure-conv`, `mooncake`: the trace's own input and output lengths.
+- `azure-code`, `azure-conv`, `mooncake`: the trace's own input and output lengths (drawn at random; replayed in
+  the trace's order, each arrival with its own lengths and Mooncake's prompt blocks, when the class's arrivals are the
+  same trace).
 - `longbench`, `cnn`: the OmniServe paper's long-input BE sets, which are not shipped: gamma-distributed lengths
   with the means the paper publishes (its LongBench-v2 set 8,952 in / 136 out, far shorter than LongBench v2's own
   contexts; CNN/DailyMail 1,964 in / 397 out).
@@ -173,18 +175,7 @@ class ClassLoad:
 
 def arrivals(load: ClassLoad, duration: float, rng: random.Random) -> list[float]:
     if load.trace:
-        trace = _trace(load.trace)
-        scale = load.time_scale
-        if load.rate > 0:  # a mean rate asked of the trace: stretch it to that
-            span = trace.times[-1] or 1.0
-            scale = len(trace.times) / span / load.rate
-        # A trace shorter than the experiment repeats, shifted by its own length.
-        span = (trace.times[-1] + (trace.times[-1] / max(1, len(trace.times) - 1))) * scale
-        times, offset = [], 0.0
-        while offset < duration and span > 0:
-            times += [offset + t * scale for t in trace.times if offset + t * scale < duration]
-            offset += span
-        return times
+        return [t for t, _, _ in trace_rows(load, duration)]
     if load.rate_steps:
         return bench_workload.rate_step_arrivals(rng, *load.rate_steps, duration, load.burstiness)
     if load.rate > 0:
@@ -192,13 +183,46 @@ def arrivals(load: ClassLoad, duration: float, rng: random.Random) -> list[float
     return []
 
 
+def trace_rows(load: ClassLoad, duration: float) -> list[tuple[float, int, int]]:
+    """(arrival, the trace's request index, pass) of a trace's requests in the window. A trace shorter than the
+    experiment repeats, shifted by its own length (pass 1, 2, ...)."""
+    trace = _trace(load.trace)
+    scale = load.time_scale
+    if load.rate > 0:  # a mean rate asked of the trace: stretch it to that
+        span = trace.times[-1] or 1.0
+        scale = len(trace.times) / span / load.rate
+    span = (trace.times[-1] + (trace.times[-1] / max(1, len(trace.times) - 1))) * scale
+    rows, offset, repeat = [], 0.0, 0
+    while offset < duration and span > 0:
+        rows += [(offset + t * scale, i, repeat) for i, t in enumerate(trace.times) if offset + t * scale < duration]
+        offset += span
+        repeat += 1
+    return rows
+
+
 def build_workload(loads: dict[ServiceClass, ClassLoad], duration: float, seed: int) -> list[SimRequest]:
-    """Both classes' requests, sorted by arrival; each class draws from its own seeded generator."""
+    """Both classes' requests, sorted by arrival; each class draws from its own seeded generator. A class whose
+    lengths are its arrival trace's replays the trace's requests as they are: each arrival's own lengths, and its
+    prompt blocks where the trace has them (Mooncake's: the prefix cache finds what they share; a repeat of the
+    trace shares nothing with the pass before)."""
     requests = []
     for service_class, load in loads.items():
         service_class = ServiceClass(service_class)
+        if load.trace and load.lengths == load.trace:
+            requests += _replay(load, service_class, duration)
+            continue
         rng = random.Random(f"{seed}-{service_class.value}")
         for t in arrivals(load, duration, rng):
             input_len, output_len = draw_lengths(load.lengths, rng, load.max_input, load.max_output)
             requests.append(SimRequest(t, service_class, input_len, output_len))
     return sorted(requests, key=lambda r: r.arrival)
+
+
+def _replay(load: ClassLoad, service_class: ServiceClass, duration: float) -> list[SimRequest]:
+    trace = _trace(load.trace)
+    requests = []
+    for t, i, repeat in trace_rows(load, duration):
+        blocks = () if trace.blocks is None else tuple((repeat << 40) + block for block in trace.blocks[i])
+        requests.append(SimRequest(t, service_class, min(max(1, trace.input_lens[i]), load.max_input),
+                                   min(max(1, trace.output_lens[i]), load.max_output), blocks))
+    return requests
