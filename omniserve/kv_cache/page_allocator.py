@@ -21,11 +21,12 @@ class PageAllocator:
         self._free: list[int] = list(range(num_pages - 1, -1, -1))  # pop() hands out low ids first
         self._holders: dict[int, int] = {}
         """Pages in use -> how many requests hold each (more than one only for cached pages)."""
+        self._num_idle = 0  # the cache's idle pages, counted here: num_free is read for every request every iteration
 
     @property
     def num_free(self) -> int:
         """Pages that can be handed out: never used, or cached and idle."""
-        return len(self._free) + (self.cache.num_idle if self.cache is not None else 0)
+        return len(self._free) + self._num_idle
 
     @property
     def num_used(self) -> int:
@@ -37,7 +38,11 @@ class PageAllocator:
             raise OutOfPagesError(f"asked for {count} pages, {self.num_free} free")
         pages = []
         for _ in range(count):
-            page = self._free.pop() if self._free else self.cache.evict()
+            if self._free:
+                page = self._free.pop()
+            else:
+                page = self.cache.evict()
+                self._num_idle -= 1
             self._holders[page] = 1
             pages.append(page)
         return pages
@@ -48,6 +53,7 @@ class PageAllocator:
             self._holders[page] += 1
         else:
             self.cache.unpark(page)
+            self._num_idle -= 1
             self._holders[page] = 1
 
     def free(self, pages: list[int]) -> None:
@@ -62,6 +68,7 @@ class PageAllocator:
             del self._holders[page]
             if self.cache is not None and self.cache.is_cached(page):
                 self.cache.park(page)
+                self._num_idle += 1
             else:
                 self._free.append(page)
 
@@ -80,3 +87,5 @@ class PageAllocator:
                                  f"!= total {self.num_pages}")
         if self.cache is not None and any(not self.cache.is_cached(p) for p in idle):
             raise AssertionError("an idle page is not cached")
+        if len(idle) != self._num_idle:
+            raise AssertionError(f"{len(idle)} idle pages, {self._num_idle} counted")

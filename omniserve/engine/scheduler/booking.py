@@ -22,13 +22,17 @@ class ResultBooker:
     def update(self, plan: IterationPlan, output: RunnerOutput) -> list[Request]:
         """Books the iteration's results. Returns the requests that got a new token (finished ones included)."""
         requests, updated = self.state.requests, []
+        page_table = self.state.page_table
+        caching, page_size = page_table.caching, page_table.page_size
         for chunk in plan.chunks:
             request = requests.get(chunk.request_id)
             if request is None:  # ended while the iteration ran
                 continue
+            before = request.num_computed_tokens
             request.num_computed_tokens += len(chunk.token_ids)
-            self.state.page_table.cache_full_pages(request.request_id, request.token_ids,
-                                                   request.num_computed_tokens, request.params.cache_salt)
+            if caching and before // page_size != request.num_computed_tokens // page_size:  # a page filled
+                page_table.cache_full_pages(request.request_id, request.token_ids, request.num_computed_tokens,
+                                            request.params.cache_salt)
             sampled = output.sampled.get(chunk.request_id)
             if chunk.sample and sampled is not None:
                 self._append_token(request, sampled)
