@@ -163,6 +163,23 @@ def mooncake_arrivals(sample: list[dict], args: argparse.Namespace, vocab: int) 
     return arrivals
 
 
+def least_computed(sample: list[dict], arrivals: list[Arrival], block_tokens: int) -> int:
+    """Prompt tokens that must be computed, with every earlier request's blocks cached (a block whose hash came
+    before is free, and so is every block before it; the last token is always computed)."""
+    seen: set[int] = set()
+    total = 0
+    for row, arrival in zip(sample, arrivals):
+        length = len(arrival.prompt)
+        cached_blocks = 0
+        for block in row["hash_ids"]:
+            if block not in seen:
+                break
+            cached_blocks += 1
+        total += length - min(cached_blocks * block_tokens, length - 1)
+        seen.update(row["hash_ids"][: length // block_tokens])  # full blocks only: a page is cached once full
+    return total
+
+
 def mooncake_rows(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
     sample, reuse = mooncake_sample(MOONCAKE, args.requests, args.seed)
     runs = {}
@@ -174,12 +191,15 @@ def mooncake_rows(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
     off, on = runs[False], runs[True]
     same = sum(off.tokens[r] == on.tokens[r] for r in off.tokens)
     prompt_tokens = sum(len(a.prompt) for a in arrivals)
+    least = least_computed(sample, arrivals, args.block_tokens)
     rows = [dict(figure="TTFT p50 (s)", off=f"{statistics.median(off.ttft.values()):.2f}",
                  on=f"{statistics.median(on.ttft.values()):.2f}",
                  ratio=f"{statistics.median(on.ttft.values()) / statistics.median(off.ttft.values()):.2f}",
                  goal="<= 0.5"),
             dict(figure="prompt tokens computed", off=str(off.prompt_tokens_computed), on=str(on.prompt_tokens_computed),
                  ratio=f"{on.prompt_tokens_computed / off.prompt_tokens_computed:.2f}", goal="<= 0.7"),
+            dict(figure="... the least any cache computes", off="", on=str(least),
+                 ratio=f"{least / off.prompt_tokens_computed:.2f}", goal=""),
             dict(figure="run seconds", off=f"{off.seconds:.0f}", on=f"{on.seconds:.0f}",
                  ratio=f"{on.seconds / off.seconds:.2f}", goal=""),
             dict(figure="greedy tokens equal", off="", on=f"{same}/{len(off.tokens)}", ratio="", goal="all")]
