@@ -171,13 +171,14 @@ def test_every_page_comes_back_however_requests_end(tiny, make_llm):
     assert engine.allocator.num_used == 0 and len(engine.allocator.cache) > 0
 
 
-def test_n_completions_share_the_prompt(uncached, tiny, make_llm):
-    llm = make_llm(tiny, dtype="float64", block_size=PAGE)
-    llm.generate([PROMPTS[0]], GREEDY, use_tqdm=False)
+def test_n_completions_compute_their_prompt_once(uncached, tiny, make_llm):
+    """The first completion computes the prompt; its siblings wait for it, then find it cached."""
+    llm = make_llm(tiny, dtype="float64", block_size=PAGE, max_num_batched_tokens=16)
     [output] = llm.generate([PROMPTS[0]], SamplingParams(n=3, temperature=0.0, max_tokens=12, ignore_eos=True),
                             use_tqdm=False)
     assert [c.token_ids for c in output.outputs] == [uncached[0]] * 3
     assert output.num_cached_tokens == 36
+    assert llm.engine.scheduler.stats.prefix_cache_hits == 2 * 36
 
 
 def test_server_reports_cached_tokens_and_isolates_api_keys(tiny_chat_model):

@@ -226,6 +226,7 @@ class LLMEngine:
             children.append(Request(
                 child_id, token_ids, child_params, max_tokens, arrival_time=arrival,
                 ttft_slo=service.ttft_slo, tpot_slo=service.tpot_slo, service=service.name,
+                siblings=request_id if params.n > 1 else None,
             ))
         self._groups[request_id] = children
         for request in children:
@@ -390,6 +391,7 @@ class LLMEngine:
         - ls_headroom: the share of an LS iteration's time budget and of the sequence slots still free (the smaller),
           less the LS requests queued, in sequence slots; at most 1, below 0 when the instance is behind.
         - be_spare_tokens: KV tokens free on the device and in host memory, less the tokens of queued BE requests.
+        - prefix_cache_pages: device KV pages the prefix cache holds (in use or idle; idle ones are free too).
         """
         scheduler, max_seqs = self.scheduler, self.scheduler_config.max_num_seqs
         ls_waiting = sum(1 for r in scheduler.waiting if not r.is_best_effort)
@@ -409,6 +411,7 @@ class LLMEngine:
             "be_spare_tokens": self.allocator.num_free * self.page_table.page_size + host_tokens - be_waiting_tokens,
             "running": len(scheduler.running), "waiting": len(scheduler.waiting),
             "offloaded": len(scheduler.offloaded), "max_num_seqs": max_seqs,
+            "prefix_cache_pages": len(self.allocator.cache) if self.allocator.cache is not None else 0,
         }
 
     def check_integrity(self) -> None:

@@ -1,5 +1,9 @@
 """Admission: which waiting requests start this iteration, with how large a first chunk, and which LS requests are
-rejected at once because their predicted TTFT misses their SLO (never a silently late answer)."""
+rejected at once because their predicted TTFT misses their SLO (never a silently late answer).
+
+With prefix caching, a waiting request is first given the cached pages of its longest cached prefix, so that every
+decision (TTFT, the chunk, the pages it needs) counts only the tokens it must compute; one that does not start lets
+them go again. One of a request's n completions waits while a sibling computes their prompt, then finds it cached."""
 
 from __future__ import annotations
 
@@ -54,8 +58,10 @@ class Admission:
                     self._reject(request, rejected)
                 continue
             ahead += request.num_tokens - request.num_computed_tokens
-            # New requests wait while anything is being preempted: admitting them would only preempt again.
-            if blocked or self.pages.preempted or len(state.running) >= state.config.max_num_seqs:
+            # New requests wait while anything is being preempted: admitting them would only preempt again. One of n
+            # completions waits while a sibling computes their prompt, and then finds it cached.
+            if blocked or self.pages.preempted or len(state.running) >= state.config.max_num_seqs or (
+                    self._sibling_computes_prompt(request)):
                 blocked = True
                 self._detach(request)
                 continue
@@ -68,8 +74,15 @@ class Admission:
             self._start(request, count, batch, scheduled, ls)
 
     def _attach_cached_prefix(self, request: Request) -> None:
-        request.num_computed_tokens = self.state.page_table.attach_cached_prefix(
-            request.request_id, request.token_ids, request.params.cache_salt)
+        if request.num_computed_tokens == 0:  # a waiting request holds no KV (a preempted one was freed)
+            request.num_computed_tokens = self.state.page_table.attach_cached_prefix(
+                request.request_id, request.token_ids, request.params.cache_salt)
+
+    def _sibling_computes_prompt(self, request: Request) -> bool:
+        if request.siblings is None or not self.state.page_table.caching:
+            return False
+        return any(r.siblings == request.siblings and r.num_computed_tokens < r.num_prompt_tokens
+                   for r in self.state.running)
 
     def _detach(self, request: Request) -> None:
         """A waiting request that does not start now lets go of the cached pages it was given: they stay cached,

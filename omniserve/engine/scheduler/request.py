@@ -60,6 +60,8 @@ class Request:
     tpot_slo: float | None = None
     service: str | None = None
     """The name of the service it belongs to."""
+    siblings: str | None = None
+    """One of a request's n completions: the caller's request id, which its siblings (same prompt) share."""
     token_ids: list[int] = field(init=False)
     """Prompt followed by every generated token."""
     num_computed_tokens: int = 0
