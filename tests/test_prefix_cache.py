@@ -206,3 +206,44 @@ def test_server_reports_cached_tokens_and_isolates_api_keys(tiny_chat_model):
         samples = metric_samples(running)
         assert samples[("vllm:prefix_cache_hits_total", (("model_name", "tiny"),))] == 72
         assert samples[("vllm:prefix_cache_queries_total", (("model_name", "tiny"),))] == 5 * len(prompt)
+
+
+def test_admission_counts_only_the_uncached_prompt_and_waiting_requests_take_no_pages():
+    """An LS prompt whose whole prefill would miss its TTFT SLO is admitted when its cached prefix leaves little to
+    compute (and one with nothing cached is rejected); requests that wait hold no page."""
+    from fakes import LAYERS, MODEL, step
+
+    from omniserve.engine.scheduler import Scheduler, SchedulerConfig
+    from omniserve.engine.scheduler.request import Request
+
+    now = [100.0]
+    table = cached_table(num_pages=1024)
+    scheduler = Scheduler(SchedulerConfig(iteration_budget_share=1.0, max_num_seqs=2), table, eos_token_ids=(2,),
+                          num_layers=LAYERS, latency_model=MODEL, default_tpot_slo=0.05, clock=lambda: now[0])
+
+    def add(request_id: str, prompt: list[int], ttft: float | None, max_tokens: int = 2) -> Request:
+        request = Request(request_id, prompt, SamplingParams(), max_tokens, arrival_time=now[0], ttft_slo=ttft,
+                          tpot_slo=0.05 if ttft else None)
+        scheduler.add_request(request)
+        return request
+
+    shared = list(range(1000, 1800))
+    add("first", shared + [1] * 100, None)
+    while scheduler.has_unfinished():
+        step(scheduler)
+    on_time = add("cached", shared + [2] * 100, ttft=0.15)
+    add("uncached", list(range(3000, 3900)), ttft=0.15)
+    plan = step(scheduler)
+    assert "uncached" in plan.rejected and on_time.num_cached_tokens == 800
+    while on_time.status.value == "running":
+        step(scheduler)
+    blockers = [add(f"decoding {i}", [5 + i] * 10, None, max_tokens=1000) for i in range(2)]
+    while not all(b.num_output_tokens for b in blockers):
+        step(scheduler)
+    add("waits", shared + [3] * 100, None)  # max_num_seqs is full: it waits, and holds nothing meanwhile
+    add("waits too", shared + [4] * 100, None)
+    for _ in range(3):
+        step(scheduler)
+    assert [r.request_id for r in scheduler.waiting] == ["waits", "waits too"]
+    assert not table.pages("waits") and not table.pages("waits too") and table.num_requests == 2
+    table.allocator.check_integrity()

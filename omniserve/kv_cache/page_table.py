@@ -71,18 +71,18 @@ class PageTable:
         return len(self._hashes)
 
     # ------------------------------------------------------------------------------------------- prefix caching
+    def cached_prefix_tokens(self, request_id: str, token_ids: Sequence[int], salt: str | None) -> int:
+        """The tokens attach_cached_prefix would give the request now, without taking any page."""
+        if self.cache is None or request_id in self._pages:
+            return 0
+        return len(self._cached_prefix(request_id, token_ids, salt)) * self.page_size
+
     def attach_cached_prefix(self, request_id: str, token_ids: Sequence[int], salt: str | None) -> int:
         """Gives a request that holds no page the cached pages of its longest cached prefix of full pages, short of
         its last token (which must be computed to sample from). Returns the tokens they hold (0: no hit)."""
         if self.cache is None or request_id in self._pages:
             return 0
-        hashes = self._page_hashes(request_id, token_ids, salt, (len(token_ids) - 1) // self.page_size)
-        hits = []
-        for key in hashes:
-            page = self.cache.lookup(key)
-            if page is None:
-                break
-            hits.append(page)
+        hits = self._cached_prefix(request_id, token_ids, salt)
         if not hits:
             return 0
         for page in hits:
@@ -105,6 +105,15 @@ class PageTable:
         for index in range(done, full):
             self.cache.insert(hashes[index], pages[index])
         self._num_cached[request_id] = full
+
+    def _cached_prefix(self, request_id: str, token_ids: Sequence[int], salt: str | None) -> list[int]:
+        hits = []
+        for key in self._page_hashes(request_id, token_ids, salt, (len(token_ids) - 1) // self.page_size):
+            page = self.cache.lookup(key)
+            if page is None:
+                break
+            hits.append(page)
+        return hits
 
     def _page_hashes(self, request_id: str, token_ids: Sequence[int], salt: str | None, count: int) -> list[bytes]:
         """The keys of the request's first `count` full pages, extending those kept."""

@@ -1,9 +1,9 @@
 """Admission: which waiting requests start this iteration, with how large a first chunk, and which LS requests are
 rejected at once because their predicted TTFT misses their SLO (never a silently late answer).
 
-With prefix caching, a waiting request is first given the cached pages of its longest cached prefix, so that every
-decision (TTFT, the chunk, the pages it needs) counts only the tokens it must compute; one that does not start lets
-them go again. One of a request's n completions waits while a sibling computes their prompt, then finds it cached."""
+With prefix caching, every decision (TTFT, the chunk, the pages it needs) counts only the tokens a request must
+compute: its longest cached prefix is looked up for the TTFT, and its pages taken once it may start (one that then
+does not start lets them go again). One of a request's n completions waits while a sibling computes their prompt, then finds it cached."""
 
 from __future__ import annotations
 
@@ -48,23 +48,23 @@ class Admission:
         for request in (r for r in tuple(state.waiting) if state.is_ls(r) == ls):  # a snapshot: admission removes
             if blocked and not ls:
                 break  # nothing more can happen to waiting BE requests (LS ones may still be rejected)
-            # What the prefix cache holds of its tokens is not computed again: the checks below count the rest.
-            self._attach_cached_prefix(request)
-            if ls and self._is_late(request, batch, ahead):
+            # What the prefix cache holds of its tokens is not computed again: the checks count only the rest.
+            uncached = self._uncached_tokens(request) if ls and self._judges_lateness(request) else (
+                request.num_tokens - request.num_computed_tokens)
+            if ls and self._is_late(request, batch, ahead, uncached):
                 if self._wants_calibration(ahead):
                     self.calibration_wanted = blocked = True
-                    self._detach(request)
                 else:
                     self._reject(request, rejected)
                 continue
-            ahead += request.num_tokens - request.num_computed_tokens
+            ahead += uncached
             # New requests wait while anything is being preempted: admitting them would only preempt again. One of n
             # completions waits while a sibling computes their prompt, and then finds it cached.
             if blocked or self.pages.preempted or len(state.running) >= state.config.max_num_seqs or (
                     self._sibling_computes_prompt(request)):
                 blocked = True
-                self._detach(request)
                 continue
+            self._attach_cached_prefix(request)  # its cached pages are taken only now that it may start
             count = batch.largest_chunk(request, reserve_rows)
             if count <= 0 or not self.pages.has_room(request, request.num_computed_tokens + count) or not (
                     ls or self.pages.room_for_whole_prompt(request)):
@@ -72,6 +72,17 @@ class Admission:
                 self._detach(request)
                 continue
             self._start(request, count, batch, scheduled, ls)
+
+    def _judges_lateness(self, request: Request) -> bool:
+        return self.state.policy.reject_late and self.state.latency_model is not None and request.ttft_slo is not None
+
+    def _uncached_tokens(self, request: Request) -> int:
+        """The tokens a waiting request would compute, its cached prefix looked up (not taken)."""
+        cached = 0
+        if request.num_computed_tokens == 0:
+            cached = self.state.page_table.cached_prefix_tokens(request.request_id, request.token_ids,
+                                                                request.params.cache_salt)
+        return request.num_tokens - request.num_computed_tokens - cached
 
     def _attach_cached_prefix(self, request: Request) -> None:
         if request.num_computed_tokens == 0:  # a waiting request holds no KV (a preempted one was freed)
@@ -96,10 +107,11 @@ class Admission:
             r.num_tokens - r.num_computed_tokens - scheduled.get(r.request_id, 0) for r in self.state.running
             if r.placement is Placement.DEVICE and self.state.is_ls(r) and not r.num_output_tokens)
 
-    def _is_late(self, request: Request, batch: IterationBudget, ahead: int) -> bool:
+    def _is_late(self, request: Request, batch: IterationBudget, ahead: int, uncached: int) -> bool:
         if not self.state.policy.reject_late:
             return False
-        ttft = batch.predicted_ttft(request, ahead, self.state.config.max_num_batched_tokens, self.state.clock())
+        ttft = batch.predicted_ttft(request, ahead, uncached, self.state.config.max_num_batched_tokens,
+                                    self.state.clock())
         return ttft > (request.ttft_slo or math.inf)
 
     def _wants_calibration(self, ahead: int) -> bool:

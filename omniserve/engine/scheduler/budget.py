@@ -81,15 +81,16 @@ class IterationBudget:
         self.shape = self.with_chunk(self.shape, start, count, start + count == request.num_tokens)
         self.tokens_left -= count
 
-    def predicted_ttft(self, request: Request, tokens_ahead: int, max_chunk: int, now: float) -> float:
+    def predicted_ttft(self, request: Request, tokens_ahead: int, uncached: int, max_chunk: int, now: float) -> float:
         """Seconds from arrival to the request's first token if it were admitted now behind `tokens_ahead` LS
-        prefill tokens, with each iteration taking the largest chunk (at most max_chunk) the time budget allows."""
+        prefill tokens, computing `uncached` tokens of its own (those its prefix cache hit leaves), with each
+        iteration taking the largest chunk (at most max_chunk) the time budget allows."""
         if request.num_output_tokens or self.model is None or request.ttft_slo is None:
             return 0.0  # preempted requests already have their first token; without a model there is no estimate
         # The iterations ahead keep this one's decode rows, not its prefill chunks (their tokens are `tokens_ahead`).
         shape = self.shape
         base = replace(shape, num_rows=shape.num_rows - shape.prefill_tokens, prefill_interactions=0, prefill_tokens=0)
-        remaining = tokens_ahead + request.num_tokens - request.num_computed_tokens
+        remaining = tokens_ahead + uncached
         chunk = largest_fitting(lambda n: self.fits(self.with_chunk(base, 0, n, False)), min(remaining, max_chunk))
         if chunk == 0:
             return math.inf
