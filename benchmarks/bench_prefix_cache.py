@@ -15,6 +15,10 @@
    `omniserve serve` with and without --no-enable-prefix-caching (a process each). Figure: lines/s.
 4. Bookkeeping: the scheduler alone (no model; every chunk's token made up) with --running decoding requests: ms per
    iteration (plan + booking) with the cache against without.
+5. The host tier: --tier-conversations conversations with system prompts of their own take turns, one request at a
+   time, on device KV that holds a quarter of the prompts: the device's cache alone (it has evicted a prompt before
+   its next turn) against the same with a --tier-gib host tier (--kv-offloading-size). Figure: TTFT p50 after the
+   first round.
 
     python benchmarks/bench_prefix_cache.py --markdown prefix.md
     python benchmarks/bench_prefix_cache.py --parts bookkeeping multi_turn
@@ -35,7 +39,7 @@ from omniserve.bench.report import command_line, cpu_model, print_report, write_
 
 MOONCAKE = Path(__file__).resolve().parents[2] / "shared" / "data" / "mooncake" / "conversation_trace.jsonl"
 TRACE_BLOCK = 512
-PARTS = ("mooncake", "multi_turn", "batch", "bookkeeping")
+PARTS = ("mooncake", "multi_turn", "batch", "bookkeeping", "host_tier")
 
 
 @dataclass
@@ -300,6 +304,50 @@ def batch_rows(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
     return rows, info
 
 
+# ------------------------------------------------------------------------------------------- 5. the host tier
+def host_tier_rows(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
+    """--tier-conversations conversations, each with a system prompt of its own, take turns one request at a time
+    (round robin), on device KV that holds a quarter of their system prompts: the device's cache alone has evicted
+    a prompt before its next turn; the host tier has kept it."""
+    prompt_len = args.tier_system_tokens + args.user_tokens
+    working_set = args.tier_conversations * args.tier_system_tokens
+    pages = max(working_set // 4, prompt_len + args.answer_tokens + 16) // 16
+    runs = {}
+    for tier in (None, args.tier_gib):
+        llm_engine = engine(True, max_model_len=4096, num_gpu_blocks_override=pages, kv_offloading_size=tier)
+        vocab = llm_engine.model_config.vocab_size
+        rng = random.Random(args.seed)
+        systems = [[rng.randrange(100, vocab - 100) for _ in range(args.tier_system_tokens)]
+                   for _ in range(args.tier_conversations)]
+        turns = args.tier_conversations * args.tier_rounds
+
+        def request(index: int, at: float) -> Arrival:
+            user = [rng.randrange(100, vocab - 100) for _ in range(args.user_tokens)]
+            return Arrival(at, f"r{index}", systems[index % args.tier_conversations] + user, args.answer_tokens)
+
+        def next_turn(request_id: str, answer: list[int], now: float) -> Arrival | None:
+            index = int(request_id[1:]) + 1
+            return request(index, now) if index < turns else None
+
+        runs[tier] = drive(llm_engine, [request(0, 0.0)], next_turn)
+        llm_engine.shutdown()
+    first_round = {f"r{i}" for i in range(args.tier_conversations)}
+    later = {tier: [t for r, t in run.ttft.items() if r not in first_round] for tier, run in runs.items()}
+    device, host = statistics.median(later[None]), statistics.median(later[args.tier_gib])
+    same = sum(runs[None].tokens[r] == runs[args.tier_gib].tokens[r] for r in runs[None].tokens)
+    rows = [dict(figure="TTFT p50, rounds 2+ (s)", off=f"{device:.3f}", on=f"{host:.3f}", ratio=f"{host / device:.2f}",
+                 goal="<= 0.6"),
+            dict(figure="prompt tokens computed", off=str(runs[None].prompt_tokens_computed),
+                 on=str(runs[args.tier_gib].prompt_tokens_computed),
+                 ratio=f"{runs[args.tier_gib].prompt_tokens_computed / runs[None].prompt_tokens_computed:.2f}", goal=""),
+            dict(figure="greedy tokens equal", off="", on=f"{same}/{len(runs[None].tokens)}", ratio="", goal="all")]
+    info = [f"host tier: {args.tier_conversations} conversations with system prompts of {args.tier_system_tokens} "
+            f"tokens ({working_set} in all), {args.tier_rounds} rounds of one request at a time, user messages "
+            f"{args.user_tokens}, answers {args.answer_tokens}; device KV {pages} pages of 16 (a quarter of the "
+            f"prompts); 'caching off' is the device's cache alone, 'caching on' adds a {args.tier_gib} GiB host tier"]
+    return rows, info
+
+
 # -------------------------------------------------------------------------------------------- 4. bookkeeping
 def bookkeeping_rows(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
     from omniserve.engine.scheduler import Scheduler, SchedulerConfig
@@ -363,15 +411,20 @@ def main() -> None:
     parser.add_argument("--suffix-tokens", type=int, default=32)
     parser.add_argument("--batch-output-len", type=int, default=8)
     parser.add_argument("--running", type=int, default=400, help="bookkeeping: decoding requests")
+    parser.add_argument("--tier-conversations", type=int, default=16)
+    parser.add_argument("--tier-system-tokens", type=int, default=512)
+    parser.add_argument("--tier-rounds", type=int, default=3)
+    parser.add_argument("--tier-gib", type=float, default=1.0, help="host tier: its size")
     parser.add_argument("--markdown", type=Path, default=None)
     parser.add_argument("--smoke", action="store_true", help="a tiny run (the test suite's)")
     args = parser.parse_args()
     if args.smoke:
         args.parts, args.running, args.requests, args.conversations, args.turns = (
-            ["bookkeeping", "mooncake"], 16, 3, 1, 2)
+            ["bookkeeping", "mooncake", "host_tier"], 16, 3, 1, 2)
+        args.tier_conversations, args.tier_system_tokens, args.tier_rounds = 4, 64, 2
     rows, info = [], [f"command: {command_line()}", f"CPU: {cpu_model()}"]
     makers = dict(mooncake=mooncake_rows, multi_turn=multi_turn_rows, batch=batch_rows,
-                  bookkeeping=bookkeeping_rows)
+                  bookkeeping=bookkeeping_rows, host_tier=host_tier_rows)
     for part in args.parts:
         part_rows, part_info = makers[part](args)
         rows += [dict(part=part, **row) for row in part_rows]

@@ -247,3 +247,86 @@ def test_admission_counts_only_the_uncached_prompt_and_waiting_requests_take_no_
     assert [r.request_id for r in scheduler.waiting] == ["waits", "waits too"]
     assert not table.pages("waits") and not table.pages("waits too") and table.num_requests == 2
     table.allocator.check_integrity()
+
+
+# ------------------------------------------------------------------------------------------------ the host tier
+def test_host_tier_keeps_evicted_pages_and_plans_saves_before_loads():
+    from omniserve.kv_cache.host_tier import HostTier
+
+    table = PageTable(PageAllocator(6, PrefixCache()), PAGE, HostTier(8))
+    prompt, other, third = [1] * 4 + [2] * 4 + [3], [7] * 8 + [8], [9] * 12 + [1]
+    for request_id, tokens in (("a", prompt), ("b", other)):
+        assert compute(table, request_id, tokens) == 0
+        table.forget(request_id)
+        assert table.take_transfers() == ([], [])
+        table.end_transfers()
+    compute(table, "c", third)  # four pages: two free ones, then a's two idle cached pages are evicted...
+    saves, loads = table.take_transfers()
+    assert len(saves) == 2 and not loads  # ... and saved to the host tier
+    table.end_transfers()
+    table.forget("c")
+    assert compute(table, "a again", prompt) == 8  # found in the host tier
+    saves, loads = table.take_transfers()
+    assert len(loads) == 2
+    assert {page for _, page in loads} <= set(table.pages("a again"))
+    table.forget("a again")  # (it ended before its plan ran) ...
+    assert table.allocator.num_used == 2  # ... the loaded pages are still held, until the plan has run
+    table.end_transfers()
+    assert table.allocator.num_used == 0
+    table.allocator.check_integrity()
+    table.host_tier.check_integrity()
+
+
+@pytest.mark.parametrize("host_tier", [False, True], ids=["device only", "host tier"])
+def test_same_tokens_when_the_device_cache_is_too_small(host_tier, uncached, tiny, make_llm):
+    """Device KV for little more than one prompt: prefixes are evicted between requests, and found again in the
+    host tier (copied back) or computed again; the tokens are the same either way."""
+    llm = make_llm(tiny, dtype="float64", block_size=PAGE, num_gpu_blocks_override=16,
+                   kv_offloading_size=1e-3 if host_tier else None)
+    copies = {"saved": 0, "loaded": 0}
+
+    def count(record) -> None:
+        copies["saved"] += len(record.plan.prefix_saves)
+        copies["loaded"] += len(record.plan.prefix_loads)
+
+    llm.engine.add_iteration_observer(count)
+    outputs = run_one_by_one(llm, PROMPTS + PROMPTS)
+    assert [o.outputs[0].token_ids for o in outputs] == uncached + uncached
+    cached = [o.num_cached_tokens for o in outputs]
+    if host_tier:
+        assert copies["saved"] > 0 and copies["loaded"] > 0
+        assert cached[len(PROMPTS):] == [36, 36, 44, 16, 0]  # every prefix found again, whole
+    else:
+        assert copies == {"saved": 0, "loaded": 0} and sum(cached[len(PROMPTS):]) < sum(cached[:len(PROMPTS)]) + 36
+    llm.engine.check_integrity()
+
+
+def test_a_failed_iteration_leaves_no_page_its_copies_were_to_fill(uncached, tiny, make_llm):
+    """The iteration that was to copy prefix pages back from the host tier fails: its requests fail, and the pages
+    it was to fill are not cached (they may hold anything); the next requests compute the right tokens."""
+    llm = make_llm(tiny, dtype="float64", block_size=PAGE, num_gpu_blocks_override=16, kv_offloading_size=1e-3)
+    engine = llm.engine
+    run_one_by_one(llm, PROMPTS)  # the shared prefix is evicted to the host tier by the later prompts
+    execute = engine.runner.execute
+
+    def fail_on_loads(plan):
+        if plan.prefix_loads:
+            raise RuntimeError("injected")
+        return execute(plan)
+
+    engine.runner.execute = fail_on_loads
+    [failed] = llm.generate([PROMPTS[0]], GREEDY, use_tqdm=False)
+    assert failed.outputs[0].finish_reason == "error"
+    engine.runner.execute = execute
+    engine.check_integrity()
+    assert [o.outputs[0].token_ids for o in run_one_by_one(llm, PROMPTS)] == uncached
+
+
+def test_the_host_tier_comes_out_of_the_cpu_pools_host_budget(uncached, tiny, make_llm):
+    llm = make_llm(tiny, dtype="float64", block_size=PAGE, num_gpu_blocks_override=32, kv_offloading_size=1e-3,
+                   be_decode_placement="cpu", cpu_attention_memory_gib=0.5)
+    tier = llm.engine.host_pages.num_pages * PAGE * 2 * llm.engine.model_config.num_layers * (
+        llm.engine.model_config.num_kv_heads * llm.engine.model_config.head_dim * 8)
+    assert llm.engine.cpu_pool.config.local_memory_bytes == int(0.5 * 2**30) - tier
+    be = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, service_class="be")
+    assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS * 2, be, use_tqdm=False)] == uncached * 2

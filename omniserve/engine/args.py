@@ -38,6 +38,9 @@ class EngineArgs(SchedulerSettings):
     enable_prefix_caching: bool = _arg(
         True, "reuse the KV of prompt prefixes that earlier requests computed (full pages, found by the hash of "
         "their tokens; requests of different API keys or cache salts share none)")
+    kv_offloading_size: float | None = _arg(
+        None, "GiB of host memory for the prefix cache's host tier: cached pages evicted from the device are kept "
+        "there and copied back instead of computed again; default: none")
     num_gpu_blocks_override: int | None = _arg(None, "exact number of KV pages, instead of sizing by memory")
     kv_cache_memory_bytes: int | None = _arg(
         None, "KV cache size in bytes; default: 90%% of free GPU memory, or 2 GiB on the CPU")

@@ -17,7 +17,7 @@ from types import MappingProxyType
 
 from omniserve.config import CacheConfig, ConfigError
 from omniserve.cpu_attention import CPUAttentionPool, PoolConfig
-from omniserve.cpu_attention.remote import RemoteHosts, RemoteHostsConfig, connect_ray
+from omniserve.cpu_attention.remote import RemoteHosts, RemoteHostsConfig, available_memory_bytes, connect_ray
 from omniserve.engine.args import EngineArgs
 from omniserve.engine.graphs import DecodeGraphs
 from omniserve.engine.output_processor import CompletionUpdate, NewRequest, OutputProcessor
@@ -31,7 +31,9 @@ from omniserve.engine.scheduler.policy import POLICY_TABLE
 from omniserve.engine.scheduler.request import Request, RequestStatus
 from omniserve.engine.services import ServiceRegistry
 from omniserve.kv_cache import PageAllocator, PageTable, PrefixCache
-from omniserve.kv_cache.page_pool import PagePool, activation_peak_bytes, pages_for_memory, weight_bytes
+from omniserve.kv_cache.host_tier import HostTier
+from omniserve.kv_cache.page_pool import (PagePool, activation_peak_bytes, bytes_per_page, pages_for_memory,
+                                          weight_bytes)
 from omniserve.models.loader import LoadedModel
 from omniserve.sampling.params import InvalidRequestError, SamplingParams
 from omniserve.tokenizer import load_tokenizer
@@ -89,9 +91,11 @@ class LLMEngine:
         num_pages = self._kv_pages(loaded, cache)
         self.pool = PagePool(loaded.config, num_pages, cache.page_size, self.device, self.dtype)
         self.allocator = PageAllocator(num_pages, PrefixCache() if args.enable_prefix_caching else None)
-        self.page_table = PageTable(self.allocator, cache.page_size)
+        self.host_pages = self._host_tier_pool(loaded, args, cache.page_size)
+        self.page_table = PageTable(self.allocator, cache.page_size,
+                                    None if self.host_pages is None else HostTier(self.host_pages.num_pages))
         if self.scheduler_config.offload_mode.uses_pool:
-            pool_config = pool_config or args.pool_config()
+            pool_config = self._beside_host_tier(pool_config or args.pool_config())
         else:
             pool_config = None  # this engine never offloads
         self.latency_model = self._latency_model(latency_model, loaded, pool_config)
@@ -127,7 +131,36 @@ class LLMEngine:
         if self.device.type in ("cuda", "cpu") and not enforce_eager:
             graphs = DecodeGraphs(loaded.model, self.pool, self.device, self.scheduler_config.max_num_seqs,
                                   self.scheduler_config.max_model_len, capture=self.device.type == "cuda", pad=False)
-        return ModelRunner(loaded.model, self.pool, self.device, self.cpu_pool, graphs)
+        return ModelRunner(loaded.model, self.pool, self.device, self.cpu_pool, graphs, self.host_pages)
+
+    def _beside_host_tier(self, pool_config: PoolConfig) -> PoolConfig:
+        """The CPU pool's settings with the host tier's memory taken out of its local host budget: one budget for
+        host KV, split once at start (the tier never grows into offloaded KV, nor gives way to it)."""
+        if self.host_pages is None:
+            return pool_config
+        budget = pool_config.local_memory_bytes
+        if budget is None:
+            budget = available_memory_bytes() // 2  # the pool's own default
+        tier = self.host_pages.num_pages * bytes_per_page(self.model_config, self.host_pages.page_size, self.dtype)
+        logger.info("the CPU pool's local host KV: %.2f GiB (%.2f GiB went to the prefix cache's host tier)",
+                    max(0, budget - tier) / 2**30, tier / 2**30)
+        return replace(pool_config, local_memory_bytes=max(0, budget - tier))
+
+    def _host_tier_pool(self, loaded: LoadedModel, args: EngineArgs, page_size: int) -> PagePool | None:
+        """The prefix cache's host tier: --kv-offloading-size GiB of host pages (pinned beside a GPU)."""
+        import torch
+
+        if not args.kv_offloading_size or not args.enable_prefix_caching:
+            return None
+        per_page = bytes_per_page(loaded.config, page_size, self.dtype)
+        num_pages = int(args.kv_offloading_size * 2**30) // per_page
+        if num_pages < 1:
+            raise ConfigError(f"--kv-offloading-size {args.kv_offloading_size} GiB holds no KV page "
+                              f"({per_page} bytes each)")
+        logger.info("prefix cache host tier: %d pages of %d tokens (%.2f GiB)", num_pages, page_size,
+                    num_pages * per_page / 2**30)
+        return PagePool(loaded.config, num_pages, page_size, torch.device("cpu"), self.dtype,
+                        pin_memory=self.device.type == "cuda")
 
     def _kv_pages(self, loaded: LoadedModel, cache: CacheConfig) -> int:
         """How many KV pages the memory settings give (pages_for_memory): a memory utilization's share must also hold
@@ -172,6 +205,10 @@ class LLMEngine:
         if not self.page_table.can_grow(scratch, length + decodes):
             return  # no free pages: the device is not idle, and its iterations are measured anyway
         self.page_table.grow(scratch, length + decodes)
+        if self.host_pages is not None:  # cached pages the scratch pages evicted: saved before they are written
+            saves, _ = self.page_table.take_transfers()
+            self.pool.copy_pages(saves, to=self.host_pages)
+            self.page_table.end_transfers()
         page_ids = self.page_table.pages(scratch)
         vocab, greedy = self.model_config.vocab_size, SamplingParams(temperature=0.0)
         prompt = [3 + i % max(1, vocab - 3) for i in range(length)]
@@ -357,6 +394,7 @@ class LLMEngine:
             # (pages half copied, exports requested), so they fail too, and release frees whatever was started.
             failed = plan.touched_request_ids
             logger.exception("iteration failed; failing its %d requests", len(failed))
+            self.page_table.abort_transfers()  # prefix pages it was to copy may hold anything
             for request_id in failed:
                 self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ERROR)
             return RunnerOutput(), True
@@ -391,7 +429,8 @@ class LLMEngine:
         - ls_headroom: the share of an LS iteration's time budget and of the sequence slots still free (the smaller),
           less the LS requests queued, in sequence slots; at most 1, below 0 when the instance is behind.
         - be_spare_tokens: KV tokens free on the device and in host memory, less the tokens of queued BE requests.
-        - prefix_cache_pages: device KV pages the prefix cache holds (in use or idle; idle ones are free too).
+        - prefix_cache_pages: device KV pages the prefix cache holds (in use or idle; idle ones are free too);
+          host_prefix_cache_pages: those its host tier holds (--kv-offloading-size).
         """
         scheduler, max_seqs = self.scheduler, self.scheduler_config.max_num_seqs
         ls_waiting = sum(1 for r in scheduler.waiting if not r.is_best_effort)
@@ -412,12 +451,15 @@ class LLMEngine:
             "running": len(scheduler.running), "waiting": len(scheduler.waiting),
             "offloaded": len(scheduler.offloaded), "max_num_seqs": max_seqs,
             "prefix_cache_pages": len(self.allocator.cache) if self.allocator.cache is not None else 0,
+            "host_prefix_cache_pages": len(self.page_table.host_tier) if self.page_table.host_tier else 0,
         }
 
     def check_integrity(self) -> None:
         """Page accounting holds; with no requests left, no device page, host KV byte, residual or queued row
         remains."""
         self.allocator.check_integrity()
+        if self.page_table.host_tier is not None:
+            self.page_table.host_tier.check_integrity()
         if self.scheduler.has_unfinished():
             return
         if self.allocator.num_used or self.page_table.num_requests or self.page_table.num_remembered:

@@ -118,9 +118,11 @@ class _PendingCopy:
 class ModelRunner:
     def __init__(
         self, model: LlamaForCausalLM, pool: PagePool, device: torch.device, cpu_pool: CPUAttentionPool | None = None,
-        graphs: DecodeGraphs | None = None,
+        graphs: DecodeGraphs | None = None, host_pages: PagePool | None = None,
     ) -> None:
+        """host_pages: the prefix cache's host tier, which plans copy pages to and from."""
         self.model = model
+        self.host_pages = host_pages
         self.layers = [layer.weights() for layer in model.layers]
         """Each layer's tensors, fetched once (the model's weights are loaded, and reloading copies in place)."""
         self.graphs = graphs
@@ -214,6 +216,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, plan: IterationPlan) -> RunnerOutput:
+        if plan.prefix_saves or plan.prefix_loads:  # first: this iteration may write the pages it evicted
+            self.pool.copy_pages(plan.prefix_saves, to=self.host_pages)
+            self.host_pages.copy_pages(plan.prefix_loads, to=self.pool)
         lost = self._check_pool()
         swapped_out = self._swap_out(plan.swap_outs)
         for transfer in plan.swap_ins:

@@ -24,13 +24,29 @@ class PagePool:
     `page * page_size + offset` holds one token's key (or value). Flat slots make a write one indexed copy.
     """
 
-    def __init__(self, model: ModelConfig, num_pages: int, page_size: int, device: torch.device, dtype: torch.dtype):
+    def __init__(self, model: ModelConfig, num_pages: int, page_size: int, device: torch.device, dtype: torch.dtype,
+                 pin_memory: bool = False):
+        """pin_memory: host pages a GPU copies to and from (the prefix cache's host tier beside a CUDA pool)."""
         self.num_pages = num_pages
         self.page_size = page_size
         shape = (num_pages * page_size, model.num_kv_heads, model.head_dim)
         # torch.empty: pages are written before they are read, and untouched host memory is never committed.
-        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(model.num_layers)]
-        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(model.num_layers)]
+        self.k = [torch.empty(shape, device=device, dtype=dtype, pin_memory=pin_memory)
+                  for _ in range(model.num_layers)]
+        self.v = [torch.empty(shape, device=device, dtype=dtype, pin_memory=pin_memory)
+                  for _ in range(model.num_layers)]
+
+    def copy_pages(self, pairs: list[tuple[int, int]], to: PagePool) -> None:
+        """Copies whole pages, every layer, from this pool to another (the device's and the prefix cache's host
+        tier): (page here, page there) pairs."""
+        if not pairs:
+            return
+        here = token_slots([a for a, _ in pairs], 0, len(pairs) * self.page_size, self.page_size)
+        there = token_slots([b for _, b in pairs], 0, len(pairs) * self.page_size, self.page_size)
+        here, there = here.to(self.k[0].device), there.to(to.k[0].device)
+        for source, target in ((self.k, to.k), (self.v, to.v)):
+            for layer in range(len(source)):
+                target[layer].index_copy_(0, there, source[layer].index_select(0, here).to(target[layer].device))
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Stores k, v [num_tokens, num_kv_heads, head_dim] at `slots` [num_tokens] (int64; a negative slot: that row

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from omniserve.kv_cache.host_tier import HostTier
 from omniserve.kv_cache.page_allocator import PageAllocator
 from omniserve.kv_cache.prefix_cache import page_hash, salt_digest
 
@@ -14,10 +15,18 @@ class PageTable:
     With prefix caching (the allocator has a cache), a request starts on the cached pages that hold the longest
     prefix of its tokens (`attach_cached_prefix`), and each of its pages is cached once full (`cache_full_pages`)."""
 
-    def __init__(self, allocator: PageAllocator, page_size: int) -> None:
+    def __init__(self, allocator: PageAllocator, page_size: int, host_tier: HostTier | None = None) -> None:
+        """host_tier: where evicted cached pages go, and are found again (needs the allocator's cache)."""
         self.allocator = allocator
         self.page_size = page_size
         self.cache = allocator.cache
+        self.host_tier = host_tier if self.cache is not None else None
+        if self.host_tier is not None:
+            self.cache.evicted = []
+        self._loads: list[tuple[int, int]] = []
+        """Host page -> device page copies planned since take_transfers (prefix pages found in the host tier)."""
+        self._in_flight: tuple[list[tuple[int, int]], list[tuple[int, int]]] = ([], [])
+        """The saves and loads of the last plan, until it has run (end_transfers) or failed (abort_transfers)."""
         self._pages: dict[str, list[int]] = {}
         self._num_cached: dict[str, int] = {}
         """Per request: how many of its first pages are in the cache (hit, or cached when they filled)."""
@@ -83,13 +92,81 @@ class PageTable:
         if self.cache is None or request_id in self._pages:
             return 0
         hits = self._cached_prefix(request_id, token_ids, salt)
-        if not hits:
-            return 0
         for page in hits:
             self.allocator.share(page)
+        hits += self._load_from_host(request_id, token_ids, salt, len(hits))
+        if not hits:
+            return 0
         self._pages[request_id] = hits
         self._num_cached[request_id] = len(hits)
         return len(hits) * self.page_size
+
+    def _load_from_host(self, request_id: str, token_ids: Sequence[int], salt: str | None, start: int) -> list[int]:
+        """The request's next cached pages from page `start` on (where the device's cache missed), each on the
+        device or in the host tier. Those on the device are taken first, so that no allocation below evicts them;
+        those in the host tier get device pages, as free pages allow (the prefix ends at the first that gets none),
+        cached under their keys at once and held once more until the plan has run (so that no other allocation of
+        this plan evicts one before its copy lands); their copies are planned."""
+        if self.host_tier is None:
+            return []
+        found: list[tuple[bytes, int | None, int | None]] = []  # (key, device page, host page)
+        for key in self._page_hashes(request_id, token_ids, salt, (len(token_ids) - 1) // self.page_size)[start:]:
+            page = self.cache.lookup(key)
+            host_page = None if page is not None else self.host_tier.lookup(key)
+            if page is None and host_page is None:
+                break
+            if page is not None:
+                self.allocator.share(page)
+            found.append((key, page, host_page))
+        room = self.allocator.num_free
+        pages = []
+        for index, (key, page, host_page) in enumerate(found):
+            if page is None:
+                if not room:
+                    self.allocator.free([p for _, p, _ in found[index:] if p is not None])
+                    break
+                [page] = self.allocator.allocate(1)
+                room -= 1
+                self.cache.insert(key, page)
+                self.allocator.share(page)
+                self.host_tier.pin(host_page)
+                self._loads.append((host_page, page))
+            pages.append(page)
+        return pages
+
+    # --------------------------------------------------------------------------------------------- the host tier
+    def take_transfers(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """The copies the plan just made needs, run before its forward, saves first: (device page, host page) saves
+        of the pages it evicted, (host page, device page) loads of the pages it found in the host tier."""
+        if self.host_tier is None:
+            return [], []
+        saves = []
+        for page, key in self.cache.evicted:
+            host_page = self.host_tier.store(key)
+            if host_page is not None:
+                saves.append((page, host_page))
+        self.cache.evicted.clear()
+        loads, self._loads = self._loads, []
+        self._in_flight = (saves, loads)
+        return saves, loads
+
+    def end_transfers(self) -> None:
+        """The last plan has run: its loaded pages are released from their copy's hold, its host pages unpinned."""
+        saves, loads = self._in_flight
+        if loads:
+            self.allocator.free([page for _, page in loads])
+        if self.host_tier is not None:
+            self.host_tier.unpin_all()
+        self._in_flight = ([], [])
+
+    def abort_transfers(self) -> None:
+        """The last plan failed: its copies may not have happened, so the pages they were to fill are forgotten."""
+        saves, loads = self._in_flight
+        for _, host_page in saves:
+            self.host_tier.drop(host_page)
+        for _, page in loads:
+            self.cache.remove(page)
+        self.end_transfers()
 
     def cache_full_pages(self, request_id: str, token_ids: Sequence[int], num_computed: int,
                          salt: str | None) -> None:

@@ -36,6 +36,8 @@ class PrefixCache:
         self._key_of: dict[int, bytes] = {}
         self._idle: OrderedDict[int, None] = OrderedDict()
         self.num_evicted = 0
+        self.evicted: list[tuple[int, bytes]] | None = None
+        """(page, key) of each page evicted since it was last emptied, when a host tier keeps them (else None)."""
 
     def __len__(self) -> int:
         """Pages cached (held by requests or idle)."""
@@ -75,6 +77,15 @@ class PrefixCache:
         if not self._idle:
             return None
         page, _ = self._idle.popitem(last=False)
-        del self._page_of[self._key_of.pop(page)]
+        key = self._key_of.pop(page)
+        del self._page_of[key]
         self.num_evicted += 1
+        if self.evicted is not None:
+            self.evicted.append((page, key))
         return page
+
+    def remove(self, page: int) -> None:
+        """Forgets a page in use whose KV never came (a failed copy): it is freed as an uncached page."""
+        key = self._key_of.pop(page, None)
+        if key is not None:
+            del self._page_of[key]

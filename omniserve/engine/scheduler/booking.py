@@ -23,6 +23,7 @@ class ResultBooker:
         """Books the iteration's results. Returns the requests that got a new token (finished ones included)."""
         requests, updated = self.state.requests, []
         page_table = self.state.page_table
+        page_table.end_transfers()  # the plan has run: its prefix pages' copies are done
         caching, page_size = page_table.caching, page_table.page_size
         for chunk in plan.chunks:
             request = requests.get(chunk.request_id)

@@ -94,6 +94,12 @@ class IterationPlan:
     """What predicted_time was predicted from, the admitted offloaded rows included (with a latency model)."""
     swap_seconds: float = 0.0
     """Of predicted_time, the swap-outs' own cost to the engine (uncorrected)."""
+    prefix_saves: list[tuple[int, int]] = field(default_factory=list)
+    """(device page, host page): cached pages this plan evicted, copied to the prefix cache's host tier before
+    anything else runs (their device pages may be written by this iteration)."""
+    prefix_loads: list[tuple[int, int]] = field(default_factory=list)
+    """(host page, device page): cached pages found in the host tier, copied to the device after the saves and
+    before the forward."""
 
     @property
     def num_tokens(self) -> int:
@@ -115,7 +121,8 @@ class IterationPlan:
 
     @property
     def empty(self) -> bool:
-        return not (self.chunks or self.offloaded_starts or self.returning or self.swap_outs or self.swap_ins)
+        return not (self.chunks or self.offloaded_starts or self.returning or self.swap_outs or self.swap_ins
+                    or self.prefix_saves or self.prefix_loads)
 
     def summary(self) -> str:
         """The scheduler's decisions in one line (logged at debug level every iteration)."""

@@ -157,11 +157,12 @@ class Scheduler:
 
         swap_ins = self.offload.plan_swap_ins(batch, reserve)
         starts, returning, pipeline = self.piggyback.admit(batch)
+        prefix_saves, prefix_loads = state.page_table.take_transfers()
         return IterationPlan(
             chunks=[self._chunk(state.requests[rid], count) for rid, count in scheduled.items()],
             offloaded_starts=starts, returning=returning, swap_outs=swap_outs, swap_ins=swap_ins, rejected=rejected,
             predicted_time=batch.time(), time_budget=batch.time_budget, pipeline=pipeline, shape=batch.shape,
-            swap_seconds=batch.swap_seconds,
+            swap_seconds=batch.swap_seconds, prefix_saves=prefix_saves, prefix_loads=prefix_loads,
         )
 
     def _schedule_ls(self, batch: IterationBudget, scheduled: dict[str, int], rejected: list[str],

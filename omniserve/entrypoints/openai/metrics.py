@@ -72,6 +72,8 @@ class ServerMetrics:
                                    gauge_labels, registry=registry)
         self.prefix_pages = Gauge("omniserve:prefix_cache_pages", "Device KV pages in the prefix cache (held by "
                                   "requests or idle; idle ones count as free)", gauge_labels, registry=registry)
+        self.host_prefix_pages = Gauge("omniserve:host_prefix_cache_pages", "Pages the prefix cache's host tier "
+                                       "holds (--kv-offloading-size)", gauge_labels, registry=registry)
         self._prefix_counted = (0, 0)  # the scheduler's queries and hits already added to the counters
         self.rejections = Gauge("omniserve:num_rejections", "LS requests rejected at admission so far", gauge_labels,
                                 registry=registry)
@@ -138,8 +140,9 @@ class ServerMetrics:
             self.prefix_queries.labels(model).inc(queries - self._prefix_counted[0])
             self.prefix_hits.labels(model).inc(hits - self._prefix_counted[1])
             self._prefix_counted = (queries, hits)
-        cache = engine.allocator.cache
+        cache, host_tier = engine.allocator.cache, engine.page_table.host_tier
         self.prefix_pages.labels(model).set(0 if cache is None else len(cache))
+        self.host_prefix_pages.labels(model).set(0 if host_tier is None else len(host_tier))
 
     def _record_request(self, output: RequestOutput, now: float) -> None:
         metrics = output.metrics

@@ -1,0 +1,71 @@
+"""The prefix cache's host tier: full pages evicted from the device, kept in host memory by key, so that a later
+request finds them there and copies them back instead of computing them again.
+
+Bookkeeping only (torch-free): which host page holds which key, least recently used first. The page table plans
+the copies (`PageTable.take_transfers`): saves of device pages evicted by a plan, loads of host pages into device
+pages; the runner runs them first in the iteration, saves before loads, before any KV is written. A host page that
+a planned load reads is pinned until that plan has run, so that a save of the same plan never overwrites it."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+
+class HostTier:
+    def __init__(self, num_pages: int) -> None:
+        self.num_pages = num_pages
+        self._free: list[int] = list(range(num_pages - 1, -1, -1))
+        self._page_of: dict[bytes, int] = {}
+        self._key_of: OrderedDict[int, bytes] = OrderedDict()
+        """Pages holding a key, least recently used first."""
+        self._pinned: set[int] = set()
+        self.num_evicted = 0
+
+    def __len__(self) -> int:
+        """Pages holding a key."""
+        return len(self._key_of)
+
+    def lookup(self, key: bytes) -> int | None:
+        """The page holding `key` (now the most recently used), or None."""
+        page = self._page_of.get(key)
+        if page is not None:
+            self._key_of.move_to_end(page)
+        return page
+
+    def store(self, key: bytes) -> int | None:
+        """A page to copy `key`'s KV into: free, or the least recently used unpinned one (evicted). None: the key is
+        here already, or every page is pinned."""
+        if key in self._page_of:
+            self._key_of.move_to_end(self._page_of[key])
+            return None
+        if self._free:
+            page = self._free.pop()
+        else:
+            page = next((p for p in self._key_of if p not in self._pinned), None)
+            if page is None:
+                return None
+            del self._page_of[self._key_of.pop(page)]
+            self.num_evicted += 1
+        self._page_of[key] = page
+        self._key_of[page] = key
+        return page
+
+    def drop(self, page: int) -> None:
+        """Forgets a page whose copy did not happen (its iteration failed)."""
+        key = self._key_of.pop(page, None)
+        if key is not None:
+            del self._page_of[key]
+            self._free.append(page)
+
+    def pin(self, page: int) -> None:
+        self._pinned.add(page)
+
+    def unpin_all(self) -> None:
+        self._pinned.clear()
+
+    def check_integrity(self) -> None:
+        free = set(self._free)
+        if len(free) != len(self._free) or free & self._key_of.keys():
+            raise AssertionError("a host page is free twice, or free and holding a key")
+        if len(free) + len(self._key_of) != self.num_pages or len(self._page_of) != len(self._key_of):
+            raise AssertionError(f"host pages: {len(free)} free + {len(self._key_of)} holding keys != {self.num_pages}")
