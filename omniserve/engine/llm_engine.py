@@ -89,11 +89,7 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(loaded.kind, loaded.path)
 
         num_pages = self._kv_pages(loaded, cache)
-        self.pool = PagePool(loaded.config, num_pages, cache.page_size, self.device, self.dtype)
-        self.allocator = PageAllocator(num_pages, PrefixCache() if args.enable_prefix_caching else None)
-        self.host_pages = self._host_tier_pool(loaded, args, cache.page_size)
-        self.page_table = PageTable(self.allocator, cache.page_size,
-                                    None if self.host_pages is None else HostTier(self.host_pages.num_pages))
+        self._kv_cache(loaded, args, num_pages, cache.page_size)
         if self.scheduler_config.offload_mode.uses_pool:
             pool_config = self._beside_host_tier(pool_config or args.pool_config())
         else:
@@ -132,6 +128,14 @@ class LLMEngine:
             graphs = DecodeGraphs(loaded.model, self.pool, self.device, self.scheduler_config.max_num_seqs,
                                   self.scheduler_config.max_model_len, capture=self.device.type == "cuda", pad=False)
         return ModelRunner(loaded.model, self.pool, self.device, self.cpu_pool, graphs, self.host_pages)
+
+    def _kv_cache(self, loaded: LoadedModel, args: EngineArgs, num_pages: int, page_size: int) -> None:
+        """The device's KV pages and their bookkeeping, with the prefix cache and its host tier as the args say."""
+        self.pool = PagePool(loaded.config, num_pages, page_size, self.device, self.dtype)
+        self.allocator = PageAllocator(num_pages, PrefixCache() if args.enable_prefix_caching else None)
+        self.host_pages = self._host_tier_pool(loaded, args, page_size)
+        self.page_table = PageTable(self.allocator, page_size,
+                                    None if self.host_pages is None else HostTier(self.host_pages.num_pages))
 
     def _beside_host_tier(self, pool_config: PoolConfig) -> PoolConfig:
         """The CPU pool's settings with the host tier's memory taken out of its local host budget: one budget for
