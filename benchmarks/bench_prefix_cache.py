@@ -419,9 +419,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="a tiny run (the test suite's)")
     args = parser.parse_args()
     if args.smoke:
-        args.parts, args.running, args.requests, args.conversations, args.turns = (
-            ["bookkeeping", "mooncake", "host_tier"], 16, 3, 1, 2)
-        args.tier_conversations, args.tier_system_tokens, args.tier_rounds = 4, 64, 2
+        args.parts, args.running, args.requests = ["bookkeeping", "mooncake"], 16, 3
     rows, info = [], [f"command: {command_line()}", f"CPU: {cpu_model()}"]
     makers = dict(mooncake=mooncake_rows, multi_turn=multi_turn_rows, batch=batch_rows,
                   bookkeeping=bookkeeping_rows, host_tier=host_tier_rows)
