@@ -60,6 +60,16 @@ class Run:
     seconds: float
 
 
+def compared(figure: str, off: float, on: float, form: str = "{:.2f}", goal: str = "") -> dict:
+    """A table row: a figure with caching off and on, and on / off."""
+    return dict(figure=figure, off=form.format(off), on=form.format(on), ratio=f"{on / off:.2f}", goal=goal)
+
+
+def same_tokens(off: Run, on: Run, figure: str = "greedy tokens equal") -> dict:
+    same = sum(off.tokens[r] == on.tokens.get(r) for r in off.tokens)
+    return dict(figure=figure, off="", on=f"{same}/{len(off.tokens)}", ratio="", goal="all")
+
+
 def engine(caching: bool, **settings):
     from omniserve.engine.llm_engine import LLMEngine
 
@@ -193,20 +203,15 @@ def mooncake_rows(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
         runs[caching] = drive(llm_engine, arrivals)
         llm_engine.shutdown()
     off, on = runs[False], runs[True]
-    same = sum(off.tokens[r] == on.tokens[r] for r in off.tokens)
     prompt_tokens = sum(len(a.prompt) for a in arrivals)
     least = least_computed(sample, arrivals, args.block_tokens)
-    rows = [dict(figure="TTFT p50 (s)", off=f"{statistics.median(off.ttft.values()):.2f}",
-                 on=f"{statistics.median(on.ttft.values()):.2f}",
-                 ratio=f"{statistics.median(on.ttft.values()) / statistics.median(off.ttft.values()):.2f}",
-                 goal="<= 0.5"),
-            dict(figure="prompt tokens computed", off=str(off.prompt_tokens_computed), on=str(on.prompt_tokens_computed),
-                 ratio=f"{on.prompt_tokens_computed / off.prompt_tokens_computed:.2f}", goal="<= 0.7"),
-            dict(figure="... the least any cache computes", off="", on=str(least),
-                 ratio=f"{least / off.prompt_tokens_computed:.2f}", goal=""),
-            dict(figure="run seconds", off=f"{off.seconds:.0f}", on=f"{on.seconds:.0f}",
-                 ratio=f"{on.seconds / off.seconds:.2f}", goal=""),
-            dict(figure="greedy tokens equal", off="", on=f"{same}/{len(off.tokens)}", ratio="", goal="all")]
+    rows = [compared("TTFT p50 (s)", statistics.median(off.ttft.values()), statistics.median(on.ttft.values()),
+                     goal="<= 0.5"),
+            compared("prompt tokens computed", off.prompt_tokens_computed, on.prompt_tokens_computed, "{}",
+                     "<= 0.7"),
+            {**compared("... the least any cache computes", off.prompt_tokens_computed, least, "{}"), "off": ""},
+            compared("run seconds", off.seconds, on.seconds, "{:.0f}"),
+            same_tokens(off, on)]
     info = [f"Mooncake: {len(sample)} requests in whole conversations (seed {args.seed}), {reuse:.0%} of their "
             f"blocks repeat an earlier one (37% over the whole trace); blocks of {args.block_tokens} tokens, "
             f"{prompt_tokens} prompt tokens, outputs cut to {args.output_len}, {args.rate} requests/s; "
@@ -238,16 +243,13 @@ def multi_turn_rows(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
         arrivals = [turn(c, 0, c * args.stagger) for c in range(args.conversations)]
         runs[caching] = drive(llm_engine, arrivals, next_turn)
         llm_engine.shutdown()
-    later = {caching: [t for r, t in run.ttft.items() if not r.endswith("t0")] for caching, run in runs.items()}
-    first = {caching: [t for r, t in run.ttft.items() if r.endswith("t0")] for caching, run in runs.items()}
-    same = sum(runs[False].tokens[r] == runs[True].tokens[r] for r in runs[False].tokens)
-    rows = [dict(figure="TTFT p50, turns 2+ (s)", off=f"{statistics.median(later[False]):.3f}",
-                 on=f"{statistics.median(later[True]):.3f}",
-                 ratio=f"{statistics.median(later[True]) / statistics.median(later[False]):.2f}", goal="<= 0.3"),
-            dict(figure="TTFT p50, turn 1 (s)", off=f"{statistics.median(first[False]):.3f}",
-                 on=f"{statistics.median(first[True]):.3f}",
-                 ratio=f"{statistics.median(first[True]) / statistics.median(first[False]):.2f}", goal=""),
-            dict(figure="greedy tokens equal", off="", on=f"{same}/{len(runs[False].tokens)}", ratio="", goal="all")]
+    later = {caching: statistics.median(t for r, t in run.ttft.items() if not r.endswith("t0"))
+             for caching, run in runs.items()}
+    first = {caching: statistics.median(t for r, t in run.ttft.items() if r.endswith("t0"))
+             for caching, run in runs.items()}
+    rows = [compared("TTFT p50, turns 2+ (s)", later[False], later[True], "{:.3f}", "<= 0.3"),
+            compared("TTFT p50, turn 1 (s)", first[False], first[True], "{:.3f}"),
+            same_tokens(runs[False], runs[True])]
     info = [f"multi-turn: {args.conversations} conversations x {args.turns} turns, system prompt "
             f"{args.system_tokens} tokens, user messages {args.user_tokens}, answers {args.answer_tokens}, starts "
             f"{args.stagger} s apart"]
@@ -290,61 +292,17 @@ def batch_rows(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
                 output = client.files.content(batch.output_file_id).text if batch.output_file_id else ""
                 answers = {json.loads(line)["custom_id"]: json.loads(line)["response"]["body"]
                            for line in output.splitlines()}
-                results[caching] = (seconds, answers, batch.status)
+                results[caching] = (seconds, answers)
             finally:
                 server.stop()
-    (off_s, off, _), (on_s, on, status) = results[False], results[True]
-    same = sum(off[k]["choices"][0]["text"] == on.get(k, {}).get("choices", [{}])[0].get("text") for k in off)
+    (off_s, off), (on_s, on) = results[False], results[True]
     cached = sum(a["usage"]["prompt_tokens_details"]["cached_tokens"] for a in on.values())
-    rows = [dict(figure="lines/s", off=f"{len(off) / off_s:.2f}", on=f"{len(on) / on_s:.2f}",
-                 ratio=f"{(len(on) / on_s) / (len(off) / off_s):.2f}", goal=">= 2"),
-            dict(figure="texts equal", off="", on=f"{same}/{len(off)}", ratio="", goal="all")]
+    texts = {caching: Run({}, {k: a["choices"][0]["text"] for k, a in answers.items()}, 0, 0, seconds)
+             for caching, (seconds, answers) in results.items()}
+    rows = [compared("lines/s", len(off) / off_s, len(on) / on_s, goal=">= 2"),
+            same_tokens(texts[False], texts[True], "texts equal")]
     info = [f"batch: {args.lines} lines, a {args.system_tokens}-token system prompt + {args.suffix_tokens} tokens "
             f"each, {args.batch_output_len} output tokens; cached tokens reported with caching: {cached}"]
-    return rows, info
-
-
-# ------------------------------------------------------------------------------------------- 5. the host tier
-def host_tier_rows(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
-    """--tier-conversations conversations, each with a system prompt of its own, take turns one request at a time
-    (round robin), on device KV that holds a quarter of their system prompts: the device's cache alone has evicted
-    a prompt before its next turn; the host tier has kept it."""
-    prompt_len = args.tier_system_tokens + args.user_tokens
-    working_set = args.tier_conversations * args.tier_system_tokens
-    pages = max(working_set // 4, prompt_len + args.answer_tokens + 16) // 16
-    runs = {}
-    for tier in (None, args.tier_gib):
-        llm_engine = engine(True, max_model_len=4096, num_gpu_blocks_override=pages, kv_offloading_size=tier)
-        vocab = llm_engine.model_config.vocab_size
-        rng = random.Random(args.seed)
-        systems = [[rng.randrange(100, vocab - 100) for _ in range(args.tier_system_tokens)]
-                   for _ in range(args.tier_conversations)]
-        turns = args.tier_conversations * args.tier_rounds
-
-        def request(index: int, at: float) -> Arrival:
-            user = [rng.randrange(100, vocab - 100) for _ in range(args.user_tokens)]
-            return Arrival(at, f"r{index}", systems[index % args.tier_conversations] + user, args.answer_tokens)
-
-        def next_turn(request_id: str, answer: list[int], now: float) -> Arrival | None:
-            index = int(request_id[1:]) + 1
-            return request(index, now) if index < turns else None
-
-        runs[tier] = drive(llm_engine, [request(0, 0.0)], next_turn)
-        llm_engine.shutdown()
-    first_round = {f"r{i}" for i in range(args.tier_conversations)}
-    later = {tier: [t for r, t in run.ttft.items() if r not in first_round] for tier, run in runs.items()}
-    device, host = statistics.median(later[None]), statistics.median(later[args.tier_gib])
-    same = sum(runs[None].tokens[r] == runs[args.tier_gib].tokens[r] for r in runs[None].tokens)
-    rows = [dict(figure="TTFT p50, rounds 2+ (s)", off=f"{device:.3f}", on=f"{host:.3f}", ratio=f"{host / device:.2f}",
-                 goal="<= 0.6"),
-            dict(figure="prompt tokens computed", off=str(runs[None].prompt_tokens_computed),
-                 on=str(runs[args.tier_gib].prompt_tokens_computed),
-                 ratio=f"{runs[args.tier_gib].prompt_tokens_computed / runs[None].prompt_tokens_computed:.2f}", goal=""),
-            dict(figure="greedy tokens equal", off="", on=f"{same}/{len(runs[None].tokens)}", ratio="", goal="all")]
-    info = [f"host tier: {args.tier_conversations} conversations with system prompts of {args.tier_system_tokens} "
-            f"tokens ({working_set} in all), {args.tier_rounds} rounds of one request at a time, user messages "
-            f"{args.user_tokens}, answers {args.answer_tokens}; device KV {pages} pages of 16 (a quarter of the "
-            f"prompts); 'caching off' is the device's cache alone, 'caching on' adds a {args.tier_gib} GiB host tier"]
     return rows, info
 
 
@@ -390,6 +348,46 @@ def bookkeeping_rows(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
                  goal="<= +0.2 ms")]
     return rows, [f"bookkeeping: {args.running} requests of {prompt_len} tokens decoding, pages of {page}, "
                   f"median of {steps} iterations"]
+
+
+# ------------------------------------------------------------------------------------------- 5. the host tier
+def host_tier_rows(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
+    """--tier-conversations conversations, each with a system prompt of its own, take turns one request at a time
+    (round robin), on device KV that holds a quarter of their system prompts: the device's cache alone has evicted
+    a prompt before its next turn; the host tier has kept it."""
+    prompt_len = args.tier_system_tokens + args.user_tokens
+    working_set = args.tier_conversations * args.tier_system_tokens
+    pages = max(working_set // 4, prompt_len + args.answer_tokens + 16) // 16
+    runs = {}
+    for tier in (None, args.tier_gib):
+        llm_engine = engine(True, max_model_len=4096, num_gpu_blocks_override=pages, kv_offloading_size=tier)
+        vocab = llm_engine.model_config.vocab_size
+        rng = random.Random(args.seed)
+        systems = [[rng.randrange(100, vocab - 100) for _ in range(args.tier_system_tokens)]
+                   for _ in range(args.tier_conversations)]
+        turns = args.tier_conversations * args.tier_rounds
+
+        def request(index: int, at: float) -> Arrival:
+            user = [rng.randrange(100, vocab - 100) for _ in range(args.user_tokens)]
+            return Arrival(at, f"r{index}", systems[index % args.tier_conversations] + user, args.answer_tokens)
+
+        def next_turn(request_id: str, answer: list[int], now: float) -> Arrival | None:
+            index = int(request_id[1:]) + 1
+            return request(index, now) if index < turns else None
+
+        runs[tier] = drive(llm_engine, [request(0, 0.0)], next_turn)
+        llm_engine.shutdown()
+    first_round = {f"r{i}" for i in range(args.tier_conversations)}
+    device, host = runs[None], runs[args.tier_gib]
+    later = [statistics.median(t for r, t in run.ttft.items() if r not in first_round) for run in (device, host)]
+    rows = [compared("TTFT p50, rounds 2+ (s)", *later, "{:.3f}", "<= 0.6"),
+            compared("prompt tokens computed", device.prompt_tokens_computed, host.prompt_tokens_computed, "{}"),
+            same_tokens(device, host)]
+    info = [f"host tier: {args.tier_conversations} conversations with system prompts of {args.tier_system_tokens} "
+            f"tokens ({working_set} in all), {args.tier_rounds} rounds of one request at a time, user messages "
+            f"{args.user_tokens}, answers {args.answer_tokens}; device KV {pages} pages of 16 (a quarter of the "
+            f"prompts); 'caching off' is the device's cache alone, 'caching on' adds a {args.tier_gib} GiB host tier"]
+    return rows, info
 
 
 def main() -> None:

@@ -88,6 +88,11 @@ def test_openai_client_end_to_end_matches_the_chat_route(client):
         assert answer["service_tier"] == "flex" and answer["model"] == "tiny"  # served as best effort
     assert batch.id in [b.id for b in client.batches.list()]
     assert batch.output_file_id in [f.id for f in client.files.list(purpose="batch_output")]
+    # The prompt is cached now: a second batch's usage adds up the prompt tokens its lines found cached.
+    again = wait_for(client, submit(client, lines[:2]).id)
+    cached = [o["response"]["body"]["usage"]["prompt_tokens_details"]["cached_tokens"]
+              for o in read_jsonl(client, again.output_file_id)]
+    assert again.usage.input_tokens_details.cached_tokens == sum(cached) > 0
 
 
 def test_completions_endpoint_and_a_named_best_effort_model(client):

@@ -172,8 +172,9 @@ def test_every_page_comes_back_however_requests_end(tiny, make_llm):
 
 
 def test_n_completions_compute_their_prompt_once(uncached, tiny, make_llm):
-    """The first completion computes the prompt; its siblings wait for it, then find it cached."""
-    llm = make_llm(tiny, dtype="float64", block_size=PAGE, max_num_batched_tokens=16)
+    """The first completion computes the prompt; its siblings wait for it (the token budget would take all three
+    at once), then find it cached."""
+    llm = make_llm(tiny, dtype="float64", block_size=PAGE)
     [output] = llm.generate([PROMPTS[0]], SamplingParams(n=3, temperature=0.0, max_tokens=12, ignore_eos=True),
                             use_tqdm=False)
     assert [c.token_ids for c in output.outputs] == [uncached[0]] * 3
@@ -182,6 +183,7 @@ def test_n_completions_compute_their_prompt_once(uncached, tiny, make_llm):
 
 
 def test_server_reports_cached_tokens_and_isolates_api_keys(tiny_chat_model):
+    import httpx
     from servers import metric_samples, serving
 
     from omniserve.entrypoints.openai.auth import APIKeys
@@ -206,6 +208,9 @@ def test_server_reports_cached_tokens_and_isolates_api_keys(tiny_chat_model):
         samples = metric_samples(running)
         assert samples[("vllm:prefix_cache_hits_total", (("model_name", "tiny"),))] == 72
         assert samples[("vllm:prefix_cache_queries_total", (("model_name", "tiny"),))] == 5 * len(prompt)
+        assert samples[("omniserve:prefix_cache_pages", (("model_name", "tiny"),))] >= 2 * 9
+        load = httpx.get(running.url + "/load").json()
+        assert load["prefix_cache_pages"] >= 2 * 9 and load["host_prefix_cache_pages"] == 0  # two salts' prefixes
 
 
 def test_admission_counts_only_the_uncached_prompt_and_waiting_requests_take_no_pages():
@@ -330,3 +335,25 @@ def test_the_host_tier_comes_out_of_the_cpu_pools_host_budget(uncached, tiny, ma
     assert llm.engine.cpu_pool.config.local_memory_bytes == int(0.5 * 2**30) - tier
     be = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, service_class="be")
     assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS * 2, be, use_tqdm=False)] == uncached * 2
+
+
+def test_pages_the_calibration_evicts_are_saved_before_it_writes_them(uncached, tiny, tiny_profile, make_llm):
+    """The engine's calibration runs scratch iterations outside the scheduler: the cached pages its scratch pages
+    evict go to the host tier before the scratch KV overwrites them, and are found there intact."""
+    llm = make_llm(tiny, dtype="float64", block_size=PAGE, num_gpu_blocks_override=16, kv_offloading_size=1e-3,
+                   ls_tpot_slo=1.0, profile_path=str(tiny_profile[0]))
+    run_one_by_one(llm, PROMPTS[:1])  # its prefix fills most of the device's pages, idle once it ends
+    evicted = llm.engine.allocator.cache.num_evicted
+    llm.engine.calibrate()
+    assert llm.engine.allocator.cache.num_evicted > evicted  # the scratch pages took cached ones
+    [again] = run_one_by_one(llm, PROMPTS[:1])
+    assert again.outputs[0].token_ids == uncached[0] and again.num_cached_tokens == 36
+
+
+def test_a_host_tier_needs_prefix_caching(tiny, make_llm):
+    from omniserve.config import ConfigError
+
+    with pytest.raises(ConfigError, match="needs prefix caching"):
+        make_llm(tiny, kv_offloading_size=0.01, enable_prefix_caching=False)
+    with pytest.raises(ConfigError, match="holds no KV page"):
+        make_llm(tiny, kv_offloading_size=1e-12)

@@ -154,8 +154,11 @@ class LLMEngine:
         """The prefix cache's host tier: --kv-offloading-size GiB of host pages (pinned beside a GPU)."""
         import torch
 
-        if not args.kv_offloading_size or not args.enable_prefix_caching:
+        if not args.kv_offloading_size:
             return None
+        if not args.enable_prefix_caching:
+            raise ConfigError("--kv-offloading-size keeps the prefix cache's evicted pages: it needs prefix caching "
+                              "(drop --no-enable-prefix-caching)")
         per_page = bytes_per_page(loaded.config, page_size, self.dtype)
         num_pages = int(args.kv_offloading_size * 2**30) // per_page
         if num_pages < 1:
@@ -454,9 +457,14 @@ class LLMEngine:
             "be_spare_tokens": self.allocator.num_free * self.page_table.page_size + host_tokens - be_waiting_tokens,
             "running": len(scheduler.running), "waiting": len(scheduler.waiting),
             "offloaded": len(scheduler.offloaded), "max_num_seqs": max_seqs,
-            "prefix_cache_pages": len(self.allocator.cache) if self.allocator.cache is not None else 0,
-            "host_prefix_cache_pages": len(self.page_table.host_tier) if self.page_table.host_tier else 0,
+            "prefix_cache_pages": self.prefix_cache_pages[0], "host_prefix_cache_pages": self.prefix_cache_pages[1],
         }
+
+    @property
+    def prefix_cache_pages(self) -> tuple[int, int]:
+        """Pages the prefix cache holds on the device (in use or idle) and in its host tier."""
+        cache, host_tier = self.allocator.cache, self.page_table.host_tier
+        return (0 if cache is None else len(cache)), (0 if host_tier is None else len(host_tier))
 
     def check_integrity(self) -> None:
         """Page accounting holds; with no requests left, no device page, host KV byte, residual or queued row

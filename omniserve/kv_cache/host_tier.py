@@ -26,11 +26,8 @@ class HostTier:
         return len(self._key_of)
 
     def lookup(self, key: bytes) -> int | None:
-        """The page holding `key` (now the most recently used), or None."""
-        page = self._page_of.get(key)
-        if page is not None:
-            self._key_of.move_to_end(page)
-        return page
+        """The page holding `key`, or None."""
+        return self._page_of.get(key)
 
     def store(self, key: bytes) -> int | None:
         """A page to copy `key`'s KV into: free, or the least recently used unpinned one (evicted). None: the key is
@@ -58,6 +55,8 @@ class HostTier:
             self._free.append(page)
 
     def pin(self, page: int) -> None:
+        """A page a planned load reads: the most recently used, and kept until unpinned."""
+        self._key_of.move_to_end(page)
         self._pinned.add(page)
 
     def unpin_all(self) -> None:

@@ -20,8 +20,10 @@ class PageTable:
         self.allocator = allocator
         self.page_size = page_size
         self.cache = allocator.cache
-        self.host_tier = host_tier if self.cache is not None else None
-        if self.host_tier is not None:
+        self.host_tier = host_tier
+        if host_tier is not None:
+            if self.cache is None:
+                raise ValueError("a host tier keeps the prefix cache's evicted pages: the allocator needs a cache")
             self.cache.evicted = []
         self._loads: list[tuple[int, int]] = []
         """Host page -> device page copies planned since take_transfers (prefix pages found in the host tier)."""
@@ -81,58 +83,43 @@ class PageTable:
 
     # ------------------------------------------------------------------------------------------- prefix caching
     def cached_prefix_tokens(self, request_id: str, token_ids: Sequence[int], salt: str | None) -> int:
-        """The tokens attach_cached_prefix would give the request now, without taking any page."""
+        """The tokens of the request's cached prefix (on the device or in the host tier), without taking any page:
+        what attach_cached_prefix gives it while free pages allow."""
         if self.cache is None or request_id in self._pages:
             return 0
         return len(self._cached_prefix(request_id, token_ids, salt)) * self.page_size
 
     def attach_cached_prefix(self, request_id: str, token_ids: Sequence[int], salt: str | None) -> int:
         """Gives a request that holds no page the cached pages of its longest cached prefix of full pages, short of
-        its last token (which must be computed to sample from). Returns the tokens they hold (0: no hit)."""
+        its last token (which must be computed to sample from). Returns the tokens they hold (0: no hit).
+
+        Pages on the device are taken first, so that no allocation below evicts them. Pages in the host tier get
+        device pages, as free pages allow (the prefix ends at the first that gets none), cached under their keys
+        at once and held once more until the plan has run (so that no other allocation of this plan evicts one
+        before its copy lands); their copies are planned (take_transfers)."""
         if self.cache is None or request_id in self._pages:
             return 0
-        hits = self._cached_prefix(request_id, token_ids, salt)
-        for page in hits:
-            self.allocator.share(page)
-        hits += self._load_from_host(request_id, token_ids, salt, len(hits))
-        if not hits:
-            return 0
-        self._pages[request_id] = hits
-        self._num_cached[request_id] = len(hits)
-        return len(hits) * self.page_size
-
-    def _load_from_host(self, request_id: str, token_ids: Sequence[int], salt: str | None, start: int) -> list[int]:
-        """The request's next cached pages from page `start` on (where the device's cache missed), each on the
-        device or in the host tier. Those on the device are taken first, so that no allocation below evicts them;
-        those in the host tier get device pages, as free pages allow (the prefix ends at the first that gets none),
-        cached under their keys at once and held once more until the plan has run (so that no other allocation of
-        this plan evicts one before its copy lands); their copies are planned."""
-        if self.host_tier is None:
-            return []
-        found: list[tuple[bytes, int | None, int | None]] = []  # (key, device page, host page)
-        for key in self._page_hashes(request_id, token_ids, salt, (len(token_ids) - 1) // self.page_size)[start:]:
-            page = self.cache.lookup(key)
-            host_page = None if page is not None else self.host_tier.lookup(key)
-            if page is None and host_page is None:
-                break
+        found = self._cached_prefix(request_id, token_ids, salt)
+        for _, page, _ in found:
             if page is not None:
                 self.allocator.share(page)
-            found.append((key, page, host_page))
-        room = self.allocator.num_free
         pages = []
         for index, (key, page, host_page) in enumerate(found):
             if page is None:
-                if not room:
+                if not self.allocator.num_free:
                     self.allocator.free([p for _, p, _ in found[index:] if p is not None])
                     break
                 [page] = self.allocator.allocate(1)
-                room -= 1
                 self.cache.insert(key, page)
                 self.allocator.share(page)
                 self.host_tier.pin(host_page)
                 self._loads.append((host_page, page))
             pages.append(page)
-        return pages
+        if not pages:
+            return 0
+        self._pages[request_id] = pages
+        self._num_cached[request_id] = len(pages)
+        return len(pages) * self.page_size
 
     # --------------------------------------------------------------------------------------------- the host tier
     def take_transfers(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
@@ -183,14 +170,18 @@ class PageTable:
             self.cache.insert(hashes[index], pages[index])
         self._num_cached[request_id] = full
 
-    def _cached_prefix(self, request_id: str, token_ids: Sequence[int], salt: str | None) -> list[int]:
-        hits = []
+    def _cached_prefix(self, request_id: str, token_ids: Sequence[int],
+                       salt: str | None) -> list[tuple[bytes, int | None, int | None]]:
+        """(key, device page, host page) of each page of the request's longest cached prefix, short of its last
+        token: each page on the device, or else in the host tier."""
+        found = []
         for key in self._page_hashes(request_id, token_ids, salt, (len(token_ids) - 1) // self.page_size):
             page = self.cache.lookup(key)
-            if page is None:
+            host_page = None if page is not None or self.host_tier is None else self.host_tier.lookup(key)
+            if page is None and host_page is None:
                 break
-            hits.append(page)
-        return hits
+            found.append((key, page, host_page))
+        return found
 
     def _page_hashes(self, request_id: str, token_ids: Sequence[int], salt: str | None, count: int) -> list[bytes]:
         """The keys of the request's first `count` full pages, extending those kept."""

@@ -140,9 +140,9 @@ class ServerMetrics:
             self.prefix_queries.labels(model).inc(queries - self._prefix_counted[0])
             self.prefix_hits.labels(model).inc(hits - self._prefix_counted[1])
             self._prefix_counted = (queries, hits)
-        cache, host_tier = engine.allocator.cache, engine.page_table.host_tier
-        self.prefix_pages.labels(model).set(0 if cache is None else len(cache))
-        self.host_prefix_pages.labels(model).set(0 if host_tier is None else len(host_tier))
+        device_pages, host_pages = engine.prefix_cache_pages
+        self.prefix_pages.labels(model).set(device_pages)
+        self.host_prefix_pages.labels(model).set(host_pages)
 
     def _record_request(self, output: RequestOutput, now: float) -> None:
         metrics = output.metrics
