@@ -19,6 +19,12 @@
    time, on device KV that holds a quarter of the prompts: the device's cache alone (it has evicted a prompt before
    its next turn) against the same with a --tier-gib host tier (--kv-offloading-size). Figure: TTFT p50 after the
    first round.
+6. Offloaded requests over a shared prefix: --offload-requests BE requests decode in the CPU pool (every BE decode
+   offloaded), all with one --system-tokens prompt and --suffix-tokens of their own, after one request computed
+   it; a --tier-gib host tier either way. Copied: each offloaded request carries its own copy of the whole KV (as
+   before the host tier was shared with the pool); in place: its host KV reads the prefix's pages in the host tier.
+   Figures: the pool's host KV counted on at its peak (what placement and the scheduler's host room count),
+   and output tokens/s.
 
     python benchmarks/bench_prefix_cache.py --markdown prefix.md
     python benchmarks/bench_prefix_cache.py --parts bookkeeping multi_turn
@@ -39,7 +45,7 @@ from omniserve.bench.report import command_line, cpu_model, print_report, write_
 
 MOONCAKE = Path(__file__).resolve().parents[2] / "shared" / "data" / "mooncake" / "conversation_trace.jsonl"
 TRACE_BLOCK = 512
-PARTS = ("mooncake", "multi_turn", "batch", "bookkeeping", "host_tier")
+PARTS = ("mooncake", "multi_turn", "batch", "bookkeeping", "host_tier", "offloaded_prefix")
 
 
 @dataclass
@@ -390,6 +396,55 @@ def host_tier_rows(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
     return rows, info
 
 
+# --------------------------------------------------------------------------- 6. offloaded over a shared prefix
+def offloaded_prefix_rows(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
+    """The same BE requests offloaded with their own copy of the shared prefix, then reading it in the host tier."""
+    from omniserve.sampling.params import SamplingParams
+
+    runs, peaks, held = {}, {}, {}
+    for in_place in (False, True):
+        llm_engine = engine(True, max_model_len=4096, kv_offloading_size=args.tier_gib, be_decode_placement="cpu")
+        llm_engine.page_table.offload_reads_host_tier = in_place
+        vocab = llm_engine.model_config.vocab_size
+        rng = random.Random(args.seed)
+        system = [rng.randrange(100, vocab - 100) for _ in range(args.system_tokens)]
+        prompts = [system + [rng.randrange(100, vocab - 100) for _ in range(args.suffix_tokens)]
+                   for _ in range(args.offload_requests + 1)]
+        be = SamplingParams(temperature=0.0, max_tokens=args.offload_output_len, ignore_eos=True, service_class="be")
+        swaps = []
+        llm_engine.add_iteration_observer(lambda record: swaps.extend(record.plan.swap_outs))
+        llm_engine.add_request("first", prompts[0], be)  # computes the prefix: the others' cache hit
+        while llm_engine.has_unfinished_requests():
+            llm_engine.step()
+        pool, peak, tokens = llm_engine.cpu_pool, 0, {}
+        for index, prompt in enumerate(prompts[1:]):
+            llm_engine.add_request(f"r{index}", prompt, be)
+        start = time.perf_counter()
+        while llm_engine.has_unfinished_requests():
+            for output in llm_engine.step():
+                if output.finished:
+                    tokens[output.request_id] = output.outputs[0].token_ids
+            peak = max(peak, pool.host_capacity_bytes() - pool.free_host_bytes())
+        seconds = time.perf_counter() - start
+        runs[in_place] = Run({}, tokens, 0, 0, seconds)
+        peaks[in_place] = peak
+        held[in_place] = sum(bool(t.host_prefix_pages) for t in swaps)
+        llm_engine.check_integrity()
+        llm_engine.shutdown()
+    output_tokens = args.offload_requests * args.offload_output_len
+    copied, in_place = runs[False], runs[True]
+    rows = [compared("host KV counted on, peak (MiB)", peaks[False] / 2**20, peaks[True] / 2**20, "{:.1f}"),
+            compared("output tokens/s", output_tokens / copied.seconds, output_tokens / in_place.seconds, "{:.1f}"),
+            dict(figure="offloaded requests reading the tier", off=str(held[False]), on=str(held[True]), ratio="",
+                 goal=""),
+            same_tokens(copied, in_place)]
+    info = [f"offloaded prefix: {args.offload_requests} BE requests decoding in the CPU pool, one {args.system_tokens}"
+            f"-token system prompt and {args.suffix_tokens} tokens of their own, {args.offload_output_len} output "
+            f"tokens each, a {args.tier_gib} GiB host tier; 'caching off' is each offloaded request with its own "
+            "copy of the prefix, 'caching on' reads it in the host tier"]
+    return rows, info
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
@@ -413,6 +468,8 @@ def main() -> None:
     parser.add_argument("--tier-system-tokens", type=int, default=512)
     parser.add_argument("--tier-rounds", type=int, default=3)
     parser.add_argument("--tier-gib", type=float, default=1.0, help="host tier: its size")
+    parser.add_argument("--offload-requests", type=int, default=16)
+    parser.add_argument("--offload-output-len", type=int, default=32)
     parser.add_argument("--markdown", type=Path, default=None)
     parser.add_argument("--smoke", action="store_true", help="a tiny run (the test suite's)")
     args = parser.parse_args()
@@ -420,7 +477,7 @@ def main() -> None:
         args.parts, args.running, args.requests = ["bookkeeping", "mooncake"], 16, 3
     rows, info = [], [f"command: {command_line()}", f"CPU: {cpu_model()}"]
     makers = dict(mooncake=mooncake_rows, multi_turn=multi_turn_rows, batch=batch_rows,
-                  bookkeeping=bookkeeping_rows, host_tier=host_tier_rows)
+                  bookkeeping=bookkeeping_rows, host_tier=host_tier_rows, offloaded_prefix=offloaded_prefix_rows)
     for part in args.parts:
         part_rows, part_info = makers[part](args)
         rows += [dict(part=part, **row) for row in part_rows]

@@ -357,3 +357,103 @@ def test_a_host_tier_needs_prefix_caching(tiny, make_llm):
         make_llm(tiny, kv_offloading_size=0.01, enable_prefix_caching=False)
     with pytest.raises(ConfigError, match="holds no KV page"):
         make_llm(tiny, kv_offloading_size=1e-12)
+
+
+# --------------------------------------------------- offloaded requests reading their prefix in the host tier
+def test_a_held_host_page_is_never_evicted_and_at_most_half_the_tier_is_held():
+    from omniserve.kv_cache.host_tier import HostTier
+
+    tier = HostTier(4)
+    pages = [tier.store(bytes([i])) for i in range(4)]
+    assert tier.may_hold(2) and not tier.may_hold(3)
+    tier.hold(pages[0])
+    tier.hold(pages[0])  # two requests read it
+    tier.release(pages[0])
+    assert tier.store(b"new") == pages[1]  # the least recently used page nobody holds
+    tier.release(pages[0])
+    assert tier.num_held == 0 and tier.store(b"newer") == pages[2]
+    tier.hold(pages[3])
+    tier.drop(pages[3])  # its save failed: nobody holds it any more
+    assert tier.num_held == 0
+    tier.check_integrity()
+
+
+def test_host_kv_reads_its_prefix_in_the_host_tier():
+    """A request's host KV over a prefix in the (shared) host tier: the same attention and export as with the whole
+    KV of its own, and only the KV after the prefix counted as its bytes."""
+    import torch
+
+    from omniserve.config import ModelConfig
+    from omniserve.cpu_attention.host_kv import HostKV
+    from omniserve.kv_cache.page_pool import PagePool
+
+    config = ModelConfig(architecture="LlamaForCausalLM", vocab_size=32, hidden_size=64, intermediate_size=64,
+                         num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16)
+    tier = PagePool(config, num_pages=8, page_size=PAGE, device=torch.device("cpu"), dtype=torch.bfloat16,
+                    shared=True)
+    assert tier.k[0].is_shared()
+    generator = torch.Generator().manual_seed(0)
+    k, v = (torch.randn(2, 21, 2, 16, generator=generator) for _ in range(2))
+    prefix_pages = [5, 2, 7, 0]  # 16 tokens
+    slots = torch.tensor([p * PAGE + i for p in prefix_pages for i in range(PAGE)])
+    for layer in range(2):
+        tier.k[layer][slots] = k[layer, :16].bfloat16()
+        tier.v[layer][slots] = v[layer, :16].bfloat16()
+    k[:, :16], v[:, :16] = k[:, :16].bfloat16().float(), v[:, :16].bfloat16().float()
+    whole, prefixed = HostKV(k[:, :20], v[:, :20]), HostKV(k[:, 16:20], v[:, 16:20], (tier, slots))
+    assert prefixed.nbytes < whole.nbytes / 2
+    q = torch.randn(4, 16, generator=generator)
+    for layer in range(2):
+        expected = whole.attend(layer, q, *whole.append(layer, k[layer, 20], v[layer, 20]))
+        got = prefixed.attend(layer, q, *prefixed.append(layer, k[layer, 20], v[layer, 20]))
+        torch.testing.assert_close(got, expected)
+    for ours, theirs in zip(prefixed.export(), whole.export()):
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_offloaded_requests_read_their_shared_prefix_in_the_host_tier(uncached, tiny, make_llm):
+    """BE requests decoding in the CPU pool whose prompts hit a cached prefix hold its pages in the host tier and
+    read them there in place: only the KV after the prefix goes to the pool, the tokens are the same, and every
+    page is let go once they end."""
+    llm = make_llm(tiny, dtype="float64", block_size=PAGE, num_gpu_blocks_override=64, kv_offloading_size=1e-3,
+                   be_decode_placement="cpu")
+    engine = llm.engine
+    assert engine.page_table.offload_reads_host_tier
+    swap_outs = []
+    engine.add_iteration_observer(lambda record: swap_outs.extend(record.plan.swap_outs))
+    be = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, service_class="be")
+    run_one_by_one(llm, PROMPTS[:1], be)  # computes the shared prefix: the next requests' hit
+    assert not any(t.host_prefix_pages for t in swap_outs)  # no hit, nothing in the tier: its own copy
+    outputs = llm.generate(PROMPTS[:3], be, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == uncached[:3]
+    held = [t.host_prefix_pages for t in swap_outs if t.host_prefix_pages]
+    assert len(held) == 3 and len(set(held)) == 1  # one copy of the prefix, read by all three
+    assert len(held[0]) * PAGE == 32  # the hit's 9 pages cut to whole tiles of 16 tokens
+    engine.check_integrity()  # holds released: nothing held by an ended request
+
+
+def test_a_prefix_in_the_host_tier_is_computed_again_where_that_is_faster():
+    """The engine's judgement (copy time against compute time) decides whether a prefix found in the host tier is
+    copied back: where computing is faster, the prefix ends before its first page in the tier."""
+    from omniserve.kv_cache.host_tier import HostTier
+
+    table = PageTable(PageAllocator(4, PrefixCache()), PAGE, HostTier(8))
+    prompt = list(range(13))  # three full pages and a token
+    compute(table, "a", prompt)
+    table.forget("a")
+    compute(table, "other", list(range(100, 113)))  # its pages evict a's first three to the host tier
+    table.forget("other")
+    table.take_transfers()
+    table.end_transfers()
+    asked = []
+
+    def judge(start: int, count: int, copied: int) -> bool:
+        asked.append((start, count, copied))
+        return verdict
+
+    table.copy_beats_recompute = judge
+    verdict = False
+    assert table.cached_prefix_tokens("b", prompt, None) == 0
+    verdict = True
+    assert table.cached_prefix_tokens("c", prompt, None) == 12
+    assert asked[0] == (0, 12, 12)

@@ -25,7 +25,7 @@ class _HostPool:
     def __init__(self) -> None:
         self.loaded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def load(self, request_id, k, v, final_tokens) -> None:
+    def load(self, request_id, k, v, final_tokens, prefix_pages=()) -> None:
         self.loaded[request_id] = (k, v)
 
 

@@ -209,6 +209,20 @@ def decode_attention(q: torch.Tensor, k_tiles: torch.Tensor, v: torch.Tensor) ->
     return decode_attention_reference(q, untile_keys(k_tiles, v.shape[1]), v)
 
 
+def prefixed_decode_attention(q: torch.Tensor, k_tiles: torch.Tensor, v: torch.Tensor,
+                              prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """decode_attention over a prefix read in place from one layer of the prefix cache's host tier, then the
+    request's own KV: prefix = (k, v [slots, num_kv_heads, head_dim] in any floating dtype, slots [P] int64, P a
+    multiple of 16)."""
+    prefix_k, prefix_v, slots = prefix
+    kernel = compiled_kernel()
+    if kernel is not None:
+        return kernel.prefixed_decode_attention(q, k_tiles, v, prefix_k, prefix_v, slots)
+    k = torch.cat([prefix_k.index_select(0, slots).to(q.dtype).transpose(0, 1), untile_keys(k_tiles, v.shape[1])], 1)
+    v = torch.cat([prefix_v.index_select(0, slots).to(q.dtype).transpose(0, 1), v], 1)
+    return decode_attention_reference(q, k, v)
+
+
 def decode_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Plain torch: q [num_heads, head_dim], k and v [num_kv_heads, length, head_dim]."""
     heads, head_dim = q.shape

@@ -14,11 +14,14 @@ import torch
 
 @dataclass
 class LoadKV:
-    """Swap-out: a request's KV for every layer, [num_layers, num_tokens, num_kv_heads, head_dim]."""
+    """Swap-out: a request's KV for every layer, [num_layers, num_tokens, num_kv_heads, head_dim], after its prefix
+    in the prefix cache's host tier, if it has one there (prefix_pages: those host pages, in order; a local worker
+    reads them in place)."""
 
     request_id: str
     k: torch.Tensor
     v: torch.Tensor
+    prefix_pages: tuple[int, ...] = ()
 
 
 @dataclass

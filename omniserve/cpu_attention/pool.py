@@ -34,6 +34,7 @@ from omniserve.cpu_attention.messages import AttendBatch, AttendResult, Export, 
 from omniserve.cpu_attention.placement import LOCAL, HostRoom, choose_host, least_loaded
 from omniserve.cpu_attention.remote import RemoteHost, RemoteHosts, available_memory_bytes
 from omniserve.cpu_attention.worker import WorkerSettings, worker_main
+from omniserve.kv_cache.page_pool import PagePool
 
 logger = logging.getLogger(__name__)
 
@@ -146,8 +147,12 @@ class AttentionResult:
 
 
 class CPUAttentionPool:
-    def __init__(self, config: PoolConfig, remote: RemoteHosts | None = None) -> None:
+    def __init__(self, config: PoolConfig, remote: RemoteHosts | None = None,
+                 host_tier: PagePool | None = None) -> None:
+        """host_tier: the prefix cache's host tier, in shared memory, which local workers read prefixes from in
+        place (`load`'s prefix_pages); None: every request's whole KV is sent."""
         self.config = config
+        self.host_tier = host_tier
         self._context = mp.get_context("spawn")
         self._workers: list[_Worker | None] = [None] * config.num_workers  # started on first use
         self._remote = remote
@@ -164,7 +169,8 @@ class CPUAttentionPool:
         worker = self._workers[index]
         if worker is None:
             cores = self.config.worker_cores[index] if self.config.worker_cores else None
-            settings = WorkerSettings(self.config.threads_per_worker, cores, self.config.simulated_delay_s)
+            settings = WorkerSettings(self.config.threads_per_worker, cores, self.config.simulated_delay_s,
+                                      self.host_tier)
             name = f"omniserve-cpu-attn-{index}"
             worker_inbox, inbox = self._context.Pipe(duplex=False)
             outbox, worker_outbox = self._context.Pipe(duplex=False)
@@ -252,15 +258,24 @@ class CPUAttentionPool:
             return hosts[host]
         return self._worker(least_loaded([0 if w is None else len(w.requests) for w in self._workers]))
 
-    def load(self, request_id: str, k: torch.Tensor, v: torch.Tensor, final_tokens: int = 0) -> None:
+    def load(self, request_id: str, k: torch.Tensor, v: torch.Tensor, final_tokens: int = 0,
+             prefix_pages: tuple[int, ...] = ()) -> None:
         """Installs an offloaded request's KV ([num_layers, num_tokens, num_kv_heads, head_dim]) where placement says:
         the one time its KV moves to a host (swap-out). Room is kept for `final_tokens` (the KV it holds when done,
-        as the scheduler counts it) or for the tokens given, if more."""
+        as the scheduler counts it) or for the tokens given, if more. prefix_pages: host-tier pages that hold the
+        request's first tokens (k and v are the tokens after them, and `final_tokens` does not count them); a local
+        worker reads them in place, a remote host is sent them with the rest."""
         # Host KV is fp32 and keeps room to double (host_kv.py): count that, so placement does not overcommit a host.
         tokens = max(k.shape[1], final_tokens)
         nbytes = self.host_bytes_per_token(k.shape[0], k.shape[2], k.shape[3]) * tokens
         target = self._place(nbytes)
-        target.send(LoadKV(request_id, k, v))
+        if prefix_pages and not isinstance(target, _Worker):
+            num_tokens = len(prefix_pages) * self.host_tier.page_size
+            prefix_k, prefix_v = self.host_tier.gather(prefix_pages, num_tokens)
+            k, v = torch.cat([prefix_k.to(k.dtype), k], 1), torch.cat([prefix_v.to(v.dtype), v], 1)
+            nbytes += self.host_bytes_per_token(k.shape[0], k.shape[2], k.shape[3]) * num_tokens
+            prefix_pages = ()
+        target.send(LoadKV(request_id, k, v, tuple(prefix_pages)))
         target.requests.add(request_id)
         self._owner[request_id] = target
         self._reserved[request_id] = nbytes

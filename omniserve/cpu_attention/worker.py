@@ -11,10 +11,11 @@ from multiprocessing.connection import Connection
 import torch
 
 from omniserve.cpu_attention.host_kv import HostKV
-from omniserve.cpu_attention.kernel import compiled_kernel, decode_attention
+from omniserve.cpu_attention.kernel import compiled_kernel
 from omniserve.cpu_attention.messages import (
     AttendBatch, AttendResult, Export, Exported, Free, LoadKV, Ping, Status,
 )
+from omniserve.kv_cache.page_pool import PagePool, token_slots
 from omniserve.malloc import trim_heap
 
 
@@ -26,6 +27,8 @@ class WorkerSettings:
     """CPU cores the worker is pinned to, or None for any."""
     simulated_delay_s: float = 0.0
     """Extra seconds per attention batch: fault injection for tests of a slow pool; 0 in production."""
+    host_tier: PagePool | None = None
+    """The prefix cache's host tier, in shared memory: prefixes offloaded requests read in place (or None)."""
 
 
 _TRIM_EVERY_BYTES = 64 << 20  # host KV freed between two trims of the heap (see AttentionStore._trim_heap_if_due)
@@ -35,9 +38,10 @@ class AttentionStore:
     """The host KV of the requests placed on one worker, and the decode attention over it: the worker's whole job,
     shared by the local worker processes and the remote host actors (remote.py)."""
 
-    def __init__(self, simulated_delay_s: float = 0.0) -> None:
+    def __init__(self, simulated_delay_s: float = 0.0, host_tier: PagePool | None = None) -> None:
         self.kv: dict[str, HostKV] = {}
         self.simulated_delay_s = simulated_delay_s
+        self.host_tier = host_tier
         self.freed_bytes = 0
         """Host KV dropped since the heap was last trimmed."""
         compiled_kernel()  # build (or load the cached build) before the first request needs it
@@ -64,7 +68,14 @@ class AttentionStore:
         """Runs one message; returns the reply to send back, if it has one."""
         self._trim_heap_if_due()  # KV exported by the previous message is gone now
         if isinstance(message, LoadKV):
-            self.kv[message.request_id] = HostKV(message.k, message.v)
+            prefix = None
+            if message.prefix_pages:
+                if self.host_tier is None:
+                    raise RuntimeError("KV with a prefix in the host tier sent to a worker that cannot read it")
+                page_size = self.host_tier.page_size
+                prefix = (self.host_tier,
+                          token_slots(message.prefix_pages, 0, len(message.prefix_pages) * page_size, page_size))
+            self.kv[message.request_id] = HostKV(message.k, message.v, prefix)
         elif isinstance(message, AttendBatch):
             q, k_new, v_new = (torch.from_numpy(a) for a in (message.q, message.k, message.v))
             done, outs = [], []
@@ -73,7 +84,7 @@ class AttentionStore:
                 if kv is None:  # freed while this row was queued
                     continue
                 k, v = kv.append(layer, k_new[row], v_new[row])
-                outs.append(decode_attention(q[row].to(kv.dtype), k, v).to(q.dtype))
+                outs.append(kv.attend(layer, q[row], k, v))
                 done.append((request_id, layer))
             if self.simulated_delay_s:
                 time.sleep(self.simulated_delay_s)
@@ -98,7 +109,7 @@ def worker_main(settings: WorkerSettings, inbox: Connection, outbox: Connection)
     torch.set_num_threads(settings.threads)
     if settings.cores:
         os.sched_setaffinity(0, settings.cores)
-    store = AttentionStore(settings.simulated_delay_s)
+    store = AttentionStore(settings.simulated_delay_s, settings.host_tier)
     while True:
         try:
             message = inbox.recv()

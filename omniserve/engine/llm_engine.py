@@ -9,6 +9,7 @@ output processor's (omniserve/engine/output_processor.py): step() runs it inline
 from __future__ import annotations
 
 import logging
+import os
 import time
 import weakref
 from collections.abc import Callable
@@ -32,8 +33,8 @@ from omniserve.engine.scheduler.request import Request, RequestStatus
 from omniserve.engine.services import ServiceRegistry
 from omniserve.kv_cache import PageAllocator, PageTable, PrefixCache
 from omniserve.kv_cache.host_tier import HostTier
-from omniserve.kv_cache.page_pool import (PagePool, activation_peak_bytes, bytes_per_page, pages_for_memory,
-                                          weight_bytes)
+from omniserve.kv_cache.page_pool import (PagePool, activation_peak_bytes, bytes_per_page, copy_bandwidth,
+                                          pages_for_memory, weight_bytes)
 from omniserve.models.loader import LoadedModel
 from omniserve.sampling.params import InvalidRequestError, SamplingParams
 from omniserve.tokenizer import load_tokenizer
@@ -95,6 +96,7 @@ class LLMEngine:
         else:
             pool_config = None  # this engine never offloads
         self.latency_model = self._latency_model(latency_model, loaded, pool_config)
+        self._judge_host_tier_copies()
         self.scheduler = Scheduler(
             self.scheduler_config, self.page_table, loaded.config.eos_token_ids, loaded.config.num_layers,
             self.latency_model, default_tpot_slo=self.services.tightest_tpot_slo, calibrates=True,
@@ -103,7 +105,9 @@ class LLMEngine:
         )
         self.cpu_pool = None
         if pool_config is not None:
-            self.cpu_pool = CPUAttentionPool(pool_config, _remote_hosts(args))  # local workers start on first offload
+            # local workers start on first offload; they read prefixes in the host tier in place where it is shared
+            self.cpu_pool = CPUAttentionPool(pool_config, _remote_hosts(args),
+                                             self.host_pages if self.page_table.offload_reads_host_tier else None)
             weakref.finalize(self, self.cpu_pool.shutdown)  # workers end with the engine, not only with the process
         self.runner = self._runner(loaded, args.enforce_eager)
         self.calibrate()
@@ -133,9 +137,11 @@ class LLMEngine:
         """The device's KV pages and their bookkeeping, with the prefix cache and its host tier as the args say."""
         self.pool = PagePool(loaded.config, num_pages, page_size, self.device, self.dtype)
         self.allocator = PageAllocator(num_pages, PrefixCache() if args.enable_prefix_caching else None)
-        self.host_pages = self._host_tier_pool(loaded, args, page_size)
+        shared = self.scheduler_config.offload_mode.uses_pool and self._shared_memory_holds(loaded, args, page_size)
+        self.host_pages = self._host_tier_pool(loaded, args, page_size, shared)
         self.page_table = PageTable(self.allocator, page_size,
                                     None if self.host_pages is None else HostTier(self.host_pages.num_pages))
+        self.page_table.offload_reads_host_tier = self.host_pages is not None and shared
 
     def _beside_host_tier(self, pool_config: PoolConfig) -> PoolConfig:
         """The CPU pool's settings with the host tier's memory taken out of its local host budget: one budget for
@@ -150,8 +156,27 @@ class LLMEngine:
                     max(0, budget - tier) / 2**30, tier / 2**30)
         return replace(pool_config, local_memory_bytes=max(0, budget - tier))
 
-    def _host_tier_pool(self, loaded: LoadedModel, args: EngineArgs, page_size: int) -> PagePool | None:
-        """The prefix cache's host tier: --kv-offloading-size GiB of host pages (pinned beside a GPU)."""
+    @staticmethod
+    def _shared_memory_holds(loaded: LoadedModel, args: EngineArgs, page_size: int) -> bool:
+        """Whether shared memory (/dev/shm) has room for the host tier, so that the CPU pool's workers can read the
+        prefixes offloaded requests share in place; else each offloaded request carries its own copy."""
+        if not args.kv_offloading_size:
+            return False
+        try:
+            stat = os.statvfs("/dev/shm")
+            room = stat.f_bavail * stat.f_frsize
+        except OSError:
+            room = 0
+        if room >= args.kv_offloading_size * 2**30:
+            return True
+        logger.warning("/dev/shm has %.2f GiB free, less than the host tier's %.2f GiB: offloaded requests keep "
+                       "their own copies of shared prefixes", room / 2**30, args.kv_offloading_size)
+        return False
+
+    def _host_tier_pool(self, loaded: LoadedModel, args: EngineArgs, page_size: int,
+                        shared: bool) -> PagePool | None:
+        """The prefix cache's host tier: --kv-offloading-size GiB of host pages (pinned beside a GPU; in shared
+        memory if `shared`, for the CPU pool's workers)."""
         import torch
 
         if not args.kv_offloading_size:
@@ -167,7 +192,21 @@ class LLMEngine:
         logger.info("prefix cache host tier: %d pages of %d tokens (%.2f GiB)", num_pages, page_size,
                     num_pages * per_page / 2**30)
         return PagePool(loaded.config, num_pages, page_size, torch.device("cpu"), self.dtype,
-                        pin_memory=self.device.type == "cuda")
+                        pin_memory=self.device.type == "cuda", shared=shared)
+
+    def _judge_host_tier_copies(self) -> None:
+        """With a latency model, a prefix found in the host tier is copied back only where that is faster than
+        computing it again (a small model on a fast device computes faster than its host link copies): a copy's time
+        from the host link's bandwidth, measured now, against the model's time to compute those tokens."""
+        if self.host_pages is None or self.latency_model is None:
+            return
+        bandwidth = copy_bandwidth(self.device)
+        per_token = bytes_per_page(self.model_config, 1, self.dtype)
+        model = self.latency_model
+        logger.info("host tier: copies back at %.1f GB/s, %.2f us per token of KV; a 512-token prefix computes in "
+                    "%.2f ms", bandwidth / 1e9, per_token / bandwidth * 1e6, model.recompute_time(0, 512) * 1e3)
+        self.page_table.copy_beats_recompute = (
+            lambda start, count, copied: copied * per_token / bandwidth < model.recompute_time(start, count))
 
     def _kv_pages(self, loaded: LoadedModel, cache: CacheConfig) -> int:
         """How many KV pages the memory settings give (pages_for_memory): a memory utilization's share must also hold
@@ -477,6 +516,8 @@ class LLMEngine:
         if self.allocator.num_used or self.page_table.num_requests or self.page_table.num_remembered:
             raise AssertionError(f"idle engine holds {self.allocator.num_used} KV pages, page keys of "
                                  f"{self.page_table.num_remembered} requests")
+        if self.page_table.num_holding_host_prefix or (self.page_table.host_tier and self.page_table.host_tier.num_held):
+            raise AssertionError("idle engine holds host-tier pages for offloaded requests")
         if self.runner.num_offloaded_entries:
             raise AssertionError(f"idle engine holds {self.runner.num_offloaded_entries} offloaded residuals or rows")
         if self.cpu_pool is not None:

@@ -113,6 +113,7 @@ class _PendingCopy:
     final_tokens: int
     sources: tuple[torch.Tensor, torch.Tensor]
     """The device tensors being read, held until `done`: see ModelRunner._start_host_copy."""
+    host_prefix_pages: tuple[int, ...] = ()
 
 
 class ModelRunner:
@@ -436,17 +437,21 @@ class ModelRunner:
         into pinned memory and the request is reported once its event has completed (a later iteration)."""
         finished = []
         for transfer in transfers:
-            k, v = self.pool.gather(transfer.page_ids, transfer.num_tokens)  # [layers, tokens, kv_heads, head_dim]
+            # [layers, tokens, kv_heads, head_dim], after the prefix its host KV reads in the host tier (saved there
+            # at the start of this iteration)
+            prefix_tokens = len(transfer.host_prefix_pages) * self.pool.page_size
+            k, v = self.pool.gather(transfer.page_ids, transfer.num_tokens, prefix_tokens)
             if self._copy_stream is None:
-                self.cpu_pool.load(transfer.request_id, k, v, transfer.final_tokens)
+                self.cpu_pool.load(transfer.request_id, k, v, transfer.final_tokens, transfer.host_prefix_pages)
                 finished.append(transfer.request_id)
                 continue
             k_host, v_host, done = self._start_host_copy(k, v)
-            self._copies.append(_PendingCopy(transfer.request_id, k_host, v_host, done, transfer.final_tokens, (k, v)))
+            self._copies.append(_PendingCopy(transfer.request_id, k_host, v_host, done, transfer.final_tokens, (k, v),
+                                             transfer.host_prefix_pages))
         still_copying = []
         for copy in self._copies:
             if copy.done.query():
-                self.cpu_pool.load(copy.request_id, copy.k, copy.v, copy.final_tokens)
+                self.cpu_pool.load(copy.request_id, copy.k, copy.v, copy.final_tokens, copy.host_prefix_pages)
                 finished.append(copy.request_id)
             else:
                 still_copying.append(copy)

@@ -4,7 +4,10 @@ request finds them there and copies them back instead of computing them again.
 Bookkeeping only (torch-free): which host page holds which key, least recently used first. The page table plans
 the copies (`PageTable.take_transfers`): saves of device pages evicted by a plan, loads of host pages into device
 pages; the runner runs them first in the iteration, saves before loads, before any KV is written. A host page that
-a planned load reads is pinned until that plan has run, so that a save of the same plan never overwrites it."""
+a planned load reads is pinned until that plan has run, so that a save of the same plan never overwrites it.
+
+Offloaded requests read their prompt's shared prefix here in place (PageTable.hold_host_prefix): each holds those
+pages, which are never evicted while held. At most half the tier is held, so that it stays a cache."""
 
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ class HostTier:
         self._key_of: OrderedDict[int, bytes] = OrderedDict()
         """Pages holding a key, least recently used first."""
         self._pinned: set[int] = set()
+        self._holders: dict[int, int] = {}
+        """Held pages: how many offloaded requests read each in place."""
         self.num_evicted = 0
 
     def __len__(self) -> int:
@@ -38,7 +43,7 @@ class HostTier:
         if self._free:
             page = self._free.pop()
         else:
-            page = next((p for p in self._key_of if p not in self._pinned), None)
+            page = next((p for p in self._key_of if p not in self._pinned and p not in self._holders), None)
             if page is None:
                 return None
             del self._page_of[self._key_of.pop(page)]
@@ -48,11 +53,34 @@ class HostTier:
         return page
 
     def drop(self, page: int) -> None:
-        """Forgets a page whose copy did not happen (its iteration failed)."""
+        """Forgets a page whose copy did not happen (its iteration failed); whoever held it must hold it no more."""
         key = self._key_of.pop(page, None)
         if key is not None:
             del self._page_of[key]
             self._free.append(page)
+        self._holders.pop(page, None)
+
+    @property
+    def num_held(self) -> int:
+        return len(self._holders)
+
+    def may_hold(self, count: int) -> bool:
+        """Whether `count` more pages may be held: held pages never exceed half the tier."""
+        return self.num_held + count <= self.num_pages // 2
+
+    def hold(self, page: int) -> None:
+        """One more offloaded request reads this page in place: it is not evicted until released."""
+        self._holders[page] = self._holders.get(page, 0) + 1
+        self._key_of.move_to_end(page)
+
+    def release(self, page: int) -> None:
+        holders = self._holders.get(page)
+        if holders is None:  # dropped meanwhile
+            return
+        if holders > 1:
+            self._holders[page] = holders - 1
+        else:
+            del self._holders[page]
 
     def pin(self, page: int) -> None:
         """A page a planned load reads: the most recently used, and kept until unpinned."""
@@ -68,3 +96,5 @@ class HostTier:
             raise AssertionError("a host page is free twice, or free and holding a key")
         if len(free) + len(self._key_of) != self.num_pages or len(self._page_of) != len(self._key_of):
             raise AssertionError(f"host pages: {len(free)} free + {len(self._key_of)} holding keys != {self.num_pages}")
+        if not self._holders.keys() <= self._key_of.keys():
+            raise AssertionError("a held host page holds no key")

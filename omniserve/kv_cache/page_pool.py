@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections.abc import Sequence
 
 import torch
@@ -25,11 +26,16 @@ class PagePool:
     """
 
     def __init__(self, model: ModelConfig, num_pages: int, page_size: int, device: torch.device, dtype: torch.dtype,
-                 pin_memory: bool = False):
-        """pin_memory: host pages a GPU copies to and from (the prefix cache's host tier beside a CUDA pool)."""
+                 pin_memory: bool = False, shared: bool = False):
+        """pin_memory: host pages a GPU copies to and from (the prefix cache's host tier beside a CUDA pool).
+        shared: host pages in shared memory, which the CPU pool's worker processes read in place (the host tier)."""
         self.num_pages = num_pages
         self.page_size = page_size
         shape = (num_pages * page_size, model.num_kv_heads, model.head_dim)
+        if shared:
+            self.k = [_shared_empty(shape, dtype, pin_memory) for _ in range(model.num_layers)]
+            self.v = [_shared_empty(shape, dtype, pin_memory) for _ in range(model.num_layers)]
+            return
         # torch.empty: pages are written before they are read, and untouched host memory is never committed.
         self.k = [torch.empty(shape, device=device, dtype=dtype, pin_memory=pin_memory)
                   for _ in range(model.num_layers)]
@@ -53,10 +59,10 @@ class PagePool:
         is not stored). One operator for both (ops.store_kv)."""
         ops.store_kv(k, v, self.k[layer], self.v[layer], slots)
 
-    def gather(self, page_ids: Sequence[int], num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A copy of the first num_tokens tokens' K and V of the request whose pages are page_ids, from every layer:
-        each [num_layers, num_tokens, num_kv_heads, head_dim], on the pool's device (swap-out)."""
-        slots = token_slots(page_ids, 0, num_tokens, self.page_size).to(self.k[0].device)
+    def gather(self, page_ids: Sequence[int], num_tokens: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """A copy of the K and V of positions start .. num_tokens-1 of the request whose pages are page_ids, from
+        every layer: each [num_layers, num_tokens - start, num_kv_heads, head_dim], on the pool's device (swap-out)."""
+        slots = token_slots(page_ids, start, num_tokens - start, self.page_size).to(self.k[0].device)
         return (torch.stack([layer.index_select(0, slots) for layer in self.k]),
                 torch.stack([layer.index_select(0, slots) for layer in self.v]))
 
@@ -67,6 +73,39 @@ class PagePool:
         for layer in range(len(self.k)):
             # Layer by layer: a whole request's KV moved at once would need that much spare device memory.
             self.write(layer, slots, k[layer].to(slots.device), v[layer].to(slots.device))
+
+
+def _shared_empty(shape: tuple[int, ...], dtype: torch.dtype, pin_memory: bool) -> torch.Tensor:
+    """An uninitialised host tensor in shared memory (created there: nothing is copied, so untouched pages stay
+    uncommitted), pinned for a GPU's copies where CUDA lets it register the memory (else left pageable: copies still
+    work, only slower)."""
+    numel = 1
+    for n in shape:
+        numel *= n
+    storage = torch.UntypedStorage._new_shared(numel * torch.empty((), dtype=dtype).element_size())
+    tensor = torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+    if pin_memory:
+        try:
+            error = int(torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), storage.nbytes(), 0))
+        except Exception as exc:  # noqa: BLE001 - pinning is an optimisation: any failure leaves pageable memory
+            error = exc
+        if error != 0:
+            logger.warning("could not pin the shared host tier (%s): its copies run from pageable memory", error)
+    return tensor
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 32 << 20, repeats: int = 3) -> float:
+    """Bytes/s of a copy from (pinned, beside a GPU) host memory to `device`: the best of a few of nbytes each."""
+    source = torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    target = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        target.copy_(source)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - started)
+    return nbytes / max(best, 1e-9)
 
 
 def token_slots(page_ids: Sequence[int], start: int, count: int, page_size: int) -> torch.Tensor:

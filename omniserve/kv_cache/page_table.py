@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 
 from omniserve.kv_cache.host_tier import HostTier
 from omniserve.kv_cache.page_allocator import PageAllocator
@@ -25,8 +26,19 @@ class PageTable:
             if self.cache is None:
                 raise ValueError("a host tier keeps the prefix cache's evicted pages: the allocator needs a cache")
             self.cache.evicted = []
+        self.copy_beats_recompute: Callable[[int, int, int], bool] | None = None
+        """Set by the engine where it can judge: (start, count, copied) -> whether copying `copied` tokens' KV back
+        from the host tier takes less time than computing the `count` tokens from position `start` that hold them.
+        None: a prefix in the host tier is always copied back."""
+        self.offload_reads_host_tier = False
+        """Set by the engine when its CPU pool's workers read the host tier in place: an offloaded request then
+        holds its shared prefix's host pages instead of carrying its own copy of them (hold_host_prefix)."""
         self._loads: list[tuple[int, int]] = []
         """Host page -> device page copies planned since take_transfers (prefix pages found in the host tier)."""
+        self._saves: list[tuple[int, int]] = []
+        """Device page -> host page copies planned since take_transfers for prefixes offloaded requests hold."""
+        self._held: dict[str, list[int]] = {}
+        """Per offloaded request: the host pages of its prefix that it reads in place."""
         self._in_flight: tuple[list[tuple[int, int]], list[tuple[int, int]]] = ([], [])
         """The saves and loads of the last plan, until it has run (end_transfers) or failed (abort_transfers)."""
         self._pages: dict[str, list[int]] = {}
@@ -68,8 +80,9 @@ class PageTable:
             self.allocator.free(pages)
 
     def forget(self, request_id: str) -> None:
-        """Releases an ended request's pages and drops what was kept of it."""
+        """Releases an ended request's pages (the host tier's it held included) and drops what was kept of it."""
         self.release(request_id)
+        self.release_host_prefix(request_id)
         self._hashes.pop(request_id, None)
 
     @property
@@ -122,12 +135,68 @@ class PageTable:
         return len(pages) * self.page_size
 
     # --------------------------------------------------------------------------------------------- the host tier
+    def hold_host_prefix(self, request_id: str, shared_pages: int) -> list[int]:
+        """For a request this plan offloads: host-tier pages that hold its first full pages, held for it until
+        release_host_prefix, which its host KV reads in place instead of a copy of its own. Its pages in the tier
+        already are taken, and its first `shared_pages` (its prompt's cache hit: a prefix others share) are saved
+        there with this plan's copies if they are not. The prefix ends at the first page that is neither, is cut to
+        whole tiles of 16 tokens (the CPU kernel's unit), and is empty if the tier may hold no more."""
+        if not self.offload_reads_host_tier or request_id in self._held:
+            return []
+        tier, hashes, pages = self.host_tier, self._hashes.get(request_id, []), self._pages.get(request_id, [])
+        found = []  # (key, device page, host page or None)
+        for index in range(min(self._num_cached.get(request_id, 0), len(hashes))):
+            host_page = tier.lookup(hashes[index])
+            if host_page is None and index >= shared_pages:
+                break
+            found.append((hashes[index], pages[index], host_page))
+        found = found[:self._whole_tiles(len(found))]
+        if not found or not tier.may_hold(len(found)):
+            return []
+        for _, _, host_page in found:  # held first: no save below may evict them
+            if host_page is not None:
+                tier.hold(host_page)
+        held = []
+        for index, (key, page, host_page) in enumerate(found):
+            if host_page is None:
+                host_page = tier.store(key)
+                if host_page is None:  # every page pinned or held
+                    for _, _, later in found[index:]:
+                        if later is not None:
+                            tier.release(later)
+                    break
+                tier.hold(host_page)
+                self._saves.append((page, host_page))
+            held.append(host_page)
+        for host_page in held[self._whole_tiles(len(held)):]:
+            tier.release(host_page)  # a save planned for it still lands: the page stays cached
+        held = held[:self._whole_tiles(len(held))]
+        if held:
+            self._held[request_id] = held
+        return held
+
+    def _whole_tiles(self, num_pages: int) -> int:
+        """The most of num_pages pages that hold a multiple of 16 tokens."""
+        step = 16 // math.gcd(self.page_size, 16)
+        return num_pages // step * step
+
+    def release_host_prefix(self, request_id: str) -> None:
+        """The request reads its prefix in the host tier no more (back on the device, rebuilt, or ended)."""
+        for host_page in self._held.pop(request_id, ()):
+            self.host_tier.release(host_page)
+
+    @property
+    def num_holding_host_prefix(self) -> int:
+        """Requests that hold host-tier pages (0 once every offloaded request has ended)."""
+        return len(self._held)
+
     def take_transfers(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         """The copies the plan just made needs, run before its forward, saves first: (device page, host page) saves
-        of the pages it evicted, (host page, device page) loads of the pages it found in the host tier."""
+        of the pages it evicted and of the prefixes its offloaded requests hold, (host page, device page) loads of
+        the pages it found in the host tier."""
         if self.host_tier is None:
             return [], []
-        saves = []
+        saves, self._saves = self._saves, []
         for page, key in self.cache.evicted:
             host_page = self.host_tier.store(key)
             if host_page is not None:
@@ -173,7 +242,8 @@ class PageTable:
     def _cached_prefix(self, request_id: str, token_ids: Sequence[int],
                        salt: str | None) -> list[tuple[bytes, int | None, int | None]]:
         """(key, device page, host page) of each page of the request's longest cached prefix, short of its last
-        token: each page on the device, or else in the host tier."""
+        token: each page on the device, or else in the host tier. The prefix ends before its first page in the host
+        tier if computing the pages from there would be faster than copying those in the host tier back."""
         found = []
         for key in self._page_hashes(request_id, token_ids, salt, (len(token_ids) - 1) // self.page_size):
             page = self.cache.lookup(key)
@@ -181,6 +251,12 @@ class PageTable:
             if page is None and host_page is None:
                 break
             found.append((key, page, host_page))
+        first_host = next((i for i, (_, page, _) in enumerate(found) if page is None), None)
+        if first_host is not None and self.copy_beats_recompute is not None:
+            copied = sum(page is None for _, page, _ in found) * self.page_size
+            count = (len(found) - first_host) * self.page_size
+            if not self.copy_beats_recompute(first_host * self.page_size, count, copied):
+                return found[:first_host]
         return found
 
     def _page_hashes(self, request_id: str, token_ids: Sequence[int], salt: str | None, count: int) -> list[bytes]:

@@ -81,6 +81,57 @@ struct PagedKV {
   inline const scalar_t* value(int64_t position) const { return v + slots[position] * slot_stride; }
 };
 
+// A request's host KV whose first `prefix_length` positions are full pages of the prefix cache's host tier, read in
+// place where every offloaded request with that prefix reads them, then the request's own tiled KV. The tier is in
+// the model's dtype (bf16 beside a GPU): a prefix tile's key rows are converted as they are scored and its value
+// rows into a small buffer, once. prefix_length is a multiple of 16, so a tile lies wholly in one part. The buffer
+// makes the object per thread: it is built inside each parallel task.
+template <typename scalar_t, typename prefix_t>
+struct PrefixedKV {
+  const prefix_t* prefix_k;
+  const prefix_t* prefix_v;
+  const int64_t* slots;
+  int64_t slot_stride;
+  int64_t prefix_length;
+  int64_t head_dim;
+  TiledKV<scalar_t> own;
+  mutable scalar_t values[kLanes * kMaxDim];  // not initialised: each prefix tile fills the rows it reads
+
+  PrefixedKV(const prefix_t* k, const prefix_t* v, const int64_t* slots, int64_t slot_stride, int64_t prefix_length,
+             int64_t head_dim, TiledKV<scalar_t> own)
+      : prefix_k(k), prefix_v(v), slots(slots), slot_stride(slot_stride), prefix_length(prefix_length),
+        head_dim(head_dim), own(own) {}
+
+  template <int G>
+  inline void score_tile(const scalar_t* q, int64_t dim, int64_t start, int64_t valid,
+                         scalar_t (&score)[G][kLanes]) const {
+    if (start >= prefix_length) {
+      own.template score_tile<G>(q, dim, start - prefix_length, valid, score);
+      return;
+    }
+    scalar_t key[kMaxDim];
+    for (int64_t w = 0; w < valid; ++w) {
+      const prefix_t* key_row = prefix_k + slots[start + w] * slot_stride;
+      const prefix_t* value_row = prefix_v + slots[start + w] * slot_stride;
+      scalar_t* value = values + w * dim;
+      for (int64_t d = 0; d < dim; ++d) {
+        key[d] = static_cast<scalar_t>(key_row[d]);
+        value[d] = static_cast<scalar_t>(value_row[d]);
+      }
+      for (int g = 0; g < G; ++g) {
+        scalar_t dot = 0;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t d = 0; d < dim; ++d) dot += q[g * dim + d] * key[d];
+        score[g][w] = dot;
+      }
+    }
+  }
+
+  inline const scalar_t* value(int64_t position) const {
+    return position >= prefix_length ? own.value(position - prefix_length) : values + (position % kLanes) * head_dim;
+  }
+};
+
 // The online-softmax step for one query head and one tile: folds the tile's scores into the running max and sum,
 // rescales the output accumulator if the max grew, and leaves the tile's weights exp(score * scale - max) in
 // `score` (0 in lanes past `valid`), ready to weight the tile's value rows.
@@ -203,6 +254,62 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   return out;
 }
 
+// decode_attention for a request whose context starts with a prefix in the prefix cache's host tier (PrefixedKV):
+//
+//   prefix_k, prefix_v [slots, num_kv_heads, head_dim]   one layer of the host tier (any floating dtype), contiguous
+//   prefix_slots       [prefix_length] int64             the prefix's slots there, prefix_length a multiple of 16
+//   k, v                                                 the request's own KV after the prefix, as decode_attention's
+torch::Tensor prefixed_decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor prefix_k,
+                                        torch::Tensor prefix_v, torch::Tensor prefix_slots) {
+  TORCH_CHECK(q.dim() == 2 && k.dim() == 4 && v.dim() == 3 && prefix_k.dim() == 3,
+              "q [heads, dim], k [kv_heads, tiles, dim, 16], v [kv_heads, len, dim], prefix_k [slots, kv_heads, dim]");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "dtypes must match");
+  TORCH_CHECK(prefix_k.scalar_type() == prefix_v.scalar_type() && prefix_k.is_contiguous() &&
+                  prefix_v.is_contiguous() && prefix_k.sizes() == prefix_v.sizes(),
+              "the prefix's k and v must be contiguous layers of one dtype");
+  TORCH_CHECK(k.stride(3) == 1 && k.stride(2) == kLanes && k.size(3) == kLanes, "k tiles must be contiguous");
+  TORCH_CHECK(v.stride(2) == 1, "v rows must be contiguous");
+  TORCH_CHECK(prefix_slots.scalar_type() == torch::kLong && prefix_slots.dim() == 1, "prefix_slots must be int64");
+  q = q.contiguous();
+  prefix_slots = prefix_slots.contiguous();
+  const int64_t heads = q.size(0), head_dim = q.size(1), kv_heads = k.size(0), own_length = v.size(1);
+  const int64_t prefix_length = prefix_slots.size(0);
+  TORCH_CHECK(prefix_length % kLanes == 0, "the prefix's length must be a multiple of ", kLanes);
+  TORCH_CHECK(heads % kv_heads == 0 && k.size(2) == head_dim && prefix_k.size(1) == kv_heads &&
+                  prefix_k.size(2) == head_dim, "q, k and the prefix's shapes do not match");
+  TORCH_CHECK(v.size(0) == kv_heads && v.size(2) == head_dim, "v shape does not match k");
+  TORCH_CHECK(k.size(1) * kLanes >= own_length, "k has fewer tiles than v has positions");
+  TORCH_CHECK(prefix_length + own_length > 0, "no context to attend to");
+  TORCH_CHECK(head_dim <= kMaxDim, "head_dim above ", kMaxDim, " is not supported by the CPU kernel");
+  const int64_t* sp = prefix_slots.data_ptr<int64_t>();
+  for (int64_t i = 0; i < prefix_length; ++i)
+    TORCH_CHECK(sp[i] >= 0 && sp[i] < prefix_k.size(0), "prefix slot ", sp[i], " is outside the host tier");
+  const int64_t group = heads / kv_heads;
+  auto out = torch::empty_like(q);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "prefixed_decode_attention", [&] {
+    using own_t = scalar_t;
+    const own_t* qp = q.data_ptr<own_t>();
+    const own_t* kp = k.data_ptr<own_t>();
+    const own_t* vp = v.data_ptr<own_t>();
+    own_t* op = out.data_ptr<own_t>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, prefix_k.scalar_type(), "prefix", [&] {
+      const scalar_t* pk = prefix_k.data_ptr<scalar_t>();
+      const scalar_t* pv = prefix_v.data_ptr<scalar_t>();
+      at::parallel_for(0, kv_heads, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t h = begin; h < end; ++h) {
+          const TiledKV<own_t> own{kp + h * k.stride(0), vp + h * v.stride(0), k.stride(1), v.stride(1)};
+          const PrefixedKV<own_t, scalar_t> kv{pk + h * head_dim, pv + h * head_dim, sp, kv_heads * head_dim,
+                                                prefix_length, head_dim, own};
+          attend_group(qp + h * group * head_dim, kv, op + h * group * head_dim, group, prefix_length + own_length,
+                       head_dim, scale);
+        }
+      });
+    });
+  });
+  return out;
+}
+
 // Decode attention over a paged KV pool, for a device that is the CPU itself. Each row attends to its own list of
 // slots, so the cost follows the total context of the batch: nothing is gathered or padded to the longest row.
 // It is the same pass as decode_attention's (attend), reading each row's slots in place (PagedKV).
@@ -295,5 +402,7 @@ TORCH_LIBRARY_IMPL(omniserve, CPU, m) { m.impl("paged_decode", &paged_decode); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "GQA decode attention over one request's host KV");
+  m.def("prefixed_decode_attention", &prefixed_decode_attention,
+        "GQA decode attention over a prefix in the prefix cache's host tier, then one request's host KV");
   m.def("paged_decode_attention", &paged_decode_attention, "GQA decode attention over a paged KV pool on the CPU");
 }

@@ -90,6 +90,7 @@ class ResultBooker:
         for request_id in request_ids:
             request = self.state.requests.get(request_id)
             if request is not None and request.placement is Placement.SWAPPING_IN:
+                self.state.page_table.release_host_prefix(request_id)  # its whole KV is on the device again
                 request.placement = Placement.DEVICE
                 request.num_swap_ins += 1
                 self.state.stats.num_swap_ins += 1

@@ -195,6 +195,12 @@ class LatencyModel:
     def swap_out_time(self, num_tokens: int) -> float:
         return self.swap_out(num_tokens) if num_tokens > 0 else 0.0
 
+    def recompute_time(self, start: int, count: int) -> float:
+        """Seconds the device takes to compute the KV of `count` prompt tokens from position `start`: their dense
+        work and attention in every layer, as a chunk of its own (what copying their KV back must beat)."""
+        interactions = prefill_interactions(start, count)
+        return self.num_layers * (self.dense_time(count) + self.prefill_attention_time(interactions, count))
+
     def cpu_attention_time(self, total_context: int, num_rows: int) -> float:
         return self.cpu_attention(total_context, num_rows) if num_rows > 0 else 0.0
 

@@ -87,6 +87,7 @@ class SchedulerState:
         """Sends a request back to the front of the queue, to be recomputed from its tokens (preempted, or its host
         KV lost): its pages are freed."""
         self.page_table.release(request.request_id)
+        self.page_table.release_host_prefix(request.request_id)
         request.num_computed_tokens = 0
         request.status = RequestStatus.WAITING
         self.waiting.appendleft(request)
