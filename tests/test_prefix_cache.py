@@ -457,3 +457,27 @@ def test_a_prefix_in_the_host_tier_is_computed_again_where_that_is_faster():
     verdict = True
     assert table.cached_prefix_tokens("c", prompt, None) == 12
     assert asked[0] == (0, 12, 12)
+
+
+def test_swap_copies_skip_the_tokens_the_host_tier_or_the_cache_holds():
+    """gather from a start (a swap-out after its host prefix) and scatter from one (a swap-in after the pages the
+    cache still had) move exactly the other tokens."""
+    import torch
+
+    from omniserve.config import ModelConfig
+    from omniserve.kv_cache.page_pool import PagePool
+
+    config = ModelConfig(architecture="LlamaForCausalLM", vocab_size=32, hidden_size=32, intermediate_size=64,
+                         num_layers=2, num_heads=2, num_kv_heads=2, head_dim=16)
+    pool = PagePool(config, num_pages=8, page_size=PAGE, device=torch.device("cpu"), dtype=torch.float32)
+    for layer in range(2):
+        pool.k[layer].copy_(torch.randn_like(pool.k[layer]))
+        pool.v[layer].copy_(torch.randn_like(pool.v[layer]))
+    pages = [6, 1, 3]
+    whole_k, whole_v = pool.gather(pages, 10)
+    after_k, after_v = pool.gather(pages, 10, start=8)
+    assert torch.equal(after_k, whole_k[:, 8:]) and torch.equal(after_v, whole_v[:, 8:])
+    untouched = pool.k[0][6 * PAGE].clone()
+    pool.scatter(pages, 10, torch.zeros_like(whole_k), torch.zeros_like(whole_v), start=4)
+    assert torch.equal(pool.k[0][6 * PAGE], untouched)  # page 6 (tokens 0-3) was skipped
+    assert not pool.gather(pages, 10, start=4)[0].any()

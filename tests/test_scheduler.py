@@ -213,6 +213,33 @@ def test_auto_offloads_newest_be_when_pages_run_short_and_brings_it_back():
     assert new.placement is Placement.DEVICE and new.num_swap_ins == 1
 
 
+def test_a_swap_in_takes_back_the_pages_the_prefix_cache_still_has():
+    """Offloaded, then back: the request's pages still cached (its prompt's prefix, which another request holds,
+    and its own, idle since it left) are taken back, and only the rest of its KV is written."""
+    from omniserve.kv_cache import PrefixCache
+
+    scheduler = Scheduler(SchedulerConfig(be_decode_placement="auto"), PageTable(PageAllocator(16, PrefixCache()), 4),
+                          eos_token_ids=(2,))
+    old = add(scheduler, "old", 9, max_tokens=30, service_class="be")
+    for _ in range(2):
+        step(scheduler)
+    new = add(scheduler, "new", 9, max_tokens=30, service_class="be")  # the same prompt: two pages found cached
+    for _ in range(3):
+        step(scheduler)
+    add(scheduler, "ls", 45, max_tokens=2)  # needs 12 pages: more than the 11 free
+    step(scheduler)
+    assert new.placement is Placement.HOST and old.placement is Placement.DEVICE
+    while "ls" in scheduler.requests:
+        step(scheduler)
+    swap_ins = []
+    for _ in range(3):
+        swap_ins += step(scheduler).swap_ins
+    [swap_in] = swap_ins
+    # all three of its full pages: the two it shares with "old", and its own, idle in the cache since it left
+    assert swap_in.cached_tokens == 12 and swap_in.page_ids[:2] == scheduler.page_table.pages("old")[:2]
+    assert new.placement is Placement.DEVICE
+
+
 def test_lost_offloaded_request_is_recomputed_on_the_device():
     scheduler = make_scheduler(be_decode_placement="cpu")
     be = add(scheduler, "be", 5, service_class="be")

@@ -482,7 +482,7 @@ class ModelRunner:
             transfer = self._swapping_in.pop(exported.request_id, None)
             if transfer is None:  # released meanwhile
                 continue
-            self.pool.scatter(transfer.page_ids, transfer.num_tokens, exported.k, exported.v)
+            self.pool.scatter(transfer.page_ids, transfer.num_tokens, exported.k, exported.v, transfer.cached_tokens)
             done.append(exported.request_id)
         return done
 

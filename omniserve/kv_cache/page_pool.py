@@ -66,13 +66,15 @@ class PagePool:
         return (torch.stack([layer.index_select(0, slots) for layer in self.k]),
                 torch.stack([layer.index_select(0, slots) for layer in self.v]))
 
-    def scatter(self, page_ids: Sequence[int], num_tokens: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    def scatter(self, page_ids: Sequence[int], num_tokens: int, k: torch.Tensor, v: torch.Tensor,
+                start: int = 0) -> None:
         """The inverse of gather (swap-in): stores k, v [num_layers, num_tokens, num_kv_heads, head_dim], wherever
-        they are, as the first num_tokens tokens of the request whose pages are page_ids."""
-        slots = token_slots(page_ids, 0, num_tokens, self.page_size).to(self.k[0].device)
+        they are, as the first num_tokens tokens of the request whose pages are page_ids; the first `start` of them
+        are there already (pages found in the prefix cache) and are skipped."""
+        slots = token_slots(page_ids, start, num_tokens - start, self.page_size).to(self.k[0].device)
         for layer in range(len(self.k)):
             # Layer by layer: a whole request's KV moved at once would need that much spare device memory.
-            self.write(layer, slots, k[layer].to(slots.device), v[layer].to(slots.device))
+            self.write(layer, slots, k[layer, start:].to(slots.device), v[layer, start:].to(slots.device))
 
 
 def _shared_empty(shape: tuple[int, ...], dtype: torch.dtype, pin_memory: bool) -> torch.Tensor:

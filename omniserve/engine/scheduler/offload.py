@@ -112,12 +112,17 @@ class OffloadManager:
         return transfers
 
     def _swap_in(self, request: Request) -> KVTransfer:
-        self.state.page_table.grow(request.request_id, request.num_computed_tokens)
+        """Its pages still in the prefix cache (its prompt's shared prefix, or its own pages, idle since it left)
+        are taken back; the host KV is written into the rest."""
+        page_table = self.state.page_table
+        cached = page_table.attach_cached_prefix(
+            request.request_id, request.token_ids[:request.num_computed_tokens + 1], request.params.cache_salt)
+        page_table.grow(request.request_id, request.num_computed_tokens)
         request.placement = Placement.SWAPPING_IN
         self.state.offloaded.remove(request)
         self.state.running.append(request)
-        return KVTransfer(request.request_id, list(self.state.page_table.pages(request.request_id)),
-                          request.num_computed_tokens)
+        return KVTransfer(request.request_id, list(page_table.pages(request.request_id)), request.num_computed_tokens,
+                          cached_tokens=cached)
 
     def _host_has_room(self, request: Request) -> bool:
         """Whether the hosts can take the request's KV as it will be when it is done, beside the offloaded requests

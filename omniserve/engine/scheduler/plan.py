@@ -47,6 +47,8 @@ class KVTransfer:
     final_tokens: int = 0
     """Swap-out: the tokens of KV the request holds once it has generated all it may, which the host is asked to
     keep room for (the scheduler counts host capacity the same way), less its host prefix's."""
+    cached_tokens: int = 0
+    """Swap-in: the first tokens whose pages were found in the prefix cache (taken, not written again)."""
     host_prefix_pages: tuple[int, ...] = ()
     """Swap-out: host-tier pages holding the request's first tokens, which its host KV reads in place: only the
     tokens after them are copied (PageTable.hold_host_prefix)."""
