@@ -327,14 +327,31 @@ def test_a_failed_iteration_leaves_no_page_its_copies_were_to_fill(uncached, tin
     assert [o.outputs[0].token_ids for o in run_one_by_one(llm, PROMPTS)] == uncached
 
 
-def test_the_host_tier_comes_out_of_the_cpu_pools_host_budget(uncached, tiny, make_llm):
-    llm = make_llm(tiny, dtype="float64", block_size=PAGE, num_gpu_blocks_override=32, kv_offloading_size=1e-3,
-                   be_decode_placement="cpu", cpu_attention_memory_gib=0.5)
-    tier = llm.engine.host_pages.num_pages * PAGE * 2 * llm.engine.model_config.num_layers * (
-        llm.engine.model_config.num_kv_heads * llm.engine.model_config.head_dim * 8)
-    assert llm.engine.cpu_pool.config.local_memory_bytes == int(0.5 * 2**30) - tier
-    be = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, service_class="be")
-    assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS * 2, be, use_tqdm=False)] == uncached * 2
+def test_the_host_tier_gives_way_to_offloaded_kv(uncached, tiny, make_llm):
+    """The host tier and the CPU pool's offloaded KV share the pool's local budget: while a BE request is offloaded,
+    the tier may fill only what it leaves (its least recently used pages evicted, their memory given back), and
+    it may fill the budget again once the request has ended."""
+    budget = 72 * 1024  # 18 tier pages, or 72 tokens of offloaded KV
+    llm = make_llm(tiny, dtype="float64", block_size=PAGE, num_gpu_blocks_override=16, kv_offloading_size=1e-3,
+                   be_decode_placement="cpu", cpu_attention_memory_gib=budget / 2**30)
+    engine = llm.engine
+    tier, page_bytes = engine.page_table.host_tier, 2 * 2 * PAGE * 2 * 16 * 8  # k and v, 2 layers, fp64
+    assert engine.cpu_pool.config.local_memory_bytes == budget  # the whole budget: the tier takes no fixed share
+    run_one_by_one(llm, PROMPTS)  # LS: the small device evicts prefixes to the tier
+    filled = len(tier)
+    assert filled >= 8 and tier.limit == budget // page_bytes
+    seen = []
+    engine.add_iteration_observer(
+        lambda record: seen.append((bool(engine.cpu_pool.placement()), tier.limit, len(tier))))
+    # A prompt that shares nothing, and 62 tokens of KV once done: the tier may keep 2 pages meanwhile.
+    be = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True, service_class="be")
+    [output] = llm.generate([PROMPTS[4]], be, use_tqdm=False)
+    assert output.outputs[0].token_ids[:12] == uncached[4]
+    while_offloaded = [(limit, used) for offloaded, limit, used in seen if offloaded]
+    assert while_offloaded and all(used <= limit <= 2 for limit, used in while_offloaded)
+    engine.step()  # nothing offloaded any more: the next plan lets the tier fill the budget again
+    assert tier.limit == budget // page_bytes
+    engine.check_integrity()
 
 
 def test_pages_the_calibration_evicts_are_saved_before_it_writes_them(uncached, tiny, tiny_profile, make_llm):
@@ -481,3 +498,32 @@ def test_swap_copies_skip_the_tokens_the_host_tier_or_the_cache_holds():
     pool.scatter(pages, 10, torch.zeros_like(whole_k), torch.zeros_like(whole_v), start=4)
     assert torch.equal(pool.k[0][6 * PAGE], untouched)  # page 6 (tokens 0-3) was skipped
     assert not pool.gather(pages, 10, start=4)[0].any()
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["private", "shared"])
+def test_the_memory_of_evicted_host_pages_is_given_back(shared):
+    """release_memory hands the pages' host memory back to the OS (they read as zeros afterwards), and only theirs:
+    all of it in shared memory (page-aligned), the whole OS pages inside each run of pages otherwise."""
+    import os
+
+    import torch
+
+    from omniserve.config import ModelConfig
+    from omniserve.kv_cache.page_pool import PagePool
+
+    config = ModelConfig(architecture="LlamaForCausalLM", vocab_size=32, hidden_size=256, intermediate_size=64,
+                         num_layers=2, num_heads=4, num_kv_heads=4, head_dim=64)  # a page: 4 KiB per layer's k or v
+    tier = PagePool(config, num_pages=64, page_size=PAGE, device=torch.device("cpu"), dtype=torch.float32,
+                    shared=shared)
+    for tensor in tier.k + tier.v:
+        tensor.fill_(1.0)
+    tier.release_memory([3, 4, 5, 40])
+    rows = lambda page: slice(page * PAGE, (page + 1) * PAGE)  # noqa: E731
+    for tensor in tier.k + tier.v:
+        released = tensor[rows(3).start:rows(5).stop]
+        if shared:
+            assert not released.any() and not tensor[rows(40)].any()
+        else:  # 12 KiB from wherever the allocation puts them: all but the OS pages they start and end in
+            assert int((released == 0).sum()) * 4 >= 12 * 1024 - 2 * os.sysconf("SC_PAGE_SIZE")
+        for page in (2, 6, 39, 41):
+            assert bool((tensor[rows(page)] == 1).all())

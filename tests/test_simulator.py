@@ -458,3 +458,20 @@ def test_the_simulator_runs_offloaded_tokens_through_several_layers_an_iteration
     assert min(t.iterations for t in one) >= profile.num_layers
     assert statistics.median(t.iterations for t in multi) <= profile.num_layers / 4
     assert runs["multi-layer"][0].seconds < 0.5 * runs["one-layer"][0].seconds
+
+
+def test_the_host_tier_keeps_the_prefixes_the_device_evicts(profile):
+    """Device KV for little more than two prompts: a prompt's shared blocks are evicted by the prompts between its
+    turns, and found again in the host tier (copied back over PCIe, faster than computing them on this profile)."""
+    small = replace(profile, device_kv_tokens=4096)
+    shared = (7, 8, 9, 10)  # 2,048 tokens
+    workload = [SimRequest(0.0, "be", 2100, 4, blocks=shared + (100,))]
+    workload += [SimRequest(1.0 + i, "be", 2100, 4, blocks=(200 + i, 300 + i, 400 + i, 500 + i, 600 + i))
+                 for i in range(3)]
+    workload.append(SimRequest(10.0, "be", 2100, 4, blocks=shared + (101,)))
+    device_only = Simulation(small, SimConfig(policy="omniserve")).run(workload)
+    tiered = Simulation(small, SimConfig(policy="omniserve", kv_offloading_gib=1.0)).run(workload)
+    assert device_only.counters["prefix_cache_hits"] == 0
+    assert tiered.counters["prefix_cache_hits"] == 2048
+    assert tiered.records[-1].ttft < device_only.records[-1].ttft
+    assert all(r.status == "ok" for r in tiered.records)

@@ -52,7 +52,8 @@ class PoolConfig:
     local_memory_bytes: int | None = None
     """Host KV the local workers may hold before requests go to remote hosts; None: half the memory available at
     start-up. With the remote hosts' memory, it is also what the scheduler offloads up to (host_capacity_bytes):
-    requests counted at the size they reach when done."""
+    requests counted at the size they reach when done. The prefix cache's host tier, if any, shares it and gives
+    way."""
 
     def __post_init__(self) -> None:
         if self.num_workers < 1 or self.threads_per_worker < 1:
@@ -147,12 +148,14 @@ class AttentionResult:
 
 
 class CPUAttentionPool:
-    def __init__(self, config: PoolConfig, remote: RemoteHosts | None = None,
-                 host_tier: PagePool | None = None) -> None:
+    def __init__(self, config: PoolConfig, remote: RemoteHosts | None = None, host_tier: PagePool | None = None,
+                 host_tier_bytes: Callable[[], int] | None = None) -> None:
         """host_tier: the prefix cache's host tier, in shared memory, which local workers read prefixes from in
-        place (`load`'s prefix_pages); None: every request's whole KV is sent."""
+        place (`load`'s prefix_pages); None: every request's whole KV is sent. host_tier_bytes: what the tier holds
+        now of the local budget, which it shares with the offloaded KV (and gives way to: the engine shrinks it)."""
         self.config = config
         self.host_tier = host_tier
+        self._host_tier_bytes = host_tier_bytes or (lambda: 0)
         self._context = mp.get_context("spawn")
         self._workers: list[_Worker | None] = [None] * config.num_workers  # started on first use
         self._remote = remote
@@ -248,7 +251,7 @@ class CPUAttentionPool:
         used = Counter()  # host KV bytes counted on, per target
         for request_id, target in self._owner.items():
             used[id(target)] += self._reserved[request_id]
-        local_used = sum(used[id(w)] for w in self._workers if w is not None)
+        local_used = sum(used[id(w)] for w in self._workers if w is not None) + self._host_tier_bytes()
         hosts = self.remote_hosts
         local = HostRoom(self._local_budget - local_used, self._local_budget,
                          sum(len(w.requests) for w in self._workers if w is not None))
@@ -395,8 +398,14 @@ class CPUAttentionPool:
         return self._local_budget + sum(h.memory_bytes for h in self.remote_hosts)
 
     def free_host_bytes(self) -> int:
-        """Host KV memory not yet counted on by a placement: the local budget's and every live remote host's."""
-        return max(0, self.host_capacity_bytes() - sum(self._reserved.values()))
+        """Host KV memory not yet counted on by a placement nor held by the host tier: the local budget's and every
+        live remote host's."""
+        return max(0, self.host_capacity_bytes() - sum(self._reserved.values()) - self._host_tier_bytes())
+
+    def local_bytes_left(self) -> int:
+        """The local budget less the placements counted on it (the host tier may fill the rest)."""
+        local = {id(w) for w in self._workers if w is not None}
+        return self._local_budget - sum(n for r, n in self._reserved.items() if id(self._owner[r]) in local)
 
     @staticmethod
     def host_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int) -> int:

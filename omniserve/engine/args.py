@@ -40,7 +40,8 @@ class EngineArgs(SchedulerSettings):
         "their tokens; requests of different API keys or cache salts share none)")
     kv_offloading_size: float | None = _arg(
         None, "GiB of host memory for the prefix cache's host tier: cached pages evicted from the device are kept "
-        "there and copied back instead of computed again; default: none")
+        "there and copied back instead of computed again (with a CPU attention pool, at most its host budget, and "
+        "giving way to offloaded KV); default: none")
     num_gpu_blocks_override: int | None = _arg(None, "exact number of KV pages, instead of sizing by memory")
     kv_cache_memory_bytes: int | None = _arg(
         None, "KV cache size in bytes; default: 90%% of free GPU memory, or 2 GiB on the CPU")

@@ -18,7 +18,7 @@ from types import MappingProxyType
 
 from omniserve.config import CacheConfig, ConfigError
 from omniserve.cpu_attention import CPUAttentionPool, PoolConfig
-from omniserve.cpu_attention.remote import RemoteHosts, RemoteHostsConfig, available_memory_bytes, connect_ray
+from omniserve.cpu_attention.remote import RemoteHosts, RemoteHostsConfig, connect_ray
 from omniserve.engine.args import EngineArgs
 from omniserve.engine.graphs import DecodeGraphs
 from omniserve.engine.output_processor import CompletionUpdate, NewRequest, OutputProcessor
@@ -91,10 +91,8 @@ class LLMEngine:
 
         num_pages = self._kv_pages(loaded, cache)
         self._kv_cache(loaded, args, num_pages, cache.page_size)
-        if self.scheduler_config.offload_mode.uses_pool:
-            pool_config = self._beside_host_tier(pool_config or args.pool_config())
-        else:
-            pool_config = None  # this engine never offloads
+        # None: this engine never offloads
+        pool_config = (pool_config or args.pool_config()) if self.scheduler_config.offload_mode.uses_pool else None
         self.latency_model = self._latency_model(latency_model, loaded, pool_config)
         self._judge_host_tier_copies()
         self.scheduler = Scheduler(
@@ -103,12 +101,7 @@ class LLMEngine:
             host_capacity=None if pool_config is None else self._host_capacity_tokens,
             cpu_workers=1 if pool_config is None else pool_config.num_workers,
         )
-        self.cpu_pool = None
-        if pool_config is not None:
-            # local workers start on first offload; they read prefixes in the host tier in place where it is shared
-            self.cpu_pool = CPUAttentionPool(pool_config, _remote_hosts(args),
-                                             self.host_pages if self.page_table.offload_reads_host_tier else None)
-            weakref.finalize(self, self.cpu_pool.shutdown)  # workers end with the engine, not only with the process
+        self.cpu_pool = None if pool_config is None else self._cpu_pool(pool_config)
         self.runner = self._runner(loaded, args.enforce_eager)
         self.calibrate()
         self.last_iteration: IterationStats | None = None
@@ -143,18 +136,34 @@ class LLMEngine:
                                     None if self.host_pages is None else HostTier(self.host_pages.num_pages))
         self.page_table.offload_reads_host_tier = self.host_pages is not None and shared
 
-    def _beside_host_tier(self, pool_config: PoolConfig) -> PoolConfig:
-        """The CPU pool's settings with the host tier's memory taken out of its local host budget: one budget for
-        host KV, split once at start (the tier never grows into offloaded KV, nor gives way to it)."""
-        if self.host_pages is None:
-            return pool_config
-        budget = pool_config.local_memory_bytes
-        if budget is None:
-            budget = available_memory_bytes() // 2  # the pool's own default
-        tier = self.host_pages.num_pages * bytes_per_page(self.model_config, self.host_pages.page_size, self.dtype)
-        logger.info("the CPU pool's local host KV: %.2f GiB (%.2f GiB went to the prefix cache's host tier)",
-                    max(0, budget - tier) / 2**30, tier / 2**30)
-        return replace(pool_config, local_memory_bytes=max(0, budget - tier))
+    def _cpu_pool(self, config: PoolConfig) -> CPUAttentionPool:
+        """The CPU attention pool (its local workers start on first offload). With a host tier, the two share the
+        pool's local host budget, and the tier gives way (_host_tier_gives_way); the workers read prefixes in the
+        tier in place where it is in shared memory."""
+        tier_bytes = None
+        if self.host_pages is not None:
+            page_bytes = bytes_per_page(self.model_config, self.host_pages.page_size, self.dtype)
+            tier_bytes = lambda: len(self.page_table.host_tier) * page_bytes  # noqa: E731
+        pool = CPUAttentionPool(config, _remote_hosts(self.args),
+                                self.host_pages if self.page_table.offload_reads_host_tier else None, tier_bytes)
+        weakref.finalize(self, pool.shutdown)  # workers end with the engine, not only with the process
+        return pool
+
+    def _host_tier_gives_way(self, plan: IterationPlan) -> None:
+        """One host budget for offloaded KV and the prefix cache's host tier, and the tier gives way: after each
+        plan, it may fill what the offloaded requests (counted as placement counts them, this plan's swap-outs
+        included) leave of the pool's local budget; the least recently used pages beyond are evicted, and their
+        memory given back. Offloaded KV, which is live, never waits for a cache."""
+        if self.host_pages is None or self.cpu_pool is None:
+            return
+        cfg = self.model_config
+        per_token = CPUAttentionPool.host_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
+        page_size = self.host_pages.page_size
+        planned = per_token * sum(max(t.num_tokens - len(t.host_prefix_pages) * page_size, t.final_tokens)
+                                  for t in plan.swap_outs)
+        left = self.cpu_pool.local_bytes_left() - planned
+        page_bytes = bytes_per_page(cfg, page_size, self.dtype)
+        self.host_pages.release_memory(self.page_table.host_tier.set_limit(left // page_bytes))
 
     @staticmethod
     def _shared_memory_holds(loaded: LoadedModel, args: EngineArgs, page_size: int) -> bool:
@@ -220,7 +229,10 @@ class LLMEngine:
         """Tokens of KV the CPU pool's hosts hold in all, as its placement counts them (remote hosts come and go)."""
         cfg = self.model_config
         per_token = CPUAttentionPool.host_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
-        return self.cpu_pool.host_capacity_bytes() // per_token
+        kept = 0  # host-tier pages that cannot give way now (held by offloaded requests, or pinned by copies)
+        if self.host_pages is not None:
+            kept = self.page_table.host_tier.num_kept * bytes_per_page(cfg, self.host_pages.page_size, self.dtype)
+        return (self.cpu_pool.host_capacity_bytes() - kept) // per_token
 
     def _latency_model(self, given: LatencyModel | LatencyModelSource | None, loaded: LoadedModel,
                        pool_config: PoolConfig | None) -> LatencyModel | None:
@@ -395,6 +407,7 @@ class LLMEngine:
             self.runner.take_timings()  # this step's timings only, not those of calls made between steps
         self.scheduler.results_ready(self.runner.poll_cpu_results())
         plan = self.scheduler.schedule()
+        self._host_tier_gives_way(plan)
         started = time.perf_counter()
         output, failed = self._execute(plan)
         self.last_iteration = IterationStats(plan, time.perf_counter() - started)

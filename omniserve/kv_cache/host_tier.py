@@ -7,7 +7,10 @@ pages; the runner runs them first in the iteration, saves before loads, before a
 a planned load reads is pinned until that plan has run, so that a save of the same plan never overwrites it.
 
 Offloaded requests read their prompt's shared prefix here in place (PageTable.hold_host_prefix): each holds those
-pages, which are never evicted while held. At most half the tier is held, so that it stays a cache."""
+pages, which are never evicted while held. At most half the tier is held, so that it stays a cache.
+
+The tier shares one host budget with the CPU pool's offloaded KV, and gives way to it: the engine sets, after each
+plan, how many pages it may fill (`set_limit`), and the least recently used pages beyond are evicted."""
 
 from __future__ import annotations
 
@@ -25,6 +28,8 @@ class HostTier:
         self._holders: dict[int, int] = {}
         """Held pages: how many offloaded requests read each in place."""
         self.num_evicted = 0
+        self.limit = num_pages
+        """Pages it may fill now (set_limit): all, less what offloaded KV takes of the budget they share."""
 
     def __len__(self) -> int:
         """Pages holding a key."""
@@ -40,17 +45,42 @@ class HostTier:
         if key in self._page_of:
             self._key_of.move_to_end(self._page_of[key])
             return None
-        if self._free:
+        if self._free and len(self._key_of) < self.limit:
             page = self._free.pop()
         else:
-            page = next((p for p in self._key_of if p not in self._pinned and p not in self._holders), None)
+            page = self._evict_one()
             if page is None:
                 return None
-            del self._page_of[self._key_of.pop(page)]
-            self.num_evicted += 1
         self._page_of[key] = page
         self._key_of[page] = key
         return page
+
+    def _evict_one(self) -> int | None:
+        """Forgets the least recently used page nobody pins or holds; returns it (None: there is none)."""
+        page = next((p for p in self._key_of if p not in self._pinned and p not in self._holders), None)
+        if page is not None:
+            del self._page_of[self._key_of.pop(page)]
+            self.num_evicted += 1
+        return page
+
+    def set_limit(self, limit: int) -> list[int]:
+        """Lets the tier fill at most `limit` pages from now on: the least recently used pages beyond it are evicted
+        (pages pinned or held stay, over the limit if need be). Returns the evicted pages, whose memory may be given
+        back."""
+        self.limit = max(0, min(limit, self.num_pages))
+        evicted = []
+        while len(self._key_of) > self.limit:
+            page = self._evict_one()
+            if page is None:
+                break
+            self._free.append(page)
+            evicted.append(page)
+        return evicted
+
+    @property
+    def num_kept(self) -> int:
+        """Pages that may not be evicted now (pinned by this plan's copies, or held by offloaded requests)."""
+        return len(self._pinned | self._holders.keys())
 
     def drop(self, page: int) -> None:
         """Forgets a page whose copy did not happen (its iteration failed); whoever held it must hold it no more."""
@@ -83,7 +113,7 @@ class HostTier:
             del self._holders[page]
 
     def pin(self, page: int) -> None:
-        """A page a planned load reads: the most recently used, and kept until unpinned."""
+        """A page a planned copy reads or writes: the most recently used, and kept until unpinned."""
         self._key_of.move_to_end(page)
         self._pinned.add(page)
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import itertools
 import logging
+import os
 import time
 from collections.abc import Sequence
 
@@ -31,6 +34,8 @@ class PagePool:
         shared: host pages in shared memory, which the CPU pool's worker processes read in place (the host tier)."""
         self.num_pages = num_pages
         self.page_size = page_size
+        self._releasable = device.type == "cpu" and not pin_memory  # see release_memory
+        self._shared = shared
         shape = (num_pages * page_size, model.num_kv_heads, model.head_dim)
         if shared:
             self.k = [_shared_empty(shape, dtype, pin_memory) for _ in range(model.num_layers)]
@@ -54,6 +59,28 @@ class PagePool:
             for layer in range(len(source)):
                 target[layer].index_copy_(0, there, source[layer].index_select(0, here).to(target[layer].device))
 
+    def release_memory(self, pages: Sequence[int]) -> None:
+        """Gives the host memory of these pages back to the OS (their contents are lost; the next write commits it
+        again): what the host tier evicts when it gives way to offloaded KV. Whole OS pages inside each run of
+        consecutive pages only; nothing for a GPU's memory, or pinned memory (CUDA keeps it locked)."""
+        if not self._releasable or not pages:
+            return
+        advice = _MADV_REMOVE if self._shared else _MADV_DONTNEED  # shared memory is a file: punch the hole
+        runs, ordered = [], sorted(pages)
+        for page in ordered:
+            if runs and runs[-1][1] == page:
+                runs[-1][1] = page + 1
+            else:
+                runs.append([page, page + 1])
+        for tensor in self.k + self.v:
+            page_bytes = self.page_size * tensor.stride(0) * tensor.element_size()
+            for first, end in runs:
+                start = tensor.data_ptr() + first * page_bytes
+                aligned = -(-start // _OS_PAGE) * _OS_PAGE
+                length = (start + (end - first) * page_bytes - aligned) // _OS_PAGE * _OS_PAGE
+                if length > 0:
+                    _libc().madvise(ctypes.c_void_p(aligned), ctypes.c_size_t(length), advice)
+
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Stores k, v [num_tokens, num_kv_heads, head_dim] at `slots` [num_tokens] (int64; a negative slot: that row
         is not stored). One operator for both (ops.store_kv)."""
@@ -75,6 +102,15 @@ class PagePool:
         for layer in range(len(self.k)):
             # Layer by layer: a whole request's KV moved at once would need that much spare device memory.
             self.write(layer, slots, k[layer, start:].to(slots.device), v[layer, start:].to(slots.device))
+
+
+_OS_PAGE = os.sysconf("SC_PAGE_SIZE")
+_MADV_DONTNEED, _MADV_REMOVE = 4, 9  # Linux's values (asm-generic/mman-common.h)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def _shared_empty(shape: tuple[int, ...], dtype: torch.dtype, pin_memory: bool) -> torch.Tensor:

@@ -166,6 +166,7 @@ class PageTable:
                             tier.release(later)
                     break
                 tier.hold(host_page)
+                tier.pin(host_page)
                 self._saves.append((page, host_page))
             held.append(host_page)
         for host_page in held[self._whole_tiles(len(held)):]:
@@ -201,6 +202,7 @@ class PageTable:
             host_page = self.host_tier.store(key)
             if host_page is not None:
                 saves.append((page, host_page))
+                self.host_tier.pin(host_page)  # written by this plan: no later store or limit of it evicts it
         self.cache.evicted.clear()
         loads, self._loads = self._loads, []
         self._in_flight = (saves, loads)

@@ -100,6 +100,9 @@ def _add_run_command(modes) -> None:
     run.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                      help="reuse the KV of prompt blocks an earlier request computed, where the workload has them "
                           "(a trace replayed with its own lengths: --be-trace mooncake --be-lengths mooncake)")
+    run.add_argument("--kv-offloading-size", type=float, default=0.0, metavar="GIB",
+                     help="the prefix cache's host tier: GiB of the local host's KV memory that keeps the pages the "
+                          "device evicts (as the engine's flag; 0: none)")
     scheduler = run.add_argument_group("scheduler")
     add_flags(scheduler, [f for f in fields(SchedulerSettings) if f.name not in RUN_SETS])
     _add_common_flags(run, duration=600.0, drain=600.0)
@@ -230,7 +233,7 @@ def run_config(args: argparse.Namespace):
     return SimConfig(**settings, policy=args.policies.split(",")[0].strip(),
                      max_model_len=args.max_input_len + args.max_output_len, ls_ttft_slo=args.ttft_slo,
                      ls_tpot_slo=args.tpot_slo, latency_noise=args.latency_noise, seed=args.seed,
-                     prefix_caching=args.enable_prefix_caching)
+                     prefix_caching=args.enable_prefix_caching, kv_offloading_gib=args.kv_offloading_size)
 
 
 def _run_profile(args: argparse.Namespace):

@@ -44,6 +44,7 @@ from omniserve.engine.scheduler.latency_model import batch_shape_of_chunks
 from omniserve.engine.scheduler.plan import IterationPlan, RunnerOutput
 from omniserve.engine.scheduler.request import Placement, Request, RequestStatus
 from omniserve.kv_cache import PageAllocator, PageTable, PrefixCache
+from omniserve.kv_cache.host_tier import HostTier
 from omniserve.sampling.params import SampledToken, SamplingParams, ServiceClass
 from omniserve.simulator.profiles import SystemProfile
 
@@ -80,6 +81,10 @@ class SimConfig(SchedulerSettings):
     prefix_caching: bool = True
     """Requests reuse the KV of prompt blocks an earlier one computed (as the engine's --enable-prefix-caching);
     only requests with blocks share any."""
+    kv_offloading_gib: float = 0.0
+    """The prefix cache's host tier (the engine's --kv-offloading-size), in the local host's KV budget, which it
+    gives way to offloaded KV in: pages the device evicts are copied there and back over PCIe, synchronously at the
+    iteration's start as the engine does, and offloaded requests read their shared prefix there (0: none)."""
 
     def scheduler_config(self) -> SchedulerConfig:
         return SchedulerConfig.of(self)
@@ -267,14 +272,13 @@ class Simulation:
         self.profile, self.config = profile, config
         self.now = 0.0
         self.rng = random.Random(config.seed)
-        cache = PrefixCache() if config.prefix_caching else None
-        pages = PageTable(PageAllocator(max(1, profile.device_kv_tokens // config.page_size), cache),
-                          config.page_size)
+        pages = self._page_table()
+        self.tier = pages.host_tier
+        """The prefix cache's host tier: it shares the local host's KV budget with offloaded KV, and gives way."""
         self.scheduler = Scheduler(config.scheduler_config(), pages, eos_token_ids=(_EOS,),
                                    num_layers=profile.num_layers,
                                    latency_model=profile.latency, default_tpot_slo=config.ls_tpot_slo,
-                                   clock=lambda: self.now,
-                                   host_capacity=lambda: profile.host_kv_tokens * profile.num_cpu_hosts,
+                                   clock=lambda: self.now, host_capacity=self._host_capacity,
                                    cpu_workers=profile.num_cpu_hosts * profile.cpu_workers_per_host)
         workers = profile.cpu_workers_per_host
         self.hosts = [_Host(profile.host_kv_tokens, n > 0, [0.0] * workers) for n in range(profile.num_cpu_hosts)]
@@ -294,6 +298,43 @@ class Simulation:
         self._ls_open: set[str] = set()  # LS requests not yet ended (to count the BE ones among the waiting)
         self.divert: Callable[[Simulation, SimRequest], bool] | None = None
         """Called with each arriving request: True takes it away from this engine (baselines.py)."""
+
+    def _page_table(self) -> PageTable:
+        """The device's pages, with the prefix cache and its host tier as the config says, judged as the engine
+        does: a host hit is copied back only where PCIe is faster than computing it."""
+        profile, config = self.profile, self.config
+        cache = PrefixCache() if config.prefix_caching else None
+        tier = None
+        if cache is not None and config.kv_offloading_gib > 0:
+            tier_tokens = int(config.kv_offloading_gib * 2**30) // profile.kv_bytes_per_token
+            tier = HostTier(max(1, min(tier_tokens, profile.host_kv_tokens) // config.page_size))
+        pages = PageTable(PageAllocator(max(1, profile.device_kv_tokens // config.page_size), cache),
+                          config.page_size, tier)
+        if tier is not None:
+            pages.offload_reads_host_tier = True
+            latency, per_token = profile.latency, profile.kv_bytes_per_token / profile.pcie_bytes_per_s
+            pages.copy_beats_recompute = (
+                lambda start, count, copied: copied * per_token < latency.recompute_time(start, count))
+        return pages
+
+    def _host_capacity(self) -> int:
+        """Host KV tokens the scheduler may offload up to: every host's budget, less the tier's pages that cannot
+        give way now (as the engine counts it)."""
+        kept = 0 if self.tier is None else self.tier.num_kept * self.config.page_size
+        return self.profile.host_kv_tokens * self.profile.num_cpu_hosts - kept
+
+    def _tier_tokens(self) -> int:
+        return 0 if self.tier is None else len(self.tier) * self.config.page_size
+
+    def _tier_gives_way(self, plan: IterationPlan) -> None:
+        """After each plan, the tier may fill what the local host's offloaded KV (this plan's swap-outs included)
+        leaves (the engine's LLMEngine._host_tier_gives_way)."""
+        if self.tier is None:
+            return
+        page_size = self.config.page_size
+        planned = sum(max(t.num_tokens - len(t.host_prefix_pages) * page_size, t.final_tokens)
+                      for t in plan.swap_outs)
+        self.tier.set_limit((self.hosts[0].free_tokens - planned) // page_size)
 
     # ------------------------------------------------------------------------------------------------ requests
     def _add(self, request_id: str, request: SimRequest) -> bool:
@@ -322,8 +363,9 @@ class Simulation:
         requests = [[0] * len(h.worker_free_at) for h in self.hosts]  # per host, per worker
         for host, worker, _, _ in self.placement.values():
             requests[host][worker] += 1
-        budget = self.profile.host_kv_tokens
-        rooms = [HostRoom(h.free_tokens, budget, sum(requests[i])) for i, h in enumerate(self.hosts)]
+        budget, tier = self.profile.host_kv_tokens, self._tier_tokens()
+        rooms = [HostRoom(h.free_tokens - (tier if i == 0 else 0), budget, sum(requests[i]))
+                 for i, h in enumerate(self.hosts)]
         reserved = max(tokens, final_tokens)
         remote = choose_host(rooms[0], rooms[1:], reserved)
         host = 0 if remote == LOCAL else 1 + remote  # hosts[0] is the local host
@@ -386,30 +428,38 @@ class Simulation:
         return nbytes / self.profile.pcie_bytes_per_s, network
 
     def _run_iteration(self, plan: IterationPlan) -> None:
-        start = self.now
+        began = self.now
         noise = max(0.2, self.rng.gauss(1.0, self.config.latency_noise)) if self.config.latency_noise else 1.0
+        # The prefix cache's copies to and from the host tier run first, and the device waits for them (as the
+        # engine's runner does).
+        tier_pages = len(plan.prefix_saves) + len(plan.prefix_loads)
+        start = began + tier_pages * self.config.page_size * self.profile.kv_bytes_per_token / (
+            self.profile.pcie_bytes_per_s)
         for token in plan.offloaded_starts:
             self._grow(token.request_id)
         for transfer in plan.swap_outs:
-            host, _ = self._place(transfer.request_id, transfer.num_tokens, transfer.final_tokens)
+            # Only the KV after a prefix the request reads in the host tier moves (and is kept room for).
+            tokens = transfer.num_tokens - len(transfer.host_prefix_pages) * self.config.page_size
+            host, _ = self._place(transfer.request_id, tokens, transfer.final_tokens)
             # The device's pages are free once the KV is in host memory; a remote host has it a network copy later
             # (the pool hands it over asynchronously), and attends to the request's rows only then.
-            pcie, network = self._copy_seconds(transfer.num_tokens, host)
+            pcie, network = self._copy_seconds(tokens, host)
             self.swaps.append((start + pcie, "out", transfer.request_id))
             self.host_ready[transfer.request_id] = start + pcie + network
-        for transfer in plan.swap_ins:
+        for transfer in plan.swap_ins:  # the pages the prefix cache still had are not copied
             host = self.placement.get(transfer.request_id, (0,))[0]  # 0: local, whose copies take PCIe only
-            self.swaps.append((start + sum(self._copy_seconds(transfer.num_tokens, host)), "in", transfer.request_id))
+            copied = transfer.num_tokens - transfer.cached_tokens
+            self.swaps.append((start + sum(self._copy_seconds(copied, host)), "in", transfer.request_id))
         sampled = {chunk.request_id: SampledToken(_TOKEN) for chunk in plan.chunks if chunk.sample}
         ran = self._layers(plan, start, noise)
         sampled.update({request_id: SampledToken(_TOKEN) for request_id in ran.finished})
         if self.meter.start <= start < self.meter.end:
             self.meter.offloaded_tokens += len(ran.finished)
         self.now = ran.end
-        self.device_busy += ran.end - start
+        self.device_busy += ran.end - began
         output = RunnerOutput(sampled, offload_layers=ran.advanced, offloaded_rows=tuple(ran.rows),
                               cpu_wait_s=ran.waited)
-        self.scheduler.observe(plan, ran.end - start, output)
+        self.scheduler.observe(plan, ran.end - began, output)
         self._book(plan, output)
 
     def _layers(self, plan: IterationPlan, start: float, noise: float) -> _LayersRun:
@@ -506,6 +556,7 @@ class Simulation:
             if until is not None and self.now >= until:
                 break
             plan = self.scheduler.schedule() if self.scheduler.has_unfinished() else IterationPlan()
+            self._tier_gives_way(plan)
             self.meter.read(self.scheduler, plan, self.hosts, self.profile.host_kv_tokens, self._ls_open)
             before = self.now
             busy = bool(plan.chunks or plan.returning or plan.offloaded_starts or plan.swap_outs or plan.swap_ins)

@@ -157,7 +157,7 @@ class OffloadManager:
         shared_pages = (request.num_cached_tokens or 0) // page_table.page_size
         prefix = page_table.hold_host_prefix(request.request_id, shared_pages)
         return KVTransfer(request.request_id, list(page_table.pages(request.request_id)), request.num_computed_tokens,
-                          final_kv(request) - len(prefix) * page_table.page_size, tuple(prefix))
+                          final_kv(request) - len(prefix) * page_table.page_size, host_prefix_pages=tuple(prefix))
 
     def _waited_a_pass(self, request: Request) -> bool:
         """Whether a BE request the time budget leaves out has waited on the device as long as an offloaded token
