@@ -130,7 +130,7 @@ class LLMEngine:
         """The device's KV pages and their bookkeeping, with the prefix cache and its host tier as the args say."""
         self.pool = PagePool(loaded.config, num_pages, page_size, self.device, self.dtype)
         self.allocator = PageAllocator(num_pages, PrefixCache() if args.enable_prefix_caching else None)
-        shared = self.scheduler_config.offload_mode.uses_pool and self._shared_memory_holds(loaded, args, page_size)
+        shared = self.scheduler_config.offload_mode.uses_pool and self._shared_memory_holds(args)
         self.host_pages = self._host_tier_pool(loaded, args, page_size, shared)
         self.page_table = PageTable(self.allocator, page_size,
                                     None if self.host_pages is None else HostTier(self.host_pages.num_pages))
@@ -166,7 +166,7 @@ class LLMEngine:
         self.host_pages.release_memory(self.page_table.host_tier.set_limit(left // page_bytes))
 
     @staticmethod
-    def _shared_memory_holds(loaded: LoadedModel, args: EngineArgs, page_size: int) -> bool:
+    def _shared_memory_holds(args: EngineArgs) -> bool:
         """Whether shared memory (/dev/shm) has room for the host tier, so that the CPU pool's workers can read the
         prefixes offloaded requests share in place; else each offloaded request carries its own copy."""
         if not args.kv_offloading_size:
