@@ -8,6 +8,7 @@ output processor's (omniserve/engine/output_processor.py): step() runs it inline
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -37,6 +38,7 @@ from omniserve.kv_cache.page_pool import (PagePool, activation_peak_bytes, bytes
                                           pages_for_memory, weight_bytes)
 from omniserve.models.loader import LoadedModel
 from omniserve.sampling.params import InvalidRequestError, SamplingParams
+from omniserve.sampling.structured import GrammarCompiler
 from omniserve.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -310,6 +312,9 @@ class LLMEngine:
         params = replace(params, service=service.name, service_class=service.service_class)
         token_ids = self.tokenize(prompt)
         max_tokens = self._validate(token_ids, params)
+        spec = params.structured_outputs
+        if spec is not None:
+            self.grammars.grammar(spec)  # checked (400 if bad) before anything is queued; cached for the matchers
         children = []
         arrival = time.monotonic() if arrival_time is None else arrival_time
         for index in range(params.n):
@@ -322,6 +327,7 @@ class LLMEngine:
                 child_id, token_ids, child_params, max_tokens, arrival_time=arrival,
                 ttft_slo=service.ttft_slo, tpot_slo=service.tpot_slo, service=service.name,
                 siblings=request_id if params.n > 1 else None,
+                grammar=None if spec is None else self.grammars.matcher(spec),
             ))
         self._groups[request_id] = children
         for request in children:
@@ -330,12 +336,17 @@ class LLMEngine:
         return NewRequest(request_id, prompt if isinstance(prompt, str) else None, token_ids, params, arrival,
                           service.ttft_slo, service.tpot_slo)
 
+    @functools.cached_property
+    def grammars(self) -> GrammarCompiler:
+        """Structured outputs' grammars for this model's tokenizer (InvalidRequestError if it has none)."""
+        return GrammarCompiler(self.tokenizer)
+
     def _validate(self, token_ids: list[int], params: SamplingParams) -> int:
         """Returns max_tokens resolved against the context limit."""
         if not token_ids:
             raise InvalidRequestError("the prompt is empty", "prompt")
         vocab = self.model_config.vocab_size
-        if any(not 0 <= t < vocab for t in token_ids):
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in token_ids):
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop strings need a tokenizer; this model has none", "stop")

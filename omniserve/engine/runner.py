@@ -45,6 +45,7 @@ from omniserve.models.llama import LlamaForCausalLM, layer_post_attention, layer
 from omniserve.ops.transfer import to_device
 from omniserve.sampling.params import SampledToken, SamplingParams
 from omniserve.sampling.sampler import SamplingRow, sample
+from omniserve.sampling.structured import RequestGrammar
 
 
 @dataclass
@@ -54,6 +55,7 @@ class _OffloadedToken:
     position: int
     params: SamplingParams
     num_generated: int
+    grammar: RequestGrammar | None = None
     layer: int = 0
     """The layer whose attention is out on the CPU (or has come back)."""
     residual: torch.Tensor | None = None
@@ -284,7 +286,8 @@ class ModelRunner:
         # Offloaded tokens starting at layer 0 join the device tokens' embedding (their ids and positions follow the
         # device rows' in ids_and_positions).
         for start in plan.offloaded_starts:
-            self._offloaded[start.request_id] = _OffloadedToken(start.position, start.params, start.num_generated)
+            self._offloaded[start.request_id] = _OffloadedToken(start.position, start.params, start.num_generated,
+                                                                start.grammar)
         device_hidden = device_angles = carry_hidden = carry_angles = None
         if ids_and_positions.shape[1]:
             hidden_all = model.embed(ids_and_positions[0])
@@ -417,11 +420,11 @@ class ModelRunner:
         """LM head + sampling for device chunks that reached their last token and offloaded tokens that finished
         the last layer."""
         sampling_chunks = [c for c in plan.chunks if c.sample]
-        rows = [SamplingRow(c.params, c.num_generated) for c in sampling_chunks]
+        rows = [SamplingRow(c.params, c.num_generated, c.grammar) for c in sampling_chunks]
         request_ids = [c.request_id for c in sampling_chunks]
         for request_id in finished_ids:
             token = self._offloaded.pop(request_id)
-            rows.append(SamplingRow(token.params, token.num_generated))
+            rows.append(SamplingRow(token.params, token.num_generated, token.grammar))
             request_ids.append(request_id)
         if not rows:
             return {}

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from omniserve.sampling.structured import StructuredOutputs
 
 
 class InvalidRequestError(ValueError):
@@ -57,6 +61,8 @@ class SamplingParams:
     cache_salt: str | None = None
     """Requests reuse each other's cached prompt prefixes only when their salts are equal (the server salts each
     request with its API key and the request's own `cache_salt`)."""
+    structured_outputs: StructuredOutputs | None = None
+    """What the completion must match (a JSON schema, a regex, a choice, a grammar): vLLM's parameter."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

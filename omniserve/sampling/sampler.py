@@ -1,4 +1,5 @@
-"""Batched sampling: greedy, temperature, top-k, top-p, min-p, per-request seeds, min_tokens and logprobs."""
+"""Batched sampling: greedy, temperature, top-k, top-p, min-p, per-request seeds, min_tokens, logprobs and
+structured outputs' masks."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 
 from omniserve.ops import transfer
 from omniserve.sampling.params import SampledToken, SamplingParams
+from omniserve.sampling.structured import RequestGrammar, apply_grammar_masks
 
 
 @dataclass(frozen=True)
@@ -17,6 +19,8 @@ class SamplingRow:
     params: SamplingParams
     num_generated: int
     """Tokens the request has generated so far: the step index for its seed, and the min_tokens clock."""
+    grammar: RequestGrammar | None = None
+    """Its structured-output state: the row may draw only what it allows next."""
 
 
 def _step_seed(seed: int, step: int) -> int:
@@ -32,6 +36,9 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], eos_token_ids: tuple[i
     and what comes back (token ids, and log-probabilities where asked for) comes back in one copy: on a GPU, the
     step's only wait for the device."""
     logits = _ban_until_min_tokens(logits, rows, eos_token_ids)
+    scores = logits  # what logprobs report: the model's, as vLLM's default (a grammar's mask is not a probability)
+    if any(row.grammar is not None for row in rows):
+        logits = apply_grammar_masks(logits, [row.grammar for row in rows])
     token_ids = logits.argmax(dim=-1)
     random_rows = [i for i, row in enumerate(rows) if not row.params.greedy]
     if random_rows and len(random_rows) == len(rows):
@@ -44,7 +51,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], eos_token_ids: tuple[i
     top = max((row.params.logprobs or 0 for row in rows if row.params.logprobs is not None), default=None)
     if top is None:
         return [SampledToken(int(t)) for t in transfer.to_host(token_ids)]
-    logprobs = torch.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
+    logprobs = torch.log_softmax(scores if scores.dtype == torch.float64 else scores.float(), dim=-1)
     chosen = logprobs.gather(1, token_ids.unsqueeze(1))
     best = torch.topk(logprobs, top) if top else None
     parts = [token_ids, chosen] + ([best.indices, best.values] if best is not None else [])

@@ -120,6 +120,13 @@ class ResultBooker:
 
     def _check_stop(self, request: Request, token_id: int) -> None:
         params, finish = request.params, self.state.finish
+        grammar = request.grammar
+        if grammar is not None and token_id not in self.eos_token_ids:
+            if not grammar.accept(token_id):  # the mask allowed it: a matcher fault, never a silently bad answer
+                return finish(request.request_id, RequestStatus.FINISHED_ERROR,
+                              stop_reason=f"structured output: {grammar.error}")
+            if grammar.done:  # the grammar is complete: only EOS could follow
+                return finish(request.request_id, RequestStatus.FINISHED_STOPPED)
         if request.num_output_tokens >= params.min_tokens:
             if not params.ignore_eos and token_id in self.eos_token_ids:
                 return finish(request.request_id, RequestStatus.FINISHED_STOPPED)

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from omniserve.engine.scheduler.latency_model import BatchShape
 from omniserve.sampling.params import SampledToken, SamplingParams
+
+if TYPE_CHECKING:
+    from omniserve.sampling.structured import RequestGrammar
 
 
 @dataclass(frozen=True)
@@ -23,6 +27,8 @@ class ScheduledChunk:
     params: SamplingParams
     num_generated: int
     """Tokens the request has generated so far."""
+    grammar: RequestGrammar | None = None
+    """The request's structured-output state: its sampled row is masked to what it allows."""
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,7 @@ class OffloadedToken:
     position: int
     params: SamplingParams
     num_generated: int
+    grammar: RequestGrammar | None = None
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,12 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from omniserve.sampling.params import SampledToken, SamplingParams, ServiceClass
+
+if TYPE_CHECKING:
+    from omniserve.sampling.structured import RequestGrammar
 
 
 class RequestStatus(enum.Enum):
@@ -62,6 +66,8 @@ class Request:
     """The name of the service it belongs to."""
     siblings: str | None = None
     """One of a request's n completions: the caller's request id, which its siblings (same prompt) share."""
+    grammar: RequestGrammar | None = None
+    """Its structured-output constraint's state (sampling/structured.py), fed every token it accepts."""
     token_ids: list[int] = field(init=False)
     """Prompt followed by every generated token."""
     num_computed_tokens: int = 0

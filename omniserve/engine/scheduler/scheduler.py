@@ -196,6 +196,7 @@ class Scheduler:
             sample=start + count == request.num_tokens,
             params=request.params,
             num_generated=request.num_output_tokens,
+            grammar=request.grammar,
         )
 
     def take_offloaded_token_timings(self) -> list[OffloadedTokenTiming]:

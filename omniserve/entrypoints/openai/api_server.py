@@ -84,6 +84,8 @@ def build_app(engine: LLMEngine, served_model_names: list[str], api_keys: APIKey
     models = ServedModels(served_model_names, engine.services, str(engine.args.model or served_model_names[0]),
                           engine.scheduler_config.max_model_len)
     state = ServerState(engine, models, drain_grace_s, limits or RequestLimits())
+    if engine.tokenizer is not None:
+        engine.grammars.prepare()
     metrics = ServerMetrics(served_model_names[0])
     load = _LoadReport(engine)
 

@@ -16,6 +16,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from omniserve.sampling.params import InvalidRequestError
+from omniserve.sampling.structured import StructuredOutputs
+
 
 class OpenAIBaseModel(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -84,6 +87,46 @@ class SamplingRequest(RequestModel):
     prompt_cache_key: str | None = None
     cache_salt: str | None = None
     """vLLM's: requests share cached prompt prefixes only with requests of the same salt (and API key)."""
+    # Structured outputs: OpenAI's response_format, and vLLM's fields (the older guided_* and the newer object).
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
+    """vLLM's: which grammar engine; accepted and ignored (this server has one)."""
+
+    @property
+    def structured_fields(self) -> list[str]:
+        """The structured-output fields the request set (a text response_format is no constraint)."""
+        fields = [name for name in ("response_format", "structured_outputs", "guided_json", "guided_regex",
+                                    "guided_choice", "guided_grammar") if getattr(self, name) is not None]
+        text = isinstance(self.response_format, dict) and self.response_format.get("type", "text") == "text"
+        return [name for name in fields if not (name == "response_format" and text)]
+
+    def structured(self) -> StructuredOutputs | None:
+        """What the completion must match, from whichever field the request used (at most one); raises
+        InvalidRequestError (400) naming the field if it is malformed."""
+        given = self.structured_fields
+        if len(given) > 1:
+            raise InvalidRequestError(f"give at most one of {', '.join(given)}", param=given[1])
+        if not given:
+            return None
+        name = given[0]
+        value = getattr(self, name)
+        try:
+            if name == "response_format":
+                return _response_format(value)
+            if name == "structured_outputs":
+                if not isinstance(value, dict):
+                    raise InvalidRequestError("structured_outputs must be an object")
+                known = {k: v for k, v in value.items() if k in ("json", "regex", "choice", "grammar", "json_object")
+                         and v not in (None, False)}
+                return StructuredOutputs(**known)
+            return StructuredOutputs(**{name.removeprefix("guided_"): value})
+        except InvalidRequestError as exc:
+            raise InvalidRequestError(str(exc), param=name) from None
 
     @property
     def max_new_tokens(self) -> int | None:
@@ -173,7 +216,6 @@ class ChatCompletionRequest(SamplingRequest):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
-    response_format: dict[str, Any] | None = None
 
     @property
     def max_new_tokens(self) -> int | None:
@@ -186,11 +228,26 @@ class ChatCompletionRequest(SamplingRequest):
     def unsupported(self) -> tuple[str, str] | None:
         if self.tools and self.tool_choice != "none":
             return "tools", "tool calling is not supported"
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            return "response_format", "only response_format {\"type\": \"text\"} is supported"
         if self.top_logprobs is not None and not self.logprobs:
             return "top_logprobs", "top_logprobs needs logprobs: true"
         return super().unsupported()
+
+
+def _response_format(value: Any) -> StructuredOutputs | None:
+    """OpenAI's response_format: {"type": "text" | "json_object" | "json_schema", "json_schema": {"name", "schema",
+    "strict"}}."""
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "json_object":
+        return StructuredOutputs(json_object=True)
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        schema = spec.get("schema", spec.get("json_schema")) if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise InvalidRequestError("response_format json_schema needs json_schema.schema, an object",
+                                      param="response_format")
+        return StructuredOutputs(json=schema)
+    raise InvalidRequestError(f"response_format type must be text, json_object or json_schema, got {kind!r}",
+                              param="response_format")
 
 
 class TokenizeRequest(RequestModel):

@@ -185,6 +185,11 @@ class OpenAIServing:
         every answer and chunk carries."""
         resolved = self.resolve(request, call.service_classes, call.best_effort)
         params = replace(self.sampling_params(request, resolved), cache_salt=call.cache_salt(request.cache_salt))
+        if params.structured_outputs is not None:  # checked off the event loop and the engine thread (then cached)
+            try:
+                await run_in_threadpool(self.state.engine.grammars.grammar, params.structured_outputs)
+            except InvalidRequestError as exc:  # named by the field the request used
+                raise APIError(400, str(exc), param=request.structured_fields[0]) from None
         prompts = await self.prompts(request)
         response_id = f"{self.id_prefix}-{call.request_id}"
         ids = [response_id] if len(prompts) == 1 else [f"{response_id}-{i}" for i in range(len(prompts))]
@@ -233,6 +238,7 @@ class OpenAIServing:
             raise APIError(400, f"at most {limits.max_stop} stop sequences are allowed, got {len(stop)}", param="stop")
         try:
             return SamplingParams(
+                structured_outputs=request.structured(),
                 n=request.n,
                 temperature=1.0 if request.temperature is None else request.temperature,
                 top_p=1.0 if request.top_p is None else request.top_p,

@@ -1,0 +1,198 @@
+"""Structured outputs against free text, in one run: the built-in SmolLM2-135M-Instruct, fp32 on this CPU.
+
+1. Validity: the openai client's `chat.completions.parse` with --models pydantic models x --prompts prompts each, on
+   `omniserve serve`'s own server in this process: the share of answers that parse into the model.
+2. Cost per token: --batch requests decoding together, greedy, every one under a JSON schema, against the same
+   requests unconstrained: seconds per decode step (the offline engine, stepped back to back, steps with every row
+   decoding only).
+3. A slow constraint: one request with a large schema (--schema-properties properties) arrives while a stream runs:
+   the stream's largest gap between tokens against its median.
+
+    python benchmarks/bench_structured.py --markdown structured.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import threading
+import time
+from pathlib import Path
+
+from omniserve.bench.report import command_line, cpu_model, print_report, write_markdown
+
+TOPICS = ["a cat", "Paris", "a bicycle", "the sea", "a teacher", "a mountain", "coffee", "a robot", "winter",
+          "a library", "a violin", "a river", "a dragon", "a spaceship", "bread", "a forest", "a storm", "chess",
+          "a lighthouse", "an apple"]
+
+
+def pydantic_models():
+    from pydantic import BaseModel
+
+    class Person(BaseModel):
+        name: str
+        age: int
+
+    class City(BaseModel):
+        name: str
+        country: str
+        population: int
+
+    class Book(BaseModel):
+        title: str
+        author: str
+        year: int
+        genres: list[str]
+
+    class Product(BaseModel):
+        name: str
+        price: float
+        in_stock: bool
+
+    class Event(BaseModel):
+        title: str
+        day: int
+        month: int
+        attendees: list[str]
+
+    return [Person, City, Book, Product, Event]
+
+
+def validity_rows(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from servers import serving
+
+    from omniserve.models.loader import default_model_path
+
+    import openai
+
+    models = pydantic_models()[:args.models]
+    valid = total = cut = 0
+    with serving(str(default_model_path()), names=("smollm2",), max_model_len=2048) as server:
+        client = server.client()
+        for model in models:
+            for topic in TOPICS[:args.prompts]:
+                messages = [{"role": "user", "content": f"Make up a {model.__name__.lower()} related to {topic}."}]
+                total += 1
+                try:
+                    completion = client.chat.completions.parse(
+                        model="smollm2", messages=messages, response_format=model, temperature=0.7,
+                        max_tokens=args.parse_max_tokens, seed=total)
+                except openai.LengthFinishReasonError:  # the object was not closed within max_tokens
+                    cut += 1
+                    continue
+                valid += completion.choices[0].message.parsed is not None
+    rows = [dict(figure="chat.completions.parse: answers that parse", value=f"{valid}/{total}",
+                 ratio=f"{valid / total:.2f}", goal="1.00"),
+            dict(figure="... cut by max_tokens before the object closed", value=f"{cut}/{total}", ratio="", goal="")]
+    return rows, [f"validity: {len(models)} pydantic models x {args.prompts} prompts, temperature 0.7, at most "
+                  f"{args.parse_max_tokens} tokens"]
+
+
+def step_seconds(engine, prompts: list[str], params) -> float:
+    """Median seconds of the steps in which every request decodes (after their prefills)."""
+    for index, prompt in enumerate(prompts):
+        engine.add_request(f"r{index}", prompt, params)
+    times = []
+    while engine.has_unfinished_requests():
+        started = time.perf_counter()
+        engine.step()
+        chunks = engine.last_iteration.plan.chunks if engine.last_iteration is not None else []
+        if len(chunks) == len(prompts) and all(len(c.token_ids) == 1 for c in chunks):
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def cost_rows(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
+    from omniserve.engine.llm_engine import LLMEngine
+    from omniserve.sampling.params import SamplingParams
+    from omniserve.sampling.structured import StructuredOutputs
+
+    engine = LLMEngine(max_model_len=2048)
+    tokenizer = engine.tokenizer
+    schema = pydantic_models()[2].model_json_schema()
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": f"Describe a book about {t} as JSON."}],
+                                             tokenize=False, add_generation_prompt=True) for t in TOPICS[:args.batch]]
+    free = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    constrained = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True,
+                                 structured_outputs=StructuredOutputs(json=schema))
+    pairs = []
+    for _ in range(args.repeats):  # interleaved, so that the machine's minute weighs on both alike
+        pairs.append((step_seconds(engine, prompts, free), step_seconds(engine, prompts, constrained)))
+    off = statistics.median(a for a, _ in pairs)
+    on = statistics.median(b for _, b in pairs)
+    rows = [dict(figure=f"s per decode step, batch {args.batch}: free / every row constrained",
+                 value=f"{off * 1e3:.1f} / {on * 1e3:.1f} ms", ratio=f"{on / off:.2f}", goal="<= 1.10")]
+    engine.shutdown()
+    return rows, [f"cost: {args.batch} requests, a JSON schema of 4 fields, greedy, up to {args.max_tokens} tokens, "
+                  f"median of the steps where all decode, {args.repeats} interleaved repeats"]
+
+
+def stall_rows(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from servers import serving
+
+    from omniserve.models.loader import default_model_path
+
+    schema = {"type": "object", "properties": {f"field_{i}": {"type": "object", "properties": {
+        "a": {"type": "string", "pattern": f"^[a-z]{{{1 + i % 7}}}[0-9]+$"}, "b": {"type": "integer"}}}
+        for i in range(args.schema_properties)}, "required": [f"field_{i}" for i in range(args.schema_properties)]}
+    gaps: list[float] = []
+    with serving(str(default_model_path()), names=("smollm2",), max_model_len=2048) as server:
+        client = server.client()
+
+        def stream() -> None:
+            last = None
+            for chunk in client.completions.create(model="smollm2", prompt="Once upon a time", max_tokens=200,
+                                                   temperature=0.0, stream=True):
+                now = time.perf_counter()
+                if last is not None and chunk.choices:
+                    gaps.append(now - last)
+                last = now
+
+        streaming = threading.Thread(target=stream)
+        streaming.start()
+        time.sleep(1.0)
+        started = time.perf_counter()
+        client.completions.create(model="smollm2", prompt="{", max_tokens=8, extra_body={"guided_json": schema})
+        compiled = time.perf_counter() - started
+        streaming.join()
+    worst, median = max(gaps), statistics.median(gaps)
+    rows = [dict(figure="concurrent stream: largest gap / median gap", value=f"{worst * 1e3:.0f} / {median * 1e3:.0f} "
+                 "ms", ratio=f"{worst / median:.2f}", goal="<= 2")]
+    return rows, [f"stall: a schema of {args.schema_properties} object properties with patterns, whose request took "
+                  f"{compiled:.2f} s, sent while a 200-token stream ran"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", nargs="+", choices=("validity", "cost", "stall"),
+                        default=["validity", "cost", "stall"])
+    parser.add_argument("--models", type=int, default=5)
+    parser.add_argument("--prompts", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=64, help="cost: tokens per request")
+    parser.add_argument("--parse-max-tokens", type=int, default=256, help="validity: most tokens per answer")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--schema-properties", type=int, default=300)
+    parser.add_argument("--markdown", type=Path, default=None)
+    args = parser.parse_args()
+    rows, info = [], [f"command: {command_line()}", f"CPU: {cpu_model()}"]
+    makers = dict(validity=validity_rows, cost=cost_rows, stall=stall_rows)
+    for part in args.parts:
+        part_rows, part_info = makers[part](args)
+        rows += [dict(part=part, **row) for row in part_rows]
+        info += part_info
+        print(f"{part}: done: {part_rows}", flush=True)
+    tables = [(dict(part="part", figure="figure", value="value", ratio="ratio", goal="goal"), rows)]
+    print_report(info, tables)
+    write_markdown(args.markdown, "Structured outputs", info, tables)
+
+
+if __name__ == "__main__":
+    main()
