@@ -1,7 +1,8 @@
 """The OpenAI API's request and response bodies (with vLLM's extra sampling fields), as pydantic models.
 
 A request with a field it does not know is refused (400, "Unrecognized request argument supplied: NAME", as
-OpenAI's API answers), never half-served: a vLLM client's `guided_json` ignored would be a silently wrong answer.
+OpenAI's API answers), never half-served: a vLLM client's `guided_whitespace_pattern` ignored would be a silently
+wrong answer.
 A few OpenAI fields that change nothing here (`user`, `metadata`, `store`, ...) are accepted and ignored. Sampling
 values are range-checked once, by SamplingParams, whose errors name the field. Streamed chunks have the
 fields of the matching response (`choices[].delta` in place of `message` for chat) and are written as plain dicts
