@@ -34,6 +34,8 @@ def test_a_constraint_is_exactly_one_thing():
         StructuredOutputs(regex="a+", choice=["a"])
     with pytest.raises(InvalidRequestError, match="choice"):
         StructuredOutputs(choice=[])
+    with pytest.raises(InvalidRequestError, match="regex must be a string"):
+        StructuredOutputs(regex=5)
     assert StructuredOutputs(json=PERSON) == StructuredOutputs(json=json.dumps(PERSON))  # one cache entry
 
 

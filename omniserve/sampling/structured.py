@@ -2,8 +2,9 @@
 
 The grammar engine is llguidance (the `guidance` backend of vLLM and SGLang): a Rust library with no Python
 dependencies beyond itself, whose matcher computes a token mask from the tokenizer's byte-level trie in tens of
-microseconds and needs no grammar compilation ahead of time (its lexer and parser work lazily), so a large schema never
-blocks for seconds. xgrammar was the alternative; it pulls torch and triton versions of its own.
+microseconds and builds its lexer and parser lazily (a 300-property schema is checked and parsed in about 0.1 s, off
+the engine thread, with the GIL released). xgrammar was the alternative; it depends on triton, a large package this
+CPU setup does not otherwise need.
 
 A request with structured outputs carries a matcher (GrammarCompiler.matcher): the scheduler's booking feeds it every
 token the request accepts, and the sampler masks the logits of its row, whatever the row is (LS or BE, on the device
@@ -49,6 +50,10 @@ class StructuredOutputs:
     def __post_init__(self) -> None:
         if isinstance(self.json, (dict, bool)):
             object.__setattr__(self, "json", json.dumps(self.json))
+        for name in ("json", "regex", "grammar"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise InvalidRequestError(f"{name} must be a string" + (" or an object" if name == "json" else ""),
+                                          param=name)
         if self.choice is not None:
             object.__setattr__(self, "choice", tuple(self.choice))
             if not self.choice or not all(isinstance(c, str) for c in self.choice):
