@@ -412,12 +412,12 @@ def test_host_kv_reads_its_prefix_in_the_host_tier():
     generator = torch.Generator().manual_seed(0)
     k, v = (torch.randn(2, 21, 2, 16, generator=generator) for _ in range(2))
     prefix_pages = [5, 2, 7, 0]  # 16 tokens
-    slots = torch.tensor([p * PAGE + i for p in prefix_pages for i in range(PAGE)])
+    slots = torch.tensor([p * PAGE + i for p in prefix_pages for i in range(PAGE)])  # where they lie in the tier
     for layer in range(2):
         tier.k[layer][slots] = k[layer, :16].bfloat16()
         tier.v[layer][slots] = v[layer, :16].bfloat16()
     k[:, :16], v[:, :16] = k[:, :16].bfloat16().float(), v[:, :16].bfloat16().float()
-    whole, prefixed = HostKV(k[:, :20], v[:, :20]), HostKV(k[:, 16:20], v[:, 16:20], (tier, slots))
+    whole, prefixed = HostKV(k[:, :20], v[:, :20]), HostKV(k[:, 16:20], v[:, 16:20], tier, prefix_pages)
     assert prefixed.nbytes < whole.nbytes / 2
     q = torch.randn(4, 16, generator=generator)
     for layer in range(2):

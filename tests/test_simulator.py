@@ -475,3 +475,25 @@ def test_the_host_tier_keeps_the_prefixes_the_device_evicts(profile):
     assert tiered.counters["prefix_cache_hits"] == 2048
     assert tiered.records[-1].ttft < device_only.records[-1].ttft
     assert all(r.status == "ok" for r in tiered.records)
+
+
+def test_the_simulated_host_tier_gives_way_to_offloaded_kv(profile):
+    """As the engine's: while BE requests are offloaded, the tier may fill only what their KV leaves of the local
+    host's budget."""
+    small = replace(profile, device_kv_tokens=8192, host_kv_tokens=20_000)
+    sim = Simulation(small, SimConfig(policy="omniserve", be_decode_placement="cpu",
+                                      kv_offloading_gib=20_000 * small.kv_bytes_per_token / 2**30))
+    limits = []
+    read = sim.meter.read
+
+    def sample(*args) -> None:  # once per iteration, after the plan
+        limits.append(sim.tier.limit)
+        read(*args)
+
+    sim.meter.read = sample
+    workload = [SimRequest(0.1 * i, "be", 1000, 200, blocks=(1, 2, 10 + i)) for i in range(4)]
+    result = sim.run(workload)
+    assert all(r.status == "ok" for r in result.records)
+    whole = 20_000 // sim.config.page_size
+    assert min(limits) < whole - 4 * 200 // sim.config.page_size  # it gave way to the offloaded KV
+    assert sim.hosts[0].free_tokens == small.host_kv_tokens  # all of it is the tier's again once they ended

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
 
 import torch
 
 from omniserve.cpu_attention.kernel import TILE, decode_attention, prefixed_decode_attention, tile_keys, untile_keys
-
-if TYPE_CHECKING:
-    from omniserve.kv_cache.page_pool import PagePool
+from omniserve.kv_cache.page_pool import PagePool, token_slots
 
 
 class HostKV:
@@ -23,11 +21,16 @@ class HostKV:
     attention reads those pages in place, where every offloaded request with that prefix reads them.
     """
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, prefix: tuple[PagePool, torch.Tensor] | None = None) -> None:
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, tier: PagePool | None = None,
+                 prefix_pages: Sequence[int] = ()) -> None:
         """k, v: [num_layers, num_tokens, num_kv_heads, head_dim], the request's KV so far (after its prefix, if it
-        has one). prefix: the host tier (its pages in shared memory) and the prefix's slots there [P] int64, P a
-        multiple of 16. Half-precision KV is kept in fp32: the kernel computes in fp32 or fp64 only."""
-        self.prefix = prefix
+        has one). prefix_pages: the pages of the host tier (`tier`, in shared memory) that hold the request's first
+        tokens, a multiple of 16 of them. Half-precision KV is kept in fp32: the kernel computes in fp32 or fp64
+        only."""
+        self.tier, self.prefix_pages = tier, tuple(prefix_pages)
+        self.prefix_tokens = 0 if tier is None else len(self.prefix_pages) * tier.page_size
+        self.prefix_slots = None if tier is None else token_slots(self.prefix_pages, 0, self.prefix_tokens,
+                                                                  tier.page_size)
         self.dtype = torch.float32 if k.dtype in (torch.bfloat16, torch.float16) else k.dtype
         k, v = k.to(self.dtype), v.to(self.dtype)
         num_layers, num_tokens, kv_heads, head_dim = k.shape
@@ -53,10 +56,10 @@ class HostKV:
         """Decode attention of q [num_heads, head_dim] over the layer's context (the prefix, then k and v as
         `append` returned them); [num_heads, head_dim] in q's dtype."""
         q_here = q.to(self.dtype)
-        if self.prefix is None:
+        if not self.prefix_tokens:
             return decode_attention(q_here, k, v).to(q.dtype)
-        tier, slots = self.prefix
-        return prefixed_decode_attention(q_here, k, v, (tier.k[layer], tier.v[layer], slots)).to(q.dtype)
+        prefix = (self.tier.k[layer], self.tier.v[layer], self.prefix_slots)
+        return prefixed_decode_attention(q_here, k, v, prefix).to(q.dtype)
 
     def _grow(self, layer: int, length: int) -> None:
         values = self.v[layer]
@@ -73,11 +76,15 @@ class HostKV:
             raise RuntimeError("host KV exported in the middle of a token")
         k = torch.stack([untile_keys(layer, length).transpose(0, 1) for layer in self.k])
         v = torch.stack([layer[:, :length].transpose(0, 1) for layer in self.v])
-        if self.prefix is not None:
-            tier, slots = self.prefix
-            k = torch.cat([torch.stack([layer.index_select(0, slots) for layer in tier.k]).to(self.dtype), k], 1)
-            v = torch.cat([torch.stack([layer.index_select(0, slots) for layer in tier.v]).to(self.dtype), v], 1)
-        return k, v
+        return self.with_prefix(k, v, self.tier, self.prefix_pages) if self.prefix_tokens else (k, v)
+
+    @staticmethod
+    def with_prefix(k: torch.Tensor, v: torch.Tensor, tier: PagePool,
+                    prefix_pages: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v [num_layers, tokens, num_kv_heads, head_dim] with the KV of the host tier's prefix pages in front, in
+        their dtype (a whole KV, for a swap-in or a host that cannot read the tier)."""
+        prefix_k, prefix_v = tier.gather(prefix_pages, len(prefix_pages) * tier.page_size)
+        return torch.cat([prefix_k.to(k.dtype), k], 1), torch.cat([prefix_v.to(v.dtype), v], 1)
 
     @property
     def nbytes(self) -> int:

@@ -30,6 +30,7 @@ import torch
 import torch.multiprocessing as mp
 
 from omniserve.config import ConfigError
+from omniserve.cpu_attention.host_kv import HostKV
 from omniserve.cpu_attention.messages import AttendBatch, AttendResult, Export, Exported, Free, LoadKV, Ping, Status
 from omniserve.cpu_attention.placement import LOCAL, HostRoom, choose_host, least_loaded
 from omniserve.cpu_attention.remote import RemoteHost, RemoteHosts, available_memory_bytes
@@ -273,10 +274,9 @@ class CPUAttentionPool:
         nbytes = self.host_bytes_per_token(k.shape[0], k.shape[2], k.shape[3]) * tokens
         target = self._place(nbytes)
         if prefix_pages and not isinstance(target, _Worker):
-            num_tokens = len(prefix_pages) * self.host_tier.page_size
-            prefix_k, prefix_v = self.host_tier.gather(prefix_pages, num_tokens)
-            k, v = torch.cat([prefix_k.to(k.dtype), k], 1), torch.cat([prefix_v.to(v.dtype), v], 1)
-            nbytes += self.host_bytes_per_token(k.shape[0], k.shape[2], k.shape[3]) * num_tokens
+            k, v = HostKV.with_prefix(k, v, self.host_tier, prefix_pages)
+            nbytes += self.host_bytes_per_token(k.shape[0], k.shape[2], k.shape[3]) * (
+                len(prefix_pages) * self.host_tier.page_size)
             prefix_pages = ()
         target.send(LoadKV(request_id, k, v, tuple(prefix_pages)))
         target.requests.add(request_id)

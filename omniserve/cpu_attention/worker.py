@@ -15,7 +15,7 @@ from omniserve.cpu_attention.kernel import compiled_kernel
 from omniserve.cpu_attention.messages import (
     AttendBatch, AttendResult, Export, Exported, Free, LoadKV, Ping, Status,
 )
-from omniserve.kv_cache.page_pool import PagePool, token_slots
+from omniserve.kv_cache.page_pool import PagePool
 from omniserve.malloc import trim_heap
 
 
@@ -68,14 +68,9 @@ class AttentionStore:
         """Runs one message; returns the reply to send back, if it has one."""
         self._trim_heap_if_due()  # KV exported by the previous message is gone now
         if isinstance(message, LoadKV):
-            prefix = None
-            if message.prefix_pages:
-                if self.host_tier is None:
-                    raise RuntimeError("KV with a prefix in the host tier sent to a worker that cannot read it")
-                page_size = self.host_tier.page_size
-                prefix = (self.host_tier,
-                          token_slots(message.prefix_pages, 0, len(message.prefix_pages) * page_size, page_size))
-            self.kv[message.request_id] = HostKV(message.k, message.v, prefix)
+            if message.prefix_pages and self.host_tier is None:
+                raise RuntimeError("KV with a prefix in the host tier sent to a worker that cannot read it")
+            self.kv[message.request_id] = HostKV(message.k, message.v, self.host_tier, message.prefix_pages)
         elif isinstance(message, AttendBatch):
             q, k_new, v_new = (torch.from_numpy(a) for a in (message.q, message.k, message.v))
             done, outs = [], []

@@ -144,8 +144,7 @@ class LLMEngine:
         tier in place where it is in shared memory."""
         tier_bytes = None
         if self.host_pages is not None:
-            page_bytes = bytes_per_page(self.model_config, self.host_pages.page_size, self.dtype)
-            tier_bytes = lambda: len(self.page_table.host_tier) * page_bytes  # noqa: E731
+            tier_bytes = lambda: len(self.page_table.host_tier) * self.host_pages.page_bytes  # noqa: E731
         pool = CPUAttentionPool(config, _remote_hosts(self.args),
                                 self.host_pages if self.page_table.offload_reads_host_tier else None, tier_bytes)
         weakref.finalize(self, pool.shutdown)  # workers end with the engine, not only with the process
@@ -160,12 +159,9 @@ class LLMEngine:
             return
         cfg = self.model_config
         per_token = CPUAttentionPool.host_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
-        page_size = self.host_pages.page_size
-        planned = per_token * sum(max(t.num_tokens - len(t.host_prefix_pages) * page_size, t.final_tokens)
-                                  for t in plan.swap_outs)
+        planned = per_token * sum(t.host_tokens(self.host_pages.page_size) for t in plan.swap_outs)
         left = self.cpu_pool.local_bytes_left() - planned
-        page_bytes = bytes_per_page(cfg, page_size, self.dtype)
-        self.host_pages.release_memory(self.page_table.host_tier.set_limit(left // page_bytes))
+        self.host_pages.release_memory(self.page_table.host_tier.set_limit(left // self.host_pages.page_bytes))
 
     @staticmethod
     def _shared_memory_holds(args: EngineArgs) -> bool:
@@ -233,7 +229,7 @@ class LLMEngine:
         per_token = CPUAttentionPool.host_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
         kept = 0  # host-tier pages that cannot give way now (held by offloaded requests, or pinned by copies)
         if self.host_pages is not None:
-            kept = self.page_table.host_tier.num_kept * bytes_per_page(cfg, self.host_pages.page_size, self.dtype)
+            kept = self.page_table.host_tier.num_kept * self.host_pages.page_bytes
         return (self.cpu_pool.host_capacity_bytes() - kept) // per_token
 
     def _latency_model(self, given: LatencyModel | LatencyModelSource | None, loaded: LoadedModel,
@@ -314,7 +310,7 @@ class LLMEngine:
         max_tokens = self._validate(token_ids, params)
         spec = params.structured_outputs
         if spec is not None:
-            self.grammars.grammar(spec)  # checked (400 if bad) before anything is queued; cached for the matchers
+            self.grammars.compile(spec)  # checked (400 if bad) before anything is queued; cached for the matchers
         children = []
         arrival = time.monotonic() if arrival_time is None else arrival_time
         for index in range(params.n):

@@ -6,6 +6,7 @@ import ctypes
 import functools
 import itertools
 import logging
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -34,6 +35,8 @@ class PagePool:
         shared: host pages in shared memory, which the CPU pool's worker processes read in place (the host tier)."""
         self.num_pages = num_pages
         self.page_size = page_size
+        self.page_bytes = bytes_per_page(model, page_size, dtype)
+        """One page's K and V, every layer."""
         self._releasable = device.type == "cpu" and not pin_memory  # see release_memory
         self._shared = shared
         shape = (num_pages * page_size, model.num_kv_heads, model.head_dim)
@@ -117,10 +120,7 @@ def _shared_empty(shape: tuple[int, ...], dtype: torch.dtype, pin_memory: bool) 
     """An uninitialised host tensor in shared memory (created there: nothing is copied, so untouched pages stay
     uncommitted), pinned for a GPU's copies where CUDA lets it register the memory (else left pageable: copies still
     work, only slower)."""
-    numel = 1
-    for n in shape:
-        numel *= n
-    storage = torch.UntypedStorage._new_shared(numel * torch.empty((), dtype=dtype).element_size())
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * torch.empty((), dtype=dtype).element_size())
     tensor = torch.empty(0, dtype=dtype).set_(storage, 0, shape)
     if pin_memory:
         try:

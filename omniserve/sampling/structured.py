@@ -65,7 +65,7 @@ class StructuredOutputs:
                 f"structured outputs take exactly one of json, regex, choice, grammar, json_object; got "
                 f"{', '.join(given) or 'none'}", param="structured_outputs")
 
-    def lark(self) -> str:
+    def to_grammar(self) -> str:
         """The constraint as an llguidance grammar."""
         from llguidance import LLMatcher
 
@@ -120,7 +120,7 @@ class GrammarCompiler:
             return
         logger.info("structured outputs: grammar tokenizer built in %.2f s", time.perf_counter() - started)
 
-    def grammar(self, spec: StructuredOutputs):
+    def compile(self, spec: StructuredOutputs):
         """The constraint's matcher at its start, checked and cached; an InvalidRequestError (400) naming what is
         wrong if the constraint is not valid."""
         with self._lock:
@@ -130,7 +130,7 @@ class GrammarCompiler:
                 return matcher
         from llguidance import LLMatcher
 
-        grammar = spec.lark()
+        grammar = spec.to_grammar()
         error = LLMatcher.validate_grammar(grammar, self.ll_tokenizer)
         if error:
             param = "structured_outputs" if spec.grammar is None else "grammar"
@@ -144,7 +144,7 @@ class GrammarCompiler:
 
     def matcher(self, spec: StructuredOutputs) -> RequestGrammar:
         """A matcher for one request (its state is that request's): a copy of the constraint's."""
-        return RequestGrammar(self.grammar(spec).deep_copy(), self.ll_tokenizer.vocab_size)
+        return RequestGrammar(self.compile(spec).deep_copy(), self.ll_tokenizer.vocab_size)
 
 
 class RequestGrammar:

@@ -332,8 +332,7 @@ class Simulation:
         if self.tier is None:
             return
         page_size = self.config.page_size
-        planned = sum(max(t.num_tokens - len(t.host_prefix_pages) * page_size, t.final_tokens)
-                      for t in plan.swap_outs)
+        planned = sum(t.host_tokens(page_size) for t in plan.swap_outs)
         self.tier.set_limit((self.hosts[0].free_tokens - planned) // page_size)
 
     # ------------------------------------------------------------------------------------------------ requests

@@ -60,6 +60,11 @@ class KVTransfer:
     """Swap-out: host-tier pages holding the request's first tokens, which its host KV reads in place: only the
     tokens after them are copied (PageTable.hold_host_prefix)."""
 
+    def host_tokens(self, page_size: int) -> int:
+        """Swap-out: the tokens of host KV placement keeps room for: the request's own after its host prefix now, or
+        when done, whichever is more (CPUAttentionPool.load counts the same)."""
+        return max(self.num_tokens - len(self.host_prefix_pages) * page_size, self.final_tokens)
+
 
 @dataclass(frozen=True)
 class OffloadedPipeline:

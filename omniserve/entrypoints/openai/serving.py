@@ -187,7 +187,7 @@ class OpenAIServing:
         params = replace(self.sampling_params(request, resolved), cache_salt=call.cache_salt(request.cache_salt))
         if params.structured_outputs is not None:  # checked off the event loop and the engine thread (then cached)
             try:
-                await run_in_threadpool(self.state.engine.grammars.grammar, params.structured_outputs)
+                await run_in_threadpool(self.state.engine.grammars.compile, params.structured_outputs)
             except InvalidRequestError as exc:  # named by the field the request used
                 raise APIError(400, str(exc), param=request.structured_fields[0]) from None
         prompts = await self.prompts(request)
