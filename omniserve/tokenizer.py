@@ -31,6 +31,35 @@ def load_tokenizer(kind: str, path: Path | None):
     return AutoTokenizer.from_pretrained(str(path))
 
 
+_BUILTIN_TEMPLATES = Path(__file__).parent / "chat_templates"
+
+
+def set_chat_template(tokenizer, template: str) -> None:
+    """Replaces the tokenizer's chat template with `template`: the name of a built-in one (chat_templates/), a file,
+    or the template's text. A template that cannot render a plain conversation is a ConfigError at start-up, not a
+    400 on every chat request."""
+    from omniserve.config import ConfigError
+
+    if tokenizer is None:
+        raise ConfigError("--chat-template needs a model with a tokenizer")
+    builtin = _BUILTIN_TEMPLATES / f"{template}.jinja"
+    if builtin.is_file():
+        text = builtin.read_text()
+    elif "{" in template:  # the template itself (a path has no braces)
+        text = template
+    elif Path(template).is_file():
+        text = Path(template).read_text()
+    else:
+        names = ", ".join(sorted(p.stem for p in _BUILTIN_TEMPLATES.glob("*.jinja")))
+        raise ConfigError(f"--chat-template {template!r} is neither a file nor a template (built-in: {names})")
+    tokenizer.chat_template = text
+    try:
+        tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # noqa: BLE001 - any Jinja error: the template is unusable
+        raise ConfigError(f"the chat template cannot render a conversation: {exc}") from None
+    logger.info("chat template: %s", template if builtin.is_file() or "{" not in template else "given inline")
+
+
 class IncrementalDetokenizer:
     """Turns a request's tokens into text as they arrive, never splitting a multi-byte character, and applies stop
     strings so that they never reach the output (text that might start a stop string is held back)."""

@@ -76,6 +76,15 @@ class EngineArgs(SchedulerSettings):
     enforce_eager: bool = _arg(
         False, "run every iteration eagerly: no CUDA graphs (by default, decode iterations without offloaded rows "
         "replay graphs captured at start-up, one per padded batch size)")
+    chat_template: str | None = _arg(
+        None, "a Jinja chat template in place of the model's: a file, the template itself, or `chatml-tools` (ChatML "
+        "with Hermes-style tool calls, for ChatML models whose template knows no tools, such as the built-in model)")
+    enable_auto_tool_choice: bool = _arg(
+        False, "let the model decide when to call tools (tool_choice auto, the default when a request has tools); "
+        "needs --tool-call-parser")
+    tool_call_parser: str | None = field(default=None, metadata={
+        "help": "how tool calls are read from the model's answers under tool_choice auto: hermes (<tool_call> "
+        "blocks, as chatml-tools writes them) or llama3_json", "choices": ("hermes", "llama3_json")})
     seed: int = _arg(0, "seed for random weights and for requests without a seed of their own")
     threads: int | None = _arg(None, "CPU threads for the model when the device is the CPU; default: torch's choice")
 

@@ -39,7 +39,7 @@ from omniserve.kv_cache.page_pool import (PagePool, activation_peak_bytes, bytes
 from omniserve.models.loader import LoadedModel
 from omniserve.sampling.params import InvalidRequestError, SamplingParams
 from omniserve.sampling.structured import GrammarCompiler
-from omniserve.tokenizer import load_tokenizer
+from omniserve.tokenizer import load_tokenizer, set_chat_template
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,8 @@ class LLMEngine:
         self.args = args
         cache = CacheConfig(args.block_size, args.num_gpu_blocks_override, args.kv_cache_memory_bytes,
                             args.gpu_memory_utilization)  # a bad value fails before the model loads
+        if args.enable_auto_tool_choice and args.tool_call_parser is None:
+            raise ConfigError("--enable-auto-tool-choice needs --tool-call-parser (hermes or llama3_json)")
         loaded, self.device, self.dtype = args.load_model()
         self.model_config = loaded.config
         limit = loaded.config.max_context
@@ -90,6 +92,8 @@ class LLMEngine:
         self.scheduler_config = SchedulerConfig.of(args, max_model_len=args.max_model_len or limit)
         self.services = ServiceRegistry.build(args.ls_ttft_slo, args.ls_tpot_slo, args.services)
         self.tokenizer = load_tokenizer(loaded.kind, loaded.path)
+        if args.chat_template is not None:
+            set_chat_template(self.tokenizer, args.chat_template)
 
         num_pages = self._kv_pages(loaded, cache)
         self._kv_cache(loaded, args, num_pages, cache.page_size)

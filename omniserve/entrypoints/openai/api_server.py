@@ -215,7 +215,7 @@ def _add_tokenizer_routes(app: FastAPI, engine: LLMEngine, models: ServedModels,
     async def tokenize(request: TokenizeRequest) -> Response:
         models.resolve(request.model)
         if request.messages is not None:
-            tokens = await chat.render(request.messages, request.add_generation_prompt)
+            tokens = await chat.render(request.messages, request.add_generation_prompt, tools=request.tools)
         elif request.prompt is not None:
             tokens = await completions.prompt_ids(request.prompt, request.add_special_tokens)
         else:

@@ -109,7 +109,7 @@ class ServerState:
 
 ChoiceDelta = Callable[[int, int, RequestOutput, CompletionOutput, list[SampledToken] | None], dict | None]
 """A streamed choice's own fields in a chunk, from (choice index, prompt index, the prompt's latest output, the
-choice's output, its logprobs not sent yet or None); None when it has nothing to say yet."""
+choice's output, its logprobs not sent yet or None); None when it has nothing to say yet (never at its end)."""
 
 
 @dataclass
@@ -188,8 +188,8 @@ class OpenAIServing:
         if params.structured_outputs is not None:  # checked off the event loop and the engine thread (then cached)
             try:
                 await run_in_threadpool(self.state.engine.grammars.compile, params.structured_outputs)
-            except InvalidRequestError as exc:  # named by the field the request used
-                raise APIError(400, str(exc), param=request.structured_fields[0]) from None
+            except InvalidRequestError as exc:  # named by the field the request used (else its tools made it)
+                raise APIError(400, str(exc), param=(request.structured_fields or ["tools"])[0]) from None
         prompts = await self.prompts(request)
         response_id = f"{self.id_prefix}-{call.request_id}"
         ids = [response_id] if len(prompts) == 1 else [f"{response_id}-{i}" for i in range(len(prompts))]
@@ -339,8 +339,8 @@ class OpenAIServing:
                         continue
                     if c.finish_reason is not None:
                         finished.add(index)
-                    choices.append({"index": index, **fields, "finish_reason": c.finish_reason,
-                                    "stop_reason": c.stop_reason})
+                    choices.append({"index": index, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
+                                    **fields})  # the handler's fields may restate the finish reason
                 if choices:
                     usage = self.usage(list(latest.values())) if continuous else None
                     yield chunk(self.chunk_object, choices=choices, usage=usage, with_usage=with_usage, **header)
