@@ -7,6 +7,8 @@
    decoding only).
 3. A slow constraint: one request with a large schema (--schema-properties properties) arrives while a stream runs:
    the stream's largest gap between tokens against its median.
+4. Tool calls: --prompts requests over 5 tools, each with tool_choice "required" (the model picks among all five)
+   and named (the tool the prompt is about): the share of calls whose arguments parse and match the tool's schema.
 
     python benchmarks/bench_structured.py --markdown structured.md
 """
@@ -92,6 +94,94 @@ def validity_rows(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
                   f"{args.parse_max_tokens} tokens"]
 
 
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"},
+                                         "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+        "required": ["city", "unit"], "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "search_flights", "description": "Flights between two airports",
+                                      "parameters": {
+        "type": "object", "properties": {"origin": {"type": "string", "pattern": "^[A-Z]{3}$"},
+                                         "destination": {"type": "string", "pattern": "^[A-Z]{3}$"},
+                                         "passengers": {"type": "integer", "minimum": 1, "maximum": 9}},
+        "required": ["origin", "destination", "passengers"], "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "create_event", "description": "Add an event to the calendar",
+                                      "parameters": {
+        "type": "object", "properties": {"title": {"type": "string"}, "day": {"type": "integer", "minimum": 1,
+                                                                             "maximum": 31},
+                                         "guests": {"type": "array", "items": {"type": "string"}, "maxItems": 5}},
+        "required": ["title", "day", "guests"], "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "convert_currency", "description": "Convert an amount of money",
+                                      "parameters": {
+        "type": "object", "properties": {"amount": {"type": "number"}, "from": {"type": "string",
+                                                                                "enum": ["EUR", "USD", "JPY"]},
+                                         "to": {"type": "string", "enum": ["EUR", "USD", "JPY"]}},
+        "required": ["amount", "from", "to"], "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "set_reminder", "description": "Remind the user of something",
+                                      "parameters": {
+        "type": "object", "properties": {"text": {"type": "string"},
+                                         "when": {"type": "object", "properties": {
+                                             "hour": {"type": "integer", "minimum": 0, "maximum": 23},
+                                             "minute": {"type": "integer", "minimum": 0, "maximum": 59}},
+                                             "required": ["hour", "minute"], "additionalProperties": False}},
+        "required": ["text", "when"], "additionalProperties": False}}},
+]
+PLACES = ["Paris", "Tokyo", "Lisbon", "Nairobi", "Lima", "Oslo", "Cairo", "Seoul", "Quebec", "Hanoi", "Madrid", "Dublin",
+          "Sydney", "Vienna", "Prague", "Athens", "Bogota", "Manila", "Zurich", "Havana"]
+TOOL_PROMPTS = {  # four requests per tool
+    "get_weather": ["Is it raining in {}?", "How warm is it in {} today?", "Weather in {}, please.",
+                    "Should I take a coat in {}?"],
+    "search_flights": ["Find me a flight from {} to Rome for two.", "Flights from {} to New York?",
+                       "I need to fly from {} to Tokyo with my family of four.", "Any cheap flight from {} to Oslo?"],
+    "create_event": ["Put a dinner in {} on my calendar for the 12th.", "Schedule a meeting about {} on the 3rd.",
+                     "Add a trip to {} on the 20th with Ann and Bob.", "Book a party in {} on the 31st."],
+    "convert_currency": ["How much is 50 euros in dollars for my trip to {}?", "Convert 1000 yen to euros ({}).",
+                         "What are 20 dollars in yen? I am going to {}.", "Change 75 EUR to USD before {}."],
+    "set_reminder": ["Remind me to call the hotel in {} at 9.", "Set a reminder at 18:30 about the trip to {}.",
+                     "Remind me at noon to pack for {}.", "Tell me at 7:15 to book the hotel in {}."],
+}
+
+
+def tool_rows(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
+    import sys
+
+    import jsonschema
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from servers import serving
+
+    from omniserve.models.loader import default_model_path
+
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    templates = [(name, template) for name, templates in TOOL_PROMPTS.items() for template in templates]
+    requests = [(name, template.format(PLACES[i % len(PLACES)]))
+                for i, (name, template) in enumerate(templates)][:args.prompts]
+    counts = {"required": [0, 0, 0], "named": [0, 0, 0]}  # answers, calls, valid calls
+    with serving(str(default_model_path()), names=("smollm2",), max_model_len=2048,
+                 chat_template="chatml-tools") as server:
+        client = server.client()
+        for name, prompt in requests:
+            for kind, choice in [("required", "required"), ("named", {"type": "function", "function": {"name": name}})]:
+                message = client.chat.completions.create(
+                    model="smollm2", messages=[{"role": "user", "content": prompt}], tools=TOOLS, tool_choice=choice,
+                    temperature=0.7, seed=len(prompt), max_tokens=args.parse_max_tokens).choices[0].message
+                counts[kind][0] += 1
+                for call in message.tool_calls or []:
+                    counts[kind][1] += 1
+                    try:
+                        jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+                        counts[kind][2] += 1
+                    except (ValueError, KeyError, jsonschema.ValidationError):
+                        pass
+    rows = []
+    for kind, (answers, calls, valid) in counts.items():
+        rows.append(dict(figure=f"tool_choice {kind}: calls that parse and match the tool's schema",
+                         value=f"{valid}/{calls} ({answers} answers)", ratio=f"{valid / max(calls, 1):.2f}",
+                         goal="1.00"))
+    return rows, [f"tools: {len(requests)} requests over {len(TOOLS)} tools (chatml-tools template), temperature 0.7, "
+                  f"at most {args.parse_max_tokens} tokens"]
+
+
 def step_seconds(engine, prompts: list[str], params) -> float:
     """Median seconds of the steps in which every request decodes (after their prefills)."""
     for index, prompt in enumerate(prompts):
@@ -172,8 +262,8 @@ def stall_rows(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", nargs="+", choices=("validity", "cost", "stall"),
-                        default=["validity", "cost", "stall"])
+    parser.add_argument("--parts", nargs="+", choices=("validity", "cost", "stall", "tools"),
+                        default=["validity", "cost", "stall", "tools"])
     parser.add_argument("--models", type=int, default=5)
     parser.add_argument("--prompts", type=int, default=20)
     parser.add_argument("--batch", type=int, default=16)
@@ -189,7 +279,7 @@ def main() -> None:
         args.models, args.prompts, args.parse_max_tokens, args.batch, args.max_tokens = 1, 2, 48, 2, 8
         args.repeats, args.schema_properties, args.stream_tokens = 1, 20, 24
     rows, info = [], [f"command: {command_line()}", f"CPU: {cpu_model()}"]
-    makers = dict(validity=validity_rows, cost=cost_rows, stall=stall_rows)
+    makers = dict(validity=validity_rows, cost=cost_rows, stall=stall_rows, tools=tool_rows)
     for part in args.parts:
         part_rows, part_info = makers[part](args)
         rows += [dict(part=part, **row) for row in part_rows]

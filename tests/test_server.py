@@ -78,7 +78,8 @@ def test_chat_uses_the_model_chat_template(client, server):
 
 @pytest.mark.parametrize("kind", ["completions", "chat"])
 def test_streamed_text_and_usage_equal_the_non_streamed_answer(client, kind):
-    common = dict(model="tiny", n=2, seed=7, temperature=1.0, extra_body={"ignore_eos": True, "top_k": 50})
+    common = dict(model="tiny", n=2, seed=7, temperature=1.0, frequency_penalty=0.5, presence_penalty=0.1,
+                  extra_body={"ignore_eos": True, "top_k": 50, "repetition_penalty": 1.1})
     if kind == "completions":
         create, args, text_of = client.completions.create, dict(prompt=PROMPT, max_tokens=8), lambda c: c.text
     else:
@@ -215,6 +216,7 @@ def test_request_id_is_honoured_and_logged(server, caplog):
     ("/v1/completions", '{"model": "tiny", "prompt": ', 400, None, "not valid JSON"),
     ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "max_tokens": "many"}, 400, "max_tokens", "integer"),
     ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "temperature": -1}, 400, "temperature", "non-negative"),
+    ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "presence_penalty": 3}, 400, "presence_penalty", "[-2, 2]"),
     ("/v1/completions", {"model": "tiny"}, 400, "prompt", "Field required"),
     ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "logit_bias": {"5": 1}}, 400, "logit_bias", "not supp"),
     ("/v1/completions", {"model": "nope", "prompt": PROMPT}, 404, "model", "does not exist"),
@@ -226,7 +228,7 @@ def test_request_id_is_honoured_and_logged(server, caplog):
     ("/v1/chat/completions", {"model": "tiny", "messages": MESSAGES, "top_logprobs": 2}, 400, "top_logprobs",
      "logprobs: true"),
     ("/v1/nothing", {}, 404, None, "Not Found"),
-], ids=["malformed-json", "wrong-type", "bad-value", "missing-field", "unsupported", "unknown-model", "prompt-too-long",
+], ids=["malformed-json", "wrong-type", "bad-value", "bad-penalty", "missing-field", "unsupported", "unknown-model", "prompt-too-long",
         "output-too-long", "empty-prompt-streamed", "no-messages", "message-without-role", "top-logprobs-alone",
         "unknown-path"])
 def test_bad_requests_get_an_openai_error_and_the_server_keeps_serving(server, path, body, status, param, message):

@@ -63,6 +63,17 @@ def test_the_apis_fields_map_onto_one_constraint():
     assert bad.value.param == "response_format"
 
 
+def test_json_whitespace_is_bounded(default_llm):
+    tokenizer = default_llm.engine.tokenizer
+
+    def accepts(text: str) -> bool:
+        grammar = default_llm.engine.grammars.matcher(StructuredOutputs(json=PERSON))
+        return all(grammar.accept(t) for t in tokenizer.encode(text, add_special_tokens=False))
+
+    assert accepts('{\n  "name": "Bob",\n  "age": 30\n}') and accepts('{"name":"Bob", "age" :30}')
+    assert not accepts("{" + "\n" * 3) and not accepts("{" + " " * 30)  # a small model's endless whitespace
+
+
 # ------------------------------------------------------------------------------------------------------ engine
 def test_each_kind_of_constraint_holds(default_llm):
     prompt = chat_prompt(default_llm)

@@ -56,6 +56,7 @@ class _OffloadedToken:
     params: SamplingParams
     num_generated: int
     grammar: RequestGrammar | None = None
+    seen_token_ids: list[int] | None = None
     layer: int = 0
     """The layer whose attention is out on the CPU (or has come back)."""
     residual: torch.Tensor | None = None
@@ -287,7 +288,7 @@ class ModelRunner:
         # device rows' in ids_and_positions).
         for start in plan.offloaded_starts:
             self._offloaded[start.request_id] = _OffloadedToken(start.position, start.params, start.num_generated,
-                                                                start.grammar)
+                                                                start.grammar, start.seen_token_ids)
         device_hidden = device_angles = carry_hidden = carry_angles = None
         if ids_and_positions.shape[1]:
             hidden_all = model.embed(ids_and_positions[0])
@@ -420,11 +421,11 @@ class ModelRunner:
         """LM head + sampling for device chunks that reached their last token and offloaded tokens that finished
         the last layer."""
         sampling_chunks = [c for c in plan.chunks if c.sample]
-        rows = [SamplingRow(c.params, c.num_generated, c.grammar) for c in sampling_chunks]
+        rows = [SamplingRow(c.params, c.num_generated, c.grammar, c.seen_token_ids) for c in sampling_chunks]
         request_ids = [c.request_id for c in sampling_chunks]
         for request_id in finished_ids:
             token = self._offloaded.pop(request_id)
-            rows.append(SamplingRow(token.params, token.num_generated, token.grammar))
+            rows.append(SamplingRow(token.params, token.num_generated, token.grammar, token.seen_token_ids))
             request_ids.append(request_id)
         if not rows:
             return {}

@@ -30,6 +30,8 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--top-p", type=float, default=1.0)
     group.add_argument("--top-k", type=int, default=0)
     group.add_argument("--min-p", type=float, default=0.0)
+    group.add_argument("--repetition-penalty", type=float, default=1.0,
+                       help="above 1 makes the prompt's and the completion's tokens less likely")
     group.add_argument("--sampling-seed", type=int, default=None, help="seed of the request's sampling")
     group.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     group.add_argument("--service-class", choices=["ls", "be"], default="ls",
@@ -40,7 +42,7 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
 def _sampling_params(args: argparse.Namespace, n: int = 1) -> SamplingParams:
     return SamplingParams(
         n=n, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        min_p=args.min_p, seed=args.sampling_seed, stop=args.stop, service_class=args.service_class,
+        min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.sampling_seed, stop=args.stop, service_class=args.service_class,
         service=args.service,
     )
 

@@ -63,6 +63,13 @@ class SamplingParams:
     request with its API key and the request's own `cache_salt`)."""
     structured_outputs: StructuredOutputs | None = None
     """What the completion must match (a JSON schema, a regex, a choice, a grammar): vLLM's parameter."""
+    presence_penalty: float = 0.0
+    """Subtracted from the logit of every token the completion has already used (OpenAI's, in [-2, 2])."""
+    frequency_penalty: float = 0.0
+    """Subtracted from a token's logit once for every time the completion has used it (OpenAI's, in [-2, 2])."""
+    repetition_penalty: float = 1.0
+    """Divides the positive logits (multiplies the negative ones) of the tokens in the prompt or the completion
+    (vLLM's, > 0; 1: none)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -87,6 +94,9 @@ class SamplingParams:
             (self.min_tokens >= 0, "min_tokens", "must be non-negative"),
             (self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens", "must not exceed max_tokens"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be between 0 and 20"),
+            (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "must be in [-2, 2]"),
+            (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "must be in [-2, 2]"),
+            (self.repetition_penalty > 0.0, "repetition_penalty", "must be positive"),
             (all(isinstance(s, str) for s in self.stop), "stop", "must be strings"),
             (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids", "must be token ids"),
         ]
@@ -97,6 +107,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        """Its sampling depends on the tokens it has seen (a presence, frequency or repetition penalty)."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
 
 
 @dataclass(frozen=True)

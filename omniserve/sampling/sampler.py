@@ -1,5 +1,5 @@
-"""Batched sampling: greedy, temperature, top-k, top-p, min-p, per-request seeds, min_tokens, logprobs and
-structured outputs' masks."""
+"""Batched sampling: greedy, temperature, top-k, top-p, min-p, per-request seeds, min_tokens, presence, frequency
+and repetition penalties, logprobs and structured outputs' masks."""
 
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ class SamplingRow:
     """Tokens the request has generated so far: the step index for its seed, and the min_tokens clock."""
     grammar: RequestGrammar | None = None
     """Its structured-output state: the row may draw only what it allows next."""
+    seen_token_ids: list[int] | None = None
+    """With penalties: the request's prompt and generated tokens (the last num_generated are generated)."""
 
 
 def _step_seed(seed: int, step: int) -> int:
@@ -36,7 +38,9 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], eos_token_ids: tuple[i
     and what comes back (token ids, and log-probabilities where asked for) comes back in one copy: on a GPU, the
     step's only wait for the device."""
     logits = _ban_until_min_tokens(logits, rows, eos_token_ids)
-    scores = logits  # what logprobs report: the model's, as vLLM's default (a grammar's mask is not a probability)
+    scores = logits  # what logprobs report: the model's, as vLLM's default (nor penalties nor a grammar's mask)
+    if any(row.seen_token_ids is not None for row in rows):
+        logits = _apply_penalties(logits, rows)
     if any(row.grammar is not None for row in rows):
         logits = apply_grammar_masks(logits, [row.grammar for row in rows])
     token_ids = logits.argmax(dim=-1)
@@ -80,6 +84,41 @@ def _ban_until_min_tokens(logits: torch.Tensor, rows: list[SamplingRow], eos_tok
     index = transfer.to_device([banned_rows, banned_tokens], logits.device)
     return logits.index_put((index[0], index[1]), torch.tensor(float("-inf"), dtype=logits.dtype,
                                                                 device=logits.device))
+
+
+def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """vLLM's (and OpenAI's) penalties on the rows that have them: the logit of each token the completion used drops
+    by the presence penalty, and by the frequency penalty per use; a repetition penalty r divides the positive logits
+    (multiplies the negative ones) of every token in the prompt or the completion. The rows' tokens go to the device
+    in one copy and are counted there."""
+    penalized = [i for i, row in enumerate(rows) if row.seen_token_ids is not None]
+    vocab = logits.shape[1]
+    output_rows, output_tokens, seen_rows, seen_tokens = [], [], [], []
+    for k, i in enumerate(penalized):
+        seen, generated = rows[i].seen_token_ids, rows[i].num_generated
+        output = seen[len(seen) - generated:] if generated else []
+        output_rows += [k] * len(output)
+        output_tokens += output
+        if rows[i].params.repetition_penalty != 1.0:
+            seen_rows += [k] * len(seen)
+            seen_tokens += seen
+    settings = [[rows[i].params.presence_penalty for i in penalized],
+                [rows[i].params.frequency_penalty for i in penalized],
+                [rows[i].params.repetition_penalty for i in penalized]]
+    parts = [penalized, output_rows, output_tokens, seen_rows, seen_tokens]
+    flat = transfer.to_device([i for part in parts for i in part], logits.device)
+    index, output_rows, output_tokens, seen_rows, seen_tokens = flat.split([len(part) for part in parts])
+    presence, frequency, repetition = transfer.to_device(settings, logits.device, logits.dtype)
+    counts = torch.zeros(len(penalized), vocab, dtype=logits.dtype, device=logits.device)
+    counts.index_put_((output_rows, output_tokens), torch.ones_like(output_tokens, dtype=logits.dtype), accumulate=True)
+    part = logits.index_select(0, index)
+    if seen_rows.numel():
+        seen = torch.zeros(len(penalized), vocab, dtype=torch.bool, device=logits.device)
+        seen[seen_rows, seen_tokens] = True
+        factor = torch.where(part > 0, 1.0 / repetition.unsqueeze(1), repetition.unsqueeze(1))
+        part = torch.where(seen, part * factor, part)
+    part = part - frequency.unsqueeze(1) * counts - presence.unsqueeze(1) * (counts > 0).to(logits.dtype)
+    return logits.index_copy(0, index, part)
 
 
 def _sample_random(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:

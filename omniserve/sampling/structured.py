@@ -31,6 +31,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _GRAMMAR_CACHE_SIZE = 256  # grammars kept, by spec: schemas repeat (one per endpoint or tool set)
+# The whitespace JSON may have between its tokens: a line break or two and an indent, or a few spaces; bounded, as
+# llguidance's default (any amount) lets a small model write whitespace until max_tokens, which no client can parse.
+# A schema's own "x-guidance" options override it.
+_JSON_WHITESPACE = r"(?:\r?\n){1,2}[\x20\x09]{0,24}|[\x20\x09]{1,24}"
 
 
 @dataclass(frozen=True)
@@ -69,10 +73,9 @@ class StructuredOutputs:
         """The constraint as an llguidance grammar."""
         from llguidance import LLMatcher
 
-        if self.json is not None:
-            return LLMatcher.grammar_from_json_schema(self.json)
-        if self.json_object:
-            return LLMatcher.grammar_from_json_schema('{"type": "object"}')
+        if self.json is not None or self.json_object:
+            return LLMatcher.grammar_from_json_schema(self.json or '{"type": "object"}',
+                                                      defaults={"whitespace_pattern": _JSON_WHITESPACE})
         if self.regex is not None:
             return LLMatcher.grammar_from_regex(self.regex)
         if self.choice is not None:  # JSON string literals are Lark string literals

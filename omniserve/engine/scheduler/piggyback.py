@@ -129,7 +129,7 @@ class PiggybackManager:
         request.token_started = (self.state.iteration, self.state.clock())
         admitted.starts.append(OffloadedToken(
             request.request_id, request.token_ids[-1], request.num_tokens - 1, request.params,
-            request.num_output_tokens, request.grammar,
+            request.num_output_tokens, request.grammar, request.seen_token_ids,
         ))
 
     def _plan_sync(self, batch: IterationBudget, admitted: _Admitted) -> OffloadedPipeline:

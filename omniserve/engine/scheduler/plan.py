@@ -29,6 +29,8 @@ class ScheduledChunk:
     """Tokens the request has generated so far."""
     grammar: RequestGrammar | None = None
     """The request's structured-output state: its sampled row is masked to what it allows."""
+    seen_token_ids: list[int] | None = None
+    """A request with penalties: its prompt and generated tokens so far (the request's own list, not a copy)."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class OffloadedToken:
     params: SamplingParams
     num_generated: int
     grammar: RequestGrammar | None = None
+    seen_token_ids: list[int] | None = None
 
 
 @dataclass(frozen=True)

@@ -100,6 +100,11 @@ class Request:
         self.token_ids = list(self.prompt_token_ids)
 
     @property
+    def seen_token_ids(self) -> list[int] | None:
+        """What its penalties look at, for the sampler: its tokens so far (None: it has no penalties)."""
+        return self.token_ids if self.params.penalized else None
+
+    @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
 

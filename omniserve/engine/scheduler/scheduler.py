@@ -197,6 +197,7 @@ class Scheduler:
             params=request.params,
             num_generated=request.num_output_tokens,
             grammar=request.grammar,
+            seen_token_ids=request.seen_token_ids,
         )
 
     def take_offloaded_token_timings(self) -> list[OffloadedTokenTiming]:

@@ -142,11 +142,6 @@ class SamplingRequest(RequestModel):
     def unsupported(self) -> tuple[str, str] | None:
         """(field, why) for the first field set to something this server cannot do, or that another field rules
         out; None if all is well."""
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0.0):
-                return name, f"{name} is not supported (only 0)"
-        if self.repetition_penalty not in (None, 1.0):
-            return "repetition_penalty", "repetition_penalty is not supported (only 1)"
         if self.logit_bias:
             return "logit_bias", "logit_bias is not supported"
         if self.stream_options is not None and not self.stream:
