@@ -308,7 +308,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64, help="cost: tokens per request")
     parser.add_argument("--parse-max-tokens", type=int, default=256, help="validity: most tokens per answer")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--repetition-penalty", type=float, default=1.1,
+    parser.add_argument("--repetition-penalty", type=float, default=1.2,
                         help="validity: a second pass with this penalty (1: none)")
     parser.add_argument("--schema-properties", type=int, default=300)
     parser.add_argument("--stream-tokens", type=int, default=200, help="stall: the concurrent stream's length")

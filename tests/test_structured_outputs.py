@@ -253,6 +253,32 @@ def test_tool_call_parsers_read_calls_and_stream_them_as_whole(monkeypatch):
             assert [(c["function"]["name"], c["function"]["arguments"]) for c in got_calls] == calls
 
 
+def test_a_chat_template_is_a_builtin_name_a_file_or_the_template(tmp_path):
+    from servers import save_tiny_tokenizer
+    from transformers import AutoTokenizer
+
+    from omniserve.config import ConfigError
+    from omniserve.tokenizer import set_chat_template
+
+    save_tiny_tokenizer(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path))
+    set_chat_template(tokenizer, "chatml-tools")
+    assert "<tool_call>" in tokenizer.apply_chat_template(ASK, tools=[WEATHER], tokenize=False)
+    (tmp_path / "plain.jinja").write_text("{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
+    set_chat_template(tokenizer, str(tmp_path / "plain.jinja"))
+    assert tokenizer.apply_chat_template(ASK, tokenize=False) == f"[{ASK[0]['content']}]"
+    set_chat_template(tokenizer, "{{ messages | length }}")
+    assert tokenizer.apply_chat_template(ASK, tokenize=False) == "1"
+    with pytest.raises(ConfigError, match="neither a file nor a template.*chatml-tools"):
+        set_chat_template(tokenizer, "no-such-template")
+    with pytest.raises(ConfigError, match="cannot render"):
+        set_chat_template(tokenizer, "{{ messages[5]['content'] }}")
+    from omniserve.engine.llm_engine import LLMEngine
+
+    with pytest.raises(ConfigError, match="needs --tool-call-parser"):  # before the model loads
+        LLMEngine(enable_auto_tool_choice=True)
+
+
 def test_tool_choice_is_checked_against_the_tools_and_the_server():
     from omniserve.entrypoints.openai.tool_calls import plan_tools
     from omniserve.errors import APIError

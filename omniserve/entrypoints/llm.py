@@ -63,17 +63,20 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
     ) -> list[RequestOutput]:
-        """Applies the model's chat template to each conversation, then generates."""
+        """Applies the model's chat template to each conversation (and the tools, OpenAI's function definitions, the
+        model may call), then generates."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = [self.apply_chat_template(c, add_generation_prompt) for c in conversations]
+        prompts = [self.apply_chat_template(c, add_generation_prompt, tools) for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
-    def apply_chat_template(self, conversation: Conversation, add_generation_prompt: bool = True) -> list[int]:
+    def apply_chat_template(self, conversation: Conversation, add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> list[int]:
         if self.tokenizer is None or not self.tokenizer.chat_template:
             raise InvalidRequestError("this model has no chat template", "messages")
         encoded = self.tokenizer.apply_chat_template(
-            conversation, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=True
+            conversation, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=True, tools=tools
         )
         return list(encoded["input_ids"])
 
