@@ -77,6 +77,21 @@ def test_a_huge_prompt_is_refused_at_once_and_stalls_no_stream(server):
     server.wait_idle()
 
 
+def test_a_request_of_many_prompts_is_refused_before_any_runs(server):
+    """50,000 prompts in one request: a 400 before any is tokenized or started, and a running stream never waits on
+    them (it once waited seconds at a time while they ran)."""
+    with slow_engine(server, 0.01):
+        times, _ = stream_times(server)
+        times.put(times.get(timeout=60))  # the stream has started
+        response = server.post("/v1/completions", {"model": "tiny", "prompt": ["the capital"] * 50_000,
+                                                   "max_tokens": 4})
+        assert_error(response, 400, "prompt", "at most 2048 prompts are allowed in one request, got 50000")
+        assert len(server.engine.scheduler.state.requests) <= 1  # the stream's own, nothing of the refused one
+        gap = longest_gap(times)
+    assert gap < 1.0, gap
+    server.wait_idle()
+
+
 def test_prompts_are_tokenized_off_the_event_loop_and_the_engine_thread(server, monkeypatch):
     tokenizer = server.engine.tokenizer
     encode, threads = tokenizer.encode, []
@@ -148,13 +163,17 @@ def test_refused_requests_leave_nothing_in_flight(server, body, message, stream)
      "'system', 'user', 'assistant', 'tool' or 'developer'"),
     ("/v1/completions", {"prompt": PROMPT, "n": 129}, "n", "n must be at most 128"),
     ("/v1/completions", {"prompt": PROMPT, "stop": [f"s{i}" for i in range(17)]}, "stop", "at most 16 stop"),
+    ("/v1/completions", {"prompt": PROMPT, "stop": ["x" * 1025]}, "stop", "at most 1024 characters, got 1025"),
+    ("/v1/completions", {"prompt": [PROMPT] * 2049}, "prompt", "at most 2048 prompts"),
+    ("/v1/completions", {"prompt": [PROMPT] * 20, "n": 128}, "n", "n x prompts must be at most 2048, got 128 x 20"),
     ("/v1/completions", {"prompt": PROMPT, "guided_whitespace_pattern": " "}, "guided_whitespace_pattern",
      "Unrecognized request argument supplied: guided_whitespace_pattern"),
     ("/v1/chat/completions", {"messages": MESSAGES, "stream": True, "stream_options": {"include_usage": True,
                                                                                        "colour": "red"}},
      "stream_options.colour", "Unrecognized request argument supplied: stream_options.colour"),
     ("/tokenize", {"prompt": PROMPT, "truncate": 3}, "truncate", "Unrecognized request argument supplied"),
-], ids=["unknown-role", "n-too-large", "too-many-stops", "unknown-field", "unknown-nested-field", "tokenize"])
+], ids=["unknown-role", "n-too-large", "too-many-stops", "stop-too-long", "too-many-prompts", "n-x-prompts",
+        "unknown-field", "unknown-nested-field", "tokenize"])
 def test_inputs_beyond_the_api_or_the_limits_are_refused(server, path, body, param, message):
     assert_error(server.post(path, {"model": "tiny", **body}), 400, param, message)
     assert_serves(server)
@@ -163,10 +182,14 @@ def test_inputs_beyond_the_api_or_the_limits_are_refused(server, path, body, par
 def test_limits_are_flags_and_fields_that_change_nothing_are_accepted(tiny_chat_model):
     with pytest.raises(ConfigError, match="max_n"):
         RequestLimits(max_n=0)
-    with serving(tiny_chat_model, limits=RequestLimits(max_n=2, max_stop=1)) as running:
+    with serving(tiny_chat_model, limits=RequestLimits(max_n=2, max_stop=1, max_prompt_tokens=40)) as running:
         base = {"model": "tiny", "prompt": PROMPT, "max_tokens": 2}
         assert_error(running.post("/v1/completions", {**base, "n": 3}), 400, "n", "at most 2")
         assert_error(running.post("/v1/completions", {**base, "stop": ["a", "b"]}), 400, "stop", "at most 1")
+        assert_error(running.post("/v1/completions", {**base, "prompt": [[5] * 25, [6] * 16]}), 400, "prompt",
+                     "at most 40 prompt tokens, all its prompts together; this one has 41")
+        assert_error(running.post("/v1/completions", {**base, "prompt": ["the " * 200]}), 400, "prompt",
+                     "800 characters of prompts are more than that")  # refused before it is tokenized
         done = running.post("/v1/completions", {**base, "n": 2, "stop": ["a"], "user": "u1", "store": False,
                                                 "metadata": {"k": "v"}, "safety_identifier": "s"})
         assert done.status_code == 200 and len(done.json()["choices"]) == 2

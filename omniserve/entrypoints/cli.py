@@ -144,7 +144,8 @@ def _serve(args: argparse.Namespace) -> None:
         args.model = args.model_tag
     api_keys = APIKeys.build(args.api_key, args.api_keys_file)  # a bad keys file fails before the model loads
     limits = RequestLimits(max_body_bytes=round(args.max_request_body_mib * 2**20), max_n=args.max_n,
-                           max_stop=args.max_stop_sequences)
+                           max_stop=args.max_stop_sequences, max_stop_chars=args.max_stop_length,
+                           max_prompts=args.max_prompts_per_request, max_prompt_tokens=args.max_request_prompt_tokens)
     names = args.served_model_name or [default_served_name(args.model)]
     if args.instances > 1:  # engine instances as Ray actors, and a router in this process
         from omniserve.cpu_attention.remote import connect_ray
@@ -258,6 +259,13 @@ def _add_serve_command(commands) -> None:
                        help="most completions one request may ask for (n; default: OpenAI's limit)")
     serve.add_argument("--max-stop-sequences", type=int, default=16,
                        help="most stop strings one request may give (OpenAI allows 4, vLLM any number)")
+    serve.add_argument("--max-stop-length", type=int, default=1024,
+                       help="longest stop string, in characters (a stream holds back text that may begin one)")
+    serve.add_argument("--max-prompts-per-request", type=int, default=2048,
+                       help="most completions one request may run: its prompts times n (default: OpenAI's limit on "
+                       "prompts)")
+    serve.add_argument("--max-request-prompt-tokens", type=int, default=1 << 20,
+                       help="most prompt tokens one request may carry, all its prompts together")
     serve.add_argument("--instances", type=int, default=1,
                        help="engine instances (Ray actors, a GPU each when the cluster has them) behind one endpoint "
                        "that routes LS requests by SLO headroom and BE requests by spare capacity")

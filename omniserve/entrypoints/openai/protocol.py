@@ -130,6 +130,11 @@ class SamplingRequest(RequestModel):
             raise InvalidRequestError(str(exc), param=name) from None
 
     @property
+    def prompts(self) -> list:
+        """The request's prompts, as sent: one engine request each (a chat request has one, its messages)."""
+        raise NotImplementedError
+
+    @property
     def max_new_tokens(self) -> int | None:
         """The most tokens to generate for each completion; None: up to the context limit."""
         raise NotImplementedError
@@ -236,6 +241,10 @@ class ChatCompletionRequest(SamplingRequest):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     """None: auto when there are tools (see tool_calls.py)."""
     parallel_tool_calls: bool | None = None
+
+    @property
+    def prompts(self) -> list[list[ChatMessage]]:
+        return [self.messages]
 
     @property
     def max_new_tokens(self) -> int | None:

@@ -59,9 +59,17 @@ class RequestLimits:
     max_stop: int = 16
     """The most stop strings one request may give. OpenAI allows 4, vLLM any number; code benchmarks send 5 to 7 to
     vLLM servers. Every one is searched for at every generated token."""
+    max_stop_chars: int = 1024
+    """The longest stop string: a stream holds back text that may begin one, so a longer one would hold back that
+    much of the stream (a 100,000-character one turned a stream into one chunk at the end)."""
+    max_prompts: int = 2048
+    """The most completions one request may run: its prompts times n (OpenAI's limit on prompts in one request).
+    Each is an engine request; 50,000 of them would stall every stream while they start."""
+    max_prompt_tokens: int = 1 << 20
+    """The most prompt tokens one request may carry, all its prompts together."""
 
     def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_n", "max_stop"):
+        for name in ("max_body_bytes", "max_n", "max_stop", "max_stop_chars", "max_prompts", "max_prompt_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
 
@@ -86,13 +94,15 @@ class ServerState:
     vocabularies spell each byte as one character, so they overcount), so a prompt of more than max_model_len times
     that many characters has more than max_model_len tokens. (A word-level tokenizer that maps any unknown word to
     one token is the exception; no LLM tokenizer works that way.)"""
+    longest_token_chars: int | None = field(init=False)
+    """The most characters one token stands for (None: no tokenizer)."""
 
     def __post_init__(self) -> None:
         tokenizer = self.engine.tokenizer
-        self.max_prompt_chars = None
+        self.max_prompt_chars = self.longest_token_chars = None
         if tokenizer is not None:
-            longest_token = max((len(t) for t in tokenizer.get_vocab()), default=1)
-            self.max_prompt_chars = self.models.max_model_len * max(1, longest_token)
+            self.longest_token_chars = max(1, max((len(t) for t in tokenizer.get_vocab()), default=1))
+            self.max_prompt_chars = self.models.max_model_len * self.longest_token_chars
 
     def engine_or_503(self) -> AsyncEngine:
         if self.async_engine is None or not self.async_engine.alive:
@@ -190,7 +200,12 @@ class OpenAIServing:
                 await run_in_threadpool(self.state.engine.grammars.compile, params.structured_outputs)
             except InvalidRequestError as exc:  # named by the field the request used (else its tools made it)
                 raise APIError(400, str(exc), param=(request.structured_fields or ["tools"])[0]) from None
+        self._check_prompt_chars(request)
         prompts = await self.prompts(request)
+        total = sum(len(p) for p in prompts)
+        if total > self.state.limits.max_prompt_tokens:
+            raise APIError(400, f"a request may carry at most {self.state.limits.max_prompt_tokens} prompt tokens, all "
+                           f"its prompts together; this one has {total}", param="prompt")
         response_id = f"{self.id_prefix}-{call.request_id}"
         ids = [response_id] if len(prompts) == 1 else [f"{response_id}-{i}" for i in range(len(prompts))]
         generation = await self.start(call, ids, prompts, params, resolved)
@@ -236,6 +251,16 @@ class OpenAIServing:
         stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
         if len(stop) > limits.max_stop:
             raise APIError(400, f"at most {limits.max_stop} stop sequences are allowed, got {len(stop)}", param="stop")
+        if any(len(s) > limits.max_stop_chars for s in stop):
+            raise APIError(400, f"a stop sequence may have at most {limits.max_stop_chars} characters, got "
+                           f"{max(len(s) for s in stop)}", param="stop")
+        num_prompts = len(request.prompts)
+        if num_prompts > limits.max_prompts:
+            raise APIError(400, f"at most {limits.max_prompts} prompts are allowed in one request, got {num_prompts}",
+                           param="prompt")
+        if request.n * num_prompts > limits.max_prompts:
+            raise APIError(400, f"n x prompts must be at most {limits.max_prompts}, got {request.n} x {num_prompts}",
+                           param="n")
         try:
             return SamplingParams(
                 structured_outputs=request.structured(),
@@ -269,6 +294,17 @@ class OpenAIServing:
         return str(max(1, math.ceil(resolved.service.ttft_slo or 1.0)))
 
     # ------------------------------------------------------------------------------------------------- prompts
+    def _check_prompt_chars(self, request: SamplingRequest) -> None:
+        """Text prompts too long together for max_prompt_tokens are refused before any is tokenized (a token never
+        stands for more characters than the vocabulary's longest string: see ServerState.max_prompt_chars)."""
+        if self.state.longest_token_chars is None:
+            return
+        chars = sum(len(p) for p in request.prompts if isinstance(p, str))
+        limit = self.state.limits.max_prompt_tokens
+        if chars > limit * self.state.longest_token_chars:
+            raise APIError(400, f"a request may carry at most {limit} prompt tokens, all its prompts together, and "
+                           f"{chars} characters of prompts are more than that", param="prompt")
+
     async def prompt_ids(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
         """A prompt as token ids. Text is tokenized in a worker thread (see the module docstring), and only when it
         can fit in the context; ids that cannot fit are refused here too, before the engine thread checks them."""
