@@ -168,11 +168,13 @@ def test_two_engine_instances_behind_the_router(ray_cluster, tiny):
     import httpx
 
     from omniserve.engine.args import EngineArgs
+    from omniserve.entrypoints.openai.serving import RequestLimits
     from omniserve.scaleout.instances import start_instances
     from omniserve.scaleout.router import Router, build_router_app
 
     args = EngineArgs(model=tiny, dtype="float32", be_decode_placement="device", max_num_seqs=8)
-    urls, actors = start_instances(args, ["tiny"], count=2)
+    urls, actors = start_instances(args, ["tiny"], count=2, limits=RequestLimits(max_n=3))
+    assert all(url.startswith("http://127.0.0.1:") for url in urls), urls  # where --host says (its default)
     router = Router(urls, poll_interval_s=0.2)
     app = build_router_app(router)
 
@@ -199,6 +201,8 @@ def test_two_engine_instances_behind_the_router(ray_cluster, tiny):
         assert len(texts) == 1  # the same greedy completion from either instance
         streamed = await complete(stream=True)
         assert streamed.text.rstrip().endswith("data: [DONE]")
+        refused = await client.post("/v1/completions", json={"model": "tiny", "prompt": PROMPTS[1], "n": 4})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "n"  # the server's limits
         routed = {(s.labels["instance"], s.labels["service_class"]): s.value
                   for metric in router.registry.collect() if metric.name == "omniserve:router_requests"
                   for s in metric.samples if s.name.endswith("_total")}

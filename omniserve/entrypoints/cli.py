@@ -154,7 +154,7 @@ def _serve(args: argparse.Namespace) -> None:
 
         connect_ray(args.ray_address)
         urls, _ = start_instances(EngineArgs.from_cli_args(args), names, args.instances, api_keys,
-                                  args.shutdown_timeout)
+                                  args.shutdown_timeout, args.host, limits)
         run_router(build_router_app(Router(urls)), args.host, args.port, log_level=args.log_level)
         return
     batch_limits = _batch_limits(args, limits.max_body_bytes)

@@ -17,11 +17,14 @@ from omniserve.engine import EngineArgs
 
 logger = logging.getLogger(__name__)
 
+_WILDCARDS = ("0.0.0.0", "::", "")  # every interface: the instance is reached at its node's address
+
 
 class EngineServer:
     """The actor (wrapped by ray.remote in `start_instances`): one engine and its HTTP server on a free port."""
 
-    def __init__(self, args: dict, served_names: list[str], api_keys=None, drain_grace_s: float = 30.0) -> None:
+    def __init__(self, args: dict, served_names: list[str], api_keys=None, drain_grace_s: float = 30.0,
+                 host: str = "127.0.0.1", limits=None) -> None:
         import uvicorn
 
         from omniserve.engine import LLMEngine
@@ -30,9 +33,10 @@ class EngineServer:
 
         ray = import_ray()
         engine = LLMEngine(EngineArgs(**args), latency_model=profiled_latency_model)
-        app = build_app(engine, served_names, api_keys, drain_grace_s=drain_grace_s)
-        sock = listen_socket("0.0.0.0", 0)
-        self.url = f"http://{ray.util.get_node_ip_address()}:{sock.getsockname()[1]}"
+        app = build_app(engine, served_names, api_keys, drain_grace_s=drain_grace_s, limits=limits)
+        sock = listen_socket(host, 0)  # where the server's --host says, as the router's own listener
+        address = ray.util.get_node_ip_address() if host in _WILDCARDS else host
+        self.url = f"http://{address}:{sock.getsockname()[1]}"
         # uvicorn runs in a thread of the actor (it leaves signals alone off the main thread); the engine has its own.
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
         threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True).start()
@@ -44,10 +48,15 @@ class EngineServer:
 
 
 def start_instances(args: EngineArgs, served_names: list[str], count: int, api_keys=None,
-                    drain_grace_s: float = 30.0) -> tuple[list[str], list]:
-    """Starts `count` engine instances on the connected Ray cluster (a GPU each when it has enough, else a CPU);
-    returns their URLs and actor handles once every one serves."""
+                    drain_grace_s: float = 30.0, host: str = "127.0.0.1", limits=None) -> tuple[list[str], list]:
+    """Starts `count` engine instances on the connected Ray cluster (a GPU each when it has enough, else a CPU),
+    each listening on `host` (the server's --host) with the server's request limits; returns their URLs and actor
+    handles once every one serves."""
     ray = import_ray()
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    if len(nodes) > 1 and host not in _WILDCARDS and host.startswith(("127.", "localhost", "::1")):
+        raise ConfigError(f"engine instances on the cluster's other nodes cannot be reached at {host}: pass --host "
+                          "0.0.0.0 (every interface) or an address the nodes share")
     cluster = ray.cluster_resources()
     gpus, cpus = cluster.get("GPU", 0), cluster.get("CPU", 0)
     resources = {"num_gpus": 1} if gpus >= count else {"num_cpus": 1}
@@ -56,7 +65,8 @@ def start_instances(args: EngineArgs, served_names: list[str], count: int, api_k
                           f"and {cpus:g} CPUs")
     actor_class = ray.remote(**resources)(EngineServer)
     # Each instance starts its own remote CPU attention hosts, if any are asked for, from inside the cluster.
-    actors = [actor_class.remote(asdict(args), served_names, api_keys, drain_grace_s) for _ in range(count)]
+    actors = [actor_class.remote(asdict(args), served_names, api_keys, drain_grace_s, host, limits)
+              for _ in range(count)]
     urls = ray.get([actor.address.remote() for actor in actors])
     logger.info("engine instances: %s", ", ".join(urls))
     return urls, actors
