@@ -182,8 +182,9 @@ def test_metrics_parse_and_count(client, server):
     assert ("vllm:kv_cache_usage_perc", (("model_name", "tiny"),)) in samples
 
 
-def test_offloaded_tokens_are_timed_per_class(tiny_chat_model):
-    """Every BE decode token after the first goes through the CPU pool: each is one observation of each histogram."""
+def test_offloaded_tokens_are_timed_per_class_and_their_host_kv_shows(tiny_chat_model):
+    """Every BE decode token after the first goes through the CPU pool: each is one observation of each histogram.
+    The host KV an offloaded request counts on shows in /load and /metrics while it runs, and is given back."""
     with serving(tiny_chat_model, be_decode_placement="cpu") as running:
         running.client().completions.create(model="tiny-batch", prompt=PROMPT, max_tokens=6,
                                             extra_body={"ignore_eos": True})
@@ -194,6 +195,22 @@ def test_offloaded_tokens_are_timed_per_class(tiny_chat_model):
             assert time.monotonic() < deadline, "the offloaded tokens were not timed"
             time.sleep(0.01)
         running.wait_idle()
+
+        def host_kv() -> dict:
+            return httpx.get(running.url + "/load").json()["host_kv"]["local"]
+
+        with slow_engine(running, 0.05):  # a request's host KV is counted on while it decodes, and shows
+            stream = running.client().completions.create(model="tiny-batch", prompt=PROMPT, max_tokens=40,
+                                                         stream=True, extra_body={"ignore_eos": True})
+            deadline = time.monotonic() + 30
+            while (memory := host_kv())["free_bytes"] == memory["budget_bytes"]:
+                assert time.monotonic() < deadline, "the offloaded request's host KV never showed in /load"
+                time.sleep(0.02)
+            assert metric_samples(running)[("omniserve:host_kv_used_bytes", (("host", "local"),
+                                                                             ("model_name", "tiny")))] > 0
+            list(stream)
+        running.wait_idle()
+        assert host_kv()["free_bytes"] == host_kv()["budget_bytes"]  # given back at its end
     for name in names:
         assert samples[(name + "_count", be)] == 5
     assert samples[(names[0] + "_sum", be)] >= 5  # at least an iteration each

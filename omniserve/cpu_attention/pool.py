@@ -247,16 +247,27 @@ class CPUAttentionPool:
         return [None if w is None else w.process.pid for w in self._workers]
 
     # ------------------------------------------------------------------------------------------------- traffic
-    def _place(self, nbytes: int) -> _Target:
-        """Where a request of `nbytes` host KV goes: the rule of placement.py."""
+    def _rooms(self) -> tuple[HostRoom, list[RemoteHost], list[HostRoom]]:
+        """The local host's room (its workers' placements and the host tier against the local budget), and the live
+        remote hosts with theirs, in bytes."""
         used = Counter()  # host KV bytes counted on, per target
         for request_id, target in self._owner.items():
             used[id(target)] += self._reserved[request_id]
         local_used = sum(used[id(w)] for w in self._workers if w is not None) + self._host_tier_bytes()
-        hosts = self.remote_hosts
         local = HostRoom(self._local_budget - local_used, self._local_budget,
                          sum(len(w.requests) for w in self._workers if w is not None))
-        rooms = [HostRoom(h.memory_bytes - used[id(h)], h.memory_bytes, len(h.requests)) for h in hosts]
+        hosts = self.remote_hosts
+        return local, hosts, [HostRoom(h.memory_bytes - used[id(h)], h.memory_bytes, len(h.requests)) for h in hosts]
+
+    def host_memory(self) -> dict[str, HostRoom]:
+        """Per host ("local", or a remote host's name): its host KV budget and what is not counted on yet (the host
+        tier's pages count on the local budget)."""
+        local, hosts, rooms = self._rooms()
+        return {"local": local, **{h.name: room for h, room in zip(hosts, rooms)}}
+
+    def _place(self, nbytes: int) -> _Target:
+        """Where a request of `nbytes` host KV goes: the rule of placement.py."""
+        local, hosts, rooms = self._rooms()
         host = choose_host(local, rooms, nbytes)
         if host != LOCAL:
             return hosts[host]

@@ -501,6 +501,8 @@ class LLMEngine:
         - be_spare_tokens: KV tokens free on the device and in host memory, less the tokens of queued BE requests.
         - prefix_cache_pages: device KV pages the prefix cache holds (in use or idle; idle ones are free too);
           host_prefix_cache_pages: those its host tier holds (--kv-offloading-size).
+        - host_kv: per host of the CPU attention pool ("local", or a remote host's name), its KV budget and the bytes
+          of it not counted on yet by offloaded requests (nor the host tier's pages); empty without a pool.
         """
         scheduler, max_seqs = self.scheduler, self.scheduler_config.max_num_seqs
         ls_waiting = sum(1 for r in scheduler.waiting if not r.is_best_effort)
@@ -521,7 +523,15 @@ class LLMEngine:
             "running": len(scheduler.running), "waiting": len(scheduler.waiting),
             "offloaded": len(scheduler.offloaded), "max_num_seqs": max_seqs,
             "prefix_cache_pages": self.prefix_cache_pages[0], "host_prefix_cache_pages": self.prefix_cache_pages[1],
+            "host_kv": self.host_kv_bytes(),
         }
+
+    def host_kv_bytes(self) -> dict[str, dict[str, int]]:
+        """Per host of the CPU attention pool: {"budget_bytes", "free_bytes"} (see load_report)."""
+        if self.cpu_pool is None:
+            return {}
+        return {name: {"budget_bytes": room.budget, "free_bytes": max(0, room.free)}
+                for name, room in self.cpu_pool.host_memory().items()}
 
     @property
     def prefix_cache_pages(self) -> tuple[int, int]:

@@ -86,6 +86,11 @@ class ServerMetrics:
             "prediction; far from 1: the profile no longer describes the machine)", gauge_labels, registry=registry)
         self.pool_depth = Gauge("omniserve:cpu_pool_queue_depth", "Offloaded rows out in the CPU attention pool",
                                 gauge_labels, registry=registry)
+        self.host_kv_used = Gauge("omniserve:host_kv_used_bytes", "Host KV bytes counted on by offloaded requests and "
+                                  "the prefix cache's host tier, per host of the CPU attention pool",
+                                  [*gauge_labels, "host"], registry=registry)
+        self.host_kv_free = Gauge("omniserve:host_kv_free_bytes", "Host KV bytes of a host's budget not counted on "
+                                  "yet", [*gauge_labels, "host"], registry=registry)
         self.pool_utilization = Gauge(
             "omniserve:cpu_pool_utilization", "Share of the last iterations with offloaded rows in flight",
             gauge_labels, registry=registry)
@@ -123,6 +128,9 @@ class ServerMetrics:
         self.time_correction.labels(model).set(scheduler.correction.value)
         in_flight = engine.runner.num_offloaded_in_flight
         self.pool_depth.labels(model).set(in_flight)
+        for host, memory in engine.host_kv_bytes().items():
+            self.host_kv_used.labels(model, host).set(memory["budget_bytes"] - memory["free_bytes"])
+            self.host_kv_free.labels(model, host).set(memory["free_bytes"])
         # An exponential average over about 100 iterations of "was the pool working for us": cheap, and it needs no
         # call into the worker processes.
         self._busy_share += 0.01 * ((1.0 if in_flight else 0.0) - self._busy_share)
