@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -126,7 +127,8 @@ real kernel's build is test_kernel_is_built_here's, and set-up's)."""
 
 def test_stale_locks_do_not_block_the_build(tmp_path, monkeypatch, caplog):
     """A start killed while compiling left torch's lock and ours: the next start builds (or falls back) all the
-    same, says so in the log, and later starts load that build without compiling again."""
+    same, says so in the log, and later starts load that build without compiling again. The build removes the
+    builds of other keys no process has loaded for a week, and keeps the others."""
     source = tmp_path / "src" / "tiny.cpp"
     source.parent.mkdir()
     source.write_text(TINY_EXTENSION)
@@ -136,12 +138,22 @@ def test_stale_locks_do_not_block_the_build(tmp_path, monkeypatch, caplog):
     (tmp_path / "omniserve_cpu_decode_attention" / "lock").touch()
     target = kernel.kernel_dir()
     _hold_lock_then_die(tmp_path / f".{target.name}.lock")
+    old_builds = {}  # builds of other keys, one unused for longer than the kernel keeps them
+    for key, age_s in (("old", kernel.STALE_BUILD_S + 3600), ("recent", 3600)):
+        folder = tmp_path / f"omniserve_cpu_decode_attention-{key}"
+        folder.mkdir()
+        (folder / "omniserve_cpu_decode_attention.so").touch()
+        os.utime(folder / "omniserve_cpu_decode_attention.so", (time.time() - age_s, time.time() - age_s))
+        (tmp_path / f".{folder.name}.lock").touch()
+        old_builds[key] = folder
     caplog.set_level(logging.INFO, logger=kernel.__name__)
     module = kernel.load_kernel()
     assert "building the CPU decode-attention kernel" in caplog.text
     assert module is not None, caplog.text
     assert module.__file__ == str(target / "omniserve_cpu_decode_attention.so")
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(f".{target.name}.build")) == []
+    assert not old_builds["old"].exists() and not (tmp_path / f".{old_builds['old'].name}.lock").exists()
+    assert old_builds["recent"].exists()  # another checkout's, still in use
 
     def no_compiling(build_dir, timeout_s):
         raise AssertionError("rebuilt a kernel that was built already")

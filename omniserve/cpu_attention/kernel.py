@@ -49,6 +49,9 @@ attention and the decode batch's GEMM (ops/)."""
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffast-math")
 BUILD_TIMEOUT_S = 300.0
 """Longest a build (waiting for another process's build included) may take before the torch fallback is used."""
+STALE_BUILD_S = 7 * 86400
+"""A build of another key (an older source, other flags or torch) that no process has loaded for this long is
+removed when a new one is made: each is megabytes, and every change of the source would leave one more."""
 
 
 def extensions_root() -> Path:
@@ -157,10 +160,33 @@ def build_kernel(root: Path | None = None, timeout_s: float = BUILD_TIMEOUT_S) -
             finally:
                 shutil.rmtree(build_dir, ignore_errors=True)
             logger.info("built the CPU decode-attention kernel in %.0f s", time.monotonic() - started)
+            _remove_stale_builds(target)
             return target
     except Exception as exc:  # no compiler, a failed or slow build: fall back, loudly
         logger.warning("CPU decode-attention kernel could not be built (%s); using the slower torch path", exc)
         return None
+
+
+def _remove_stale_builds(target: Path) -> None:
+    """Removes the builds of other keys beside `target` that no process has loaded for STALE_BUILD_S (a load reads
+    the .so, which sets its access time, at least daily under relatime), with their lock and failure records; a
+    process that has one loaded keeps its mapping."""
+    now = time.time()
+    for other in target.parent.glob(f"{_NAME}-*"):
+        if other == target or not other.is_dir():
+            continue
+        library = other / f"{_NAME}.so"
+        try:
+            last_used = max(library.stat().st_atime, library.stat().st_mtime) if library.exists() else (
+                other.stat().st_mtime)
+        except OSError:
+            continue  # removed by another process meanwhile
+        if now - last_used > STALE_BUILD_S:
+            logger.info("removing the CPU decode-attention kernel build %s, unused for %.0f days", other,
+                        (now - last_used) / 86400)
+            shutil.rmtree(other, ignore_errors=True)
+            (other.parent / f".{other.name}.lock").unlink(missing_ok=True)
+            _failure_record(other).unlink(missing_ok=True)
 
 
 def _failure_record(target: Path) -> Path:
