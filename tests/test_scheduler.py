@@ -10,7 +10,7 @@ from omniserve.engine.scheduler.config import SchedulerConfig
 from omniserve.engine.scheduler.plan import RunnerOutput
 from omniserve.engine.scheduler.request import Placement, Request, RequestStatus
 from omniserve.kv_cache import OutOfPagesError, PageAllocator, PageTable
-from omniserve.sampling.params import SamplingParams
+from omniserve.sampling.params import InvalidRequestError, SamplingParams
 
 
 def make_scheduler(num_pages=64, page_size=4, **config) -> Scheduler:
@@ -61,6 +61,17 @@ def test_max_num_seqs_limits_running_requests():
     plan = step(scheduler)
     assert [c.request_id for c in plan.chunks] == ["a", "b"]
     assert [r.request_id for r in scheduler.waiting] == ["c"]
+
+
+def test_a_request_that_can_never_fit_the_device_is_refused_whoever_adds_it():
+    """Driven directly (not through the engine), a request larger than every KV page together is refused before it
+    is queued: it once preempted itself forever."""
+    scheduler = make_scheduler(num_pages=4, page_size=4)
+    with pytest.raises(InvalidRequestError, match="17 tokens do not fit the KV cache \\(4 pages of 4 tokens\\)"):
+        add(scheduler, "huge", 9, max_tokens=8)
+    assert not scheduler.has_unfinished()
+    add(scheduler, "fits", 8, max_tokens=8)
+    assert scheduler.has_unfinished()
 
 
 def test_preemption_frees_the_newest_and_requeues_it_first():

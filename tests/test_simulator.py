@@ -345,6 +345,14 @@ def test_time_bound_cell_omniserve_and_sarathi_are_level(omniserve_and_sarathi):
     assert ours["counters"]["swap_outs"] == 0
 
 
+def test_a_request_larger_than_the_device_is_refused_and_the_rest_run(profile):
+    small = replace(profile, device_kv_tokens=2_000)
+    workload = [SimRequest(0.0, "be", 1000, 100), SimRequest(0.0, "be", 3000, 100), SimRequest(0.1, "be", 500, 50)]
+    result = Simulation(small, SimConfig(policy="omniserve")).run(workload)
+    assert [(r.status, "do not fit the KV cache" in r.error) for r in result.records] == [
+        ("ok", False), ("rejected", True), ("ok", False)]
+
+
 def test_offloading_keeps_within_the_hosts_memory(profile):
     """Hosts with room for a few offloaded requests: they fill up, but never beyond their budget (requests are
     counted at their final size), and every request still finishes, on the device when the hosts are full."""

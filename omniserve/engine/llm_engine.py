@@ -359,11 +359,7 @@ class LLMEngine:
                 "max_tokens" if room >= 1 else "prompt",
             )
         max_tokens = params.max_tokens or room
-        if self.page_table.pages_for(len(token_ids) + max_tokens) > self.allocator.num_pages:
-            raise InvalidRequestError(
-                f"{len(token_ids) + max_tokens} tokens do not fit the KV cache ({self.allocator.num_pages} pages of "
-                f"{self.page_table.page_size} tokens)", "max_tokens"
-            )
+        self.scheduler.check_fits(len(token_ids) + max_tokens)
         return max_tokens
 
     def abort_request(self, request_id: str) -> None:

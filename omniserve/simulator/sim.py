@@ -45,7 +45,7 @@ from omniserve.engine.scheduler.plan import IterationPlan, RunnerOutput
 from omniserve.engine.scheduler.request import Placement, Request, RequestStatus
 from omniserve.kv_cache import PageAllocator, PageTable, PrefixCache
 from omniserve.kv_cache.host_tier import HostTier
-from omniserve.sampling.params import SampledToken, SamplingParams, ServiceClass
+from omniserve.sampling.params import InvalidRequestError, SampledToken, SamplingParams, ServiceClass
 from omniserve.simulator.profiles import SystemProfile
 
 _TOKEN = 7  # every simulated token; EOS is ignored, so outputs are exactly max_tokens long
@@ -346,11 +346,15 @@ class Simulation:
         params = SamplingParams(max_tokens=request.output_len, ignore_eos=True, temperature=0.0,
                                 service_class=request.service_class, cache_salt=None if request.blocks else request_id)
         prompt = block_prompt(request.blocks, request.input_len) if request.blocks else [_TOKEN] * request.input_len
-        self.scheduler.add_request(Request(
-            request_id, prompt, params, request.output_len, arrival_time=request.arrival,
-            ttft_slo=self.config.ls_ttft_slo if ls else None, tpot_slo=self.config.ls_tpot_slo if ls else None))
-        self.records[request_id] = Record(request.service_class.value, request.arrival, request.input_len,
-                                          request.output_len, sent=request.arrival)
+        self.records[request_id] = record = Record(request.service_class.value, request.arrival, request.input_len,
+                                                   request.output_len, sent=request.arrival)
+        try:
+            self.scheduler.add_request(Request(
+                request_id, prompt, params, request.output_len, arrival_time=request.arrival,
+                ttft_slo=self.config.ls_ttft_slo if ls else None, tpot_slo=self.config.ls_tpot_slo if ls else None))
+        except InvalidRequestError as exc:  # it can never fit the device: refused, as the engine refuses it
+            record.status, record.error, record.end = "rejected", str(exc), self.now
+            return False
         if ls:
             self._ls_open.add(request_id)
         return True

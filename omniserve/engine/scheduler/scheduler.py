@@ -51,6 +51,7 @@ from omniserve.engine.scheduler.plan import IterationPlan, KVTransfer, RunnerOut
 from omniserve.engine.scheduler.request import OffloadedTokenTiming, Placement, Request, RequestStatus
 from omniserve.engine.scheduler.state import SchedulerState
 from omniserve.kv_cache import PageTable
+from omniserve.sampling.params import InvalidRequestError
 
 
 class Scheduler:
@@ -88,8 +89,18 @@ class Scheduler:
 
     # ------------------------------------------------------------------------------------------------ intake
     def add_request(self, request: Request) -> None:
+        """Queues a request; InvalidRequestError (nothing queued) if it can never fit the device (check_fits)."""
+        self.check_fits(request.num_tokens + request.max_tokens)
         self.state.requests[request.request_id] = request
         self.state.waiting.append(request)
+
+    def check_fits(self, num_tokens: int) -> None:
+        """InvalidRequestError unless a request of `num_tokens` (prompt and output) fits the device's KV pages: one
+        that does not would preempt itself, and hold up every request behind it, forever."""
+        page_table = self.state.page_table
+        if page_table.pages_for(num_tokens) > page_table.allocator.num_pages:
+            raise InvalidRequestError(f"{num_tokens} tokens do not fit the KV cache ({page_table.allocator.num_pages} "
+                                      f"pages of {page_table.page_size} tokens)", "max_tokens")
 
     def has_unfinished(self) -> bool:
         return bool(self.state.requests)
