@@ -88,7 +88,7 @@ def test_a_request_of_many_prompts_is_refused_before_any_runs(server):
         assert_error(response, 400, "prompt", "at most 2048 prompts are allowed in one request, got 50000")
         assert len(server.engine.scheduler.state.requests) <= 1  # the stream's own, nothing of the refused one
         gap = longest_gap(times)
-    assert gap < 1.0, gap
+    assert gap < 2.0, gap  # generous: the refusal takes no engine time at all (before, 50,000 prompts ran)
     server.wait_idle()
 
 
