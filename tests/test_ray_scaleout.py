@@ -3,6 +3,8 @@ the router spreads requests over engine instances. One local Ray instance serves
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 ray = pytest.importorskip("ray", reason="scale-out needs Ray (pip install 'omniserve[ray]')")
@@ -105,6 +107,45 @@ def fake_instances(reports: dict[str, dict], down: set[str]):
         return httpx.Response(200, json={"instance": name})
 
     return httpx.MockTransport(handle)
+
+
+def test_an_instance_lost_while_answering_ends_its_stream_with_an_error_event():
+    """The instance dies mid-stream: the client gets what was sent, then OpenAI's error event and [DONE], and the
+    instance is taken out; one lost before it answered is a 502."""
+    import asyncio
+
+    import httpx
+
+    from omniserve.scaleout.router import Router, build_router_app
+
+    class DiesMidStream(httpx.AsyncByteStream):
+        async def __aiter__(self):
+            yield b'data: {"choices": [{"text": "hel"}]}\n\n'
+            raise httpx.ReadError("connection reset by peer")
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/load":
+            return httpx.Response(200, json={"ls_headroom": 1.0, "be_spare_tokens": 10, "models": {"m": None}})
+        if request.url.host == "quiet":
+            raise httpx.RemoteProtocolError("server disconnected without sending a response", request=request)
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, stream=DiesMidStream())
+
+    async def scenario(url: str) -> tuple[httpx.Response, Router]:
+        router = Router([url], transport=httpx.MockTransport(handle))
+        app = build_router_app(router)
+        await router.poll_once()
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router") as client:
+            response = await client.post("/v1/completions", json={"model": "m", "prompt": "x", "stream": True})
+        return response, router
+
+    streamed, router = asyncio.run(scenario("http://dies"))
+    events = [line for line in streamed.text.splitlines() if line.startswith("data: ")]
+    assert events[0] == 'data: {"choices": [{"text": "hel"}]}' and events[-1] == "data: [DONE]"
+    assert json.loads(events[-2].removeprefix("data: "))["error"]["code"] == "instance_lost"
+    assert not router.instances[0].alive
+    refused, router = asyncio.run(scenario("http://quiet"))
+    assert refused.status_code == 502 and refused.json()["error"]["code"] == "instance_lost"
+    assert not router.instances[0].alive
 
 
 def test_router_sends_ls_by_headroom_be_by_spare_capacity_and_takes_dead_instances_out():

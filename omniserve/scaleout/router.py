@@ -8,7 +8,10 @@ class is read by the rule the instances serve it by (omniserve.entrypoints.opena
 "flex"`, vLLM's `priority` > 0, or a model name that stands for a best-effort service.
 
 An instance that fails a poll, or refuses a connection, is taken out until a poll succeeds again; a request whose
-connection was refused is sent to the next instance. Bodies and responses (streams too) pass through unchanged.
+connection was refused is sent to the next instance. Bodies and responses (streams too) pass through unchanged. An
+instance lost while it answers is taken out too, and its client is told: a 502 if nothing of the answer was sent
+yet, else, in a stream, OpenAI's error event (code `instance_lost`) and `data: [DONE]`, as a server ends a stream it
+cannot finish.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from starlette.background import BackgroundTask
 from starlette.responses import Response, StreamingResponse
 
 from omniserve.entrypoints.openai import request_class
-from omniserve.errors import error_response
+from omniserve.errors import error_body, error_response
 from omniserve.sampling.params import ServiceClass
 
 logger = logging.getLogger(__name__)
@@ -140,20 +143,39 @@ class Router:
                                                          headers=headers, params=request.query_params)
             try:
                 upstream = await self.client.send(upstream_request, stream=True)
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # it never had the request: the next one may
                 self._take_out(instance, f"connection failed: {exc!r}")
                 continue
+            except httpx.HTTPError as exc:  # it had the request, and was lost before it answered
+                self._take_out(instance, f"lost while answering: {exc!r}")
+                return error_response(502, "the engine instance serving this request was lost before it answered; "
+                                      "retry", code="instance_lost")
             if service_class is ServiceClass.LS:
                 instance.sent_ls += 1
             else:
                 instance.sent_be_tokens += request_tokens(payload)
             self.routed.labels(instance.url, service_class.value).inc()
             return StreamingResponse(
-                upstream.aiter_bytes(), status_code=upstream.status_code,
+                self._relay(upstream, instance), status_code=upstream.status_code,
                 headers={k: v for k, v in upstream.headers.items() if k.lower() in _FORWARDED_RESPONSE_HEADERS},
                 background=BackgroundTask(upstream.aclose))
         return error_response(503, "no engine instance is available", code="no_instance",
                               headers={"Retry-After": str(max(1, round(self.poll_interval_s)))})
+
+
+    async def _relay(self, upstream: httpx.Response, instance: Instance):
+        """The instance's answer as it comes; if the instance is lost meanwhile, a stream ends with an error event
+        (a whole answer cut short cannot be mended: its client sees the connection end)."""
+        try:
+            async for data in upstream.aiter_bytes():
+                yield data
+        except httpx.HTTPError as exc:
+            self._take_out(instance, f"lost while answering: {exc!r}")
+            if upstream.headers.get("content-type", "").startswith("text/event-stream"):
+                body = error_body(502, "the engine instance serving this stream was lost", code="instance_lost")
+                yield f"\n\ndata: {body}\n\ndata: [DONE]\n\n".encode()
+            else:
+                raise
 
 
 def build_router_app(router: Router) -> FastAPI:
