@@ -148,6 +148,48 @@ def test_an_instance_lost_while_answering_ends_its_stream_with_an_error_event():
     assert not router.instances[0].alive
 
 
+def test_the_routers_metrics_sum_the_instances():
+    import asyncio
+
+    import httpx
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from omniserve.scaleout.router import Router, build_router_app
+
+    def instance_metrics(tokens: float, running: float, usage: float) -> bytes:
+        registry = CollectorRegistry()
+        Counter("vllm:generation_tokens", "t", ["model_name"], registry=registry).labels("m").inc(tokens)
+        Gauge("vllm:num_requests_running", "r", ["model_name"], registry=registry).labels("m").set(running)
+        Gauge("vllm:kv_cache_usage_perc", "u", ["model_name"], registry=registry).labels("m").set(usage)
+        Histogram("vllm:time_to_first_token_seconds", "h", ["model_name"], buckets=(1.0,),
+                  registry=registry).labels("m").observe(running)
+        return generate_latest(registry)
+
+    texts = {"a": instance_metrics(10, 0.5, 0.2), "b": instance_metrics(5, 2, 0.6)}
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/load":
+            return httpx.Response(200, json={"ls_headroom": 1.0, "be_spare_tokens": 10, "models": {"m": None}})
+        return httpx.Response(200, content=texts[request.url.host])
+
+    async def scrape() -> str:
+        router = Router(["http://a", "http://b"], transport=httpx.MockTransport(handle))
+        app = build_router_app(router)
+        await router.poll_once()
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router") as client:
+            return (await client.get("/metrics")).text
+
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(asyncio.run(scrape())) for s in family.samples}
+    m = (("model_name", "m"),)
+    assert samples[("vllm:generation_tokens_total", m)] == 15 and samples[("vllm:num_requests_running", m)] == 2.5
+    assert samples[("vllm:kv_cache_usage_perc", m)] == pytest.approx(0.4)  # a share: the mean
+    assert samples[("vllm:time_to_first_token_seconds_count", m)] == 2
+    assert samples[("vllm:time_to_first_token_seconds_bucket", (("le", "1.0"), *m))] == 1
+    assert not any(name.endswith("_created") for name, _ in samples)
+
+
 def test_router_sends_ls_by_headroom_be_by_spare_capacity_and_takes_dead_instances_out():
     import asyncio
 

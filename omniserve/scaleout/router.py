@@ -7,6 +7,8 @@ sent an instance count against it, so that a burst does not all land on the inst
 class is read by the rule the instances serve it by (omniserve.entrypoints.openai.request_class): `service_tier:
 "flex"`, vLLM's `priority` > 0, or a model name that stands for a best-effort service.
 
+`/metrics` is the router's own counters followed by the live instances' metrics summed (shares averaged).
+
 An instance that fails a poll, or refuses a connection, is taken out until a poll succeeds again; a request whose
 connection was refused is sent to the next instance. Bodies and responses (streams too) pass through unchanged. An
 instance lost while it answers is taken out too, and its client is told: a 502 if nothing of the answer was sent
@@ -24,7 +26,8 @@ from dataclasses import dataclass, field
 
 import httpx
 from fastapi import FastAPI, Request
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Metric, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 from starlette.background import BackgroundTask
 from starlette.responses import Response, StreamingResponse
 
@@ -37,6 +40,10 @@ logger = logging.getLogger(__name__)
 _FORWARDED_REQUEST_HEADERS = ("authorization", "content-type", "x-request-id", "accept")
 _FORWARDED_RESPONSE_HEADERS = ("content-type", "x-request-id", "retry-after")
 _LS_SLOT_COST = 1.0  # an LS request sent since the last report costs one sequence slot of headroom
+# Instance gauges that are shares or ratios: the router's /metrics gives their mean over the instances, not the sum.
+_MEAN_GAUGES = frozenset({"vllm:kv_cache_usage_perc", "omniserve:slo_attainment", "omniserve:latency_model_correction",
+                          "omniserve:cpu_pool_utilization"})
+_METRICS_TIMEOUT_S = 2.0
 
 
 @dataclass
@@ -163,6 +170,35 @@ class Router:
                               headers={"Retry-After": str(max(1, round(self.poll_interval_s)))})
 
 
+    async def instance_metrics(self) -> list[Metric]:
+        """The live instances' metrics summed, sample by sample (same name and labels); the gauges of _MEAN_GAUGES
+        averaged. An instance that does not answer within _METRICS_TIMEOUT_S is left out of this scrape."""
+        async def scrape(instance: Instance) -> list[Metric]:
+            try:
+                response = await self.client.get(f"{instance.url}/metrics", timeout=_METRICS_TIMEOUT_S)
+                response.raise_for_status()
+                return list(text_string_to_metric_families(response.text))
+            except (httpx.HTTPError, ValueError) as exc:  # unreachable, or not Prometheus text
+                logger.warning("metrics of engine instance %s left out: %r", instance.url, exc)
+                return []
+
+        scraped = await asyncio.gather(*(scrape(i) for i in self.instances if i.alive))
+        families: dict[str, Metric] = {}
+        totals: dict[tuple[str, str, tuple], list[float]] = {}
+        for instance_families in scraped:
+            for family in instance_families:
+                if family.name.endswith("_created"):  # creation times: no sum of them means anything
+                    continue
+                families.setdefault(family.name, family)
+                for sample in family.samples:
+                    key = (family.name, sample.name, tuple(sorted(sample.labels.items())))
+                    totals.setdefault(key, []).append(sample.value)
+        merged = {name: Metric(name, family.documentation, family.type) for name, family in families.items()}
+        for (family, sample, labels), values in totals.items():
+            value = sum(values) / len(values) if family in _MEAN_GAUGES else sum(values)
+            merged[family].add_sample(sample, dict(labels), value)
+        return list(merged.values())
+
     async def _relay(self, upstream: httpx.Response, instance: Instance):
         """The instance's answer as it comes; if the instance is lost meanwhile, a stream ends with an error event
         (a whole answer cut short cannot be mended: its client sees the connection end)."""
@@ -204,7 +240,10 @@ def build_router_app(router: Router) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(generate_latest(router.registry), media_type=CONTENT_TYPE_LATEST)
+        """The router's own metrics, then the instances' summed (see Router.instance_metrics)."""
+        registry = CollectorRegistry()
+        registry.register(_Families(await router.instance_metrics()))
+        return Response(generate_latest(router.registry) + generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     # Each instance keeps its own batches, and a batch's lines, polls and downloads must all reach the instance that
     # has it: spreading them would lose batches. Until the router keeps batches itself, it says so.
@@ -227,6 +266,16 @@ def build_router_app(router: Router) -> FastAPI:
         return await router.forward(request, "/detokenize")
 
     return app
+
+
+class _Families:
+    """A collector of metric families made already (the instances' merged ones)."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> list[Metric]:
+        return self._families
 
 
 def run_router(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
