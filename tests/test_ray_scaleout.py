@@ -304,3 +304,48 @@ def test_two_engine_instances_behind_the_router(ray_cluster, tiny):
     asyncio.run(scenario())
     for actor in actors[1:]:
         ray.kill(actor)
+
+
+def test_sigterm_drains_the_instances_behind_the_router(ray_cluster, tiny):
+    """SIGTERM to `serve --instances`: new requests get 503 at once, a running stream ends properly ([DONE], after
+    the `draining` event if its grace period ran out), the instances stop, and the router exits."""
+    import threading
+    import time
+
+    import httpx
+
+    from omniserve.engine.args import EngineArgs
+    from omniserve.entrypoints.openai import listen_socket
+    from omniserve.scaleout.instances import drain_instances, start_instances
+    from omniserve.scaleout.router import DrainingRouter, Router, build_router_app, router_config
+
+    args = EngineArgs(model=tiny, dtype="float32", be_decode_placement="device")
+    urls, actors = start_instances(args, ["tiny"], count=1, drain_grace_s=0.0)
+    router = Router(urls, poll_interval_s=0.2)
+    app = build_router_app(router)
+    server = DrainingRouter(router_config(app, "warning"), router, lambda: drain_instances(actors))
+    sock = listen_socket("127.0.0.1", 0)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    lines = []
+    with httpx.stream("POST", url + "/v1/completions", timeout=60, json={
+            "model": "tiny", "prompt": PROMPTS[1], "max_tokens": 400, "n": 32, "ignore_eos": True,
+            "stream": True}) as stream:
+        for line in stream.iter_lines():
+            if not line:
+                continue
+            lines.append(line)
+            if len(lines) == 1:
+                server.handle_exit(15, None)  # SIGTERM
+                refused = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": PROMPTS[1]}, timeout=10)
+                assert refused.status_code == 503 and refused.json()["error"]["code"] == "draining"
+    assert lines[-1] == "data: [DONE]"
+    if len(lines) > 2 and "error" in lines[-2]:
+        assert json.loads(lines[-2].removeprefix("data: "))["error"]["code"] == "draining"
+    thread.join(timeout=30)
+    assert not thread.is_alive(), "the router did not exit after the drain"

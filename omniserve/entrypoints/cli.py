@@ -149,13 +149,14 @@ def _serve(args: argparse.Namespace) -> None:
     names = args.served_model_name or [default_served_name(args.model)]
     if args.instances > 1:  # engine instances as Ray actors, and a router in this process
         from omniserve.cpu_attention.remote import connect_ray
-        from omniserve.scaleout.instances import start_instances
+        from omniserve.scaleout.instances import drain_instances, start_instances
         from omniserve.scaleout.router import Router, build_router_app, run_router
 
         connect_ray(args.ray_address)
-        urls, _ = start_instances(EngineArgs.from_cli_args(args), names, args.instances, api_keys,
-                                  args.shutdown_timeout, args.host, limits)
-        run_router(build_router_app(Router(urls)), args.host, args.port, log_level=args.log_level)
+        urls, actors = start_instances(EngineArgs.from_cli_args(args), names, args.instances, api_keys,
+                                       args.shutdown_timeout, args.host, limits)
+        run_router(build_router_app(Router(urls)), args.host, args.port, log_level=args.log_level,
+                   drain=lambda: drain_instances(actors), drain_grace_s=args.shutdown_timeout)
         return
     batch_limits = _batch_limits(args, limits.max_body_bytes)
     batch_store = BatchStore(args.batch_db or cache_dir() / "batches.db")  # in use elsewhere: fail before loading

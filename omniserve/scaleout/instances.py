@@ -7,6 +7,7 @@ cluster has GPUs), and the router in front of them is the endpoint clients see.
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 import time
 from dataclasses import asdict
@@ -18,6 +19,7 @@ from omniserve.engine import EngineArgs
 logger = logging.getLogger(__name__)
 
 _WILDCARDS = ("0.0.0.0", "::", "")  # every interface: the instance is reached at its node's address
+_STOP_SLACK_S = 10.0  # after a drain's grace period: ending the streams left, closing connections, stopping the engine
 
 
 class EngineServer:
@@ -25,10 +27,9 @@ class EngineServer:
 
     def __init__(self, args: dict, served_names: list[str], api_keys=None, drain_grace_s: float = 30.0,
                  host: str = "127.0.0.1", limits=None) -> None:
-        import uvicorn
-
         from omniserve.engine import LLMEngine
         from omniserve.entrypoints.openai import build_app, listen_socket
+        from omniserve.entrypoints.openai.api_server import make_server
         from omniserve.profiler import profiled_latency_model
 
         ray = import_ray()
@@ -37,14 +38,24 @@ class EngineServer:
         sock = listen_socket(host, 0)  # where the server's --host says, as the router's own listener
         address = ray.util.get_node_ip_address() if host in _WILDCARDS else host
         self.url = f"http://{address}:{sock.getsockname()[1]}"
-        # uvicorn runs in a thread of the actor (it leaves signals alone off the main thread); the engine has its own.
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
-        threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True).start()
+        # The server of `omniserve serve` (it drains) runs in a thread of the actor: uvicorn leaves signals alone off
+        # the main thread, so the router asks for the drain (`drain`). The engine has a thread of its own.
+        self.drain_grace_s = drain_grace_s
+        self.server = make_server(app, log_level="warning")
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
         while not self.server.started:
             time.sleep(0.02)
 
     def address(self) -> str:
         return self.url
+
+    def drain(self) -> bool:
+        """Drains as `omniserve serve` does on SIGTERM (new requests 503, those in flight finish within the grace
+        period or end with the `draining` error event) and stops; whether it stopped in time."""
+        self.server.handle_exit(signal.SIGTERM, None)
+        self.thread.join(self.drain_grace_s + _STOP_SLACK_S)
+        return not self.thread.is_alive()
 
 
 def start_instances(args: EngineArgs, served_names: list[str], count: int, api_keys=None,
@@ -70,3 +81,17 @@ def start_instances(args: EngineArgs, served_names: list[str], count: int, api_k
     urls = ray.get([actor.address.remote() for actor in actors])
     logger.info("engine instances: %s", ", ".join(urls))
     return urls, actors
+
+
+def drain_instances(actors: list) -> None:
+    """Drains every instance at once (see EngineServer.drain) and waits until they have stopped; an instance lost
+    meanwhile, or one that did not stop in time, is logged."""
+    ray = import_ray()
+    for actor, ref in [(actor, actor.drain.remote()) for actor in actors]:
+        try:
+            if not ray.get(ref):
+                logger.warning("an engine instance did not stop within its drain's grace period")
+        except Exception as exc:  # noqa: BLE001 - an actor already gone: nothing is left to drain
+            logger.warning("an engine instance could not be drained: %r", exc)
+        finally:
+            ray.kill(actor)

@@ -21,10 +21,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import httpx
+import uvicorn
 from fastapi import FastAPI, Request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Metric, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -84,6 +87,9 @@ class Router:
             raise ValueError("the router needs at least one engine instance")
         self.instances = [Instance(url.rstrip("/")) for url in urls]
         self.poll_interval_s = poll_interval_s
+        self.draining = False
+        """Set on SIGTERM: new requests get 503 while the instances drain (see run_router)."""
+        self.drain_grace_s = 30.0
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=5.0), transport=transport)
         self.registry = CollectorRegistry()
         self.routed = Counter("omniserve:router_requests", "Requests sent to each instance",
@@ -135,6 +141,9 @@ class Router:
         return max(candidates, key=score)
 
     async def forward(self, request: Request, path: str) -> Response:
+        if self.draining:
+            return error_response(503, "the server is shutting down", code="draining",
+                                  headers={"Retry-After": str(max(1, round(self.drain_grace_s)))})
         body = await request.body()
         try:
             payload = json.loads(body) if body else {}
@@ -278,17 +287,49 @@ class _Families:
         return self._families
 
 
-def run_router(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Serves the router until SIGTERM or SIGINT (the instances drain on their own)."""
-    import sys
+class DrainingRouter(uvicorn.Server):
+    """uvicorn's server for the router, except that SIGTERM/SIGINT drains: new requests get 503 at once, `drain`
+    (the instances' drains, on a thread: they end the streams still running after their grace period, and the
+    router passes those ends on) runs, and the router exits once it has returned. Without `drain` (instances
+    started elsewhere, which drain on their own signals) it exits at once, as uvicorn does."""
 
-    import uvicorn
+    def __init__(self, config: uvicorn.Config, router: Router, drain: Callable[[], None] | None = None) -> None:
+        super().__init__(config)
+        self._router, self._drain = router, drain
+        self._draining: threading.Thread | None = None
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if self._drain is None or self._draining is not None:  # a second signal: stop now
+            super().handle_exit(sig, frame)
+            return
+        logger.warning("draining: the engine instances finish what they run (grace period %.0f s)",
+                       self._router.drain_grace_s)
+        self._router.draining = True
+        self._draining = threading.Thread(target=self._drain, daemon=True)
+        self._draining.start()
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._draining is not None and not self._draining.is_alive():
+            self.should_exit = True
+        return await super().on_tick(counter)
+
+
+def run_router(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+               drain: Callable[[], None] | None = None, drain_grace_s: float = 30.0) -> None:
+    """Serves the router until SIGTERM or SIGINT, then drains (DrainingRouter)."""
+    import sys
 
     from omniserve.entrypoints.openai import listen_socket
 
+    router: Router = app.state.router
+    router.drain_grace_s = drain_grace_s
     sock = listen_socket(host, port)
     bound_host, bound_port = sock.getsockname()[:2]
-    urls = ", ".join(i.url for i in app.state.router.instances)
+    urls = ", ".join(i.url for i in router.instances)
     print(f"omniserve: routing to {urls} on http://{bound_host}:{bound_port}", file=sys.stderr, flush=True)
-    config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on")
-    uvicorn.Server(config).run(sockets=[sock])
+    DrainingRouter(router_config(app, log_level), router, drain).run(sockets=[sock])
+
+
+def router_config(app: FastAPI, log_level: str = "info") -> uvicorn.Config:
+    # Once drained, connections still open get a few seconds to finish their last writes.
+    return uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on", timeout_graceful_shutdown=5)
