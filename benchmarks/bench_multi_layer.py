@@ -328,11 +328,14 @@ def loaded_scheduler(args: argparse.Namespace, latency_model, pipeline: str):
     layers = latency_model.num_layers
     config = SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens, be_decode_placement="cpu",
                              offload_pipeline=pipeline)
-    scheduler = Scheduler(config, PageTable(PageAllocator(1024), BLOCK), eos_token_ids=(2,), num_layers=layers,
+    pages = 1024
+    scheduler = Scheduler(config, PageTable(PageAllocator(pages), BLOCK), eos_token_ids=(2,), num_layers=layers,
                           latency_model=latency_model, default_tpot_slo=args.ls_tpot_slo)
+    ls_tokens = pages * BLOCK // 4 - args.ls_prompt_len  # a quarter of the device each: they decode throughout
     for index in range(4):
-        scheduler.add_request(Request(f"ls{index}", list(range(100, 100 + args.ls_prompt_len)), greedy(10**6, "ls"),
-                                      10**6, ttft_slo=args.ls_ttft_slo, tpot_slo=args.ls_tpot_slo))
+        scheduler.add_request(Request(f"ls{index}", list(range(100, 100 + args.ls_prompt_len)),
+                                      greedy(ls_tokens, "ls"), ls_tokens, ttft_slo=args.ls_ttft_slo,
+                                      tpot_slo=args.ls_tpot_slo))
     for _ in range(100):  # until every LS request decodes
         if all(r.num_output_tokens for r in scheduler.requests.values()):
             break

@@ -331,8 +331,8 @@ def bookkeeping_rows(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
         shared = list(range(1000, 1000 + prompt_len // 2))
         for i in range(args.running):
             prompt = shared + [2000 + i] * (prompt_len // 2)
-            scheduler.add_request(Request(f"r{i}", prompt, SamplingParams(max_tokens=10_000, ignore_eos=True),
-                                          10_000))
+            scheduler.add_request(Request(f"r{i}", prompt, SamplingParams(max_tokens=steps * 2, ignore_eos=True),
+                                          steps * 2))
 
         def iteration(scheduler=scheduler) -> None:
             plan = scheduler.schedule()
