@@ -178,7 +178,6 @@ class Router:
         return error_response(503, "no engine instance is available", code="no_instance",
                               headers={"Retry-After": str(max(1, round(self.poll_interval_s)))})
 
-
     async def instance_metrics(self) -> list[Metric]:
         """The live instances' metrics summed, sample by sample (same name and labels); the gauges of _MEAN_GAUGES
         averaged. An instance that does not answer within _METRICS_TIMEOUT_S is left out of this scrape."""
