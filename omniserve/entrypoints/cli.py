@@ -254,19 +254,7 @@ def _add_serve_command(commands) -> None:
                        help="TOML or YAML file mapping API keys to the classes (ls, be) each may use")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,
                        help="seconds that requests in flight get to finish after SIGTERM before they are ended")
-    serve.add_argument("--max-request-body-mib", type=float, default=25.0,
-                       help="largest request body, in MiB; a larger one gets 413 (default: OpenAI's limit)")
-    serve.add_argument("--max-n", type=int, default=128,
-                       help="most completions one request may ask for (n; default: OpenAI's limit)")
-    serve.add_argument("--max-stop-sequences", type=int, default=16,
-                       help="most stop strings one request may give (OpenAI allows 4, vLLM any number)")
-    serve.add_argument("--max-stop-length", type=int, default=1024,
-                       help="longest stop string, in characters (a stream holds back text that may begin one)")
-    serve.add_argument("--max-prompts-per-request", type=int, default=2048,
-                       help="most completions one request may run: its prompts times n (default: OpenAI's limit on "
-                       "prompts)")
-    serve.add_argument("--max-request-prompt-tokens", type=int, default=1 << 20,
-                       help="most prompt tokens one request may carry, all its prompts together")
+    _add_limit_args(serve)
     serve.add_argument("--instances", type=int, default=1,
                        help="engine instances (Ray actors, a GPU each when the cluster has them) behind one endpoint "
                        "that routes LS requests by SLO headroom and BE requests by spare capacity")
@@ -293,6 +281,23 @@ def _add_serve_command(commands) -> None:
     _add_listen_args(route)
     route.add_argument("--poll-interval", type=float, default=0.5, help="seconds between load polls of each instance")
     route.set_defaults(handler=_route)
+
+
+def _add_limit_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("limits on one request")
+    group.add_argument("--max-request-body-mib", type=float, default=25.0,
+                       help="largest request body, in MiB; a larger one gets 413 (default: OpenAI's limit)")
+    group.add_argument("--max-n", type=int, default=128,
+                       help="most completions one request may ask for (n; default: OpenAI's limit)")
+    group.add_argument("--max-stop-sequences", type=int, default=16,
+                       help="most stop strings one request may give (OpenAI allows 4, vLLM any number)")
+    group.add_argument("--max-stop-length", type=int, default=1024,
+                       help="longest stop string, in characters (a stream holds back text that may begin one)")
+    group.add_argument("--max-prompts-per-request", type=int, default=2048,
+                       help="most completions one request may run: its prompts times n (default: OpenAI's limit on "
+                       "prompts)")
+    group.add_argument("--max-request-prompt-tokens", type=int, default=1 << 20,
+                       help="most prompt tokens one request may carry, all its prompts together")
 
 
 def _add_batch_args(parser: argparse.ArgumentParser) -> None:

@@ -235,23 +235,7 @@ def build_router_app(router: Router) -> FastAPI:
 
     app = FastAPI(title="omniserve router", lifespan=lifespan)
     app.state.router = router
-
-    @app.get("/health")
-    async def health() -> Response:
-        if any(i.alive for i in router.instances):
-            return Response(status_code=200)
-        return error_response(503, "no engine instance is available", code="no_instance")
-
-    @app.get("/load")
-    async def load() -> dict:
-        return {"instances": [{"url": i.url, "alive": i.alive, **i.report} for i in router.instances]}
-
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        """The router's own metrics, then the instances' summed (see Router.instance_metrics)."""
-        registry = CollectorRegistry()
-        registry.register(_Families(await router.instance_metrics()))
-        return Response(generate_latest(router.registry) + generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    _add_status_routes(app, router)
 
     # Each instance keeps its own batches, and a batch's lines, polls and downloads must all reach the instance that
     # has it: spreading them would lose batches. Until the router keeps batches itself, it says so.
@@ -274,6 +258,25 @@ def build_router_app(router: Router) -> FastAPI:
         return await router.forward(request, "/detokenize")
 
     return app
+
+
+def _add_status_routes(app: FastAPI, router: Router) -> None:
+    @app.get("/health")
+    async def health() -> Response:
+        if any(i.alive for i in router.instances):
+            return Response(status_code=200)
+        return error_response(503, "no engine instance is available", code="no_instance")
+
+    @app.get("/load")
+    async def load() -> dict:
+        return {"instances": [{"url": i.url, "alive": i.alive, **i.report} for i in router.instances]}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """The router's own metrics, then the instances' summed (see Router.instance_metrics)."""
+        registry = CollectorRegistry()
+        registry.register(_Families(await router.instance_metrics()))
+        return Response(generate_latest(router.registry) + generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
 class _Families:
