@@ -91,7 +91,8 @@ def build_app(engine: LLMEngine, served_model_names: list[str], api_keys: APIKey
 
     def on_iteration(engine: LLMEngine, outputs) -> None:  # on the engine thread
         metrics.on_iteration(engine, outputs)
-        load.update(engine)
+        if load.update(engine):
+            metrics.on_load_report(load.report)
 
     completions, chat = CompletionServing(state), ChatServing(state)
     batch_limits = batch_limits or BatchLimits(max_line_bytes=state.limits.max_body_bytes)
@@ -124,12 +125,15 @@ class _LoadReport:
         self.report: dict = engine.load_report()
         self._at = 0.0
 
-    def update(self, engine: LLMEngine) -> None:
+    def update(self, engine: LLMEngine) -> bool:
         """At most every _LOAD_REPORT_PERIOD_S while the engine runs (the report is O(requests) to make), and at
-        every iteration that leaves it idle, so that /load never shows an idle engine with its last busy load."""
+        every iteration that leaves it idle, so that /load never shows an idle engine with its last busy load;
+        whether it made a new report."""
         now = time.monotonic()
         if now - self._at >= _LOAD_REPORT_PERIOD_S or not engine.has_unfinished_requests():
             self.report, self._at = engine.load_report(), now
+            return True
+        return False
 
 
 def _lifespan(state: ServerState, on_iteration: Callable[[LLMEngine, list], None], batches: BatchService,

@@ -128,9 +128,6 @@ class ServerMetrics:
         self.time_correction.labels(model).set(scheduler.correction.value)
         in_flight = engine.runner.num_offloaded_in_flight
         self.pool_depth.labels(model).set(in_flight)
-        for host, memory in engine.host_kv_bytes().items():
-            self.host_kv_used.labels(model, host).set(memory["budget_bytes"] - memory["free_bytes"])
-            self.host_kv_free.labels(model, host).set(memory["free_bytes"])
         # An exponential average over about 100 iterations of "was the pool working for us": cheap, and it needs no
         # call into the worker processes.
         self._busy_share += 0.01 * ((1.0 if in_flight else 0.0) - self._busy_share)
@@ -140,6 +137,13 @@ class ServerMetrics:
             self.offloaded_iterations.labels(*labels).observe(timing.iterations)
             self.offloaded_seconds.labels(*labels).observe(timing.seconds)
             self.offloaded_layers.labels(*labels).observe(timing.layers_per_iteration)
+
+    def on_load_report(self, report: dict) -> None:
+        """The host KV gauges, from the engine's load report (made at most every 50 ms while it runs: it walks the
+        offloaded requests)."""
+        for host, memory in report["host_kv"].items():
+            self.host_kv_used.labels(self.model_name, host).set(memory["budget_bytes"] - memory["free_bytes"])
+            self.host_kv_free.labels(self.model_name, host).set(memory["free_bytes"])
 
     def _count_prefix_cache(self, engine: LLMEngine) -> None:
         stats, model = engine.scheduler.stats, self.model_name

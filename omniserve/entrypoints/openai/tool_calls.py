@@ -24,9 +24,6 @@ from dataclasses import dataclass, field
 from omniserve.errors import APIError
 from omniserve.sampling.structured import StructuredOutputs
 
-TOOL_CALL_PARSERS = ("hermes", "llama3_json")
-
-
 @dataclass(frozen=True)
 class FunctionCall:
     name: str
