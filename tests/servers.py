@@ -8,7 +8,7 @@ import json
 import signal
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import httpx
 import openai
@@ -47,9 +47,11 @@ class RunningServer:
     """The server of `omniserve serve` (uvicorn, draining on SIGTERM) serving an app on a thread of its own, on a
     port the OS chose."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, server: uvicorn.Server | None = None) -> None:
         self.app = app
-        if hasattr(app.state, "server"):
+        if server is not None:
+            self.server = server
+        elif hasattr(app.state, "server"):
             self.server = make_server(app, log_level="warning")
         else:  # a stand-in app (test_bench's broken server)
             self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
@@ -70,6 +72,10 @@ class RunningServer:
     @property
     def engine(self) -> LLMEngine:
         return self.state.engine
+
+    @property
+    def engines(self) -> list[LLMEngine]:
+        return [self.engine]
 
     def client(self, api_key: str = "none") -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=60)
@@ -101,10 +107,10 @@ class RunningServer:
 
 @contextmanager
 def serving(model: str, names=("tiny",), api_keys=None, grace_s: float = 5, limits=None, batch_db=None,
-            batch_limits=None, **engine_args):
+            batch_limits=None, router_key=None, **engine_args):
     engine = LLMEngine(model=model, block_size=4, latency_model=profiled_latency_model, **engine_args)
     server = RunningServer(build_app(engine, list(names), api_keys, drain_grace_s=grace_s, limits=limits,
-                                     batch_db=batch_db, batch_limits=batch_limits))
+                                     batch_db=batch_db, batch_limits=batch_limits, router_key=router_key))
     try:
         yield server
     finally:
@@ -113,21 +119,72 @@ def serving(model: str, names=("tiny",), api_keys=None, grace_s: float = 5, limi
     assert engine.allocator.num_used == 0
 
 
+class RoutedServers(RunningServer):
+    """The router of `serve --instances` (it keeps the batches) in front of servers of `serving`, all in this
+    process: the single server's tests run against it unchanged. Its drain drains the servers, as the router's
+    drains its instances."""
+
+    def __init__(self, router_app, servers: list[RunningServer]) -> None:
+        from omniserve.scaleout.router import DrainingRouter, router_config
+
+        self.servers = servers
+        router = router_app.state.router
+        super().__init__(router_app, DrainingRouter(router_config(router_app, "warning"), router, self._drain_servers))
+
+    def _drain_servers(self) -> None:
+        for server in self.servers:
+            server.drain()
+        for server in self.servers:
+            server.thread.join(60)
+
+    @property
+    def engines(self) -> list[LLMEngine]:
+        return [server.engine for server in self.servers]
+
+    def wait_idle(self, timeout_s: float = 10.0) -> None:
+        for server in self.servers:
+            server.wait_idle(timeout_s)
+
+
+@contextmanager
+def routed_serving(model: str, names=("tiny",), api_keys=None, grace_s: float = 5, limits=None, batch_db=None,
+                   batch_limits=None, instances: int = 2, **engine_args):
+    """As `serving`, with a router in front of `instances` servers."""
+    from omniserve.entrypoints.openai.serving import RequestLimits
+    from omniserve.scaleout.router import Router, build_router_app
+
+    with ExitStack() as servers:
+        running = [servers.enter_context(serving(model, names, api_keys, grace_s, limits, router_key=ROUTER_KEY,
+                                                 **engine_args)) for _ in range(instances)]
+        router = Router([server.url for server in running], poll_interval_s=0.1, limits=limits or RequestLimits())
+        router.drain_grace_s = grace_s
+        routed = RoutedServers(build_router_app(router, api_keys, batch_db, batch_limits, ROUTER_KEY), running)
+        try:
+            yield routed
+        finally:
+            routed.stop()
+
+
+ROUTER_KEY = "router-key-for-tests"
+
+
 @contextmanager
 def slow_engine(server: RunningServer, seconds_per_step: float = 0.01):
     """Makes every engine iteration last at least this long, so that a request is still running when the test acts."""
-    engine = server.engine
-    step = engine.run_iteration
+    steps = {}
+    for engine in server.engines:
+        step = steps[engine] = engine.run_iteration
 
-    def slow_step():
-        time.sleep(seconds_per_step)
-        return step()
+        def slow_step(step=step):
+            time.sleep(seconds_per_step)
+            return step()
 
-    engine.run_iteration = slow_step
+        engine.run_iteration = slow_step
     try:
         yield
     finally:
-        del engine.run_iteration
+        for engine in steps:
+            del engine.run_iteration
 
 
 def metric_samples(server: RunningServer) -> dict[tuple[str, tuple], float]:

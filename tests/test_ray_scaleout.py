@@ -236,10 +236,10 @@ def test_router_sends_ls_by_headroom_be_by_spare_capacity_and_takes_dead_instanc
         assert await send({}) == "a"
         metrics = (await client.get("/metrics")).text
         assert 'omniserve:router_requests_total{instance="http://b",service_class="be"} 3.0' in metrics
-        for method, path in (("POST", "/v1/files"), ("GET", "/v1/files/file-1/content"), ("POST", "/v1/batches"),
-                             ("GET", "/v1/batches/batch_1"), ("DELETE", "/v1/files/file-1")):
-            response = await client.request(method, path)
-            assert response.status_code == 501 and "one instance" in response.json()["error"]["message"]
+        # Files and Batches are the router's own (tests/test_router_batches.py), never sent to an instance.
+        assert (await client.get("/v1/files")).json()["data"] == []
+        response = await client.get("/v1/batches/batch_1")
+        assert response.status_code == 404 and response.json()["error"]["code"] == "batch_not_found"
         await client.aclose()
 
     asyncio.run(scenario())

@@ -218,7 +218,7 @@ def test_offloaded_tokens_are_timed_per_class_and_their_host_kv_shows(tiny_chat_
 
 
 def test_request_id_is_honoured_and_logged(server, caplog):
-    caplog.set_level("INFO", logger="omniserve.entrypoints.openai.api_server")
+    caplog.set_level("INFO", logger="omniserve.entrypoints.openai.http_context")
     response = server.post("/v1/completions", {"model": "tiny", "prompt": PROMPT, "max_tokens": 2},
                            headers={"x-request-id": "trace-42"})
     assert response.status_code == 200 and response.headers["x-request-id"] == "trace-42"

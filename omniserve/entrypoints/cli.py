@@ -147,20 +147,24 @@ def _serve(args: argparse.Namespace) -> None:
                            max_stop=args.max_stop_sequences, max_stop_chars=args.max_stop_length,
                            max_prompts=args.max_prompts_per_request, max_prompt_tokens=args.max_request_prompt_tokens)
     names = args.served_model_name or [default_served_name(args.model)]
-    if args.instances > 1:  # engine instances as Ray actors, and a router in this process
+    batch_limits = _batch_limits(args, limits.max_body_bytes)
+    batch_store = BatchStore(args.batch_db or cache_dir() / "batches.db")  # in use elsewhere: fail before loading
+    logging.getLogger(__name__).info("batches are kept in %s", batch_store.path)
+    if args.instances > 1:  # engine instances as Ray actors, and a router (with the batches) in this process
+        import secrets
+
         from omniserve.cpu_attention.remote import connect_ray
         from omniserve.scaleout.instances import drain_instances, start_instances
         from omniserve.scaleout.router import Router, build_router_app, run_router
 
         connect_ray(args.ray_address)
+        router_key = secrets.token_urlsafe(32)  # the instances run batch lines for this router only
         urls, actors = start_instances(EngineArgs.from_cli_args(args), names, args.instances, api_keys,
-                                       args.shutdown_timeout, args.host, limits)
-        run_router(build_router_app(Router(urls)), args.host, args.port, log_level=args.log_level,
-                   drain=lambda: drain_instances(actors), drain_grace_s=args.shutdown_timeout)
+                                       args.shutdown_timeout, args.host, limits, router_key)
+        app = build_router_app(Router(urls, limits=limits), api_keys, batch_store, batch_limits, router_key)
+        run_router(app, args.host, args.port, log_level=args.log_level, drain=lambda: drain_instances(actors),
+                   drain_grace_s=args.shutdown_timeout)
         return
-    batch_limits = _batch_limits(args, limits.max_body_bytes)
-    batch_store = BatchStore(args.batch_db or cache_dir() / "batches.db")  # in use elsewhere: fail before loading
-    logging.getLogger(__name__).info("batches are kept in %s", batch_store.path)
     engine = LLMEngine(EngineArgs.from_cli_args(args), latency_model=profiled_latency_model)
     app = build_app(engine, names, api_keys, drain_grace_s=args.shutdown_timeout, limits=limits, batch_db=batch_store,
                     batch_limits=batch_limits)
@@ -206,9 +210,15 @@ def _route(args: argparse.Namespace) -> None:
     """A router in front of engine instances started elsewhere (see omniserve.scaleout.router)."""
     from omniserve.scaleout.router import Router, build_router_app, run_router
 
+    from omniserve.batch.store import BatchStore
+    from omniserve.config import cache_dir
+    from omniserve.entrypoints.openai.auth import APIKeys
+
     logging.getLogger("omniserve").setLevel(args.log_level.upper())
-    run_router(build_router_app(Router(args.instance_urls, args.poll_interval)), args.host, args.port,
-               log_level=args.log_level)
+    api_keys = APIKeys.build(args.api_key, args.api_keys_file)
+    batch_store = BatchStore(args.batch_db or cache_dir() / "router-batches.db")
+    app = build_router_app(Router(args.instance_urls, args.poll_interval), api_keys, batch_store)
+    run_router(app, args.host, args.port, log_level=args.log_level)
 
 
 def _add_engine_commands(commands) -> None:
@@ -248,10 +258,7 @@ def _add_serve_command(commands) -> None:
     serve.add_argument("--served-model-name", nargs="+", default=None,
                        help="model name(s) in the API; services appear as NAME-SERVICE, best effort as NAME-batch "
                        "(default: --model as given, or smollm2 for the built-in model)")
-    serve.add_argument("--api-key", action="append", default=None,
-                       help="API key clients must send (Authorization: Bearer KEY); repeatable")
-    serve.add_argument("--api-keys-file", default=None,
-                       help="TOML or YAML file mapping API keys to the classes (ls, be) each may use")
+    _add_key_args(serve)
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,
                        help="seconds that requests in flight get to finish after SIGTERM before they are ended")
     _add_limit_args(serve)
@@ -280,7 +287,18 @@ def _add_serve_command(commands) -> None:
     route.add_argument("instance_urls", nargs="+", help="base URLs of the instances (http://host:port)")
     _add_listen_args(route)
     route.add_argument("--poll-interval", type=float, default=0.5, help="seconds between load polls of each instance")
+    _add_key_args(route, " (the instances' keys: the router keeps files and batches per key; batch lines run on "
+                  "instances without keys only)")
+    route.add_argument("--batch-db", default=None, help="SQLite database of the router's files, batches and lines "
+                       "(default: router-batches.db in $OMNISERVE_CACHE_DIR or ~/.cache/omniserve)")
     route.set_defaults(handler=_route)
+
+
+def _add_key_args(parser: argparse.ArgumentParser, note: str = "") -> None:
+    parser.add_argument("--api-key", action="append", default=None,
+                        help=f"API key clients must send (Authorization: Bearer KEY); repeatable{note}")
+    parser.add_argument("--api-keys-file", default=None,
+                        help="TOML or YAML file mapping API keys to the classes (ls, be) each may use")
 
 
 def _add_limit_args(parser: argparse.ArgumentParser) -> None:

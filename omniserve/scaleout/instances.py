@@ -26,7 +26,7 @@ class EngineServer:
     """The actor (wrapped by ray.remote in `start_instances`): one engine and its HTTP server on a free port."""
 
     def __init__(self, args: dict, served_names: list[str], api_keys=None, drain_grace_s: float = 30.0,
-                 host: str = "127.0.0.1", limits=None) -> None:
+                 host: str = "127.0.0.1", limits=None, router_key: str | None = None) -> None:
         from omniserve.engine import LLMEngine
         from omniserve.entrypoints.openai import build_app, listen_socket
         from omniserve.entrypoints.openai.api_server import make_server
@@ -34,7 +34,8 @@ class EngineServer:
 
         ray = import_ray()
         engine = LLMEngine(EngineArgs(**args), latency_model=profiled_latency_model)
-        app = build_app(engine, served_names, api_keys, drain_grace_s=drain_grace_s, limits=limits)
+        app = build_app(engine, served_names, api_keys, drain_grace_s=drain_grace_s, limits=limits,
+                        router_key=router_key)
         sock = listen_socket(host, 0)  # where the server's --host says, as the router's own listener
         address = ray.util.get_node_ip_address() if host in _WILDCARDS else host
         self.url = f"http://{address}:{sock.getsockname()[1]}"
@@ -59,10 +60,11 @@ class EngineServer:
 
 
 def start_instances(args: EngineArgs, served_names: list[str], count: int, api_keys=None,
-                    drain_grace_s: float = 30.0, host: str = "127.0.0.1", limits=None) -> tuple[list[str], list]:
+                    drain_grace_s: float = 30.0, host: str = "127.0.0.1", limits=None,
+                    router_key: str | None = None) -> tuple[list[str], list]:
     """Starts `count` engine instances on the connected Ray cluster (a GPU each when it has enough, else a CPU),
-    each listening on `host` (the server's --host) with the server's request limits; returns their URLs and actor
-    handles once every one serves."""
+    each listening on `host` (the server's --host) with the server's request limits, and running batch lines for
+    the router that has `router_key`; returns their URLs and actor handles once every one serves."""
     ray = import_ray()
     nodes = [node for node in ray.nodes() if node.get("Alive")]
     if len(nodes) > 1 and host not in _WILDCARDS and host.startswith(("127.", "localhost", "::1")):
@@ -76,7 +78,7 @@ def start_instances(args: EngineArgs, served_names: list[str], count: int, api_k
                           f"and {cpus:g} CPUs")
     actor_class = ray.remote(**resources)(EngineServer)
     # Each instance starts its own remote CPU attention hosts, if any are asked for, from inside the cluster.
-    actors = [actor_class.remote(asdict(args), served_names, api_keys, drain_grace_s, host, limits)
+    actors = [actor_class.remote(asdict(args), served_names, api_keys, drain_grace_s, host, limits, router_key)
               for _ in range(count)]
     urls = ray.get([actor.address.remote() for actor in actors])
     logger.info("engine instances: %s", ", ".join(urls))

@@ -9,6 +9,10 @@ class is read by the rule the instances serve it by (omniserve.entrypoints.opena
 
 `/metrics` is the router's own counters followed by the live instances' metrics summed (shares averaged).
 
+The router takes API keys and limits the body size as a server does (omniserve.entrypoints.openai.http_context),
+and keeps Files and Batches itself, in its own durable store: their routes are a server's, and the lines run on the
+instances (omniserve.scaleout.batch_lines).
+
 An instance that fails a poll, or refuses a connection, is taken out until a poll succeeds again; a request whose
 connection was refused is sent to the next instance. Bodies and responses (streams too) pass through unchanged. An
 instance lost while it answers is taken out too, and its client is told: a 502 if nothing of the answer was sent
@@ -21,10 +25,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import shutil
+import tempfile
 import threading
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 import uvicorn
@@ -34,14 +41,22 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.background import BackgroundTask
 from starlette.responses import Response, StreamingResponse
 
-from omniserve.entrypoints.openai import request_class
+from omniserve.batch.service import BatchLimits, BatchService
+from omniserve.batch.store import BatchStore
+from omniserve.entrypoints.openai.auth import APIKeys
+from omniserve.entrypoints.openai.batch_routes import BatchCollector, add_batch_routes
+from omniserve.entrypoints.openai.http_context import (
+    MULTIPART_SLACK_BYTES, RequestContextMiddleware, RequestLimits, add_error_handlers,
+)
+from omniserve.entrypoints.openai.service_classes import request_class
 from omniserve.errors import error_body, error_response
 from omniserve.sampling.params import ServiceClass
+from omniserve.scaleout.batch_lines import RemoteLineRunner
 
 logger = logging.getLogger(__name__)
 
-_FORWARDED_REQUEST_HEADERS = ("authorization", "content-type", "x-request-id", "accept")
-_FORWARDED_RESPONSE_HEADERS = ("content-type", "x-request-id", "retry-after")
+_FORWARDED_REQUEST_HEADERS = ("authorization", "content-type", "accept")
+_FORWARDED_RESPONSE_HEADERS = ("content-type", "retry-after")  # the request's id is the router's (its middleware)
 _LS_SLOT_COST = 1.0  # an LS request sent since the last report costs one sequence slot of headroom
 # Instance gauges that are shares or ratios: the router's /metrics gives their mean over the instances, not the sum.
 _MEAN_GAUGES = frozenset({"vllm:kv_cache_usage_perc", "omniserve:slo_attainment", "omniserve:latency_model_correction",
@@ -82,7 +97,7 @@ def request_tokens(payload: dict) -> int:
 
 class Router:
     def __init__(self, urls: list[str], poll_interval_s: float = 0.5, timeout_s: float = 600.0,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+                 transport: httpx.AsyncBaseTransport | None = None, limits: RequestLimits | None = None) -> None:
         if not urls:
             raise ValueError("the router needs at least one engine instance")
         self.instances = [Instance(url.rstrip("/")) for url in urls]
@@ -90,6 +105,8 @@ class Router:
         self.draining = False
         """Set on SIGTERM: new requests get 503 while the instances drain (see run_router)."""
         self.drain_grace_s = 30.0
+        self.limits = limits or RequestLimits()
+        """The instances' limits: the router refuses a body over their size limit before it reads it."""
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=5.0), transport=transport)
         self.registry = CollectorRegistry()
         self.routed = Counter("omniserve:router_requests", "Requests sent to each instance",
@@ -107,7 +124,7 @@ class Router:
             response.raise_for_status()
             report = response.json()
         except (httpx.HTTPError, ValueError) as exc:
-            self._take_out(instance, f"load poll failed: {exc!r}")
+            self.take_out(instance, f"load poll failed: {exc!r}")
             return
         if not instance.alive:
             logger.info("engine instance %s is in", instance.url)
@@ -115,7 +132,7 @@ class Router:
         instance.report, instance.sent_ls, instance.sent_be_tokens = report, 0, 0
         self.live.labels(instance.url).set(int(instance.alive))
 
-    def _take_out(self, instance: Instance, why: str) -> None:
+    def take_out(self, instance: Instance, why: str) -> None:
         if instance.alive:
             logger.warning("engine instance %s is out: %s", instance.url, why)
         instance.alive = False
@@ -140,6 +157,14 @@ class Router:
         score = Instance.ls_score if service_class is ServiceClass.LS else Instance.be_score
         return max(candidates, key=score)
 
+    def charge(self, instance: Instance, service_class: ServiceClass, payload: dict) -> None:
+        """Counts a request sent to the instance against it until its next load report."""
+        if service_class is ServiceClass.LS:
+            instance.sent_ls += 1
+        else:
+            instance.sent_be_tokens += request_tokens(payload)
+        self.routed.labels(instance.url, service_class.value).inc()
+
     async def forward(self, request: Request, path: str) -> Response:
         if self.draining:
             return error_response(503, "the server is shutting down", code="draining",
@@ -152,6 +177,7 @@ class Router:
         payload = payload if isinstance(payload, dict) else {}
         service_class = classify(payload, self.model_classes())
         headers = {k: v for k, v in request.headers.items() if k.lower() in _FORWARDED_REQUEST_HEADERS}
+        headers["x-request-id"] = request.state.request_id  # one id in the router's log and the instance's
         tried: set[str] = set()
         while (instance := self.pick(service_class, tried)) is not None:
             tried.add(instance.url)
@@ -160,17 +186,13 @@ class Router:
             try:
                 upstream = await self.client.send(upstream_request, stream=True)
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # it never had the request: the next one may
-                self._take_out(instance, f"connection failed: {exc!r}")
+                self.take_out(instance, f"connection failed: {exc!r}")
                 continue
             except httpx.HTTPError as exc:  # it had the request, and was lost before it answered
-                self._take_out(instance, f"lost while answering: {exc!r}")
+                self.take_out(instance, f"lost while answering: {exc!r}")
                 return error_response(502, "the engine instance serving this request was lost before it answered; "
                                       "retry", code="instance_lost")
-            if service_class is ServiceClass.LS:
-                instance.sent_ls += 1
-            else:
-                instance.sent_be_tokens += request_tokens(payload)
-            self.routed.labels(instance.url, service_class.value).inc()
+            self.charge(instance, service_class, payload)
             return StreamingResponse(
                 self._relay(upstream, instance), status_code=upstream.status_code,
                 headers={k: v for k, v in upstream.headers.items() if k.lower() in _FORWARDED_RESPONSE_HEADERS},
@@ -178,9 +200,10 @@ class Router:
         return error_response(503, "no engine instance is available", code="no_instance",
                               headers={"Retry-After": str(max(1, round(self.poll_interval_s)))})
 
-    async def instance_metrics(self) -> list[Metric]:
+    async def instance_metrics(self, own: frozenset[str] = frozenset()) -> list[Metric]:
         """The live instances' metrics summed, sample by sample (same name and labels); the gauges of _MEAN_GAUGES
-        averaged. An instance that does not answer within _METRICS_TIMEOUT_S is left out of this scrape."""
+        averaged. An instance that does not answer within _METRICS_TIMEOUT_S is left out of this scrape. Families
+        named in `own` are left out: the router has its own (the batches it keeps)."""
         async def scrape(instance: Instance) -> list[Metric]:
             try:
                 response = await self.client.get(f"{instance.url}/metrics", timeout=_METRICS_TIMEOUT_S)
@@ -195,7 +218,7 @@ class Router:
         totals: dict[tuple[str, str, tuple], list[float]] = {}
         for instance_families in scraped:
             for family in instance_families:
-                if family.name.endswith("_created"):  # creation times: no sum of them means anything
+                if family.name.endswith("_created") or family.name in own:  # creation times: no sum means anything
                     continue
                 families.setdefault(family.name, family)
                 for sample in family.samples:
@@ -214,7 +237,7 @@ class Router:
             async for data in upstream.aiter_bytes():
                 yield data
         except httpx.HTTPError as exc:
-            self._take_out(instance, f"lost while answering: {exc!r}")
+            self.take_out(instance, f"lost while answering: {exc!r}")
             if upstream.headers.get("content-type", "").startswith("text/event-stream"):
                 body = error_body(502, "the engine instance serving this stream was lost", code="instance_lost")
                 yield f"\n\ndata: {body}\n\ndata: [DONE]\n\n".encode()
@@ -222,28 +245,41 @@ class Router:
                 raise
 
 
-def build_router_app(router: Router) -> FastAPI:
+def build_router_app(router: Router, api_keys: APIKeys | None = None, batch_db: str | Path | BatchStore | None = None,
+                     batch_limits: BatchLimits | None = None, router_key: str | None = None) -> FastAPI:
+    """The router's app: the instances' API, and the Files and Batches routes of its own batch service, whose lines
+    run on the instances (with `router_key`, the key the instances were started with). Batches are kept in
+    `batch_db` (a path, or a store opened already; None: a temporary one, gone with the app)."""
+    batch_limits = batch_limits or BatchLimits(max_line_bytes=router.limits.max_body_bytes)
+    temporary = tempfile.mkdtemp(prefix="omniserve-batches-") if batch_db is None else None
+    store = batch_db if isinstance(batch_db, BatchStore) else BatchStore(
+        batch_db if temporary is None else Path(temporary) / "batches.db")
+    batches = BatchService(store, RemoteLineRunner(router, router_key), batch_limits)
+    BatchCollector(batches, router.registry)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        await router.poll_once()  # know the instances before the first request
+        await router.poll_once()  # know the instances before the first request, and the first batch line
         poller = asyncio.create_task(router.poll_forever())
         try:
+            await batches.start()
             yield
         finally:
+            await batches.stop()  # lines in flight end now, and stay pending for the next start
             poller.cancel()
             await router.client.aclose()
+            store.close()
+            if temporary is not None:
+                shutil.rmtree(temporary, ignore_errors=True)
 
     app = FastAPI(title="omniserve router", lifespan=lifespan)
     app.state.router = router
+    app.state.batches = batches
+    app.add_middleware(RequestContextMiddleware, state=router, api_keys=api_keys,
+                       upload_limit=batch_limits.max_file_bytes + MULTIPART_SLACK_BYTES)
+    add_error_handlers(app)
     _add_status_routes(app, router)
-
-    # Each instance keeps its own batches, and a batch's lines, polls and downloads must all reach the instance that
-    # has it: spreading them would lose batches. Until the router keeps batches itself, it says so.
-    @app.api_route("/v1/files{rest:path}", methods=["GET", "POST", "DELETE"])
-    @app.api_route("/v1/batches{rest:path}", methods=["GET", "POST"])
-    async def batch_api(rest: str) -> Response:
-        return error_response(501, "the Batch API is served by each `omniserve serve` instance, not by the router: "
-                              "send files and batches to one instance's URL", code="not_implemented")
+    add_batch_routes(app, batches)
 
     @app.api_route("/v1/{rest:path}", methods=["GET", "POST"])
     async def openai_api(rest: str, request: Request) -> Response:
@@ -274,8 +310,9 @@ def _add_status_routes(app: FastAPI, router: Router) -> None:
     @app.get("/metrics")
     async def metrics() -> Response:
         """The router's own metrics, then the instances' summed (see Router.instance_metrics)."""
+        own = frozenset(metric.name for metric in router.registry.collect())
         registry = CollectorRegistry()
-        registry.register(_Families(await router.instance_metrics()))
+        registry.register(_Families(await router.instance_metrics(own)))
         return Response(generate_latest(router.registry) + generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 

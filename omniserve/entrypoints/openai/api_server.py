@@ -19,27 +19,20 @@ with status 1, so that a supervisor (systemd, Kubernetes) restarts it instead of
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import math
-import re
 import shutil
 import socket
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import PlainTextResponse, Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import omniserve
 from omniserve.batch.service import BatchLimits, BatchService
@@ -47,8 +40,10 @@ from omniserve.batch.store import BatchStore
 from omniserve.engine.async_engine import AsyncEngine, EngineDeadError
 from omniserve.engine.llm_engine import LLMEngine
 from omniserve.entrypoints.openai.auth import APIKeys
-from omniserve.entrypoints.openai.batch_routes import BatchCollector, UploadTooLarge, add_batch_routes
-from omniserve.entrypoints.openai.errors import validation_message
+from omniserve.entrypoints.openai.batch_routes import BatchCollector, add_batch_routes
+from omniserve.entrypoints.openai.http_context import (
+    MULTIPART_SLACK_BYTES, STATUS_CLIENT_GONE, RequestContextMiddleware, add_error_handlers,
+)
 from omniserve.entrypoints.openai.metrics import ServerMetrics
 from omniserve.entrypoints.openai.protocol import (
     ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse, DetokenizeRequest,
@@ -60,27 +55,24 @@ from omniserve.entrypoints.openai.serving_batch import ServingLineRunner
 from omniserve.entrypoints.openai.serving_chat import ChatServing
 from omniserve.entrypoints.openai.serving_completions import CompletionServing
 from omniserve.errors import APIError, error_response
+from omniserve.scaleout.batch_lines import add_batch_line_route
 
 logger = logging.getLogger(__name__)
 
-_GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
-_KEYED_PATHS = ("/v1/", "/tokenize", "/detokenize")  # /health and /metrics stay open, for probes and scrapers
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
-_STATUS_CLIENT_GONE = 499  # nginx's code for "the client closed the connection": logged, never received
 _LOAD_REPORT_PERIOD_S = 0.05  # how fresh /load is while the engine runs
 # After a drain, how long uvicorn waits for connections to finish their last writes (the streams it ended write an
 # error event and [DONE] at once; only a client that stopped reading takes longer) before it cancels them.
 _CLOSE_TIMEOUT_S = 5
-_UPLOAD_PATH = "/v1/files"
-_MULTIPART_SLACK_BYTES = 1 << 16  # an upload's form fields and part headers, beyond the file itself
 
 
 def build_app(engine: LLMEngine, served_model_names: list[str], api_keys: APIKeys | None = None,
               drain_grace_s: float = 30.0, limits: RequestLimits | None = None,
-              batch_db: str | Path | BatchStore | None = None, batch_limits: BatchLimits | None = None) -> FastAPI:
+              batch_db: str | Path | BatchStore | None = None, batch_limits: BatchLimits | None = None,
+              router_key: str | None = None) -> FastAPI:
     """The app for one engine; the engine thread and the batch service start and stop with the app (its lifespan).
     Batches are kept in the SQLite database `batch_db` (a path, or a store opened already; None: a temporary one,
-    gone with the app)."""
+    gone with the app). `router_key`: the key of the router that started this server, which runs its batch lines
+    here (omniserve.scaleout.batch_lines)."""
     models = ServedModels(served_model_names, engine.services, str(engine.args.model or served_model_names[0]),
                           engine.scheduler_config.max_model_len)
     state = ServerState(engine, models, drain_grace_s, limits or RequestLimits())
@@ -101,20 +93,24 @@ def build_app(engine: LLMEngine, served_model_names: list[str], api_keys: APIKey
         store = batch_db
     else:
         store = BatchStore(batch_db if temporary is None else Path(temporary) / "batches.db")
-    batches = BatchService(store, ServingLineRunner(state, completions, chat), batch_limits)
+    line_runner = ServingLineRunner(state, completions, chat)
+    batches = BatchService(store, line_runner, batch_limits)
     BatchCollector(batches, metrics.registry)
     app = _OpenAIApp(title="omniserve", summary="OpenAI-compatible LLM server with LS/BE service classes",
                      lifespan=_lifespan(state, on_iteration, batches, temporary))
     app.state.server = state
     app.state.batches = batches
     app.add_middleware(RequestContextMiddleware, state=state, api_keys=api_keys,
-                       upload_limit=batch_limits.max_file_bytes + _MULTIPART_SLACK_BYTES)
-    _add_error_handlers(app)
+                       upload_limit=batch_limits.max_file_bytes + MULTIPART_SLACK_BYTES)
+    add_error_handlers(app)
+    app.add_exception_handler(EngineDeadError, _engine_dead)
+    app.add_exception_handler(ClientDisconnected, _client_gone)
     _add_status_routes(app, state, metrics, load)
     _add_model_routes(app, models)
     _add_generation_routes(app, completions, chat)
     _add_tokenizer_routes(app, engine, models, completions, chat)
     add_batch_routes(app, batches)
+    add_batch_line_route(app, line_runner, router_key, keyed=api_keys is not None)
     return app
 
 
@@ -284,174 +280,12 @@ def _tokenizer(engine: LLMEngine):
     return engine.tokenizer
 
 
-# ------------------------------------------------------------------------------------------------------- errors
-def _add_error_handlers(app: FastAPI) -> None:
-    async def api_error(_: Request, exc: APIError) -> Response:
-        return exc.response()
-
-    async def validation_error(_: Request, exc: RequestValidationError) -> Response:
-        """Malformed JSON or fields of the wrong type: 400 (FastAPI's default is 422), naming the field."""
-        errors = exc.errors()
-        first = errors[0] if errors else {}
-        if first.get("type") == "json_invalid":
-            detail = first.get("ctx", {}).get("error", "")
-            return error_response(400, f"the body is not valid JSON: {detail}".rstrip(": "), code="invalid_json")
-        message, param = validation_message(errors, skip=1)  # loc[0] is "body"
-        return error_response(400, message, param=param)
-
-    async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
-        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
-
-    async def engine_dead(_: Request, exc: EngineDeadError) -> Response:
-        return error_response(503, str(exc), code="engine_dead")
-
-    async def client_gone(_: Request, exc: ClientDisconnected) -> Response:
-        return Response(status_code=_STATUS_CLIENT_GONE)
-
-    async def internal_error(request: Request, exc: Exception) -> Response:
-        logger.exception("%s: internal error", getattr(request.state, "request_id", "?"), exc_info=exc)
-        return error_response(500, "internal server error")
-
-    app.add_exception_handler(APIError, api_error)
-    app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(StarletteHTTPException, http_error)
-    app.add_exception_handler(EngineDeadError, engine_dead)
-    app.add_exception_handler(ClientDisconnected, client_gone)
-    app.add_exception_handler(Exception, internal_error)
+async def _engine_dead(_: Request, exc: EngineDeadError) -> Response:
+    return error_response(503, str(exc), code="engine_dead")
 
 
-# --------------------------------------------------------------------------------------------------- middleware
-class RequestContextMiddleware:
-    """Per HTTP request: its id (the client's x-request-id when it is sane, else a new one) on the response and in
-    the log line; the API key and the classes it may use; 503 for new generation requests while draining; 413 for a
-    body over the size limit; and, when it ends however it ends, the end of the engine requests it started."""
-
-    def __init__(self, app: ASGIApp, state: ServerState, api_keys: APIKeys | None, upload_limit: int) -> None:
-        self.app = app
-        self.state = state
-        self.api_keys = api_keys
-        self.upload_limit = upload_limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        request_id, authorization, content_length = _request_headers(scope)
-        context = scope.setdefault("state", {})
-        context["request_id"] = request_id
-        context["service_classes"] = None  # no keys: every class
-        context["owner"] = None  # no keys: every file and batch is everyone's
-        context["generations"] = []  # what this request runs in the engine (OpenAIServing.start adds to it)
-        started = time.perf_counter()
-        status = _STATUS_CLIENT_GONE
-        raw_id = request_id.encode()
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                message = {**message, "headers": [*message.get("headers", ()), (b"x-request-id", raw_id)]}
-            await send(message)
-
-        path = scope["path"]
-        try:
-            refusal = self._refusal(path, authorization, context)
-            if refusal is None:
-                upload = path == _UPLOAD_PATH and scope["method"] == "POST"
-                limit = self.upload_limit if upload else self.state.limits.max_body_bytes
-                limited_receive = await self._within_body_limit(receive, content_length, limit, upload)
-                if limited_receive is None:
-                    refusal = error_response(413, f"the request body is larger than this server's limit of {limit} "
-                                             "bytes", code="request_too_large")
-            if refusal is not None:
-                await refusal(scope, receive, send_with_id)
-                return
-            await self.app(scope, limited_receive, send_with_id)
-        finally:
-            for generation in context["generations"]:
-                generation.close()
-            logger.info('%s "%s %s" %d %.1f ms', request_id, scope["method"], path, status,
-                        (time.perf_counter() - started) * 1e3)
-
-    def _refusal(self, path: str, authorization: str | None, context: dict) -> Response | None:
-        """The answer to a request refused before it reaches the app (401: no valid API key; 503: draining), or None;
-        a valid key's classes and owner go into the request's `context`."""
-        if self.api_keys is not None and path.startswith(_KEYED_PATHS):
-            classes = self.api_keys.classes_for(authorization)
-            if classes is None:
-                return error_response(401, "a valid API key is needed (Authorization: Bearer KEY)",
-                                      code="invalid_api_key")
-            context["service_classes"] = classes
-            context["owner"] = key_owner(authorization)
-        if self.state.draining and path in _GENERATION_PATHS:
-            retry = str(max(1, math.ceil(self.state.drain_grace_s)))
-            return error_response(503, "the server is shutting down", code="draining", headers={"Retry-After": retry})
-        return None
-
-    @staticmethod
-    async def _within_body_limit(receive: Receive, content_length: int | None, limit: int,
-                                 upload: bool) -> Receive | None:
-        """`receive` for a body within the size limit; None for one beyond it, before it is parsed (or, with a
-        Content-Length, read at all). A body of unknown length (chunked) is read here, up to the limit, and replayed
-        to the app; an upload's instead is counted as the app reads it (it may be 200 MiB), and UploadTooLarge
-        raised in the app past the limit."""
-        if content_length is not None:
-            return receive if content_length <= limit else None
-        if upload:
-            return _counting(receive, limit)
-        messages: list[Message] = []
-        size = 0
-        while True:
-            message = await receive()
-            messages.append(message)
-            if message["type"] != "http.request":  # the client left
-                break
-            size += len(message.get("body", b""))
-            if size > limit:
-                return None
-            if not message.get("more_body", False):
-                break
-
-        async def replay() -> Message:
-            return messages.pop(0) if messages else await receive()
-
-        return replay
-
-
-def _request_headers(scope: Scope) -> tuple[str, str | None, int | None]:
-    """The request's id (the client's x-request-id when it is sane, else a new one), its Authorization header and
-    its Content-Length (None when absent or not a number)."""
-    request_id = authorization = content_length = None
-    for name, value in scope["headers"]:
-        if name == b"x-request-id":
-            request_id = value.decode("latin-1")
-        elif name == b"authorization":
-            authorization = value.decode("latin-1")
-        elif name == b"content-length":
-            content_length = int(value) if value.isdigit() else None
-    if request_id is None or not _REQUEST_ID.fullmatch(request_id):
-        request_id = uuid.uuid4().hex
-    return request_id, authorization, content_length
-
-
-def _counting(receive: Receive, limit: int) -> Receive:
-    size = 0
-
-    async def counted() -> Message:
-        nonlocal size
-        message = await receive()
-        size += len(message.get("body", b""))
-        if size > limit:
-            raise UploadTooLarge()
-        return message
-
-    return counted
-
-
-def key_owner(authorization: str) -> str:
-    """Who owns the files and batches made with this key: a digest of the key, so the store never holds keys."""
-    token = authorization.partition(" ")[2].strip()
-    return hashlib.sha256(token.encode()).hexdigest()[:32]
+async def _client_gone(_: Request, exc: ClientDisconnected) -> Response:
+    return Response(status_code=STATUS_CLIENT_GONE)
 
 
 # ------------------------------------------------------------------------------------------------------ running

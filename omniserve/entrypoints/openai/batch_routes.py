@@ -1,5 +1,6 @@
 """The Files and Batches routes (OpenAI's shapes, so the official client's `files` and `batches` work unmodified),
-and the batch metrics on /metrics. The work is the BatchService's (omniserve.batch.service)."""
+the batch metrics on /metrics, and what a line's request must be. The work is the BatchService's
+(omniserve.batch.service). Light (no engine): a router serves these routes too."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Literal
 from fastapi import FastAPI, Query, Request
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.responses import FileResponse, Response
 
@@ -15,8 +17,24 @@ from omniserve.batch.protocol import (
     Batch, BatchCreateRequest, BatchList, BatchStatus, FileDeleted, FileList, FileObject,
 )
 from omniserve.batch.service import BatchService
-from omniserve.entrypoints.openai.protocol import ErrorResponse
+from omniserve.entrypoints.openai.errors import validation_message
+from omniserve.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse
 from omniserve.errors import APIError
+
+REQUEST_TYPES = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest}
+
+
+def check_line_request(endpoint: str, body: dict) -> tuple[CompletionRequest | ChatCompletionRequest | None,
+                                                           tuple[str, str] | None]:
+    """A line's body as the endpoint's route reads it, or the (code, message) of why it cannot run there: not a
+    request the route takes, or streamed."""
+    try:
+        request = REQUEST_TYPES[endpoint].model_validate(body)
+    except ValidationError as exc:
+        return None, ("invalid_request", validation_message(exc.errors())[0])
+    if request.stream:
+        return None, ("invalid_request", "a batch line cannot stream (stream: true)")
+    return request, None
 
 
 class UploadTooLarge(Exception):

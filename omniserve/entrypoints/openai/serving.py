@@ -30,11 +30,11 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from omniserve.config import ConfigError
 from omniserve.engine.async_engine import AsyncEngine, EngineDeadError
 from omniserve.engine.llm_engine import LLMEngine
 from omniserve.engine.outputs import CompletionOutput, RequestOutput
 from omniserve.entrypoints.openai.protocol import PromptTokensDetails, SamplingRequest, UsageInfo, now
+from omniserve.entrypoints.openai.http_context import RequestLimits
 from omniserve.entrypoints.openai.served_models import Resolved, ServedModels
 from omniserve.errors import APIError, error_body
 from omniserve.sampling.params import InvalidRequestError, SampledToken, SamplingParams, ServiceClass
@@ -46,32 +46,6 @@ T = TypeVar("T")
 
 class ClientDisconnected(Exception):
     """The client went away before its answer was ready (its engine requests end with the HTTP request)."""
-
-
-@dataclass(frozen=True)
-class RequestLimits:
-    """Bounds on the work one request can make the server do (`omniserve serve` flags)."""
-
-    max_body_bytes: int = 26_214_400
-    """The largest request body: OpenAI's own limit (25 MiB). A larger one gets 413 before it is read."""
-    max_n: int = 128
-    """The most completions one request may ask for (`n`): OpenAI's limit."""
-    max_stop: int = 16
-    """The most stop strings one request may give. OpenAI allows 4, vLLM any number; code benchmarks send 5 to 7 to
-    vLLM servers. Every one is searched for at every generated token."""
-    max_stop_chars: int = 1024
-    """The longest stop string: a stream holds back text that may begin one, so a longer one would hold back that
-    much of the stream (a 100,000-character one turned a stream into one chunk at the end)."""
-    max_prompts: int = 2048
-    """The most completions one request may run: its prompts times n (OpenAI's limit on prompts in one request).
-    Each is an engine request; 50,000 of them would stall every stream while they start."""
-    max_prompt_tokens: int = 1 << 20
-    """The most prompt tokens one request may carry, all its prompts together."""
-
-    def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_n", "max_stop", "max_stop_chars", "max_prompts", "max_prompt_tokens"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
 @dataclass

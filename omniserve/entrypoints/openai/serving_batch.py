@@ -13,6 +13,7 @@ from omniserve.batch.service import LineNotRun
 from omniserve.engine.async_engine import EngineDeadError
 from omniserve.entrypoints.openai.errors import validation_message
 from omniserve.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
+from omniserve.entrypoints.openai.batch_routes import check_line_request
 from omniserve.entrypoints.openai.serving import Call, OpenAIServing, ServerState
 from omniserve.errors import APIError, error_body
 
@@ -31,13 +32,9 @@ class ServingLineRunner:
     def check(self, endpoint: str, body: dict) -> tuple[str, str] | None:
         """What can be known of a line before it runs (while its batch is validated): a request the route takes,
         not streamed, for a model this server serves."""
-        request_type, _ = self._routes[endpoint]
-        try:
-            request = request_type.model_validate(body)
-        except ValidationError as exc:
-            return "invalid_request", validation_message(exc.errors())[0]
-        if request.stream:
-            return "invalid_request", "a batch line cannot stream (stream: true)"
+        request, refusal = check_line_request(endpoint, body)
+        if refusal is not None:
+            return refusal
         try:
             self._state.models.resolve_best_effort(request.model)
         except APIError as exc:
