@@ -30,6 +30,8 @@ NEEDS_GPU = {"bench_cuda_decode.py": "compares two checkouts on a CUDA device"}
 NEEDS_PACKAGE = {"bench_scaleout.py": ("ray", "scale-out needs Ray (pip install 'omniserve[ray]')")}
 NO_SMOKE_SIZE: dict[str, str] = {  # script -> why it has no --smoke size
     "bench_drain.py": "starts Ray and two engines for a minute; test_ray_scaleout drains one behind the router",
+    "bench_router_batch.py": "starts Ray and two engines twice, for minutes; test_router_batches runs the Batch API "
+                             "tests behind the router",
 }
 MEASURE_ALONE = ("bench_serving.py",)  # run first, alone (see the docstring)
 SLOWEST_FIRST = ("bench_batch.py", "bench_policies.py", "bench_multi_layer.py", "bench_soak.py", "bench_profile.py",
