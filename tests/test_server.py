@@ -430,6 +430,21 @@ def test_rejected_ls_request_gets_429_with_retry_after(slo_server, stream):
     assert 0 < float(correction.split()[-1]) < 0.1  # the 10 s-per-layer profile, measured against the device
 
 
+def test_a_request_of_many_prompts_is_rejected_as_one(slo_server):
+    """Its prompts reach the scheduler together and are judged as one (tests/test_slo_scheduler.py has the rule):
+    one rejection, every prompt turned away, none run."""
+    scheduler = slo_server.engine.scheduler
+    rejected, in_a_row = scheduler.stats.num_rejected, scheduler.admission.ls_rejected_in_a_row
+    prompt_tokens = scheduler.stats.prefix_cache_queries
+    response = slo_server.post("/v1/completions", {"model": "tiny-chat", "prompt": [PROMPT] * 40, "n": 2,
+                                                   "max_tokens": 3})
+    assert response.status_code == 429 and response.json()["error"]["code"] == "slo_rejected"
+    slo_server.wait_idle()
+    assert scheduler.stats.num_rejected - rejected == 80
+    assert scheduler.admission.ls_rejected_in_a_row - in_a_row == 1
+    assert scheduler.stats.prefix_cache_queries == prompt_tokens  # no prompt started
+
+
 def test_api_keys(tiny_chat_model, tmp_path):
     keys_file = tmp_path / "keys.toml"
     keys_file.write_text('[keys]\n"sk-batch-only" = ["be"]\n')

@@ -14,7 +14,7 @@ from omniserve.engine.scheduler.config import SchedulerConfig
 from omniserve.engine.scheduler.latency_model import (
     BatchShape, LatencyModel, LinearModel, prefill_interactions,
 )
-from omniserve.engine.scheduler.request import Placement, Request, RequestStatus
+from omniserve.engine.scheduler.request import Placement, Request, RequestGroup, RequestStatus
 from omniserve.kv_cache import PageAllocator, PageTable
 from omniserve.sampling.params import SamplingParams
 
@@ -112,6 +112,56 @@ def test_waiting_ls_is_rejected_as_soon_as_it_would_be_late_and_be_is_never_reje
     clock.now += 100
     step(scheduler)
     assert be.status is RequestStatus.WAITING  # BE waits, however long
+
+
+def add_group(scheduler, name: str, count: int, prompt_len: int, ttft: float) -> list[Request]:
+    """The engine requests of one API request of `count` prompts (a RequestGroup)."""
+    group = RequestGroup()
+    for i in range(count):
+        request = Request(f"{name}{i}", list(range(10, 10 + prompt_len)), SamplingParams(), 8,
+                          arrival_time=scheduler.state.clock(), ttft_slo=ttft, tpot_slo=0.05, group=group)
+        scheduler.add_request(request)
+        group.members.append(request)
+    return group.members
+
+
+def largest_chunk_and_time() -> tuple[int, float]:
+    """The largest prefill chunk an iteration holds within the 50 ms budget, and that iteration's time."""
+    def shape(count: int) -> BatchShape:
+        return BatchShape(count, prefill_interactions(0, count), 0, 0, 1)
+
+    chunk = max(c for c in range(1, 400) if MODEL.iteration_time(shape(c)) <= 0.05)
+    return chunk, MODEL.iteration_time(shape(chunk))
+
+
+def test_a_request_of_many_prompts_is_rejected_before_any_of_them_runs():
+    """20 prompts of 100 tokens: the first fit the TTFT SLO alone, all 20 do not. As separate requests the first
+    run and the rest are turned away; as one API request (a group) all are turned away at once."""
+    chunk, per_iteration = largest_chunk_and_time()
+    ttft = 0.5 * math.ceil(20 * 100 / chunk) * per_iteration
+    alone = make()
+    separate = [add(alone, f"p{i}", 100, ttft=ttft) for i in range(20)]
+    step(alone)
+    assert separate[0].status is RequestStatus.RUNNING and separate[-1].status is RequestStatus.REJECTED
+    scheduler = make()
+    members = add_group(scheduler, "p", 20, 100, ttft)
+    plan = step(scheduler)
+    assert plan.rejected == [m.request_id for m in members] and not plan.chunks
+    assert scheduler.stats.num_rejected == 20 and scheduler.admission.ls_rejected_in_a_row == 1
+    assert not scheduler.requests and scheduler.page_table.allocator.num_used == 0
+
+
+def test_once_a_group_started_none_of_its_prompts_is_turned_away():
+    clock = Clock()
+    chunk, per_iteration = largest_chunk_and_time()
+    scheduler = make(clock=clock, max_num_seqs=2)  # the group's members start two at a time
+    members = add_group(scheduler, "p", 6, 20, ttft=2 * math.ceil(6 * 20 / chunk) * per_iteration + 0.01)
+    step(scheduler)
+    assert [m.status for m in members[:2]] == [RequestStatus.RUNNING] * 2
+    clock.now += 100  # far past the SLO: waiting members would be late, alone
+    while scheduler.has_unfinished():
+        step(scheduler)
+    assert all(m.status is RequestStatus.FINISHED_LENGTH for m in members) and scheduler.stats.num_rejected == 0
 
 
 def test_priority_order_ls_decode_ls_prefill_be_decode_be_prefill():

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from omniserve.engine.llm_engine import LLMEngine
 from omniserve.engine.output_processor import OutputProcessor
+from omniserve.engine.scheduler.request import RequestGroup
 from omniserve.engine.outputs import RequestOutput
 from omniserve.malloc import trim_heap
 from omniserve.sampling.params import SamplingParams
@@ -82,6 +83,23 @@ class AsyncEngine:
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         # Stamped here: the engine thread takes the request only after the iteration it is running.
         self._post(("add", request_id, prompt, params, stream, time.monotonic()))
+        async for output in self._outputs(request_id, stream):
+            yield output
+
+    def generate_all(self, prompts: list[tuple[str, str | list[int]]], params: SamplingParams
+                     ) -> list[AsyncIterator[RequestOutput]]:
+        """As generate, for the prompts (request id, prompt) of one API request: they are queued in one turn of the
+        engine, and admitted or rejected as one (RequestGroup), so that none runs if the request is turned away. If
+        the engine refuses one, none is queued and every iterator raises that error. Queued at once: the caller
+        aborts each it does not read to its end."""
+        if not self.alive:
+            raise EngineDeadError("the engine is not running")
+        loop = asyncio.get_running_loop()
+        entries = [(request_id, prompt, _Stream(loop, asyncio.Queue())) for request_id, prompt in prompts]
+        self._post(("add_all", entries, params, time.monotonic()))
+        return [self._outputs(request_id, stream) for request_id, _, stream in entries]
+
+    async def _outputs(self, request_id: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
         finished = False
         try:
             while not finished:
@@ -160,18 +178,32 @@ class AsyncEngine:
             taken += 1
             if command[0] == "add":
                 _, request_id, prompt, params, stream, arrival_time = command
-                try:
-                    new = self.engine.enqueue_request(request_id, prompt, params, arrival_time)
-                except Exception as exc:  # bad input: the caller gets the error, nothing is queued
-                    stream.put(exc)
-                    continue
-                self._handoff.put(("add", new, stream))
+                self._add_all([(request_id, prompt, stream)], params, arrival_time, None)
+            elif command[0] == "add_all":
+                _, entries, params, arrival_time = command
+                self._add_all(entries, params, arrival_time, RequestGroup())
             elif command[0] == "stop":
                 self.engine.stop_completion(*command[1:])
             else:
                 _, request_id = command
                 self.engine.cancel_request(request_id)
                 self._handoff.put(("abort", request_id))
+
+    def _add_all(self, entries: list[tuple[str, str | list[int], _Stream]], params: SamplingParams,
+                  arrival_time: float, group: RequestGroup | None) -> None:
+        """Queues every request, or (bad input) none: each caller then gets the error."""
+        added = []
+        try:
+            for request_id, prompt, stream in entries:
+                added.append((self.engine.enqueue_request(request_id, prompt, params, arrival_time, group), stream))
+        except Exception as exc:
+            for new, _ in added:
+                self.engine.cancel_request(new.request_id)
+            for *_, stream in entries:
+                stream.put(exc)
+            return
+        for new, stream in added:
+            self._handoff.put(("add", new, stream))
 
     def _fail_all(self, error: BaseException) -> None:
         for request_id in list(self.engine.unfinished_request_ids):

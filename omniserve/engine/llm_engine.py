@@ -30,7 +30,7 @@ from omniserve.engine.scheduler import Scheduler, SchedulerConfig
 from omniserve.engine.scheduler.latency_model import LatencyModel
 from omniserve.engine.scheduler.plan import IterationPlan, RunnerOutput, ScheduledChunk
 from omniserve.engine.scheduler.policy import POLICY_TABLE
-from omniserve.engine.scheduler.request import Request, RequestStatus
+from omniserve.engine.scheduler.request import Request, RequestGroup, RequestStatus
 from omniserve.engine.services import ServiceRegistry
 from omniserve.kv_cache import PageAllocator, PageTable, PrefixCache
 from omniserve.kv_cache.host_tier import HostTier
@@ -302,9 +302,10 @@ class LLMEngine:
         self.output_processor.add_request(self.enqueue_request(request_id, prompt, params, arrival_time))
 
     def enqueue_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                        arrival_time: float | None = None) -> NewRequest:
+                        arrival_time: float | None = None, group: RequestGroup | None = None) -> NewRequest:
         """add_request's part on the engine: validates and queues the request; returns what the output processor
-        must be given of it."""
+        must be given of it. `group`: the other requests it is admitted or rejected with (its n completions are
+        one group anyway)."""
         params = params or SamplingParams()
         if request_id in self._groups:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
@@ -316,6 +317,7 @@ class LLMEngine:
         if spec is not None:
             self.grammars.compile(spec)  # checked (400 if bad) before anything is queued; cached for the matchers
         children = []
+        group = group if group is not None or params.n == 1 else RequestGroup()
         arrival = time.monotonic() if arrival_time is None else arrival_time
         for index in range(params.n):
             child_params = params
@@ -326,13 +328,15 @@ class LLMEngine:
             children.append(Request(
                 child_id, token_ids, child_params, max_tokens, arrival_time=arrival,
                 ttft_slo=service.ttft_slo, tpot_slo=service.tpot_slo, service=service.name,
-                siblings=request_id if params.n > 1 else None,
+                siblings=request_id if params.n > 1 else None, group=group,
                 grammar=None if spec is None else self.grammars.matcher(spec),
             ))
         self._groups[request_id] = children
         for request in children:
             self._group_of[request.request_id] = request_id
             self.scheduler.add_request(request)
+        if group is not None:
+            group.members.extend(children)
         return NewRequest(request_id, prompt if isinstance(prompt, str) else None, token_ids, params, arrival,
                           service.ttft_slo, service.tpot_slo)
 

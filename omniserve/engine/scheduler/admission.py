@@ -45,18 +45,23 @@ class Admission:
         state = self.state
         ahead = self._ls_prefill_ahead(scheduled) if ls else 0
         blocked = False  # once one request cannot start, later ones of its class wait too (arrival order)
+        judged: set[int] = set()  # the groups judged in this call (by id())
         for request in (r for r in tuple(state.waiting) if state.is_ls(r) == ls):  # a snapshot: admission removes
             if blocked and not ls:
                 break  # nothing more can happen to waiting BE requests (LS ones may still be rejected)
+            if request.status is not RequestStatus.WAITING:
+                continue  # rejected with its group in this call
             # What the prefix cache holds of its tokens is not computed again: the checks count only the rest.
             uncached = self._uncached_tokens(request) if ls and self._judges_lateness(request) else (
                 request.num_tokens - request.num_computed_tokens)
-            if ls and self._is_late(request, batch, ahead, uncached):
-                if self._wants_calibration(ahead):
+            if ls and self._needs_judging(request, judged):
+                late = self._group_is_late(request, batch, ahead, uncached)
+                if late and self._wants_calibration(ahead):
                     self.calibration_wanted = blocked = True
-                else:
-                    self._reject(request, rejected)
-                continue
+                    continue
+                if late:
+                    self._reject(self._waiting_members(request), rejected)
+                    continue
             ahead += uncached
             # New requests wait while anything is being preempted: admitting them would only preempt again. One of n
             # completions waits while a sibling computes their prompt, and then finds it cached.
@@ -72,6 +77,28 @@ class Admission:
                 self._detach(request)
                 continue
             self._start(request, count, batch, scheduled, ls)
+
+    def _needs_judging(self, request: Request, judged: set[int]) -> bool:
+        """A request alone is judged at every admission while it waits; a group (see RequestGroup) until one of its
+        members starts, and once per admission, when its first waiting member comes."""
+        group = request.group
+        if group is None:
+            return True
+        if group.started or id(group) in judged:
+            return False
+        judged.add(id(group))
+        return True
+
+    def _waiting_members(self, request: Request) -> list[Request]:
+        if request.group is None:
+            return [request]
+        return [m for m in request.group.members if m.status is RequestStatus.WAITING]
+
+    def _group_is_late(self, request: Request, batch: IterationBudget, ahead: int, uncached: int) -> bool:
+        """Whether the request, or the last of its group's waiting members, would miss the TTFT SLO if admitted now."""
+        if request.group is not None and self._judges_lateness(request):
+            uncached = sum(self._uncached_tokens(m) for m in self._waiting_members(request))
+        return self._is_late(request, batch, ahead, uncached)
 
     def _judges_lateness(self, request: Request) -> bool:
         return self.state.policy.reject_late and self.state.latency_model is not None and request.ttft_slo is not None
@@ -127,6 +154,8 @@ class Admission:
         request.status = RequestStatus.RUNNING
         if ls:
             self.ls_rejected_in_a_row = 0
+        if request.group is not None:
+            request.group.started = True
         if request.first_scheduled_time is None:
             request.first_scheduled_time = state.clock()
         if request.num_cached_tokens is None:
@@ -138,11 +167,14 @@ class Admission:
         batch.add(request, count)
         scheduled[request.request_id] = count
 
-    def _reject(self, request: Request, rejected: list[str]) -> None:
-        self.state.finish(request.request_id, RequestStatus.REJECTED)
-        self.state.stats.num_rejected += 1
+    def _reject(self, members: list[Request], rejected: list[str]) -> None:
+        """Turns away a request, or the waiting members of its group (one rejection in a row)."""
+        for member in members:
+            self.state.finish(member.request_id, RequestStatus.REJECTED)
+            rejected.append(member.request_id)
+        self.state.stats.num_rejected += len(members)
         self.ls_rejected_in_a_row += 1
-        rejected.append(request.request_id)
+        request = members[0]
         if self.ls_rejected_in_a_row % (10 * _REJECTING_ALL_AFTER) == _REJECTING_ALL_AFTER:
             logger.warning(
                 "admission has rejected the last %d LS requests and admitted none: their predicted TTFT exceeds "

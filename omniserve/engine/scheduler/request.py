@@ -52,6 +52,16 @@ class Placement(enum.Enum):
 
 
 @dataclass(eq=False)
+class RequestGroup:
+    """The engine requests of one API request (its prompts, each with its n completions), which admission takes or
+    rejects as one: a request turned away for lateness is turned away before any of its prompts runs, and once one
+    has started, none of the others is turned away."""
+
+    members: list[Request] = field(default_factory=list)
+    started: bool = False
+
+
+@dataclass(eq=False)
 class Request:
     request_id: str
     prompt_token_ids: list[int]
@@ -66,6 +76,8 @@ class Request:
     """The name of the service it belongs to."""
     siblings: str | None = None
     """One of a request's n completions: the caller's request id, which its siblings (same prompt) share."""
+    group: RequestGroup | None = None
+    """The API request it is one of, when that made several engine requests."""
     grammar: RequestGrammar | None = None
     """Its structured-output constraint's state (sampling/structured.py), fed every token it accepts."""
     token_ids: list[int] = field(init=False)

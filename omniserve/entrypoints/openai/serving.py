@@ -410,8 +410,10 @@ class Generation:
         self._read_ahead: list[tuple[int, RequestOutput]] = []  # what start() read, for outputs() to yield first
         self._unfinished = set(range(len(request_ids)))  # as the reader has seen them
         self._running = set(range(len(request_ids)))  # engine requests that may still hold memory
-        self._feeders = [asyncio.ensure_future(self._feed(i, self._engine.generate(r, p, params)))
-                         for i, (r, p) in enumerate(zip(request_ids, prompts))]
+        # One engine turn queues them all, admitted or rejected as one (a request of many prompts that the SLO
+        # scheduler turns away is turned away before any of its prompts runs).
+        streams = self._engine.generate_all(list(zip(request_ids, prompts)), params)
+        self._feeders = [asyncio.ensure_future(self._feed(i, stream)) for i, stream in enumerate(streams)]
         if drained:
             state.in_flight.add(self)
 
