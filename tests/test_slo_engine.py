@@ -68,13 +68,16 @@ LONE_PREFILL = BatchShape(20, prefill_interactions(0, 20), 0, 0, 1)
 
 
 def test_a_profile_far_slower_than_the_device_does_not_reject_a_request_it_can_serve(tiny_model_dirs, make_llm,
-                                                                                        tmp_path):
+                                                                                        tmp_path, caplog):
     """A profile taken while the machine was busy (here: 0.5 s per layer, where the tiny model takes well under a
     millisecond) predicts a lone 20-token prefill at 4x the TTFT SLO. The engine measures the device before it
-    trusts that, so the request that the device can serve is served."""
+    trusts that, says at start that the profile is off, and serves the request that the device can serve."""
     path, model = flat_profile(tmp_path, 0.5)
     assert model.iteration_time(LONE_PREFILL) > 4 * 0.25
-    llm = make_llm(tiny_model_dirs["llama"][0], ls_ttft_slo=0.25, ls_tpot_slo=2.5, profile_path=path, block_size=4)
+    with caplog.at_level("WARNING", logger="omniserve.engine.llm_engine"):
+        llm = make_llm(tiny_model_dirs["llama"][0], ls_ttft_slo=0.25, ls_tpot_slo=2.5, profile_path=path,
+                       block_size=4)
+    assert "profile" in caplog.text and "not trustworthy on this device now" in caplog.text
     assert _lone_ls_request(llm) == "length"
     # The measured iterations corrected the profile, at least as far as admitting the request needed (a busy machine
     # may take tens of milliseconds for what the tiny model does in one, so no tighter figure is asserted).

@@ -43,6 +43,9 @@ from omniserve.tokenizer import load_tokenizer, set_chat_template
 
 logger = logging.getLogger(__name__)
 
+_PROFILE_TRUSTED = (0.5, 2.0)
+"""Measured / predicted iteration time at start within which the profile describes the device; beyond, a warning."""
+
 _IDLE_WAIT_S = 0.01
 
 
@@ -284,8 +287,18 @@ class LLMEngine:
                     self.scheduler.observe(plan, time.perf_counter() - started)
         finally:
             self.page_table.release(scratch)
-        logger.info("latency model calibrated on %d scratch iterations: this device runs at %.2fx the profile's "
-                    "times", len(steps) - 1, self.scheduler.correction.value)
+        ratio = self.scheduler.correction.value
+        if _PROFILE_TRUSTED[0] <= ratio <= _PROFILE_TRUSTED[1]:
+            logger.info("latency model calibrated on %d scratch iterations: this device runs at %.2fx the profile's "
+                        "times", len(steps) - 1, ratio)
+        else:
+            logger.warning(
+                "the latency profile (%s) is not trustworthy on this device now: measured iterations take %.2fx its "
+                "predictions (profiled on a busier or another machine, or this one is busy now). The scheduler "
+                "scales every prediction by what it measures, iteration by iteration, so admission follows the "
+                "device as it is; run `omniserve profile --force` with this server's model and flags on a quiet "
+                "machine to fix the profile itself.",
+                self.latency_model.metadata.get("created", "undated"), ratio)
 
     # ------------------------------------------------------------------------------------------------ intake
     def tokenize(self, prompt: str | list[int]) -> list[int]:
