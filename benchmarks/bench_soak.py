@@ -14,10 +14,10 @@ At the end, after the clients have finished their last requests and the server h
   request the scheduler cannot serve in time), or have been disconnected on purpose;
 - the count of 5xx answers;
 - the /metrics gauges (running, waiting, offloaded, CPU pool rows in flight, KV use) back at 0 once idle;
-- the memory series and the verdict: "flat after warm-up" when the total RSS samples of the last third of the run
-  are within 5% of each other (max / min), with the growth and the trend (least-squares slope) over that third, the
-  same for the server alone and for the workers (whose RSS follows their live host KV), and the ratio to the idle
-  server before the load.
+- the memory series and the verdict: "flat after warm-up" when the total RSS samples after the first third of the
+  run (the warm-up: the last 20 of 30 minutes) are within 5% of each other (max / min), with the growth and the trend
+  (least-squares slope) over them, the same for the server alone, for the workers (whose RSS follows their live host
+  KV) and for the open file descriptors (server and children), and the ratio to the idle server before the load.
 
     python benchmarks/bench_soak.py --duration 30 --markdown soak.md
 """
@@ -53,7 +53,8 @@ GAUGES = {  # what must be back at 0 once the server is idle
     "offloaded": "omniserve:num_requests_offloaded", "pool rows in flight": "omniserve:cpu_pool_queue_depth",
     "KV use": "vllm:kv_cache_usage_perc",
 }
-FLAT_WITHIN = 0.05  # "flat after warm-up": the last third's samples within 5% of each other
+FLAT_WITHIN = 0.05  # "flat after warm-up": the samples after the warm-up within 5% of each other
+WARM_UP_SHARE = 1 / 3  # the first third of the load is warm-up; the rest is judged
 _STATUS_FIELDS = {"VmRSS": "rss", "RssAnon": "anon", "RssFile": "file", "RssShmem": "shmem"}
 
 
@@ -275,12 +276,12 @@ def outcomes(records: list[Record]) -> dict:
 
 
 def verdict(samples: list[dict], duration_s: float, value=lambda sample: sample["total"]["rss"]) -> dict:
-    """Over the last third of the load, `value` (default: the total RSS): its spread (max / min - 1), its growth
+    """After the warm-up (WARM_UP_SHARE of the load), `value` (default: the total RSS): its spread (max / min - 1), its growth
     (last / first - 1), its trend (least-squares slope, as a share of the mean per 10 minutes: growth, told apart from
     the swings of live data such as the offloaded requests' host KV), and whether it is flat (spread within
     FLAT_WITHIN)."""
     during = [s for s in samples if not s["label"]]
-    points = [(s["t"], value(s)) for s in during if s["t"] >= duration_s * 2 / 3]
+    points = [(s["t"], value(s)) for s in during if s["t"] >= duration_s * WARM_UP_SHARE]
     points = points or [(during[-1]["t"], value(during[-1]))]
     times, values = [t for t, _ in points], [v for _, v in points]
     mean_t, mean_v = sum(times) / len(times), sum(values) / len(values)
@@ -291,7 +292,7 @@ def verdict(samples: list[dict], duration_s: float, value=lambda sample: sample[
 
 
 def verdict_line(name: str, figures: dict) -> str:
-    return (f"- {name} over the last third ({figures['samples']} samples): spread {figures['spread']:.1%}, growth "
+    return (f"- {name} after the warm-up ({figures['samples']} samples): spread {figures['spread']:.1%}, growth "
             f"{figures['growth']:+.1%}, trend {figures['trend']:+.1%} per 10 min: "
             + ("**flat after warm-up**" if figures["flat"] else f"**not flat** (spread above {FLAT_WITHIN:.0%})"))
 
@@ -346,6 +347,10 @@ def report(args: argparse.Namespace, counts: dict, samples: list[dict], chaos: C
         verdict_line("CPU attention workers' RSS (their live host KV included)", verdict(
             samples, duration_s, lambda sample: sum(m["rss"] for name, m in sample["processes"].items()
                                                     if name.startswith("cpu attention worker")) or 1)),
+        verdict_line("open file descriptors (server and children)", verdict(
+            samples, duration_s, lambda sample: sample["total"]["fds"])),
+        verdict_line("the server's open file descriptors", verdict(
+            samples, duration_s, lambda sample: sample["processes"]["server"]["fds"])),
         f"- total RSS: {last_busy['total']['rss'] / first['total']['rss']:.2f}x the idle server's before the load at "
         f"the end of the load, {idle_sample['total']['rss'] / first['total']['rss']:.2f}x once idle again",
         "", *series_table(samples)]

@@ -30,6 +30,9 @@ NEEDS_GPU = {"bench_cuda_decode.py": "compares two checkouts on a CUDA device"}
 NEEDS_PACKAGE = {"bench_scaleout.py": ("ray", "scale-out needs Ray (pip install 'omniserve[ray]')")}
 NO_SMOKE_SIZE: dict[str, str] = {  # script -> why it has no --smoke size
     "bench_drain.py": "starts Ray and two engines for a minute; test_ray_scaleout drains one behind the router",
+    "bench_busy_profile.py": "profiles the built-in model beside spinning processes (minutes); test_slo_engine "
+                             "serves with a profile far off the device",
+    "bench_request_limits.py": "a server beside one stream, each refusal once: no smaller size says more",
     "bench_router_batch.py": "starts Ray and two engines twice, for minutes; test_router_batches runs the Batch API "
                              "tests behind the router",
 }

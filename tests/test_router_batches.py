@@ -6,6 +6,8 @@ instance lost while it runs lines, and the router's own key on the instances' li
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 import test_batch_api
@@ -62,4 +64,29 @@ def test_only_the_router_runs_lines_on_an_instance(tiny_chat_model):
         assert httpx.post(url, json=job, headers={ROUTER_KEY_HEADER: "guess"}).status_code == 403
         events = httpx.post(url, json=job, headers={ROUTER_KEY_HEADER: ROUTER_KEY}, timeout=60).text.splitlines()
         assert events[0] == '{"started": true}' and '"status": 200' in events[-1]
+        running.wait_idle()
+
+
+def test_lines_wait_while_no_instance_is_in_and_start_when_one_comes_in(tiny_chat_model, monkeypatch):
+    with routed_serving(tiny_chat_model, instances=1) as running:
+        router, down = running.app.state.router, {"now": True}
+        poll = router._poll
+
+        async def poll_unless_down(instance):
+            if down["now"]:
+                router.take_out(instance, "down for the test")
+            else:
+                await poll(instance)
+
+        monkeypatch.setattr(router, "_poll", poll_unless_down)
+        client = running.client()
+        while router.instances[0].alive:
+            time.sleep(0.01)
+        batch = wait_for(client, submit(client, [chat_line("a"), chat_line("b")]).id,
+                         lambda b: b.status == "in_progress")
+        time.sleep(0.5)  # a few polls: nothing to run the lines on
+        assert client.batches.retrieve(batch.id).request_counts.completed == 0
+        down["now"] = False
+        batch = wait_for(client, batch.id)
+        assert batch.status == "completed" and batch.request_counts.completed == 2
         running.wait_idle()

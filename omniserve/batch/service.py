@@ -165,6 +165,10 @@ class BatchService:
         await asyncio.gather(*self._loops, *self._tasks,
                              *(t for a in self._active.values() for t in a.in_flight.values()), return_exceptions=True)
 
+    def wake(self) -> None:
+        """Lines may start again (the runner was not accepting, and now is): feeding looks at once."""
+        self._wake.set()
+
     def _spawn(self, work) -> None:
         task = asyncio.ensure_future(work)
         self._tasks.add(task)

@@ -147,7 +147,8 @@ class RemoteLineRunner:
         try:
             async with self.router.client.stream("POST", instance.url + BATCH_LINE_PATH, json=job,
                                                  headers=self.headers, timeout=timeout) as response:
-                if response.status_code == 503:
+                if response.status_code == 503:  # it stops: until a poll says otherwise, lines go elsewhere
+                    self.router.take_out(instance, "it answered a batch line with 503")
                     raise LineNotRun()
                 if response.status_code != 200:
                     raise RuntimeError(f"engine instance {instance.url} refused a batch line: "

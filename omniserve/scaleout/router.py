@@ -107,6 +107,8 @@ class Router:
         self.drain_grace_s = 30.0
         self.limits = limits or RequestLimits()
         """The instances' limits: the router refuses a body over their size limit before it reads it."""
+        self.on_instance_in: Callable[[], None] | None = None
+        """Called when an instance comes in (again): batch lines that waited for one may start."""
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=5.0), transport=transport)
         self.registry = CollectorRegistry()
         self.routed = Counter("omniserve:router_requests", "Requests sent to each instance",
@@ -126,9 +128,12 @@ class Router:
         except (httpx.HTTPError, ValueError) as exc:
             self.take_out(instance, f"load poll failed: {exc!r}")
             return
-        if not instance.alive:
-            logger.info("engine instance %s is in", instance.url)
+        was_alive = instance.alive
         instance.alive = not report.get("draining", False)
+        if instance.alive and not was_alive:
+            logger.info("engine instance %s is in", instance.url)
+            if self.on_instance_in is not None:
+                self.on_instance_in()
         instance.report, instance.sent_ls, instance.sent_be_tokens = report, 0, 0
         self.live.labels(instance.url).set(int(instance.alive))
 
@@ -256,6 +261,7 @@ def build_router_app(router: Router, api_keys: APIKeys | None = None, batch_db: 
         batch_db if temporary is None else Path(temporary) / "batches.db")
     batches = BatchService(store, RemoteLineRunner(router, router_key), batch_limits)
     BatchCollector(batches, router.registry)
+    router.on_instance_in = batches.wake
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
