@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 from omniserve.engine.llm_engine import LLMEngine
 from omniserve.engine.output_processor import OutputProcessor
-from omniserve.engine.scheduler.request import RequestGroup
 from omniserve.engine.outputs import RequestOutput
+from omniserve.engine.scheduler.request import RequestGroup
 from omniserve.malloc import trim_heap
 from omniserve.sampling.params import SamplingParams
 

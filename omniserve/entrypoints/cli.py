@@ -208,11 +208,10 @@ def _build_kernel(args: argparse.Namespace) -> None:
 
 def _route(args: argparse.Namespace) -> None:
     """A router in front of engine instances started elsewhere (see omniserve.scaleout.router)."""
-    from omniserve.scaleout.router import Router, build_router_app, run_router
-
     from omniserve.batch.store import BatchStore
     from omniserve.config import cache_dir
     from omniserve.entrypoints.openai.auth import APIKeys
+    from omniserve.scaleout.router import Router, build_router_app, run_router
 
     logging.getLogger("omniserve").setLevel(args.log_level.upper())
     api_keys = APIKeys.build(args.api_key, args.api_keys_file)
