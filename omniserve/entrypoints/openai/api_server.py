@@ -39,6 +39,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import omniserve
@@ -50,6 +51,7 @@ from omniserve.entrypoints.openai.auth import APIKeys
 from omniserve.entrypoints.openai.batch_routes import BatchCollector, UploadTooLarge, add_batch_routes
 from omniserve.entrypoints.openai.errors import validation_message
 from omniserve.entrypoints.openai.metrics import ServerMetrics
+from omniserve.entrypoints.openai.openapi import server_document
 from omniserve.entrypoints.openai.protocol import (
     ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse, DetokenizeRequest,
     DetokenizeResponse, ErrorResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse,
@@ -238,15 +240,9 @@ def _add_tokenizer_routes(app: FastAPI, engine: LLMEngine, models: ServedModels,
 
 class _OpenAIApp(FastAPI):
     def openapi(self) -> dict:
-        """FastAPI's schema without the 422 it adds to every route with a body: this server answers 400 there,
-        declared per route with the rest of its errors."""
+        """FastAPI's schema, stating what this server answers and enforces (see openapi.py)."""
         if self.openapi_schema is None:
-            schema = super().openapi()
-            for path in schema["paths"].values():
-                for operation in path.values():
-                    operation["responses"].pop("422", None)
-            for name in ("HTTPValidationError", "ValidationError"):
-                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            self.openapi_schema = server_document(super().openapi(), self.state.server)
         return self.openapi_schema
 
 
@@ -269,7 +265,8 @@ def _errors(*codes: int) -> dict[int, dict]:
 
 def _generation_responses(model: type) -> dict[int, dict]:
     """OpenAPI responses of a completions route: the answer (JSON, or server-sent events) or an error."""
-    events = {"type": "string", "description": "with `stream: true`: chunks as server-sent events, then [DONE]"}
+    events = {"type": "object", "required": ["data"], "description": "with `stream: true`, each server-sent event",
+              "properties": {"data": {"type": "string", "description": "a chunk (JSON), an error (JSON), or [DONE]"}}}
     return {200: {"model": model, "content": {"text/event-stream": {"schema": events}}},
             **_errors(400, 401, 403, 404, 413, 429, 500, 503)}
 
@@ -299,8 +296,11 @@ def _add_error_handlers(app: FastAPI) -> None:
         message, param = validation_message(errors, skip=1)  # loc[0] is "body"
         return error_response(400, message, param=param)
 
-    async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
-        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:  # Starlette names the methods of the first route on the path only
+            headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(app, request))}
+        return error_response(exc.status_code, str(exc.detail), headers=headers)
 
     async def engine_dead(_: Request, exc: EngineDeadError) -> Response:
         return error_response(503, str(exc), code="engine_dead")
@@ -318,6 +318,13 @@ def _add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(EngineDeadError, engine_dead)
     app.add_exception_handler(ClientDisconnected, client_gone)
     app.add_exception_handler(Exception, internal_error)
+
+
+def _allowed_methods(app: FastAPI, request: Request) -> list[str]:
+    """Every method some route serves on the request's path (each method has a route of its own)."""
+    methods = {method for route in app.router.routes if isinstance(route, Route)
+               and route.matches(request.scope)[0] is not Match.NONE for method in route.methods or ()}
+    return sorted(methods)
 
 
 # --------------------------------------------------------------------------------------------------- middleware
