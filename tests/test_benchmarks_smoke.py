@@ -24,10 +24,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
-SCRIPTS = sorted(p.name for p in BENCHMARKS.glob("bench_*.py"))
+SCRIPT_PREFIXES = ("bench_", "check_")  # measurements, and checks of the server against a specification
+SCRIPTS = sorted(p.name for p in BENCHMARKS.glob("*.py") if p.name.startswith(SCRIPT_PREFIXES))
 
 NEEDS_GPU = {"bench_cuda_decode.py": "compares two checkouts on a CUDA device"}
-NEEDS_PACKAGE = {"bench_scaleout.py": ("ray", "scale-out needs Ray (pip install 'omniserve[ray]')")}
+NEEDS_PACKAGE = {"bench_scaleout.py": ("ray", "scale-out needs Ray (pip install 'omniserve[ray]')"),
+                 "check_openapi.py": ("schemathesis", "generates its requests with schemathesis (pip install "
+                                      "schemathesis)")}
 NO_SMOKE_SIZE: dict[str, str] = {  # script -> why it has no --smoke size
     "bench_drain.py": "starts Ray and two engines for a minute; test_ray_scaleout drains one behind the router",
     "bench_busy_profile.py": "profiles the built-in model beside spinning processes (minutes); test_slo_engine "
@@ -59,7 +62,7 @@ def test_helper_modules_are_used_by_a_script():
     """The folder holds scripts, and modules only one of them imports (the shared parts live in omniserve.bench)."""
     scripts = "".join((BENCHMARKS / name).read_text() for name in SCRIPTS)
     for helper in BENCHMARKS.glob("*.py"):
-        if not helper.name.startswith("bench_"):
+        if not helper.name.startswith(SCRIPT_PREFIXES):
             assert f"from {helper.stem} import" in scripts, f"{helper.name} is used by no script"
 
 

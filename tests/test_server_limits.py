@@ -237,3 +237,84 @@ def test_openapi_spec_declares_the_answers_the_server_gives(server):
     answer = httpx.get(server.url + "/health")
     assert answer.status_code == 200 and not answer.content and "content-type" not in answer.headers
     assert httpx.get(server.url + "/metrics").headers["content-type"].startswith("text/plain")
+
+
+def test_the_spec_states_the_limits_of_the_running_server(tiny_chat_model):
+    """The bounds in the document are the configured ones, and each is where the server's own check is: the bound
+    is served, one past it is refused."""
+    limits = RequestLimits(max_n=3, max_stop=2, max_stop_chars=5, max_prompts=4)
+    with serving(tiny_chat_model, limits=limits) as running:
+        schemas = httpx.get(running.url + "/openapi.json").json()["components"]["schemas"]
+        completion = schemas["CompletionRequest"]["properties"]
+        assert (completion["n"]["minimum"], completion["n"]["maximum"]) == (1, 3)
+        stop_forms = {form["type"]: form for form in completion["stop"]["anyOf"]}
+        assert stop_forms["string"]["maxLength"] == 5 and stop_forms["array"]["maxItems"] == 2
+        assert completion["max_tokens"]["maximum"] == 511  # max_model_len 512, less the prompt's one token at least
+        ids = next(f for f in completion["prompt"]["anyOf"] if f["type"] == "array" and f["items"]["type"] == "integer")
+        assert ids["items"]["maximum"] == 999 and ids["minItems"] == 1
+        assert schemas["DetokenizeRequest"]["properties"]["tokens"]["items"]["maximum"] == 999
+        base = {"model": "tiny", "prompt": [5], "max_tokens": 1}
+        for field, inside, outside in [("n", 3, 4), ("stop", ["a", "b"], ["a", "b", "c"]), ("stop", "abcde", "abcdef"),
+                                       ("max_tokens", 511, 512), ("prompt", [999], [1000]), ("prompt", [[5]] * 4,
+                                                                                           [[5]] * 5)]:
+            assert running.post("/v1/completions", {**base, field: inside}).status_code == 200, (field, inside)
+            assert running.post("/v1/completions", {**base, field: outside}).status_code == 400, (field, outside)
+        running.wait_idle()
+
+
+@pytest.mark.parametrize("field, inside, outside", [
+    ("temperature", 0, -0.5), ("top_p", 1, 0), ("top_k", -1, -2), ("min_p", 1, 1.5), ("min_tokens", 0, -1),
+    ("presence_penalty", 2, 2.5), ("frequency_penalty", -2, -2.5), ("repetition_penalty", 0.5, 0),
+    ("logprobs", 20, 21), ("stop_token_ids", [0], [-1]), ("logit_bias", {}, {"5": 1}), ("suffix", "", "x"),
+    ("guided_choice", None, []),
+])
+def test_each_declared_bound_is_the_one_the_server_enforces(server, field, inside, outside):
+    keywords = httpx.get(server.url + "/openapi.json").json()["components"]["schemas"]["CompletionRequest"][
+        "properties"][field]
+    assert set(keywords) & {"minimum", "maximum", "exclusiveMinimum", "items", "maxProperties", "maxLength",
+                            "minItems"}, keywords
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 1}
+    assert server.post("/v1/completions", {**body, field: inside}).status_code == 200
+    assert_error(server.post("/v1/completions", {**body, field: outside}), 400, field, "")
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/detokenize", {"tokens": [5, False]}, "tokens.1"),
+    ("/v1/completions", {"prompt": PROMPT, "n": True}, "n"),
+    ("/v1/completions", {"prompt": PROMPT, "stream": 1}, "stream"),
+    ("/v1/completions", {"prompt": PROMPT, "temperature": "0.5"}, "temperature"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "logprobs": 0}, "logprobs"),
+])
+def test_values_of_another_json_type_are_refused(server, path, body, param):
+    """`true` is no integer, `1` no boolean, `"0.5"` no number: what the document says (pydantic's lax mode took
+    them); a whole number written 16.0 is a JSON Schema integer, and is taken."""
+    assert_error(server.post(path, {"model": "tiny", **body}), 400, param, "")
+    whole = server.post("/v1/completions", {"model": "tiny", "prompt": [5, 6.0], "max_tokens": 2.0})
+    assert whole.status_code == 200, whole.text
+
+
+def test_a_method_a_path_lacks_gets_405_naming_every_method_it_has(server):
+    for path, allowed in [("/v1/files", "GET, POST"), ("/v1/files/file-x", "DELETE, GET"), ("/tokenize", "POST")]:
+        response = httpx.request("PUT", server.url + path)
+        assert response.status_code == 405 and response.headers["allow"] == allowed, (path, response.headers)
+        assert response.json()["error"]["message"] == "Method Not Allowed"
+
+
+def test_the_spec_declares_the_upload_form_and_the_400s_of_list_queries(server):
+    paths = httpx.get(server.url + "/openapi.json").json()["paths"]
+    form = paths["/v1/files"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert form["required"] == ["file", "purpose"] and form["additionalProperties"] is False
+    assert "400" in paths["/v1/files"]["get"]["responses"] and "400" in paths["/v1/batches"]["get"]["responses"]
+    assert_error(httpx.get(server.url + "/v1/batches", params={"limit": 0}), 400, "limit", "")
+    line = b'{"custom_id": "1", "method": "POST", "url": "/v1/completions", "body": {"prompt": "hi"}}\n'
+    extra = httpx.post(server.url + "/v1/files", files={"file": ("b.jsonl", line)},
+                       data={"purpose": "batch", "colour": "red"})
+    assert_error(extra, 400, "colour", "Unrecognized request argument supplied: colour")
+
+
+def test_structured_outputs_a_tokenizer_cannot_serve_are_a_400(server):
+    """The tiny word-level tokenizer is one llguidance cannot read: a constrained request is refused (it was a
+    500), naming the field the request used."""
+    response = server.post("/v1/completions", {"model": "tiny", "prompt": PROMPT, "guided_choice": ["a", "b"]})
+    assert_error(response, 400, "guided_choice", "structured outputs are unavailable")
+    assert_serves(server)

@@ -101,6 +101,8 @@ class GrammarCompiler:
         self._lock = threading.Lock()
         self._matchers: OrderedDict[StructuredOutputs, object] = OrderedDict()
         """Per constraint: a matcher at its start, which each request's is copied from."""
+        self._unreadable: str | None = None
+        """Why llguidance cannot read the tokenizer, once it failed to (it will not read it later either)."""
 
     @functools.cached_property
     def ll_tokenizer(self):
@@ -117,11 +119,22 @@ class GrammarCompiler:
         running beside it; a tokenizer it cannot read is logged, and constrained requests then fail with a 400."""
         started = time.perf_counter()
         try:
-            self.ll_tokenizer
-        except Exception as exc:  # noqa: BLE001 - any failure: structured outputs unavailable, the server still runs
-            logger.warning("structured outputs are unavailable: llguidance cannot read this tokenizer (%s)", exc)
+            self._readable_tokenizer()
+        except InvalidRequestError as exc:
+            logger.warning("%s", exc)
             return
         logger.info("structured outputs: grammar tokenizer built in %.2f s", time.perf_counter() - started)
+
+    def _readable_tokenizer(self):
+        """ll_tokenizer, or an InvalidRequestError (400) when llguidance cannot read the tokenizer: that is this
+        model's limit, not a failure of the server."""
+        if self._unreadable is None:
+            try:
+                return self.ll_tokenizer
+            except Exception as exc:  # noqa: BLE001 - any failure: structured outputs unavailable, the server runs
+                self._unreadable = str(exc)
+        raise InvalidRequestError("structured outputs are unavailable: llguidance cannot read this model's tokenizer "
+                                  f"({self._unreadable})", param="structured_outputs")
 
     def compile(self, spec: StructuredOutputs):
         """The constraint's matcher at its start, checked and cached; an InvalidRequestError (400) naming what is
@@ -134,7 +147,7 @@ class GrammarCompiler:
         from llguidance import LLMatcher
 
         grammar = spec.to_grammar()
-        error = LLMatcher.validate_grammar(grammar, self.ll_tokenizer)
+        error = LLMatcher.validate_grammar(grammar, self._readable_tokenizer())
         if error:
             param = "structured_outputs" if spec.grammar is None else "grammar"
             raise InvalidRequestError(f"invalid structured output constraint: {error.strip()}", param=param)

@@ -45,6 +45,7 @@ from omniserve.entrypoints.openai.http_context import (
     MULTIPART_SLACK_BYTES, STATUS_CLIENT_GONE, RequestContextMiddleware, add_error_handlers,
 )
 from omniserve.entrypoints.openai.metrics import ServerMetrics
+from omniserve.entrypoints.openai.openapi import server_document
 from omniserve.entrypoints.openai.protocol import (
     ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse, DetokenizeRequest,
     DetokenizeResponse, ErrorResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse,
@@ -234,15 +235,9 @@ def _add_tokenizer_routes(app: FastAPI, engine: LLMEngine, models: ServedModels,
 
 class _OpenAIApp(FastAPI):
     def openapi(self) -> dict:
-        """FastAPI's schema without the 422 it adds to every route with a body: this server answers 400 there,
-        declared per route with the rest of its errors."""
+        """FastAPI's schema, stating what this server answers and enforces (see openapi.py)."""
         if self.openapi_schema is None:
-            schema = super().openapi()
-            for path in schema["paths"].values():
-                for operation in path.values():
-                    operation["responses"].pop("422", None)
-            for name in ("HTTPValidationError", "ValidationError"):
-                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            self.openapi_schema = server_document(super().openapi(), self.state.server)
         return self.openapi_schema
 
 
@@ -265,7 +260,8 @@ def _errors(*codes: int) -> dict[int, dict]:
 
 def _generation_responses(model: type) -> dict[int, dict]:
     """OpenAPI responses of a completions route: the answer (JSON, or server-sent events) or an error."""
-    events = {"type": "string", "description": "with `stream: true`: chunks as server-sent events, then [DONE]"}
+    events = {"type": "object", "required": ["data"], "description": "with `stream: true`, each server-sent event",
+              "properties": {"data": {"type": "string", "description": "a chunk (JSON), an error (JSON), or [DONE]"}}}
     return {200: {"model": model, "content": {"text/event-stream": {"schema": events}}},
             **_errors(400, 401, 403, 404, 413, 429, 500, 503)}
 

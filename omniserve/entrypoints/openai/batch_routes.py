@@ -68,6 +68,9 @@ def _add_file_routes(app: FastAPI, service: BatchService) -> None:
             raise APIError(413, f"the file is larger than this server's limit of {service.limits.max_file_bytes} "
                            "bytes", param="file", code="file_too_large") from None
         try:
+            unknown = sorted(set(form.keys()) - {"file", "purpose"})
+            if unknown:  # as the JSON routes do: a field this server does not know is refused, never ignored
+                raise APIError(400, f"Unrecognized request argument supplied: {unknown[0]}", param=unknown[0])
             upload, purpose = form.get("file"), form.get("purpose")
             if not isinstance(upload, UploadFile):
                 raise APIError(400, "the form needs a `file` part (multipart/form-data)", param="file")

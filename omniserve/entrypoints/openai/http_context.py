@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from omniserve.config import ConfigError
@@ -86,8 +87,11 @@ def add_error_handlers(app: FastAPI) -> None:
         message, param = validation_message(errors, skip=1)  # loc[0] is "body"
         return error_response(400, message, param=param)
 
-    async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
-        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:  # Starlette names the methods of the first route on the path only
+            headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(app, request))}
+        return error_response(exc.status_code, str(exc.detail), headers=headers)
 
     async def internal_error(request: Request, exc: Exception) -> Response:
         logger.exception("%s: internal error", getattr(request.state, "request_id", "?"), exc_info=exc)
@@ -97,6 +101,13 @@ def add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, internal_error)
+
+
+def _allowed_methods(app: FastAPI, request: Request) -> list[str]:
+    """Every method some route serves on the request's path (each method has a route of its own)."""
+    methods = {method for route in app.router.routes if isinstance(route, Route)
+               and route.matches(request.scope)[0] is not Match.NONE for method in route.methods or ()}
+    return sorted(methods)
 
 
 # --------------------------------------------------------------------------------------------------- middleware

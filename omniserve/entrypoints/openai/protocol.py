@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from omniserve.sampling.params import InvalidRequestError
 from omniserve.sampling.structured import StructuredOutputs
@@ -25,10 +25,20 @@ class OpenAIBaseModel(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
-class RequestModel(BaseModel):
-    """A request body: unknown fields are an error (see the module docstring)."""
+def _whole(value: Any) -> Any:
+    # JSON Schema's integer is any number without a fraction: 16.0 is one (JSON has one number type), true is not.
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
-    model_config = ConfigDict(extra="forbid")
+
+Integer = Annotated[int, BeforeValidator(_whole)]
+"""An integer field of a request body (strict, as the models are, but taking 16.0 as 16)."""
+
+
+class RequestModel(BaseModel):
+    """A request body: unknown fields are an error (see the module docstring), and so is a value of another JSON
+    type than its field's (strict: `true` is no integer, `1` no boolean, `"2"` no number), as the document says."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 # --------------------------------------------------------------------------------------------------------- errors
@@ -59,22 +69,22 @@ class SamplingRequest(RequestModel):
 
     model: str | None = None
     """A name from /v1/models; None: the served model with the class chosen per request."""
-    n: int = 1
+    n: Integer = 1
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int | None = None
+    top_k: Integer | None = None
     min_p: float | None = None
-    seed: int | None = None
+    seed: Integer | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[Integer] | None = None
     ignore_eos: bool = False
-    min_tokens: int = 0
+    min_tokens: Integer = 0
     skip_special_tokens: bool = True
     stream: bool = False
     stream_options: StreamOptions | None = None
     service_tier: ServiceTier | None = None
     """OpenAI's: "flex" asks for best-effort service; anything else is latency-sensitive."""
-    priority: int = 0
+    priority: Integer = 0
     """vLLM's: above 0 (a lower priority) asks for best-effort service."""
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -155,12 +165,12 @@ class SamplingRequest(RequestModel):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = 16
-    logprobs: int | None = None
+    prompt: str | list[Integer] | list[str] | list[list[Integer]]
+    max_tokens: Integer | None = 16
+    logprobs: Integer | None = None
     """How many most likely alternatives to return with each token (0: just the token's own logprob)."""
     echo: bool = False
-    best_of: int | None = None
+    best_of: Integer | None = None
     suffix: str | None = None
 
     @property
@@ -190,7 +200,7 @@ class CompletionRequest(SamplingRequest):
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     type: str
     text: str | None = None
 
@@ -199,7 +209,7 @@ ChatRole = Literal["system", "user", "assistant", "tool", "developer"]
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")  # name, tool_calls, ...: handed to the chat template as they are
+    model_config = ConfigDict(extra="allow", strict=True)  # name, tool_calls, ...: handed to the template as they are
     role: ChatRole
     content: str | list[ContentPart] | None = None
 
@@ -229,11 +239,11 @@ class NamedToolChoice(RequestModel):
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
+    max_tokens: Integer | None = None
     """Deprecated by OpenAI in favour of max_completion_tokens; either works. None: up to the context limit."""
-    max_completion_tokens: int | None = None
+    max_completion_tokens: Integer | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: Integer | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
@@ -288,7 +298,7 @@ class TokenizeRequest(RequestModel):
 
 class DetokenizeRequest(RequestModel):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[Integer]
 
 
 # ------------------------------------------------------------------------------------------------------ responses
