@@ -138,6 +138,11 @@ class RoutedServers(RunningServer):
             server.thread.join(60)
 
     @property
+    def engine(self) -> LLMEngine:
+        """The first server's engine (each server's: `engines`)."""
+        return self.servers[0].engine
+
+    @property
     def engines(self) -> list[LLMEngine]:
         return [server.engine for server in self.servers]
 

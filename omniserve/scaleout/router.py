@@ -57,6 +57,10 @@ logger = logging.getLogger(__name__)
 
 _FORWARDED_REQUEST_HEADERS = ("authorization", "content-type", "accept")
 _FORWARDED_RESPONSE_HEADERS = ("content-type", "retry-after")  # the request's id is the router's (its middleware)
+# The instances' routes the router passes on (Files and Batches are its own); any other path is its own 404 or 405.
+_FORWARDED_ROUTES = (("/v1/completions", "POST"), ("/v1/chat/completions", "POST"), ("/v1/models", "GET"),
+                     ("/v1/models/{name:path}", "GET"), ("/tokenize", "POST"), ("/detokenize", "POST"),
+                     ("/version", "GET"), ("/openapi.json", "GET"), ("/docs", "GET"), ("/redoc", "GET"))
 _LS_SLOT_COST = 1.0  # an LS request sent since the last report costs one sequence slot of headroom
 # Instance gauges that are shares or ratios: the router's /metrics gives their mean over the instances, not the sum.
 _MEAN_GAUGES = frozenset({"vllm:kv_cache_usage_perc", "omniserve:slo_attainment", "omniserve:latency_model_correction",
@@ -278,7 +282,8 @@ def build_router_app(router: Router, api_keys: APIKeys | None = None, batch_db: 
             if temporary is not None:
                 shutil.rmtree(temporary, ignore_errors=True)
 
-    app = FastAPI(title="omniserve router", lifespan=lifespan)
+    # The instances' API, document included: the router answers as one of them would.
+    app = FastAPI(title="omniserve router", lifespan=lifespan, openapi_url=None)
     app.state.router = router
     app.state.batches = batches
     app.add_middleware(RequestContextMiddleware, state=router, api_keys=api_keys,
@@ -287,18 +292,11 @@ def build_router_app(router: Router, api_keys: APIKeys | None = None, batch_db: 
     _add_status_routes(app, router)
     add_batch_routes(app, batches)
 
-    @app.api_route("/v1/{rest:path}", methods=["GET", "POST"])
-    async def openai_api(rest: str, request: Request) -> Response:
-        return await router.forward(request, f"/v1/{rest}")
+    async def forwarded(request: Request) -> Response:
+        return await router.forward(request, request.url.path)
 
-    @app.post("/tokenize")
-    async def tokenize(request: Request) -> Response:
-        return await router.forward(request, "/tokenize")
-
-    @app.post("/detokenize")
-    async def detokenize(request: Request) -> Response:
-        return await router.forward(request, "/detokenize")
-
+    for path, method in _FORWARDED_ROUTES:
+        app.add_api_route(path, forwarded, methods=[method], include_in_schema=False)
     return app
 
 
