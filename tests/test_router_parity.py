@@ -1,12 +1,15 @@
-"""The single server's limits tests (test_server_limits), unchanged, against the router in front of two servers:
-the router refuses what a server refuses, with the same answers (the body size itself; the rest the instances
-answer through it)."""
+"""The single server's tests of limits (test_server_limits) and of the drain's end of a stream (test_server),
+unchanged, against the router in front of two servers: the router refuses what a server refuses, with the same
+answers (the body size itself, the rest the instances through it), and a drain ends a stream as one server does.
+(The Batch API's: test_router_batches.py.)"""
 
 from __future__ import annotations
 
 import pytest
+import test_server
 import test_server_limits
 from servers import routed_serving
+from test_server import test_grace_period_over_ends_streams_properly  # noqa: F401 - run against the router
 from test_server_limits import (  # noqa: F401 - collected here, run against the router
     test_a_body_over_the_limit_gets_413_before_it_is_parsed, test_a_huge_prompt_is_refused_at_once_and_stalls_no_stream,
     test_a_method_a_path_lacks_gets_405_naming_every_method_it_has,
@@ -25,3 +28,4 @@ def server(tiny_chat_model):
 @pytest.fixture(autouse=True)
 def _servers_are_routed(monkeypatch):
     monkeypatch.setattr(test_server_limits, "serving", routed_serving)
+    monkeypatch.setattr(test_server, "serving", routed_serving)
