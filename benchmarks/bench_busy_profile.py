@@ -41,13 +41,19 @@ def busy_profile(args: argparse.Namespace, path: Path) -> tuple[float, str]:
     started = time.monotonic()
     try:
         done = subprocess.run([sys.executable, "-m", "omniserve", "profile", "--output", str(path), "--force",
-                               "--max-model-len", str(args.max_model_len)], capture_output=True, text=True,
-                              timeout=args.profile_timeout)
+                               *engine_flags(args)], capture_output=True, text=True, timeout=args.profile_timeout)
+        output = done.stdout + done.stderr
+    except subprocess.TimeoutExpired as exc:
+        output = f"(stopped after {args.profile_timeout:.0f} s)\n{exc.stdout or ''}{exc.stderr or ''}"
     finally:
         for spinner in spinners:
             spinner.terminate()
             spinner.join()
-    return time.monotonic() - started, done.stdout + done.stderr
+    return time.monotonic() - started, output
+
+
+def engine_flags(args: argparse.Namespace) -> list[str]:
+    return ["--max-model-len", str(args.max_model_len), "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
 
 
 def lone_prefill_seconds(llm, repeats: int = 5) -> float:
@@ -80,7 +86,8 @@ def admitted_with(path: Path, args: argparse.Namespace, ttft_slo: float) -> tupl
 
     warnings = _Warnings()
     logging.getLogger("omniserve").addHandler(warnings)
-    llm = LLM(profile_path=str(path), max_model_len=args.max_model_len, ls_ttft_slo=ttft_slo, ls_tpot_slo=1.0)
+    llm = LLM(profile_path=str(path), max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
+              ls_ttft_slo=ttft_slo, ls_tpot_slo=1.0)
     logging.getLogger("omniserve").removeHandler(warnings)
     correction = llm.engine.scheduler.correction.value
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
@@ -97,6 +104,8 @@ def main() -> None:
     parser.add_argument("--busy", type=int, default=os.cpu_count() or 2, help="spinning processes while profiling")
     parser.add_argument("--requests", type=int, default=20)
     parser.add_argument("--max-model-len", type=int, default=512)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=256,
+                        help="the iteration's token budget (the profile's widest batch: a smaller one profiles faster)")
     parser.add_argument("--profile-timeout", type=float, default=1800.0)
     parser.add_argument("--markdown", type=Path, default=None)
     args = parser.parse_args()
@@ -110,7 +119,7 @@ def main() -> None:
             sys.exit(f"the busy profile failed (which is the noise check refusing it):\n{output[-3000:]}")
         latency = LatencyModel.from_json(path.read_text())
         predicted = latency.iteration_time(BatchShape(PROMPT_TOKENS, prefill_interactions(0, PROMPT_TOKENS), 0, 0, 1))
-        llm = LLM(max_model_len=args.max_model_len)
+        llm = LLM(max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens)
         measured = lone_prefill_seconds(llm)
         llm.engine.shutdown()
         del llm
@@ -125,7 +134,7 @@ def main() -> None:
             dict(figure="LS requests admitted / sent (TTFT SLO 2x the idle prefill)",
                  value=f"{admitted}/{args.requests}", ratio=f"{admitted / args.requests:.2f}", goal="1.00")]
     info = [f"command: {command_line()}", f"CPU: {cpu_model()}",
-            f"the built-in model, --max-model-len {args.max_model_len}; profiled in {profile_s:.0f} s beside "
+            f"the built-in model, {' '.join(engine_flags(args))}; profiled in {profile_s:.0f} s beside "
             f"{args.busy} spinning processes; TTFT SLO {slo * 1e3:.0f} ms; {args.requests} lone LS requests of "
             f"{PROMPT_TOKENS} prompt tokens"]
     tables = [(dict(figure="figure", value="value", ratio="ratio", goal="goal"), rows)]
