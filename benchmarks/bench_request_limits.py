@@ -11,7 +11,8 @@ work ran, and the stream's largest inter-token gap meanwhile (against its median
 - 2,000 prompts to `smollm2-chat`: rejected by admission (429), and none of its prompts may run (the prompt
   tokens of requests that started, /metrics' vllm:prefix_cache_queries, before and after)
 
-The first start profiles the model for the SLO scheduler (cached after). Port --port.
+The first start profiles the model for the SLO scheduler (cached after; an iteration of at most 256 tokens keeps that
+short). Port --port.
 
     python benchmarks/bench_request_limits.py --markdown limits.md
 """
@@ -37,7 +38,8 @@ SERVICES = '[services.chat]\nclass = "ls"\nttft_slo = 1.0\ntpot_slo = 0.5\n'
 
 def start_server(args: argparse.Namespace, services: Path) -> subprocess.Popen:
     server = subprocess.Popen([sys.executable, "-m", "omniserve", "serve", "--port", str(args.port), "--services",
-                               str(services), "--max-model-len", "1024", "--log-level", "warning"],
+                               str(services), "--max-model-len", "1024", "--max-num-batched-tokens", "256",
+                               "--log-level", "warning"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output: list[str] = []
     listening = threading.Event()
