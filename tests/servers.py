@@ -119,6 +119,10 @@ def serving(model: str, names=("tiny",), api_keys=None, grace_s: float = 5, limi
     assert engine.allocator.num_used == 0
 
 
+ROUTER_KEY = "router-key-for-tests"
+"""The key a router hands its instances (`serve --instances` makes a random one at start)."""
+
+
 class RoutedServers(RunningServer):
     """The router of `serve --instances` (it keeps the batches) in front of servers of `serving`, all in this
     process: the single server's tests run against it unchanged. Its drain drains the servers, as the router's
@@ -168,9 +172,6 @@ def routed_serving(model: str, names=("tiny",), api_keys=None, grace_s: float = 
             yield routed
         finally:
             routed.stop()
-
-
-ROUTER_KEY = "router-key-for-tests"
 
 
 @contextmanager
