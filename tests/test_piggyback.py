@@ -126,6 +126,32 @@ def test_killed_worker_loses_no_request(tiny, reference, make_llm):
     assert [results[str(i)] for i in range(len(PROMPTS))] == reference
 
 
+def test_a_swap_in_planned_just_before_its_worker_dies_is_rebuilt(tiny, make_llm):
+    """The worker dies between the plan and its execution: the request is rebuilt from its tokens (once failed, the
+    whole iteration failed with it: 63 requests in a soak)."""
+    from omniserve.engine.scheduler.plan import IterationPlan, KVTransfer
+
+    llm = make_llm(tiny, dtype="float32", block_size=4, be_decode_placement="cpu")
+    engine = llm.engine
+    engine.add_request("be", PROMPTS[1], greedy("be", 30))
+    while not engine.scheduler.offloaded:
+        engine.step()
+    worker = engine.cpu_pool.worker_pids()[0]
+    os.kill(worker, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while any(w is not None and w.alive() for w in engine.cpu_pool._workers):
+        assert time.monotonic() < deadline, "the killed worker still runs"
+        time.sleep(0.01)
+    plan = IterationPlan(swap_ins=[KVTransfer("be", [0], 1)])
+    output = engine.runner.execute(plan)
+    assert output.lost == ["be"] and not output.swapped_in
+    engine.scheduler.update(plan, output)
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.scheduler.stats.num_rebuilt == 1
+    engine.check_integrity()
+
+
 def test_abort_and_stop_of_offloaded_requests_free_everything(tiny, make_llm):
     llm = make_llm(tiny, dtype="float32", block_size=4, be_decode_placement="cpu")
     engine = llm.engine

@@ -226,6 +226,8 @@ class ModelRunner:
         lost = self._check_pool()
         swapped_out = self._swap_out(plan.swap_outs)
         for transfer in plan.swap_ins:
+            if transfer.request_id in lost:  # its worker died since the plan was made: rebuilt instead (lost)
+                continue
             self._swapping_in[transfer.request_id] = transfer
             self.cpu_pool.request_export(transfer.request_id)
         if lost:  # rows of requests whose worker died cannot run: the scheduler rebuilds them
