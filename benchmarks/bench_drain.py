@@ -11,10 +11,8 @@ period lets it generate, so the drain has to end them.
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,28 +20,13 @@ from pathlib import Path
 import httpx
 
 from omniserve.bench.report import command_line, cpu_model, print_report, write_markdown
+from omniserve.bench.serve_process import start_serve
 
 
-def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, list[str]]:
-    """`omniserve serve --instances N`, once its router listens (its output kept for a failure's message)."""
-    server = subprocess.Popen([sys.executable, "-m", "omniserve", "serve", "--instances", str(args.instances),
-                               "--port", str(args.port), "--shutdown-timeout", str(args.grace),
-                               "--max-model-len", "2048"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, env=dict(os.environ))
-    output: list[str] = []
-    listening = threading.Event()
-
-    def read() -> None:
-        for line in server.stdout:
-            output.append(line)
-            if "routing to" in line:
-                listening.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    if not listening.wait(args.start_timeout):
-        server.kill()
-        sys.exit("the server did not start:\n" + "".join(output[-30:]))
-    return server, output
+def start_server(args: argparse.Namespace) -> subprocess.Popen:
+    """`omniserve serve --instances N`, once its router listens."""
+    return start_serve(["--instances", str(args.instances), "--port", str(args.port), "--shutdown-timeout",
+                        str(args.grace), "--max-model-len", "2048"], ready="routing to", timeout_s=args.start_timeout)
 
 
 def stream(url: str, max_tokens: int, ends: dict, index: int) -> None:
@@ -79,7 +62,7 @@ def main() -> None:
     parser.add_argument("--markdown", type=Path, default=None)
     args = parser.parse_args()
     url = f"http://127.0.0.1:{args.port}"
-    server, _ = start_server(args)
+    server = start_server(args)
     ends: dict[int, list[str]] = {}
     streams = [threading.Thread(target=stream, args=(url, args.max_tokens, ends, i)) for i in range(args.streams)]
     for thread in streams:

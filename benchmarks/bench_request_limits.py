@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -32,29 +31,14 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from omniserve.bench.report import command_line, cpu_model, print_report, write_markdown
+from omniserve.bench.serve_process import start_serve
 
 SERVICES = '[services.chat]\nclass = "ls"\nttft_slo = 1.0\ntpot_slo = 0.5\n'
 
 
 def start_server(args: argparse.Namespace, services: Path) -> subprocess.Popen:
-    server = subprocess.Popen([sys.executable, "-m", "omniserve", "serve", "--port", str(args.port), "--services",
-                               str(services), "--max-model-len", "1024", "--max-num-batched-tokens", "256",
-                               "--log-level", "warning"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output: list[str] = []
-    listening = threading.Event()
-
-    def read() -> None:
-        for line in server.stdout:
-            output.append(line)
-            if "omniserve: serving" in line:
-                listening.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    if not listening.wait(args.start_timeout):
-        server.kill()
-        sys.exit("the server did not start:\n" + "".join(output[-30:]))
-    return server
+    return start_serve(["--port", str(args.port), "--services", str(services), "--max-model-len", "1024",
+                        "--max-num-batched-tokens", "256", "--log-level", "warning"], timeout_s=args.start_timeout)
 
 
 def stream(url: str, arrivals: list[float], stop: threading.Event) -> None:

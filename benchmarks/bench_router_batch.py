@@ -18,7 +18,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -28,28 +27,14 @@ import openai
 import psutil
 
 from omniserve.bench.report import command_line, cpu_model, print_report, write_markdown
+from omniserve.bench.serve_process import start_serve
 
 
 def start_server(args: argparse.Namespace, db: Path) -> subprocess.Popen:
-    """`omniserve serve --instances N`, once its router listens (its output kept for a failure's message)."""
-    server = subprocess.Popen([sys.executable, "-m", "omniserve", "serve", "--instances", str(args.instances),
-                               "--port", str(args.port), "--batch-db", str(db), "--max-model-len", "1024"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ),
-                              start_new_session=True)
-    output: list[str] = []
-    listening = threading.Event()
-
-    def read() -> None:
-        for line in server.stdout:
-            output.append(line)
-            if "routing to" in line:
-                listening.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    if not listening.wait(args.start_timeout):
-        server.kill()
-        sys.exit("the server did not start:\n" + "".join(output[-30:]))
-    return server
+    """`omniserve serve --instances N` on the batch database `db`, once its router listens."""
+    return start_serve(["--instances", str(args.instances), "--port", str(args.port), "--batch-db", str(db),
+                        "--max-model-len", "1024"], ready="routing to", timeout_s=args.start_timeout,
+                       new_session=True)
 
 
 def kill_9(server: subprocess.Popen) -> None:
