@@ -78,13 +78,12 @@ class AsyncEngine:
                        ) -> AsyncIterator[RequestOutput]:
         """Yields the request's outputs as they come (the last one has finished=True). Raises InvalidRequestError if
         the engine refuses the request. Leaving the iteration early (a client gone) aborts the request."""
-        if not self.alive:
-            raise EngineDeadError("the engine is not running")
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        # Stamped here: the engine thread takes the request only after the iteration it is running.
-        self._post(("add", request_id, prompt, params, stream, time.monotonic()))
-        async for output in self._outputs(request_id, stream):
-            yield output
+        [outputs] = self.generate_all([(request_id, prompt)], params)
+        try:
+            async for output in outputs:
+                yield output
+        finally:
+            await outputs.aclose()  # left early: its own end aborts the request now
 
     def generate_all(self, prompts: list[tuple[str, str | list[int]]], params: SamplingParams
                      ) -> list[AsyncIterator[RequestOutput]]:
@@ -96,6 +95,7 @@ class AsyncEngine:
             raise EngineDeadError("the engine is not running")
         loop = asyncio.get_running_loop()
         entries = [(request_id, prompt, _Stream(loop, asyncio.Queue())) for request_id, prompt in prompts]
+        # Stamped here: the engine thread takes the requests only after the iteration it is running.
         self._post(("add_all", entries, params, time.monotonic()))
         return [self._outputs(request_id, stream) for request_id, _, stream in entries]
 
@@ -176,12 +176,9 @@ class AsyncEngine:
             except queue.Empty:
                 return taken
             taken += 1
-            if command[0] == "add":
-                _, request_id, prompt, params, stream, arrival_time = command
-                self._add_all([(request_id, prompt, stream)], params, arrival_time, None)
-            elif command[0] == "add_all":
+            if command[0] == "add_all":
                 _, entries, params, arrival_time = command
-                self._add_all(entries, params, arrival_time, RequestGroup())
+                self._add_all(entries, params, arrival_time)
             elif command[0] == "stop":
                 self.engine.stop_completion(*command[1:])
             else:
@@ -190,9 +187,9 @@ class AsyncEngine:
                 self._handoff.put(("abort", request_id))
 
     def _add_all(self, entries: list[tuple[str, str | list[int], _Stream]], params: SamplingParams,
-                  arrival_time: float, group: RequestGroup | None) -> None:
-        """Queues every request, or (bad input) none: each caller then gets the error."""
-        added = []
+                 arrival_time: float) -> None:
+        """Queues every request, as one group, or (bad input) none: each caller then gets the error."""
+        group, added = RequestGroup(), []
         try:
             for request_id, prompt, stream in entries:
                 added.append((self.engine.enqueue_request(request_id, prompt, params, arrival_time, group), stream))
