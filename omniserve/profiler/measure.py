@@ -54,7 +54,11 @@ _HOST_KV_LAYERS = 2
 """Layers of a profiled offloaded request's host KV: round trips alternate between them, so that the pool worker
 (whose cache the profiler does not clear) does not find the same layer's KV in its cache every time."""
 _MIN_TIMED_S = 0.02
-"""Repeat a cheap measurement until this much time is timed (the median of many short runs is steadier)."""
+"""Repeat a cheap measurement until this much time is timed (the median of many short runs is steadier)..."""
+_MAX_TIMING_WALL_S = 0.25
+"""...or until one timing has taken this long, cache clearing included: clearing a large last-level cache (a
+server CPU's is hundreds of MiB) takes 50-100 ms, and twenty cleared repeats of every sub-millisecond call made a
+small model's profile take minutes."""
 _MIN_REPEATS, _MAX_REPEATS = 3, 20
 _MAX_PREFILL_WORK = 2048 * 4096
 """Largest count * (start + count) a prefill timing may take: beyond it the linear model extrapolates."""
@@ -92,8 +96,9 @@ class _Timer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _cold_call(self, fn: Callable[[int], object]) -> float:
-        self._evict.zero_()
+    def _cold_call(self, fn: Callable[[int], object], cold: bool = True) -> float:
+        if cold:
+            self._evict.zero_()
         self._sync()
         start = time.perf_counter()
         fn(self.count)
@@ -101,12 +106,15 @@ class _Timer:
         self.count += 1
         return time.perf_counter() - start
 
-    def __call__(self, fn: Callable[[int], object], min_seconds: float = _MIN_TIMED_S) -> float:
-        """fn(i) is called with a running index."""
-        self._cold_call(fn)
+    def __call__(self, fn: Callable[[int], object], min_seconds: float = _MIN_TIMED_S, cold: bool = True) -> float:
+        """fn(i) is called with a running index; `cold=False` times it with warm caches (work on a few small
+        objects, which the runner had just touched too)."""
+        started = time.perf_counter()
+        self._cold_call(fn, cold)
         times: list[float] = []
-        while len(times) < _MAX_REPEATS and (len(times) < _MIN_REPEATS or sum(times) < min_seconds):
-            times.append(self._cold_call(fn))
+        while len(times) < _MIN_REPEATS or (len(times) < _MAX_REPEATS and sum(times) < min_seconds and
+                                            time.perf_counter() - started < _MAX_TIMING_WALL_S):
+            times.append(self._cold_call(fn, cold))
         self.measurements += 1
         self.bar.update(1)
         return statistics.median(times)
@@ -207,7 +215,7 @@ class ModelProfiler:
         k, v = self._randn(rows, c.num_kv_heads, c.head_dim), self._randn(rows, c.num_kv_heads, c.head_dim)
         meta = attention.build_metadata(spans)
         per_layer = self.time(lambda i: attention(0, q, k, v, meta))
-        build = self.time(lambda i: attention.build_metadata(spans), min_seconds=0.0)
+        build = self.time(lambda i: attention.build_metadata(spans), cold=False)
         return per_layer + build / c.num_layers
 
     def prefill_attention(self, num_points: int = 24) -> LinearModel:
