@@ -17,7 +17,9 @@ At the end, after the clients have finished their last requests and the server h
 - the memory series and the verdict: "flat after warm-up" when the total RSS samples after the first third of the
   run (the warm-up: the last 20 of 30 minutes) are within 5% of each other (max / min), with the growth and the trend
   (least-squares slope) over them, the same for the server alone, for the workers (whose RSS follows their live host
-  KV) and for the open file descriptors (server and children), and the ratio to the idle server before the load.
+  KV), for the total less that live host KV (the workers' own figure, omniserve:host_kv_allocated_bytes: what is left
+  is what could leak) and for the open file descriptors (server and children), and the ratio to the idle server
+  before the load.
 
     python benchmarks/bench_soak.py --duration 30 --markdown soak.md
 """
@@ -51,7 +53,7 @@ DEFAULT_SERVER_ARGS = "--max-model-len 2048 --num-gpu-blocks-override 512"
 GAUGES = {  # what must be back at 0 once the server is idle
     "running": "vllm:num_requests_running", "waiting": "vllm:num_requests_waiting",
     "offloaded": "omniserve:num_requests_offloaded", "pool rows in flight": "omniserve:cpu_pool_queue_depth",
-    "KV use": "vllm:kv_cache_usage_perc",
+    "KV use": "vllm:kv_cache_usage_perc", "host KV allocated": "omniserve:host_kv_allocated_bytes",
 }
 FLAT_WITHIN = 0.05  # "flat after warm-up": the samples after the warm-up within 5% of each other
 WARM_UP_SHARE = 1 / 3  # the first third of the load is warm-up; the rest is judged
@@ -301,20 +303,28 @@ def _gb(value: int) -> str:
     return f"{value / 1e9:.3f}"
 
 
+def _workers_rss(sample: dict) -> int:
+    return sum(m["rss"] for name, m in sample["processes"].items() if name.startswith("cpu attention worker"))
+
+
+def _host_kv(sample: dict) -> float:
+    return sample.get("gauges", {}).get("host KV allocated", 0.0)
+
+
 def series_table(samples: list[dict]) -> list[str]:
     """One row per sample: the totals, the server's and the workers' RSS and the gauges."""
     base = samples[0]["total"]["rss"]
     lines = ["| t (min) | total RSS GB | vs idle start | total PSS GB | server RSS GB | server anon GB | "
-             "workers RSS GB | shm held by fds GB | fds | running/waiting/offloaded |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "workers RSS GB | host KV held GB | shm held by fds GB | fds | running/waiting/offloaded |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in samples:
         server = s["processes"].get("server", {})
-        workers = sum(m["rss"] for name, m in s["processes"].items() if name.startswith("cpu attention worker"))
         g = s.get("gauges", {})
         lines.append(
             f"| {s['t'] / 60:.1f}{' ' + s['label'] if s['label'] else ''} | {_gb(s['total']['rss'])} | "
             f"{s['total']['rss'] / base:.2f}x | {_gb(s['total']['pss'])} | {_gb(server.get('rss', 0))} | "
-            f"{_gb(server.get('anon', 0))} | {_gb(workers)} | {_gb(s['total']['shm_fd_bytes'])} | "
+            f"{_gb(server.get('anon', 0))} | {_gb(_workers_rss(s))} | {_gb(_host_kv(s))} | "
+            f"{_gb(s['total']['shm_fd_bytes'])} | "
             f"{s['total']['fds']} | "
             f"{g.get('running', 0):.0f}/{g.get('waiting', 0):.0f}/{g.get('offloaded', 0):.0f} |")
     return lines
@@ -345,8 +355,9 @@ def report(args: argparse.Namespace, counts: dict, samples: list[dict], chaos: C
         verdict_line("total PSS", verdict(samples, duration_s, lambda sample: sample["total"]["pss"])),
         verdict_line("server RSS alone (workers restart after each kill)", server_rss),
         verdict_line("CPU attention workers' RSS (their live host KV included)", verdict(
-            samples, duration_s, lambda sample: sum(m["rss"] for name, m in sample["processes"].items()
-                                                    if name.startswith("cpu attention worker")) or 1)),
+            samples, duration_s, lambda sample: _workers_rss(sample) or 1)),
+        verdict_line("total RSS less the host KV the workers hold (live data, omniserve:host_kv_allocated_bytes)",
+                     verdict(samples, duration_s, lambda sample: sample["total"]["rss"] - _host_kv(sample))),
         verdict_line("open file descriptors (server and children)", verdict(
             samples, duration_s, lambda sample: sample["total"]["fds"])),
         verdict_line("the server's open file descriptors", verdict(

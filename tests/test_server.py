@@ -184,7 +184,8 @@ def test_metrics_parse_and_count(client, server):
 
 def test_offloaded_tokens_are_timed_per_class_and_their_host_kv_shows(tiny_chat_model):
     """Every BE decode token after the first goes through the CPU pool: each is one observation of each histogram.
-    The host KV an offloaded request counts on shows in /load and /metrics while it runs, and is given back."""
+    The host KV an offloaded request counts on, and what its worker allocates for it, show in /load and /metrics
+    while it runs, and are given back."""
     with serving(tiny_chat_model, be_decode_placement="cpu") as running:
         running.client().completions.create(model="tiny-batch", prompt=PROMPT, max_tokens=6,
                                             extra_body={"ignore_eos": True})
@@ -203,14 +204,19 @@ def test_offloaded_tokens_are_timed_per_class_and_their_host_kv_shows(tiny_chat_
             stream = running.client().completions.create(model="tiny-batch", prompt=PROMPT, max_tokens=40,
                                                          stream=True, extra_body={"ignore_eos": True})
             deadline = time.monotonic() + 30
-            while (memory := host_kv())["free_bytes"] == memory["budget_bytes"]:
+            while (memory := host_kv())["free_bytes"] == memory["budget_bytes"] or not memory["allocated_bytes"]:
                 assert time.monotonic() < deadline, "the offloaded request's host KV never showed in /load"
                 time.sleep(0.02)
-            assert metric_samples(running)[("omniserve:host_kv_used_bytes", (("host", "local"),
-                                                                             ("model_name", "tiny")))] > 0
+            assert memory["allocated_bytes"] <= memory["budget_bytes"]
+            local = (("host", "local"), ("model_name", "tiny"))
+            samples = metric_samples(running)
+            assert samples[("omniserve:host_kv_used_bytes", local)] > 0
+            assert samples[("omniserve:host_kv_allocated_bytes", local)] > 0
             list(stream)
         running.wait_idle()
         assert host_kv()["free_bytes"] == host_kv()["budget_bytes"]  # given back at its end
+        assert host_kv()["allocated_bytes"] == 0  # and freed by the worker
+        assert metric_samples(running)[("omniserve:host_kv_allocated_bytes", local)] == 0
     for name in names:
         assert samples[(name + "_count", be)] == 5
     assert samples[(names[0] + "_sum", be)] >= 5  # at least an iteration each

@@ -265,6 +265,19 @@ class CPUAttentionPool:
         local, hosts, rooms = self._rooms()
         return {"local": local, **{h.name: room for h, room in zip(hosts, rooms)}}
 
+    def allocated_host_kv(self, wait_s: float = 0.0) -> dict[str, int]:
+        """Per host (as host_memory): the host KV bytes its workers last said they hold (tensors allocated, room to
+        grow included), which is what their memory really holds, where host_memory counts what requests may grow to.
+        Refreshed by every reply. With wait_s and nothing in flight (an idle engine, whose last Free was answered
+        after its last iteration), each live worker and host is asked now, up to wait_s; one that does not answer
+        keeps its last figure."""
+        if wait_s and not self._in_flight:
+            for target in self._targets():
+                if target.alive():
+                    self._ask_status(target, wait_s)
+        local = sum(w.host_kv_bytes for w in self._workers if w is not None and w.alive())
+        return {"local": local, **{h.name: h.host_kv_bytes for h in self.remote_hosts}}
+
     def _place(self, nbytes: int) -> _Target:
         """Where a request of `nbytes` host KV goes: the rule of placement.py."""
         local, hosts, rooms = self._rooms()
@@ -436,20 +449,24 @@ class CPUAttentionPool:
         for target in self._targets():
             if not target.alive():
                 continue
-            target.send(Ping())
-            deadline = time.monotonic() + wait_s
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0 or not target.alive():
-                    raise TimeoutError(f"CPU attention worker did not answer within {wait_s} s")
-                replies = target.receive(min(left, 0.05))
-                for message in replies:
-                    self._handle(target, message, self._stashed)
-                status = next((m for m in replies if isinstance(m, Status)), None)
-                if status is not None:
-                    total += status.host_kv_bytes
-                    break
+            status = self._ask_status(target, wait_s)
+            if status is None:
+                raise TimeoutError(f"CPU attention worker did not answer within {wait_s} s")
+            total += status.host_kv_bytes
         return total
+
+    def _ask_status(self, target: _Target, wait_s: float) -> Status | None:
+        """The target's Status once it has done all it was sent (None: no answer within wait_s, or it died)."""
+        target.send(Ping())
+        deadline = time.monotonic() + wait_s
+        while target.alive() and (left := deadline - time.monotonic()) > 0:
+            replies = target.receive(min(left, 0.05))
+            for message in replies:
+                self._handle(target, message, self._stashed)
+            status = next((m for m in replies if isinstance(m, Status)), None)
+            if status is not None:
+                return status
+        return None
 
 
 def _attend_batch(keys: list[tuple[str, int]], rows: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,

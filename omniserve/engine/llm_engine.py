@@ -540,10 +540,13 @@ class LLMEngine:
         }
 
     def host_kv_bytes(self) -> dict[str, dict[str, int]]:
-        """Per host of the CPU attention pool: {"budget_bytes", "free_bytes"} (see load_report)."""
+        """Per host of the CPU attention pool: {"budget_bytes", "free_bytes"} (what requests are counted on to grow
+        to, see load_report) and "allocated_bytes" (what its workers hold now)."""
         if self.cpu_pool is None:
             return {}
-        return {name: {"budget_bytes": room.budget, "free_bytes": max(0, room.free)}
+        allocated = self.cpu_pool.allocated_host_kv(wait_s=0.0 if self.scheduler.has_unfinished() else 1.0)
+        return {name: {"budget_bytes": room.budget, "free_bytes": max(0, room.free),
+                       "allocated_bytes": allocated.get(name, 0)}
                 for name, room in self.cpu_pool.host_memory().items()}
 
     @property

@@ -91,6 +91,9 @@ class ServerMetrics:
                                   [*gauge_labels, "host"], registry=registry)
         self.host_kv_free = Gauge("omniserve:host_kv_free_bytes", "Host KV bytes of a host's budget not counted on "
                                   "yet", [*gauge_labels, "host"], registry=registry)
+        self.host_kv_allocated = Gauge(
+            "omniserve:host_kv_allocated_bytes", "Host KV bytes the CPU attention workers of a host hold now (tensors "
+            "allocated, room to grow included), per host", [*gauge_labels, "host"], registry=registry)
         self.pool_utilization = Gauge(
             "omniserve:cpu_pool_utilization", "Share of the last iterations with offloaded rows in flight",
             gauge_labels, registry=registry)
@@ -144,6 +147,7 @@ class ServerMetrics:
         for host, memory in report["host_kv"].items():
             self.host_kv_used.labels(self.model_name, host).set(memory["budget_bytes"] - memory["free_bytes"])
             self.host_kv_free.labels(self.model_name, host).set(memory["free_bytes"])
+            self.host_kv_allocated.labels(self.model_name, host).set(memory["allocated_bytes"])
 
     def _count_prefix_cache(self, engine: LLMEngine) -> None:
         stats, model = engine.scheduler.stats, self.model_name
