@@ -128,6 +128,17 @@ def test_gather_copies_a_request_from_every_layer_and_scatter_puts_it_back():
     assert torch.equal(pool.k[1][42 * PAGE_SIZE + 2], untouched)
 
 
+def test_scatter_takes_kv_in_another_dtype():
+    """A bf16 pool's KV comes back from the CPU attention workers in fp32 (they attend in fp32): a swap-in stores it
+    in the pool's own dtype."""
+    pool = random_pool(torch.bfloat16)
+    pages, num_tokens = [3, 4], 6
+    k, v = pool.gather(pages, num_tokens)
+    pool.scatter([20, 21], num_tokens, k.float(), v.float())
+    back_k, back_v = pool.gather([20, 21], num_tokens)
+    assert back_k.dtype == torch.bfloat16 and torch.equal(back_k, k) and torch.equal(back_v, v)
+
+
 # ------------------------------------------------------------------------------------------------ CPU results
 def test_the_cpu_results_joining_a_layer_reach_the_device_in_one_copy(tiny_model_dirs, make_llm):
     from omniserve.engine.runner import _OffloadedToken

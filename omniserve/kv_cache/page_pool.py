@@ -99,12 +99,14 @@ class PagePool:
     def scatter(self, page_ids: Sequence[int], num_tokens: int, k: torch.Tensor, v: torch.Tensor,
                 start: int = 0) -> None:
         """The inverse of gather (swap-in): stores k, v [num_layers, num_tokens, num_kv_heads, head_dim], wherever
-        they are, as the first num_tokens tokens of the request whose pages are page_ids; the first `start` of them
-        are there already (pages found in the prefix cache) and are skipped."""
+        they are and in whatever dtype (the CPU attention workers keep a bf16 pool's KV in fp32), as the first
+        num_tokens tokens of the request whose pages are page_ids; the first `start` of them are there already (pages
+        found in the prefix cache) and are skipped."""
         slots = token_slots(page_ids, start, num_tokens - start, self.page_size).to(self.k[0].device)
+        to = dict(device=slots.device, dtype=self.k[0].dtype)
         for layer in range(len(self.k)):
             # Layer by layer: a whole request's KV moved at once would need that much spare device memory.
-            self.write(layer, slots, k[layer, start:].to(slots.device), v[layer, start:].to(slots.device))
+            self.write(layer, slots, k[layer, start:].to(**to), v[layer, start:].to(**to))
 
 
 _OS_PAGE = os.sysconf("SC_PAGE_SIZE")
