@@ -479,3 +479,26 @@ def test_the_correction_follows_a_profile_far_off_and_ignores_one_odd_iteration(
     plan = step(scheduler)
     scheduler.observe(plan, 2 * plan.predicted_time / scheduler.correction.value)
     assert scheduler.correction.value == pytest.approx(2.0)
+
+
+def test_prefills_and_decodes_are_corrected_apart():
+    """A profile 20x off for prefills and 2x for decodes (taken on a busy machine): a lone prefill is predicted by
+    the prefills' ratio, not by the median of the decodes that most iterations are, so an LS request whose TTFT SLO
+    only the prefills' ratio meets is admitted."""
+    scheduler = make()
+    first = add(scheduler, "first", 64, max_tokens=40)
+    while first.status is not RequestStatus.FINISHED_LENGTH:
+        plan = step(scheduler)
+        uncorrected = plan.predicted_time / scheduler.correction.factor(plan.shape)
+        prefill = 2 * plan.shape.prefill_tokens >= plan.shape.num_rows
+        scheduler.observe(plan, uncorrected / (20 if prefill else 2))
+    assert scheduler.correction.value == pytest.approx(1 / 2)  # the window holds decodes
+    lone = BatchShape(num_rows=64, prefill_interactions=prefill_interactions(0, 64), num_sampled=1, prefill_tokens=64)
+    assert scheduler.correction.factor(lone) == pytest.approx(1 / 20)
+    mixed = BatchShape(num_rows=2, prefill_interactions=prefill_interactions(0, 1), num_decodes=1, prefill_tokens=1)
+    assert scheduler.correction.factor(mixed) == pytest.approx((1 / 20 + 1 / 2) / 2)
+    ttft = 3 * MODEL.iteration_time(lone) / 20
+    assert MODEL.iteration_time(lone) / 2 > ttft  # one correction for all would reject it
+    late = add(scheduler, "late", 64, ttft=ttft)
+    step(scheduler)
+    assert late.status is RequestStatus.RUNNING and scheduler.stats.num_rejected == 0

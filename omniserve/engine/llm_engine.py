@@ -256,7 +256,7 @@ class LLMEngine:
         return given(self.args, loaded, self.device, self.dtype, pool_config)
 
     def calibrate(self) -> None:
-        """Times a few scratch iterations (a short prefill, then decodes) on the device and gives them to the
+        """Times a few scratch iterations (short prefills, then decodes) on the device and gives them to the
         scheduler's correction, so that admission judges by how fast the device is now, not only by the profile
         (which may be old, or taken while the machine was busier). Runs at start, and when the scheduler asks:
         an LS request that would be rejected on an idle device whose measurements are old."""
@@ -264,7 +264,7 @@ class LLMEngine:
         if self.latency_model is None:
             return
         scratch, length = "calibration", max(1, min(16, self.scheduler_config.max_model_len - 4))
-        decodes = 3
+        decodes = 2
         if not self.page_table.can_grow(scratch, length + decodes):
             return  # no free pages: the device is not idle, and its iterations are measured anyway
         self.page_table.grow(scratch, length + decodes)
@@ -276,7 +276,8 @@ class LLMEngine:
         vocab, greedy = self.model_config.vocab_size, SamplingParams(temperature=0.0)
         prompt = [3 + i % max(1, vocab - 3) for i in range(length)]
         prefill = ScheduledChunk(scratch, prompt, 0, page_ids, True, greedy, 0)
-        steps = [prefill, prefill] + [ScheduledChunk(scratch, [prompt[-1]], length + i, page_ids, True, greedy, i + 1)
+        # A warm-up, then two of each kind: the correction follows prefills and decodes apart (correction.py).
+        steps = [prefill] * 3 + [ScheduledChunk(scratch, [prompt[-1]], length + i, page_ids, True, greedy, i + 1)
                                       for i in range(decodes)]
         try:
             for index, chunk in enumerate(steps):

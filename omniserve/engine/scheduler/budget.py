@@ -7,6 +7,7 @@ import math
 from dataclasses import replace
 from typing import Callable
 
+from omniserve.engine.scheduler.correction import TimeCorrection
 from omniserve.engine.scheduler.latency_model import BatchShape, LatencyModel, prefill_interactions
 from omniserve.engine.scheduler.request import Request
 
@@ -27,10 +28,11 @@ class IterationBudget:
     """The iteration being planned: its token count and, with a latency model, its shape and predicted time."""
 
     def __init__(self, model: LatencyModel | None, num_layers: int, time_budget: float | None, token_budget: int,
-                 correction: float = 1.0):
+                 correction: TimeCorrection | None = None):
         self.model = model
         self.correction = correction
-        """Measured / predicted iteration time lately: scales the model's predictions (and so the budget's use)."""
+        """Measured / predicted iteration time lately (None: 1): scales the model's predictions (and so the budget's
+        use), by the shape of the iteration predicted."""
         self.num_layers = num_layers
         self.time_budget = time_budget if model is not None else None
         self.tokens_left = token_budget
@@ -51,10 +53,14 @@ class IterationBudget:
             extra_rows=shape.extra_rows,
             prefill_tokens=shape.prefill_tokens + (0 if decode else count))
 
+    def factor(self, shape: BatchShape | None = None) -> float:
+        """The correction for an iteration of `shape` (default: this one as planned so far)."""
+        return 1.0 if self.correction is None else self.correction.factor(self.shape if shape is None else shape)
+
     def time(self) -> float | None:
         if self.model is None:
             return None
-        return self.correction * (self.model.iteration_time(self.shape) + self.swap_seconds)
+        return self.factor() * (self.model.iteration_time(self.shape) + self.swap_seconds)
 
     def fits(self, shape: BatchShape, reserve_rows: int = 0, extra_seconds: float = 0.0) -> bool:
         if self.time_budget is None:
@@ -62,7 +68,7 @@ class IterationBudget:
         if reserve_rows:
             shape = replace(shape, extra_rows=(reserve_rows,) * self.num_layers)
         predicted = self.model.iteration_time(shape) + self.swap_seconds + extra_seconds
-        return self.correction * predicted <= self.time_budget
+        return self.factor(shape) * predicted <= self.time_budget
 
     def largest_chunk(self, request: Request, reserve_rows: int = 0) -> int:
         """The most of the request's uncomputed tokens that fit the token and time budgets (0: none)."""
@@ -94,5 +100,6 @@ class IterationBudget:
         chunk = largest_fitting(lambda n: self.fits(self.with_chunk(base, 0, n, False)), min(remaining, max_chunk))
         if chunk == 0:
             return math.inf
-        per_iteration_s = self.correction * self.model.iteration_time(self.with_chunk(base, 0, chunk, True))
+        iteration = self.with_chunk(base, 0, chunk, True)
+        per_iteration_s = self.factor(iteration) * self.model.iteration_time(iteration)
         return now - request.arrival_time + math.ceil(remaining / chunk) * per_iteration_s

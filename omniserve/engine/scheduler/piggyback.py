@@ -59,7 +59,7 @@ class PiggybackManager:
         candidates = self._candidates(admitted)
         budget = layer_budget = None
         if batch.time_budget is not None:
-            budget = batch.time_budget / batch.correction - batch.swap_seconds  # in the model's own units
+            budget = batch.time_budget / batch.factor() - batch.swap_seconds  # in the model's own units
             layer_budget = (budget - batch.model.head_time(batch.shape.num_sampled)) / self.state.num_layers
         cap = self._rows_per_layer(batch, layer_budget, len(candidates))
         for _, layer, request in candidates:
@@ -141,7 +141,7 @@ class PiggybackManager:
         # bound that only keeps a hung worker from stalling the engine.
         wait = (self._cpu_path(admitted.cpu_rows, admitted.cpu_context) if batch.model is not None
                 else _SYNC_WAIT_WITHOUT_MODEL_S)
-        planned = None if batch.model is None else batch.time() + batch.correction * wait
+        planned = None if batch.model is None else batch.time() + batch.factor() * wait
         return OffloadedPipeline(max(extra), wait, planned)
 
     def _plan_pipeline(self, batch: IterationBudget, in_flight: int, context: int) -> OffloadedPipeline:
@@ -170,7 +170,7 @@ class PiggybackManager:
             ls_running = any(self.state.is_ls(r) for r in self.state.running)
             return OffloadedPipeline(None, 0.0 if ls_running else wait_per_layer(in_flight) * layers)
         time_at = _time_with_rows(batch)
-        budget = batch.time_budget / batch.correction - batch.swap_seconds
+        budget = batch.time_budget / batch.factor() - batch.swap_seconds
         admitted = max(batch.shape.extra_rows, default=0)
         fitting = max(admitted, largest_fitting(lambda k: time_at(k) <= budget, in_flight))
         best = (-1.0, admitted, 0.0)  # (tokens per second, limit, wait)
@@ -187,7 +187,7 @@ class PiggybackManager:
                 # round trip's jitter): a row that runs out of wait at the last layers costs a whole iteration more.
                 best = max(best, (rate, limit, min(slack, _WAIT_MARGIN * expected)))
         _, limit, wait = best
-        planned = batch.correction * (time_at(limit) + batch.swap_seconds + wait)
+        planned = batch.factor() * (time_at(limit) + batch.swap_seconds + wait)
         return OffloadedPipeline(limit, wait, planned)
 
     def _cpu_path(self, rows: int, context: int) -> float:

@@ -132,7 +132,8 @@ class Scheduler:
         """The corrected prediction for an iteration of just these device chunks (None: no latency model)."""
         if self.state.latency_model is None:
             return None
-        return self.correction.value * self.state.latency_model.iteration_time(batch_shape_of_chunks(chunks))
+        shape = batch_shape_of_chunks(chunks)
+        return self.correction.factor(shape) * self.state.latency_model.iteration_time(shape)
 
     # ---------------------------------------------------------------------------------------------- schedule
     def time_budget(self) -> float | None:
@@ -151,7 +152,7 @@ class Scheduler:
         state.iteration += 1
         self.pages.preempted, self.offload.host_tokens_left = False, None
         batch = IterationBudget(state.latency_model, state.num_layers, self.time_budget(),
-                                state.config.max_num_batched_tokens, self.correction.value)
+                                state.config.max_num_batched_tokens, self.correction)
         scheduled: dict[str, int] = {}  # request id -> tokens this iteration (dicts keep insertion order)
         rejected: list[str] = []
         device = [r for r in state.running if r.placement is Placement.DEVICE]
