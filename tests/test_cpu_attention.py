@@ -260,3 +260,29 @@ def test_the_worker_gives_freed_host_kv_back_to_the_os(monkeypatch):
     assert len(trims) == 1 and store.freed_bytes == 0  # 64 MiB freed by the export
     store.handle(Free(["b"]))
     assert len(trims) == 2 and not store.kv  # the last request gone
+
+
+def test_large_buffers_are_handed_back_when_freed_not_at_the_next_trim():
+    """A worker maps its large buffers apart (omniserve.malloc.map_large_allocations): freed host KV leaves its RSS at
+    once, even with small buffers allocated after it still alive (which keep heap fragments from a trim). Run in a
+    process of its own: the setting is for the process's life."""
+    script = """
+import os, torch
+from omniserve.malloc import map_large_allocations
+def rss(): return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+if not map_large_allocations(256 << 10):
+    print("unsupported"); raise SystemExit
+before, large, small = rss(), [], []
+for i in range(64):  # 64-128 MiB of host-KV-sized buffers, each followed by a small one that outlives it
+    large.append(torch.ones(262144 + 4096 * i))
+    small.append(torch.ones(64))
+held = rss() - before
+large.clear()
+print(held, rss() - before)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    if result.stdout.strip() == "unsupported":
+        pytest.skip("not glibc")
+    held, left = map(int, result.stdout.split())
+    assert held > 64 << 20 and left < 8 << 20

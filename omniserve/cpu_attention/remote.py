@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from omniserve.cpu_attention.messages import AttendBatch, AttendResult, Exported, LoadKV
-from omniserve.cpu_attention.worker import AttentionStore
+from omniserve.cpu_attention.worker import OWN_MAPPING_BYTES, AttentionStore
+from omniserve.malloc import map_large_allocations
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class AttentionHost:
 
     def __init__(self, threads: int, memory_bytes: int | None) -> None:
         torch.set_num_threads(threads)
+        map_large_allocations(OWN_MAPPING_BYTES)  # its own process, as a local worker's
         self.store = AttentionStore()
         # Host KV may take this much; by default most of what the host has free when the actor starts.
         self.memory_bytes = memory_bytes if memory_bytes is not None else int(0.8 * available_memory_bytes())

@@ -16,7 +16,7 @@ from omniserve.cpu_attention.messages import (
     AttendBatch, AttendResult, Export, Exported, Free, Freed, LoadKV, Ping, Status,
 )
 from omniserve.kv_cache.page_pool import PagePool
-from omniserve.malloc import trim_heap
+from omniserve.malloc import map_large_allocations, trim_heap
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,9 @@ class WorkerSettings:
 
 
 _TRIM_EVERY_BYTES = 64 << 20  # host KV freed between two trims of the heap (see AttentionStore._trim_heap_if_due)
+OWN_MAPPING_BYTES = 256 << 10
+"""Host KV buffers this large or larger are mapped apart and unmapped when freed (a layer's KV of a few hundred
+tokens and up): the worker's RSS then follows the host KV it holds (see omniserve.malloc)."""
 
 
 class AttentionStore:
@@ -103,6 +106,7 @@ class AttentionStore:
 def worker_main(settings: WorkerSettings, inbox: Connection, outbox: Connection) -> None:
     """Runs messages from the engine (inbox) until it sends None or is gone; replies go to the outbox."""
     torch.set_num_threads(settings.threads)
+    map_large_allocations(OWN_MAPPING_BYTES)
     if settings.cores:
         os.sched_setaffinity(0, settings.cores)
     store = AttentionStore(settings.simulated_delay_s, settings.host_tier)
