@@ -84,10 +84,9 @@ def test_a_profile_far_slower_than_the_device_does_not_reject_a_request_it_can_s
     assert llm.engine.scheduler.correction.value < 0.25
 
 
-def test_old_measurements_are_refreshed_by_a_request_an_idle_device_runs(tiny_model_dirs, make_llm, tmp_path):
+def test_old_measurements_are_refreshed_before_an_idle_device_rejects(tiny_model_dirs, make_llm, tmp_path):
     """The latest measurements said the device was 1000x slower than profiled (another tenant then), and they are
-    old now: a lone request on the idle device is run rather than rejected, and its iterations measure the device
-    again."""
+    old now: before rejecting a lone request on the idle device, the engine measures it again."""
     path, model = flat_profile(tmp_path, 0.01)  # about what the tiny model takes on a loaded machine, or more
     llm = make_llm(tiny_model_dirs["llama"][0], ls_ttft_slo=1.0, ls_tpot_slo=2.0, profile_path=path, block_size=4)
     scheduler = llm.engine.scheduler

@@ -505,10 +505,10 @@ def test_prefills_and_decodes_are_corrected_apart():
 
 
 @pytest.mark.parametrize("measured_lately", [False, True])
-def test_a_late_lone_request_on_an_idle_device_measures_it_unless_measurements_are_fresh(measured_lately):
-    """An engine's scheduler (it measures its iterations) runs a late LS request on an idle device when nothing
-    measured lately backs the prediction, rather than reject it: its iteration is the measurement. With fresh
-    measurements the prediction stands and the request is rejected."""
+def test_a_late_lone_request_on_an_idle_device_waits_for_a_measurement_unless_one_is_fresh(measured_lately):
+    """An engine's scheduler (it calibrates when asked) keeps a late LS request on an idle device waiting, and asks
+    for a calibration, when nothing measured lately backs the prediction. With fresh measurements the prediction
+    stands and the request is rejected."""
     clock = Clock()
     scheduler = Scheduler(
         SchedulerConfig(iteration_budget_share=1.0), PageTable(PageAllocator(256), 4), eos_token_ids=(2,),
@@ -517,4 +517,5 @@ def test_a_late_lone_request_on_an_idle_device_measures_it_unless_measurements_a
         scheduler.correction.last_observed = clock()
     late = add(scheduler, "late", 64, ttft=MODEL.iteration_time(BatchShape(num_rows=64, num_sampled=1)) / 10)
     step(scheduler)
-    assert (late.status is RequestStatus.REJECTED) is measured_lately
+    assert late.status is (RequestStatus.REJECTED if measured_lately else RequestStatus.WAITING)
+    assert scheduler.admission.calibration_wanted is not measured_lately

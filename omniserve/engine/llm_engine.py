@@ -258,9 +258,9 @@ class LLMEngine:
     def calibrate(self) -> None:
         """Times a few scratch iterations (short prefills, then decodes) on the device and gives them to the
         scheduler's correction, so that admission judges by how fast the device is now, not only by the profile
-        (which may be old, or taken while the machine was busier). Runs at start; later, the iterations themselves
-        are measured (an LS request that would be rejected on an idle device whose measurements are old is run, and
-        measured, rather than rejected: see Admission)."""
+        (which may be old, or taken while the machine was busier). Runs at start, and when the scheduler asks:
+        an LS request that would be rejected on an idle device whose measurements are old."""
+        self.scheduler.admission.calibration_wanted = False
         if self.latency_model is None:
             return
         scratch, length = "calibration", max(1, min(16, self.scheduler_config.max_model_len - 4))
@@ -446,6 +446,8 @@ class LLMEngine:
 
         updates = self._updates(plan, updated)
         self.runner.release(self.scheduler.take_released())
+        if self.scheduler.admission.calibration_wanted:
+            self.calibrate()
         if self._iteration_observers:
             self._notify_observers(plan, output, failed, step_started)
         return updates

@@ -26,13 +26,15 @@ class Admission:
 
     def __init__(self, state: SchedulerState, pages: PageManager, correction: TimeCorrection,
                  calibrates: bool = False) -> None:
-        """calibrates: the caller measures the device's iterations (the engine does; the simulator's device is its
-        model), so an LS request about to be rejected on an idle device whose latest measurements are old is run
-        instead: its own iteration is the fresh measurement."""
+        """calibrates: the caller times scratch iterations when asked (calibration_wanted), so an LS request about to
+        be rejected on an idle device whose latest measurements are old waits for fresh ones instead (the engine
+        does; the simulator's device is its model)."""
         self.state = state
         self.pages = pages
         self.correction = correction
         self.calibrates = calibrates
+        self.calibration_wanted = False
+        """Set when an admission decision waits for fresh measurements (see calibrates); the caller clears it."""
         self.ls_rejected_in_a_row = 0
         """LS requests rejected at admission since the last one admitted."""
 
@@ -54,7 +56,10 @@ class Admission:
                 request.num_tokens - request.num_computed_tokens)
             if ls and self._needs_judging(request, judged):
                 late = self._group_is_late(request, batch, ahead, uncached)
-                if late and not self._measures_itself(ahead):
+                if late and self._wants_calibration(ahead):
+                    self.calibration_wanted = blocked = True
+                    continue
+                if late:
                     self._reject(self._waiting_members(request), rejected)
                     continue
             ahead += uncached
@@ -136,12 +141,9 @@ class Admission:
                                     self.state.clock())
         return ttft > (request.ttft_slo or math.inf)
 
-    def _measures_itself(self, ahead: int) -> bool:
+    def _wants_calibration(self, ahead: int) -> bool:
         """A late LS request would run alone on an idle device, and nothing measured lately backs the prediction: it
-        is run, and its iteration is the measurement the next decisions use. (Scratch iterations first, as before,
-        spent its TTFT on them: on an idle machine with a busy machine's profile, the one request of 20 that came
-        after a pause was then late by their time alone.) Rejecting it would spare nobody anything: nothing else
-        runs."""
+        waits one iteration for the caller to measure the device, then is decided."""
         state = self.state
         return self.calibrates and not (state.running or state.offloaded or ahead) and not self.correction.is_fresh()
 

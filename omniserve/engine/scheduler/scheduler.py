@@ -26,8 +26,8 @@ front of the queue, to be recomputed from its tokens (pages.py). Without a laten
 time budget: only the token budget (`max_num_batched_tokens`), the sequence limit and the pages bound an iteration.
 Predictions are scaled by the recent ratio of measured to predicted iteration times (correction.py), so that a
 machine that drifted from its profile still gets iterations that fit; and an LS request that would be rejected on an
-idle device whose measurements are old is run instead, its iteration measuring the device again, so that a stale
-profile or correction never turns away what the device can serve.
+idle device whose measurements are old waits until the engine has measured the device again
+(`admission.calibration_wanted`), so that a stale profile or correction never turns away what the device can serve.
 The iteration's results are booked by booking.py. What the managers share (the queues, the page table, the
 counters) is SchedulerState (state.py).
 """
