@@ -209,9 +209,9 @@ def test_offloaded_tokens_are_timed_per_class_and_their_host_kv_shows(tiny_chat_
                 time.sleep(0.02)
             assert memory["allocated_bytes"] <= memory["budget_bytes"]
             local = (("host", "local"), ("model_name", "tiny"))
-            samples = metric_samples(running)
-            assert samples[("omniserve:host_kv_used_bytes", local)] > 0
-            assert samples[("omniserve:host_kv_allocated_bytes", local)] > 0
+            now = metric_samples(running)
+            assert now[("omniserve:host_kv_used_bytes", local)] > 0
+            assert now[("omniserve:host_kv_allocated_bytes", local)] > 0
             list(stream)
         running.wait_idle()
         assert host_kv()["free_bytes"] == host_kv()["budget_bytes"]  # given back at its end
