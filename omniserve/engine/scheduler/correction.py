@@ -23,9 +23,9 @@ class TimeCorrection:
     _FRESH_S the first new measurements replace the old ones.
 
     Prefill-heavy iterations (prefill tokens at least half the rows) and the others are also followed apart: a
-    profile taken on a busy machine was 19x off for a lone prefill and far less for decodes, and one median, made of
-    the decodes that most iterations are, predicted that prefill past its TTFT SLO on the idle machine. An
-    iteration's factor weighs the two by its rows (`factor`)."""
+    profile taken on a busy machine was 28x off for a lone prefill and about 3x for decodes, and one median, made of
+    the decodes that most iterations are, would predict every prefill 9x too slow. An iteration's factor weighs the
+    two by its rows (`factor`)."""
 
     def __init__(self, clock: Callable[[], float]) -> None:
         self.clock = clock
