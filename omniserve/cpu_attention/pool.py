@@ -265,18 +265,16 @@ class CPUAttentionPool:
         local, hosts, rooms = self._rooms()
         return {"local": local, **{h.name: room for h, room in zip(hosts, rooms)}}
 
-    def allocated_host_kv(self, wait_s: float = 0.0) -> dict[str, int]:
+    def allocated_host_kv(self) -> dict[str, int]:
         """Per host (as host_memory): the host KV bytes its workers last said they hold (tensors allocated, room to
         grow included), which is what their memory really holds, where host_memory counts what requests may grow to.
-        Refreshed by every reply. With wait_s and nothing in flight (an idle engine, whose last Free was answered
-        after its last iteration), each live worker and host is asked now, up to wait_s; one that does not answer
-        keeps its last figure."""
-        if wait_s and not self._in_flight:
-            for target in self._targets():
-                if target.alive():
-                    self._ask_status(target, wait_s)
-        local = sum(w.host_kv_bytes for w in self._workers if w is not None and w.alive())
-        return {"local": local, **{h.name: h.host_kv_bytes for h in self.remote_hosts}}
+        Refreshed by every reply, a Free's included; never waits for one. A worker left with no request counts 0 (all
+        it holds is its requests' KV, and their Free is on its way: an idle engine polls for no reply)."""
+        def held(target: _Target) -> int:
+            return target.host_kv_bytes if target.requests and target.alive() else 0
+
+        local = sum(held(w) for w in self._workers if w is not None)
+        return {"local": local, **{h.name: held(h) for h in self.remote_hosts}}
 
     def _place(self, nbytes: int) -> _Target:
         """Where a request of `nbytes` host KV goes: the rule of placement.py."""

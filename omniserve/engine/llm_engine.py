@@ -545,7 +545,7 @@ class LLMEngine:
         to, see load_report) and "allocated_bytes" (what its workers hold now)."""
         if self.cpu_pool is None:
             return {}
-        allocated = self.cpu_pool.allocated_host_kv(wait_s=0.0 if self.scheduler.has_unfinished() else 1.0)
+        allocated = self.cpu_pool.allocated_host_kv()
         return {name: {"budget_bytes": room.budget, "free_bytes": max(0, room.free),
                        "allocated_bytes": allocated.get(name, 0)}
                 for name, room in self.cpu_pool.host_memory().items()}
