@@ -64,14 +64,6 @@ class Exported:
 
 
 @dataclass
-class Freed:
-    """A worker's host KV after a Free, so that the engine's count of what the workers hold falls when requests end
-    (it is otherwise refreshed by each AttendResult, and none may follow)."""
-
-    host_kv_bytes: int
-
-
-@dataclass
 class Ping:
     """Asks for a Status once everything sent before it is done."""
 

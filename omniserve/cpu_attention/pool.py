@@ -268,8 +268,9 @@ class CPUAttentionPool:
     def allocated_host_kv(self) -> dict[str, int]:
         """Per host (as host_memory): the host KV bytes its workers last said they hold (tensors allocated, room to
         grow included), which is what their memory really holds, where host_memory counts what requests may grow to.
-        Refreshed by every reply, a Free's included; never waits for one. A worker left with no request counts 0 (all
-        it holds is its requests' KV, and their Free is on its way: an idle engine polls for no reply)."""
+        Refreshed by every reply (each attend, every iteration a request is offloaded); never waits for one. A worker
+        left with no request counts 0: all it holds is its requests' KV, and their Free is on its way."""
+
         def held(target: _Target) -> int:
             return target.host_kv_bytes if target.requests and target.alive() else 0
 
@@ -447,24 +448,20 @@ class CPUAttentionPool:
         for target in self._targets():
             if not target.alive():
                 continue
-            status = self._ask_status(target, wait_s)
-            if status is None:
-                raise TimeoutError(f"CPU attention worker did not answer within {wait_s} s")
-            total += status.host_kv_bytes
+            target.send(Ping())
+            deadline = time.monotonic() + wait_s
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not target.alive():
+                    raise TimeoutError(f"CPU attention worker did not answer within {wait_s} s")
+                replies = target.receive(min(left, 0.05))
+                for message in replies:
+                    self._handle(target, message, self._stashed)
+                status = next((m for m in replies if isinstance(m, Status)), None)
+                if status is not None:
+                    total += status.host_kv_bytes
+                    break
         return total
-
-    def _ask_status(self, target: _Target, wait_s: float) -> Status | None:
-        """The target's Status once it has done all it was sent (None: no answer within wait_s, or it died)."""
-        target.send(Ping())
-        deadline = time.monotonic() + wait_s
-        while target.alive() and (left := deadline - time.monotonic()) > 0:
-            replies = target.receive(min(left, 0.05))
-            for message in replies:
-                self._handle(target, message, self._stashed)
-            status = next((m for m in replies if isinstance(m, Status)), None)
-            if status is not None:
-                return status
-        return None
 
 
 def _attend_batch(keys: list[tuple[str, int]], rows: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,

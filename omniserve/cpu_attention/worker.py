@@ -13,7 +13,7 @@ import torch
 from omniserve.cpu_attention.host_kv import HostKV
 from omniserve.cpu_attention.kernel import compiled_kernel
 from omniserve.cpu_attention.messages import (
-    AttendBatch, AttendResult, Export, Exported, Free, Freed, LoadKV, Ping, Status,
+    AttendBatch, AttendResult, Export, Exported, Free, LoadKV, Ping, Status,
 )
 from omniserve.kv_cache.page_pool import PagePool
 from omniserve.malloc import map_large_allocations, trim_heap
@@ -67,7 +67,7 @@ class AttentionStore:
             self.freed_bytes = 0
 
     @torch.inference_mode()
-    def handle(self, message) -> AttendResult | Exported | Freed | Status | None:
+    def handle(self, message) -> AttendResult | Exported | Status | None:
         """Runs one message; returns the reply to send back, if it has one."""
         self._trim_heap_if_due()  # KV exported by the previous message is gone now
         if isinstance(message, LoadKV):
@@ -92,7 +92,6 @@ class AttentionStore:
             for request_id in message.request_ids:
                 self._forget(request_id)
             self._trim_heap_if_due()
-            return Freed(self.footprint())
         elif isinstance(message, Export):
             kv = self._forget(message.request_id)
             if kv is not None:

@@ -15,7 +15,8 @@ Each model is timed the way the runner runs it, piece by piece:
   a lower bound (no transport, no queueing) that lets a simulator or a later pool start from a sensible number.
 
 Every timed call starts with caches cleared of its data (see _Timer): in the runner a layer's weights and KV come
-from memory, not from a cache that one layer timed over and over would stay in.
+from memory, not from a cache that one layer timed over and over would stay in. (Building attention metadata, work
+on a few small tensors just made, is timed warm.)
 
 Every model is checked on measurements left out of its fit (dense: extra points between the knots); the median and
 90th-percentile relative errors are stored in LatencyModel.accuracy.
