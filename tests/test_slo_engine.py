@@ -4,6 +4,8 @@ the measured times follow the predictions is a benchmark's question: benchmarks/
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import replace
 
 import pytest
@@ -84,19 +86,73 @@ def test_a_profile_far_slower_than_the_device_does_not_reject_a_request_it_can_s
     assert llm.engine.scheduler.correction.value < 0.25
 
 
+def _measured_long_ago_as_1000x_slow(llm, seconds_ago: float) -> None:
+    """The latest measurements said the device was 1000x slower than profiled (another tenant then)."""
+    correction = llm.engine.scheduler.correction
+    correction.ratios.extend([1000.0] * 16)
+    correction.value = 1000.0
+    correction._kind_value.update({True: 1000.0, False: 1000.0})  # prefills and decodes alike
+    correction.last_observed -= seconds_ago
+
+
 def test_old_measurements_are_refreshed_before_an_idle_device_rejects(tiny_model_dirs, make_llm, tmp_path):
-    """The latest measurements said the device was 1000x slower than profiled (another tenant then), and they are
-    old now: before rejecting a lone request on the idle device, the engine measures it again."""
+    """The latest measurements said the device was 1000x slower than profiled, and they are old now: before
+    rejecting a lone request that came to the idle device, the engine measures it again (the request waits)."""
     path, model = flat_profile(tmp_path, 0.01)  # about what the tiny model takes on a loaded machine, or more
     llm = make_llm(tiny_model_dirs["llama"][0], ls_ttft_slo=1.0, ls_tpot_slo=2.0, profile_path=path, block_size=4)
-    scheduler = llm.engine.scheduler
-    scheduler.correction.ratios.extend([1000.0] * 16)
-    scheduler.correction.value = 1000.0
-    scheduler.correction._kind_value.update({True: 1000.0, False: 1000.0})  # prefills and decodes alike
+    engine, scheduler = llm.engine, llm.engine.scheduler
+    _measured_long_ago_as_1000x_slow(llm, 120.0)  # two minutes ago
     assert 1000.0 * model.iteration_time(LONE_PREFILL) > 1.0  # the stale correction says it would be late
-    scheduler.correction.last_observed -= 120.0  # two minutes ago
-    assert _lone_ls_request(llm) == "length"
+    # Added to the engine itself (LLM.generate would refresh the measurements before adding it).
+    engine.add_request("ls", list(range(3, 23)), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+    assert outputs[-1].outputs[0].finish_reason == "length"
     assert scheduler.correction.value < 100.0 and scheduler.stats.num_rejected == 0
+
+
+def test_an_idle_engine_measures_again_before_its_measurements_grow_old(tiny_model_dirs, make_llm, tmp_path):
+    """Idle, with measurements about to go stale: refresh_measurements calibrates (once; again when they age), not
+    while a request is unfinished, and an interrupted one measures nothing and is tried again a few seconds later."""
+    from omniserve.engine.scheduler.correction import REFRESH_AFTER_S
+
+    path, _ = flat_profile(tmp_path, 0.01)
+    llm = make_llm(tiny_model_dirs["llama"][0], ls_ttft_slo=1.0, ls_tpot_slo=2.0, profile_path=path, block_size=4)
+    engine, correction = llm.engine, llm.engine.scheduler.correction
+    assert not engine.refresh_measurements()  # measured at start
+    _measured_long_ago_as_1000x_slow(llm, REFRESH_AFTER_S + 5)
+    assert engine.refresh_measurements(interrupted=lambda: True)
+    assert correction.age() >= REFRESH_AFTER_S and correction.value == 1000.0  # stopped before any iteration
+    assert not engine.refresh_measurements()  # tried a moment ago
+    engine._next_refresh = -math.inf  # ... some seconds ago
+    engine.add_request("waiting", list(range(3, 23)), SamplingParams(max_tokens=2))
+    assert not engine.refresh_measurements()  # not idle
+    engine.abort_request("waiting")
+    engine.step()
+    assert engine.refresh_measurements()
+    assert correction.age() < 1.0 and correction.value < 1000.0  # measured now
+    assert not engine.refresh_measurements()
+
+
+def test_a_servers_idle_engine_keeps_its_measurements_fresh(tiny_model_dirs, make_llm, tmp_path):
+    """Behind a server (AsyncEngine), the idle engine thread refreshes the measurements before they go stale, so a
+    request coming after a long pause is judged at once by the device as it is."""
+    from omniserve.engine.async_engine import AsyncEngine
+    from omniserve.engine.scheduler.correction import REFRESH_AFTER_S
+
+    path, _ = flat_profile(tmp_path, 0.01)
+    llm = make_llm(tiny_model_dirs["llama"][0], ls_ttft_slo=1.0, ls_tpot_slo=2.0, profile_path=path, block_size=4)
+    correction = llm.engine.scheduler.correction
+    _measured_long_ago_as_1000x_slow(llm, REFRESH_AFTER_S + 5)
+    served = AsyncEngine(llm.engine)
+    try:
+        deadline = time.monotonic() + 120
+        while correction.age() >= REFRESH_AFTER_S and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert correction.age() < REFRESH_AFTER_S and correction.value < 1000.0
+    finally:
+        served.shutdown()
 
 
 def test_fresh_measurements_back_a_rejection(tiny_model_dirs, make_llm, tmp_path):

@@ -144,6 +144,9 @@ class AsyncEngine:
                     if last_step is not None and time.monotonic() - last_step >= _TRIM_AFTER_IDLE_S:
                         trim_heap()  # what the load freed, back to the OS (see omniserve/malloc.py)
                         last_step = None
+                    # Measured while idle, so that the next request's admission needs no scratch iterations; a
+                    # command coming in stops it between two of them.
+                    self.engine.refresh_measurements(lambda: not self._inbox.empty() or self._stopping.is_set())
                     self._wakeup.wait(_IDLE_POLL_S)
                     self._wakeup.clear()
                     continue

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import time
 import weakref
@@ -27,6 +28,7 @@ from omniserve.engine.outputs import RequestOutput
 from omniserve.engine.observer import IterationObserver, IterationRecord, RunnerTimings
 from omniserve.engine.runner import ModelRunner
 from omniserve.engine.scheduler import Scheduler, SchedulerConfig
+from omniserve.engine.scheduler.correction import REFRESH_AFTER_S
 from omniserve.engine.scheduler.latency_model import LatencyModel
 from omniserve.engine.scheduler.plan import IterationPlan, RunnerOutput, ScheduledChunk
 from omniserve.engine.scheduler.policy import POLICY_TABLE
@@ -45,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 _PROFILE_TRUSTED = (0.5, 2.0)
 """Measured / predicted iteration time at start within which the profile describes the device; beyond, a warning."""
+_REFRESH_RETRY_S = 5.0  # an idle refresh that measured nothing (interrupted, no free page) is tried again after this
 
 _IDLE_WAIT_S = 0.01
 
@@ -112,6 +115,7 @@ class LLMEngine:
         )
         self.cpu_pool = None if pool_config is None else self._cpu_pool(pool_config)
         self.runner = self._runner(loaded, args.enforce_eager)
+        self._next_refresh = -math.inf  # refresh_measurements tries again no sooner than this (the scheduler's clock)
         self.calibrate()
         self.last_iteration: IterationStats | None = None
         self._groups: dict[str, list[Request]] = {}  # the caller's request id -> its n scheduler requests
@@ -255,11 +259,13 @@ class LLMEngine:
             return given
         return given(self.args, loaded, self.device, self.dtype, pool_config)
 
-    def calibrate(self) -> None:
+    def calibrate(self, interrupted: Callable[[], bool] | None = None, announce: bool = True) -> None:
         """Times a few scratch iterations (short prefills, then decodes) on the device and gives them to the
         scheduler's correction, so that admission judges by how fast the device is now, not only by the profile
-        (which may be old, or taken while the machine was busier). Runs at start, and when the scheduler asks:
-        an LS request that would be rejected on an idle device whose measurements are old."""
+        (which may be old, or taken while the machine was busier). Runs at start, on an idle engine whose
+        measurements grow old (refresh_measurements), and when the scheduler asks: an LS request that would be
+        rejected on an idle device whose measurements are old. `interrupted`: checked between the iterations, which
+        stop (those measured stand) once it says so. `announce`: logs the outcome (at start); else at debug level."""
         self.scheduler.admission.calibration_wanted = False
         if self.latency_model is None:
             return
@@ -281,17 +287,39 @@ class LLMEngine:
                                       for i in range(decodes)]
         try:
             for index, chunk in enumerate(steps):
+                if interrupted is not None and interrupted():
+                    return
                 plan = IterationPlan(chunks=[chunk], predicted_time=self.scheduler.predicted_time([chunk]))
                 started = time.perf_counter()
                 self.runner.execute(plan)
+                if index == 1:  # measuring on purpose: the device as it is now replaces what was measured before
+                    self.scheduler.correction.forget()
                 if index:  # the first is a warm-up: lazy allocations, cold caches
                     self.scheduler.observe(plan, time.perf_counter() - started)
         finally:
             self.page_table.release(scratch)
+        self._log_calibration(len(steps) - 1, announce)
+
+    def refresh_measurements(self, interrupted: Callable[[], bool] | None = None) -> bool:
+        """On an idle engine whose latest measurements are about to grow old (REFRESH_AFTER_S): calibrates now, so
+        that the next LS request is judged by the device as it is without paying for scratch iterations in its own
+        TTFT (as it does when it comes after the measurements went stale). Returns whether it calibrated. Costs a
+        few short iterations every REFRESH_AFTER_S of idleness; see calibrate for `interrupted`."""
+        clock = self.scheduler.correction.clock
+        if self.latency_model is None or self.has_unfinished_requests() or (
+                self.scheduler.correction.age() < REFRESH_AFTER_S) or clock() < self._next_refresh:
+            return False
+        self._next_refresh = clock() + _REFRESH_RETRY_S  # when this one measures nothing (interrupted, no free page)
+        self.calibrate(interrupted, announce=False)
+        return True
+
+    def _log_calibration(self, iterations: int, announce: bool) -> None:
         ratio = self.scheduler.correction.value
-        if _PROFILE_TRUSTED[0] <= ratio <= _PROFILE_TRUSTED[1]:
+        if not announce:
+            logger.debug("measurements refreshed on idle: this device runs at %.2fx the profile's times", ratio)
+        elif _PROFILE_TRUSTED[0] <= ratio <= _PROFILE_TRUSTED[1]:
             logger.info("latency model calibrated on %d scratch iterations: this device runs at %.2fx the profile's "
-                        "times", len(steps) - 1, ratio)
+                        "times", iterations, ratio)
         else:
             logger.warning(
                 "the latency profile (%s) is not trustworthy on this device now: measured iterations take %.2fx its "

@@ -46,6 +46,9 @@ class LLM:
             params = list(sampling_params)
             if len(params) != len(prompts):
                 raise InvalidRequestError("give one SamplingParams, or one per prompt", "sampling_params")
+        # Taken after a pause: the device is measured first, as a server's idle engine does meanwhile, so that these
+        # requests' admission needs no scratch iterations within their TTFT.
+        self.engine.refresh_measurements()
         ids = []
         try:
             for prompt, p in zip(prompts, params):

@@ -3,6 +3,7 @@ scales every prediction the scheduler makes, prefill tokens and the other rows e
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import deque
 from dataclasses import replace
@@ -14,6 +15,9 @@ from omniserve.engine.scheduler.plan import IterationPlan, RunnerOutput
 _WINDOW = 16  # the correction is the median measured/predicted ratio of this many latest iterations
 _LIMITS = (1e-3, 1e3)  # a ratio beyond these is a broken clock or profile, not a drift to follow
 _FRESH_S = 30.0  # measurements older than this may no longer describe the machine (other tenants come, go)
+REFRESH_AFTER_S = 20.0
+"""An idle engine measures its device again once its latest measurement is this old: before it goes stale
+(_FRESH_S), so that a request coming after a pause finds fresh measurements (LLMEngine.refresh_measurements)."""
 
 
 class TimeCorrection:
@@ -56,9 +60,7 @@ class TimeCorrection:
         if predicted <= 0:
             return
         if not self.is_fresh():  # old measurements describe the machine as it was: the new ones alone decide
-            for ratios in (self.ratios, *self._by_kind.values()):
-                ratios.clear()
-            self._kind_value = {True: None, False: None}
+            self.forget()
         ratio = min(max(seconds / predicted, _LIMITS[0]), _LIMITS[1])
         self.ratios.append(ratio)
         self.value = statistics.median(self.ratios)
@@ -66,6 +68,12 @@ class TimeCorrection:
         self._by_kind[kind].append(ratio)
         self._kind_value[kind] = statistics.median(self._by_kind[kind])
         self.last_observed = self.clock()
+
+    def forget(self) -> None:
+        """Drops the measurements so far: the next ones alone decide (`value` stands until then)."""
+        for ratios in (self.ratios, *self._by_kind.values()):
+            ratios.clear()
+        self._kind_value = {True: None, False: None}
 
     def factor(self, shape: BatchShape) -> float:
         """What scales the prediction for an iteration of `shape`: its prefill tokens' share of the rows weighs the
@@ -80,6 +88,10 @@ class TimeCorrection:
         share = shape.prefill_tokens / shape.num_rows
         return share * prefill + (1.0 - share) * other
 
+    def age(self) -> float:
+        """Seconds since the latest measurement (infinite before the first)."""
+        return math.inf if self.last_observed is None else self.clock() - self.last_observed
+
     def is_fresh(self) -> bool:
         """Whether the latest measurement is recent enough to describe the machine as it is."""
-        return self.last_observed is not None and self.clock() - self.last_observed <= _FRESH_S
+        return self.age() <= _FRESH_S
