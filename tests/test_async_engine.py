@@ -169,3 +169,23 @@ def test_an_engine_that_goes_idle_gives_freed_memory_back_once(served, monkeypat
     assert trims
     idle_past(trims[0] + module._TRIM_AFTER_IDLE_S + 0.1)  # idle long enough for a second trim, were there one
     assert len(trims) == 1 and trims[0] - finished_at >= 0.9  # after a second idle, once
+
+
+def test_an_engine_under_load_gives_freed_memory_back_at_intervals(served, monkeypatch):
+    """A load that never pauses would never trim: the busy engine trims every _TRIM_UNDER_LOAD_S (here: every
+    iteration) as well."""
+    from omniserve.engine import async_engine as module
+
+    trims = []
+    monkeypatch.setattr(module, "_TRIM_UNDER_LOAD_S", 0.0)
+    monkeypatch.setattr(module, "trim_heap", lambda: trims.append(time.monotonic()))
+    _, async_engine, _ = served
+
+    async def run_one():
+        async for out in async_engine.generate("r", [5, 6, 7], SamplingParams(temperature=0, max_tokens=6,
+                                                                                ignore_eos=True)):
+            finished_at = time.monotonic()
+        return finished_at
+
+    finished_at = asyncio.run(run_one())
+    assert sum(t <= finished_at for t in trims) >= 3  # while its iterations ran, not only once idle

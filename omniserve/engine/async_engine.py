@@ -32,6 +32,9 @@ logger = logging.getLogger(__name__)
 
 _IDLE_POLL_S = 0.05  # an idle engine thread re-checks its inbox at least this often
 _TRIM_AFTER_IDLE_S = 1.0  # an engine idle this long gives the heap's free pages back to the OS, once per idle spell
+_TRIM_UNDER_LOAD_S = 10.0
+"""A busy engine gives them back this often too: under a load that never pauses, the free fragments that each peak
+leaves would otherwise stay, and the server's RSS would climb by steps to its worst fragmentation."""
 
 
 class EngineDeadError(RuntimeError):
@@ -136,6 +139,7 @@ class AsyncEngine:
     # ---------------------------------------------------------------------------------------------- engine thread
     def _run(self) -> None:
         last_step: float | None = None  # when the engine last ran an iteration; None: idle and trimmed since
+        last_trim = time.monotonic()
         try:
             while not self._stopping.is_set():
                 commands = self._take_commands()
@@ -143,15 +147,20 @@ class AsyncEngine:
                     self._report(commands > 0)  # aborts change the gauges even when nothing else runs
                     if last_step is not None and time.monotonic() - last_step >= _TRIM_AFTER_IDLE_S:
                         trim_heap()  # what the load freed, back to the OS (see omniserve/malloc.py)
-                        last_step = None
+                        last_step, last_trim = None, time.monotonic()
                     # Measured while idle, so that the next request's admission needs no scratch iterations; a
                     # command coming in stops it between two of them.
                     self.engine.refresh_measurements(lambda: not self._inbox.empty() or self._stopping.is_set())
                     self._wakeup.wait(_IDLE_POLL_S)
                     self._wakeup.clear()
                     continue
+                if last_step is None:  # a busy spell begins (the heap was trimmed as the last one ended)
+                    last_trim = time.monotonic()
                 self._handoff.put(("step", self.engine.run_iteration()))
                 last_step = time.monotonic()
+                if last_step - last_trim >= _TRIM_UNDER_LOAD_S:
+                    trim_heap()
+                    last_trim = time.monotonic()
                 self._report(True)
         except BaseException as exc:  # the engine itself broke (a step already contains per-request failures)
             logger.exception("the engine thread failed")
