@@ -354,15 +354,18 @@ def test_the_host_tier_gives_way_to_offloaded_kv(uncached, tiny, make_llm):
     engine.check_integrity()
 
 
-def test_pages_the_calibration_evicts_are_saved_before_it_writes_them(uncached, tiny, tiny_profile, make_llm):
-    """The engine's calibration runs scratch iterations outside the scheduler: the cached pages its scratch pages
-    evict go to the host tier before the scratch KV overwrites them, and are found there intact."""
+def test_the_calibration_touches_no_page_the_cache_or_a_request_holds(uncached, tiny, tiny_profile, make_llm):
+    """The engine's calibration (at start, and on its own while a server is idle) runs scratch iterations on pages
+    of its own, beyond those the allocator hands out: with the device's pages all cached, it evicts none, and the
+    cached prefix is found intact."""
     llm = make_llm(tiny, dtype="float64", block_size=PAGE, num_gpu_blocks_override=16, kv_offloading_size=1e-3,
                    ls_tpot_slo=1.0, profile_path=str(tiny_profile[0]))
+    engine = llm.engine
     run_one_by_one(llm, PROMPTS[:1])  # its prefix fills most of the device's pages, idle once it ends
-    evicted = llm.engine.allocator.cache.num_evicted
-    llm.engine.calibrate()
-    assert llm.engine.allocator.cache.num_evicted > evicted  # the scratch pages took cached ones
+    evicted, free = engine.allocator.cache.num_evicted, engine.allocator.num_free
+    assert min(engine._calibration_pages) >= engine.allocator.num_pages
+    engine.calibrate()
+    assert engine.allocator.cache.num_evicted == evicted and engine.allocator.num_free == free
     [again] = run_one_by_one(llm, PROMPTS[:1])
     assert again.outputs[0].token_ids == uncached[0] and again.num_cached_tokens == 36
 

@@ -47,7 +47,9 @@ logger = logging.getLogger(__name__)
 
 _PROFILE_TRUSTED = (0.5, 2.0)
 """Measured / predicted iteration time at start within which the profile describes the device; beyond, a warning."""
-_REFRESH_RETRY_S = 5.0  # an idle refresh that measured nothing (interrupted, no free page) is tried again after this
+_REFRESH_RETRY_S = 5.0  # an idle refresh that measured nothing (interrupted) is tried again after this
+_CALIBRATION_DECODES = 2
+_CALIBRATION_TOKENS = 18  # a calibration's prefill (up to 16 tokens) and its decodes
 
 _IDLE_WAIT_S = 0.01
 
@@ -140,8 +142,12 @@ class LLMEngine:
         return ModelRunner(loaded.model, self.pool, self.device, self.cpu_pool, graphs, self.host_pages)
 
     def _kv_cache(self, loaded: LoadedModel, args: EngineArgs, num_pages: int, page_size: int) -> None:
-        """The device's KV pages and their bookkeeping, with the prefix cache and its host tier as the args say."""
-        self.pool = PagePool(loaded.config, num_pages, page_size, self.device, self.dtype)
+        """The device's KV pages and their bookkeeping, with the prefix cache and its host tier as the args say. The
+        pool has a few pages more than the allocator hands out: the calibration's (calibrate), so that measuring an
+        idle device, which a server does on its own while idle, touches nothing a request or the cache holds."""
+        scratch = -(-_CALIBRATION_TOKENS // page_size)
+        self.pool = PagePool(loaded.config, num_pages + scratch, page_size, self.device, self.dtype)
+        self._calibration_pages = list(range(num_pages, num_pages + scratch))
         self.allocator = PageAllocator(num_pages, PrefixCache() if args.enable_prefix_caching else None)
         shared = self.scheduler_config.offload_mode.uses_pool and self._shared_memory_holds(args)
         self.host_pages = self._host_tier_pool(loaded, args, page_size, shared)
@@ -269,35 +275,25 @@ class LLMEngine:
         self.scheduler.admission.calibration_wanted = False
         if self.latency_model is None:
             return
-        scratch, length = "calibration", max(1, min(16, self.scheduler_config.max_model_len - 4))
-        decodes = 2
-        if not self.page_table.can_grow(scratch, length + decodes):
-            return  # no free pages: the device is not idle, and its iterations are measured anyway
-        self.page_table.grow(scratch, length + decodes)
-        if self.host_pages is not None:  # cached pages the scratch pages evicted: saved before they are written
-            saves, _ = self.page_table.take_transfers()
-            self.pool.copy_pages(saves, to=self.host_pages)
-            self.page_table.end_transfers()
-        page_ids = self.page_table.pages(scratch)
+        scratch, decodes = "calibration", _CALIBRATION_DECODES
+        length = max(1, min(_CALIBRATION_TOKENS - decodes, self.scheduler_config.max_model_len - 4))
+        page_ids = self._calibration_pages  # its own: no request's page, no cached prefix, no page count moves
         vocab, greedy = self.model_config.vocab_size, SamplingParams(temperature=0.0)
         prompt = [3 + i % max(1, vocab - 3) for i in range(length)]
         prefill = ScheduledChunk(scratch, prompt, 0, page_ids, True, greedy, 0)
         # A warm-up, then two of each kind: the correction follows prefills and decodes apart (correction.py).
         steps = [prefill] * 3 + [ScheduledChunk(scratch, [prompt[-1]], length + i, page_ids, True, greedy, i + 1)
                                       for i in range(decodes)]
-        try:
-            for index, chunk in enumerate(steps):
-                if interrupted is not None and interrupted():
-                    return
-                plan = IterationPlan(chunks=[chunk], predicted_time=self.scheduler.predicted_time([chunk]))
-                started = time.perf_counter()
-                self.runner.execute(plan)
-                if index == 1:  # measuring on purpose: the device as it is now replaces what was measured before
-                    self.scheduler.correction.forget()
-                if index:  # the first is a warm-up: lazy allocations, cold caches
-                    self.scheduler.observe(plan, time.perf_counter() - started)
-        finally:
-            self.page_table.release(scratch)
+        for index, chunk in enumerate(steps):
+            if interrupted is not None and interrupted():
+                return
+            plan = IterationPlan(chunks=[chunk], predicted_time=self.scheduler.predicted_time([chunk]))
+            started = time.perf_counter()
+            self.runner.execute(plan)
+            if index == 1:  # measuring on purpose: the device as it is now replaces what was measured before
+                self.scheduler.correction.forget()
+            if index:  # the first is a warm-up: lazy allocations, cold caches
+                self.scheduler.observe(plan, time.perf_counter() - started)
         self._log_calibration(len(steps) - 1, announce)
 
     def refresh_measurements(self, interrupted: Callable[[], bool] | None = None) -> bool:
@@ -309,7 +305,7 @@ class LLMEngine:
         if self.latency_model is None or self.has_unfinished_requests() or (
                 self.scheduler.correction.age() < REFRESH_AFTER_S) or clock() < self._next_refresh:
             return False
-        self._next_refresh = clock() + _REFRESH_RETRY_S  # when this one measures nothing (interrupted, no free page)
+        self._next_refresh = clock() + _REFRESH_RETRY_S  # when this one measures nothing (interrupted)
         self.calibrate(interrupted, announce=False)
         return True
 
