@@ -1,13 +1,13 @@
 """A decode step's GEMMs on the CPU: the project's kernel (ops.skinny_linear) against oneDNN and torch's GEMM, in
 one run, over a whole step's weights, so that every weight comes from memory as it does in the engine.
 
-The weights are the default model's shapes (SmolLM2-135M, fp32: 30 layers of QKV 576->960, O 576->576, gate-up
-576->3072, down 1536->576, then the LM head 576->49152), random, 538 MB. For each row count, each GEMM runs the
+The weights are the default model's shapes (SmolLM2-135M: 30 layers of QKV 576->960, O 576->576, gate-up
+576->3072, down 1536->576, then the LM head 576->49152), random, 538 MB in fp32 (--dtype; 269 MB in bf16). For each row count, each GEMM runs the
 whole step --repeats times, interleaved with the others (so that drift on a shared machine hits all alike); the best
 step is kept. Printed: ms per step, the read bandwidth it reached as a share of the machine's (a 1 GiB sum), the
 GEMM throughput as a share of the GEMM peak (oneDNN at 512 rows), and skinny_linear against oneDNN.
 
-    python benchmarks/bench_decode_gemm.py --rows 1 4 16 32
+    python benchmarks/bench_decode_gemm.py --rows 1 4 16 32 [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -28,21 +28,21 @@ LAYER_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # (out, in): 
 LM_HEAD = (49152, 576)
 
 
-def step_weights(layers: int) -> list[torch.Tensor]:
-    return [torch.randn(*shape) for _ in range(layers) for shape in LAYER_SHAPES] + [torch.randn(*LM_HEAD)]
+def step_weights(layers: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    return [torch.randn(*shape, dtype=dtype) for shape in LAYER_SHAPES * layers + [LM_HEAD]]
 
 
 def best_step_seconds(gemm, weights: list[torch.Tensor], rows: int) -> float:
-    inputs = {width: torch.randn(rows, width) for width in {w.shape[1] for w in weights}}
+    inputs = {width: torch.randn(rows, width, dtype=weights[0].dtype) for width in {w.shape[1] for w in weights}}
     started = time.perf_counter()
     for weight in weights:
         gemm(inputs[weight.shape[1]], weight)
     return time.perf_counter() - started
 
 
-def gemm_peak() -> float:
+def gemm_peak(dtype: torch.dtype = torch.float32) -> float:
     """GFLOP/s of oneDNN's GEMM at 512 x 1536 x 1536 (the figure bench_step.py's compute floor uses)."""
-    x, w = torch.randn(512, 1536), torch.randn(1536, 1536)
+    x, w = torch.randn(512, 1536, dtype=dtype), torch.randn(1536, 1536, dtype=dtype)
     _onednn_linear(x, w, None)
     started = time.perf_counter()
     for _ in range(10):
@@ -55,18 +55,20 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--smoke", action="store_true", help="a tiny run (the test suite's)")
     args = parser.parse_args()
     if args.smoke:
         args.rows, args.layers, args.repeats = [1, 3], 1, 1
-    if not ops.CPU_KERNELS_BUILT or not onednn_supports(torch.float32):
-        print("nothing to compare: this needs the project's extension and oneDNN's fp32 GEMM")
+    dtype = getattr(torch, args.dtype)
+    if not ops.CPU_KERNELS_BUILT or not onednn_supports(dtype):
+        print(f"nothing to compare: this needs the project's extension and oneDNN's {args.dtype} GEMM")
         return
     torch.manual_seed(0)
-    weights = step_weights(args.layers)
-    weight_bytes = sum(w.numel() * 4 for w in weights)
+    weights = step_weights(args.layers, dtype)
+    weight_bytes = sum(w.numel() * w.element_size() for w in weights)
     bandwidth = statistics.median(read_bandwidth(1.0, 5))
-    peak = gemm_peak()
+    peak = gemm_peak(dtype)
     gemms = {"skinny_linear": lambda x, w: ops.skinny_linear(x, w, None, None),
              "oneDNN": lambda x, w: _onednn_linear(x, w, None), "torch": F.linear}
     rows_out = []
@@ -76,14 +78,14 @@ def main() -> None:
             for _ in range(args.repeats + 1):  # the first round warms up (oneDNN compiles its kernels)
                 for name, gemm in gemms.items():
                     best[name] = min(best[name], best_step_seconds(gemm, weights, rows))
-            flops = 2 * rows * weight_bytes / 4
+            flops = 2 * rows * sum(w.numel() for w in weights)
             for name, seconds in best.items():
                 rows_out.append(dict(rows=rows, gemm=name, ms=f"{seconds * 1e3:.1f}",
                                      read=f"{weight_bytes / seconds / 1e9 / bandwidth:.2f}",
                                      compute=f"{flops / seconds / 1e9 / peak:.2f}",
                                      vs_onednn=f"{best['oneDNN'] / seconds:.2f}"))
     info = [f"command: {command_line()}", f"CPU: {cpu_model()}, torch threads {torch.get_num_threads()}",
-            f"weights {weight_bytes / 1e6:.0f} MB; read bandwidth {bandwidth:.1f} GB/s; GEMM peak {peak:.0f} GFLOP/s"]
+            f"weights {weight_bytes / 1e6:.0f} MB ({args.dtype}); read bandwidth {bandwidth:.1f} GB/s; GEMM peak {peak:.0f} GFLOP/s"]
     print_report(info, [(dict(rows="rows", gemm="GEMM", ms="ms/step", read="of read bandwidth",
                               compute="of GEMM peak", vs_onednn="speed vs oneDNN"), rows_out)])
 

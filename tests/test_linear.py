@@ -81,6 +81,22 @@ def test_the_decode_gemm_kernel_equals_its_meaning(rows, n, k):
                                exact + bias.double() + residual.double(), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("rows", [1, 4, 16])
+@pytest.mark.parametrize("n, k", [(960, 576), (13, 67)], ids=["qkv", "ragged"])
+def test_the_decode_gemm_kernel_in_bf16_sums_in_fp32_and_rounds_once(rows, n, k):
+    """bf16 operands: widened as loaded, summed in fp32, the output rounded to bf16 once. Against the exact result of
+    the same bf16 values: within half a bf16 step (plus fp32 summation error), with and without bias and residual."""
+    x, weight, bias, residual = (t.bfloat16() for t in _skinny_problem(rows, n, k))
+    exact = x.double() @ weight.double().T
+    out = ops.skinny_linear(x, weight, None, None)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), exact, atol=1e-3, rtol=2 ** -8)
+    torch.testing.assert_close(ops.skinny_linear(x, weight, bias, residual).double(),
+                               exact + bias.double() + residual.double(), atol=1e-3, rtol=2 ** -8)
+    x[0, 0] = float("nan")
+    assert ops.skinny_linear(x, weight, None, None)[0].isnan().all()
+
+
 def test_the_decode_gemm_kernel_reads_strided_rows_and_other_dtypes():
     x, weight, bias, residual = _skinny_problem(5, 40, 64)
     wide = torch.randn(5, 100)

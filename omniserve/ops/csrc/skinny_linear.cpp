@@ -2,16 +2,24 @@
 // sequence). At one to a few rows the work is reading the weight once from memory, and what decides the speed is
 // streaming it at the machine's read bandwidth with no fixed cost per call; the general GEMMs (oneDNN, torch's BLAS)
 // read it at half that here (BENCHMARKS.md). Its meaning is omniserve/ops/reference.py's skinny_linear; it is the CPU
-// kernel of the omniserve::skinny_linear operator, which models/linear.py calls for fp32 decode batches.
+// kernel of the omniserve::skinny_linear operator, which models/linear.py calls for fp32 and bf16 decode batches.
 //
 // Each task takes a block of weight rows and runs every input row against it while the block is in L1, so the weight
 // is read from memory once whatever the row count. The inner tile is kWeightRows x kInputRows dot products, each
 // accumulated in a vector register across K and summed across lanes at the end.
+//
+// bf16 weights are widened to fp32 a block at a time into a buffer that stays in L1 (a bf16 is the upper half of an
+// fp32: a zero-extend and a shift), x once per call; the sums are fp32, and the output is rounded to bf16 once, to
+// nearest even, as oneDNN's bf16 GEMM does. The weight then costs half the bytes to read, which is all a decode GEMM's
+// time; plain vector code, so any CPU with the extension built runs it.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
+#include <type_traits>
+#include <vector>
 
 namespace {
 
@@ -26,10 +34,33 @@ constexpr int kWeightRows = 4;
 constexpr int kInputRows = 3;  // 4 x 3 accumulators and 4 weight vectors: AVX2's 16 registers
 constexpr int64_t kWeightElementsPerTask = 1 << 16;  // below this a thread's wake-up costs more than its share
 
+using bf16 = uint16_t;  // a bf16's bits (at::BFloat16's storage)
+
 inline vec load(const float* p) {
   vec v;
   std::memcpy(&v, p, sizeof(vec));  // an unaligned vector load
   return v;
+}
+
+inline float to_float(float v) { return v; }
+
+inline float to_float(bf16 v) {
+  const uint32_t w = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &w, sizeof(f));
+  return f;
+}
+
+inline void store(float* p, float v) { *p = v; }
+
+inline void store(bf16* p, float v) {
+  uint32_t w;
+  std::memcpy(&w, &v, sizeof(w));
+  if ((w & 0x7fffffffu) > 0x7f800000u) {  // NaN (tested on the bits: -ffast-math drops isnan)
+    *p = bf16(0x7fc0);
+    return;
+  }
+  *p = bf16((w + 0x7fffu + ((w >> 16) & 1u)) >> 16);  // to nearest, ties to even
 }
 
 inline float lane_sum(vec v) {
@@ -38,22 +69,22 @@ inline float lane_sum(vec v) {
   return sum;
 }
 
+template <typename T>  // float or bf16: the weight, bias, residual and output (x is widened to fp32 before)
 struct Operands {
   const float* x;
   int64_t x_stride;
-  const float* weight;  // [N, K], contiguous
+  const T* weight;  // [N, K], contiguous
   int64_t K;
-  const float* bias;      // [N] or null
-  const float* residual;  // [rows, N] or null
+  const T* bias;      // [N] or null
+  const T* residual;  // [rows, N] or null
   int64_t residual_stride;
-  float* out;  // [rows, N], contiguous
+  T* out;  // [rows, N], contiguous
   int64_t N;
 };
 
-// out[m, n] for m in [row, row + MR) and n in [col, col + NR).
-template <int NR, int MR>
-inline void tile(const Operands& o, int64_t row, int64_t col) {
-  const float* w = o.weight + col * o.K;
+// out[m, n] for m in [row, row + MR) and n in [col, col + NR); w: weight rows [col, col + NR) in fp32, K apart.
+template <int NR, int MR, typename T>
+inline void tile(const Operands<T>& o, const float* w, int64_t row, int64_t col) {
   const float* x = o.x + row * o.x_stride;
   vec acc[NR][MR] = {};
   int64_t k = 0;
@@ -69,20 +100,57 @@ inline void tile(const Operands& o, int64_t row, int64_t col) {
     for (int n = 0; n < NR; ++n) {
       float sum = lane_sum(acc[n][m]);
       for (int64_t kk = k; kk < o.K; ++kk) sum += w[n * o.K + kk] * x[m * o.x_stride + kk];
-      if (o.bias) sum += o.bias[col + n];
-      if (o.residual) sum += o.residual[(row + m) * o.residual_stride + col + n];
-      o.out[(row + m) * o.N + col + n] = sum;
+      if (o.bias) sum += to_float(o.bias[col + n]);
+      if (o.residual) sum += to_float(o.residual[(row + m) * o.residual_stride + col + n]);
+      store(o.out + (row + m) * o.N + col + n, sum);
     }
   }
 }
 
-// Every input row against weight rows [col, col + NR).
+// The weight rows [col, col + NR) in fp32: the weight itself when it is fp32, else widened into `buffer` (NR x K, in
+// L1 while every input row runs against it), once per block whatever the row count.
 template <int NR>
-void weight_block(const Operands& o, int64_t rows, int64_t col) {
+inline const float* fp32_rows(const Operands<float>& o, int64_t col, float*) {
+  return o.weight + col * o.K;
+}
+
+template <int NR>
+inline const float* fp32_rows(const Operands<bf16>& o, int64_t col, float* buffer) {
+  const bf16* w = o.weight + col * o.K;
+  for (int64_t i = 0; i < NR * o.K; ++i) buffer[i] = to_float(w[i]);  // vectorized: a zero-extend and a shift
+  return buffer;
+}
+
+// Every input row against weight rows [col, col + NR).
+template <int NR, typename T>
+void weight_block(const Operands<T>& o, int64_t rows, int64_t col, float* buffer) {
+  const float* w = fp32_rows<NR>(o, col, buffer);
   int64_t row = 0;
-  for (; row + kInputRows <= rows; row += kInputRows) tile<NR, kInputRows>(o, row, col);
-  if (rows - row == 2) tile<NR, 2>(o, row, col);
-  if (rows - row == 1) tile<NR, 1>(o, row, col);
+  for (; row + kInputRows <= rows; row += kInputRows) tile<NR, kInputRows>(o, w, row, col);
+  if (rows - row == 2) tile<NR, 2>(o, w, row, col);
+  if (rows - row == 1) tile<NR, 1>(o, w, row, col);
+}
+
+template <typename T>
+void run(const Operands<T>& o, int64_t rows) {
+  const int64_t blocks = (o.N + kWeightRows - 1) / kWeightRows;
+  const int64_t grain = std::max<int64_t>(1, kWeightElementsPerTask / std::max<int64_t>(kWeightRows * o.K, 1));
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> buffer(std::is_same<T, float>::value ? 0 : kWeightRows * o.K);
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t col = block * kWeightRows;
+      if (col + kWeightRows <= o.N) {
+        weight_block<kWeightRows>(o, rows, col, buffer.data());
+      } else {
+        for (int64_t n = col; n < o.N; ++n) weight_block<1>(o, rows, n, buffer.data());
+      }
+    }
+  });
+}
+
+template <typename T, typename S>  // S: how the tensors hold T (float, at::BFloat16)
+const T* pointer(const at::Tensor& t) {
+  return t.defined() ? reinterpret_cast<const T*>(t.data_ptr<S>()) : nullptr;
 }
 
 }  // namespace
@@ -94,31 +162,29 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& weight, const c1
   TORCH_CHECK(!bias || (bias->dim() == 1 && bias->size(0) == N), "bias must be [N]");
   TORCH_CHECK(!residual || (residual->dim() == 2 && residual->size(0) == rows && residual->size(1) == N),
               "residual must be [rows, N]");
-  if (x.scalar_type() != at::kFloat || weight.scalar_type() != at::kFloat) {  // other dtypes: torch's GEMM
+  const auto dtype = x.scalar_type();
+  if ((dtype != at::kFloat && dtype != at::kBFloat16) || weight.scalar_type() != dtype) {  // others: torch's GEMM
     auto out = bias ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
     return residual ? out.add_(*residual) : out;
   }
-  const auto xc = x.stride(1) == 1 ? x : x.contiguous();
+  // x is read once per block of weight rows: a bf16 x is widened once here, not in every block.
+  const auto xc = dtype == at::kBFloat16 ? x.to(at::kFloat).contiguous() : (x.stride(1) == 1 ? x : x.contiguous());
   const auto wc = weight.contiguous();
   const auto bc = bias ? bias->contiguous() : at::Tensor();
   const auto rc = residual && residual->stride(1) != 1 ? residual->contiguous() : (residual ? *residual : at::Tensor());
-  TORCH_CHECK((!bias || bc.scalar_type() == at::kFloat) && (!residual || rc.scalar_type() == at::kFloat),
-              "bias and residual must be fp32 like x");
+  TORCH_CHECK((!bias || bc.scalar_type() == dtype) && (!residual || rc.scalar_type() == dtype),
+              "bias and residual must have x's dtype");
   auto out = at::empty({rows, N}, x.options());
-  const Operands o{xc.data_ptr<float>(), xc.stride(0), wc.data_ptr<float>(), K, bias ? bc.data_ptr<float>() : nullptr,
-                   residual ? rc.data_ptr<float>() : nullptr, residual ? rc.stride(0) : 0, out.data_ptr<float>(), N};
-  const int64_t blocks = (N + kWeightRows - 1) / kWeightRows;
-  const int64_t grain = std::max<int64_t>(1, kWeightElementsPerTask / std::max<int64_t>(kWeightRows * K, 1));
-  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t block = begin; block < end; ++block) {
-      const int64_t col = block * kWeightRows;
-      if (col + kWeightRows <= N) {
-        weight_block<kWeightRows>(o, rows, col);
-      } else {
-        for (int64_t n = col; n < N; ++n) weight_block<1>(o, rows, n);
-      }
-    }
-  });
+  const int64_t residual_stride = residual ? rc.stride(0) : 0;
+  if (dtype == at::kFloat) {
+    run(Operands<float>{xc.data_ptr<float>(), xc.stride(0), pointer<float, float>(wc), K,
+                        pointer<float, float>(bc), pointer<float, float>(rc), residual_stride,
+                        out.data_ptr<float>(), N}, rows);
+  } else {
+    using B = at::BFloat16;
+    run(Operands<bf16>{xc.data_ptr<float>(), xc.stride(0), pointer<bf16, B>(wc), K, pointer<bf16, B>(bc),
+                       pointer<bf16, B>(rc), residual_stride, reinterpret_cast<bf16*>(out.data_ptr<B>()), N}, rows);
+  }
   return out;
 }
 
