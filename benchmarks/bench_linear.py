@@ -49,7 +49,7 @@ def main() -> None:
     if not onednn_supports(torch.float32):
         raise SystemExit("oneDNN has no fp32 GEMM on this CPU: nothing is padded here")
     torch.set_num_threads(1)
-    linear_module.SKINNY_MAX_ROWS = 0  # oneDNN padded against oneDNN exact, at every row count
+    linear_module.SKINNY_MAX_ROWS = {}  # oneDNN padded against oneDNN exact, at every row count
     weights = [torch.randn(out, inp) for out, inp in SHAPES]
     rng = random.Random(args.seed)
     cases = {"varying 1..%d" % args.max_rows: lambda: [rng.randint(1, args.max_rows) for _ in range(args.steps)]}

@@ -152,10 +152,10 @@ def input_fill_rows(batches: list[int], context: int, repeats: int) -> list[dict
     return rows
 
 
-def _engine_with_decodes(batch: int, prompt_len: int, output_len: int):
+def _engine_with_decodes(batch: int, prompt_len: int, output_len: int, dtype: str = "float32"):
     from omniserve import LLM, SamplingParams
 
-    llm = LLM(max_num_seqs=max(batch, 1))
+    llm = LLM(max_num_seqs=max(batch, 1), dtype=dtype)
     engine = llm.engine
     params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0)
     for i in range(batch):
@@ -172,7 +172,7 @@ def floors(model: torch.nn.Module) -> tuple[int, int, float, float]:
     weight_bytes = sum(p.numel() * p.element_size() for p in weights)
     gemm_params = sum(p.numel() for p in weights)  # the tied embedding is read once, as the LM head
     bandwidth = statistics.median(read_bandwidth(1.0, 5))
-    x, w = torch.randn(512, 1536), torch.randn(1536, 1536)
+    x, w = torch.randn(512, 1536, dtype=weights[0].dtype), torch.randn(1536, 1536, dtype=weights[0].dtype)
     linear(x, w)
     started = time.perf_counter()
     for _ in range(10):
@@ -181,10 +181,11 @@ def floors(model: torch.nn.Module) -> tuple[int, int, float, float]:
     return weight_bytes, gemm_params, bandwidth, peak
 
 
-def cpu_step_rows(batches: list[int], steps: int, repeats: int) -> tuple[list[dict], list[str]]:
+def cpu_step_rows(batches: list[int], steps: int, repeats: int, dtype: str = "float32"
+                  ) -> tuple[list[dict], list[str]]:
     rows, info = [], []
     for batch in batches:
-        llm, engine = _engine_with_decodes(batch, prompt_len=64, output_len=steps * repeats * 2 + 8)
+        llm, engine = _engine_with_decodes(batch, prompt_len=64, output_len=steps * repeats * 2 + 8, dtype=dtype)
         weight_bytes, gemm_params, bandwidth, peak = floors(engine.runner.model)
         read_floor = weight_bytes / bandwidth / 1e6
         compute_floor = 2 * batch * gemm_params / peak / 1e6
@@ -198,7 +199,7 @@ def cpu_step_rows(batches: list[int], steps: int, repeats: int) -> tuple[list[di
                          fused_over_eager=spread([f / e for f, e in zip(fused, eager)]),
                          floor_ms=f"{floor:.1f} ({'read' if read_floor >= compute_floor else 'compute'})",
                          step_over_floor=f"{statistics.median(fused) / floor:.2f}", goal="<= 1.3"))
-        info.append(f"batch {batch}: weights {weight_bytes / 1e6:.0f} MB read at {bandwidth:.1f} GB/s -> "
+        info.append(f"batch {batch} ({dtype}): weights {weight_bytes / 1e6:.0f} MB read at {bandwidth:.1f} GB/s -> "
                     f"{read_floor:.1f} ms; {2 * batch * gemm_params / 1e9:.2f} GFLOP at a GEMM peak of "
                     f"{peak:.0f} GFLOP/s -> {compute_floor:.1f} ms")
         del llm, engine
@@ -211,6 +212,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="engine steps per timed run")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each path, interleaved")
     parser.add_argument("--context", type=int, default=1024, help="context of the meta-device steps")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="the default model's dtype in the CPU step rows")
     parser.add_argument("--markdown", type=Path, default=None)
     parser.add_argument("--smoke", action="store_true", help="a tiny run (the test suite's)")
     args = parser.parse_args()
@@ -219,7 +222,7 @@ def main() -> None:
     gpu_rows = gpu_path_rows([1, 16, 64], args.context)
     host_rows = host_time_rows(1, args.steps * 5, args.repeats)
     fill_rows = input_fill_rows([16] if args.smoke else [16, 64, 256], 2048, args.repeats)
-    cpu_rows, info = cpu_step_rows(args.batches, args.steps, args.repeats)
+    cpu_rows, info = cpu_step_rows(args.batches, args.steps, args.repeats, args.dtype)
     info = [f"command: {command_line()}", f"CPU: {cpu_model()}, torch threads {torch.get_num_threads()}", *info]
     tables = [
         (dict(batch="batch", layer_ops="ops/layer", limit="goal", step_ops_2_layers="ops (2-layer step)",

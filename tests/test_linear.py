@@ -81,8 +81,8 @@ def test_the_decode_gemm_kernel_equals_its_meaning(rows, n, k):
                                exact + bias.double() + residual.double(), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("rows", [1, 4, 16])
-@pytest.mark.parametrize("n, k", [(960, 576), (13, 67)], ids=["qkv", "ragged"])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 16])
+@pytest.mark.parametrize("n, k", [(960, 576), (13, 67), (1, 8), (5, 3)], ids=["qkv", "ragged", "one row", "short"])
 def test_the_decode_gemm_kernel_in_bf16_sums_in_fp32_and_rounds_once(rows, n, k):
     """bf16 operands: widened as loaded, summed in fp32, the output rounded to bf16 once. Against the exact result of
     the same bf16 values: within half a bf16 step (plus fp32 summation error), with and without bias and residual."""
@@ -121,7 +121,9 @@ def test_decode_batches_take_the_decode_gemm_kernel(monkeypatch):
     for rows in (1, 16, 17, 64):
         assert linear(torch.randn(rows, 256), weight).shape == (rows, 300)
     assert linear(torch.randn(4, 256, dtype=torch.float64), weight.double()).shape == (4, 300)
-    assert calls == [1, 16]  # fp32 up to SKINNY_MAX_ROWS rows; more rows, and other dtypes, take the GEMMs
+    for rows in (1, 2, 3):
+        assert linear(torch.randn(rows, 256, dtype=torch.bfloat16), weight.bfloat16()).shape == (rows, 300)
+    assert calls == [1, 16, 1, 2]  # up to SKINNY_MAX_ROWS rows of fp32 or bf16; more rows, other dtypes: the GEMMs
     cpu_kernel = [line for line in torch._C._dispatch_dump("omniserve::skinny_linear").splitlines()
                   if line.startswith("CPU:")]
     assert cpu_kernel and "skinny_linear.cpp" in cpu_kernel[0]

@@ -1,9 +1,10 @@
 """The dense layers' GEMM, with faster CPU paths.
 
 On the CPU, an fp32 GEMM of up to 16 rows (a decode batch) is the project's own kernel (ops.skinny_linear): at
-those row counts the work is reading the weight once, and that kernel streams it at 0.7-0.8 of the machine's read
-bandwidth at one row, 1.3-1.9x as fast as oneDNN from 1 to 16 rows (BENCHMARKS.md). Above 16 rows oneDNN's blocked
-GEMM is as fast or faster.
+those row counts the work is reading the weight once, and that kernel streams it at 0.7-0.9 of the machine's read
+bandwidth at one row, 1.1-1.9x as fast as oneDNN from 1 to 16 rows (BENCHMARKS.md). Above 16 rows oneDNN's blocked
+GEMM is as fast or faster. A bf16 GEMM of one or two rows is the same kernel (1.7x oneDNN at one row, where the CPU
+has AVX-512 BF16); from four rows oneDNN's (with AMX where the CPU has it) is as fast or faster.
 
 Other CPU GEMMs (fp32 above 16 rows, bf16) go through oneDNN (the kernels torch.compile's CPU backend uses) rather
 than the default BLAS: on the machines we measured it is about twice as fast for every batch size from 1 row to 2,048
@@ -63,9 +64,10 @@ def onednn_supports(dtype: torch.dtype) -> bool:
 _ONEDNN_MIN_WEIGHT = 1 << 16
 """Smaller weights (tiny models) take torch's GEMM: oneDNN's fixed cost per call (about 40 us here, its threads
 woken) is then most of the call, against about 9 us."""
-SKINNY_MAX_ROWS = 16
-"""fp32 GEMMs of up to this many rows run ops.skinny_linear on the CPU. Measured over a decode step's weights
-(benchmarks/bench_decode_gemm.py): 1.27-1.33x oneDNN at 16 rows, 0.93-0.94x at 32."""
+SKINNY_MAX_ROWS = {torch.float32: 16, torch.bfloat16: 2}
+"""GEMMs of up to this many rows run ops.skinny_linear on the CPU, by dtype. Measured over a decode step's weights
+(benchmarks/bench_decode_gemm.py): fp32 1.12-1.33x oneDNN at 16 rows, 0.93-0.94x at 32; bf16 1.70x at one row,
+1.14x at two, 0.97x at four."""
 _EXACT_ROWS = 16  # row counts up to this run as they are
 _SIZES_PER_DOUBLING = 8  # above it, padded to one of this many sizes per power of two
 
@@ -84,7 +86,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """x @ weight.T + bias (+ residual), for x [rows, in], weight [out, in] and residual [rows, out]. The residual is
     added by the GEMM itself (oneDNN's binary post-op on the CPU, addmm's accumulate elsewhere): a decoder layer's
     residual additions cost no op of their own."""
-    if x.is_cpu and x.dtype is torch.float32 and x.dim() == 2 and x.shape[0] <= SKINNY_MAX_ROWS and \
+    if x.is_cpu and x.dim() == 2 and x.shape[0] <= SKINNY_MAX_ROWS.get(x.dtype, 0) and \
             ops.CPU_KERNELS_BUILT:  # the decode step's GEMMs: checked first and cheaply, 4 per layer
         return ops.skinny_linear(x, weight, bias, residual)
     if x.device.type == "cpu" and x.dim() == 2 and weight.numel() >= _ONEDNN_MIN_WEIGHT and onednn_supports(x.dtype):
@@ -110,8 +112,9 @@ _BF16_MIN_SPEEDUP = 1.3
 @functools.cache
 def preferred_cpu_dtype() -> torch.dtype:
     """The CPU's default model dtype: bf16 where the CPU has bf16 instructions (AMX or AVX-512 BF16) and a GEMV, the
-    work of a decode step, measured here runs at least 1.3x faster in bf16 than in fp32 (half the bytes to read); fp32
-    elsewhere (without those instructions, bf16 is converted in software and slower). Decided at run time, once."""
+    work of a decode step, measured here runs at least 1.3x faster in bf16 than in fp32 (half the bytes to read: about
+    1.6x on a CPU with AVX-512 BF16); fp32 elsewhere (without those instructions, bf16 is converted in software and
+    slower). Decided at run time, once."""
     from omniserve.cpu_attention.kernel import cpu_isa
 
     flags = cpu_isa().split()

@@ -8,7 +8,7 @@
     store_kv        k and v rows into the page pool (negative slot: skip)   C++                Triton
     paged_decode    decode attention over page tables (attention/)          C++ (fp32, fp64)   Triton
     paged_prefill   causal attention of all prefill spans, over page tables C++                Triton
-    skinny_linear   x @ weight.T (+ bias, + residual) for a decode batch   C++ (fp32)         - (addmm there)
+    skinny_linear   x @ weight.T (+ bias, + residual) for a decode batch   C++ (fp32, bf16)   - (addmm there)
 
 Each is one kernel where plain torch runs 3 to 10 (RMSNorm alone is 8): on a GPU every op is a launch that the host
 pays for, and on the CPU a dispatch and a pass over memory. As registered operators they are one op each to a

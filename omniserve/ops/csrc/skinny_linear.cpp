@@ -8,12 +8,17 @@
 // is read from memory once whatever the row count. The inner tile is kWeightRows x kInputRows dot products, each
 // accumulated in a vector register across K and summed across lanes at the end.
 //
-// bf16 weights are widened to fp32 a block at a time into a buffer that stays in L1 (a bf16 is the upper half of an
-// fp32: a zero-extend and a shift), x once per call; the sums are fp32, and the output is rounded to bf16 once, to
-// nearest even, as oneDNN's bf16 GEMM does. The weight then costs half the bytes to read, which is all a decode GEMM's
-// time; plain vector code, so any CPU with the extension built runs it.
+// bf16 (x, weight, bias, residual and output alike): the sums are fp32 and the output is rounded to bf16 once, to
+// nearest even, as oneDNN's bf16 GEMM does. The weight costs half the bytes to read, which is all a decode GEMM's time,
+// if the arithmetic keeps up: where the CPU has AVX-512 BF16 (this file is compiled for the CPU it runs on), one
+// instruction multiplies 32 bf16 pairs into 16 fp32 sums; elsewhere each block of weight rows is widened to fp32 into
+// a buffer that stays in L1 while every input row runs against it (a bf16 is the upper half of an fp32).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -42,6 +47,12 @@ inline vec load(const float* p) {
   return v;
 }
 
+inline float lane_sum(vec v) {
+  float sum = 0;
+  for (int64_t i = 0; i < kLanes; ++i) sum += v[i];
+  return sum;
+}
+
 inline float to_float(float v) { return v; }
 
 inline float to_float(bf16 v) {
@@ -63,15 +74,9 @@ inline void store(bf16* p, float v) {
   *p = bf16((w + 0x7fffu + ((w >> 16) & 1u)) >> 16);  // to nearest, ties to even
 }
 
-inline float lane_sum(vec v) {
-  float sum = 0;
-  for (int64_t i = 0; i < kLanes; ++i) sum += v[i];
-  return sum;
-}
-
-template <typename T>  // float or bf16: the weight, bias, residual and output (x is widened to fp32 before)
+template <typename T>  // float or bf16
 struct Operands {
-  const float* x;
+  const T* x;
   int64_t x_stride;
   const T* weight;  // [N, K], contiguous
   int64_t K;
@@ -80,55 +85,86 @@ struct Operands {
   int64_t residual_stride;
   T* out;  // [rows, N], contiguous
   int64_t N;
+  const float* x_fp32;  // bf16 without AVX-512 BF16: x widened once per call ([rows, K], contiguous)
 };
 
-// out[m, n] for m in [row, row + MR) and n in [col, col + NR); w: weight rows [col, col + NR) in fp32, K apart.
+// The sums' ends: the tail of K past the vector loop (from k), bias and residual; then the output.
+template <typename T, typename W, typename X>
+inline void finish(const Operands<T>& o, const W* w, const X* x, int64_t x_stride, int64_t k, float sum, int n,
+                   int m, int64_t row, int64_t col) {
+  for (int64_t kk = k; kk < o.K; ++kk) sum += to_float(w[n * o.K + kk]) * to_float(x[m * x_stride + kk]);
+  if (o.bias) sum += to_float(o.bias[col + n]);
+  if (o.residual) sum += to_float(o.residual[(row + m) * o.residual_stride + col + n]);
+  store(o.out + (row + m) * o.N + col + n, sum);
+}
+
+// out[m, n] for m in [row, row + MR) and n in [col, col + NR); w: weight rows [col, col + NR) in fp32, K apart; x:
+// fp32 input rows, x_stride apart.
 template <int NR, int MR, typename T>
-inline void tile(const Operands<T>& o, const float* w, int64_t row, int64_t col) {
-  const float* x = o.x + row * o.x_stride;
+inline void tile(const Operands<T>& o, const float* w, const float* x_rows, int64_t x_stride, int64_t row,
+                 int64_t col) {
+  const float* x = x_rows + row * x_stride;
   vec acc[NR][MR] = {};
   int64_t k = 0;
   for (; k + kLanes <= o.K; k += kLanes) {
     vec wv[NR];
     for (int n = 0; n < NR; ++n) wv[n] = load(w + n * o.K + k);
     for (int m = 0; m < MR; ++m) {
-      const vec xv = load(x + m * o.x_stride + k);
+      const vec xv = load(x + m * x_stride + k);
       for (int n = 0; n < NR; ++n) acc[n][m] += wv[n] * xv;
     }
   }
-  for (int m = 0; m < MR; ++m) {
-    for (int n = 0; n < NR; ++n) {
-      float sum = lane_sum(acc[n][m]);
-      for (int64_t kk = k; kk < o.K; ++kk) sum += w[n * o.K + kk] * x[m * o.x_stride + kk];
-      if (o.bias) sum += to_float(o.bias[col + n]);
-      if (o.residual) sum += to_float(o.residual[(row + m) * o.residual_stride + col + n]);
-      store(o.out + (row + m) * o.N + col + n, sum);
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) finish(o, w, x, x_stride, k, lane_sum(acc[n][m]), n, m, row, col);
+}
+
+#if defined(__AVX512BF16__)
+// As tile, on bf16 weight and x as they are: 32 products a vdpbf16ps, summed in fp32.
+template <int NR, int MR>
+inline void tile_bf16(const Operands<bf16>& o, int64_t row, int64_t col) {
+  const bf16* w = o.weight + col * o.K;
+  const bf16* x = o.x + row * o.x_stride;
+  __m512 acc[NR][MR];
+  for (int n = 0; n < NR; ++n)
+    for (int m = 0; m < MR; ++m) acc[n][m] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= o.K; k += 32) {
+    __m512bh wv[NR];
+    for (int n = 0; n < NR; ++n) wv[n] = (__m512bh)_mm512_loadu_si512(w + n * o.K + k);
+    for (int m = 0; m < MR; ++m) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * o.x_stride + k);
+      for (int n = 0; n < NR; ++n) acc[n][m] = _mm512_dpbf16_ps(acc[n][m], wv[n], xv);
     }
   }
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) finish(o, w, x, o.x_stride, k, _mm512_reduce_add_ps(acc[n][m]), n, m, row, col);
 }
+#endif
 
-// The weight rows [col, col + NR) in fp32: the weight itself when it is fp32, else widened into `buffer` (NR x K, in
-// L1 while every input row runs against it), once per block whatever the row count.
+// Every input row against weight rows [col, col + NR). `buffer`: NR x K floats for widening a bf16 block.
 template <int NR>
-inline const float* fp32_rows(const Operands<float>& o, int64_t col, float*) {
-  return o.weight + col * o.K;
-}
-
-template <int NR>
-inline const float* fp32_rows(const Operands<bf16>& o, int64_t col, float* buffer) {
-  const bf16* w = o.weight + col * o.K;
-  for (int64_t i = 0; i < NR * o.K; ++i) buffer[i] = to_float(w[i]);  // vectorized: a zero-extend and a shift
-  return buffer;
-}
-
-// Every input row against weight rows [col, col + NR).
-template <int NR, typename T>
-void weight_block(const Operands<T>& o, int64_t rows, int64_t col, float* buffer) {
-  const float* w = fp32_rows<NR>(o, col, buffer);
+void weight_block(const Operands<float>& o, int64_t rows, int64_t col, float*) {
+  const float* w = o.weight + col * o.K;
   int64_t row = 0;
-  for (; row + kInputRows <= rows; row += kInputRows) tile<NR, kInputRows>(o, w, row, col);
-  if (rows - row == 2) tile<NR, 2>(o, w, row, col);
-  if (rows - row == 1) tile<NR, 1>(o, w, row, col);
+  for (; row + kInputRows <= rows; row += kInputRows) tile<NR, kInputRows>(o, w, o.x, o.x_stride, row, col);
+  if (rows - row == 2) tile<NR, 2>(o, w, o.x, o.x_stride, row, col);
+  if (rows - row == 1) tile<NR, 1>(o, w, o.x, o.x_stride, row, col);
+}
+
+template <int NR>
+void weight_block(const Operands<bf16>& o, int64_t rows, int64_t col, float* buffer) {
+  int64_t row = 0;
+#if defined(__AVX512BF16__)
+  for (; row + kInputRows <= rows; row += kInputRows) tile_bf16<NR, kInputRows>(o, row, col);
+  if (rows - row == 2) tile_bf16<NR, 2>(o, row, col);
+  if (rows - row == 1) tile_bf16<NR, 1>(o, row, col);
+#else
+  const bf16* weight = o.weight + col * o.K;
+  for (int64_t i = 0; i < NR * o.K; ++i) buffer[i] = to_float(weight[i]);  // vectorized: a zero-extend and a shift
+  for (; row + kInputRows <= rows; row += kInputRows) tile<NR, kInputRows>(o, buffer, o.x_fp32, o.K, row, col);
+  if (rows - row == 2) tile<NR, 2>(o, buffer, o.x_fp32, o.K, row, col);
+  if (rows - row == 1) tile<NR, 1>(o, buffer, o.x_fp32, o.K, row, col);
+#endif
 }
 
 template <typename T>
@@ -136,7 +172,7 @@ void run(const Operands<T>& o, int64_t rows) {
   const int64_t blocks = (o.N + kWeightRows - 1) / kWeightRows;
   const int64_t grain = std::max<int64_t>(1, kWeightElementsPerTask / std::max<int64_t>(kWeightRows * o.K, 1));
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> buffer(std::is_same<T, float>::value ? 0 : kWeightRows * o.K);
+    std::vector<float> buffer(o.x_fp32 == nullptr ? 0 : kWeightRows * o.K);
     for (int64_t block = begin; block < end; ++block) {
       const int64_t col = block * kWeightRows;
       if (col + kWeightRows <= o.N) {
@@ -167,8 +203,7 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& weight, const c1
     auto out = bias ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
     return residual ? out.add_(*residual) : out;
   }
-  // x is read once per block of weight rows: a bf16 x is widened once here, not in every block.
-  const auto xc = dtype == at::kBFloat16 ? x.to(at::kFloat).contiguous() : (x.stride(1) == 1 ? x : x.contiguous());
+  const auto xc = x.stride(1) == 1 ? x : x.contiguous();
   const auto wc = weight.contiguous();
   const auto bc = bias ? bias->contiguous() : at::Tensor();
   const auto rc = residual && residual->stride(1) != 1 ? residual->contiguous() : (residual ? *residual : at::Tensor());
@@ -177,14 +212,22 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& weight, const c1
   auto out = at::empty({rows, N}, x.options());
   const int64_t residual_stride = residual ? rc.stride(0) : 0;
   if (dtype == at::kFloat) {
-    run(Operands<float>{xc.data_ptr<float>(), xc.stride(0), pointer<float, float>(wc), K,
-                        pointer<float, float>(bc), pointer<float, float>(rc), residual_stride,
-                        out.data_ptr<float>(), N}, rows);
-  } else {
-    using B = at::BFloat16;
-    run(Operands<bf16>{xc.data_ptr<float>(), xc.stride(0), pointer<bf16, B>(wc), K, pointer<bf16, B>(bc),
-                       pointer<bf16, B>(rc), residual_stride, reinterpret_cast<bf16*>(out.data_ptr<B>()), N}, rows);
+    using F = float;
+    run(Operands<F>{pointer<F, F>(xc), xc.stride(0), pointer<F, F>(wc), K, pointer<F, F>(bc), pointer<F, F>(rc),
+                    residual_stride, out.data_ptr<F>(), N, nullptr}, rows);
+    return out;
   }
+  using B = at::BFloat16;
+#if defined(__AVX512BF16__)
+  const float* x_fp32 = nullptr;
+#else
+  // x is read once per block of weight rows: widened once here, not in every block.
+  const auto widened = xc.to(at::kFloat).contiguous();
+  const float* x_fp32 = widened.data_ptr<float>();
+#endif
+  run(Operands<bf16>{pointer<bf16, B>(xc), xc.stride(0), pointer<bf16, B>(wc), K, pointer<bf16, B>(bc),
+                     pointer<bf16, B>(rc), residual_stride, reinterpret_cast<bf16*>(out.data_ptr<B>()), N, x_fp32},
+      rows);
   return out;
 }
 
