@@ -101,7 +101,7 @@ def default_llm() -> LLM:
     """The built-in default model, loaded once for the session (fp32, CPU)."""
     from omniserve import LLM
 
-    return LLM(max_model_len=2048)
+    return LLM(max_model_len=2048, dtype="float32")  # as transformers runs it in the tests that compare
 
 
 @pytest.fixture(autouse=True)

@@ -173,7 +173,8 @@ def tiny_server(tmp_path_factory):
     """(model folder, URL) of the tiny model served by uvicorn on a thread, on a port the OS chose."""
     folder = tmp_path_factory.mktemp("tiny-gsm8k")
     _save_tiny_model(folder)
-    engine = LLMEngine(EngineArgs(model=str(folder), block_size=16, max_num_seqs=8))
+    # fp32, as transformers runs it: the test compares their texts
+    engine = LLMEngine(EngineArgs(model=str(folder), block_size=16, max_num_seqs=8, dtype="float32"))
     app = build_app(engine, ["tiny"])
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
     sock = listen_socket("127.0.0.1", 0)

@@ -84,7 +84,7 @@ def test_default_model_offloaded_in_float32(default_gguf, default_llm, make_llm)
              [{"role": "user", "content": "Name three colours."}]]
     prompts = [default_llm.apply_chat_template(c) for c in chats]
     expected = tokens(default_llm.generate(prompts, greedy(max_tokens=24), use_tqdm=False))
-    offloading = make_llm(default_gguf, max_model_len=2048, be_decode_placement="cpu")
+    offloading = make_llm(default_gguf, max_model_len=2048, be_decode_placement="cpu", dtype="float32")
     got = tokens(offloading.generate(prompts, [greedy("be", 24), greedy("ls", 24)], use_tqdm=False))
     assert got == expected and offloading.engine.scheduler.stats.num_swap_outs == 1
 
