@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 _IDLE_POLL_S = 0.05  # an idle engine thread re-checks its inbox at least this often
 _TRIM_AFTER_IDLE_S = 1.0  # an engine idle this long gives the heap's free pages back to the OS, once per idle spell
-_TRIM_UNDER_LOAD_S = 10.0
+_TRIM_UNDER_LOAD_S = 2.0
 """A busy engine gives them back this often too: under a load that never pauses, the free fragments that each peak
 leaves would otherwise stay, and the server's RSS would climb by steps to its worst fragmentation."""
 
