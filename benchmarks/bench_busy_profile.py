@@ -176,7 +176,8 @@ def main() -> None:
     info = [f"command: {command_line()}", f"CPU: {cpu_model()}",
             f"the built-in model, --max-model-len {args.max_model_len} --max-num-batched-tokens "
             f"{args.max_num_batched_tokens}; started (profiling included) in {start_s:.0f} s "
-            f"beside {args.busy} spinning processes; then idle {args.settle:g} s before each series; TTFT SLO {slo * 1e3:.0f} ms; "
+            f"beside {args.busy} spinning processes; then idle {args.settle:g} s before each series; "
+            f"TTFT SLO {slo * 1e3:.0f} ms; "
             f"{args.requests} lone LS requests of {PROMPT_TOKENS} prompt tokens"]
     tables = [(dict(figure="figure", value="value", ratio="ratio", goal="goal"), rows)]
     print_report(info, tables)

@@ -1,10 +1,10 @@
 """A decode step's GEMMs on the CPU: the project's kernel (ops.skinny_linear) against oneDNN and torch's GEMM, in
 one run, over a whole step's weights, so that every weight comes from memory as it does in the engine.
 
-The weights are the default model's shapes (SmolLM2-135M: 30 layers of QKV 576->960, O 576->576, gate-up
-576->3072, down 1536->576, then the LM head 576->49152), random, 538 MB in fp32 (--dtype; 269 MB in bf16). For each row count, each GEMM runs the
-whole step --repeats times, interleaved with the others (so that drift on a shared machine hits all alike); the best
-step is kept. Printed: ms per step, the read bandwidth it reached as a share of the machine's (a 1 GiB sum), the
+The weights are the default model's shapes (SmolLM2-135M: 30 layers of QKV 576->960, O 576->576, gate-up 576->3072, down
+1536->576, then the LM head 576->49152), random, 538 MB in fp32 (--dtype; 269 MB in bf16). For each row count, each GEMM
+runs the whole step --repeats times, interleaved with the others (so that drift on a shared machine hits all alike); the
+best step is kept. Printed: ms per step, the read bandwidth it reached as a share of the machine's (a 1 GiB sum), the
 GEMM throughput as a share of the GEMM peak (oneDNN at 512 rows), and skinny_linear against oneDNN.
 
     python benchmarks/bench_decode_gemm.py --rows 1 4 16 32 [--dtype bfloat16]
@@ -85,7 +85,8 @@ def main() -> None:
                                      compute=f"{flops / seconds / 1e9 / peak:.2f}",
                                      vs_onednn=f"{best['oneDNN'] / seconds:.2f}"))
     info = [f"command: {command_line()}", f"CPU: {cpu_model()}, torch threads {torch.get_num_threads()}",
-            f"weights {weight_bytes / 1e6:.0f} MB ({args.dtype}); read bandwidth {bandwidth:.1f} GB/s; GEMM peak {peak:.0f} GFLOP/s"]
+            f"weights {weight_bytes / 1e6:.0f} MB ({args.dtype}); read bandwidth {bandwidth:.1f} GB/s; "
+            f"GEMM peak {peak:.0f} GFLOP/s"]
     print_report(info, [(dict(rows="rows", gemm="GEMM", ms="ms/step", read="of read bandwidth",
                               compute="of GEMM peak", vs_onednn="speed vs oneDNN"), rows_out)])
 
