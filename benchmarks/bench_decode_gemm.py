@@ -5,7 +5,9 @@ The weights are the default model's shapes (SmolLM2-135M: 30 layers of QKV 576->
 1536->576, then the LM head 576->49152), random, 538 MB in fp32 (--dtype; 269 MB in bf16). For each row count, each GEMM
 runs the whole step --repeats times, interleaved with the others (so that drift on a shared machine hits all alike); the
 best step is kept. Printed: ms per step, the read bandwidth it reached as a share of the machine's (a 1 GiB sum), the
-GEMM throughput as a share of the GEMM peak (oneDNN at 512 rows), and skinny_linear against oneDNN.
+GEMM throughput as a share of the GEMM peak (oneDNN at 512 rows), and skinny_linear against oneDNN. In bf16, also
+the LM head alone with fp32 logits (skinny_linear's float_out, models/linear.py's linear_float_out) against oneDNN's
+bf16 output widened to fp32.
 
     python benchmarks/bench_decode_gemm.py --rows 1 4 16 32 [--dtype bfloat16]
 """
@@ -84,11 +86,34 @@ def main() -> None:
                                      read=f"{weight_bytes / seconds / 1e9 / bandwidth:.2f}",
                                      compute=f"{flops / seconds / 1e9 / peak:.2f}",
                                      vs_onednn=f"{best['oneDNN'] / seconds:.2f}"))
+    sections = [(dict(rows="rows", gemm="GEMM", ms="ms/step", read="of read bandwidth", compute="of GEMM peak",
+                      vs_onednn="speed vs oneDNN"), rows_out)]
+    if dtype == torch.bfloat16:
+        sections.append((dict(rows="rows", float_out="LM head, fp32 logits: ms", onednn="oneDNN bf16 + widen: ms",
+                              ratio="time vs oneDNN"), lm_head_rows(weights[-1], args.rows, args.repeats)))
     info = [f"command: {command_line()}", f"CPU: {cpu_model()}, torch threads {torch.get_num_threads()}",
             f"weights {weight_bytes / 1e6:.0f} MB ({args.dtype}); read bandwidth {bandwidth:.1f} GB/s; "
             f"GEMM peak {peak:.0f} GFLOP/s"]
-    print_report(info, [(dict(rows="rows", gemm="GEMM", ms="ms/step", read="of read bandwidth",
-                              compute="of GEMM peak", vs_onednn="speed vs oneDNN"), rows_out)])
+    print_report(info, sections)
+
+
+def lm_head_rows(weight: torch.Tensor, row_counts: list[int], repeats: int) -> list[dict]:
+    """The LM head's best time with fp32 logits straight from skinny_linear's sums, against oneDNN's bf16 output
+    widened, by row count."""
+    out = []
+    for rows in row_counts:
+        x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
+        gemms = {"float_out": lambda: ops.skinny_linear(x, weight, None, None, True),
+                 "onednn": lambda: _onednn_linear(x, weight, None).float()}
+        best = {name: float("inf") for name in gemms}
+        for _ in range(3 * repeats + 1):
+            for name, gemm in gemms.items():
+                started = time.perf_counter()
+                gemm()
+                best[name] = min(best[name], time.perf_counter() - started)
+        out.append(dict(rows=rows, float_out=f"{best['float_out'] * 1e3:.2f}", onednn=f"{best['onednn'] * 1e3:.2f}",
+                        ratio=f"{best['float_out'] / best['onednn']:.2f}"))
+    return out
 
 
 if __name__ == "__main__":

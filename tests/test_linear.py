@@ -97,6 +97,36 @@ def test_the_decode_gemm_kernel_in_bf16_sums_in_fp32_and_rounds_once(rows, n, k)
     assert ops.skinny_linear(x, weight, None, None)[0].isnan().all()
 
 
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7])
+def test_the_decode_gemm_kernel_in_bf16_gives_its_fp32_sums_when_asked(rows):
+    """float_out (the LM head's logits): the fp32 sums as they are, not rounded to bf16 (whose steps are 0.125 near
+    30): within fp32 summation error of the exact result of the same bf16 values, with and without bias and residual."""
+    x, weight, bias, residual = (t.bfloat16() for t in _skinny_problem(rows, 13, 67))
+    exact = x.double() @ weight.double().T
+    out = ops.skinny_linear(x, weight, None, None, True)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), exact, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(ops.skinny_linear(x, weight, bias, residual, True).double(),
+                               exact + bias.double() + residual.double(), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(out, reference.skinny_linear(x, weight, None, None, True), atol=1e-4, rtol=1e-5)
+    assert ops.skinny_linear(x.to("meta"), weight.to("meta"), None, None, True).dtype == torch.float32
+    assert ops.skinny_linear(x.double(), weight.double(), None, None, True).dtype == torch.float64
+
+
+def test_logits_are_fp32_sums_for_a_few_rows_and_widened_beyond(monkeypatch):
+    """linear_float_out: up to FLOAT_OUT_MAX_ROWS bf16 rows take the kernel's fp32 sums; more rows take the GEMM's
+    bf16 output, widened; fp32 and fp64 stay as they are."""
+    if not ops.CPU_KERNELS_BUILT:
+        pytest.skip("the project's extension is not built here")
+    weight = torch.randn(300, 256).bfloat16()
+    small, large = (torch.randn(rows, 256).bfloat16() for rows in (linear_module.FLOAT_OUT_MAX_ROWS, 9))
+    exact = small.double() @ weight.double().T
+    torch.testing.assert_close(linear_module.linear_float_out(small, weight).double(), exact, atol=1e-4, rtol=1e-5)
+    widened = linear_module.linear_float_out(large, weight)
+    assert widened.dtype == torch.float32 and torch.equal(widened, widened.bfloat16().float())
+    assert linear_module.linear_float_out(small.double(), weight.double()).dtype == torch.float64
+
+
 def test_the_decode_gemm_kernel_reads_strided_rows_and_other_dtypes():
     x, weight, bias, residual = _skinny_problem(5, 40, 64)
     wide = torch.randn(5, 100)

@@ -105,6 +105,23 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return torch.addmm(residual + bias, x, weight.t())
 
 
+FLOAT_OUT_MAX_ROWS = 4
+"""bf16 GEMMs of up to this many rows give fp32 outputs straight from the kernel's sums (linear_float_out). The LM head
+in it takes 0.55-0.92x oneDNN's time up to 4 rows, 1.4x at 8 (benchmarks/bench_decode_gemm.py --dtype bfloat16)."""
+
+
+def linear_float_out(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T in fp32 whatever x's dtype (fp64 stays fp64): the LM head, whose logits, rounded to bf16, would be
+    0.125 apart near 30, making a greedy choice between two close tokens a coin toss. On the CPU, a bf16 GEMM of up to
+    FLOAT_OUT_MAX_ROWS rows keeps the project's kernel's fp32 sums; elsewhere the GEMM's output is widened after its
+    rounding (as transformers' and vLLM's bf16 logits are)."""
+    if x.is_cpu and x.dim() == 2 and x.dtype == torch.bfloat16 and x.shape[0] <= FLOAT_OUT_MAX_ROWS and \
+            ops.CPU_KERNELS_BUILT:
+        return ops.skinny_linear(x, weight, None, None, True)
+    out = linear(x, weight)
+    return out if out.dtype == torch.float64 else out.float()
+
+
 _BF16_INSTRUCTIONS = ("amx_bf16", "avx512_bf16")
 _BF16_MIN_SPEEDUP = 1.3
 

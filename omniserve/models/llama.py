@@ -21,7 +21,7 @@ from torch import nn
 
 from omniserve import ops
 from omniserve.config import ModelConfig, RopeScaling
-from omniserve.models.linear import Linear, linear
+from omniserve.models.linear import Linear, linear, linear_float_out
 
 
 class RMSNorm(nn.Module):
@@ -161,8 +161,7 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head on the rows that sample; logits in fp32."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = linear(self.norm(hidden), weight)
-        return logits if logits.dtype == torch.float64 else logits.float()
+        return linear_float_out(self.norm(hidden), weight)
 
     def run_layers(self, hidden: torch.Tensor, rope_angles: tuple[torch.Tensor, torch.Tensor], attend: Attend,
                    layers: Sequence[LayerWeights] | None = None) -> torch.Tensor:

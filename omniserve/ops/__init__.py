@@ -9,6 +9,7 @@
     paged_decode    decode attention over page tables (attention/)          C++ (fp32, fp64)   Triton
     paged_prefill   causal attention of all prefill spans, over page tables C++                Triton
     skinny_linear   x @ weight.T (+ bias, + residual) for a decode batch   C++ (fp32, bf16)   - (addmm there)
+                    (float_out: the output in fp32, not rounded to x's dtype)
 
 Each is one kernel where plain torch runs 3 to 10 (RMSNorm alone is 8): on a GPU every op is a launch that the host
 pays for, and on the CPU a dispatch and a pass over memory. As registered operators they are one op each to a
@@ -40,7 +41,8 @@ _SCHEMAS = {
                     "int page_size) -> Tensor",
     "paged_prefill": "paged_prefill(Tensor q, Tensor k_cache, Tensor v_cache, Tensor page_table, Tensor query_starts, "
                      "Tensor context_lens, int page_size) -> Tensor",
-    "skinny_linear": "skinny_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? residual) -> Tensor",
+    "skinny_linear": "skinny_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, bool float_out=False) "
+                     "-> Tensor",
 }
 for _schema in _SCHEMAS.values():
     _LIBRARY.define(_schema)
@@ -54,8 +56,9 @@ def _meta_silu_and_mul(gate_up):
     return gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
 
 
-def _meta_skinny_linear(x, weight, bias, residual):
-    return x.new_empty(x.shape[0], weight.shape[0])
+def _meta_skinny_linear(x, weight, bias, residual, float_out=False):
+    dtype = torch.float32 if float_out and x.dtype != torch.float64 else x.dtype
+    return x.new_empty(x.shape[0], weight.shape[0], dtype=dtype)
 
 
 def _meta_in_place(*args):

@@ -25,8 +25,12 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                  residual: torch.Tensor | None) -> torch.Tensor:
-    """x [rows, K] @ weight [N, K].T, plus bias [N] and residual [rows, N] where given."""
+                  residual: torch.Tensor | None, float_out: bool = False) -> torch.Tensor:
+    """x [rows, K] @ weight [N, K].T, plus bias [N] and residual [rows, N] where given; float_out: computed and
+    returned in fp32 (fp64 stays fp64) rather than rounded to x's dtype."""
+    if float_out and x.dtype not in (torch.float32, torch.float64):
+        return skinny_linear(x.float(), weight.float(), None if bias is None else bias.float(),
+                             None if residual is None else residual.float())
     out = F.linear(x, weight, bias)
     return out if residual is None else out + residual
 

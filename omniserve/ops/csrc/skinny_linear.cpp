@@ -8,8 +8,9 @@
 // is read from memory once whatever the row count. The inner tile is kWeightRows x kInputRows dot products, each
 // accumulated in a vector register across K and summed across lanes at the end.
 //
-// bf16 (x, weight, bias, residual and output alike): the sums are fp32 and the output is rounded to bf16 once, to
-// nearest even, as oneDNN's bf16 GEMM does. The weight costs half the bytes to read, which is all a decode GEMM's time,
+// bf16 (x, weight, bias and residual alike): the sums are fp32 and the output is rounded to bf16 once, to nearest
+// even, as oneDNN's bf16 GEMM does; or, with float_out, kept in fp32 (the logits: rounded to bf16, those near 30 would
+// be 0.125 apart, and a greedy choice between two close tokens a coin toss). The weight costs half the bytes to read, which is all a decode GEMM's time,
 // if the arithmetic keeps up: where the CPU has AVX-512 BF16 (this file is compiled for the CPU it runs on), one
 // instruction multiplies 32 bf16 pairs into 16 fp32 sums; elsewhere each block of weight rows is widened to fp32 into
 // a buffer that stays in L1 while every input row runs against it (a bf16 is the upper half of an fp32).
@@ -74,7 +75,7 @@ inline void store(bf16* p, float v) {
   *p = bf16((w + 0x7fffu + ((w >> 16) & 1u)) >> 16);  // to nearest, ties to even
 }
 
-template <typename T>  // float or bf16
+template <typename T, typename O = T>  // T: float or bf16; O, the output's: T or float
 struct Operands {
   const T* x;
   int64_t x_stride;
@@ -83,14 +84,14 @@ struct Operands {
   const T* bias;      // [N] or null
   const T* residual;  // [rows, N] or null
   int64_t residual_stride;
-  T* out;  // [rows, N], contiguous
+  O* out;  // [rows, N], contiguous
   int64_t N;
   const float* x_fp32;  // bf16 without AVX-512 BF16: x widened once per call ([rows, K], contiguous)
 };
 
 // The sums' ends: the tail of K past the vector loop (from k), bias and residual; then the output.
-template <typename T, typename W, typename X>
-inline void finish(const Operands<T>& o, const W* w, const X* x, int64_t x_stride, int64_t k, float sum, int n,
+template <typename T, typename O, typename W, typename X>
+inline void finish(const Operands<T, O>& o, const W* w, const X* x, int64_t x_stride, int64_t k, float sum, int n,
                    int m, int64_t row, int64_t col) {
   for (int64_t kk = k; kk < o.K; ++kk) sum += to_float(w[n * o.K + kk]) * to_float(x[m * x_stride + kk]);
   if (o.bias) sum += to_float(o.bias[col + n]);
@@ -100,8 +101,8 @@ inline void finish(const Operands<T>& o, const W* w, const X* x, int64_t x_strid
 
 // out[m, n] for m in [row, row + MR) and n in [col, col + NR); w: weight rows [col, col + NR) in fp32, K apart; x:
 // fp32 input rows, x_stride apart.
-template <int NR, int MR, typename T>
-inline void tile(const Operands<T>& o, const float* w, const float* x_rows, int64_t x_stride, int64_t row,
+template <int NR, int MR, typename T, typename O>
+inline void tile(const Operands<T, O>& o, const float* w, const float* x_rows, int64_t x_stride, int64_t row,
                  int64_t col) {
   const float* x = x_rows + row * x_stride;
   vec acc[NR][MR] = {};
@@ -120,8 +121,8 @@ inline void tile(const Operands<T>& o, const float* w, const float* x_rows, int6
 
 #if defined(__AVX512BF16__)
 // As tile, on bf16 weight and x as they are: 32 products a vdpbf16ps, summed in fp32.
-template <int NR, int MR>
-inline void tile_bf16(const Operands<bf16>& o, int64_t row, int64_t col) {
+template <int NR, int MR, typename O>
+inline void tile_bf16(const Operands<bf16, O>& o, int64_t row, int64_t col) {
   const bf16* w = o.weight + col * o.K;
   const bf16* x = o.x + row * o.x_stride;
   __m512 acc[NR][MR];
@@ -151,8 +152,8 @@ void weight_block(const Operands<float>& o, int64_t rows, int64_t col, float*) {
   if (rows - row == 1) tile<NR, 1>(o, w, o.x, o.x_stride, row, col);
 }
 
-template <int NR>
-void weight_block(const Operands<bf16>& o, int64_t rows, int64_t col, float* buffer) {
+template <int NR, typename O>
+void weight_block(const Operands<bf16, O>& o, int64_t rows, int64_t col, float* buffer) {
   int64_t row = 0;
 #if defined(__AVX512BF16__)
   for (; row + kInputRows <= rows; row += kInputRows) tile_bf16<NR, kInputRows>(o, row, col);
@@ -167,8 +168,8 @@ void weight_block(const Operands<bf16>& o, int64_t rows, int64_t col, float* buf
 #endif
 }
 
-template <typename T>
-void run(const Operands<T>& o, int64_t rows) {
+template <typename T, typename O>
+void run(const Operands<T, O>& o, int64_t rows) {
   const int64_t blocks = (o.N + kWeightRows - 1) / kWeightRows;
   const int64_t grain = std::max<int64_t>(1, kWeightElementsPerTask / std::max<int64_t>(kWeightRows * o.K, 1));
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
@@ -192,7 +193,7 @@ const T* pointer(const at::Tensor& t) {
 }  // namespace
 
 at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                         const c10::optional<at::Tensor>& residual) {
+                         const c10::optional<at::Tensor>& residual, bool float_out) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "x [rows, K], weight [N, K]");
   const int64_t rows = x.size(0), K = x.size(1), N = weight.size(0);
   TORCH_CHECK(!bias || (bias->dim() == 1 && bias->size(0) == N), "bias must be [N]");
@@ -201,7 +202,8 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& weight, const c1
   const auto dtype = x.scalar_type();
   if ((dtype != at::kFloat && dtype != at::kBFloat16) || weight.scalar_type() != dtype) {  // others: torch's GEMM
     auto out = bias ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
-    return residual ? out.add_(*residual) : out;
+    out = residual ? out.add_(*residual) : out;
+    return float_out && out.scalar_type() != at::kDouble ? out.to(at::kFloat) : out;
   }
   const auto xc = x.stride(1) == 1 ? x : x.contiguous();
   const auto wc = weight.contiguous();
@@ -209,7 +211,7 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& weight, const c1
   const auto rc = residual && residual->stride(1) != 1 ? residual->contiguous() : (residual ? *residual : at::Tensor());
   TORCH_CHECK((!bias || bc.scalar_type() == dtype) && (!residual || rc.scalar_type() == dtype),
               "bias and residual must have x's dtype");
-  auto out = at::empty({rows, N}, x.options());
+  auto out = at::empty({rows, N}, x.options().dtype(float_out ? at::kFloat : dtype));
   const int64_t residual_stride = residual ? rc.stride(0) : 0;
   if (dtype == at::kFloat) {
     using F = float;
@@ -225,9 +227,15 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& weight, const c1
   const auto widened = xc.to(at::kFloat).contiguous();
   const float* x_fp32 = widened.data_ptr<float>();
 #endif
-  run(Operands<bf16>{pointer<bf16, B>(xc), xc.stride(0), pointer<bf16, B>(wc), K, pointer<bf16, B>(bc),
-                     pointer<bf16, B>(rc), residual_stride, reinterpret_cast<bf16*>(out.data_ptr<B>()), N, x_fp32},
-      rows);
+  const auto* xb = pointer<bf16, B>(xc);
+  const auto* wb = pointer<bf16, B>(wc);
+  if (float_out) {
+    run(Operands<bf16, float>{xb, xc.stride(0), wb, K, pointer<bf16, B>(bc), pointer<bf16, B>(rc), residual_stride,
+                              out.data_ptr<float>(), N, x_fp32}, rows);
+  } else {
+    run(Operands<bf16>{xb, xc.stride(0), wb, K, pointer<bf16, B>(bc), pointer<bf16, B>(rc), residual_stride,
+                       reinterpret_cast<bf16*>(out.data_ptr<B>()), N, x_fp32}, rows);
+  }
   return out;
 }
 
