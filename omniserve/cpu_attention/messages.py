@@ -1,8 +1,13 @@
 """What travels between the engine and the CPU attention workers.
 
 Per-iteration rows (AttendBatch, AttendResult) are small: they travel as numpy arrays, pickled by value through the
-queue's pipe, which costs far less than handing over a shared-memory segment per tensor (file-descriptor passing).
-Swap traffic (LoadKV, Exported) is large and rare: it goes as torch tensors through shared memory."""
+pipe, which costs far less than handing over a shared-memory segment per tensor (file-descriptor passing).
+
+A swap-out's KV (LoadKV) goes to a local worker by value too, though large: a torch tensor sent through a pipe goes
+as a shared-memory segment whose descriptor the sender keeps until the receiver fetches it, and a worker killed before
+reading its message never does, so the engine held the segment for good (BENCHMARKS.md, soak). By value it costs the
+sender the same (one copy, 24 ms for 23 MB here) and the receiver one copy more. A swap-in's KV (Exported) comes back
+as torch tensors through shared memory: the engine reads every reply, and a dead engine takes its worker with it."""
 
 from __future__ import annotations
 
@@ -19,8 +24,8 @@ class LoadKV:
     reads them in place)."""
 
     request_id: str
-    k: torch.Tensor
-    v: torch.Tensor
+    k: torch.Tensor | np.ndarray  # numpy (fp32 for half precision) on the way to a local worker
+    v: torch.Tensor | np.ndarray
     prefix_pages: tuple[int, ...] = ()
 
 

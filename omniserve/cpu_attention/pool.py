@@ -301,6 +301,8 @@ class CPUAttentionPool:
             nbytes += self.host_bytes_per_token(k.shape[0], k.shape[2], k.shape[3]) * (
                 len(prefix_pages) * self.host_tier.page_size)
             prefix_pages = ()
+        if isinstance(target, _Worker):  # by value: see messages.py
+            k, v = _wire_format(k).numpy(), _wire_format(v).numpy()
         target.send(LoadKV(request_id, k, v, tuple(prefix_pages)))
         target.requests.add(request_id)
         self._owner[request_id] = target
