@@ -6,7 +6,7 @@
     silu_and_mul    silu(gate) * up of the fused gate-up projection         C++                Triton
     rope_           RoPE, in place, on the q and k heads of the fused QKV   C++                Triton
     store_kv        k and v rows into the page pool (negative slot: skip)   C++                Triton
-    paged_decode    decode attention over page tables (attention/)          C++ (fp32, fp64)   Triton
+    paged_decode    decode attention over page tables (attention/)          C++                Triton
     paged_prefill   causal attention of all prefill spans, over page tables C++                Triton
     skinny_linear   x @ weight.T (+ bias, + residual) for a decode batch   C++ (fp32, bf16)   - (addmm there)
                     (float_out: the output in fp32, not rounded to x's dtype)

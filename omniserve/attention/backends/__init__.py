@@ -4,7 +4,7 @@ The backend is chosen once per PagedAttention, by what the device supports; the 
 supports the device and the KV dtype wins:
 
     TritonDecode        CUDA                                  page tables, walked in place (triton_paged.py)
-    CompiledCPUDecode   CPU, fp32/fp64, kernel built          flat slot lists, read in place (compiled_cpu.py)
+    CompiledCPUDecode   CPU, kernel built                     flat slot lists, read in place (compiled_cpu.py)
     TorchGatherDecode   anything                              gathered, padded and masked (torch_gather.py)
 
 A new kernel is a module with a DecodeBackend subclass (its `supports`, metadata and `attend`) and a row here.

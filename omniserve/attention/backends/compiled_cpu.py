@@ -1,5 +1,7 @@
 """Decode on a CPU device: the compiled kernel of the CPU attention workers (cpu_attention/csrc), whose paged entry
-point reads each row's slots in place from one flat list. fp32 and fp64 only, and only where the kernel was built."""
+point reads each row's slots in place from one flat list, only where the kernel was built. A bf16 or fp16 pool is
+computed in fp32, each tile converted as the kernel reads it (3x the speed of gathering and converting the context
+first: BENCHMARKS.md)."""
 
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ class CompiledCPUDecode(DecodeBackend[FlatSlotsMetadata]):
 
     @classmethod
     def supports(cls, device: torch.device, dtype: torch.dtype) -> bool:
-        return device.type == "cpu" and dtype in (torch.float32, torch.float64) and compiled_kernel() is not None
+        return device.type == "cpu" and dtype.is_floating_point and compiled_kernel() is not None
 
     def __init__(self, page_size: int, device: torch.device) -> None:
         super().__init__(page_size, device)

@@ -1,5 +1,5 @@
 """Decode anywhere, in plain torch: each row's keys and values are gathered to [rows, longest context] and padded
-positions are masked out. Used where no kernel runs (bf16 on the CPU, a CPU without a compiler)."""
+positions are masked out. Used where no kernel runs (a CPU without a compiler)."""
 
 from __future__ import annotations
 

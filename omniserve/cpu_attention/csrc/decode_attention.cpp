@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -81,38 +82,28 @@ struct PagedKV {
   inline const scalar_t* value(int64_t position) const { return v + slots[position] * slot_stride; }
 };
 
-// A request's host KV whose first `prefix_length` positions are full pages of the prefix cache's host tier, read in
-// place where every offloaded request with that prefix reads them, then the request's own tiled KV. The tier is in
-// the model's dtype (bf16 beside a GPU): a prefix tile's key rows are converted as they are scored and its value
-// rows into a small buffer, once. prefix_length is a multiple of 16, so a tile lies wholly in one part. The buffer
-// makes the object per thread: it is built inside each parallel task.
-template <typename scalar_t, typename prefix_t>
-struct PrefixedKV {
-  const prefix_t* prefix_k;
-  const prefix_t* prefix_v;
+// A row of a paged pool in another dtype than the computation's (bf16 or fp16 KV, computed in fp32): a tile's key rows
+// are converted as they are scored and its value rows into a small buffer, once, so the context is read once and
+// never gathered. The buffer makes the object per thread: it is built inside each parallel task.
+template <typename scalar_t, typename kv_t>
+struct ConvertedPagedKV {
+  const kv_t* k;
+  const kv_t* v;
   const int64_t* slots;
   int64_t slot_stride;
-  int64_t prefix_length;
   int64_t head_dim;
-  TiledKV<scalar_t> own;
-  mutable scalar_t values[kLanes * kMaxDim];  // not initialised: each prefix tile fills the rows it reads
+  mutable scalar_t values[kLanes * kMaxDim];  // not initialised: each tile fills the rows it reads
 
-  PrefixedKV(const prefix_t* k, const prefix_t* v, const int64_t* slots, int64_t slot_stride, int64_t prefix_length,
-             int64_t head_dim, TiledKV<scalar_t> own)
-      : prefix_k(k), prefix_v(v), slots(slots), slot_stride(slot_stride), prefix_length(prefix_length),
-        head_dim(head_dim), own(own) {}
+  ConvertedPagedKV(const kv_t* k, const kv_t* v, const int64_t* slots, int64_t slot_stride, int64_t head_dim)
+      : k(k), v(v), slots(slots), slot_stride(slot_stride), head_dim(head_dim) {}
 
   template <int G>
   inline void score_tile(const scalar_t* q, int64_t dim, int64_t start, int64_t valid,
                          scalar_t (&score)[G][kLanes]) const {
-    if (start >= prefix_length) {
-      own.template score_tile<G>(q, dim, start - prefix_length, valid, score);
-      return;
-    }
     scalar_t key[kMaxDim];
     for (int64_t w = 0; w < valid; ++w) {
-      const prefix_t* key_row = prefix_k + slots[start + w] * slot_stride;
-      const prefix_t* value_row = prefix_v + slots[start + w] * slot_stride;
+      const kv_t* key_row = k + slots[start + w] * slot_stride;
+      const kv_t* value_row = v + slots[start + w] * slot_stride;
       scalar_t* value = values + w * dim;
       for (int64_t d = 0; d < dim; ++d) {
         key[d] = static_cast<scalar_t>(key_row[d]);
@@ -127,8 +118,35 @@ struct PrefixedKV {
     }
   }
 
+  inline const scalar_t* value(int64_t position) const { return values + (position % kLanes) * head_dim; }
+};
+
+// A request's host KV whose first `prefix_length` positions are full pages of the prefix cache's host tier, read in
+// place where every offloaded request with that prefix reads them, then the request's own tiled KV. The tier is in
+// the model's dtype (bf16 beside a GPU), read as a converted paged KV. prefix_length is a multiple of 16, so a tile
+// lies wholly in one part.
+template <typename scalar_t, typename prefix_t>
+struct PrefixedKV {
+  ConvertedPagedKV<scalar_t, prefix_t> prefix;
+  int64_t prefix_length;
+  TiledKV<scalar_t> own;
+
+  PrefixedKV(const prefix_t* k, const prefix_t* v, const int64_t* slots, int64_t slot_stride, int64_t prefix_length,
+             int64_t head_dim, TiledKV<scalar_t> own)
+      : prefix(k, v, slots, slot_stride, head_dim), prefix_length(prefix_length), own(own) {}
+
+  template <int G>
+  inline void score_tile(const scalar_t* q, int64_t dim, int64_t start, int64_t valid,
+                         scalar_t (&score)[G][kLanes]) const {
+    if (start >= prefix_length) {
+      own.template score_tile<G>(q, dim, start - prefix_length, valid, score);
+    } else {
+      prefix.template score_tile<G>(q, dim, start, valid, score);
+    }
+  }
+
   inline const scalar_t* value(int64_t position) const {
-    return position >= prefix_length ? own.value(position - prefix_length) : values + (position % kLanes) * head_dim;
+    return position >= prefix_length ? own.value(position - prefix_length) : prefix.value(position);
   }
 };
 
@@ -310,6 +328,41 @@ torch::Tensor prefixed_decode_attention(torch::Tensor q, torch::Tensor k, torch:
   return out;
 }
 
+namespace {
+
+// The pass over every (row, KV head) of a paged batch: scalar_t, the computation's dtype; kv_t, the pool's.
+template <typename scalar_t, typename kv_t>
+void paged_pass(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, const int64_t* sp,
+                const int64_t* op, int64_t kv_heads, double scale) {
+  const int64_t rows = q.size(0), heads = q.size(1), head_dim = q.size(2), group = heads / kv_heads;
+  const int64_t slot_stride = kv_heads * head_dim;
+  const scalar_t* qp = q.data_ptr<scalar_t>();
+  scalar_t* outp = out.data_ptr<scalar_t>();
+  const kv_t* kp = k.data_ptr<kv_t>();
+  const kv_t* vp = v.data_ptr<kv_t>();
+  // One task per (row, KV head) only where the batch's context is long enough to pay for waking the other
+  // threads: a short decode batch stays on the calling thread.
+  const int64_t context = op[rows] - op[0];
+  const int64_t grain = context * kv_heads * head_dim >= kParallelElements ? 1 : rows * kv_heads;
+  at::parallel_for(0, rows * kv_heads, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t r = item / kv_heads, h = item % kv_heads;
+      const int64_t length = op[r + 1] - op[r];
+      const int64_t first = (r * heads + h * group) * head_dim;
+      if constexpr (std::is_same_v<scalar_t, kv_t>) {
+        const PagedKV<scalar_t> kv{kp + h * head_dim, vp + h * head_dim, sp + op[r], slot_stride};
+        attend_group(qp + first, kv, outp + first, group, length, head_dim, scale);
+      } else {
+        const ConvertedPagedKV<scalar_t, kv_t> kv{kp + h * head_dim, vp + h * head_dim, sp + op[r], slot_stride,
+                                                  head_dim};
+        attend_group(qp + first, kv, outp + first, group, length, head_dim, scale);
+      }
+    }
+  });
+}
+
+}  // namespace
+
 // Decode attention over a paged KV pool, for a device that is the CPU itself. Each row attends to its own list of
 // slots, so the cost follows the total context of the batch: nothing is gathered or padded to the longest row.
 // It is the same pass as decode_attention's (attend), reading each row's slots in place (PagedKV).
@@ -318,45 +371,50 @@ torch::Tensor prefixed_decode_attention(torch::Tensor q, torch::Tensor k, torch:
 //   k, v    [slots, num_kv_heads, head_dim]              one layer of the pool; a slot's head row is contiguous
 //   slots   [total] int64                                each row's context slots, rows back to back
 //   offsets [rows + 1] int64                             row r attends to slots[offsets[r] : offsets[r + 1]]
+//
+// fp32 and fp64 are computed as they are; a bf16 or fp16 pool (the model's dtype) in fp32, each tile converted as it
+// is read (ConvertedPagedKV), never gathered.
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor slots,
                                      torch::Tensor offsets) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "q [rows, heads, dim], k and v [slots, kv_heads, dim]");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "dtypes must match");
   TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && k.sizes() == v.sizes(), "k and v must be contiguous pools");
   TORCH_CHECK(slots.scalar_type() == torch::kLong && offsets.scalar_type() == torch::kLong, "slots must be int64");
-  q = q.contiguous();
   slots = slots.contiguous();
   offsets = offsets.contiguous();
   const int64_t rows = q.size(0), heads = q.size(1), head_dim = q.size(2), kv_heads = k.size(1);
   TORCH_CHECK(heads % kv_heads == 0 && k.size(2) == head_dim, "q and k shapes do not match");
   TORCH_CHECK(offsets.size(0) == rows + 1, "offsets needs rows + 1 entries");
   TORCH_CHECK(head_dim <= kMaxDim, "head_dim above ", kMaxDim, " is not supported by the CPU kernel");
-  const int64_t group = heads / kv_heads;
-  auto out = torch::empty_like(q);
   const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "paged_decode_attention", [&] {
-    const scalar_t* qp = q.data_ptr<scalar_t>();
-    const scalar_t* kp = k.data_ptr<scalar_t>();
-    const scalar_t* vp = v.data_ptr<scalar_t>();
-    const int64_t* sp = slots.data_ptr<int64_t>();
-    const int64_t* op = offsets.data_ptr<int64_t>();
-    scalar_t* outp = out.data_ptr<scalar_t>();
-    const int64_t slot_stride = kv_heads * head_dim;
-    // One task per (row, KV head) only where the batch's context is long enough to pay for waking the other
-    // threads: a short decode batch stays on the calling thread.
-    const int64_t context = op[rows] - op[0];
-    const int64_t grain = context * kv_heads * head_dim >= kParallelElements ? 1 : rows * kv_heads;
-    at::parallel_for(0, rows * kv_heads, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t r = item / kv_heads, h = item % kv_heads;
-        const int64_t length = op[r + 1] - op[r];
-        const PagedKV<scalar_t> kv{kp + h * head_dim, vp + h * head_dim, sp + op[r], slot_stride};
-        const int64_t first = (r * heads + h * group) * head_dim;
-        attend_group(qp + first, kv, outp + first, group, length, head_dim, scale);
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t* op = offsets.data_ptr<int64_t>();
+  switch (k.scalar_type()) {
+    case torch::kFloat:
+    case torch::kDouble: {
+      q = q.contiguous();
+      auto out = torch::empty_like(q);
+      if (q.scalar_type() == torch::kFloat) {
+        paged_pass<float, float>(q, k, v, out, sp, op, kv_heads, scale);
+      } else {
+        paged_pass<double, double>(q, k, v, out, sp, op, kv_heads, scale);
       }
-    });
-  });
-  return out;
+      return out;
+    }
+    case torch::kBFloat16:
+    case torch::kHalf: {  // the model's dtype: computed in fp32, each tile converted as it is read
+      const auto q32 = q.to(torch::kFloat).contiguous();
+      auto out = torch::empty_like(q32);
+      if (k.scalar_type() == torch::kBFloat16) {
+        paged_pass<float, c10::BFloat16>(q32, k, v, out, sp, op, kv_heads, scale);
+      } else {
+        paged_pass<float, c10::Half>(q32, k, v, out, sp, op, kv_heads, scale);
+      }
+      return out.to(q.scalar_type());
+    }
+    default:
+      TORCH_CHECK(false, "paged decode attention takes fp32, fp64, bf16 or fp16, not ", k.scalar_type());
+  }
 }
 
 // The omniserve::paged_decode operator on the CPU (its meaning: omniserve/ops/reference.py): the same pass, each
@@ -390,12 +448,7 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
       sp[op[r] + i] = slot;
     }
   }
-  if (q.scalar_type() == torch::kFloat || q.scalar_type() == torch::kDouble)
-    return paged_decode_attention(q, k_cache, v_cache, slots, offsets);
-  // Other dtypes (bf16, fp16): the batch's context gathered and computed in fp32.
-  const auto k = k_cache.index_select(0, slots).to(torch::kFloat), v = v_cache.index_select(0, slots).to(torch::kFloat);
-  return paged_decode_attention(q.to(torch::kFloat), k, v, torch::arange(op[rows], torch::kLong), offsets)
-      .to(q.scalar_type());
+  return paged_decode_attention(q, k_cache, v_cache, slots, offsets);
 }
 
 TORCH_LIBRARY_IMPL(omniserve, CPU, m) { m.impl("paged_decode", &paged_decode); }
