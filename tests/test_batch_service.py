@@ -8,6 +8,8 @@ import asyncio
 import io
 import json
 import math
+import threading
+import time
 
 import pytest
 
@@ -115,6 +117,32 @@ def test_a_stop_mid_batch_then_a_new_service_answers_every_line_once(tmp_path):
     assert sorted(before + after) == sorted(f"q{i}" for i in range(30))
     assert result["counts"] == {"total": 30, "completed": 30, "failed": 0}
     assert [json.loads(line)["custom_id"] for line in result["output"]] == [f"q{i}" for i in range(30)]
+
+
+def test_a_stop_while_an_answer_is_written_keeps_the_answer(tmp_path):
+    """stop() cancels the lines in flight; one whose answer is being written when it comes keeps it, and stop returns
+    once it is written (before, stop returned with the write under way, and a write whose thread had not started yet
+    was dropped: the line ran again after the restart)."""
+    async def scenario() -> tuple[list[str], dict]:
+        runner = Runner()
+        service = BatchService(BatchStore(tmp_path / "b.db"), runner)
+        writing, answer_lines = threading.Event(), service.store.answer_lines
+
+        def slow_answer(rows):
+            writing.set()
+            time.sleep(0.2)  # the stop comes meanwhile
+            answer_lines(rows)
+
+        service.store.answer_lines = slow_answer
+        await service.start()
+        runner.go.set()
+        batch_id = await submit(service, "", "q", 1)
+        await asyncio.to_thread(writing.wait, 30)
+        await service.stop()
+        return runner.answered, service.store.line_counts(service.store.get_batch(batch_id).seq)
+
+    answered, counts = asyncio.run(scenario())
+    assert answered == ["q0"] and counts.get("done") == 1
 
 
 @pytest.mark.parametrize("status", ["cancelled", "expired"])

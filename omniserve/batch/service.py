@@ -399,7 +399,9 @@ class BatchService:
                                                "type": "server_error", "param": None, "code": None}}
             state = "done" if status == 200 else "failed"
             result = response_line(request_id, line.custom_id, status, body)
-            await asyncio.to_thread(self.store.answer_lines, [(active.seq, line.idx, state, result)])
+            # Written whole even if a stop comes meanwhile (stop waits for it): an answer the engine gave is never run
+            # again after a restart.
+            await _to_its_end(asyncio.to_thread(self.store.answer_lines, [(active.seq, line.idx, state, result)]))
             active.counts["pending"] -= 1
             active.counts[state] += 1
             active.answered += 1
@@ -509,6 +511,18 @@ class _Usage:
         return {"input_tokens": self.prompt, "input_tokens_details": {"cached_tokens": self.cached},
                 "output_tokens": self.completion, "output_tokens_details": {"reasoning_tokens": 0},
                 "total_tokens": self.prompt + self.completion}
+
+
+async def _to_its_end(work) -> None:
+    """Awaits `work` to its end even if the caller is cancelled meanwhile, then lets the cancellation through. (A
+    cancelled `to_thread` whose thread had not started yet would never run: a stop just after the engine answered a
+    line lost the answer, and the line ran again after the restart.)"""
+    task = asyncio.ensure_future(work)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await task
+        raise
 
 
 def _sees(viewer: str | None, owner: str) -> bool:
