@@ -3,18 +3,30 @@
 Per-iteration rows (AttendBatch, AttendResult) are small: they travel as numpy arrays, pickled by value through the
 pipe, which costs far less than handing over a shared-memory segment per tensor (file-descriptor passing).
 
-A swap-out's KV (LoadKV) goes to a local worker by value too, though large: a torch tensor sent through a pipe goes
-as a shared-memory segment whose descriptor the sender keeps until the receiver fetches it, and a worker killed before
-reading its message never does, so the engine held the segment for good (BENCHMARKS.md, soak). By value it costs the
-sender the same (one copy, 24 ms for 23 MB here) and the receiver one copy more. A swap-in's KV (Exported) comes back
-as torch tensors through shared memory: the engine reads every reply, and a dead engine takes its worker with it."""
+A swap-out's KV (LoadKV) goes to a local worker as raw bytes after its message (send_message, receive_message): the
+engine writes the arrays from where they are, and the worker reads them into arrays of its own. Not as torch tensors:
+those go through a pipe as shared-memory segments whose descriptors the sender keeps until the receiver fetches them,
+and a worker killed before reading its message never does, so the engine held the segment for good (BENCHMARKS.md,
+soak). Nor pickled: that copies the KV into a buffer of the engine's heap, tens of MB each swap-out. A swap-in's KV
+(Exported) comes back as torch tensors through shared memory: the engine reads every reply, and a dead engine takes
+its worker with it."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 
 import numpy as np
 import torch
+
+
+@dataclass(frozen=True)
+class RawArray:
+    """Stands in a sent message for an array that follows it on the pipe as raw bytes."""
+
+    shape: tuple[int, ...]
+    dtype: str
 
 
 @dataclass
@@ -27,6 +39,29 @@ class LoadKV:
     k: torch.Tensor | np.ndarray  # numpy (fp32 for half precision) on the way to a local worker
     v: torch.Tensor | np.ndarray
     prefix_pages: tuple[int, ...] = ()
+
+
+def send_message(connection: Connection, message) -> None:
+    """Sends a message; a LoadKV's numpy arrays follow it as raw bytes, written from where they are."""
+    if isinstance(message, LoadKV) and isinstance(message.k, np.ndarray):
+        arrays = [np.ascontiguousarray(a) for a in (message.k, message.v)]
+        connection.send(dataclasses.replace(message, k=RawArray(arrays[0].shape, arrays[0].dtype.str),
+                                            v=RawArray(arrays[1].shape, arrays[1].dtype.str)))
+        for array in arrays:
+            connection.send_bytes(array)
+        return
+    connection.send(message)
+
+
+def receive_message(connection: Connection):
+    """The next message, with the arrays that follow it (send_message) read into arrays of the receiver's."""
+    message = connection.recv()
+    if isinstance(message, LoadKV) and isinstance(message.k, RawArray):
+        k, v = (np.empty(raw.shape, np.dtype(raw.dtype)) for raw in (message.k, message.v))
+        for array in (k, v):
+            connection.recv_bytes_into(array.reshape(-1))
+        message = dataclasses.replace(message, k=k, v=v)
+    return message
 
 
 @dataclass

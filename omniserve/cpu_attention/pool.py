@@ -31,7 +31,9 @@ import torch.multiprocessing as mp
 
 from omniserve.config import ConfigError
 from omniserve.cpu_attention.host_kv import HostKV
-from omniserve.cpu_attention.messages import AttendBatch, AttendResult, Export, Exported, Free, LoadKV, Ping, Status
+from omniserve.cpu_attention.messages import (
+    AttendBatch, AttendResult, Export, Exported, Free, LoadKV, Ping, Status, send_message,
+)
 from omniserve.cpu_attention.placement import LOCAL, HostRoom, choose_host, least_loaded
 from omniserve.cpu_attention.remote import RemoteHost, RemoteHosts, available_memory_bytes
 from omniserve.cpu_attention.worker import WorkerSettings, worker_main
@@ -98,7 +100,7 @@ class _Inbox:
                 if isinstance(message, _AfterCopy):  # rows on their way from the GPU: wait here, not in the engine
                     message.copied.synchronize()
                     message = message.build()
-                self._connection.send(message)
+                send_message(self._connection, message)
         except OSError:  # the worker is gone (EPIPE): nothing left can reach it
             pass
         finally:

@@ -13,7 +13,7 @@ import torch
 from omniserve.cpu_attention.host_kv import HostKV
 from omniserve.cpu_attention.kernel import compiled_kernel
 from omniserve.cpu_attention.messages import (
-    AttendBatch, AttendResult, Export, Exported, Free, LoadKV, Ping, Status,
+    AttendBatch, AttendResult, Export, Exported, Free, LoadKV, Ping, Status, receive_message,
 )
 from omniserve.kv_cache.page_pool import PagePool
 from omniserve.malloc import map_large_allocations, trim_heap
@@ -112,7 +112,7 @@ def worker_main(settings: WorkerSettings, inbox: Connection, outbox: Connection)
     store = AttentionStore(settings.simulated_delay_s, settings.host_tier)
     while True:
         try:
-            message = inbox.recv()
+            message = receive_message(inbox)
         except EOFError:  # the engine is gone
             return
         if message is None:
