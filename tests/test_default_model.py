@@ -38,7 +38,7 @@ def test_greedy_generations_equal_transformers(default_llm, hf_default):
 
 def _every_position_logits(model, token_ids: list[int]) -> torch.Tensor:
     """Teacher-forced logits [positions, vocab] of the model's own layers (plain causal attention), the LM head run
-    4 rows at a time, as a decode batch of up to FLOAT_OUT_MAX_ROWS runs it."""
+    4 rows at a time, as a decode batch of up to FLOAT_OUT_MAX_ROWS rows runs it."""
     import torch.nn.functional as F
 
     def attend(layer, q, k, v):

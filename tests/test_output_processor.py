@@ -20,7 +20,7 @@ PROMPT = "the capital of france is"
 
 @pytest.fixture
 def engine(tiny_chat_model):
-    # fp32 on every CPU: in bf16 a batch's logits are fp32 sums up to 4 rows and rounded to bf16 beyond
+    # fp32 on every CPU: in bf16 a batch's logits are fp32 sums up to 8 rows and rounded to bf16 beyond
     # (models/linear.py), so two runs batched differently would differ by a rounding of the logits.
     return LLMEngine(model=tiny_chat_model, block_size=4, be_decode_placement="device", dtype="float32")
 

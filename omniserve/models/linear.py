@@ -1,12 +1,13 @@
 """The dense layers' GEMM, with faster CPU paths.
 
 On the CPU, an fp32 GEMM of up to 16 rows (a decode batch) is the project's own kernel (ops.skinny_linear): at
-those row counts the work is reading the weight once, and that kernel streams it at 0.7-0.9 of the machine's read
-bandwidth at one row, 1.1-1.9x as fast as oneDNN from 1 to 16 rows (BENCHMARKS.md). Above 16 rows oneDNN's blocked
-GEMM is as fast or faster. A bf16 GEMM of one or two rows is the same kernel (1.7x oneDNN at one row, where the CPU
-has AVX-512 BF16); from four rows oneDNN's (with AMX where the CPU has it) is as fast or faster.
+those row counts the work is reading the weight once, and that kernel streams it at the machine's read bandwidth at
+one row (it asks for the next weight rows ahead of the reads), 1.2-1.6x as fast as oneDNN from 1 to 16 rows
+(BENCHMARKS.md). Above 16 rows oneDNN's blocked GEMM is as fast or faster. A bf16 GEMM of up to 8 rows is the same
+kernel (1.9x oneDNN at one row, 1.1x at 8, where the CPU has AVX-512 BF16); from 16 rows oneDNN's (with AMX where
+the CPU has it) is faster.
 
-Other CPU GEMMs (fp32 above 16 rows, bf16) go through oneDNN (the kernels torch.compile's CPU backend uses) rather
+Other CPU GEMMs (fp32 above 16 rows, bf16 above 8) go through oneDNN (the kernels torch.compile's CPU backend uses) rather
 than the default BLAS: on the machines we measured it is about twice as fast for every batch size from 1 row to 2,048
 (BENCHMARKS.md). Anything else (CUDA, fp64, a torch build without oneDNN, weights under 64K elements) takes F.linear.
 
@@ -64,10 +65,10 @@ def onednn_supports(dtype: torch.dtype) -> bool:
 _ONEDNN_MIN_WEIGHT = 1 << 16
 """Smaller weights (tiny models) take torch's GEMM: oneDNN's fixed cost per call (about 40 us here, its threads
 woken) is then most of the call, against about 9 us."""
-SKINNY_MAX_ROWS = {torch.float32: 16, torch.bfloat16: 2}
+SKINNY_MAX_ROWS = {torch.float32: 16, torch.bfloat16: 8}
 """GEMMs of up to this many rows run ops.skinny_linear on the CPU, by dtype. Measured over a decode step's weights
-(benchmarks/bench_decode_gemm.py): fp32 1.12-1.33x oneDNN at 16 rows, 0.93-0.94x at 32; bf16 1.70x at one row,
-1.14x at two, 0.97x at four."""
+(benchmarks/bench_decode_gemm.py): fp32 1.19x oneDNN at 16 rows, 0.93x at 32; bf16 1.94x at one row, 1.48x at four,
+1.09x at 8, 0.72x at 16."""
 _EXACT_ROWS = 16  # row counts up to this run as they are
 _SIZES_PER_DOUBLING = 8  # above it, padded to one of this many sizes per power of two
 
@@ -105,9 +106,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return torch.addmm(residual + bias, x, weight.t())
 
 
-FLOAT_OUT_MAX_ROWS = 4
+FLOAT_OUT_MAX_ROWS = 8
 """bf16 GEMMs of up to this many rows give fp32 outputs straight from the kernel's sums (linear_float_out). The LM head
-in it takes 0.55-0.92x oneDNN's time up to 4 rows, 1.4x at 8 (benchmarks/bench_decode_gemm.py --dtype bfloat16)."""
+in it takes 0.46-0.63x oneDNN's time up to 4 rows, 1.05x at 8, 1.6x at 16 (benchmarks/bench_decode_gemm.py --dtype
+bfloat16)."""
 
 
 def linear_float_out(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
