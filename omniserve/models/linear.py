@@ -7,9 +7,9 @@ one row (it asks for the next weight rows ahead of the reads), 1.2-1.6x as fast 
 kernel (1.9x oneDNN at one row, 1.1x at 8, where the CPU has AVX-512 BF16); from 16 rows oneDNN's (with AMX where
 the CPU has it) is faster.
 
-Other CPU GEMMs (fp32 above 16 rows, bf16 above 8) go through oneDNN (the kernels torch.compile's CPU backend uses) rather
-than the default BLAS: on the machines we measured it is about twice as fast for every batch size from 1 row to 2,048
-(BENCHMARKS.md). Anything else (CUDA, fp64, a torch build without oneDNN, weights under 64K elements) takes F.linear.
+Other CPU GEMMs (fp32 above 16 rows, bf16 above 8) go through oneDNN (the kernels torch.compile's CPU backend uses)
+rather than the default BLAS: on the machines we measured it is about twice as fast for every batch size from 1 row to
+2,048 (BENCHMARKS.md). Anything else (CUDA, fp64, a torch build without oneDNN, weights under 64K elements) takes F.linear.
 
 Whether oneDNN has a kernel for a dtype depends on the CPU, not on torch: its bf16 inner product needs AVX-512
 (an AVX2-only CPU has none, and every call would fail). So each dtype is tried once on a tiny GEMM, and where oneDNN

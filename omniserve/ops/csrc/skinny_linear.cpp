@@ -10,10 +10,11 @@
 //
 // bf16 (x, weight, bias and residual alike): the sums are fp32 and the output is rounded to bf16 once, to nearest
 // even, as oneDNN's bf16 GEMM does; or, with float_out, kept in fp32 (the logits: rounded to bf16, those near 30 would
-// be 0.125 apart, and a greedy choice between two close tokens a coin toss). The weight costs half the bytes to read, which is all a decode GEMM's time,
-// if the arithmetic keeps up: where the CPU has AVX-512 BF16 (this file is compiled for the CPU it runs on), one
-// instruction multiplies 32 bf16 pairs into 16 fp32 sums; elsewhere each block of weight rows is widened to fp32 into
-// a buffer that stays in L1 while every input row runs against it (a bf16 is the upper half of an fp32).
+// be 0.125 apart, and a greedy choice between two close tokens a coin toss). The weight costs half the bytes to read,
+// which is all a decode GEMM's time, if the arithmetic keeps up: where the CPU has AVX-512 BF16 (this file is compiled
+// for the CPU it runs on), one instruction multiplies 32 bf16 pairs into 16 fp32 sums; elsewhere each block of weight
+// rows is widened to fp32 into a buffer that stays in L1 while every input row runs against it (a bf16 is the upper
+// half of an fp32).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
