@@ -5,7 +5,8 @@ The weights are the default model's shapes (SmolLM2-135M: 30 layers of QKV 576->
 1536->576, then the LM head 576->49152), random, 538 MB in fp32 (--dtype; 269 MB in bf16). For each row count, each GEMM
 runs the whole step --repeats times, interleaved with the others (so that drift on a shared machine hits all alike); the
 best step is kept. Printed: ms per step, the read bandwidth it reached as a share of the machine's (a 1 GiB sum), the
-GEMM throughput as a share of the GEMM peak (oneDNN at 512 rows), and skinny_linear against oneDNN. In bf16, also
+GEMM throughput as a share of the GEMM peak (oneDNN at 512 rows), and skinny_linear against oneDNN. In bf16, oneDNN
+also on the weights' copies in its own layout (what the engine keeps: models/linear.py's pack_for_onednn), and
 the LM head alone with fp32 logits (skinny_linear's float_out, models/linear.py's linear_float_out) against oneDNN's
 bf16 output widened to fp32.
 
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from omniserve import ops
 from omniserve.bench.machine import read_bandwidth
 from omniserve.bench.report import command_line, cpu_model, print_report
-from omniserve.models.linear import _onednn_linear, onednn_supports
+from omniserve.models.linear import PACKED, _onednn_linear, onednn_supports, pack_for_onednn
 
 LAYER_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # (out, in): QKV, O, gate-up, down
 LM_HEAD = (49152, 576)
@@ -73,6 +74,9 @@ def main() -> None:
     peak = gemm_peak(dtype)
     gemms = {"skinny_linear": lambda x, w: ops.skinny_linear(x, w, None, None),
              "oneDNN": lambda x, w: _onednn_linear(x, w, None), "torch": F.linear}
+    if dtype == torch.bfloat16:  # the copies in oneDNN's layout that the engine keeps (linear.pack_for_onednn)
+        pack_for_onednn(weights)
+        gemms["oneDNN packed"] = lambda x, w: _onednn_linear(x, getattr(w, PACKED), None)
     rows_out = []
     with torch.inference_mode():
         for rows in args.rows:

@@ -151,9 +151,9 @@ def test_decode_batches_take_the_decode_gemm_kernel(monkeypatch):
     for rows in (1, 16, 17, 64):
         assert linear(torch.randn(rows, 256), weight).shape == (rows, 300)
     assert linear(torch.randn(4, 256, dtype=torch.float64), weight.double()).shape == (4, 300)
-    for rows in (1, 8, 9):
+    for rows in (1, 4, 5):
         assert linear(torch.randn(rows, 256, dtype=torch.bfloat16), weight.bfloat16()).shape == (rows, 300)
-    assert calls == [1, 16, 1, 8]  # up to SKINNY_MAX_ROWS rows of fp32 or bf16; more rows, other dtypes: the GEMMs
+    assert calls == [1, 16, 1, 4]  # up to SKINNY_MAX_ROWS rows of fp32 or bf16; more rows, other dtypes: the GEMMs
     cpu_kernel = [line for line in torch._C._dispatch_dump("omniserve::skinny_linear").splitlines()
                   if line.startswith("CPU:")]
     assert cpu_kernel and "skinny_linear.cpp" in cpu_kernel[0]
@@ -167,3 +167,23 @@ def test_the_decode_gemm_kernel_refuses_shapes_that_do_not_match():
         ops.skinny_linear(x, weight, None, residual[:2])
     with pytest.raises(RuntimeError, match="bias must be"):
         ops.skinny_linear(x, weight, bias[:3], None)
+
+
+def test_bf16_weights_packed_for_onednn_give_the_same_results_bit_for_bit():
+    """pack_for_onednn keeps a copy of each bf16 weight in oneDNN's layout, which the GEMMs above the skinny kernel's
+    rows read; the results are those of the weight as it is (decode-batch row counts), and the copy counts in the
+    weights' memory."""
+    from omniserve.kv_cache.page_pool import weight_bytes
+
+    if not onednn_supports(torch.bfloat16):
+        pytest.skip("oneDNN has no bf16 GEMM on this CPU")
+    layer = torch.nn.Linear(256, 512, bias=False).bfloat16()
+    before = weight_bytes(layer)
+    x, residual = torch.randn(64, 256).bfloat16(), torch.randn(64, 512).bfloat16()
+    expected = [linear(x[:rows], layer.weight, None, residual[:rows]) for rows in (9, 16, 64)]
+    assert linear_module.pack_for_onednn([layer.weight]) == 512 * 256 * 2
+    assert getattr(layer.weight, linear_module.PACKED) is not None
+    assert linear_module.pack_for_onednn([layer.weight]) == 0  # once
+    for got, want in zip([linear(x[:rows], layer.weight, None, residual[:rows]) for rows in (9, 16, 64)], expected):
+        assert torch.equal(got, want)
+    assert weight_bytes(layer) == 2 * before

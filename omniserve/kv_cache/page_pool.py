@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import itertools
 import logging
 import math
 import os
@@ -212,8 +211,13 @@ def _kv_bytes_for_utilization(utilization: float, device: torch.device, weights:
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """What the model's weights (and buffers) take, as loaded."""
-    return sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
+    """What the model's weights (and buffers) take, as loaded, with the copies the CPU's GEMM keeps of some
+    (models/linear.py's pack_for_onednn)."""
+    from omniserve.models.linear import PACKED
+
+    tensors = [*model.parameters(), *model.buffers()]
+    tensors += [packed for t in tensors if (packed := getattr(t, PACKED, None)) is not None]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def activation_peak_bytes(config: ModelConfig, dtype: torch.dtype, max_num_batched_tokens: int, max_num_seqs: int,

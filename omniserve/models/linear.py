@@ -3,11 +3,12 @@
 On the CPU, an fp32 GEMM of up to 16 rows (a decode batch) is the project's own kernel (ops.skinny_linear): at
 those row counts the work is reading the weight once, and that kernel streams it at the machine's read bandwidth at
 one row (it asks for the next weight rows ahead of the reads), 1.2-1.6x as fast as oneDNN from 1 to 16 rows
-(BENCHMARKS.md). Above 16 rows oneDNN's blocked GEMM is as fast or faster. A bf16 GEMM of up to 8 rows is the same
-kernel (1.9x oneDNN at one row, 1.1x at 8, where the CPU has AVX-512 BF16); from 16 rows oneDNN's (with AMX where
-the CPU has it) is faster.
+(BENCHMARKS.md). Above 16 rows oneDNN's blocked GEMM is as fast or faster. A bf16 GEMM of up to 4 rows is the same
+kernel (where the CPU has AVX-512 BF16); above, oneDNN's (with AMX where the CPU has it), on a copy of the weight in
+its own layout: given the weight as it is, oneDNN reorders it on every call, which cost a step of 16 rows 23 ms of
+GEMMs against 14.8 on the copy (pack_for_onednn).
 
-Other CPU GEMMs (fp32 above 16 rows, bf16 above 8) go through oneDNN (the kernels torch.compile's CPU backend uses)
+Other CPU GEMMs (fp32 above 16 rows, bf16 above 4) go through oneDNN (the kernels torch.compile's CPU backend uses)
 rather than the default BLAS: on the machines we measured it is about twice as fast for every batch size from 1 row to
 2,048 (BENCHMARKS.md). Anything else (CUDA, fp64, a torch build without oneDNN, weights under 64K elements) takes F.linear.
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -65,10 +67,11 @@ def onednn_supports(dtype: torch.dtype) -> bool:
 _ONEDNN_MIN_WEIGHT = 1 << 16
 """Smaller weights (tiny models) take torch's GEMM: oneDNN's fixed cost per call (about 40 us here, its threads
 woken) is then most of the call, against about 9 us."""
-SKINNY_MAX_ROWS = {torch.float32: 16, torch.bfloat16: 8}
+SKINNY_MAX_ROWS = {torch.float32: 16, torch.bfloat16: 4}
 """GEMMs of up to this many rows run ops.skinny_linear on the CPU, by dtype. Measured over a decode step's weights
-(benchmarks/bench_decode_gemm.py): fp32 1.19x oneDNN at 16 rows, 0.93x at 32; bf16 1.94x at one row, 1.48x at four,
-1.09x at 8, 0.72x at 16."""
+(benchmarks/bench_decode_gemm.py): fp32 1.19x oneDNN at 16 rows, 0.93x at 32; bf16, against oneDNN on the weights'
+copies in its layout (pack_for_onednn, which the engine keeps): 1.32x at one row, 1.11x at 3, 1.03x at 4, 0.71x at
+8."""
 _EXACT_ROWS = 16  # row counts up to this run as they are
 _SIZES_PER_DOUBLING = 8  # above it, padded to one of this many sizes per power of two
 
@@ -80,6 +83,33 @@ def padded_rows(rows: int) -> int:
         return rows
     step = max(1, (1 << (rows.bit_length() - 1)) // _SIZES_PER_DOUBLING)
     return -(-rows // step) * step
+
+
+PACKED = "onednn_packed"
+"""The attribute of a bf16 CPU weight that holds its copy in oneDNN's blocked layout (pack_for_onednn)."""
+
+
+def pack_for_onednn(weights: Iterable[torch.Tensor]) -> int:
+    """Gives each bf16 CPU weight a copy in oneDNN's blocked layout (its PACKED attribute), which `linear` takes for the
+    GEMMs above the skinny kernel's rows; returns the bytes the copies take. Given the weight as it is, oneDNN
+    reorders it into that layout on every call: a decode step's GEMMs of 16 rows took 24-25 ms that way, against a
+    read floor of 11 (BENCHMARKS.md). The skinny kernel reads the weight as it is, so both stay: twice the weights'
+    memory, counted where the KV cache is sized (page_pool.weight_bytes). The same results, bit for bit, up to 64
+    rows on the default model's shapes; at 512 some shapes sum in another order (one bf16 rounding apart). Nothing is
+    done where oneDNN has no bf16 GEMM on this CPU."""
+    if not onednn_supports(torch.bfloat16):
+        return 0
+    added = 0
+    for weight in weights:
+        if weight.is_cpu and weight.dtype == torch.bfloat16 and weight.dim() == 2 and \
+                weight.numel() >= _ONEDNN_MIN_WEIGHT and getattr(weight, PACKED, None) is None:
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_FOR_ROWS)
+            setattr(weight, PACKED, packed)
+            added += packed.numel() * packed.element_size()
+    return added
+
+
+_PACK_FOR_ROWS = 128  # the row count oneDNN picks the blocked layout for; any row count runs on it
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -96,6 +126,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         if padded != rows:
             x = F.pad(x, (0, 0, 0, padded - rows))
             residual = None if residual is None else F.pad(residual, (0, 0, 0, padded - rows))
+        packed = getattr(weight, PACKED, None)
+        weight = weight if packed is None else packed
         out = (_onednn_linear(x, weight, bias) if residual is None
                else torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add"))
         return out if padded == rows else out[:rows]

