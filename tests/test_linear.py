@@ -2,6 +2,8 @@
 sees only a bounded set of row counts (each one a compiled kernel it keeps in memory), and padding rows changes no
 result."""
 
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -187,3 +189,21 @@ def test_bf16_weights_packed_for_onednn_give_the_same_results_bit_for_bit():
     for got, want in zip([linear(x[:rows], layer.weight, None, residual[:rows]) for rows in (9, 16, 64)], expected):
         assert torch.equal(got, want)
     assert weight_bytes(layer) == 2 * before
+
+
+def test_the_packed_copies_are_made_only_where_memory_allows(monkeypatch, caplog):
+    """The loader doubles a bf16 CPU model's weights only if the copies take at most a quarter of the memory
+    available: a large model still loads (unpacked, said in the log)."""
+    from omniserve.cpu_attention import remote
+    from omniserve.models import loader
+
+    if not onednn_supports(torch.bfloat16):
+        pytest.skip("oneDNN has no bf16 GEMM on this CPU")
+    tight, roomy = (torch.nn.Linear(256, 512, bias=False).bfloat16() for _ in range(2))
+    monkeypatch.setattr(remote, "available_memory_bytes", lambda: 3 * 512 * 256 * 2)
+    with caplog.at_level(logging.INFO, logger="omniserve.models.loader"):
+        loader._pack_if_room(tight)
+    assert getattr(tight.weight, linear_module.PACKED, None) is None and "no copies of the weights" in caplog.text
+    monkeypatch.setattr(remote, "available_memory_bytes", lambda: 4 * 512 * 256 * 2)
+    loader._pack_if_room(roomy)
+    assert getattr(roomy.weight, linear_module.PACKED) is not None

@@ -257,8 +257,28 @@ def load_model(
         tensors = load_weights(path, lambda: _gguf_tensors(index.raw_tensors(path), config))
         _load_weights(module, tensors, total=len(index.tensors), desc="Loading GGUF")
     if device.type == "cpu" and dtype == torch.bfloat16:
-        added = pack_for_onednn(p for name, p in module.named_parameters() if not name.endswith("norm.weight"))
-        if added:
-            logger.info("the GEMMs above %d rows read copies of the weights in oneDNN's layout: %.0f MB more",
-                        SKINNY_MAX_ROWS[torch.bfloat16], added / 1e6)
+        _pack_if_room(module)
     return LoadedModel(config=config, model=module, kind=kind, path=path)
+
+
+_PACK_MAX_SHARE = 0.25
+"""The packed copies of a bf16 CPU model's weights are made only if they take at most this share of the memory
+available then: they double the weights' memory, and a large model must still load, and leave room for its KV."""
+
+
+def _pack_if_room(module: LlamaForCausalLM) -> None:
+    """Copies of the weights in oneDNN's layout for the batches above the skinny kernel's rows (linear.pack_for_onednn),
+    where the memory allows; else the GEMMs read the weights as they are (slower above 4 rows), said in the log."""
+    from omniserve.cpu_attention.remote import available_memory_bytes
+
+    weights = [p for p in module.parameters() if p.dim() == 2]
+    needed, available = sum(p.numel() * p.element_size() for p in weights), available_memory_bytes()
+    if needed > _PACK_MAX_SHARE * available:
+        logger.info("no copies of the weights in oneDNN's layout: they would take %.2f GiB, more than %.0f%% of the "
+                    "%.2f GiB available; bf16 batches above %d rows run slower", needed / 2**30,
+                    100 * _PACK_MAX_SHARE, available / 2**30, SKINNY_MAX_ROWS[torch.bfloat16])
+        return
+    added = pack_for_onednn(weights)
+    if added:
+        logger.info("the GEMMs above %d rows read copies of the weights in oneDNN's layout: %.0f MB more",
+                    SKINNY_MAX_ROWS[torch.bfloat16], added / 1e6)
