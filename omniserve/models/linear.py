@@ -10,7 +10,8 @@ GEMMs against 14.8 on the copy (pack_for_onednn).
 
 Other CPU GEMMs (fp32 above 16 rows, bf16 above 4) go through oneDNN (the kernels torch.compile's CPU backend uses)
 rather than the default BLAS: on the machines we measured it is about twice as fast for every batch size from 1 row to
-2,048 (BENCHMARKS.md). Anything else (CUDA, fp64, a torch build without oneDNN, weights under 64K elements) takes F.linear.
+2,048 (BENCHMARKS.md). Anything else (CUDA, fp64, a torch build without oneDNN, weights under 64K elements) takes
+F.linear.
 
 Whether oneDNN has a kernel for a dtype depends on the CPU, not on torch: its bf16 inner product needs AVX-512
 (an AVX2-only CPU has none, and every call would fail). So each dtype is tried once on a tiny GEMM, and where oneDNN
@@ -87,6 +88,7 @@ def padded_rows(rows: int) -> int:
 
 PACKED = "onednn_packed"
 """The attribute of a bf16 CPU weight that holds its copy in oneDNN's blocked layout (pack_for_onednn)."""
+_PACK_FOR_ROWS = 128  # the row count oneDNN picks the blocked layout for; any row count runs on it
 
 
 def pack_for_onednn(weights: Iterable[torch.Tensor]) -> int:
@@ -107,9 +109,6 @@ def pack_for_onednn(weights: Iterable[torch.Tensor]) -> int:
             setattr(weight, PACKED, packed)
             added += packed.numel() * packed.element_size()
     return added
-
-
-_PACK_FOR_ROWS = 128  # the row count oneDNN picks the blocked layout for; any row count runs on it
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
