@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -294,3 +295,25 @@ print(held, rss() - before)
     held, left = map(int, result.stdout.split())
     assert held > 64 << 20
     assert left < 8 << 20 if mapped_apart else left > held // 2
+
+
+def test_a_swap_out_crosses_the_pipe_as_raw_bytes_and_arrives_whole():
+    """send_message writes a LoadKV's KV as raw bytes after the message (half precision as fp32, a non-contiguous
+    view made contiguous); receive_message reads them back into the receiver's own writable arrays. Other messages go
+    as they are, in order."""
+    import multiprocessing
+    import threading
+
+    from omniserve.cpu_attention.messages import Free, LoadKV, receive_message, send_message
+
+    reading, writing = multiprocessing.Pipe(duplex=False)
+    k = torch.randn(2, 300, 3, 64).bfloat16()  # [layers, tokens, kv_heads, head_dim]: larger than a pipe's buffer
+    v = torch.randn(2, 3, 300, 64).transpose(1, 2)
+    sender = threading.Thread(target=lambda: [send_message(writing, m) for m in
+                                              (LoadKV("r", k, v, (4, 5)), Free(["x"]))])
+    sender.start()
+    loaded, freed = receive_message(reading), receive_message(reading)
+    sender.join(timeout=30)
+    assert (loaded.request_id, loaded.prefix_pages, freed) == ("r", (4, 5), Free(["x"]))
+    assert loaded.k.dtype == loaded.v.dtype == np.float32 and loaded.k.flags.writeable
+    assert torch.equal(torch.from_numpy(loaded.k), k.float()) and torch.equal(torch.from_numpy(loaded.v), v)

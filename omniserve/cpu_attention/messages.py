@@ -4,10 +4,10 @@ Per-iteration rows (AttendBatch, AttendResult) are small: they travel as numpy a
 pipe, which costs far less than handing over a shared-memory segment per tensor (file-descriptor passing).
 
 A swap-out's KV (LoadKV) goes to a local worker as raw bytes after its message (send_message, receive_message): the
-engine writes the arrays from where they are, and the worker reads them into arrays of its own. Not as torch tensors:
-those go through a pipe as shared-memory segments whose descriptors the sender keeps until the receiver fetches them,
-and a worker killed before reading its message never does, so the engine held the segment for good (BENCHMARKS.md,
-soak). Nor pickled: that copies the KV into a buffer of the engine's heap, tens of MB each swap-out. A swap-in's KV
+engine's sending thread writes the tensors from where they are (half precision as an fp32 copy), and the worker reads
+them into arrays of its own. Not as torch tensors: those go through a pipe as shared-memory segments whose descriptors
+the sender keeps until the receiver fetches them, and a worker killed before reading its message never does, so the
+engine held the segment for good (BENCHMARKS.md, soak). Nor pickled: that copies the KV into a buffer of the engine's heap, tens of MB each swap-out. A swap-in's KV
 (Exported) comes back as torch tensors through shared memory: the engine reads every reply, and a dead engine takes
 its worker with it."""
 
@@ -36,15 +36,22 @@ class LoadKV:
     reads them in place)."""
 
     request_id: str
-    k: torch.Tensor | np.ndarray  # numpy (fp32 for half precision) on the way to a local worker
+    k: torch.Tensor | np.ndarray  # numpy in a local worker, as receive_message reads it (fp32 for half precision)
     v: torch.Tensor | np.ndarray
     prefix_pages: tuple[int, ...] = ()
 
 
+def wire_format(t: torch.Tensor) -> torch.Tensor:
+    """On the host, in a dtype numpy has (half precision goes as fp32, which the host KV uses anyway)."""
+    t = t.cpu()
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
 def send_message(connection: Connection, message) -> None:
-    """Sends a message; a LoadKV's numpy arrays follow it as raw bytes, written from where they are."""
-    if isinstance(message, LoadKV) and isinstance(message.k, np.ndarray):
-        arrays = [np.ascontiguousarray(a) for a in (message.k, message.v)]
+    """Sends a message; a LoadKV's KV follows it as raw bytes, written from the tensors themselves (in a dtype numpy
+    has: the one copy, for half precision, is made here, on the sending thread rather than the engine's)."""
+    if isinstance(message, LoadKV):
+        arrays = [np.ascontiguousarray(wire_format(t).numpy()) for t in (message.k, message.v)]
         connection.send(dataclasses.replace(message, k=RawArray(arrays[0].shape, arrays[0].dtype.str),
                                             v=RawArray(arrays[1].shape, arrays[1].dtype.str)))
         for array in arrays:

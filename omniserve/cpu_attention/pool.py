@@ -32,7 +32,7 @@ import torch.multiprocessing as mp
 from omniserve.config import ConfigError
 from omniserve.cpu_attention.host_kv import HostKV
 from omniserve.cpu_attention.messages import (
-    AttendBatch, AttendResult, Export, Exported, Free, LoadKV, Ping, Status, send_message,
+    AttendBatch, AttendResult, Export, Exported, Free, LoadKV, Ping, Status, send_message, wire_format,
 )
 from omniserve.cpu_attention.placement import LOCAL, HostRoom, choose_host, least_loaded
 from omniserve.cpu_attention.remote import RemoteHost, RemoteHosts, available_memory_bytes
@@ -303,8 +303,6 @@ class CPUAttentionPool:
             nbytes += self.host_bytes_per_token(k.shape[0], k.shape[2], k.shape[3]) * (
                 len(prefix_pages) * self.host_tier.page_size)
             prefix_pages = ()
-        if isinstance(target, _Worker):  # by value: see messages.py
-            k, v = _wire_format(k).numpy(), _wire_format(v).numpy()
         target.send(LoadKV(request_id, k, v, tuple(prefix_pages)))
         target.requests.add(request_id)
         self._owner[request_id] = target
@@ -327,7 +325,7 @@ class CPUAttentionPool:
             copied = torch.cuda.Event()
             copied.record()
         else:
-            q, k, v = (_wire_format(t) for t in (q, k, v))
+            q, k, v = (wire_format(t) for t in (q, k, v))
         for key, rows in rows_of.items():
             picked = None if len(rows_of) == 1 else torch.tensor(rows)  # one target (one worker): all rows, no copy
             build = functools.partial(_attend_batch, [keys[r] for r in rows], picked, q, k, v)
@@ -479,8 +477,3 @@ def _pinned_copy(t: torch.Tensor) -> torch.Tensor:
     t = t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
     return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
 
-
-def _wire_format(t: torch.Tensor) -> torch.Tensor:
-    """On the host, in a dtype numpy has (half precision goes as fp32, which the host KV uses anyway)."""
-    t = t.cpu()
-    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t

@@ -73,8 +73,8 @@ class AttentionStore:
         if isinstance(message, LoadKV):
             if message.prefix_pages and self.host_tier is None:
                 raise RuntimeError("KV with a prefix in the host tier sent to a worker that cannot read it")
-            self.kv[message.request_id] = HostKV(torch.as_tensor(message.k), torch.as_tensor(message.v), self.host_tier,
-                                                 message.prefix_pages)
+            k, v = torch.as_tensor(message.k), torch.as_tensor(message.v)  # numpy, as receive_message read them
+            self.kv[message.request_id] = HostKV(k, v, self.host_tier, message.prefix_pages)
         elif isinstance(message, AttendBatch):
             q, k_new, v_new = (torch.from_numpy(a) for a in (message.q, message.k, message.v))
             done, outs = [], []
